@@ -1,0 +1,34 @@
+"""``python -m coordinator --config FILE``: run the coordinator service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coordinator", description="Run the FLIP coordinator.")
+    parser.add_argument("--config", required=True, type=Path, help="coordinator.json written by `flip up`")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from coordinator.app import Notifier, build_app
+    from coordinator.config import CoordinatorConfig
+    from coordinator.flower_control import FlowerControl
+    from coordinator.service import RunManager
+    from coordinator.store import Store
+
+    config = CoordinatorConfig.load(args.config)
+    notifier = Notifier()
+    manager = RunManager(Store(config.state_dir), FlowerControl(config.superlink_control), notifier.notify)
+    app = build_app(config, manager, notifier)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

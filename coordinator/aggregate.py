@@ -1,0 +1,221 @@
+"""Server-side aggregation of site updates: FedAvg, FedProx, FedAdam and FedYogi.
+
+Pure numpy, no I/O. Model parameters are ``dict[str, np.ndarray]`` ordered like a
+torch ``state_dict``; a site update is ``(parameters, example_count)``.
+
+The adaptive strategies follow Reddi et al. 2021, "Adaptive Federated Optimization",
+as Flower's ``FedAdam`` / ``FedYogi`` strategies implement it (no bias correction)::
+
+    delta = weighted_mean(updates) - current
+    m = beta1 * m + (1 - beta1) * delta
+    v = beta2 * v + (1 - beta2) * delta**2                          # Adam
+    v = v - (1 - beta2) * delta**2 * sign(v - delta**2)             # Yogi
+    new = current + eta * m / (sqrt(v) + tau)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+Update = tuple[Params, int]
+
+STRATEGIES = {"fedavg", "fedprox", "fedadam", "fedyogi"}
+
+
+def _check_same_layout(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray],
+                       what: str, ref_what: str = "the first update") -> None:
+    """Raise ValueError unless ``other`` has the same array names and shapes as ``reference``."""
+    missing = [k for k in reference if k not in other]
+    extra = [k for k in other if k not in reference]
+    if missing or extra:
+        raise ValueError(f"Parameter names differ between {what} and {ref_what}: "
+                         f"missing {missing}, unexpected {extra}.")
+    for key, ref in reference.items():
+        if np.shape(ref) != np.shape(other[key]):
+            raise ValueError(
+                f"Array {key!r} has shape {np.shape(other[key])} in {what} "
+                f"but shape {np.shape(ref)} in {ref_what}."
+            )
+
+
+def _cast_back(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast a float64 result back to ``dtype``, rounding for integer and bool dtypes."""
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        values = np.rint(values)
+    return values.astype(dtype, copy=False)
+
+
+def weighted_mean(updates: list[Update]) -> Params:
+    """Example-count-weighted mean of each array, computed in float64.
+
+    Each result keeps the dtype of the first update's array (integer arrays are rounded).
+    Raises ValueError for an empty list, a negative or non-finite weight, a total weight
+    of 0, or updates whose array names or shapes differ.
+    """
+    if not updates:
+        raise ValueError("Cannot aggregate an empty list of updates.")
+    for i, (_, weight) in enumerate(updates):
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"Update {i} has weight {weight!r}; weights must be finite and >= 0.")
+    total = float(sum(weight for _, weight in updates))
+    if total == 0:
+        raise ValueError("The total weight of the updates is 0, so there is nothing to average.")
+    first = updates[0][0]
+    for i, (params, _) in enumerate(updates[1:], start=1):
+        _check_same_layout(first, params, f"update {i}")
+
+    result: Params = {}
+    for key, ref in first.items():
+        acc = np.zeros(np.shape(ref), dtype=np.float64)
+        for params, weight in updates:
+            if weight:
+                acc += np.asarray(params[key], dtype=np.float64) * (weight / total)
+        result[key] = _cast_back(acc, np.asarray(ref).dtype)
+    return result
+
+
+def weighted_metrics(results: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """Per-metric mean weighted by example count, over the results that report the metric.
+
+    Non-finite (or non-numeric) values are skipped, as are results with weight 0; a metric
+    reported by no result with positive weight is omitted. Negative weights raise ValueError.
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for i, (metrics, weight) in enumerate(results):
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"Result {i} has weight {weight!r}; weights must be finite and >= 0.")
+        if weight == 0:
+            continue
+        for name, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                continue
+            if not math.isfinite(number):
+                continue
+            sums[name] = sums.get(name, 0.0) + number * weight
+            weights[name] = weights.get(name, 0.0) + weight
+    return {name: sums[name] / weights[name] for name in sums}
+
+
+class Strategy:
+    """Base server strategy: plain FedAvg. Subclasses override :meth:`aggregate`."""
+
+    name = "fedavg"
+
+    def __init__(self, options: Mapping[str, float] | None = None) -> None:
+        self.options: dict[str, float] = dict(options or {})
+
+    def client_config(self) -> dict[str, float]:
+        """Extra settings the sites need for local training (empty unless FedProx)."""
+        return {}
+
+    def aggregate(self, current: Params, updates: list[Update]) -> Params:
+        """Return the new global parameters from ``current`` and the site updates."""
+        mean = weighted_mean(updates)
+        _check_same_layout(mean, current, "the current global parameters", "the updates")
+        return mean
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+
+ServerOptimizer = Strategy
+
+
+class FedAvg(Strategy):
+    """Federated averaging (McMahan et al. 2017): the example-weighted mean."""
+
+    name = "fedavg"
+
+
+class FedProx(Strategy):
+    """FedProx (Li et al. 2020): server side is FedAvg; sites add a proximal term mu/2*||w-w0||^2."""
+
+    name = "fedprox"
+
+    def __init__(self, options: Mapping[str, float] | None = None) -> None:
+        super().__init__(options)
+        self.proximal_mu = float(self.options.get("proximal_mu", 0.01))
+        if not math.isfinite(self.proximal_mu) or self.proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be a finite number >= 0, not {self.proximal_mu!r}.")
+
+    def client_config(self) -> dict[str, float]:
+        return {"proximal_mu": self.proximal_mu}
+
+
+class _Adaptive(Strategy):
+    """Shared FedOpt machinery; subclasses define the second-moment update."""
+
+    defaults: dict[str, float] = {}
+
+    def __init__(self, options: Mapping[str, float] | None = None) -> None:
+        super().__init__(options)
+        merged = {k: float(self.options.get(k, d)) for k, d in self.defaults.items()}
+        self.eta, self.beta1 = merged["server_lr"], merged["beta1"]
+        self.beta2, self.tau = merged["beta2"], merged["tau"]
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+
+    def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def aggregate(self, current: Params, updates: list[Update]) -> Params:
+        mean = weighted_mean(updates)
+        _check_same_layout(mean, current, "the current global parameters", "the updates")
+        new: Params = {}
+        for key, avg in mean.items():
+            cur = np.asarray(current[key])
+            if not np.issubdtype(cur.dtype, np.floating):
+                new[key] = avg
+                continue
+            delta = np.asarray(avg, dtype=np.float64) - cur.astype(np.float64)
+            m = self.m.get(key)
+            v = self.v.get(key)
+            if m is None or m.shape != delta.shape:
+                m, v = np.zeros_like(delta), np.zeros_like(delta)
+            m = self.beta1 * m + (1.0 - self.beta1) * delta
+            v = self._second_moment(v, delta * delta)
+            self.m[key], self.v[key] = m, v
+            step = self.eta * m / (np.sqrt(v) + self.tau)
+            new[key] = (cur.astype(np.float64) + step).astype(cur.dtype)
+        return new
+
+
+class FedAdam(_Adaptive):
+    """FedAdam (Reddi et al. 2021) with Flower's defaults."""
+
+    name = "fedadam"
+    defaults = {"server_lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-9}
+
+    def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
+        return self.beta2 * v + (1.0 - self.beta2) * delta_sq
+
+
+class FedYogi(_Adaptive):
+    """FedYogi (Reddi et al. 2021) with Flower's defaults."""
+
+    name = "fedyogi"
+    defaults = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+
+    def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
+        return v - (1.0 - self.beta2) * delta_sq * np.sign(v - delta_sq)
+
+
+_REGISTRY: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+}
+
+
+def make_strategy(name: str, options: dict[str, float] | None = None) -> Strategy:
+    """Build the strategy called ``name`` (case-insensitive) with ``options``."""
+    cls = _REGISTRY.get(name.strip().lower()) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"Unknown strategy {name!r}; valid strategies are: "
+                         f"{', '.join(sorted(STRATEGIES))}.")
+    return cls(options)

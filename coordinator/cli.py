@@ -1,0 +1,143 @@
+"""``flip``: the hub operator's command line (local federation, data, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+FLAMBY = {"FedAvg": 0.685, "Pooled": 0.735}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flip", description="FLIP: federated research from Jupyter.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start a local federation (SuperLink, coordinator, four hospital sites)")
+    up.add_argument("--data", type=Path, default=None, help="folder holding the heart-disease files")
+    sub.add_parser("down", help="stop the local federation")
+    status = sub.add_parser("status", help="show the local federation")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    data = sub.add_parser("data", help="public datasets").add_subparsers(dest="action", required=True)
+    fetch = data.add_parser("fetch", help="download a dataset from its public source and check it")
+    fetch.add_argument("name")
+    fetch.add_argument("--dest", type=Path, default=None)
+    verify = data.add_parser("verify", help="check a dataset's files against their published digests")
+    verify.add_argument("name")
+    demo = sub.add_parser("demo", help="bring a federation up, run the quickstart notebook, report")
+    demo.add_argument("--rounds", type=int, default=None)
+    demo.add_argument("--out", type=Path, default=None, help="where to put the executed notebook")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from coordinator.federation import FederationError
+
+    try:
+        if args.command == "up":
+            return _up(args)
+        if args.command == "down":
+            from coordinator.federation import down
+
+            stopped = down()
+            print("stopped: " + ", ".join(stopped) if stopped else "no local federation was running")
+            return 0
+        if args.command == "status":
+            return _status(args)
+        if args.command == "data":
+            return _data(args)
+        if args.command == "demo":
+            return _demo(args)
+    except FederationError as exc:
+        print(f"flip: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError(args.command)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from coordinator.federation import up
+    from coordinator.local import connection_path
+
+    connection = up(data=args.data)
+    print(f"FLIP federation up in {connection['started_seconds']} s")
+    print(f"  coordinator  {connection['coordinator_url']}")
+    print(f"  sites join   {connection['superlink']}  (flip-site start DIR)")
+    print(f"  connection   {connection_path()}  (notebooks: %load_ext flip_magics, %flip_connect)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from coordinator.federation import status
+
+    info = status()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0 if info["running"] else 1
+    if not info["running"]:
+        print("no local federation is running (`flip up` starts one)")
+        return 1
+    print(f"coordinator  {info['coordinator_url']}\nsites join   {info['superlink']}")
+    for site in info["sites"]:
+        datasets = ", ".join(f"{d['name']} ({d['rows']} rows)" for d in site["datasets"])
+        print(f"  {site['site']:<14} {site['status']:<8} {datasets}")
+    if "error" in info:
+        print(info["error"])
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from coordinator.data_fetch import DataFetchError, data_dir, fetch, verify
+
+    try:
+        if args.action == "verify":
+            problems = verify(args.name, data_dir())
+            for problem in problems:
+                print(problem)
+            print(f"{args.name}: {'OK' if not problems else 'problems found'} in {data_dir()}")
+            return 0 if not problems else 1
+        paths = fetch(args.name, args.dest or data_dir())
+    except DataFetchError as exc:
+        print(f"flip: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import papermill
+
+    from coordinator.federation import down, up
+
+    repo = Path(__file__).resolve().parents[1]
+    notebook = repo / "notebooks" / "01_quickstart_heart.ipynb"
+    out_dir = (args.out or repo / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print("starting a local federation: SuperLink, coordinator, Cleveland, Hungary, Switzerland, VA …", flush=True)
+    connection = up()
+    print(f"federation up in {connection['started_seconds']} s; running {notebook.name} with papermill …", flush=True)
+    parameters: dict[str, object] = {"output_dir": str(out_dir)}
+    if args.rounds:
+        parameters["rounds"] = args.rounds
+    try:
+        papermill.execute_notebook(str(notebook), str(out_dir / notebook.name), parameters=parameters,
+                                   progress_bar=False, cwd=str(out_dir))
+    finally:
+        down()
+    summary = json.loads((out_dir / "summary.json").read_text())
+    print()
+    print(f"run {summary['run_id']}: {summary['rounds']} rounds of {summary['strategy']}, "
+          f"{summary['seconds_per_round']:.1f} s per round")
+    for site, acc in summary["site_accuracy"].items():
+        print(f"  {site:<12} test accuracy {acc:.3f}")
+    print(f"mean per-site test accuracy: {summary['mean_accuracy']:.3f} "
+          f"(FLamby FedAvg {FLAMBY['FedAvg']}, pooled {FLAMBY['Pooled']})")
+    print(f"executed notebook: {out_dir / notebook.name}")
+    print(f"summary:           {out_dir / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

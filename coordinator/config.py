@@ -1,0 +1,47 @@
+"""Coordinator configuration: one JSON file, read once in ``main()``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """A static API token (headless use): who it speaks for and in which project."""
+
+    researcher: str
+    project: str
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    state_dir: Path
+    host: str
+    port: int
+    superlink_control: str
+    internal_token: str
+    site_token: str
+    tokens: dict[str, TokenGrant] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> CoordinatorConfig:
+        raw: dict[str, Any] = json.loads(Path(path).read_text())
+        return cls(
+            state_dir=Path(raw["state_dir"]), host=raw.get("host", "127.0.0.1"), port=int(raw["port"]),
+            superlink_control=raw["superlink_control"], internal_token=raw["internal_token"],
+            site_token=raw["site_token"],
+            tokens={t: TokenGrant(**g) for t, g in raw.get("tokens", {}).items()},
+        )
+
+    def dump(self, path: Path) -> None:
+        raw = {
+            "state_dir": str(self.state_dir), "host": self.host, "port": self.port,
+            "superlink_control": self.superlink_control, "internal_token": self.internal_token,
+            "site_token": self.site_token,
+            "tokens": {t: {"researcher": g.researcher, "project": g.project} for t, g in self.tokens.items()},
+        }
+        path.write_text(json.dumps(raw, indent=2))
+        path.chmod(0o600)

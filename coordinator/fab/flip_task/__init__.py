@@ -1,0 +1,1 @@
+"""FLIP task bundle package."""

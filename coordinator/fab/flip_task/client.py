@@ -1,0 +1,5 @@
+"""ClientApp component: FLIP's installed site runner."""
+
+from site_agent.flower_client import app
+
+__all__ = ["app"]

@@ -1,0 +1,258 @@
+"""A local federation on one machine: SuperLink, coordinator and one site agent per hospital.
+
+``flip up`` starts every process detached (own session, logs under the federation
+directory), waits until each site is registered and online, and writes the connection file
+that notebooks read. ``flip down`` stops them. Everything binds 127.0.0.1 on free ports.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from coordinator.config import CoordinatorConfig, TokenGrant
+from coordinator.data_fetch import data_dir
+from coordinator.local import connection_path, flip_home, free_port, read_connection, wait_until, write_connection
+from site_agent.catalog import add_dataset, init_site
+
+HEART_SITES = {
+    "Cleveland": "processed.cleveland.data",
+    "Hungary": "processed.hungarian.data",
+    "Switzerland": "processed.switzerland.data",
+    "VA": "processed.va.data",
+}
+# FLamby's Fed-Heart-Disease split: 66 % train, seed 43, stratified on the label.
+HEART_SPLIT = {"train_fraction": 0.66, "split_seed": 43}
+DEFAULT_PROJECT = "default"
+READY_SECONDS = 90.0
+SUPEREXEC_POLL_SECONDS = "0.2"  # Flower's documented setting (default 1 s)
+
+
+class FederationError(Exception):
+    """The local federation could not be started or reached; the message says why."""
+
+
+@dataclass(frozen=True)
+class Federation:
+    home: Path
+
+    @property
+    def root(self) -> Path:
+        return self.home / "federation"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    def state(self) -> dict[str, Any] | None:
+        if not self.state_file.exists():
+            return None
+        return json.loads(self.state_file.read_text())  # type: ignore[no-any-return]
+
+    def running(self) -> bool:
+        state = self.state()
+        return bool(state) and any(_alive(p["pid"]) for p in state["processes"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie counts as dead
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _spawn(name: str, command: list[str], logs: Path, env: dict[str, str]) -> dict[str, Any]:
+    log_path = logs / f"{name}.log"
+    with open(log_path, "ab") as sink:
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )
+    return {"name": name, "pid": process.pid, "log": str(log_path), "command": command}
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _sites_online(url: str, token: str, names: list[str]) -> bool:
+    try:
+        response = requests.get(f"{url}/api/sites", headers={"Authorization": f"Bearer {token}"}, timeout=2)
+        response.raise_for_status()
+    except requests.RequestException:
+        return False
+    online = {s["site"] for s in response.json() if s["status"] == "online" and s["node_id"] is not None}
+    return set(names) <= online
+
+
+def prepare_heart_sites(root: Path, source: Path | None = None) -> list[Path]:
+    """One site directory per hospital, each holding only its own file as ``heart-disease``."""
+    source = source or data_dir() / "heart-disease"
+    missing = [f for f in HEART_SITES.values() if not (source / f).is_file()]
+    if missing:
+        raise FederationError(
+            f"the heart-disease files are not in {source} (missing {', '.join(missing)}); "
+            "set FLIP_DATA_DIR or run `flip data fetch heart-disease`"
+        )
+    dirs = []
+    for name, filename in HEART_SITES.items():
+        site_dir = root / "sites" / name
+        if site_dir.exists():
+            shutil.rmtree(site_dir)
+        site = init_site(site_dir, name)
+        add_dataset(site, "heart-disease", source / filename, "uci-heart", **HEART_SPLIT)
+        dirs.append(site_dir)
+    return dirs
+
+
+def up(home: Path | None = None, *, data: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Start the local federation and return the connection it wrote."""
+    federation = Federation(home or flip_home())
+    if federation.running():
+        raise FederationError(f"a local federation is already running under {federation.root}; `flip down` first")
+    root = federation.root
+    if root.exists():
+        shutil.rmtree(root)
+    logs = root / "logs"
+    logs.mkdir(parents=True)
+    started = time.monotonic()
+    site_dirs = prepare_heart_sites(root, data)
+
+    superlink_port, coordinator_port = free_port(), free_port()
+    superlink = f"127.0.0.1:{superlink_port}"
+    coordinator_url = f"http://127.0.0.1:{coordinator_port}"
+    token, researcher = secrets.token_urlsafe(24), getpass.getuser()
+    config = CoordinatorConfig(
+        state_dir=root / "coordinator", host="127.0.0.1", port=coordinator_port, superlink_control=superlink,
+        internal_token=secrets.token_urlsafe(24), site_token=secrets.token_urlsafe(24),
+        tokens={token: TokenGrant(researcher=researcher, project=DEFAULT_PROJECT)},
+    )
+    config.state_dir.mkdir(parents=True)
+    config.dump(root / "coordinator.json")
+    bindir = str(Path(sys.executable).parent)  # Flower starts flower-superexec and flwr-* apps from PATH
+    base_env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(root / "flwr"), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS}
+    hub_env = {**base_env, "FLIP_COORDINATOR_URL": coordinator_url, "FLIP_INTERNAL_TOKEN": config.internal_token}
+
+    processes = [
+        _spawn("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                             "--port", str(superlink_port), "--disable-runtime-dependency-installation",
+                             "--database", str(root / "superlink.sqlite")], logs, hub_env),
+        _spawn("coordinator", [sys.executable, "-m", "coordinator", "--config", str(root / "coordinator.json")],
+               logs, hub_env),
+    ]
+    state = {"root": str(root), "processes": processes}
+    federation.state_file.write_text(json.dumps(state, indent=2))
+
+    def fail(why: str) -> FederationError:
+        tails = "\n".join(f"--- {p['name']} ({p['log']}):\n{_tail(p['log'])}" for p in processes)
+        down(federation.home)
+        return FederationError(f"{why}\n{tails}")
+
+    def dead() -> list[str]:
+        return [p["name"] for p in processes if not _alive(p["pid"])]
+
+    def coordinator_up() -> bool:
+        if dead():
+            return True
+        try:
+            return requests.get(f"{coordinator_url}/api/health", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    if not wait_until(coordinator_up, READY_SECONDS, 0.1) or dead():
+        raise fail(f"the coordinator did not start ({', '.join(dead()) or 'no answer'})")
+    # four sites share this machine's cores: one torch thread per task process
+    site_env = {**base_env, "FLIP_HOME": str(federation.home), "FLIP_TASK_THREADS": "1"}
+    for site_dir in site_dirs:
+        processes.append(_spawn(
+            f"site-{site_dir.name}",
+            [_bin("flip-site"), "start", str(site_dir), "--superlink", superlink,
+             "--coordinator", coordinator_url, "--token", config.site_token],
+            logs, site_env,
+        ))
+    federation.state_file.write_text(json.dumps(state, indent=2))
+    ready = lambda: bool(dead()) or _sites_online(coordinator_url, token, list(HEART_SITES))  # noqa: E731
+    if not wait_until(ready, READY_SECONDS, 0.1) or dead():
+        raise fail(f"not every site came online ({', '.join(dead()) or 'timed out'} stopped)")
+    connection = {
+        "coordinator_url": coordinator_url, "token": token, "researcher": researcher,
+        "project": DEFAULT_PROJECT, "superlink": superlink, "site_token": config.site_token,
+        "federation": str(root), "started_seconds": round(time.monotonic() - started, 2),
+    }
+    write_connection(connection, federation.home)
+    return connection
+
+
+def down(home: Path | None = None, timeout: float = 15.0) -> list[str]:
+    """Stop every process of the local federation (sites first); return their names."""
+    federation = Federation(home or flip_home())
+    state = federation.state()
+    if state is None:
+        return []
+    ordered = sorted(state["processes"], key=lambda p: (not p["name"].startswith("site-"), p["name"] == "superlink"))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in ordered:
+            if _alive(proc["pid"]):
+                try:
+                    os.killpg(proc["pid"], sig)
+                except ProcessLookupError:
+                    pass
+        if wait_until(lambda: not any(_alive(p["pid"]) for p in ordered), timeout, 0.1):
+            break
+    federation.state_file.unlink(missing_ok=True)
+    path = connection_path(federation.home)
+    connection = read_connection(federation.home)
+    if connection and connection.get("federation") == str(federation.root):
+        path.unlink(missing_ok=True)
+    return [p["name"] for p in ordered]
+
+
+def status(home: Path | None = None) -> dict[str, Any]:
+    """What is running, as ``flip status --json`` prints it."""
+    federation = Federation(home or flip_home())
+    connection = read_connection(federation.home)
+    state = federation.state() or {"processes": []}
+    out: dict[str, Any] = {
+        "running": federation.running(),
+        "coordinator_url": (connection or {}).get("coordinator_url"),
+        "superlink": (connection or {}).get("superlink"),
+        "processes": [{"name": p["name"], "pid": p["pid"], "alive": _alive(p["pid"]), "log": p["log"]}
+                      for p in state["processes"]],
+        "sites": [],
+    }
+    if connection:
+        try:
+            response = requests.get(f"{connection['coordinator_url']}/api/sites",
+                                    headers={"Authorization": f"Bearer {connection['token']}"}, timeout=3)
+            response.raise_for_status()
+            out["sites"] = response.json()
+        except requests.RequestException as exc:
+            out["error"] = f"the coordinator at {connection['coordinator_url']} did not answer ({type(exc).__name__})"
+    return out

@@ -1,0 +1,220 @@
+"""FLIP's ServerApp: the round loop that drives sites through Flower's deployment engine.
+
+Each round sends one fused message per active site (evaluate the incoming global model,
+then train on it), collects replies as they arrive, streams per-site and aggregated metrics
+to the coordinator, and aggregates with the run's strategy. A site whose step fails, whose
+SuperNode replies with an error, or whose agent stops sending heartbeats is marked failed;
+the run goes on while at least ``min_sites`` remain and otherwise ends with a sentence that
+says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.aggregate import make_strategy, weighted_metrics
+from coordinator.hublink import HubLink
+from site_agent.protocol import PHASE_EVALUATE, PHASE_FIT, StepRequest, StepResult
+from site_agent.wire import MESSAGE_TYPE_EVALUATE, MESSAGE_TYPE_TRAIN, content_to_result, request_to_content
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+LIVENESS_SECONDS = 0.5
+
+app = ServerApp()
+
+
+class RunAborted(Exception):
+    """The run cannot go on; the message is the sentence the researcher reads."""
+
+
+@dataclass
+class Reply:
+    site: str
+    result: StepResult | None
+    failure: str = ""
+
+
+def describe_failure(result: StepResult) -> str:
+    if result.status == "no-dataset":
+        return "the site does not hold this dataset"
+    where = f" in {result.error_where}" if result.error_where else ""
+    line = f" at cell line {result.error_line}" if result.error_line else ""
+    return f"{result.error_type}{line}{where}"
+
+
+class RoundLoop:
+    """One run's rounds. Talks to Flower through ``grid`` and to the hub through ``hub``."""
+
+    def __init__(self, grid: Grid, hub: HubLink, task: dict[str, Any]) -> None:
+        self.grid = grid
+        self.hub = hub
+        self.task = task
+        self.run_id: str = task["run_id"]
+        self.active: dict[str, int] = {s["site"]: int(s["node_id"]) for s in task["sites"]}
+        self.failed: dict[str, str] = {}
+        self.strategy = make_strategy(task["strategy"], task.get("strategy_options", {}))
+        self.config = {**task.get("config", {}), **self.strategy.client_config()}
+        self.site_info: dict[str, dict[str, Any]] = {}
+
+    def emit(self, *events: dict[str, Any]) -> None:
+        self.hub.events(self.run_id, list(events))
+
+    def request(self, round_: int, phase: str, params: dict[str, np.ndarray]) -> StepRequest:
+        t = self.task
+        return StepRequest(
+            run_id=self.run_id, source=t["source"], source_hash=t["source_hash"],
+            dataset=t["dataset"], project=t["project"], researcher=t["researcher"],
+            seed=int(t["seed"]), round=round_, phase=phase, config=self.config, params=params,
+        )
+
+    # -- one exchange --------------------------------------------------------------
+    def exchange(self, round_: int, phase: str, params: dict[str, np.ndarray]) -> list[Reply]:
+        content = request_to_content(self.request(round_, phase, params))
+        message_type = MESSAGE_TYPE_TRAIN if phase == PHASE_FIT else MESSAGE_TYPE_EVALUATE
+        sites = sorted(self.active)
+        messages = [
+            Message(content, dst_node_id=self.active[s], message_type=message_type, group_id=str(round_))
+            for s in sites
+        ]
+        ids = list(self.grid.push_messages(messages))
+        pending = {mid: site for mid, site in zip(ids, sites, strict=True) if mid}
+        status = "training" if phase == PHASE_FIT else "evaluating"
+        self.emit(*({"type": "site", "site": s, "status": status, "round": round_} for s in pending.values()))
+        replies = [Reply(site, None, "Flower refused the message") for mid, site in zip(ids, sites) if not mid]
+        for reply in replies:
+            self.absorb(round_, reply)
+        next_liveness = time.monotonic() + LIVENESS_SECONDS
+        while pending:
+            arrived = []
+            for msg in self.grid.pull_messages(list(pending)):
+                site = pending.pop(msg.metadata.reply_to_message_id, None)
+                if site is not None:
+                    arrived.append(self._reply(site, msg))
+            if pending and time.monotonic() >= next_liveness:
+                next_liveness = time.monotonic() + LIVENESS_SECONDS
+                arrived.extend(self._offline(pending))
+            for reply in arrived:
+                self.absorb(round_, reply)
+            replies.extend(arrived)
+            if pending:
+                time.sleep(POLL_SECONDS)
+        return sorted((r for r in replies if not r.failure), key=lambda r: r.site)
+
+    def _reply(self, site: str, msg: Message) -> Reply:
+        if msg.has_error():
+            return Reply(site, None, f"the site's Flower node reported an error ({msg.error.reason[:200]})")
+        result = content_to_result(msg.content)
+        if result.status != "ok":
+            return Reply(site, result, describe_failure(result))
+        return Reply(site, result)
+
+    def _offline(self, pending: dict[str, str]) -> list[Reply]:
+        status = self.hub.sites()
+        gone = []
+        for mid, site in list(pending.items()):
+            info = status.get(site)
+            if info is None or info.get("status") != "online":
+                pending.pop(mid)
+                gone.append(Reply(site, None, "the site went offline (its agent stopped answering)"))
+            elif info.get("node_id") != self.active.get(site):
+                pending.pop(mid)
+                gone.append(Reply(site, None, "the site's Flower node restarted during the round"))
+        return gone
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def absorb(self, round_: int, reply: Reply) -> None:
+        """Stream one reply's events to the hub as soon as it arrives; drop a failed site."""
+        if reply.failure:
+            self.failed[reply.site] = reply.failure
+            self.active.pop(reply.site, None)
+            self.emit({"type": "site", "site": reply.site, "status": "failed", "round": round_,
+                       "detail": reply.failure})
+            return
+        result = reply.result
+        assert result is not None
+        self.site_info[reply.site] = {"version": result.version, "fingerprint": result.fingerprint,
+                                      "train_rows": result.num_train, "test_rows": result.num_test}
+        events: list[dict[str, Any]] = [{"type": "site", "site": reply.site, "status": "done", "round": round_,
+                                         "samples": result.num_train, "seconds": round(result.seconds, 3)}]
+        if result.eval_metrics:
+            events.append({"type": "metrics", "round": round_ - 1 if result.params else round_,
+                           "site": reply.site, "phase": "evaluate", "metrics": result.eval_metrics,
+                           "samples": result.num_test})
+        if result.train_metrics:
+            events.append({"type": "metrics", "round": round_, "site": reply.site, "phase": "train",
+                           "metrics": result.train_metrics, "samples": result.num_train})
+        self.emit(*events)
+
+    def check_quorum(self, round_: int) -> None:
+        need = int(self.task["min_sites"])
+        if len(self.active) >= need:
+            return
+        why = "; ".join(f"{site}: {reason}" for site, reason in sorted(self.failed.items()))
+        left = ", ".join(sorted(self.active)) or "none"
+        raise RunAborted(
+            f"Run stopped in round {round_}: {len(self.active)} site(s) remain ({left}) but "
+            f"--min-sites is {need}. Failed: {why}."
+        )
+
+    def global_metrics(self, round_: int, phase: str, good: list[Reply], eval_round: int) -> None:
+        evals = [(r.result.eval_metrics, r.result.num_test) for r in good if r.result and r.result.eval_metrics]
+        trains = [(r.result.train_metrics, r.result.num_train) for r in good if r.result and r.result.train_metrics]
+        events = []
+        if evals:
+            events.append({"type": "metrics", "round": eval_round, "site": "global", "phase": "evaluate",
+                           "metrics": weighted_metrics(evals), "samples": sum(n for _, n in evals)})
+        if phase == PHASE_FIT and trains:
+            events.append({"type": "metrics", "round": round_, "site": "global", "phase": "train",
+                           "metrics": weighted_metrics(trains), "samples": sum(n for _, n in trains)})
+        if events:
+            self.emit(*events)
+
+    # -- the run ---------------------------------------------------------------------
+    def run(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rounds = int(self.task["rounds"])
+        self.emit({"type": "run", "status": "running", "sites": sorted(self.active)},
+                  *({"type": "site", "site": s, "status": "waiting", "round": 0} for s in sorted(self.active)))
+        self.check_quorum(0)
+        for round_ in range(1, rounds + 1):
+            started = time.monotonic()
+            good = self.exchange(round_, PHASE_FIT, params)
+            self.check_quorum(round_)
+            self.global_metrics(round_, PHASE_FIT, good, eval_round=round_ - 1)
+            updates = [(r.result.params, r.result.num_train) for r in good if r.result]
+            params = self.strategy.aggregate(params, updates)
+            self.emit({"type": "round", "round": round_, "sites": len(good),
+                       "seconds": round(time.monotonic() - started, 3)})
+        good = self.exchange(rounds, PHASE_EVALUATE, params)
+        self.check_quorum(rounds)
+        self.global_metrics(rounds, PHASE_EVALUATE, good, eval_round=rounds)
+        return params
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_id = str(context.run_config["flip-run-id"])
+    hub = HubLink.from_env()
+    try:
+        task = hub.task(run_id)
+        loop = RoundLoop(grid, hub, task)
+        params = loop.run(hub.model(task["initial_model"]))
+        sha = hub.put_model(run_id, params)
+        hub.events(run_id, [{"type": "run", "status": "completed", "model_sha256": sha,
+                             "site_info": loop.site_info, "failed_sites": loop.failed}])
+    except RunAborted as aborted:
+        hub.events(run_id, [{"type": "run", "status": "failed", "reason": str(aborted)}])
+    except Exception as exc:  # noqa: BLE001 - report, then let Flower mark the run failed too
+        hub.events(run_id, [{"type": "run", "status": "failed",
+                             "reason": f"internal error in the FLIP server loop: {type(exc).__name__}: {exc}"}])
+        traceback.print_exc()
+        raise

@@ -1,0 +1,72 @@
+"""The ServerApp's line back to the coordinator (loopback HTTP, internal token).
+
+The ServerApp runs on the hub host, started by the SuperLink, and inherits the coordinator's
+address and internal token from the environment that ``flip up`` gave the SuperLink. Sites
+never see either: they are not in the run config.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+import requests
+
+ENV_URL = "FLIP_COORDINATOR_URL"
+ENV_TOKEN = "FLIP_INTERNAL_TOKEN"
+
+
+def pack_params(params: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **params)
+    return buffer.getvalue()
+
+
+def unpack_params(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+class HubLink:
+    """Calls to the coordinator's internal routes."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    @classmethod
+    def from_env(cls) -> HubLink:
+        url, token = os.environ.get(ENV_URL), os.environ.get(ENV_TOKEN)
+        if not url or not token:
+            raise RuntimeError(
+                f"the FLIP ServerApp needs {ENV_URL} and {ENV_TOKEN}: start the SuperLink with `flip up`"
+            )
+        return cls(url, token)
+
+    def _get(self, path: str) -> requests.Response:
+        response = self.session.get(self.url + path, timeout=30)
+        response.raise_for_status()
+        return response
+
+    def task(self, run_id: str) -> dict[str, Any]:
+        return self._get(f"/internal/runs/{run_id}/task").json()  # type: ignore[no-any-return]
+
+    def model(self, sha: str) -> dict[str, np.ndarray]:
+        return unpack_params(self._get(f"/internal/models/{sha}").content)
+
+    def sites(self) -> dict[str, dict[str, Any]]:
+        return {s["site"]: s for s in self._get("/internal/sites").json()}
+
+    def events(self, run_id: str, events: list[dict[str, Any]]) -> None:
+        response = self.session.post(f"{self.url}/internal/runs/{run_id}/events", json=events, timeout=30)
+        response.raise_for_status()
+
+    def put_model(self, run_id: str, params: dict[str, np.ndarray]) -> str:
+        response = self.session.put(
+            f"{self.url}/internal/runs/{run_id}/model", data=pack_params(params), timeout=300
+        )
+        response.raise_for_status()
+        return str(response.json()["sha256"])

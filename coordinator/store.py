@@ -1,0 +1,185 @@
+"""The coordinator's state: runs, their events and sites in SQLite; models as files.
+
+Every event a run produces is appended with a sequence number, so a notebook that lost its
+connection (or a kernel that restarted) asks for everything after the last number it saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+TERMINAL = ("completed", "failed", "stopped")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    flower_run_id TEXT,
+    name TEXT NOT NULL,
+    project TEXT NOT NULL,
+    researcher TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    finished REAL,
+    task TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, seq);
+CREATE TABLE IF NOT EXISTS sites (
+    site TEXT PRIMARY KEY,
+    node_id TEXT,
+    info TEXT NOT NULL,
+    last_seen REAL NOT NULL,
+    state TEXT NOT NULL
+);
+"""
+
+
+class Store:
+    """SQLite for runs, events and sites; ``models/`` for parameter files (npz, by SHA-256)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "models").mkdir(exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "coordinator.sqlite", check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.executescript(_SCHEMA)
+        self._db.commit()
+
+    # -- models ---------------------------------------------------------------------
+    def put_model(self, blob: bytes) -> str:
+        sha = hashlib.sha256(blob).hexdigest()
+        path = self.model_path(sha)
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(blob)
+            tmp.replace(path)
+        return sha
+
+    def model_path(self, sha: str) -> Path:
+        if not (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise KeyError(sha)
+        return self.root / "models" / f"{sha}.npz"
+
+    # -- runs -----------------------------------------------------------------------
+    def create_run(self, run_id: str, task: dict[str, Any], record: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO runs (run_id, name, project, researcher, dataset, status, created, task, record)"
+                " VALUES (?, ?, ?, ?, ?, 'submitted', ?, ?, ?)",
+                (run_id, task["name"], task["project"], task["researcher"], task["dataset"],
+                 time.time(), json.dumps(task), json.dumps(record)),
+            )
+            self._db.commit()
+
+    def set_flower_run(self, run_id: str, flower_run_id: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE runs SET flower_run_id = ? WHERE run_id = ?", (str(flower_run_id), run_id))
+            self._db.commit()
+
+    def set_status(self, run_id: str, status: str, reason: str = "") -> bool:
+        """Move a run to ``status``; a finished run never changes again. True if it changed."""
+        with self._lock:
+            row = self._db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None or row["status"] in TERMINAL or row["status"] == status:
+                return False
+            finished = time.time() if status in TERMINAL else None
+            self._db.execute(
+                "UPDATE runs SET status = ?, reason = ?, finished = ? WHERE run_id = ?",
+                (status, reason, finished, run_id),
+            )
+            self._db.commit()
+            return True
+
+    def update_record(self, run_id: str, **fields: Any) -> None:
+        with self._lock:
+            row = self._db.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            record = {**json.loads(row["record"]), **fields}
+            self._db.execute("UPDATE runs SET record = ? WHERE run_id = ?", (json.dumps(record), run_id))
+            self._db.commit()
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else self._run_dict(row)
+
+    def runs(self, project: str | None = None) -> list[dict[str, Any]]:
+        sql, args = "SELECT * FROM runs", ()
+        if project is not None:
+            sql, args = sql + " WHERE project = ?", (project,)
+        rows = self._db.execute(sql + " ORDER BY created", args).fetchall()
+        return [self._run_dict(r) for r in rows]
+
+    def unfinished_runs(self) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT * FROM runs WHERE status NOT IN ('completed', 'failed', 'stopped')"
+        ).fetchall()
+        return [self._run_dict(r) for r in rows]
+
+    @staticmethod
+    def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
+        out = dict(row)
+        if out["flower_run_id"] is not None:  # Flower's ids are unsigned 64-bit: kept as text
+            out["flower_run_id"] = int(out["flower_run_id"])
+        out["task"] = json.loads(out["task"])
+        out["record"] = json.loads(out["record"])
+        return out
+
+    # -- events ---------------------------------------------------------------------
+    def add_events(self, run_id: str, events: list[dict[str, Any]]) -> int:
+        now = time.time()
+        with self._lock:
+            for event in events:
+                self._db.execute(
+                    "INSERT INTO events (run_id, ts, payload) VALUES (?, ?, ?)",
+                    (run_id, now, json.dumps(event)),
+                )
+            self._db.commit()
+            return int(self._db.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0)
+
+    def events(self, run_id: str, after: int = 0) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT seq, ts, payload FROM events WHERE run_id = ? AND seq > ? ORDER BY seq",
+            (run_id, after),
+        ).fetchall()
+        return [{"seq": r["seq"], "ts": r["ts"], **json.loads(r["payload"])} for r in rows]
+
+    # -- sites ----------------------------------------------------------------------
+    def upsert_site(self, site: str, node_id: int | None, info: dict[str, Any], state: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO sites (site, node_id, info, last_seen, state) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(site) DO UPDATE SET node_id = excluded.node_id, info = excluded.info,"
+                " last_seen = excluded.last_seen, state = excluded.state",
+                (site, None if node_id is None else str(node_id), json.dumps(info), time.time(), state),
+            )
+            self._db.commit()
+
+    def touch_site(self, site: str, state: str) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE sites SET last_seen = ?, state = ? WHERE site = ?", (time.time(), state, site)
+            )
+            self._db.commit()
+            return cur.rowcount > 0
+
+    def sites(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM sites ORDER BY site").fetchall()
+        return [
+            {**dict(r), "node_id": None if r["node_id"] is None else int(r["node_id"]), "info": json.loads(r["info"])}
+            for r in rows
+        ]

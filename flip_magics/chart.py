@@ -1,0 +1,242 @@
+"""Pure HTML/SVG renderers for the FLIP run widget.
+
+Everything here returns plain strings: a self-contained SVG line chart of
+per-round metrics, an HTML table of site states and a one-line run header.
+No IPython or ipywidgets imports, no JavaScript, no external CSS; all user
+supplied text is escaped with :func:`html.escape`.  Output is deterministic
+for identical input.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+
+__all__ = ["render_chart", "render_site_table", "render_header", "PALETTE", "EMPTY_CHART_TEXT"]
+
+PALETTE: tuple[str, ...] = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)
+EMPTY_CHART_TEXT = "waiting for the first round…"
+
+_STATUS_COLOURS: dict[str, str] = {
+    "waiting": "#6e7781",
+    "training": "#1f6feb",
+    "done": "#1a7f37",
+    "failed": "#cf222e",
+    "offline": "#9a6700",
+}
+_RUN_STATUS_COLOURS: dict[str, str] = {
+    "running": "#1f6feb",
+    "completed": "#1a7f37",
+    "failed": "#cf222e",
+    "stopped": "#6e7781",
+}
+_FONT = 'font-family="sans-serif" font-size="11"'
+
+
+def _fmt(v: float) -> str:
+    """Format an SVG coordinate compactly and deterministically."""
+    s = f"{v:.1f}"
+    return "0.0" if s == "-0.0" else s
+
+
+def _nice_ticks(lo: float, hi: float) -> list[float]:
+    """Return 3-5 evenly spaced, nicely rounded ticks covering [lo, hi]."""
+    if hi <= lo:
+        pad = abs(lo) * 0.1 if lo != 0 else 1.0
+        lo, hi = lo - pad, hi + pad
+    mag = 10.0 ** (math.floor(math.log10((hi - lo) / 4.0)) - 1)
+    while True:
+        for mult in (1.0, 2.0, 2.5, 5.0):
+            step = mult * mag
+            first = math.floor(lo / step + 1e-9)
+            last = math.ceil(hi / step - 1e-9)
+            if last - first <= 4:
+                if last - first < 2:  # guarantee at least three ticks
+                    last = first + 2
+                return [k * step for k in range(first, last + 1)]
+        mag *= 10.0
+
+
+def _tick_label(v: float, step: float) -> str:
+    """Format a tick value with just enough decimals for ``step``."""
+    for dec in range(0, 13):
+        if abs(round(step, dec) - step) <= 1e-9 * abs(step):
+            s = f"{v:.{dec}f}"
+            return "0" if s.lstrip("-").strip("0.") == "" else s
+    return f"{v:.6g}"
+
+
+def _int_ticks(lo: int, hi: int) -> list[int]:
+    """Integer ticks from lo to hi with at most ~10 labels."""
+    span = max(hi - lo, 1)
+    step = 1
+    for cand in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000):
+        step = cand
+        if span / cand <= 10:
+            break
+    else:
+        step = int(10 ** math.ceil(math.log10(span / 10)))
+    first = -(-lo // step) * step
+    return list(range(first, hi + 1, step))
+
+
+def _svg_open(width: int, height: int) -> str:
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" {_FONT}>'
+    )
+
+
+def render_chart(
+    points: list[tuple[str, float, float]],
+    *,
+    width: int = 560,
+    height: int = 260,
+    title: str = "",
+) -> str:
+    """Render ``(series, round, value)`` points as a self-contained SVG line chart."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for name, x, y in points:
+        xf, yf = float(x), float(y)
+        if not (math.isfinite(xf) and math.isfinite(yf)):
+            continue
+        series.setdefault(str(name), []).append((xf, yf))
+
+    parts: list[str] = [_svg_open(width, height)]
+    if title:
+        parts.append(
+            f'<text x="{_fmt(width / 2)}" y="14" text-anchor="middle" '
+            f'font-size="13" font-weight="bold">{escape(title)}</text>'
+        )
+    if not series:
+        parts.append(
+            f'<text x="{_fmt(width / 2)}" y="{_fmt(height / 2)}" text-anchor="middle" '
+            f'fill="#6e7781">{escape(EMPTY_CHART_TEXT)}</text></svg>'
+        )
+        return "".join(parts)
+
+    left, right, top, bottom = 52.0, 120.0, 24.0 if title else 12.0, 34.0
+    pw = max(width - left - right, 10.0)
+    ph = max(height - top - bottom, 10.0)
+
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x_lo, x_hi = math.floor(min(xs)), math.ceil(max(xs))
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    yticks = _nice_ticks(min(ys), max(ys))
+    # min/max guard against float noise in the tolerant floor/ceil of _nice_ticks
+    y_lo, y_hi = min(yticks[0], min(ys)), max(yticks[-1], max(ys))
+    ystep = yticks[1] - yticks[0]
+
+    def sx(x: float) -> float:
+        return left + (x - x_lo) / (x_hi - x_lo) * pw
+
+    def sy(y: float) -> float:
+        return top + ph - (y - y_lo) / (y_hi - y_lo) * ph
+
+    axis_y = top + ph
+    parts.append('<g class="axes" stroke="#8c959f" stroke-width="1">')
+    parts.append(f'<line x1="{_fmt(left)}" y1="{_fmt(axis_y)}" x2="{_fmt(left + pw)}" y2="{_fmt(axis_y)}"/>')
+    parts.append(f'<line x1="{_fmt(left)}" y1="{_fmt(top)}" x2="{_fmt(left)}" y2="{_fmt(axis_y)}"/>')
+    parts.append("</g>")
+
+    parts.append('<g class="yticks">')
+    for t in yticks:
+        ty = sy(t)
+        parts.append(
+            f'<line x1="{_fmt(left)}" y1="{_fmt(ty)}" x2="{_fmt(left + pw)}" y2="{_fmt(ty)}" '
+            f'stroke="#eaeef2" stroke-width="1"/>'
+            f'<text x="{_fmt(left - 4)}" y="{_fmt(ty + 4)}" text-anchor="end">{_tick_label(t, ystep)}</text>'
+        )
+    parts.append("</g>")
+
+    parts.append('<g class="xticks">')
+    for t in _int_ticks(x_lo, x_hi):
+        tx = sx(t)
+        parts.append(
+            f'<line x1="{_fmt(tx)}" y1="{_fmt(axis_y)}" x2="{_fmt(tx)}" y2="{_fmt(axis_y + 4)}" stroke="#8c959f"/>'
+            f'<text x="{_fmt(tx)}" y="{_fmt(axis_y + 15)}" text-anchor="middle">{t}</text>'
+        )
+    parts.append(
+        f'<text x="{_fmt(left + pw / 2)}" y="{_fmt(height - 4)}" text-anchor="middle">round</text></g>'
+    )
+
+    for i, (name, pts) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        pts_sorted = sorted(pts, key=lambda p: p[0])
+        coords = " ".join(f"{_fmt(sx(x))},{_fmt(sy(y))}" for x, y in pts_sorted)
+        parts.append(f'<g class="series" data-series="{escape(name)}">')
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for x, y in pts_sorted:
+            parts.append(f'<circle cx="{_fmt(sx(x))}" cy="{_fmt(sy(y))}" r="2.5" fill="{colour}"/>')
+        parts.append("</g>")
+
+    parts.append('<g class="legend">')
+    lx = left + pw + 12
+    for i, name in enumerate(series):
+        ly = top + 6 + i * 16
+        label = name if len(name) <= 16 else name[:15] + "…"
+        parts.append(
+            f'<rect x="{_fmt(lx)}" y="{_fmt(ly - 5)}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
+            f'<text x="{_fmt(lx + 14)}" y="{_fmt(ly + 4)}">{escape(label)}</text>'
+        )
+    parts.append("</g></svg>")
+    return "".join(parts)
+
+
+def _badge(text: str, colour: str) -> str:
+    return (
+        f'<span style="background:{colour};color:#fff;border-radius:8px;'
+        f'padding:1px 7px;font-size:0.85em">{escape(text)}</span>'
+    )
+
+
+def _cell(value: object) -> str:
+    return "—" if value is None else escape(str(value))
+
+
+def render_site_table(rows: list[dict[str, object]]) -> str:
+    """Render per-site state as an HTML table (Site, Status, Samples, Round, Detail)."""
+    th = 'style="text-align:left;padding:2px 10px;border-bottom:1px solid #d0d7de"'
+    td = 'style="padding:2px 10px"'
+    out = ['<table class="flip-sites" style="border-collapse:collapse;font-size:0.9em">', "<thead><tr>"]
+    out.extend(f"<th {th}>{h}</th>" for h in ("Site", "Status", "Samples", "Round", "Detail"))
+    out.append("</tr></thead><tbody>")
+    if not rows:
+        out.append(f'<tr><td {td} colspan="5"><i>no sites yet</i></td></tr>')
+    for row in rows:
+        status = str(row.get("status", ""))
+        detail = str(row.get("detail") or "")
+        detail_html = escape(detail)
+        if status == "failed" and detail:
+            detail_html = f'<span style="color:#cf222e">{detail_html}</span>'
+        out.append(
+            f'<tr class="flip-site-{escape(status)}">'
+            f"<td {td}>{escape(str(row.get('site', '')))}</td>"
+            f"<td {td}>{_badge(status, _STATUS_COLOURS.get(status, '#6e7781'))}</td>"
+            f"<td {td}>{_cell(row.get('samples'))}</td>"
+            f"<td {td}>{_cell(row.get('round'))}</td>"
+            f"<td {td}>{detail_html}</td></tr>"
+        )
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def render_header(
+    name: str, run_id: str, status: str, round_: int, rounds: int, message: str = ""
+) -> str:
+    """Render the one-line run header, e.g. ``name · run abc · running · round 3/15``."""
+    colour = _RUN_STATUS_COLOURS.get(status, "#24292f")
+    pieces = [
+        f"<b>{escape(name)}</b>",
+        f"run {escape(run_id)}",
+        f'<span style="color:{colour};font-weight:bold">{escape(status)}</span>',
+        f"round {int(round_)}/{int(rounds)}",
+    ]
+    if message:
+        pieces.append(escape(message))
+    return '<div class="flip-header">' + " · ".join(pieces) + "</div>"

@@ -1,0 +1,266 @@
+"""The plain client API behind the magics: connect, list sites, train, follow, attach, stop.
+
+No IPython here. A :class:`RunHandle` follows its run's event stream (server-sent events)
+in a background thread, reconnecting by itself, and keeps the run's state: per-site status,
+metric history, final model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from typing import Any
+
+import pandas as pd
+import requests
+
+from coordinator.hublink import pack_params, unpack_params
+from coordinator.local import read_connection
+from flip_magics.errors import NotConnected, Rejected, RunFailed
+from flip_magics.task import PreparedTask, load_weights, prepare
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("completed", "failed", "stopped")
+HISTORY_COLUMNS = ["round", "site", "phase", "metric", "value"]
+RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)
+
+
+def _client_packages() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("flip", "torch", "numpy", "pandas"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class FlipClient:
+    """A researcher's connection to a FLIP coordinator."""
+
+    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    @classmethod
+    def from_connection_file(cls) -> FlipClient:
+        connection = read_connection()
+        if connection is None:
+            raise NotConnected("no local FLIP federation found: run `flip up`, or give %flip_connect URL --token T")
+        return cls(connection["coordinator_url"], connection["token"])
+
+    # -- HTTP -----------------------------------------------------------------------
+    def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        try:
+            response = self.session.request(method, self.url + path, timeout=kwargs.pop("timeout", self.timeout),
+                                            **kwargs)
+        except requests.ConnectionError:
+            raise NotConnected(f"cannot reach the FLIP coordinator at {self.url}") from None
+        except requests.Timeout:
+            raise NotConnected(f"the FLIP coordinator at {self.url} did not answer in time") from None
+        if response.status_code == 401:
+            raise NotConnected(f"the coordinator at {self.url} refused this token")
+        if not response.ok:
+            try:
+                message = response.json()["error"]
+            except (ValueError, KeyError):
+                message = f"HTTP {response.status_code}: {response.text[:200]}"
+            raise Rejected(message, response.status_code)
+        return response
+
+    def whoami(self) -> dict[str, str]:
+        return self._call("GET", "/api/whoami").json()  # type: ignore[no-any-return]
+
+    def sites(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/sites").json()  # type: ignore[no-any-return]
+
+    def runs(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/runs").json()  # type: ignore[no-any-return]
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/api/runs/{run_id}").json()  # type: ignore[no-any-return]
+
+    def stop(self, run_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/runs/{run_id}/stop").json()  # type: ignore[no-any-return]
+
+    # -- training -------------------------------------------------------------------
+    def train(
+        self, source: str, *, dataset: str, rounds: int = 1, strategy: str = "fedavg",
+        min_sites: int | None = None, seed: int = 0, name: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> RunHandle:
+        """Check the cell locally, submit it, and return a handle that follows the run."""
+        task = prepare(source, seed=seed)
+        sha = self._call("POST", "/api/models", data=pack_params(task.initial),
+                         headers={"Content-Type": "application/octet-stream"}).json()["sha256"]
+        spec = {
+            "source": source, "dataset": dataset, "rounds": rounds, "strategy": strategy,
+            "min_sites": min_sites, "seed": seed, "name": name or "run", "config": config or {},
+            "initial_model": sha, "client_packages": _client_packages(),
+        }
+        view = self._call("POST", "/api/runs", json=spec).json()
+        return RunHandle(self, view, task)
+
+    def attach(self, run_id: str) -> RunHandle:
+        """Follow an existing run (e.g. after a kernel restart), replaying its history."""
+        return RunHandle(self, self.run(run_id), None)
+
+    def _events(self, run_id: str, after: int) -> Iterator[dict[str, Any]]:
+        """One connection's worth of server-sent events."""
+        response = self._call("GET", f"/api/runs/{run_id}/events", params={"after": after}, stream=True,
+                              timeout=(5, 30), headers={"Accept": "text/event-stream"})
+        with response:
+            data: list[str] = []
+            for line in response.iter_lines(decode_unicode=True):
+                if line is None:
+                    continue
+                if line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif line == "" and data:
+                    yield json.loads("\n".join(data))
+                    data = []
+
+    def model_params(self, run_id: str) -> dict[str, Any]:
+        return unpack_params(self._call("GET", f"/api/runs/{run_id}/model", timeout=300).content)
+
+
+class RunHandle:
+    """A run as the notebook sees it; updated live from the event stream."""
+
+    def __init__(self, client: FlipClient, view: dict[str, Any], task: PreparedTask | None) -> None:
+        self.client = client
+        self.run_id: str = view["run_id"]
+        self.name: str = view["name"]
+        self.rounds: int = int(view["rounds"])
+        self.dataset: str = view["dataset"]
+        self._view = view
+        self._task = task
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._subscribers: list[Callable[[RunHandle], None]] = []
+        self._status: str = view["status"]
+        self.reason: str = view.get("reason", "")
+        self.round: int = 0
+        self.sites: dict[str, dict[str, Any]] = {s: {"site": s, "status": "waiting", "samples": None,
+                                                     "round": None, "detail": ""} for s in view.get("sites", [])}
+        self.events: list[dict[str, Any]] = []
+        self._rows: list[dict[str, Any]] = []
+        self._model: Any = None
+        self.connection_note = ""
+        self._thread = threading.Thread(target=self._follow, name=f"flip-run-{self.run_id}", daemon=True)
+        self._thread.start()
+
+    # -- public ---------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def history(self) -> pd.DataFrame:
+        with self._lock:
+            rows = list(self._rows)
+        frame = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+        return frame.sort_values(["round", "site", "phase", "metric"], kind="stable").reset_index(drop=True)
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return self.client.run(self.run_id)["record"]  # type: ignore[no-any-return]
+
+    @property
+    def model(self) -> Any:
+        """The global model with its final weights (waits for the run to end)."""
+        self.wait()
+        if self._model is None:
+            task = self._task or prepare(self.client.run(self.run_id)["source"])
+            self._task = task
+            self._model = load_weights(task, self.client.model_params(self.run_id))
+        return self._model
+
+    def wait(self, timeout: float | None = None) -> RunHandle:
+        """Block until the run ends; raise :class:`RunFailed` if it did not complete."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"run {self.run_id} still {self._status} after {timeout} s")
+        if self._status != "completed":
+            raise RunFailed(self.run_id, self._status, self.reason)
+        return self
+
+    def subscribe(self, callback: Callable[[RunHandle], None]) -> None:
+        """Call ``callback(handle)`` after every change (from the follower thread)."""
+        self._subscribers.append(callback)
+        callback(self)
+
+    def chart_points(self) -> list[tuple[str, float, float]]:
+        with self._lock:
+            return [(f"{r['phase']} {r['metric']}", float(r["round"]), float(r["value"]))
+                    for r in self._rows if r["site"] == "global"]
+
+    def site_rows(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(v) for _, v in sorted(self.sites.items())]
+
+    def __repr__(self) -> str:
+        return f"<FLIP run {self.run_id} {self.name!r}: {self._status}, round {self.round}/{self.rounds}>"
+
+    # -- following ------------------------------------------------------------------
+    def _follow(self) -> None:
+        after, attempt = 0, 0
+        while not self._done.is_set():
+            try:
+                for event in self.client._events(self.run_id, after):
+                    attempt = 0
+                    if self.connection_note:
+                        self.connection_note = ""
+                    after = max(after, int(event.get("seq", after)))
+                    self._apply(event)
+                    if self._done.is_set():
+                        return
+            except Exception as exc:  # noqa: BLE001 - keep following through coordinator restarts
+                self.connection_note = f"reconnecting to the coordinator ({type(exc).__name__})"
+                self._publish()
+            if not self._done.is_set():
+                time.sleep(RECONNECT_SECONDS[min(attempt, len(RECONNECT_SECONDS) - 1)])
+                attempt += 1
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        event = {**event, "received": time.time()}
+        kind = event.get("type")
+        with self._lock:
+            self.events.append(event)
+            if kind == "metrics":
+                for metric, value in event["metrics"].items():
+                    self._rows.append({"round": int(event["round"]), "site": event["site"],
+                                       "phase": event["phase"], "metric": metric, "value": float(value)})
+            elif kind == "site":
+                row = self.sites.setdefault(event["site"], {"site": event["site"], "samples": None, "detail": ""})
+                row.update(status=event["status"], round=event.get("round"))
+                if "samples" in event:
+                    row["samples"] = event["samples"]
+                row["detail"] = event.get("detail", "")
+            elif kind == "round":
+                self.round = int(event["round"])
+            elif kind == "run":
+                self._status = str(event["status"])
+                self.reason = str(event.get("reason", ""))
+        self._publish()  # views first, so that a finished wait() finds them final
+        if kind == "run" and self._status in TERMINAL:
+            self._done.set()
+
+    def _publish(self) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - a broken view must not stop the follower
+                log.exception("a run subscriber failed")

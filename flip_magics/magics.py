@@ -1,0 +1,155 @@
+"""IPython magics: each parses its arguments and delegates to :mod:`flip_magics.client`."""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import pandas as pd
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from flip_magics.client import FlipClient, RunHandle
+from flip_magics.errors import FlipError, NotConnected
+from flip_magics.widgets import RunWidget
+
+DEFAULT_OUT = "flip_run"
+
+
+def _friendly(method: Any) -> Any:
+    """Turn FLIP's errors into a one-sentence UsageError (no traceback in the notebook)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except FlipError as exc:
+            raise UsageError(str(exc)) from None
+
+    return wrapper
+
+
+def parse_config(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values read as JSON where they parse (numbers, true/false), else text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--config takes key=value pairs, not {pair!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if not isinstance(value, (str, int, float, bool)):
+            value = raw
+        out[key] = value
+    return out
+
+
+def show_run(handle: RunHandle) -> RunWidget:
+    widget = RunWidget(handle.name, handle.run_id, handle.rounds)
+
+    def refresh(h: RunHandle) -> None:
+        widget.update(status=h.status, round_=h.round, points=h.chart_points(), sites=h.site_rows(),
+                      message=h.reason or h.connection_note)
+
+    handle.subscribe(refresh)
+    display(widget)
+    return widget
+
+
+@magics_class
+class FlipMagics(Magics):
+    client: FlipClient | None = None
+
+    def _client(self) -> FlipClient:
+        if self.client is None:
+            self.client = FlipClient.from_connection_file()
+        return self.client
+
+    @line_magic
+    @magic_arguments()
+    @argument("url", nargs="?", default=None, help="coordinator URL (default: the local federation)")
+    @argument("--token", default=None, help="API token (default: from the local connection file)")
+    @_friendly
+    def flip_connect(self, line: str) -> None:
+        """Connect this notebook to a FLIP coordinator."""
+        args = parse_argstring(self.flip_connect, line)
+        if args.url is None:
+            client = FlipClient.from_connection_file()
+            if args.token:
+                client = FlipClient(client.url, args.token)
+        elif args.token is None:
+            raise NotConnected("give the coordinator's token: %flip_connect URL --token T")
+        else:
+            client = FlipClient(args.url, args.token)
+        who = client.whoami()
+        self.client = client
+        print(f"connected to {client.url} as {who['researcher']} (project {who['project']})")
+
+    @line_magic
+    @_friendly
+    def flip_sites(self, line: str) -> pd.DataFrame:
+        """The federation's sites and their datasets."""
+        rows = []
+        for site in self._client().sites():
+            datasets = site["datasets"] or [{"name": "", "rows": None}]
+            for d in datasets:
+                rows.append({"site": site["site"], "status": site["status"], "dataset": d["name"],
+                             "rows": d["rows"]})
+        return pd.DataFrame(rows, columns=["site", "status", "dataset", "rows"])
+
+    @cell_magic
+    @magic_arguments()
+    @argument("--dataset", required=True, help="dataset name, as %%flip_sites lists it")
+    @argument("--rounds", type=int, default=1)
+    @argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam or fedyogi")
+    @argument("--min-sites", type=int, default=None, help="fewest sites the run may go on with (default: all)")
+    @argument("--seed", type=int, default=0)
+    @argument("--name", default=None, help="a name for the run")
+    @argument("--out", default=DEFAULT_OUT, help=f"variable that receives the run (default: {DEFAULT_OUT})")
+    @argument("--config", nargs="*", default=[], help="key=value pairs passed to train and evaluate")
+    @_friendly
+    def flip_train(self, line: str, cell: str) -> None:
+        """Train the cell's model across the sites holding --dataset; returns at once."""
+        args = parse_argstring(self.flip_train, line)
+        handle = self._client().train(
+            cell, dataset=args.dataset, rounds=args.rounds, strategy=args.strategy, min_sites=args.min_sites,
+            seed=args.seed, name=args.name, config=parse_config(args.config),
+        )
+        self.shell.user_ns[args.out] = handle
+        show_run(handle)
+
+    @line_magic
+    @_friendly
+    def flip_runs(self, line: str) -> pd.DataFrame:
+        """This project's runs."""
+        columns = ["run_id", "name", "status", "dataset", "rounds", "strategy", "researcher", "created", "reason"]
+        frame = pd.DataFrame(self._client().runs(), columns=columns)
+        frame["created"] = pd.to_datetime(frame["created"], unit="s")
+        return frame
+
+    @line_magic
+    @magic_arguments()
+    @argument("run_id")
+    @argument("--out", default=DEFAULT_OUT)
+    @_friendly
+    def flip_attach(self, line: str) -> None:
+        """Follow a run again (e.g. after a kernel restart), from its first event."""
+        args = parse_argstring(self.flip_attach, line)
+        handle = self._client().attach(args.run_id)
+        self.shell.user_ns[args.out] = handle
+        show_run(handle)
+
+    @line_magic
+    @magic_arguments()
+    @argument("run_id")
+    @_friendly
+    def flip_stop(self, line: str) -> None:
+        """Stop a run."""
+        args = parse_argstring(self.flip_stop, line)
+        view = self._client().stop(args.run_id)
+        print(f"run {view['run_id']}: {view['status']}")

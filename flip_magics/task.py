@@ -1,0 +1,85 @@
+"""Turn a ``%%flip_train`` cell into a task, in the researcher's own kernel, before submitting.
+
+The cell is compiled and executed in a scratch namespace (never the user's), its three
+functions are checked, and ``build_model()`` gives the initial weights (seeded). A syntax
+error, a missing function or a failing ``build_model()`` is reported here, so nothing
+broken is ever submitted.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flip_magics.errors import TaskInvalid
+from site_agent.protocol import source_hash
+from site_agent.runner import CELL_FILENAME, REQUIRED_FUNCTIONS
+
+SIGNATURES = "build_model(), train(model, data, config) -> dict and evaluate(model, data, config) -> dict"
+
+
+@dataclass
+class PreparedTask:
+    source: str
+    source_hash: str
+    namespace: dict[str, Any]
+    initial: dict[str, np.ndarray]
+
+    def build_model(self) -> Any:
+        return self.namespace["build_model"]()
+
+
+def _line_in_cell(exc: BaseException) -> int:
+    line = 0
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == CELL_FILENAME and frame.lineno:
+            line = frame.lineno
+    return line
+
+
+def prepare(source: str, seed: int = 0) -> PreparedTask:
+    """Check the cell and build its initial model; raise :class:`TaskInvalid` with a sentence."""
+    try:
+        code = compile(source, CELL_FILENAME, "exec")
+    except SyntaxError as exc:
+        raise TaskInvalid(f"syntax error in the cell at line {exc.lineno}: {exc.msg}. Nothing was submitted.") from None
+    namespace: dict[str, Any] = {"__name__": "__flip_task__"}
+    try:
+        exec(code, namespace)  # noqa: S102 - the researcher's own cell, in their own kernel
+    except Exception as exc:  # noqa: BLE001
+        raise TaskInvalid(
+            f"the cell raised {type(exc).__name__} at line {_line_in_cell(exc)} while defining its functions: "
+            f"{exc}. Nothing was submitted."
+        ) from None
+    missing = [name for name in REQUIRED_FUNCTIONS if not callable(namespace.get(name))]
+    if missing:
+        raise TaskInvalid(
+            f"the cell does not define {', '.join(missing)}; a %%flip_train cell defines {SIGNATURES}. "
+            "Nothing was submitted."
+        )
+    import torch
+
+    torch.manual_seed(seed)
+    try:
+        model = namespace["build_model"]()
+    except Exception as exc:  # noqa: BLE001
+        raise TaskInvalid(
+            f"build_model() raised {type(exc).__name__} at line {_line_in_cell(exc)}: {exc}. Nothing was submitted."
+        ) from None
+    if not isinstance(model, torch.nn.Module):
+        raise TaskInvalid(f"build_model() must return a torch.nn.Module, not {type(model).__name__}")
+    initial = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    return PreparedTask(source, source_hash(source), namespace, initial)
+
+
+def load_weights(task: PreparedTask, params: dict[str, np.ndarray]) -> Any:
+    """A fresh model from the cell's ``build_model()`` holding ``params``."""
+    import torch
+
+    model = task.build_model()
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
+    return model
+

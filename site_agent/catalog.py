@@ -1,0 +1,240 @@
+"""A site's registered datasets: site.toml, table loading, fingerprints and seeded splits.
+
+A site directory holds ``site.toml`` (the site's name and its datasets) and ``splits/``
+(one JSON file per dataset recording the seeded train/test split). Nothing here talks to
+the network; the agent and the task runner read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tomli_w
+
+log = logging.getLogger(__name__)
+
+SITE_FILE = "site.toml"
+FORMATS = ("csv", "uci-heart")
+UCI_HEART_COLUMNS = (
+    "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg",
+    "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num",
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class CatalogError(Exception):
+    """A site directory or dataset registration problem, stated as a sentence."""
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One registered dataset, as recorded in site.toml."""
+
+    name: str
+    path: str
+    format: str
+    fingerprint: str
+    rows: int
+    columns: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    train_rows: int
+    test_rows: int
+    split_seed: int
+    train_fraction: float
+    stratify: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What the site announces about this dataset (metadata only, never rows)."""
+        return {
+            "name": self.name, "format": self.format, "rows": self.rows,
+            "train_rows": self.train_rows, "test_rows": self.test_rows,
+            "columns": list(self.columns), "dtypes": list(self.dtypes),
+            "fingerprint": self.fingerprint,
+        }
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site directory read once: its name and its datasets."""
+
+    root: Path
+    name: str
+    datasets: dict[str, DatasetEntry] = field(default_factory=dict)
+
+    def dataset(self, name: str) -> DatasetEntry:
+        try:
+            return self.datasets[name]
+        except KeyError:
+            have = ", ".join(sorted(self.datasets)) or "none"
+            raise CatalogError(
+                f"site {self.name!r} has no dataset {name!r} (it has: {have})"
+            ) from None
+
+
+def check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name):
+        raise CatalogError(
+            f"{kind} name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
+            "(at most 64 characters, starting with a letter or digit)"
+        )
+    return name
+
+
+def init_site(root: Path, name: str) -> SiteConfig:
+    """Create a new site directory with an empty catalog."""
+    check_name("site", name)
+    root = root.resolve()
+    if (root / SITE_FILE).exists():
+        raise CatalogError(f"{root / SITE_FILE} already exists: this directory is a site already")
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("splits", "logs", "scratch"):
+        (root / sub).mkdir(exist_ok=True)
+    config = SiteConfig(root=root, name=name)
+    _write(config)
+    return config
+
+
+def load_site(root: Path) -> SiteConfig:
+    """Read a site directory's site.toml."""
+    root = Path(root).resolve()
+    path = root / SITE_FILE
+    if not path.exists():
+        raise CatalogError(f"{root} is not a site directory (no {SITE_FILE}); run `flip-site init` first")
+    raw = tomllib.loads(path.read_text())
+    datasets = {}
+    for name, d in raw.get("datasets", {}).items():
+        datasets[name] = DatasetEntry(
+            name=name, path=d["path"], format=d["format"], fingerprint=d["fingerprint"],
+            rows=int(d["rows"]), columns=tuple(d["columns"]), dtypes=tuple(d["dtypes"]),
+            train_rows=int(d["train_rows"]), test_rows=int(d["test_rows"]),
+            split_seed=int(d["split_seed"]), train_fraction=float(d["train_fraction"]),
+            stratify=d.get("stratify") or None,
+        )
+    return SiteConfig(root=root, name=raw["site"]["name"], datasets=datasets)
+
+
+def _write(config: SiteConfig) -> None:
+    doc: dict[str, Any] = {"site": {"name": config.name}, "datasets": {}}
+    for name, d in sorted(config.datasets.items()):
+        entry = {
+            "path": d.path, "format": d.format, "fingerprint": d.fingerprint, "rows": d.rows,
+            "columns": list(d.columns), "dtypes": list(d.dtypes), "train_rows": d.train_rows,
+            "test_rows": d.test_rows, "split_seed": d.split_seed,
+            "train_fraction": d.train_fraction,
+        }
+        if d.stratify:
+            entry["stratify"] = d.stratify
+        doc["datasets"][name] = entry
+    tmp = config.root / (SITE_FILE + ".tmp")
+    tmp.write_text(tomli_w.dumps(doc))
+    tmp.replace(config.root / SITE_FILE)
+
+
+def fingerprint_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def read_table(path: Path, fmt: str) -> pd.DataFrame:
+    """Load a table in one of the supported formats."""
+    if fmt == "csv":
+        return pd.read_csv(path)
+    if fmt == "uci-heart":
+        return pd.read_csv(path, header=None, names=list(UCI_HEART_COLUMNS), na_values="?")
+    raise CatalogError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def seeded_split(
+    labels: pd.Series | None, n_rows: int, train_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Row positions of a seeded train/test split, stratified on ``labels`` when given."""
+    if not 0.0 < train_fraction < 1.0:
+        raise CatalogError(f"train fraction must lie strictly between 0 and 1, not {train_fraction}")
+    rng = np.random.default_rng(seed)
+    groups: list[np.ndarray]
+    if labels is None:
+        groups = [np.arange(n_rows)]
+    else:
+        codes = labels.astype("string").fillna("<missing>").to_numpy()
+        groups = [np.flatnonzero(codes == value) for value in sorted(set(codes))]
+    train: list[int] = []
+    test: list[int] = []
+    for group in groups:
+        shuffled = rng.permutation(group)
+        cut = int(round(train_fraction * len(shuffled)))
+        train.extend(int(i) for i in shuffled[:cut])
+        test.extend(int(i) for i in shuffled[cut:])
+    return sorted(train), sorted(test)
+
+
+def add_dataset(
+    config: SiteConfig,
+    name: str,
+    path: Path,
+    fmt: str,
+    *,
+    train_fraction: float = 0.8,
+    split_seed: int = 0,
+    stratify: str | None = None,
+) -> SiteConfig:
+    """Register a table: record schema, row count, fingerprint and a seeded split."""
+    check_name("dataset", name)
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise CatalogError(f"no such file: {path}")
+    if fmt not in FORMATS:
+        raise CatalogError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    table = read_table(path, fmt)
+    if fmt == "uci-heart" and stratify is None:
+        stratify = "num"
+    labels = None
+    if stratify is not None:
+        if stratify not in table.columns:
+            raise CatalogError(f"cannot stratify on {stratify!r}: the table has no such column")
+        labels = table[stratify]
+        if fmt == "uci-heart" and stratify == "num":
+            labels = labels > 0  # the UCI target: heart disease present
+    train, test = seeded_split(labels, len(table), train_fraction, split_seed)
+    split = {"dataset": name, "seed": split_seed, "train_fraction": train_fraction,
+             "stratify": stratify, "train": train, "test": test}
+    (config.root / "splits").mkdir(exist_ok=True)
+    (config.root / "splits" / f"{name}.json").write_text(json.dumps(split))
+    entry = DatasetEntry(
+        name=name, path=str(path), format=fmt, fingerprint=fingerprint_file(path),
+        rows=len(table), columns=tuple(str(c) for c in table.columns),
+        dtypes=tuple(str(t) for t in table.dtypes), train_rows=len(train), test_rows=len(test),
+        split_seed=split_seed, train_fraction=train_fraction, stratify=stratify,
+    )
+    new = SiteConfig(root=config.root, name=config.name, datasets={**config.datasets, name: entry})
+    _write(new)
+    return new
+
+
+def load_split(config: SiteConfig, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The dataset's recorded train and test parts; refuses a file that changed since registration."""
+    entry = config.dataset(name)
+    path = Path(entry.path)
+    if not path.is_file():
+        raise CatalogError(f"dataset {name!r} at site {config.name!r}: its file {path} is gone")
+    if fingerprint_file(path) != entry.fingerprint:
+        raise CatalogError(
+            f"dataset {name!r} at site {config.name!r} changed since it was registered "
+            "(fingerprint differs); register it again with `flip-site dataset add`"
+        )
+    split = json.loads((config.root / "splits" / f"{name}.json").read_text())
+    table = read_table(path, entry.format)
+    train = table.iloc[split["train"]].reset_index(drop=True)
+    test = table.iloc[split["test"]].reset_index(drop=True)
+    return train, test

@@ -1,0 +1,228 @@
+"""Run one task step of a researcher's cell against this site's data.
+
+The cell source defines ``build_model()``, ``train(model, data, config) -> dict`` and
+``evaluate(model, data, config) -> dict``. This module executes it on the site's own split,
+loads the global parameters, runs evaluate and/or train, and returns parameters and scalar
+metrics. No Flower imports here: the Flower ClientApp (``flower_client``) only translates
+messages to and from :class:`StepRequest` / :class:`StepResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from site_agent.catalog import CatalogError, SiteConfig, load_split
+from site_agent.protocol import PHASE_FIT, StepRequest, StepResult
+
+log = logging.getLogger(__name__)
+
+CELL_FILENAME = "<flip-cell>"
+REQUIRED_FUNCTIONS = ("build_model", "train", "evaluate")
+
+
+class TaskData:
+    """What the cell's functions receive as ``data``: this site's split, never more."""
+
+    def __init__(
+        self, train: pd.DataFrame, test: pd.DataFrame, *, site: str, dataset: str,
+        round_: int, global_params: dict[str, np.ndarray], proximal_mu: float,
+    ) -> None:
+        self.train = train
+        self.test = test
+        self.site = site
+        self.dataset = dataset
+        self.round = round_
+        self._global = global_params
+        self.proximal_mu = proximal_mu
+
+    def proximal_term(self, model: Any) -> Any:
+        """FedProx's ``mu/2 * ||w - w_global||^2`` for ``model`` (0 unless the run uses fedprox)."""
+        import torch
+
+        if not self.proximal_mu:
+            return torch.zeros(())
+        total = torch.zeros(())
+        for name, param in model.named_parameters():
+            if name in self._global:
+                ref = torch.as_tensor(self._global[name], dtype=param.dtype)
+                total = total + ((param - ref) ** 2).sum()
+        return 0.5 * self.proximal_mu * total
+
+
+class StepFailed(Exception):
+    """The cell failed at this site; carries what may be told to the researcher."""
+
+    def __init__(self, error_type: str, line: int, where: str) -> None:
+        super().__init__(f"{error_type} at cell line {line} in {where}")
+        self.error_type = error_type
+        self.line = line
+        self.where = where
+
+
+def step_seed(seed: int, round_: int, site: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{round_}:{site}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _cell_line(exc: BaseException) -> int:
+    """Line number of the innermost frame that lies in the cell (0 when none does)."""
+    line = 0
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == CELL_FILENAME and frame.lineno:
+            line = frame.lineno
+    if isinstance(exc, SyntaxError) and exc.filename == CELL_FILENAME and exc.lineno:
+        line = exc.lineno
+    return line
+
+
+@contextlib.contextmanager
+def _guarded(where: str):  # type: ignore[no-untyped-def]
+    try:
+        yield
+    except StepFailed:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure of researcher code is reported
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        log.warning("task failed in %s:\n%s", where, "".join(traceback.format_exception(exc)))
+        raise StepFailed(type(exc).__name__, _cell_line(exc), where) from None
+
+
+def load_cell(source: str) -> dict[str, Any]:
+    """Execute the cell source in a fresh namespace and check its three functions."""
+    namespace: dict[str, Any] = {"__name__": "__flip_task__"}
+    with _guarded("the cell"):
+        code = compile(source, CELL_FILENAME, "exec")
+        exec(code, namespace)  # noqa: S102 - the researcher's cell, run only at its site
+    missing = [f for f in REQUIRED_FUNCTIONS if not callable(namespace.get(f))]
+    if missing:
+        raise StepFailed("MissingFunction", 0, ", ".join(missing))
+    return namespace
+
+
+def _scalar_metrics(value: Any, where: str) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StepFailed("BadReturn", 0, f"{where} (must return a dict of numbers)")
+    out: dict[str, float] = {}
+    for key, raw in value.items():
+        try:
+            number = float(raw.item() if hasattr(raw, "item") else raw)
+        except (TypeError, ValueError):
+            raise StepFailed("BadMetric", 0, f"{where} (metric {str(key)[:40]!r} is not a number)") from None
+        if math.isfinite(number):
+            out[str(key)] = number
+    return out
+
+
+def _state_arrays(model: Any) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _load_params(model: Any, params: dict[str, np.ndarray]) -> None:
+    import torch
+
+    own = model.state_dict()
+    if set(own) != set(params):
+        raise StepFailed("ModelMismatch", 0, "build_model() (parameter names differ from the global model)")
+    for name, array in params.items():
+        if tuple(own[name].shape) != tuple(array.shape):
+            raise StepFailed("ModelMismatch", 0, f"build_model() (shape of {name!r} differs)")
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
+
+
+class TaskSession:
+    """One run's task at this site, kept warm between steps: cell, data and torch loaded once."""
+
+    def __init__(self, site: SiteConfig, log_dir: Path | None = None) -> None:
+        self.site = site
+        self.log_dir = log_dir or site.root / "logs"
+        self._namespaces: dict[str, dict[str, Any]] = {}
+        self._splits: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+
+    def step(self, request: StepRequest) -> StepResult:
+        """Run one step; any failure of the cell comes back as a result with status "error"."""
+        started = time.monotonic()
+        if request.dataset not in self.site.datasets:
+            return StepResult(site=self.site.name, status="no-dataset")
+        entry = self.site.datasets[request.dataset]
+        result = StepResult(site=self.site.name, status="ok", fingerprint=entry.fingerprint)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"run-{request.run_id}.log"
+        with open(log_path, "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            print(f"--- round {request.round} phase {request.phase} ---", flush=True)
+            try:
+                self._run(request, result)
+            except StepFailed as failed:
+                traceback.print_exc(file=sink)
+                result.status = "error"
+                result.error_type, result.error_line, result.error_where = failed.error_type, failed.line, failed.where
+                result.params = {}
+            except CatalogError as exc:
+                print(f"catalog error: {exc}", file=sink)
+                result.status = "error"
+                result.error_type, result.error_where = "DatasetUnavailable", str(exc)
+            sys.stdout.flush()
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _split(self, dataset: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        if dataset not in self._splits:
+            self._splits[dataset] = load_split(self.site, dataset)
+        return self._splits[dataset]
+
+    def _namespace(self, request: StepRequest) -> dict[str, Any]:
+        if request.source_hash not in self._namespaces:
+            self._namespaces[request.source_hash] = load_cell(request.source)
+        return self._namespaces[request.source_hash]
+
+    def _run(self, request: StepRequest, result: StepResult) -> None:
+        train_df, test_df = self._split(request.dataset)
+        result.num_train, result.num_test = len(train_df), len(test_df)
+        namespace = self._namespace(request)
+        seed_everything(step_seed(request.seed, request.round, self.site.name))
+        data = TaskData(
+            train_df.copy(), test_df.copy(), site=self.site.name, dataset=request.dataset, round_=request.round,
+            global_params=request.params, proximal_mu=float(request.config.get("proximal_mu", 0.0)),
+        )
+        config = dict(request.config)
+        with _guarded("build_model()"):
+            model = namespace["build_model"]()
+        _load_params(model, request.params)
+        with _guarded("evaluate()"):
+            evaluated = namespace["evaluate"](model, data, config)
+        result.eval_metrics = _scalar_metrics(evaluated, "evaluate()")
+        if request.phase != PHASE_FIT:
+            return
+        with _guarded("train()"):
+            trained = namespace["train"](model, data, config)
+        metrics = _scalar_metrics(trained, "train()")
+        result.num_train = int(metrics.pop("num_examples", result.num_train))
+        result.train_metrics = metrics
+        result.params = _state_arrays(model)
+
+
+def run_step(site: SiteConfig, request: StepRequest) -> StepResult:
+    """One step in a fresh session (nothing kept)."""
+    return TaskSession(site).step(request)

@@ -1,0 +1,94 @@
+"""Behaviour tests for flip_magics.widgets.RunWidget."""
+
+from __future__ import annotations
+
+import threading
+
+import ipywidgets
+
+from flip_magics.chart import render_chart, render_header, render_site_table
+from flip_magics.widgets import RunWidget
+
+POINTS = [("loss", 1, 0.9), ("loss", 2, 0.5)]
+SITES: list[dict[str, object]] = [
+    {"site": "a", "status": "training", "samples": 10, "round": 2, "detail": ""},
+]
+
+
+class _Recorder:
+    """Stand-in for an HTML widget that counts ``.value`` assignments."""
+
+    def __init__(self) -> None:
+        self.assignments: list[str] = []
+
+    @property
+    def value(self) -> str:
+        return self.assignments[-1] if self.assignments else ""
+
+    @value.setter
+    def value(self, v: str) -> None:
+        self.assignments.append(v)
+
+
+def test_run_widget_builds_vbox_of_three_html_widgets() -> None:
+    w = RunWidget("fedavg", "abc123", 15)
+    assert isinstance(w.box, ipywidgets.VBox)
+    assert list(w.box.children) == [w.header, w.chart, w.table]
+    assert all(isinstance(c, ipywidgets.HTML) for c in w.box.children)
+    assert "fedavg" in w.header.value and "round 0/15" in w.header.value
+    assert "waiting for the first round" in w.chart.value
+
+
+def test_run_widget_update_sets_values() -> None:
+    w = RunWidget("fedavg", "abc123", 15)
+    w.update(status="running", round_=2, points=POINTS, sites=SITES, message="hi <x>")
+    assert w.header.value == render_header("fedavg", "abc123", "running", 2, 15, "hi <x>")
+    assert w.chart.value == render_chart(POINTS, title="metrics")
+    assert w.table.value == render_site_table(SITES)
+    assert "<polyline" in w.chart.value
+
+
+def test_run_widget_update_skips_unchanged_assignments() -> None:
+    w = RunWidget("fedavg", "abc123", 15)
+    header, chart, table = _Recorder(), _Recorder(), _Recorder()
+    w.header, w.chart, w.table = header, chart, table  # type: ignore[assignment]
+    w.update(status="running", round_=2, points=POINTS, sites=SITES)
+    w.update(status="running", round_=2, points=POINTS, sites=SITES)
+    assert (len(header.assignments), len(chart.assignments), len(table.assignments)) == (1, 1, 1)
+    w.update(status="running", round_=3, points=POINTS, sites=SITES)
+    assert (len(header.assignments), len(chart.assignments), len(table.assignments)) == (2, 1, 1)
+
+
+def test_run_widget_initial_state_not_reassigned() -> None:
+    w = RunWidget("fedavg", "abc123", 15)
+    chart = _Recorder()
+    w.chart = chart  # type: ignore[assignment]
+    w.update(status="pending", round_=0, points=[], sites=SITES)
+    assert chart.assignments == []
+
+
+def test_run_widget_update_from_background_thread() -> None:
+    w = RunWidget("fedavg", "abc123", 3)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            w.update(status="running", round_=i, points=POINTS[: i % 2 + 1], sites=SITES)
+        except BaseException as exc:  # pragma: no cover - failure path
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert "round " in w.header.value
+
+
+def test_run_widget_repr_mimebundle_delegates_to_box() -> None:
+    w = RunWidget("fedavg", "abc123", 15)
+    bundle = w._repr_mimebundle_()
+    assert bundle is not None
+    view = bundle["application/vnd.jupyter.widget-view+json"]
+    assert view["model_id"] == w.box.model_id
