@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from coordinator.app import Notifier, build_app
+from coordinator.config import CoordinatorConfig, TokenGrant
+from coordinator.service import RunManager
+from coordinator.store import Store
+from fakes import FakeControl
+
+TOKEN, OTHER = "researcher-token", "other-project-token"
+HEART = {"name": "heart-disease", "rows": 303, "train_rows": 200, "test_rows": 103, "columns": [],
+         "dtypes": [], "fingerprint": "sha256:x", "format": "uci-heart"}
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[TestClient, RunManager]:
+    config = CoordinatorConfig(
+        state_dir=tmp_path, host="127.0.0.1", port=0, superlink_control="unused", internal_token="internal",
+        site_token="site", tokens={TOKEN: TokenGrant("alice", "heart"), OTHER: TokenGrant("bob", "lungs")},
+    )
+    notifier = Notifier()
+    manager = RunManager(Store(tmp_path), FakeControl(), notifier.notify)
+    return TestClient(build_app(config, manager, notifier)), manager
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_requests_without_a_valid_token_are_refused(setup: tuple[TestClient, RunManager]) -> None:
+    client, _ = setup
+    assert client.get("/api/sites").status_code == 401
+    assert client.get("/api/sites", headers=auth("wrong")).status_code == 401
+    assert client.get("/internal/sites", headers=auth(TOKEN)).status_code == 401
+    assert client.post("/site/announce", headers=auth(TOKEN), json={"site": "X"}).status_code == 401
+
+
+def test_site_announcement_and_presence_make_it_online(setup: tuple[TestClient, RunManager]) -> None:
+    client, manager = setup
+    body = {"site": "VA", "node_id": 2**63 + 5, "info": {"version": "0.1.0", "datasets": [HEART]}}
+    assert client.post("/site/announce", headers=auth("site"), json=body).status_code == 200
+    sites = client.get("/api/sites", headers=auth(TOKEN)).json()
+    assert [(s["site"], s["status"], s["node_id"]) for s in sites] == [("VA", "offline", 2**63 + 5)]
+    manager.presence.hold("VA")
+    assert client.get("/api/sites", headers=auth(TOKEN)).json()[0]["status"] == "online"
+
+
+def test_unknown_dataset_answer_names_the_known_ones(setup: tuple[TestClient, RunManager]) -> None:
+    client, manager = setup
+    manager.announce("VA", 1, {"datasets": [HEART]}, "online")
+    manager.presence.hold("VA")
+    sha = client.post("/api/models", headers=auth(TOKEN), content=b"w").json()["sha256"]
+    response = client.post("/api/runs", headers=auth(TOKEN),
+                           json={"source": "x", "dataset": "hearts", "initial_model": sha})
+    assert response.status_code == 404
+    assert response.json()["error"] == "unknown dataset 'hearts': the datasets that exist are heart-disease"
+
+
+def test_event_stream_replays_after_a_sequence_number_and_ends_with_the_run(
+    setup: tuple[TestClient, RunManager],
+) -> None:
+    client, manager = setup
+    manager.announce("VA", 1, {"datasets": [HEART]}, "online")
+    manager.presence.hold("VA")
+    sha = client.post("/api/models", headers=auth(TOKEN), content=b"w").json()["sha256"]
+    run_id = client.post("/api/runs", headers=auth(TOKEN),
+                         json={"source": "x", "dataset": "heart-disease", "initial_model": sha}).json()["run_id"]
+    internal = auth("internal")
+    client.post(f"/internal/runs/{run_id}/events", headers=internal, json=[
+        {"type": "metrics", "round": 1, "site": "global", "phase": "train", "metrics": {"loss": 0.5}},
+        {"type": "run", "status": "completed", "model_sha256": sha},
+    ])
+    with client.stream("GET", f"/api/runs/{run_id}/events", headers=auth(TOKEN)) as response:
+        events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+    assert [e["type"] for e in events] == ["run", "metrics", "run"]
+    assert events[-1]["status"] == "completed"
+    later = client.get(f"/api/runs/{run_id}/events", params={"after": events[0]["seq"], "stream": "0"},
+                       headers=auth(TOKEN)).json()
+    assert [e["seq"] for e in later] == [e["seq"] for e in events[1:]]
+    assert client.get(f"/api/runs/{run_id}/model", headers=auth(TOKEN)).content == b"w"
+
+
+def test_runs_are_visible_only_inside_their_project(setup: tuple[TestClient, RunManager]) -> None:
+    client, manager = setup
+    manager.announce("VA", 1, {"datasets": [HEART]}, "online")
+    manager.presence.hold("VA")
+    sha = client.post("/api/models", headers=auth(TOKEN), content=b"w").json()["sha256"]
+    run_id = client.post("/api/runs", headers=auth(TOKEN),
+                         json={"source": "x", "dataset": "heart-disease", "initial_model": sha}).json()["run_id"]
+    assert client.get(f"/api/runs/{run_id}", headers=auth(OTHER)).status_code == 404
+    assert client.get("/api/runs", headers=auth(OTHER)).json() == []
+    assert [r["run_id"] for r in client.get("/api/runs", headers=auth(TOKEN)).json()] == [run_id]

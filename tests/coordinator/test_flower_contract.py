@@ -1,0 +1,69 @@
+"""Contract with the Flower internals FLIP relies on. If flwr changes underneath, this fails loudly.
+
+FLIP leans on: the control HTTP client and FAB builder that ``flwr run`` uses
+(``coordinator/flower_control.py``), the SuperNode's log line that names its node id
+(``site_agent/agent.py``) and the message/record API used by the ServerApp and ClientApp.
+"""
+
+from __future__ import annotations
+
+import inspect
+import zipfile
+from importlib import metadata
+from io import BytesIO
+
+import flwr.supernode.start_client_internal as start_client_internal
+
+from coordinator.flower_control import RUN_ID_KEY, build_fab
+from site_agent.agent import NODE_ID_LINE
+
+
+def test_flower_is_the_pinned_version() -> None:
+    assert metadata.version("flwr") == "1.42.0"
+
+
+def test_fab_builds_with_flips_two_components() -> None:
+    fab = build_fab()
+    names = zipfile.ZipFile(BytesIO(fab.content)).namelist()
+    assert {"flip_task/server.py", "flip_task/client.py", "pyproject.toml"} <= set(names)
+    assert len(fab.hash_str) == 64
+    pyproject = zipfile.ZipFile(BytesIO(fab.content)).read("pyproject.toml").decode()
+    assert f'{RUN_ID_KEY} = ""' in pyproject
+
+
+def test_control_client_and_requests_have_the_fields_flip_uses() -> None:
+    from flwr.common.config import parse_config_args
+    from flwr.common.serde import user_config_to_proto
+    from flwr.proto.control_pb2 import ListRunsRequest, StartRunRequest, StopRunRequest, StreamLogsRequest
+    from flwr.supercore.control import ControlHttpClient
+
+    for method in ("StartRun", "StopRun", "ListRuns", "StreamLogs"):
+        assert callable(getattr(ControlHttpClient, method))
+    assert list(inspect.signature(ControlHttpClient.from_server_address).parameters)[:3] == [
+        "server_address", "insecure", "root_certificates"]
+    assert {"fab", "override_config"} <= set(StartRunRequest.DESCRIPTOR.fields_by_name)
+    assert "run_id" in ListRunsRequest.DESCRIPTOR.fields_by_name
+    assert "run_id" in StopRunRequest.DESCRIPTOR.fields_by_name
+    assert {"run_id", "after_timestamp"} <= set(StreamLogsRequest.DESCRIPTOR.fields_by_name)
+    overrides = user_config_to_proto(parse_config_args([f'{RUN_ID_KEY}="abc"']))
+    assert overrides[RUN_ID_KEY].string == "abc"
+
+
+def test_supernode_still_logs_its_node_id_in_the_form_the_agent_parses() -> None:
+    source = inspect.getsource(start_client_internal)
+    assert 'log(INFO, "SuperNode ID: %s", node_id)' in source
+    assert NODE_ID_LINE.search("INFO :      SuperNode ID: 123").group(1) == "123"
+
+
+def test_message_api_used_by_the_server_loop() -> None:
+    from flwr.app import Message, RecordDict
+    from flwr.serverapp import Grid
+
+    for method in ("push_messages", "pull_messages", "get_node_ids"):
+        assert callable(getattr(Grid, method))
+    from typing import get_overloads
+
+    shapes = [set(inspect.signature(o).parameters) for o in get_overloads(Message.__init__)]
+    assert {"content", "dst_node_id", "message_type", "group_id"} in [s & {"content", "dst_node_id", "message_type", "group_id"} for s in shapes]
+    assert {"content", "reply_to"} in [s & {"content", "reply_to"} for s in shapes]
+    assert RecordDict.__name__ == "RecordDict"

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.local import wait_until
+from coordinator.service import Principal, RunManager, TaskRejected
+from coordinator.store import Store
+from fakes import FakeControl, FakeFlowerStatus
+
+ALICE = Principal("alice", "heart")
+HEART = {"name": "heart-disease", "rows": 303, "train_rows": 200, "test_rows": 103, "columns": [],
+         "dtypes": [], "fingerprint": "sha256:x", "format": "uci-heart"}
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> RunManager:
+    m = RunManager(Store(tmp_path), FakeControl(), notify=lambda: None)
+    for i, site in enumerate(["Cleveland", "Hungary", "VA"]):
+        m.announce(site, 10 + i, {"version": "0.1.0", "datasets": [HEART]}, "online")
+        m.presence.hold(site)
+    return m
+
+
+def spec(manager: RunManager, **over: object) -> dict[str, object]:
+    sha = manager.store.put_model(b"weights")
+    return {"source": "def build_model(): pass", "dataset": "heart-disease", "rounds": 2,
+            "initial_model": sha, **over}
+
+
+def test_unknown_dataset_is_refused_naming_it_and_the_known_ones(manager: RunManager) -> None:
+    with pytest.raises(TaskRejected, match=r"unknown dataset 'lungs': the datasets that exist are heart-disease"):
+        manager.create_run(ALICE, spec(manager, dataset="lungs"))
+    assert manager.control.started == []  # type: ignore[attr-defined]
+
+
+def test_min_sites_above_online_holders_is_refused(manager: RunManager) -> None:
+    manager.presence.release("VA")
+    with pytest.raises(TaskRejected, match=r"--min-sites is 3 but only 2 online site\(s\) hold 'heart-disease' \(VA offline\)"):
+        manager.create_run(ALICE, spec(manager, min_sites=3))
+
+
+def test_run_goes_to_online_holders_and_records_identity(manager: RunManager) -> None:
+    view = manager.create_run(ALICE, spec(manager))
+    assert view["sites"] == ["Cleveland", "Hungary", "VA"]
+    assert view["record"]["researcher"] == "alice" and view["record"]["project"] == "heart"
+    assert view["record"]["source_hash"].startswith("sha256:")
+    task = manager.store.run(view["run_id"])["task"]
+    assert [s["node_id"] for s in task["sites"]] == [10, 11, 12] and task["min_sites"] == 3
+
+
+def test_server_loop_events_drive_the_run_status(manager: RunManager) -> None:
+    run_id = manager.create_run(ALICE, spec(manager))["run_id"]
+    manager.ingest(run_id, [{"type": "run", "status": "running"}])
+    assert manager.view(run_id)["status"] == "running"
+    manager.ingest(run_id, [{"type": "run", "status": "completed", "model_sha256": "abc", "site_info": {}}])
+    view = manager.view(run_id)
+    assert view["status"] == "completed" and view["record"]["model_sha256"] == "abc"
+    manager.ingest(run_id, [{"type": "run", "status": "failed", "reason": "late"}])
+    assert manager.view(run_id)["status"] == "completed"  # a finished run never changes
+
+
+def test_flower_run_that_ends_without_a_result_fails_the_run_with_the_log(manager: RunManager) -> None:
+    run_id = manager.create_run(ALICE, spec(manager))["run_id"]
+    flower_id = manager.store.run(run_id)["flower_run_id"]
+    manager.control.statuses[flower_id] = FakeFlowerStatus("finished", "failed")  # type: ignore[attr-defined]
+    assert wait_until(lambda: manager.view(run_id)["status"] == "failed", 10)
+    assert "boom" in manager.view(run_id)["reason"]
+
+
+def test_unreachable_superlink_is_a_clear_refusal(manager: RunManager) -> None:
+    manager.control.refuse = True  # type: ignore[attr-defined]
+    with pytest.raises(TaskRejected, match="SuperLink refused the run"):
+        manager.create_run(ALICE, spec(manager))
+
+
+def test_stop_stops_the_flower_run(manager: RunManager) -> None:
+    run_id = manager.create_run(ALICE, spec(manager))["run_id"]
+    assert manager.stop(run_id)["status"] == "stopped"
+    assert manager.control.stopped == [manager.store.run(run_id)["flower_run_id"]]  # type: ignore[attr-defined]
+    assert manager.store.events(run_id)[-1]["status"] == "stopped"

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import TINY_CELL
+from flip_magics.errors import TaskInvalid
+from flip_magics.magics import parse_config
+from flip_magics.task import load_weights, prepare
+
+
+def test_prepare_builds_seeded_initial_weights() -> None:
+    a, b = prepare(TINY_CELL, seed=5), prepare(TINY_CELL, seed=5)
+    assert {k: v.shape for k, v in a.initial.items()} == {"weight": (1, 3), "bias": (1,)}
+    assert np.array_equal(a.initial["weight"], b.initial["weight"])
+    assert not np.array_equal(a.initial["weight"], prepare(TINY_CELL, seed=6).initial["weight"])
+
+
+def test_syntax_error_is_reported_with_line_before_submission() -> None:
+    with pytest.raises(TaskInvalid, match=r"syntax error in the cell at line 2.*Nothing was submitted"):
+        prepare("import torch\ndef build_model(:\n")
+
+
+def test_missing_functions_are_named() -> None:
+    with pytest.raises(TaskInvalid, match="does not define train, evaluate"):
+        prepare("import torch\ndef build_model():\n    return torch.nn.Linear(1, 1)\n")
+
+
+def test_build_model_must_return_a_torch_module() -> None:
+    source = TINY_CELL.replace("return torch.nn.Linear(3, 1)", "return [1, 2]")
+    with pytest.raises(TaskInvalid, match="torch.nn.Module, not list"):
+        prepare(source)
+
+
+def test_load_weights_gives_a_model_holding_them() -> None:
+    task = prepare(TINY_CELL)
+    model = load_weights(task, {"weight": np.ones((1, 3), np.float32), "bias": np.zeros(1, np.float32)})
+    assert model.weight.detach().numpy().tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_parse_config_reads_numbers_booleans_and_text() -> None:
+    assert parse_config(["lr=0.01", "steps=100", "flag=true", "name=abc"]) == {
+        "lr": 0.01, "steps": 100, "flag": True, "name": "abc"}

@@ -1,0 +1,41 @@
+"""Plain helpers for the tests: paths, and a tiny real torch cell over the heart-disease table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("FLIP_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+TINY_CELL = '''
+import torch
+
+def build_model():
+    return torch.nn.Linear(3, 1)
+
+def _xy(df):
+    X = torch.tensor(df[["age", "trestbps", "thalach"]].fillna(0).to_numpy(), dtype=torch.float32) / 100
+    y = torch.tensor((df["num"] > 0).to_numpy(), dtype=torch.float32)
+    return X, y
+
+def train(model, data, config):
+    X, y = _xy(data.train)
+    opt = torch.optim.SGD(model.parameters(), lr=config.get("lr", 0.1))
+    for _ in range(5):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(X).squeeze(1), y)
+        loss.backward()
+        opt.step()
+    return {"loss": loss.item()}
+
+def evaluate(model, data, config):
+    X, y = _xy(data.test)
+    with torch.no_grad():
+        acc = ((model(X).squeeze(1) > 0).float() == y).float().mean().item()
+    return {"accuracy": acc, "rows": len(y)}
+'''
