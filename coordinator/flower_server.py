@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from coordinator.aggregate import make_strategy, weighted_metrics
 from coordinator.hublink import HubLink
+from coordinator.local import wait_until
 from site_agent.protocol import PHASE_EVALUATE, PHASE_FIT, StepRequest, StepResult
 from site_agent.wire import MESSAGE_TYPE_EVALUATE, MESSAGE_TYPE_TRAIN, content_to_result, request_to_content
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
 LIVENESS_SECONDS = 0.5
+OFFLINE_GRACE_SECONDS = 2.0
+OFFLINE = "the site went offline (its agent stopped answering)"
 
 app = ServerApp()
 
@@ -112,11 +115,18 @@ class RoundLoop:
 
     def _reply(self, site: str, msg: Message) -> Reply:
         if msg.has_error():
+            # A site that dies mid-upload surfaces as a Flower error first; say what happened.
+            if wait_until(lambda: not self._online(site), OFFLINE_GRACE_SECONDS, 0.1):
+                return Reply(site, None, OFFLINE)
             return Reply(site, None, f"the site's Flower node reported an error ({msg.error.reason[:200]})")
         result = content_to_result(msg.content)
         if result.status != "ok":
             return Reply(site, result, describe_failure(result))
         return Reply(site, result)
+
+    def _online(self, site: str) -> bool:
+        info = self.hub.sites().get(site)
+        return info is not None and info.get("status") == "online" and info.get("node_id") == self.active.get(site)
 
     def _offline(self, pending: dict[str, str]) -> list[Reply]:
         status = self.hub.sites()
@@ -125,7 +135,7 @@ class RoundLoop:
             info = status.get(site)
             if info is None or info.get("status") != "online":
                 pending.pop(mid)
-                gone.append(Reply(site, None, "the site went offline (its agent stopped answering)"))
+                gone.append(Reply(site, None, OFFLINE))
             elif info.get("node_id") != self.active.get(site):
                 pending.pop(mid)
                 gone.append(Reply(site, None, "the site's Flower node restarted during the round"))

@@ -85,7 +85,9 @@ class SiteAgent:
 
     # -- the SuperNode --------------------------------------------------------------
     def _start_supernode(self) -> subprocess.Popen[str]:
-        env = {**os.environ, "FLWR_HOME": str(self.site.root / "flwr"),
+        bindir = str(Path(sys.executable).parent)  # the SuperNode starts flower-superexec from PATH
+        env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+               "FLWR_HOME": str(self.site.root / "flwr"),
                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS}
         command = supernode_command(self.site, self.superlink, free_port())
         log.info("starting %s", " ".join(command))
@@ -121,7 +123,9 @@ class SiteAgent:
                 self.stopping.wait(0.2)
             if self.stopping.is_set():
                 break
-            log.warning("the SuperNode exited with code %s; restarting", self.process.returncode)
+            tail = (self.site.root / "logs" / "supernode.log").read_text(errors="replace").splitlines()[-3:]
+            log.warning("the SuperNode exited with code %s; restarting. Its last words:\n%s",
+                        self.process.returncode, "\n".join(tail))
             self.node_ready.clear()
             self.node_id = None
             self._safe_announce("offline")
