@@ -109,15 +109,20 @@ def _data(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import papermill
 
-    from coordinator.federation import down, up
+    from coordinator.federation import Federation, down, up
+    from coordinator.local import flip_home
 
     repo = Path(__file__).resolve().parents[1]
     notebook = repo / "notebooks" / "01_quickstart_heart.ipynb"
     out_dir = (args.out or repo / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    print("starting a local federation: SuperLink, coordinator, Cleveland, Hungary, Switzerland, VA …", flush=True)
-    connection = up()
-    print(f"federation up in {connection['started_seconds']} s; running {notebook.name} with papermill …", flush=True)
+    ours = not Federation(flip_home()).running()
+    if ours:
+        print("starting a local federation: SuperLink, coordinator, Cleveland, Hungary, Switzerland, VA …", flush=True)
+        print(f"federation up in {up()['started_seconds']} s", flush=True)
+    else:
+        print(f"using the federation already running under {flip_home()}", flush=True)
+    print(f"running {notebook.name} with papermill …", flush=True)
     parameters: dict[str, object] = {"output_dir": str(out_dir)}
     if args.rounds:
         parameters["rounds"] = args.rounds
@@ -125,7 +130,8 @@ def _demo(args: argparse.Namespace) -> int:
         papermill.execute_notebook(str(notebook), str(out_dir / notebook.name), parameters=parameters,
                                    progress_bar=False, cwd=str(out_dir))
     finally:
-        down()
+        if ours:
+            down()
     summary = json.loads((out_dir / "summary.json").read_text())
     print()
     print(f"run {summary['run_id']}: {summary['rounds']} rounds of {summary['strategy']}, "
