@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,14 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Python's and the named distributions' versions, for run records."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

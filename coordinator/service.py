@@ -7,15 +7,14 @@ only authenticates and translates.
 from __future__ import annotations
 
 import logging
-import platform
 import secrets
 import threading
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, Callable, Protocol
 
 from coordinator.aggregate import STRATEGIES
+from coordinator.local import package_versions
 from coordinator.store import TERMINAL, Store
 from site_agent.protocol import source_hash
 
@@ -46,16 +45,6 @@ class Control(Protocol):
     def status(self, flower_run_id: int) -> Any: ...
     def stop_run(self, flower_run_id: int) -> bool: ...
     def logs(self, flower_run_id: int, limit: int = 4000) -> str: ...
-
-
-def package_versions(*names: str) -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 class Presence:

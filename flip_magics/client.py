@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
-from importlib import metadata
 from typing import Any
 
 import pandas as pd
 import requests
 
 from coordinator.hublink import pack_params, unpack_params
-from coordinator.local import read_connection
+from coordinator.local import package_versions, read_connection
 from flip_magics.errors import NotConnected, Rejected, RunFailed
 from flip_magics.task import PreparedTask, load_weights, prepare
 
@@ -29,16 +27,6 @@ log = logging.getLogger(__name__)
 TERMINAL = ("completed", "failed", "stopped")
 HISTORY_COLUMNS = ["round", "site", "phase", "metric", "value"]
 RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)
-
-
-def _client_packages() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("flip", "torch", "numpy", "pandas"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 class FlipClient:
@@ -105,7 +93,7 @@ class FlipClient:
         spec = {
             "source": source, "dataset": dataset, "rounds": rounds, "strategy": strategy,
             "min_sites": min_sites, "seed": seed, "name": name or "run", "config": config or {},
-            "initial_model": sha, "client_packages": _client_packages(),
+            "initial_model": sha, "client_packages": package_versions("flip", "torch", "numpy", "pandas"),
         }
         view = self._call("POST", "/api/runs", json=spec).json()
         return RunHandle(self, view, task)

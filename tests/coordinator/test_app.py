@@ -32,6 +32,17 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def start_run(client: TestClient, manager: RunManager) -> tuple[str, str]:
+    """An online site holding heart-disease, an uploaded model and a run on them: (run_id, model sha)."""
+    manager.announce("VA", 1, {"datasets": [HEART]}, "online")
+    manager.presence.hold("VA")
+    sha = client.post("/api/models", headers=auth(TOKEN), content=b"w").json()["sha256"]
+    run = client.post("/api/runs", headers=auth(TOKEN),
+                      json={"source": "x", "dataset": "heart-disease", "initial_model": sha})
+    assert run.status_code == 201, run.text
+    return run.json()["run_id"], sha
+
+
 def test_requests_without_a_valid_token_are_refused(setup: tuple[TestClient, RunManager]) -> None:
     client, _ = setup
     assert client.get("/api/sites").status_code == 401
@@ -65,11 +76,7 @@ def test_event_stream_replays_after_a_sequence_number_and_ends_with_the_run(
     setup: tuple[TestClient, RunManager],
 ) -> None:
     client, manager = setup
-    manager.announce("VA", 1, {"datasets": [HEART]}, "online")
-    manager.presence.hold("VA")
-    sha = client.post("/api/models", headers=auth(TOKEN), content=b"w").json()["sha256"]
-    run_id = client.post("/api/runs", headers=auth(TOKEN),
-                         json={"source": "x", "dataset": "heart-disease", "initial_model": sha}).json()["run_id"]
+    run_id, sha = start_run(client, manager)
     internal = auth("internal")
     client.post(f"/internal/runs/{run_id}/events", headers=internal, json=[
         {"type": "metrics", "round": 1, "site": "global", "phase": "train", "metrics": {"loss": 0.5}},
@@ -87,11 +94,7 @@ def test_event_stream_replays_after_a_sequence_number_and_ends_with_the_run(
 
 def test_runs_are_visible_only_inside_their_project(setup: tuple[TestClient, RunManager]) -> None:
     client, manager = setup
-    manager.announce("VA", 1, {"datasets": [HEART]}, "online")
-    manager.presence.hold("VA")
-    sha = client.post("/api/models", headers=auth(TOKEN), content=b"w").json()["sha256"]
-    run_id = client.post("/api/runs", headers=auth(TOKEN),
-                         json={"source": "x", "dataset": "heart-disease", "initial_model": sha}).json()["run_id"]
+    run_id, _ = start_run(client, manager)
     assert client.get(f"/api/runs/{run_id}", headers=auth(OTHER)).status_code == 404
     assert client.get("/api/runs", headers=auth(OTHER)).json() == []
     assert [r["run_id"] for r in client.get("/api/runs", headers=auth(TOKEN)).json()] == [run_id]

@@ -145,3 +145,15 @@ def test_quickstart_notebook_runs_headless_under_papermill(federation: Any, tmp_
     assert summary["flamby"]["fedavg"] == pytest.approx(0.685, abs=0.001)
     executed = nbformat.read(out, as_version=4)
     assert "widgets" in executed.metadata, "the live widget's final state is saved in the notebook"
+
+
+def test_a_rerun_with_the_same_seed_gives_the_same_model(federation: Any) -> None:
+    minibatch = TINY_CELL.replace(
+        "        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(X).squeeze(1), y)",
+        "        batch = torch.randint(0, len(y), (8,))\n"
+        "        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(X[batch]).squeeze(1), y[batch])")
+    assert minibatch != TINY_CELL
+    client = federation.client()
+    first, second = (client.train(minibatch, dataset="heart-disease", rounds=1, seed=11).wait() for _ in range(2))
+    assert first.record["model_sha256"] == second.record["model_sha256"]
+    assert first.history.equals(second.history)
