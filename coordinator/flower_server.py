@@ -89,11 +89,13 @@ class RoundLoop:
             Message(content, dst_node_id=self.active[s], message_type=message_type, group_id=str(round_))
             for s in sites
         ]
-        ids = list(self.grid.push_messages(messages))
+        ids: list[str | None] = list(self.grid.push_messages(messages))
+        if len(ids) != len(sites):  # Flower refused the whole batch (it logs why, e.g. payload too large)
+            ids = [None] * len(sites)
         pending = {mid: site for mid, site in zip(ids, sites, strict=True) if mid}
         status = "training" if phase == PHASE_FIT else "evaluating"
         self.emit(*({"type": "site", "site": s, "status": status, "round": round_} for s in pending.values()))
-        replies = [Reply(site, None, "Flower refused the message") for mid, site in zip(ids, sites) if not mid]
+        replies = [Reply(site, None, "Flower refused the message") for mid, site in zip(ids, sites, strict=True) if not mid]
         for reply in replies:
             self.absorb(round_, reply)
         next_liveness = time.monotonic() + LIVENESS_SECONDS

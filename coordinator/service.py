@@ -254,12 +254,13 @@ class RunManager:
             time.sleep(FOLLOW_SECONDS)
         current = self.store.run(run_id)
         if current is not None and current["status"] not in TERMINAL:
-            tail = ""
-            try:
-                tail = self.control.logs(flower_run_id, limit=600).strip().splitlines()[-1:]
-                tail = f" Last server log line: {tail[0]}" if tail else ""
-            except Exception:  # noqa: BLE001 - the log is a courtesy
-                tail = ""
             kind = "stopped" if status.sub_status == "stopped" else "failed"
             self.finish(run_id, kind, f"the Flower run ended ({status.sub_status}) before FLIP's server loop "
-                                      f"reported a result.{tail}")
+                                      f"reported a result.{self._last_log_line(flower_run_id)}")
+
+    def _last_log_line(self, flower_run_id: int) -> str:
+        try:
+            lines = self.control.logs(flower_run_id, limit=600).strip().splitlines()
+        except Exception:  # noqa: BLE001 - the log is a courtesy
+            return ""
+        return f" Last server log line: {lines[-1]}" if lines else ""
