@@ -17,6 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a local federation (SuperLink, coordinator, four hospital sites)")
     up.add_argument("--data", type=Path, default=None, help="folder holding the heart-disease files")
     sub.add_parser("down", help="stop the local federation")
+    restart = sub.add_parser("restart", help="kill one process of the local federation and start it again")
+    restart.add_argument("name", help="coordinator, superlink or site-NAME (as `flip status` lists them)")
     status = sub.add_parser("status", help="show the local federation")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     data = sub.add_parser("data", help="public datasets").add_subparsers(dest="action", required=True)
@@ -43,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
 
             stopped = down()
             print("stopped: " + ", ".join(stopped) if stopped else "no local federation was running")
+            return 0
+        if args.command == "restart":
+            from coordinator.federation import restart
+
+            print(f"{args.name} restarted (pid {restart(args.name)})")
             return 0
         if args.command == "status":
             return _status(args)

@@ -92,7 +92,17 @@ def _spawn(name: str, command: list[str], logs: Path, env: dict[str, str]) -> di
             command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True,
         )
-    return {"name": name, "pid": process.pid, "log": str(log_path), "command": command}
+    # what FLIP set on top of the caller's environment, so that `restart` can start it again as it was
+    flip_env = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    return {"name": name, "pid": process.pid, "log": str(log_path), "command": command, "env": flip_env}
+
+
+def _write_state(federation: Federation, state: dict[str, Any]) -> None:
+    """The federation's processes (their environment holds tokens: owner-only)."""
+    tmp = federation.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.chmod(0o600)
+    tmp.replace(federation.state_file)
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -160,15 +170,17 @@ def up(home: Path | None = None, *, data: Path | None = None, quiet: bool = Fals
     base_env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(root / "flwr"), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS}
     hub_env = {**base_env, "FLIP_COORDINATOR_URL": coordinator_url, "FLIP_INTERNAL_TOKEN": config.internal_token}
 
+    # FLIP_SUPERLINK_LOG_LEVEL=DEBUG makes the SuperLink log every API call (the benchmarks count them)
+    superlink_env = {**hub_env, "FLWR_LOG_LEVEL": os.environ.get("FLIP_SUPERLINK_LOG_LEVEL", "INFO")}
     processes = [
         _spawn("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
                              "--port", str(superlink_port), "--disable-runtime-dependency-installation",
-                             "--database", str(root / "superlink.sqlite")], logs, hub_env),
+                             "--database", str(root / "superlink.sqlite")], logs, superlink_env),
         _spawn("coordinator", [sys.executable, "-m", "coordinator", "--config", str(root / "coordinator.json")],
                logs, hub_env),
     ]
     state = {"root": str(root), "processes": processes}
-    federation.state_file.write_text(json.dumps(state, indent=2))
+    _write_state(federation, state)
 
     def fail(why: str) -> FederationError:
         tails = "\n".join(f"--- {p['name']} ({p['log']}):\n{_tail(p['log'])}" for p in processes)
@@ -197,7 +209,7 @@ def up(home: Path | None = None, *, data: Path | None = None, quiet: bool = Fals
              "--coordinator", coordinator_url, "--token", config.site_token],
             logs, site_env,
         ))
-    federation.state_file.write_text(json.dumps(state, indent=2))
+    _write_state(federation, state)
     ready = lambda: bool(dead()) or _sites_online(coordinator_url, token, list(HEART_SITES))  # noqa: E731
     if not wait_until(ready, READY_SECONDS, 0.1) or dead():
         raise fail(f"not every site came online ({', '.join(dead()) or 'timed out'} stopped)")
@@ -208,6 +220,25 @@ def up(home: Path | None = None, *, data: Path | None = None, quiet: bool = Fals
     }
     write_connection(connection, federation.home)
     return connection
+
+
+def restart(name: str, home: Path | None = None) -> int:
+    """Kill one process of the local federation (SIGKILL) and start it again as it was; its new pid."""
+    federation = Federation(home or flip_home())
+    state = federation.state()
+    if state is None:
+        raise FederationError("no local federation is running")
+    proc = next((p for p in state["processes"] if p["name"] == name), None)
+    if proc is None:
+        names = ", ".join(p["name"] for p in state["processes"])
+        raise FederationError(f"no process {name!r} in the local federation (it has: {names})")
+    if _alive(proc["pid"]):
+        os.killpg(proc["pid"], signal.SIGKILL)
+        wait_until(lambda: not _alive(proc["pid"]), 10, 0.05)
+    respawned = _spawn(name, proc["command"], Path(proc["log"]).parent, {**os.environ, **proc["env"]})
+    proc.update(pid=respawned["pid"])
+    _write_state(federation, state)
+    return int(respawned["pid"])
 
 
 def down(home: Path | None = None, timeout: float = 15.0) -> list[str]:

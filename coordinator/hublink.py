@@ -8,14 +8,19 @@ never see either: they are not in the run config.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
 import requests
 
+log = logging.getLogger(__name__)
+
 ENV_URL = "FLIP_COORDINATOR_URL"
 ENV_TOKEN = "FLIP_INTERNAL_TOKEN"
+RETRY_SECONDS = 120.0  # how long the server loop waits for a restarting coordinator
 
 
 def pack_params(params: dict[str, np.ndarray]) -> bytes:
@@ -46,10 +51,26 @@ class HubLink:
             )
         return cls(url, token)
 
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One call, retried while the coordinator is unreachable (it may be restarting)."""
+        deadline = time.monotonic() + RETRY_SECONDS
+        delay = 0.1
+        timeout = kwargs.pop("timeout", 30)
+        while True:
+            try:
+                response = self.session.request(method, self.url + path, timeout=timeout, **kwargs)
+            except requests.ConnectionError:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("the coordinator at %s is unreachable; retrying", self.url)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            response.raise_for_status()
+            return response
+
     def _get(self, path: str) -> requests.Response:
-        response = self.session.get(self.url + path, timeout=30)
-        response.raise_for_status()
-        return response
+        return self._request("GET", path)
 
     def task(self, run_id: str) -> dict[str, Any]:
         return self._get(f"/internal/runs/{run_id}/task").json()  # type: ignore[no-any-return]
@@ -61,12 +82,8 @@ class HubLink:
         return {s["site"]: s for s in self._get("/internal/sites").json()}
 
     def events(self, run_id: str, events: list[dict[str, Any]]) -> None:
-        response = self.session.post(f"{self.url}/internal/runs/{run_id}/events", json=events, timeout=30)
-        response.raise_for_status()
+        self._request("POST", f"/internal/runs/{run_id}/events", json=events)
 
     def put_model(self, run_id: str, params: dict[str, np.ndarray]) -> str:
-        response = self.session.put(
-            f"{self.url}/internal/runs/{run_id}/model", data=pack_params(params), timeout=300
-        )
-        response.raise_for_status()
+        response = self._request("PUT", f"/internal/runs/{run_id}/model", data=pack_params(params), timeout=300)
         return str(response.json()["sha256"])

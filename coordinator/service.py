@@ -21,6 +21,9 @@ from site_agent.protocol import source_hash
 log = logging.getLogger(__name__)
 
 FOLLOW_SECONDS = 0.5
+# After a coordinator (re)start, sites need a moment to reopen their presence streams: until
+# then a site whose last word was "online" counts as online.
+PRESENCE_GRACE_SECONDS = 5.0
 MAX_ROUNDS = 10_000
 
 
@@ -68,18 +71,21 @@ class Presence:
 
 
 class RunManager:
-    def __init__(self, store: Store, control: Control, notify: Callable[[], None]) -> None:
+    def __init__(self, store: Store, control: Control, notify: Callable[[], None],
+                 presence_grace: float = PRESENCE_GRACE_SECONDS) -> None:
         self.store = store
         self.control = control
         self.notify = notify
         self.presence = Presence()
+        self.settle_until = time.monotonic() + presence_grace
         self._followers: dict[str, threading.Thread] = {}
 
     # -- sites ----------------------------------------------------------------------
     def sites(self) -> list[dict[str, Any]]:
         out = []
         for row in self.store.sites():
-            online = self.presence.online(row["site"]) and row["state"] == "online"
+            settling = time.monotonic() < self.settle_until
+            online = row["state"] == "online" and (self.presence.online(row["site"]) or settling)
             info = row["info"]
             out.append({
                 "site": row["site"], "status": "online" if online else "offline",

@@ -24,7 +24,7 @@ def setup(tmp_path: Path) -> tuple[TestClient, RunManager]:
         site_token="site", tokens={TOKEN: TokenGrant("alice", "heart"), OTHER: TokenGrant("bob", "lungs")},
     )
     notifier = Notifier()
-    manager = RunManager(Store(tmp_path), FakeControl(), notifier.notify)
+    manager = RunManager(Store(tmp_path), FakeControl(), notifier.notify, presence_grace=0)
     return TestClient(build_app(config, manager, notifier)), manager
 
 

@@ -16,7 +16,7 @@ HEART = {"name": "heart-disease", "rows": 303, "train_rows": 200, "test_rows": 1
 
 @pytest.fixture
 def manager(tmp_path: Path) -> RunManager:
-    m = RunManager(Store(tmp_path), FakeControl(), notify=lambda: None)
+    m = RunManager(Store(tmp_path), FakeControl(), notify=lambda: None, presence_grace=0)
     for i, site in enumerate(["Cleveland", "Hungary", "VA"]):
         m.announce(site, 10 + i, {"version": "0.1.0", "datasets": [HEART]}, "online")
         m.presence.hold(site)
@@ -80,3 +80,13 @@ def test_stop_stops_the_flower_run(manager: RunManager) -> None:
     assert manager.stop(run_id)["status"] == "stopped"
     assert manager.control.stopped == [manager.store.run(run_id)["flower_run_id"]]  # type: ignore[attr-defined]
     assert manager.store.events(run_id)[-1]["status"] == "stopped"
+
+
+def test_sites_count_as_online_while_a_restarted_coordinator_settles(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.upsert_site("VA", 1, {"datasets": [HEART]}, "online")
+    store.upsert_site("Hungary", 2, {"datasets": [HEART]}, "offline")
+    restarted = RunManager(store, FakeControl(), notify=lambda: None, presence_grace=60)
+    assert {s["site"]: s["status"] for s in restarted.sites()} == {"VA": "online", "Hungary": "offline"}
+    settled = RunManager(store, FakeControl(), notify=lambda: None, presence_grace=0)
+    assert {s["site"]: s["status"] for s in settled.sites()} == {"VA": "offline", "Hungary": "offline"}

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.federation import restart
 from coordinator.local import wait_until
 from flip_magics.client import RunHandle
 from flip_magics.errors import RunFailed
@@ -28,6 +29,17 @@ def kill_site_after_round_one(federation: Any, handle: RunHandle, site: str) -> 
         f"no round-1 metrics: {handle.events[-3:]}"
     os.killpg(federation.pid(f"site-{site}"), signal.SIGKILL)
     return time.time()
+
+
+def test_a_run_survives_a_coordinator_restart_and_the_notebook_reconnects(federation: Any) -> None:
+    client = federation.client()
+    handle = client.train(TINY_CELL, dataset="heart-disease", rounds=3, name="restart")
+    assert wait_until(lambda: any(e["type"] == "metrics" and e["round"] >= 1 for e in handle.events), 180)
+    restart("coordinator", federation.home)  # SIGKILL, then the same command again
+    handle.wait(timeout=300)
+    assert sorted(set(handle.history["round"])) == [0, 1, 2, 3]
+    assert handle.status == "completed" and len(handle.record["model_sha256"]) == 64
+    assert client.run(handle.run_id)["status"] == "completed"
 
 
 def test_killed_site_is_marked_failed_and_the_run_finishes_on_the_others(federation: Any) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures (run from the repo root: python -m bench.NAME)."""
