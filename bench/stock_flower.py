@@ -11,11 +11,10 @@ import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import HEART_CODE, count_calls, cpu_seconds, median
+from bench.common import HEART_CODE, count_calls, cpu_seconds
 from coordinator.local import free_port, wait_until
 
 PYPROJECT = """[build-system]
