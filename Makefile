@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/flip demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .flip build *.egg-info
