@@ -21,6 +21,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.aggregate import make_strategy, weighted_metrics
+from coordinator.flower_tuning import tune_grid_pulls
 from coordinator.hublink import HubLink
 from coordinator.local import wait_until
 from site_agent.protocol import PHASE_EVALUATE, PHASE_FIT, StepRequest, StepResult
@@ -28,7 +29,7 @@ from site_agent.wire import MESSAGE_TYPE_EVALUATE, MESSAGE_TYPE_TRAIN, content_t
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.1
 LIVENESS_SECONDS = 0.5
 OFFLINE_GRACE_SECONDS = 2.0
 OFFLINE = "the site went offline (its agent stopped answering)"
@@ -68,6 +69,12 @@ class RoundLoop:
         self.strategy = make_strategy(task["strategy"], task.get("strategy_options", {}))
         self.config = {**task.get("config", {}), **self.strategy.client_config()}
         self.site_info: dict[str, dict[str, Any]] = {}
+        self.waiting_for: set[str] = set()
+        tune_grid_pulls(self._a_waited_site_is_gone)
+
+    def _a_waited_site_is_gone(self) -> bool:
+        """Asked while Flower pulls a reply: stop waiting if a site we wait for went offline."""
+        return any(not self._online(site) for site in list(self.waiting_for))
 
     def emit(self, *events: dict[str, Any]) -> None:
         self.hub.events(self.run_id, list(events))
@@ -100,6 +107,7 @@ class RoundLoop:
             self.absorb(round_, reply)
         next_liveness = time.monotonic() + LIVENESS_SECONDS
         while pending:
+            self.waiting_for = set(pending.values())
             arrived = []
             for msg in self.grid.pull_messages(list(pending)):
                 site = pending.pop(msg.metadata.reply_to_message_id, None)
@@ -113,6 +121,7 @@ class RoundLoop:
             replies.extend(arrived)
             if pending:
                 time.sleep(POLL_SECONDS)
+        self.waiting_for = set()
         return sorted((r for r in replies if not r.failure), key=lambda r: r.site)
 
     def _reply(self, site: str, msg: Message) -> Reply:

@@ -67,3 +67,30 @@ def test_message_api_used_by_the_server_loop() -> None:
     assert {"content", "dst_node_id", "message_type", "group_id"} in [s & {"content", "dst_node_id", "message_type", "group_id"} for s in shapes]
     assert {"content", "reply_to"} in [s & {"content", "reply_to"} for s in shapes]
     assert RecordDict.__name__ == "RecordDict"
+
+
+def test_the_grid_still_pulls_reply_objects_through_the_name_flip_patches() -> None:
+    import flwr.superlink.grid.http_grid as http_grid
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
+    assert http_grid.pull_objects is pull_objects or http_grid.pull_objects.__module__ == "coordinator.flower_tuning"
+    params = inspect.signature(pull_objects).parameters
+    assert {"max_time", "initial_backoff", "backoff_cap"} <= set(params)
+
+
+def test_tuned_pulls_give_up_when_told_a_site_is_gone() -> None:
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+
+    from coordinator import flower_tuning
+
+    def never_there(object_id: str) -> bytes:
+        raise ObjectUnavailableError(object_id)
+
+    flower_tuning.tune_grid_pulls(lambda: True)
+    try:
+        flower_tuning._pull_objects(["abc"], never_there)
+    except ObjectPullError:
+        pass
+    else:
+        raise AssertionError("the pull did not give up")
