@@ -24,7 +24,9 @@ import requests
 
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.data_fetch import data_dir
-from coordinator.local import connection_path, flip_home, free_port, read_connection, wait_until, write_connection
+from coordinator.local import (
+    connection_path, flip_home, flower_env, free_port, read_connection, wait_until, write_connection,
+)
 from site_agent.catalog import add_dataset, init_site
 
 HEART_SITES = {
@@ -37,7 +39,6 @@ HEART_SITES = {
 HEART_SPLIT = {"train_fraction": 0.66, "split_seed": 43}
 DEFAULT_PROJECT = "default"
 READY_SECONDS = 90.0
-SUPEREXEC_POLL_SECONDS = "0.2"  # Flower's documented setting (default 1 s)
 
 
 class FederationError(Exception):
@@ -166,8 +167,7 @@ def up(home: Path | None = None, *, data: Path | None = None, quiet: bool = Fals
     )
     config.state_dir.mkdir(parents=True)
     config.dump(root / "coordinator.json")
-    bindir = str(Path(sys.executable).parent)  # Flower starts flower-superexec and flwr-* apps from PATH
-    base_env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(root / "flwr"), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS}
+    base_env = flower_env(root / "flwr")
     hub_env = {**base_env, "FLIP_COORDINATOR_URL": coordinator_url, "FLIP_INTERNAL_TOKEN": config.internal_token}
 
     # FLIP_SUPERLINK_LOG_LEVEL=DEBUG makes the SuperLink log every API call (the benchmarks count them)

@@ -135,21 +135,25 @@ class RoundLoop:
             return Reply(site, result, describe_failure(result))
         return Reply(site, result)
 
+    def _gone(self, site: str, status: dict[str, dict[str, Any]]) -> str:
+        """Why ``site`` can no longer answer this round ("" while it can)."""
+        info = status.get(site)
+        if info is None or info.get("status") != "online":
+            return OFFLINE
+        if info.get("node_id") != self.active.get(site):
+            return "the site's Flower node restarted during the round"
+        return ""
+
     def _online(self, site: str) -> bool:
-        info = self.hub.sites().get(site)
-        return info is not None and info.get("status") == "online" and info.get("node_id") == self.active.get(site)
+        return not self._gone(site, self.hub.sites())
 
     def _offline(self, pending: dict[str, str]) -> list[Reply]:
         status = self.hub.sites()
         gone = []
         for mid, site in list(pending.items()):
-            info = status.get(site)
-            if info is None or info.get("status") != "online":
+            if reason := self._gone(site, status):
                 pending.pop(mid)
-                gone.append(Reply(site, None, OFFLINE))
-            elif info.get("node_id") != self.active.get(site):
-                pending.pop(mid)
-                gone.append(Reply(site, None, "the site's Flower node restarted during the round"))
+                gone.append(Reply(site, None, reason))
         return gone
 
     # -- bookkeeping -----------------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import socket
+import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -72,3 +73,14 @@ def package_versions(*names: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+SUPEREXEC_POLL_SECONDS = "0.2"  # Flower's documented FLWR_SUPEREXEC_TASK_POLL_INTERVAL (default 1 s)
+
+
+def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
+    """The environment for a Flower process FLIP starts: this venv first on PATH (Flower starts
+    flower-superexec and flwr-* apps from PATH), its own FLWR_HOME, FLIP's SuperExec poll."""
+    bindir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(flwr_home),
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS, **extra}

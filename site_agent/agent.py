@@ -10,7 +10,6 @@ SuperNode with it (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from typing import Any
 
 import requests
 
-from coordinator.local import free_port
+from coordinator.local import flower_env, free_port
 from site_agent import __version__
 from site_agent.catalog import SiteConfig
 from site_agent.tasks import TaskService, die_with_parent
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
 RECONNECT_SECONDS = 0.5
 RESTART_SECONDS = 1.0
-SUPEREXEC_POLL_SECONDS = "0.2"  # Flower's own setting (FLWR_SUPEREXEC_TASK_POLL_INTERVAL)
 
 
 def supernode_command(site: SiteConfig, superlink: str, runtime_port: int) -> list[str]:
@@ -85,10 +83,7 @@ class SiteAgent:
 
     # -- the SuperNode --------------------------------------------------------------
     def _start_supernode(self) -> subprocess.Popen[str]:
-        bindir = str(Path(sys.executable).parent)  # the SuperNode starts flower-superexec from PATH
-        env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-               "FLWR_HOME": str(self.site.root / "flwr"),
-               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS}
+        env = flower_env(self.site.root / "flwr")
         command = supernode_command(self.site, self.superlink, free_port())
         log.info("starting %s", " ".join(command))
         return subprocess.Popen(
