@@ -123,8 +123,18 @@ def _sites_online(url: str, token: str, names: list[str]) -> bool:
     return set(names) <= online
 
 
-def prepare_heart_sites(root: Path, source: Path | None = None) -> list[Path]:
-    """One site directory per hospital, each holding only its own file as ``heart-disease``."""
+def heart_site_names(count: int = len(HEART_SITES)) -> list[str]:
+    """The four hospitals, then numbered copies of them (``Cleveland-2`` …) for scale tests."""
+    hospitals = list(HEART_SITES)
+    return [hospitals[i % len(hospitals)] + (f"-{i // len(hospitals) + 1}" if i >= len(hospitals) else "")
+            for i in range(count)]
+
+
+def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len(HEART_SITES)) -> list[Path]:
+    """One site directory per hospital, each holding only its own file as ``heart-disease``.
+
+    With ``count`` above four, further sites hold copies of the hospitals' files in turn
+    (a machine-local scale test, not a real federation)."""
     source = source or data_dir() / "heart-disease"
     missing = [f for f in HEART_SITES.values() if not (source / f).is_file()]
     if missing:
@@ -133,7 +143,8 @@ def prepare_heart_sites(root: Path, source: Path | None = None) -> list[Path]:
             "set FLIP_DATA_DIR or run `flip data fetch heart-disease`"
         )
     dirs = []
-    for name, filename in HEART_SITES.items():
+    for name in heart_site_names(count):
+        filename = HEART_SITES[name.split("-")[0]]
         site_dir = root / "sites" / name
         if site_dir.exists():
             shutil.rmtree(site_dir)
@@ -143,8 +154,8 @@ def prepare_heart_sites(root: Path, source: Path | None = None) -> list[Path]:
     return dirs
 
 
-def up(home: Path | None = None, *, data: Path | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Start the local federation and return the connection it wrote."""
+def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(HEART_SITES)) -> dict[str, Any]:
+    """Start the local federation (``sites`` site agents) and return the connection it wrote."""
     federation = Federation(home or flip_home())
     if federation.running():
         raise FederationError(f"a local federation is already running under {federation.root}; `flip down` first")
@@ -154,7 +165,7 @@ def up(home: Path | None = None, *, data: Path | None = None, quiet: bool = Fals
     logs = root / "logs"
     logs.mkdir(parents=True)
     started = time.monotonic()
-    site_dirs = prepare_heart_sites(root, data)
+    site_dirs = prepare_heart_sites(root, data, sites)
 
     superlink_port, coordinator_port = free_port(), free_port()
     superlink = f"127.0.0.1:{superlink_port}"
@@ -210,7 +221,7 @@ def up(home: Path | None = None, *, data: Path | None = None, quiet: bool = Fals
             logs, site_env,
         ))
     _write_state(federation, state)
-    ready = lambda: bool(dead()) or _sites_online(coordinator_url, token, list(HEART_SITES))  # noqa: E731
+    ready = lambda: bool(dead()) or _sites_online(coordinator_url, token, heart_site_names(sites))  # noqa: E731
     if not wait_until(ready, READY_SECONDS, 0.1) or dead():
         raise fail(f"not every site came online ({', '.join(dead()) or 'timed out'} stopped)")
     connection = {
