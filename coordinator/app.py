@@ -178,13 +178,19 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
         site = request.path_params["site"]
 
         async def beats() -> AsyncIterator[str]:
-            manager.presence.hold(site)
+            bell = manager.presence.hold(site)
             try:
+                yield "beat\n"
                 while True:
-                    yield "beat\n"
-                    await asyncio.sleep(PRESENCE_BEAT_SECONDS)
+                    try:
+                        await asyncio.wait_for(bell.wait(), PRESENCE_BEAT_SECONDS)
+                    except TimeoutError:
+                        yield "beat\n"
+                        continue
+                    bell.clear()
+                    yield "wake\n"
             finally:
-                manager.presence.release(site)
+                manager.presence.release(site, bell)
                 log.info("site %s: presence stream closed", site)
 
         return StreamingResponse(beats(), media_type="text/plain")

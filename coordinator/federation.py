@@ -186,7 +186,7 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     processes = [
         _spawn("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
                              "--port", str(superlink_port), "--disable-runtime-dependency-installation",
-                             "--database", str(root / "superlink.sqlite")], logs, superlink_env),
+                             "--database", ":flwr-in-memory:"], logs, superlink_env),
         _spawn("coordinator", [sys.executable, "-m", "coordinator", "--config", str(root / "coordinator.json")],
                logs, hub_env),
     ]

@@ -24,15 +24,22 @@ from coordinator.aggregate import make_strategy, weighted_metrics
 from coordinator.flower_tuning import tune_grid_pulls
 from coordinator.hublink import HubLink
 from coordinator.local import wait_until
-from site_agent.protocol import PHASE_EVALUATE, PHASE_FIT, StepRequest, StepResult
+from site_agent.protocol import PHASE_EVALUATE, PHASE_FIT, PHASE_PREPARE, StepRequest, StepResult
 from site_agent.wire import MESSAGE_TYPE_EVALUATE, MESSAGE_TYPE_TRAIN, content_to_result, request_to_content
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.1
+# Replies are polled from the SuperLink (every call costs it CPU): quickly right after sending and
+# after each reply, backing off while sites compute.
+POLL_MIN_SECONDS = 0.01
+POLL_MAX_SECONDS = 0.25
+POLL_GROWTH = 1.5
 LIVENESS_SECONDS = 0.5
 OFFLINE_GRACE_SECONDS = 2.0
 OFFLINE = "the site went offline (its agent stopped answering)"
+RESTARTED = "the site's Flower node restarted during the round"
+# Sites that failed for one of these reasons rejoin at the next round once they are back online.
+REJOINABLE = (OFFLINE, RESTARTED)
 
 app = ServerApp()
 
@@ -46,6 +53,7 @@ class Reply:
     site: str
     result: StepResult | None
     failure: str = ""
+    late: bool = False  # missed the round timeout: sits this round out, stays in the run
 
 
 def describe_failure(result: StepResult) -> str:
@@ -70,6 +78,10 @@ class RoundLoop:
         self.config = {**task.get("config", {}), **self.strategy.client_config()}
         self.site_info: dict[str, dict[str, Any]] = {}
         self.waiting_for: set[str] = set()
+        self.round_timeout: float | None = task.get("round_timeout")
+        self.stale: set[str] = set()  # ids of messages whose replies came too late: drained, ignored
+        self.dataset = task["dataset"]
+        self._answered: set[str] = set()
         tune_grid_pulls(self._a_waited_site_is_gone)
 
     def _a_waited_site_is_gone(self) -> bool:
@@ -89,6 +101,10 @@ class RoundLoop:
 
     # -- one exchange --------------------------------------------------------------
     def exchange(self, round_: int, phase: str, params: dict[str, np.ndarray]) -> list[Reply]:
+        started = time.monotonic()
+        # starting the task processes (torch, the cell, the data) is not a round: no deadline for it
+        timed = self.round_timeout is not None and phase != PHASE_PREPARE
+        deadline = started + float(self.round_timeout or 0) if timed else None
         content = request_to_content(self.request(round_, phase, params))
         message_type = MESSAGE_TYPE_TRAIN if phase == PHASE_FIT else MESSAGE_TYPE_EVALUATE
         sites = sorted(self.active)
@@ -100,29 +116,46 @@ class RoundLoop:
         if len(ids) != len(sites):  # Flower refused the whole batch (it logs why, e.g. payload too large)
             ids = [None] * len(sites)
         pending = {mid: site for mid, site in zip(ids, sites, strict=True) if mid}
-        status = "training" if phase == PHASE_FIT else "evaluating"
+        status = {PHASE_PREPARE: "preparing", PHASE_FIT: "training"}.get(phase, "evaluating")
         self.emit(*({"type": "site", "site": s, "status": status, "round": round_} for s in pending.values()))
         replies = [Reply(site, None, "Flower refused the message") for mid, site in zip(ids, sites, strict=True) if not mid]
         for reply in replies:
-            self.absorb(round_, reply)
+            self.absorb(round_, reply, phase)
         next_liveness = time.monotonic() + LIVENESS_SECONDS
+        poll = POLL_MIN_SECONDS
         while pending:
             self.waiting_for = set(pending.values())
             arrived = []
-            for msg in self.grid.pull_messages(list(pending)):
-                site = pending.pop(msg.metadata.reply_to_message_id, None)
+            for msg in self.grid.pull_messages(list(pending) + sorted(self.stale)):
+                reply_to = msg.metadata.reply_to_message_id
+                self.stale.discard(reply_to)
+                site = pending.pop(reply_to, None)
                 if site is not None:
                     arrived.append(self._reply(site, msg))
             if pending and time.monotonic() >= next_liveness:
                 next_liveness = time.monotonic() + LIVENESS_SECONDS
                 arrived.extend(self._offline(pending))
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                arrived.extend(self._late(pending))
             for reply in arrived:
-                self.absorb(round_, reply)
+                self.absorb(round_, reply, phase)
             replies.extend(arrived)
+            poll = POLL_MIN_SECONDS if arrived else min(poll * POLL_GROWTH, POLL_MAX_SECONDS)
             if pending:
-                time.sleep(POLL_SECONDS)
+                wait = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
+                time.sleep(wait)
         self.waiting_for = set()
         return sorted((r for r in replies if not r.failure), key=lambda r: r.site)
+
+    def _late(self, pending: dict[str, str]) -> list[Reply]:
+        """The round timeout has passed: the sites still computing sit this round out."""
+        late = []
+        for mid, site in list(pending.items()):
+            pending.pop(mid)
+            self.stale.add(mid)
+            late.append(Reply(site, None, f"no reply within the round timeout ({float(self.round_timeout or 0):g} s)",
+                              late=True))
+        return late
 
     def _reply(self, site: str, msg: Message) -> Reply:
         if msg.has_error():
@@ -141,7 +174,7 @@ class RoundLoop:
         if info is None or info.get("status") != "online":
             return OFFLINE
         if info.get("node_id") != self.active.get(site):
-            return "the site's Flower node restarted during the round"
+            return RESTARTED
         return ""
 
     def _online(self, site: str) -> bool:
@@ -157,8 +190,12 @@ class RoundLoop:
         return gone
 
     # -- bookkeeping -----------------------------------------------------------------
-    def absorb(self, round_: int, reply: Reply) -> None:
+    def absorb(self, round_: int, reply: Reply, phase: str = PHASE_FIT) -> None:
         """Stream one reply's events to the hub as soon as it arrives; drop a failed site."""
+        if reply.late:
+            self.emit({"type": "site", "site": reply.site, "status": "late", "round": round_,
+                       "detail": reply.failure})
+            return
         if reply.failure:
             self.failed[reply.site] = reply.failure
             self.active.pop(reply.site, None)
@@ -169,6 +206,10 @@ class RoundLoop:
         assert result is not None
         self.site_info[reply.site] = {"version": result.version, "fingerprint": result.fingerprint,
                                       "train_rows": result.num_train, "test_rows": result.num_test}
+        if phase == PHASE_PREPARE:
+            self.emit({"type": "site", "site": reply.site, "status": "ready", "round": round_,
+                       "samples": result.num_train, "seconds": round(result.seconds, 3)})
+            return
         events: list[dict[str, Any]] = [{"type": "site", "site": reply.site, "status": "done", "round": round_,
                                          "samples": result.num_train, "seconds": round(result.seconds, 3)}]
         if result.eval_metrics:
@@ -180,8 +221,29 @@ class RoundLoop:
                            "metrics": result.train_metrics, "samples": result.num_train})
         self.emit(*events)
 
-    def check_quorum(self, round_: int) -> None:
+    def readmit(self, round_: int) -> None:
+        """Sites that went offline and are back (a new Flower node, still holding the dataset) rejoin."""
+        waiting = [site for site, why in self.failed.items() if why in REJOINABLE]
+        if not waiting:
+            return
+        status = self.hub.sites()
+        for site in waiting:
+            info = status.get(site, {})
+            holds = any(d.get("name") == self.dataset for d in info.get("datasets", []))
+            if info.get("status") == "online" and info.get("node_id") is not None and holds:
+                self.active[site] = int(info["node_id"])
+                del self.failed[site]
+                self.emit({"type": "site", "site": site, "status": "rejoined", "round": round_,
+                           "detail": "back online: it takes part again from this round"})
+
+    def check_quorum(self, round_: int, answered: int | None = None) -> None:
         need = int(self.task["min_sites"])
+        if answered is not None and answered < need and len(self.active) >= need:
+            late = sorted(set(self.active) - set(self._answered))
+            raise RunAborted(
+                f"Run stopped in round {round_}: only {answered} site(s) replied within the round timeout "
+                f"({float(self.round_timeout or 0):g} s) but --min-sites is {need}. Late: {', '.join(late)}."
+            )
         if len(self.active) >= need:
             return
         why = "; ".join(f"{site}: {reason}" for site, reason in sorted(self.failed.items()))
@@ -210,17 +272,24 @@ class RoundLoop:
         self.emit({"type": "run", "status": "running", "sites": sorted(self.active)},
                   *({"type": "site", "site": s, "status": "waiting", "round": 0} for s in sorted(self.active)))
         self.check_quorum(0)
+        ready = self.exchange(0, PHASE_PREPARE, {})
+        self._answered = {r.site for r in ready}
+        self.check_quorum(0, len(ready))
         for round_ in range(1, rounds + 1):
             started = time.monotonic()
+            self.readmit(round_)
             good = self.exchange(round_, PHASE_FIT, params)
-            self.check_quorum(round_)
+            self._answered = {r.site for r in good}
+            self.check_quorum(round_, len(good))
             self.global_metrics(round_, PHASE_FIT, good, eval_round=round_ - 1)
             updates = [(r.result.params, r.result.num_train) for r in good if r.result]
             params = self.strategy.aggregate(params, updates)
             self.emit({"type": "round", "round": round_, "sites": len(good),
                        "seconds": round(time.monotonic() - started, 3)})
+        self.readmit(rounds)
         good = self.exchange(rounds, PHASE_EVALUATE, params)
-        self.check_quorum(rounds)
+        self._answered = {r.site for r in good}
+        self.check_quorum(rounds, len(good))
         self.global_metrics(rounds, PHASE_EVALUATE, good, eval_round=rounds)
         return params
 

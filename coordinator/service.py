@@ -6,6 +6,7 @@ only authenticates and translates.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import threading
@@ -20,11 +21,16 @@ from site_agent.protocol import source_hash
 
 log = logging.getLogger(__name__)
 
-FOLLOW_SECONDS = 0.5
+# The server loop reports how a run ends; following Flower's run status only catches a server
+# loop that died without a word, so it need not cost the SuperLink more than a call a second.
+FOLLOW_SECONDS = 1.0
+# Site events that mean "a message for this site is on the SuperLink": ring its doorbell.
+DISPATCHED = ("preparing", "training", "evaluating")
 # After a coordinator (re)start, sites need a moment to reopen their presence streams: until
 # then a site whose last word was "online" counts as online.
 PRESENCE_GRACE_SECONDS = 5.0
 MAX_ROUNDS = 10_000
+MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0
 
 
 class TaskRejected(Exception):
@@ -51,23 +57,46 @@ class Control(Protocol):
 
 
 class Presence:
-    """Which site agents hold a live presence stream right now (in memory)."""
+    """Which site agents hold a live presence stream right now (in memory), and their doorbells.
+
+    A doorbell is a hint, never data: when the server loop has put a message for a site on the
+    SuperLink, the coordinator writes "wake" down that site's presence stream and the site pulls
+    from the fleet API at once instead of waiting for its next idle poll.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
+        self._bells: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
 
-    def hold(self, site: str) -> None:
+    def hold(self, site: str) -> asyncio.Event:
+        """Count a presence stream; inside the stream's event loop, also give it a doorbell."""
+        bell = asyncio.Event()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # held from plain code (tests): presence without a doorbell
+            loop = None
         with self._lock:
             self._held[site] = self._held.get(site, 0) + 1
+            if loop is not None:
+                self._bells.setdefault(site, []).append((loop, bell))
+        return bell
 
-    def release(self, site: str) -> None:
+    def release(self, site: str, bell: asyncio.Event | None = None) -> None:
         with self._lock:
             self._held[site] = max(0, self._held.get(site, 0) - 1)
+            self._bells[site] = [(loop, b) for loop, b in self._bells.get(site, []) if b is not bell]
 
     def online(self, site: str) -> bool:
         with self._lock:
             return self._held.get(site, 0) > 0
+
+    def ring(self, site: str) -> None:
+        """Wake ``site``'s fleet client (thread-safe; nothing happens if it holds no stream)."""
+        with self._lock:
+            bells = list(self._bells.get(site, []))
+        for loop, bell in bells:
+            loop.call_soon_threadsafe(bell.set)
 
 
 class RunManager:
@@ -107,6 +136,7 @@ class RunManager:
             "run_id": run_id, "name": task["name"], "project": who.project, "researcher": who.researcher,
             "dataset": task["dataset"], "rounds": task["rounds"], "strategy": task["strategy"],
             "strategy_options": task["strategy_options"], "min_sites": task["min_sites"],
+            "round_timeout": task["round_timeout"],
             "seed": task["seed"], "config": task["config"], "source_hash": task["source_hash"],
             "sites": [s["site"] for s in task["sites"]], "initial_model_sha256": task["initial_model"],
             "fab_sha256": self.control.fab_hash, "created": time.time(),
@@ -160,6 +190,12 @@ class RunManager:
                 raise KeyError(initial)
         except KeyError:
             raise TaskRejected("the initial model was not uploaded (POST /api/models first)") from None
+        round_timeout = spec.get("round_timeout")
+        if round_timeout is not None:
+            round_timeout = float(round_timeout)
+            if not 0 < round_timeout <= MAX_ROUND_TIMEOUT:
+                raise TaskRejected(f"--round-timeout must be between 0 and {MAX_ROUND_TIMEOUT:.0f} seconds, "
+                                   f"not {round_timeout:g}")
         config = spec.get("config") or {}
         if not isinstance(config, dict) or not all(
             isinstance(v, (str, int, float, bool)) for v in config.values()
@@ -172,6 +208,7 @@ class RunManager:
             "source": source, "source_hash": source_hash(source), "dataset": dataset, "rounds": rounds,
             "strategy": strategy, "strategy_options": strategy_options, "min_sites": min_sites,
             "seed": int(spec.get("seed", 0)), "config": config, "initial_model": initial,
+            "round_timeout": round_timeout,
             "sites": [
                 {"site": s["site"], "node_id": s["node_id"],
                  "dataset": next(d for d in s["datasets"] if d["name"] == dataset)}
@@ -188,6 +225,8 @@ class RunManager:
             events = [e for e in events if e.get("type") != "run"]
         self.store.add_events(run_id, events)
         for event in events:
+            if event.get("type") == "site" and event.get("status") in DISPATCHED:
+                self.presence.ring(str(event["site"]))  # its message is on the SuperLink now
             if event.get("type") != "run":
                 continue
             status = event.get("status")

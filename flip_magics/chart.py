@@ -22,8 +22,13 @@ EMPTY_CHART_TEXT = "waiting for the first round…"
 
 _STATUS_COLOURS: dict[str, str] = {
     "waiting": "#6e7781",
+    "preparing": "#6e7781",
+    "ready": "#1a7f37",
     "training": "#1f6feb",
+    "evaluating": "#1f6feb",
     "done": "#1a7f37",
+    "late": "#9a6700",
+    "rejoined": "#1a7f37",
     "failed": "#cf222e",
     "offline": "#9a6700",
 }

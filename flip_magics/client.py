@@ -84,7 +84,7 @@ class FlipClient:
     def train(
         self, source: str, *, dataset: str, rounds: int = 1, strategy: str = "fedavg",
         min_sites: int | None = None, seed: int = 0, name: str | None = None,
-        config: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None, round_timeout: float | None = None,
     ) -> RunHandle:
         """Check the cell locally, submit it, and return a handle that follows the run."""
         task = prepare(source, seed=seed)
@@ -93,6 +93,7 @@ class FlipClient:
         spec = {
             "source": source, "dataset": dataset, "rounds": rounds, "strategy": strategy,
             "min_sites": min_sites, "seed": seed, "name": name or "run", "config": config or {},
+            "round_timeout": round_timeout,
             "initial_model": sha, "client_packages": package_versions("flip", "torch", "numpy", "pandas"),
         }
         view = self._call("POST", "/api/runs", json=spec).json()

@@ -108,6 +108,8 @@ class FlipMagics(Magics):
     @argument("--rounds", type=int, default=1)
     @argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam or fedyogi")
     @argument("--min-sites", type=int, default=None, help="fewest sites the run may go on with (default: all)")
+    @argument("--round-timeout", type=float, default=None,
+              help="seconds a round waits for sites; a site that is later sits that round out (default: no limit)")
     @argument("--seed", type=int, default=0)
     @argument("--name", default=None, help="a name for the run")
     @argument("--out", default=DEFAULT_OUT, help=f"variable that receives the run (default: {DEFAULT_OUT})")
@@ -118,7 +120,7 @@ class FlipMagics(Magics):
         args = parse_argstring(self.flip_train, line)
         handle = self._client().train(
             cell, dataset=args.dataset, rounds=args.rounds, strategy=args.strategy, min_sites=args.min_sites,
-            seed=args.seed, name=args.name, config=parse_config(args.config),
+            seed=args.seed, name=args.name, config=parse_config(args.config), round_timeout=args.round_timeout,
         )
         self.shell.user_ns[args.out] = handle
         show_run(handle)

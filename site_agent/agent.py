@@ -1,45 +1,40 @@
-"""``flip-site start``: run a site's Flower SuperNode and keep the coordinator informed.
+"""``flip-site start``: the site's Flower node, its task processes, and its line to the hub.
 
-The agent starts ``flower-supernode`` (which runs FLIP's ClientApp for every message),
-learns its node id from the SuperNode's log, announces the site's datasets (metadata only)
-to the coordinator and holds a presence stream open, so that the hub sees at once when the
-site goes away. A SuperNode that exits is restarted; the agent's own death takes the
-SuperNode with it (PR_SET_PDEATHSIG).
+The agent is the site's SuperNode: it registers with the SuperLink's fleet API and keeps that
+connection for its lifetime (``site_agent.fleet``). It announces the site's datasets (metadata
+only) to the coordinator and holds a presence stream open, so that the hub sees at once when
+the site goes away. Down the same stream the coordinator rings a doorbell ("wake") when the
+server loop has put a message for this site on the SuperLink; the agent then pulls at once.
+Without a ring it still polls the fleet API every ``IDLE_POLL_SECONDS``, so a lost ring costs
+time, never a message.
+
+Each message is one step of a run; the agent hands its bytes to the run's warm task process
+(``site_agent.tasks``) and sends back what came out.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import signal
-import subprocess
-import sys
 import threading
-from pathlib import Path
+import time
 from typing import Any
 
 import requests
+from flwr.app import Message
 
-from coordinator.local import flower_env, free_port
 from site_agent import __version__
 from site_agent.catalog import SiteConfig
-from site_agent.tasks import TaskService, die_with_parent
+from site_agent.fleet import connect
+from site_agent.protocol import StepResult, encode_result
+from site_agent.tasks import TaskService
+from site_agent.wire import blob_to_content, content_to_blob
 
 log = logging.getLogger(__name__)
 
-NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
 RECONNECT_SECONDS = 0.5
 RESTART_SECONDS = 1.0
-
-
-def supernode_command(site: SiteConfig, superlink: str, runtime_port: int) -> list[str]:
-    binary = Path(sys.executable).parent / "flower-supernode"
-    site_dir = str(site.root).replace("\\", "\\\\").replace('"', '\\"')
-    return [
-        str(binary), "--insecure", "--superlink", superlink,
-        "--host", "127.0.0.1", "--port", str(runtime_port),
-        "--node-config", f'flip-site-dir="{site_dir}"',
-    ]
+IDLE_POLL_SECONDS = 5.0
 
 
 class SiteAgent:
@@ -52,7 +47,8 @@ class SiteAgent:
         self.node_id: int | None = None
         self.stopping = threading.Event()
         self.node_ready = threading.Event()
-        self.process: subprocess.Popen[str] | None = None
+        self.doorbell = threading.Event()
+        self.tasks = TaskService(site.name, site.root)
 
     # -- coordinator ----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -74,59 +70,15 @@ class SiteAgent:
                 url = f"{self.coordinator}/site/presence/{self.site.name}"
                 with self.session.get(url, stream=True, timeout=(5, 5)) as response:
                     response.raise_for_status()
-                    for _ in response.iter_lines():
+                    self.doorbell.set()  # pull once: a ring may have gone unheard while we were away
+                    for line in response.iter_lines(chunk_size=None):  # each line as it arrives
                         if self.stopping.is_set():
                             return
+                        if line == b"wake":
+                            self.doorbell.set()
             except (requests.RequestException, OSError) as exc:
                 log.info("presence stream to the coordinator dropped (%s); reconnecting", type(exc).__name__)
             self.stopping.wait(RECONNECT_SECONDS)
-
-    # -- the SuperNode --------------------------------------------------------------
-    def _start_supernode(self) -> subprocess.Popen[str]:
-        env = flower_env(self.site.root / "flwr")
-        command = supernode_command(self.site, self.superlink, free_port())
-        log.info("starting %s", " ".join(command))
-        return subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-            preexec_fn=die_with_parent,
-        )
-
-    def _pump(self, process: subprocess.Popen[str]) -> None:
-        """Copy the SuperNode's log to the site log; pick up its node id."""
-        assert process.stdout is not None
-        with open(self.site.root / "logs" / "supernode.log", "a") as sink:
-            for line in process.stdout:
-                sink.write(line)
-                sink.flush()
-                match = NODE_ID_LINE.search(line)
-                if match:
-                    self.node_id = int(match.group(1))
-                    log.info("SuperNode registered with node id %s", self.node_id)
-                    self.node_ready.set()
-
-    def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stopping.set())
-        self.tasks = TaskService(self.site.name, self.site.root)
-        threading.Thread(target=self.tasks.serve_forever, name="tasks", daemon=True).start()
-        threading.Thread(target=self._presence, name="presence", daemon=True).start()
-        while not self.stopping.is_set():
-            self.process = self._start_supernode()
-            pump = threading.Thread(target=self._pump, args=(self.process,), daemon=True)
-            pump.start()
-            while self.process.poll() is None and not self.stopping.is_set():
-                self.stopping.wait(0.2)
-            if self.stopping.is_set():
-                break
-            tail = (self.site.root / "logs" / "supernode.log").read_text(errors="replace").splitlines()[-3:]
-            log.warning("the SuperNode exited with code %s; restarting. Its last words:\n%s",
-                        self.process.returncode, "\n".join(tail))
-            self.node_ready.clear()
-            self.node_id = None
-            self._safe_announce("offline")
-            self.stopping.wait(RESTART_SECONDS)
-        self._shutdown()
-        return 0
 
     def _safe_announce(self, state: str) -> None:
         try:
@@ -134,14 +86,51 @@ class SiteAgent:
         except (requests.RequestException, SystemExit) as exc:
             log.info("could not tell the coordinator this site is %s: %s", state, exc)
 
-    def _shutdown(self) -> None:
-        self.tasks.close()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+    # -- the fleet API --------------------------------------------------------------
+    def _serve(self) -> None:
+        """Stay registered with the SuperLink; pull on every ring or idle poll."""
+        while not self.stopping.is_set():
             try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+                with connect(self.superlink) as link:
+                    self.node_id = link.node_id
+                    log.info("registered with the SuperLink at %s as node %s", self.superlink, link.node_id)
+                    self.node_ready.set()
+                    while not self.stopping.is_set():
+                        self.doorbell.wait(IDLE_POLL_SECONDS)
+                        self.doorbell.clear()
+                        while not self.stopping.is_set() and (message := link.receive()) is not None:
+                            threading.Thread(target=self._handle, args=(link, message), daemon=True).start()
+            except Exception:  # noqa: BLE001 - the SuperLink may restart: register again
+                log.exception("the fleet connection failed; registering again")
+            if not self.stopping.is_set():
+                self.node_ready.clear()
+                self.node_id = None
+                self._safe_announce("offline")
+                self.stopping.wait(RESTART_SECONDS)
+
+    def _handle(self, link: Any, message: Message) -> None:
+        started = time.monotonic()
+        try:
+            result = self.tasks.step(content_to_blob(message.content))
+        except Exception as exc:  # noqa: BLE001 - the hub gets a type, the site log the details
+            log.exception("could not run a step of Flower run %s", message.metadata.run_id)
+            result = encode_result(StepResult(site=self.site.name, status="error", error_type=type(exc).__name__,
+                                              error_where="the site agent"))
+        try:
+            link.reply(message, blob_to_content(result), time.monotonic() - started)
+        except Exception:  # noqa: BLE001 - the hub's liveness check reports the missing reply
+            log.exception("could not send the reply to Flower run %s", message.metadata.run_id)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: (self.stopping.set(), self.doorbell.set()))
+        threading.Thread(target=self.tasks.reap_forever, name="reaper", daemon=True).start()
+        threading.Thread(target=self._presence, name="presence", daemon=True).start()
+        fleet = threading.Thread(target=self._serve, name="fleet", daemon=True)
+        fleet.start()
+        self.stopping.wait()
+        fleet.join(timeout=5)
+        self.tasks.close()
         self._safe_announce("offline")
         log.info("site agent %s stopped", self.site.name)
-
+        return 0

@@ -1,8 +1,8 @@
 """A task step and its result as plain data, and their byte encoding between site processes.
 
-Light on purpose (json, numpy): the per-message Flower ClientApp imports this, not torch or
-pandas. Bytes are a JSON header and an ``.npz`` of the arrays (``allow_pickle=False``), so
-nothing executable travels between the ClientApp, the site agent and the task process.
+Light on purpose (json, numpy): the site agent imports this, not torch or pandas. Bytes are a
+JSON header and an ``.npz`` of the arrays (``allow_pickle=False``), so
+nothing executable travels between the hub, the site agent and the task process.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+PHASE_PREPARE = "prepare"  # start the run's task process: load the cell and the split, nothing else
 PHASE_FIT = "fit"  # evaluate the incoming global model, then train on it
 PHASE_EVALUATE = "evaluate"
 VERSION = "0.1.0"
@@ -67,36 +68,42 @@ def source_hash(source: str) -> str:
     return "sha256:" + hashlib.sha256(normalise_source(source).encode()).hexdigest()
 
 
-def _encode(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    head = json.dumps(header).encode()
+def _encode(fields_: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    head = json.dumps(fields_).encode()
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return struct.pack("<Q", len(head)) + head + buffer.getvalue()
 
 
+def header(blob: bytes) -> dict[str, Any]:
+    """The JSON header of an encoded step or result, without touching its arrays."""
+    (size,) = struct.unpack_from("<Q", blob)
+    return json.loads(blob[8:8 + size])  # type: ignore[no-any-return]
+
+
 def _decode(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     (size,) = struct.unpack_from("<Q", blob)
-    header = json.loads(blob[8:8 + size])
+    head = json.loads(blob[8:8 + size])
     with np.load(io.BytesIO(blob[8 + size:]), allow_pickle=False) as npz:
         arrays = {name: npz[name] for name in npz.files}
-    return header, arrays
+    return head, arrays
 
 
 def encode_request(request: StepRequest) -> bytes:
-    header = {f.name: getattr(request, f.name) for f in fields(request) if f.name != "params"}
-    return _encode(header, request.params)
+    head = {f.name: getattr(request, f.name) for f in fields(request) if f.name != "params"}
+    return _encode(head, request.params)
 
 
 def decode_request(blob: bytes) -> StepRequest:
-    header, arrays = _decode(blob)
-    return StepRequest(params=arrays, **header)
+    head, arrays = _decode(blob)
+    return StepRequest(params=arrays, **head)
 
 
 def encode_result(result: StepResult) -> bytes:
-    header = {k: v for k, v in asdict(result).items() if k != "params"}
-    return _encode(header, result.params)
+    head = {k: v for k, v in asdict(result).items() if k != "params"}
+    return _encode(head, result.params)
 
 
 def decode_result(blob: bytes) -> StepResult:
-    header, arrays = _decode(blob)
-    return StepResult(params=arrays, **header)
+    head, arrays = _decode(blob)
+    return StepResult(params=arrays, **head)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from site_agent.catalog import CatalogError, SiteConfig, load_split
-from site_agent.protocol import PHASE_FIT, StepRequest, StepResult
+from site_agent.protocol import PHASE_FIT, PHASE_PREPARE, StepRequest, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,8 @@ class TaskSession:
         train_df, test_df = self._split(request.dataset)
         result.num_train, result.num_test = len(train_df), len(test_df)
         namespace = self._namespace(request)
+        if request.phase == PHASE_PREPARE:
+            return
         seed_everything(step_seed(request.seed, request.round, self.site.name))
         data = TaskData(
             train_df.copy(), test_df.copy(), site=self.site.name, dataset=request.dataset, round_=request.round,

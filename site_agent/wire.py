@@ -1,83 +1,50 @@
 """How a task step and its result travel inside Flower messages.
 
-Both the ServerApp (hub side) and the ClientApp (site side) use these functions, so the
-format lives in one place. A step is a ``ConfigRecord`` named "task" plus an ``ArrayRecord``
-named "params"; a result is a ``ConfigRecord`` "result", two ``MetricRecord``s and the
-trained "params".
+Both the ServerApp (hub side) and the site's fleet client use these functions, so the format
+lives in one place. A message's content is one record holding the step (or result) as the
+bytes of ``site_agent.protocol`` (a JSON header and an ``.npz`` of the arrays): Flower moves
+every record and array as its own content-addressed object, one SuperLink call each, so one
+record per message keeps a round at three objects per message. Small payloads ride in a
+``ConfigRecord``; large ones in an ``ArrayRecord`` of bytes, which Flower cuts into chunks.
+The site agent hands the bytes to the task process as they came, without decoding the arrays.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from site_agent.protocol import StepRequest, StepResult
+from site_agent.protocol import StepRequest, StepResult, decode_result, encode_request, encode_result
 
 MESSAGE_TYPE_TRAIN = "train"
 MESSAGE_TYPE_EVALUATE = "evaluate"
+RECORD = "flip"
+KEY = "step"
+INLINE_LIMIT = 1 << 20  # bytes; above this the payload travels as chunked array objects
 
 
-def _arrays(params: dict[str, np.ndarray]) -> ArrayRecord:
-    record = ArrayRecord()
-    for name, value in params.items():
-        record[name] = Array(np.ascontiguousarray(value))
-    return record
+def blob_to_content(blob: bytes) -> RecordDict:
+    if len(blob) <= INLINE_LIMIT:
+        return RecordDict({RECORD: ConfigRecord({KEY: blob})})
+    return RecordDict({RECORD: ArrayRecord({KEY: Array(np.frombuffer(blob, dtype=np.uint8))})})
 
 
-def _ndarrays(record: ArrayRecord | None) -> dict[str, np.ndarray]:
-    if record is None:
-        return {}
-    return {name: array.numpy() for name, array in record.items()}
+def content_to_blob(content: RecordDict) -> bytes:
+    record = content.get(RECORD)
+    if isinstance(record, ConfigRecord):
+        return bytes(record[KEY])  # type: ignore[arg-type]
+    if isinstance(record, ArrayRecord):
+        return record[KEY].numpy().tobytes()
+    raise ValueError(f"not a FLIP message: no {RECORD!r} record in it")
 
 
 def request_to_content(request: StepRequest) -> RecordDict:
-    task = ConfigRecord({
-        "run_id": request.run_id, "source": request.source, "source_hash": request.source_hash,
-        "dataset": request.dataset, "project": request.project, "researcher": request.researcher,
-        "seed": request.seed, "round": request.round, "phase": request.phase,
-        "config": json.dumps(request.config, sort_keys=True),
-    })
-    return RecordDict({"task": task, "params": _arrays(request.params)})
-
-
-def content_to_request(content: RecordDict) -> StepRequest:
-    task = content.config_records["task"]
-    return StepRequest(
-        run_id=str(task["run_id"]), source=str(task["source"]),
-        source_hash=str(task["source_hash"]), dataset=str(task["dataset"]),
-        project=str(task["project"]), researcher=str(task["researcher"]),
-        seed=int(task["seed"]), round=int(task["round"]), phase=str(task["phase"]),
-        config=json.loads(str(task["config"])),
-        params=_ndarrays(content.array_records.get("params")),
-    )
-
-
-_RESULT_FIELDS = ("site", "status", "num_train", "num_test", "error_type", "error_line",
-                  "error_where", "fingerprint", "version", "seconds")
+    return blob_to_content(encode_request(request))
 
 
 def result_to_content(result: StepResult) -> RecordDict:
-    fields: dict[str, Any] = {name: getattr(result, name) for name in _RESULT_FIELDS}
-    return RecordDict({
-        "result": ConfigRecord(fields),
-        "train_metrics": MetricRecord(dict(result.train_metrics)),
-        "eval_metrics": MetricRecord(dict(result.eval_metrics)),
-        "params": _arrays(result.params),
-    })
+    return blob_to_content(encode_result(result))
 
 
 def content_to_result(content: RecordDict) -> StepResult:
-    fields = dict(content.config_records["result"])
-    return StepResult(
-        site=str(fields["site"]), status=str(fields["status"]),
-        params=_ndarrays(content.array_records.get("params")),
-        train_metrics={k: float(v) for k, v in content.metric_records["train_metrics"].items()},
-        eval_metrics={k: float(v) for k, v in content.metric_records["eval_metrics"].items()},
-        num_train=int(fields["num_train"]), num_test=int(fields["num_test"]),
-        error_type=str(fields["error_type"]), error_line=int(fields["error_line"]),
-        error_where=str(fields["error_where"]), fingerprint=str(fields["fingerprint"]),
-        version=str(fields["version"]), seconds=float(fields["seconds"]),
-    )
+    return decode_result(content_to_blob(content))

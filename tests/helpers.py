@@ -39,3 +39,15 @@ def evaluate(model, data, config):
         acc = ((model(X).squeeze(1) > 0).float() == y).float().mean().item()
     return {"accuracy": acc, "rows": len(y)}
 '''
+
+# TINY_CELL whose train() first pauses: config "pause" everywhere, "pause_<SITE>" at one site
+# (the workload of a slow site, not a synchronisation).
+PAUSING_CELL = TINY_CELL + '''
+import time
+
+_train = train
+
+def train(model, data, config):
+    time.sleep(config.get("pause_" + data.site, config.get("pause", 0)))
+    return _train(model, data, config)
+'''

@@ -1,8 +1,8 @@
 """Contract with the Flower internals FLIP relies on. If flwr changes underneath, this fails loudly.
 
 FLIP leans on: the control HTTP client and FAB builder that ``flwr run`` uses
-(``coordinator/flower_control.py``), the SuperNode's log line that names its node id
-(``site_agent/agent.py``) and the message/record API used by the ServerApp and ClientApp.
+(``coordinator/flower_control.py``) and the message/record API used by the ServerApp. The
+site side's reliance (the fleet connection) is pinned in ``tests/site_agent/test_fleet_contract.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ import zipfile
 from importlib import metadata
 from io import BytesIO
 
-import flwr.supernode.start_client_internal as start_client_internal
-
 from coordinator.flower_control import RUN_ID_KEY, build_fab
-from site_agent.agent import NODE_ID_LINE
 
 
 def test_flower_is_the_pinned_version() -> None:
@@ -47,12 +44,6 @@ def test_control_client_and_requests_have_the_fields_flip_uses() -> None:
     assert {"run_id", "after_timestamp"} <= set(StreamLogsRequest.DESCRIPTOR.fields_by_name)
     overrides = user_config_to_proto(parse_config_args([f'{RUN_ID_KEY}="abc"']))
     assert overrides[RUN_ID_KEY].string == "abc"
-
-
-def test_supernode_still_logs_its_node_id_in_the_form_the_agent_parses() -> None:
-    source = inspect.getsource(start_client_internal)
-    assert 'log(INFO, "SuperNode ID: %s", node_id)' in source
-    assert NODE_ID_LINE.search("INFO :      SuperNode ID: 123").group(1) == "123"
 
 
 def test_message_api_used_by_the_server_loop() -> None:

@@ -90,3 +90,24 @@ def test_sites_count_as_online_while_a_restarted_coordinator_settles(tmp_path: P
     assert {s["site"]: s["status"] for s in restarted.sites()} == {"VA": "online", "Hungary": "offline"}
     settled = RunManager(store, FakeControl(), notify=lambda: None, presence_grace=0)
     assert {s["site"]: s["status"] for s in settled.sites()} == {"VA": "offline", "Hungary": "offline"}
+
+
+def test_a_dispatched_step_rings_only_that_sites_doorbell(manager: RunManager) -> None:
+    import asyncio
+
+    async def scenario() -> tuple[bool, bool]:
+        va, hungary = manager.presence.hold("VA"), manager.presence.hold("Hungary")
+        run_id = manager.create_run(ALICE, spec(manager))["run_id"]
+        manager.ingest(run_id, [{"type": "site", "site": "VA", "status": "training", "round": 1},
+                                {"type": "site", "site": "Hungary", "status": "done", "round": 1}])
+        await asyncio.sleep(0)  # let the loop run the thread-safe callbacks
+        return va.is_set(), hungary.is_set()
+
+    assert asyncio.run(scenario()) == (True, False)
+
+
+def test_round_timeout_must_be_positive(manager: RunManager) -> None:
+    with pytest.raises(TaskRejected, match=r"--round-timeout must be between 0 and \d+ seconds, not -1"):
+        manager.create_run(ALICE, spec(manager, round_timeout=-1))
+    view = manager.create_run(ALICE, spec(manager, round_timeout=2.5))
+    assert view["record"]["round_timeout"] == 2.5

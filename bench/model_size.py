@@ -1,0 +1,228 @@
+"""Seconds per round and FLIP's overhead for models of about 1M, 25M and 100M parameters.
+
+Each model is a torch MLP over the heart-disease features (13 inputs, two hidden layers of the
+same width, chosen so that the parameter count is close to the target, 1 output). ``train()``
+takes ONE SGD step on a batch of 8 rows and ``evaluate()`` computes test accuracy, so the sites'
+compute stays small and the round is mostly moving the model. Every size runs through the plain
+client API (``FlipClient.train``) against one local federation of the four hospital sites
+(the federation is model-agnostic, so it is shared by the sizes).
+
+Per size it prints the parameter count, the model's bytes (float32), the median seconds per
+round, the median overhead per round (round minus the slowest site's compute in that round),
+the median time to copy the same number of bytes once over a loopback TCP socket on this
+machine (measured in the same run, before the federation starts) and overhead / copy. A round
+moves the model to every site and back through the SuperLink, so it holds several such copies.
+
+    python -m bench.model_size [--sizes 1M,25M,100M] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine, median
+from coordinator.federation import down, up
+from flip_magics.client import FlipClient
+from flip_magics.errors import NotConnected, Rejected, RunFailed
+
+INPUTS = 13
+COPIES = 5  # loopback copies per size (median)
+
+# The quickstart's preprocessing (as in bench.common.HEART_CODE) with an MLP of width __HIDDEN__.
+MLP_CODE = '''
+import torch
+
+NUMERIC = ["age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak"]
+HIDDEN = __HIDDEN__
+
+
+def features(df, stats=None):
+    df = df.drop(columns=["slope", "ca", "thal"]).dropna()
+    X = df[NUMERIC].astype("float32")
+    for level in (2, 3, 4):
+        X[f"cp_{level}"] = (df["cp"] == level).astype("float32")
+    for level in (1, 2):
+        X[f"restecg_{level}"] = (df["restecg"] == level).astype("float32")
+    y = (df["num"] > 0).astype("float32").to_numpy()
+    if stats is None:
+        stats = (X.mean(), X.std().replace(0, 1))
+    X = ((X - stats[0]) / stats[1]).fillna(0.0)
+    return torch.tensor(X.to_numpy(), dtype=torch.float32), torch.tensor(y), stats
+
+
+def build_model():
+    return torch.nn.Sequential(
+        torch.nn.Linear(13, HIDDEN), torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN, 1),
+    )
+
+
+def train(model, data, config):
+    X, y, _ = features(data.train)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model.train()
+    batch = torch.randint(0, len(y), (8,))
+    optimizer.zero_grad()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(X[batch]).squeeze(1), y[batch])
+    loss.backward()
+    optimizer.step()
+    return {"loss": float(loss), "num_examples": len(y)}
+
+
+def evaluate(model, data, config):
+    _, _, stats = features(data.train)
+    X, y, _ = features(data.test, stats)
+    model.eval()
+    with torch.no_grad():
+        logits = model(X).squeeze(1)
+        return {"accuracy": ((logits > 0).float() == y).float().mean().item()}
+'''
+
+
+def mlp_params(hidden: int) -> int:
+    """Parameters of 13 -> hidden -> hidden -> 1 (weights and biases)."""
+    return INPUTS * hidden + hidden + hidden * hidden + hidden + hidden + 1
+
+
+def hidden_for(target: int) -> int:
+    """The width whose parameter count is closest to ``target`` (hidden² + 16·hidden + 1)."""
+    guess = max(1, round(math.sqrt(target + 63) - 8))
+    return min((w for w in (guess - 1, guess, guess + 1) if w >= 1), key=lambda w: abs(mlp_params(w) - target))
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def loopback_copy_seconds(nbytes: int, repeat: int = COPIES) -> list[float]:
+    """Seconds to send ``nbytes`` from a sender thread to a receiver over 127.0.0.1 TCP (a fresh
+    connection per copy, the receiver filling a preallocated buffer), ``repeat`` times."""
+    payload = bytes(nbytes)
+    received = bytearray(nbytes)
+    view = memoryview(received)
+    times = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def send() -> None:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(payload)
+
+        for _ in range(repeat):
+            started = time.perf_counter()
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            conn, _ = server.accept()
+            with conn:
+                got = 0
+                while got < nbytes:
+                    n = conn.recv_into(view[got:], min(nbytes - got, 1 << 22))
+                    if n == 0:
+                        raise RuntimeError(f"the loopback sender closed after {got} of {nbytes} bytes")
+                    got += n
+            times.append(time.perf_counter() - started)
+            sender.join()
+    return times
+
+
+def per_round(events: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
+    """(round, round seconds, slowest site's compute in that round), in order.
+
+    A site's compute counts for a round only when its 'done' event precedes that round's 'round'
+    event: the final evaluate-only exchange also reports its sites with the last round's number."""
+    compute: dict[int, float] = {}
+    closed: set[int] = set()
+    out = []
+    for event in events:
+        kind = event.get("type")
+        if kind == "site" and event.get("status") == "done" and "seconds" in event:
+            r = int(event["round"])
+            if r not in closed:
+                compute[r] = max(compute.get(r, 0.0), float(event["seconds"]))
+        elif kind == "round":
+            r = int(event["round"])
+            closed.add(r)
+            out.append((r, float(event["seconds"]), compute.get(r, 0.0)))
+    return out
+
+
+def run_size(client: FlipClient, target: int, rounds: int, timeout: float) -> dict[str, Any]:
+    hidden = hidden_for(target)
+    params = mlp_params(hidden)
+    result: dict[str, Any] = {"target": target, "hidden": hidden, "params": params, "bytes": params * 4}
+    source = MLP_CODE.replace("__HIDDEN__", str(hidden))
+    started = time.monotonic()
+    try:
+        handle = client.train(source, dataset="heart-disease", rounds=rounds, seed=0, name=f"mlp-{hidden}")
+        handle.wait(timeout)
+    except (RunFailed, Rejected, NotConnected, TimeoutError) as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        return result
+    result["wall"] = time.monotonic() - started
+    rows = per_round(list(handle.events))
+    result["rounds"] = [s for _, s, _ in rows]
+    result["compute"] = [c for _, _, c in rows]
+    result["overhead"] = [s - c for _, s, c in rows]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1M,25M,100M", help="target parameter counts, e.g. 1M,25M,100M")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for one size's run")
+    args = parser.parse_args()
+    targets = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+
+    copies = {t: loopback_copy_seconds(mlp_params(hidden_for(t)) * 4) for t in targets}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="flip-model-size-") as tmp:
+        home = Path(tmp)
+        os.environ["FLIP_HOME"] = str(home)
+        try:
+            connection = up(home)
+            client = FlipClient(connection["coordinator_url"], connection["token"], timeout=600)
+            for target in targets:
+                results.append(run_size(client, target, args.rounds, args.timeout))
+        finally:
+            down(home)
+
+    print(f"machine: {machine()}")
+    print(f"model: MLP 13 -> h -> h -> 1 over the heart-disease features, 4 sites, {args.rounds} rounds, "
+          "one SGD step on 8 rows per round; federation cold start "
+          f"{connection['started_seconds']:.1f} s")
+    print("loopback copy: one copy of the model's float32 bytes over 127.0.0.1 TCP, median of "
+          f"{COPIES}; a round moves the model to each of the 4 sites and back")
+    header = (f"{'params':>12} {'hidden':>6} {'MB':>8} {'s/round':>8} {'overhead':>9} {'compute':>8} "
+              f"{'loopback s':>10} {'overhead/loopback':>17}")
+    print(header)
+    for r in results:
+        copy = median(copies[r["target"]])
+        lead = f"{r['params']:>12,} {r['hidden']:>6} {r['bytes'] / 1e6:>8.1f}"
+        if "error" in r:
+            print(f"{lead}  failed: {r['error']}  (loopback {copy:.4f} s)")
+            continue
+        overhead = median(r["overhead"])
+        print(f"{lead} {median(r['rounds']):>8.2f} {overhead:>9.2f} {median(r['compute']):>8.2f} "
+              f"{copy:>10.4f} {overhead / copy:>17.1f}")
+    for r in results:
+        if "error" not in r:
+            print(f"  {r['params']:,} params: rounds {', '.join(f'{s:.2f}' for s in r['rounds'])} s; "
+                  f"overhead {', '.join(f'{s:.2f}' for s in r['overhead'])} s; "
+                  f"loopback {', '.join(f'{s:.4f}' for s in copies[r['target']])} s; "
+                  f"submit to completed {r['wall']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""A site's Flower node: one warm client of the SuperLink's fleet API.
+
+This is the one site-side module that leans on Flower internals: the SuperNode's fleet
+connection (``flwr.supernode.fleet_http_connection``: node registration, heartbeats, TLS and
+node authentication, exactly as ``flower-supernode`` does them) and the transfer of a message's
+content-addressed objects. ``tests/site_agent/test_fleet_contract.py`` fails loudly if any of
+them moves.
+
+Why not ``flower-supernode`` itself: it polls the SuperLink every 3 s when idle and starts a
+fresh ``flwr-clientapp`` process (importing Flower, then the app) for every message. The site
+agent instead keeps this connection open for its lifetime, pulls when the coordinator rings
+its doorbell (or on a slow idle poll), and hands each step to the run's warm task process.
+The SuperLink sees an ordinary SuperNode: same routes, same objects, same authentication.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+from flwr.app import Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    get_object_tree,
+    iterate_object_tree,
+    no_object_id_recompute,
+)
+from flwr.supercore.inflatable.inflatable_utils import (
+    inflate_object_from_contents,
+    pull_objects,
+    push_object_contents_from_iterable,
+)
+from flwr.supernode.fleet_http_connection import http_request_response
+
+log = logging.getLogger(__name__)
+
+# A message is visible before the hub has finished uploading its objects; Flower's default
+# backoff then sleeps a whole second (PULL_INITIAL_BACKOFF). Retry quickly instead.
+PULL_INITIAL_BACKOFF = 0.02
+PULL_BACKOFF_CAP = 0.5
+PULL_MAX_SECONDS = 600.0
+
+
+@dataclass
+class FleetConnection:
+    """An open fleet session: this node's id and the calls a SuperNode makes."""
+
+    node_id: int
+    _receive: Callable[[], Any]
+    _send: Callable[[Message, Any, float], tuple[set[str], str]]
+    _pull_object: Callable[[int, str], bytes]
+    _push_object: Callable[[int, str, str, bytes], None]
+    _confirm: Callable[[int, str], None]
+
+    def receive(self) -> Message | None:
+        """The next message for this node with its content, or None when there is none."""
+        got = self._receive()
+        if got is None:
+            return None
+        message, tree = got
+        run_id = message.metadata.run_id
+        content_trees = list(tree.children)
+        # The message object itself too, though its metadata came with the pull: confirming deletes
+        # the message at the SuperLink, and it must not be deleted before the hub has finished
+        # uploading it (the hub pushes a message's objects after making the message visible).
+        ids = [t.object_id for t in iterate_object_tree(tree)]
+        contents = pull_objects(
+            ids, partial(self._pull_object, run_id), initial_backoff=PULL_INITIAL_BACKOFF,
+            backoff_cap=PULL_BACKOFF_CAP, max_time=PULL_MAX_SECONDS,
+        )
+        self._confirm(run_id, message.metadata.message_id)
+        if content_trees:
+            message.content = inflate_object_from_contents(content_trees[0].object_id, contents)  # type: ignore[assignment]
+        return message
+
+    def reply(self, message: Message, content: RecordDict, seconds: float) -> None:
+        """Send ``content`` as the reply to ``message``; push only the objects the SuperLink lacks."""
+        reply = Message(content, reply_to=message)
+        run_id = message.metadata.run_id
+        with no_object_id_recompute():
+            reply.metadata.__dict__["_message_id"] = reply.object_id
+            objects = get_all_nested_objects(reply)
+            wanted, session = self._send(reply, get_object_tree(reply), seconds)
+            push_object_contents_from_iterable(
+                ((oid, obj.deflate()) for oid, obj in objects.items() if oid in wanted),
+                partial(self._push_object, run_id, session),
+            )
+
+
+@contextmanager
+def connect(address: str, *, root_certificates: bytes | str | None = None,
+            authentication_keys: Any = None) -> Iterator[FleetConnection]:
+    """Register this node with the SuperLink at ``address`` and keep it registered while open.
+
+    Without ``root_certificates`` the connection is plain HTTP (a local federation); with them
+    it is TLS, and ``authentication_keys`` (an ECDSA key pair registered by the hub operator)
+    authenticate the node.
+    """
+    insecure = root_certificates is None
+    with http_request_response(address, insecure, root_certificates, authentication_keys) as conn:
+        node_id, receive, send, _get_run, _get_fab, pull_object, push_object, confirm = conn
+        yield FleetConnection(int(node_id), receive, send, pull_object, push_object, confirm)
