@@ -217,7 +217,7 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
         processes.append(_spawn(
             f"site-{site_dir.name}",
             [_bin("flip-site"), "start", str(site_dir), "--superlink", superlink,
-             "--coordinator", coordinator_url, f"--token={config.site_token}"]  # a token may begin with "-",
+             "--coordinator", coordinator_url, f"--token={config.site_token}"],  # a token may begin with "-"
             logs, site_env,
         ))
     _write_state(federation, state)
