@@ -25,6 +25,7 @@ import psutil
 
 from bench.common import HEART_CODE, machine, median
 from coordinator.federation import FederationError, down, status, up
+from coordinator.local import wait_until
 from flip_magics.client import FlipClient
 from flip_magics.errors import NotConnected, Rejected, RunFailed
 
@@ -76,22 +77,24 @@ def wait_idle(home: Path, sites: int, timeout: float = 120.0) -> None:
     raise RuntimeError(f"only {len(online)} of {sites} sites came online in {timeout:.0f} s")
 
 
-def run_count(count: int, rounds: int, settle: float, timeout: float) -> dict[str, Any]:
+def run_count(count: int, rounds: int, settle: float, timeout: float, warm: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"flip-scale-{count}-") as tmp:
         home = Path(tmp)
         os.environ["FLIP_HOME"] = str(home)
         result: dict[str, Any] = {"sites": count}
         try:
             try:
-                connection = up(home, sites=count)
+                connection = up(home, sites=count, warm=warm)
             except FederationError as exc:
                 result["error"] = f"flip up failed: {str(exc).splitlines()[0]}"
                 return result
             result["startup"] = float(connection["started_seconds"])
             wait_idle(home, count)
+            client = FlipClient(connection["coordinator_url"], connection["token"])
+            if warm and not wait_until(lambda: all(s["warm"] for s in client.sites()), 600, 0.5):
+                raise RuntimeError("the sites' spare task processes did not load within 600 s")
             time.sleep(settle)
             result["idle"] = agent_memory(home)
-            client = FlipClient(connection["coordinator_url"], connection["token"])
             try:
                 handle = client.train(HEART_CODE, dataset="heart-disease", rounds=rounds, min_sites=count, seed=0,
                                       name=f"scale-{count}")
@@ -114,13 +117,16 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=5.0,
                         help="seconds to wait after every site is online (and after the run) before measuring memory")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for one run")
+    parser.add_argument("--warm", action="store_true",
+                        help="sites keep a spare task process (flip up's default); without it the agents are cold")
     args = parser.parse_args()
     counts = [int(s) for s in args.sites.split(",") if s.strip()]
-    results = [run_count(n, args.rounds, args.settle, args.timeout) for n in counts]
+    results = [run_count(n, args.rounds, args.settle, args.timeout, args.warm) for n in counts]
 
     print(f"machine: {machine()}")
     print(f"model: FLamby Fed-Heart-Disease logistic regression, min_sites = sites, {args.rounds} rounds, "
-          f"100 local steps; memory measured {args.settle:.0f} s after every site is online")
+          f"100 local steps; memory measured {args.settle:.0f} s after every site is online; "
+          f"{'warm sites (a spare task process each)' if args.warm else 'cold sites (flip up --cold: no spare task process)'}")
     print(f"{'sites':>5} {'startup s':>9} {'agent RSS MB med/max':>21} {'tree RSS MB med/max':>20} "
           f"{'all trees MB':>12} {'s/round':>8} {'tree after run MB med':>21}")
     for r in results:

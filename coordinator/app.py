@@ -115,6 +115,13 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
         sha = manager.store.put_model(await request.body())
         return JSONResponse({"sha256": sha}, status_code=201)
 
+    async def check_task(request: Request, who: Principal) -> Response:
+        try:
+            spec = await request.json()
+        except json.JSONDecodeError:
+            return _error("the task must be a JSON object", 400)
+        return JSONResponse(await asyncio.to_thread(manager.check, who, spec))
+
     async def create_run(request: Request, who: Principal) -> Response:
         try:
             spec = await request.json()
@@ -229,6 +236,7 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
         Route("/api/sites", researcher_route(sites)),
         Route("/api/models", researcher_route(upload_model), methods=["POST"]),
         Route("/api/runs", researcher_route(create_run), methods=["POST"]),
+        Route("/api/runs/check", researcher_route(check_task), methods=["POST"]),
         Route("/api/runs", researcher_route(list_runs), methods=["GET"]),
         Route("/api/runs/{run_id}", researcher_route(get_run)),
         Route("/api/runs/{run_id}/stop", researcher_route(stop_run), methods=["POST"]),

@@ -154,8 +154,13 @@ def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len
     return dirs
 
 
-def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(HEART_SITES)) -> dict[str, Any]:
-    """Start the local federation (``sites`` site agents) and return the connection it wrote."""
+def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(HEART_SITES),
+       warm: bool = True) -> dict[str, Any]:
+    """Start the local federation (``sites`` site agents) and return the connection it wrote.
+
+    ``warm``: each site keeps a spare task process (torch loaded) so that a run starts at once;
+    without it a site costs only its agent's memory and a run first starts its task processes.
+    """
     federation = Federation(home or flip_home())
     if federation.running():
         raise FederationError(f"a local federation is already running under {federation.root}; `flip down` first")
@@ -217,7 +222,8 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
         processes.append(_spawn(
             f"site-{site_dir.name}",
             [_bin("flip-site"), "start", str(site_dir), "--superlink", superlink,
-             "--coordinator", coordinator_url, f"--token={config.site_token}"],  # a token may begin with "-"
+             "--coordinator", coordinator_url, f"--token={config.site_token}",  # a token may begin with "-"
+             *([] if warm else ["--warm-seconds", "0"])],
             logs, site_env,
         ))
     _write_state(federation, state)

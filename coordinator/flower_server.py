@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 POLL_MIN_SECONDS = 0.01
 POLL_MAX_SECONDS = 0.25
 POLL_GROWTH = 1.5
+FIRST_POLL_FRACTION = 0.8  # of the time the quickest site took last round
 LIVENESS_SECONDS = 0.5
 OFFLINE_GRACE_SECONDS = 2.0
 OFFLINE = "the site went offline (its agent stopped answering)"
@@ -82,6 +83,7 @@ class RoundLoop:
         self.stale: set[str] = set()  # ids of messages whose replies came too late: drained, ignored
         self.dataset = task["dataset"]
         self._answered: set[str] = set()
+        self.first_reply_seconds: float | None = None
         tune_grid_pulls(self._a_waited_site_is_gone)
 
     def _a_waited_site_is_gone(self) -> bool:
@@ -123,6 +125,9 @@ class RoundLoop:
             self.absorb(round_, reply, phase)
         next_liveness = time.monotonic() + LIVENESS_SECONDS
         poll = POLL_MIN_SECONDS
+        if phase == PHASE_FIT and self.first_reply_seconds:
+            # no reply is likely before the quickest site's last step time: don't poll for nothing
+            time.sleep(min(FIRST_POLL_FRACTION * self.first_reply_seconds, LIVENESS_SECONDS))
         while pending:
             self.waiting_for = set(pending.values())
             arrived = []
@@ -139,6 +144,8 @@ class RoundLoop:
                 arrived.extend(self._late(pending))
             for reply in arrived:
                 self.absorb(round_, reply, phase)
+            if phase == PHASE_FIT and any(r.result for r in arrived) and len(replies) == 0:
+                self.first_reply_seconds = time.monotonic() - started
             replies.extend(arrived)
             poll = POLL_MIN_SECONDS if arrived else min(poll * POLL_GROWTH, POLL_MAX_SECONDS)
             if pending:
@@ -208,7 +215,9 @@ class RoundLoop:
                                       "train_rows": result.num_train, "test_rows": result.num_test}
         if phase == PHASE_PREPARE:
             self.emit({"type": "site", "site": reply.site, "status": "ready", "round": round_,
-                       "samples": result.num_train, "seconds": round(result.seconds, 3)})
+                       "samples": result.num_train, "seconds": round(result.seconds, 3)},
+                      *([{"type": "metrics", "round": 0, "site": reply.site, "phase": "evaluate",
+                          "metrics": result.eval_metrics, "samples": result.num_test}] if result.eval_metrics else []))
             return
         events: list[dict[str, Any]] = [{"type": "site", "site": reply.site, "status": "done", "round": round_,
                                          "samples": result.num_train, "seconds": round(result.seconds, 3)}]
@@ -272,9 +281,10 @@ class RoundLoop:
         self.emit({"type": "run", "status": "running", "sites": sorted(self.active)},
                   *({"type": "site", "site": s, "status": "waiting", "round": 0} for s in sorted(self.active)))
         self.check_quorum(0)
-        ready = self.exchange(0, PHASE_PREPARE, {})
+        ready = self.exchange(0, PHASE_PREPARE, params)  # task processes up, the initial model evaluated
         self._answered = {r.site for r in ready}
         self.check_quorum(0, len(ready))
+        self.global_metrics(0, PHASE_PREPARE, ready, eval_round=0)
         for round_ in range(1, rounds + 1):
             started = time.monotonic()
             self.readmit(round_)

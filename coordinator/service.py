@@ -120,6 +120,7 @@ class RunManager:
                 "site": row["site"], "status": "online" if online else "offline",
                 "node_id": row["node_id"], "version": info.get("version", ""),
                 "datasets": info.get("datasets", []), "last_seen": row["last_seen"],
+                "warm": bool(info.get("warm", False)) and online,
             })
         return out
 
@@ -157,7 +158,12 @@ class RunManager:
         self.notify()
         return self.view(run_id)
 
-    def _validate(self, who: Principal, spec: dict[str, Any]) -> dict[str, Any]:
+    def check(self, who: Principal, spec: dict[str, Any]) -> dict[str, Any]:
+        """Everything ``create_run`` would refuse, before the notebook builds and uploads the model."""
+        task = self._validate(who, spec, model_uploaded=False)
+        return {"ok": True, "sites": [s["site"] for s in task["sites"]], "min_sites": task["min_sites"]}
+
+    def _validate(self, who: Principal, spec: dict[str, Any], model_uploaded: bool = True) -> dict[str, Any]:
         source = spec.get("source")
         if not isinstance(source, str) or not source.strip():
             raise TaskRejected("the task has no source: the cell must define build_model, train and evaluate")
@@ -186,7 +192,7 @@ class RunManager:
             raise TaskRejected(f"unknown strategy {strategy!r}: use one of {', '.join(sorted(STRATEGIES))}")
         initial = str(spec.get("initial_model") or "")
         try:
-            if not self.store.model_path(initial).exists():
+            if model_uploaded and not self.store.model_path(initial).exists():
                 raise KeyError(initial)
         except KeyError:
             raise TaskRejected("the initial model was not uploaded (POST /api/models first)") from None

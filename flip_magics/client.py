@@ -87,15 +87,16 @@ class FlipClient:
         config: dict[str, Any] | None = None, round_timeout: float | None = None,
     ) -> RunHandle:
         """Check the cell locally, submit it, and return a handle that follows the run."""
-        task = prepare(source, seed=seed)
-        sha = self._call("POST", "/api/models", data=pack_params(task.initial),
-                         headers={"Content-Type": "application/octet-stream"}).json()["sha256"]
-        spec = {
+        spec: dict[str, Any] = {
             "source": source, "dataset": dataset, "rounds": rounds, "strategy": strategy,
             "min_sites": min_sites, "seed": seed, "name": name or "run", "config": config or {},
             "round_timeout": round_timeout,
-            "initial_model": sha, "client_packages": package_versions("flip", "torch", "numpy", "pandas"),
         }
+        self._call("POST", "/api/runs/check", json=spec)  # a wrong dataset or option: refused before any local work
+        task = prepare(source, seed=seed)
+        sha = self._call("POST", "/api/models", data=pack_params(task.initial),
+                         headers={"Content-Type": "application/octet-stream"}).json()["sha256"]
+        spec.update(initial_model=sha, client_packages=package_versions("flip", "torch", "numpy", "pandas"))
         view = self._call("POST", "/api/runs", json=spec).json()
         return RunHandle(self, view, task)
 

@@ -98,9 +98,9 @@ class FlipMagics(Magics):
         for site in self._client().sites():
             datasets = site["datasets"] or [{"name": "", "rows": None}]
             for d in datasets:
-                rows.append({"site": site["site"], "status": site["status"], "dataset": d["name"],
-                             "rows": d["rows"]})
-        return pd.DataFrame(rows, columns=["site", "status", "dataset", "rows"])
+                rows.append({"site": site["site"], "status": site["status"], "warm": site.get("warm", False),
+                             "dataset": d["name"], "rows": d["rows"]})
+        return pd.DataFrame(rows, columns=["site", "status", "warm", "dataset", "rows"])
 
     @cell_magic
     @magic_arguments()

@@ -35,10 +35,12 @@ log = logging.getLogger(__name__)
 RECONNECT_SECONDS = 0.5
 RESTART_SECONDS = 1.0
 IDLE_POLL_SECONDS = 5.0
+WARM_SECONDS = 900.0  # keep a spare task process this long after start or the last step
 
 
 class SiteAgent:
-    def __init__(self, site: SiteConfig, superlink: str, coordinator: str, token: str) -> None:
+    def __init__(self, site: SiteConfig, superlink: str, coordinator: str, token: str,
+                 warm_seconds: float = WARM_SECONDS) -> None:
         self.site = site
         self.superlink = superlink
         self.coordinator = coordinator.rstrip("/")
@@ -48,11 +50,12 @@ class SiteAgent:
         self.stopping = threading.Event()
         self.node_ready = threading.Event()
         self.doorbell = threading.Event()
-        self.tasks = TaskService(site.name, site.root)
+        self.tasks = TaskService(site.name, site.root, warm_seconds, on_change=lambda: self._safe_announce("online"))
 
     # -- coordinator ----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        return {"version": __version__, "datasets": [d.summary() for d in self.site.datasets.values()]}
+        return {"version": __version__, "datasets": [d.summary() for d in self.site.datasets.values()],
+                "warm": self.tasks.warm}
 
     def announce(self, state: str = "online") -> None:
         body = {"site": self.site.name, "node_id": self.node_id, "info": self.info(), "state": state}
@@ -67,6 +70,7 @@ class SiteAgent:
             try:
                 self.node_ready.wait()
                 self.announce()
+                threading.Thread(target=self.tasks.warm_up, name="warm-up", daemon=True).start()  # after: online first
                 url = f"{self.coordinator}/site/presence/{self.site.name}"
                 with self.session.get(url, stream=True, timeout=(5, 5)) as response:
                     response.raise_for_status()

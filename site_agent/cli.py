@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--superlink", default=None, help="HOST:PORT of the federation's SuperLink fleet API")
     start.add_argument("--coordinator", default=None, help="URL of the coordinator (default: local connection file)")
     start.add_argument("--token", default=None, help="the federation's site join token (default: local connection file)")
+    start.add_argument("--warm-seconds", type=float, default=None,
+                       help="keep a spare task process (torch loaded, ~300 MB) this long after start or the last "
+                            "step, so that a new run starts at once (default: 900; 0: never)")
     return parser
 
 
@@ -77,7 +80,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace) -> int:
     from coordinator.local import read_connection
-    from site_agent.agent import SiteAgent
+    from site_agent.agent import WARM_SECONDS, SiteAgent
 
     site = load_site(args.dir)
     connection = read_connection() or {}
@@ -90,7 +93,8 @@ def _start(args: argparse.Namespace) -> int:
         print(f"flip-site: no local federation found; give {', '.join(missing)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {site.name} %(levelname)s %(message)s")
-    return SiteAgent(site, superlink, coordinator, token).run()
+    warm = WARM_SECONDS if args.warm_seconds is None else args.warm_seconds
+    return SiteAgent(site, superlink, coordinator, token, warm_seconds=warm).run()
 
 
 if __name__ == "__main__":

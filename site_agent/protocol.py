@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-PHASE_PREPARE = "prepare"  # start the run's task process: load the cell and the split, nothing else
-PHASE_FIT = "fit"  # evaluate the incoming global model, then train on it
+PHASE_PREPARE = "prepare"  # start the run's task process (cell, split) and evaluate the initial model
+PHASE_FIT = "fit"  # evaluate the incoming global model (from round 2: prepare evaluated round 1's), then train
 PHASE_EVALUATE = "evaluate"
 VERSION = "0.1.0"
 

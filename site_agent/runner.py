@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from site_agent.catalog import CatalogError, SiteConfig, load_split
-from site_agent.protocol import PHASE_FIT, PHASE_PREPARE, StepRequest, StepResult
+from site_agent.protocol import PHASE_FIT, StepRequest, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,6 @@ class TaskSession:
         train_df, test_df = self._split(request.dataset)
         result.num_train, result.num_test = len(train_df), len(test_df)
         namespace = self._namespace(request)
-        if request.phase == PHASE_PREPARE:
-            return
         seed_everything(step_seed(request.seed, request.round, self.site.name))
         data = TaskData(
             train_df.copy(), test_df.copy(), site=self.site.name, dataset=request.dataset, round_=request.round,
@@ -212,9 +210,10 @@ class TaskSession:
         with _guarded("build_model()"):
             model = namespace["build_model"]()
         _load_params(model, request.params)
-        with _guarded("evaluate()"):
-            evaluated = namespace["evaluate"](model, data, config)
-        result.eval_metrics = _scalar_metrics(evaluated, "evaluate()")
+        if not (request.phase == PHASE_FIT and request.round == 1):  # the prepare step evaluated that model
+            with _guarded("evaluate()"):
+                evaluated = namespace["evaluate"](model, data, config)
+            result.eval_metrics = _scalar_metrics(evaluated, "evaluate()")
         if request.phase != PHASE_FIT:
             return
         with _guarded("train()"):

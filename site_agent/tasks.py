@@ -4,6 +4,12 @@ The agent hands each step (the bytes of ``site_agent.protocol``) to the run's ta
 (``worker``), starting one when a run first arrives and closing it after the run's final step
 or when it has been idle too long. The task process holds torch, the cell and the site's data
 between rounds.
+
+Starting a task process costs seconds (importing torch and its optimiser machinery). While the
+site is *warm* (``warm_seconds`` after the agent starts or after its last step) it keeps one
+spare task process ready, which has imported torch and nothing else: the next run adopts it,
+and a new spare is started once that run has finished. A cold site (the warm period over, or
+``warm_seconds`` 0) holds no spare and costs only the agent's own memory.
 """
 
 from __future__ import annotations
@@ -17,21 +23,24 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Callable
 
 from site_agent.protocol import PHASE_EVALUATE, StepResult, encode_result, header
 
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 600.0
+READY = b"ready"
 REAP_SECONDS = 30.0
 
 
 class Worker:
     """One warm task process and the connection to it."""
 
-    def __init__(self, site_root: Path, run_id: str) -> None:
+    def __init__(self, site_root: Path) -> None:
         ours, theirs = socket.socketpair()
-        with open(site_root / "logs" / f"run-{run_id}.worker.log", "ab") as sink:
+        (site_root / "logs").mkdir(parents=True, exist_ok=True)
+        with open(site_root / "logs" / "task-processes.log", "ab") as sink:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "site_agent.worker", str(site_root), "--fd", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
@@ -40,9 +49,22 @@ class Worker:
         self.conn = Connection(ours.detach())
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
+        self.ready = False
+
+    def _await_ready(self) -> None:
+        """The process says "ready" once torch is loaded (called with the lock held)."""
+        if not self.ready:
+            if self.conn.recv_bytes() != READY:
+                raise OSError("the task process did not start properly")
+            self.ready = True
+
+    def wait_ready(self) -> None:
+        with self.lock:
+            self._await_ready()
 
     def call(self, blob: bytes) -> bytes:
         with self.lock:
+            self._await_ready()
             self.last_used = time.monotonic()
             self.conn.send_bytes(blob)
             return self.conn.recv_bytes()
@@ -59,21 +81,58 @@ class Worker:
 class TaskService:
     """Runs steps in warm per-run task processes."""
 
-    def __init__(self, site_name: str, site_root: Path) -> None:
+    def __init__(self, site_name: str, site_root: Path, warm_seconds: float = 0.0,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.site_name = site_name
         self.site_root = site_root
+        self.warm_seconds = warm_seconds
+        self.on_change = on_change  # told when the site becomes warm or stops being warm
         self.workers: dict[str, Worker] = {}
+        self.spare: Worker | None = None
+        self.last_step = time.monotonic()
         self._lock = threading.Lock()
         self._closed = threading.Event()
+
+    def warm_up(self) -> None:
+        """Start a spare task process if the site is warm and has none (call off the reply path)."""
+        with self._lock:
+            if self._closed.is_set() or self.warm_seconds <= 0 or (self.spare and self.spare.process.poll() is None):
+                return
+            if time.monotonic() - self.last_step > self.warm_seconds:
+                return
+            spare = self.spare = Worker(self.site_root)
+        try:
+            spare.wait_ready()
+        except (EOFError, OSError):
+            log.warning("the spare task process did not start (see logs/task-processes.log)")
+            return
+        log.info("a spare task process is ready (pid %s)", spare.process.pid)
+        self.on_change()
+
+    @property
+    def warm(self) -> bool:
+        """A spare task process is loaded and waiting."""
+        spare = self.spare
+        return spare is not None and spare.ready and spare.process.poll() is None
+
+    def _adopt(self) -> Worker:
+        """The spare task process if one is alive, else a new one (called with the lock held)."""
+        spare, self.spare = self.spare, None
+        if spare is not None and spare.process.poll() is None:
+            threading.Thread(target=self.on_change, daemon=True).start()
+            return spare
+        return Worker(self.site_root)
 
     def step(self, blob: bytes) -> bytes:
         """Run one encoded step in its run's task process; the encoded result."""
         head = header(blob)
         run_id, phase = str(head["run_id"]), str(head["phase"])
         with self._lock:
+            self.last_step = time.monotonic()
             worker = self.workers.get(run_id)
             if worker is None or worker.process.poll() is not None:
-                worker = self.workers[run_id] = Worker(self.site_root, run_id)
+                worker = self.workers[run_id] = self._adopt()
+                log.info("run %s: task process %s", run_id, worker.process.pid)
         try:
             reply = worker.call(blob)
         except (EOFError, OSError):
@@ -93,6 +152,7 @@ class TaskService:
             worker = self.workers.pop(run_id, None)
         if worker is not None:
             worker.close()
+        self.warm_up()  # the next run finds a spare ready
 
     def reap_forever(self) -> None:
         """Close task processes idle for ``IDLE_SECONDS`` (a run whose hub went away)."""
@@ -101,8 +161,20 @@ class TaskService:
             for run_id in idle:
                 log.info("closing the idle task process of run %s", run_id)
                 self._retire(run_id)
+            with self._lock:
+                cooled = self.spare if time.monotonic() - self.last_step > self.warm_seconds else None
+                if cooled is not None:
+                    self.spare = None
+            if cooled is not None:
+                log.info("the site has been idle for %.0f s: closing its spare task process", self.warm_seconds)
+                cooled.close()
+                self.on_change()
 
     def close(self) -> None:
         self._closed.set()
+        with self._lock:
+            spare, self.spare = self.spare, None
+        if spare is not None:
+            spare.close()
         for run_id in list(self.workers):
             self._retire(run_id)

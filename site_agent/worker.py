@@ -18,6 +18,7 @@ from pathlib import Path
 from site_agent.catalog import load_site
 from site_agent.protocol import decode_request, encode_result
 from site_agent.runner import TaskSession
+from site_agent.tasks import READY
 
 ENV_THREADS = "FLIP_TASK_THREADS"
 PARENT_CHECK_SECONDS = 0.5
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(os.environ[ENV_THREADS]))
     session = TaskSession(load_site(args.site_dir))
     conn = Connection(args.fd)
+    conn.send_bytes(READY)
     while True:
         try:
             blob = conn.recv_bytes()

@@ -98,3 +98,14 @@ def test_runs_are_visible_only_inside_their_project(setup: tuple[TestClient, Run
     assert client.get(f"/api/runs/{run_id}", headers=auth(OTHER)).status_code == 404
     assert client.get("/api/runs", headers=auth(OTHER)).json() == []
     assert [r["run_id"] for r in client.get("/api/runs", headers=auth(TOKEN)).json()] == [run_id]
+
+
+def test_a_task_is_checked_before_the_notebook_builds_its_model(setup: tuple[TestClient, RunManager]) -> None:
+    client, manager = setup
+    manager.announce("VA", 7, {"version": "0.1.0", "datasets": [HEART]}, "online")
+    manager.presence.hold("VA")
+    bad = client.post("/api/runs/check", headers=auth(TOKEN), json={"source": "x", "dataset": "lungs"})
+    assert bad.status_code == 404 and "unknown dataset 'lungs'" in bad.json()["error"]
+    good = client.post("/api/runs/check", headers=auth(TOKEN), json={"source": "x", "dataset": "heart-disease"})
+    assert good.status_code == 200 and good.json() == {"ok": True, "sites": ["VA"], "min_sites": 1}
+    assert manager.store.runs() == []  # nothing was created

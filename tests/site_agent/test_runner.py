@@ -7,7 +7,7 @@ import pytest
 
 from helpers import TINY_CELL
 from site_agent.catalog import SiteConfig, add_dataset, init_site
-from site_agent.protocol import PHASE_EVALUATE, PHASE_FIT, StepRequest, source_hash
+from site_agent.protocol import PHASE_EVALUATE, PHASE_FIT, PHASE_PREPARE, StepRequest, source_hash
 from site_agent.runner import TaskSession
 
 INITIAL = {"weight": np.zeros((1, 3), dtype=np.float32), "bias": np.zeros((1,), dtype=np.float32)}
@@ -26,13 +26,22 @@ def request(source: str, phase: str = PHASE_FIT, dataset: str = "heart-disease",
 
 
 def test_fit_step_returns_trained_params_and_metrics(site: SiteConfig) -> None:
-    result = TaskSession(site).step(request(TINY_CELL))
+    result = TaskSession(site).step(request(TINY_CELL, round_=2))
     assert result.status == "ok", result
     assert {k: v.shape for k, v in result.params.items()} == {"weight": (1, 3), "bias": (1,)}
     assert not np.allclose(result.params["weight"], 0)
     assert set(result.train_metrics) == {"loss"}
-    assert 0.0 <= result.eval_metrics["accuracy"] <= 1.0
+    assert 0.0 <= result.eval_metrics["accuracy"] <= 1.0  # the incoming global model, evaluated first
     assert result.num_train == site.datasets["heart-disease"].train_rows
+
+
+def test_prepare_evaluates_the_initial_model_and_round_one_does_not_again(site: SiteConfig) -> None:
+    session = TaskSession(site)
+    prepared = session.step(request(TINY_CELL, phase=PHASE_PREPARE, round_=0))
+    assert prepared.status == "ok" and prepared.params == {} and prepared.train_metrics == {}
+    assert 0.0 <= prepared.eval_metrics["accuracy"] <= 1.0
+    first = session.step(request(TINY_CELL, round_=1))
+    assert first.status == "ok" and first.eval_metrics == {} and set(first.train_metrics) == {"loss"}
 
 
 def test_steps_are_reproducible_for_the_same_seed_and_round(site: SiteConfig) -> None:
