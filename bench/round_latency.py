@@ -4,7 +4,8 @@ Same model (FLamby's logistic regression), same data (the four hospitals' record
 same machine, one process run after the other in this script. Prints the median seconds per
 round of each and their ratio, FLIP's overhead per round (round time minus the slowest site's
 compute), SuperLink API calls and SuperLink CPU seconds per round, and the time from the
-``%%flip_train`` cell's execution to the first metric in the notebook.
+``%%flip_train`` cell's execution to the first metric in the notebook (a warm federation: the
+sites' spare task processes loaded, and a kernel that has imported torch before).
 
     python -m bench.round_latency [--rounds 5]
 """
@@ -57,7 +58,7 @@ def run_flip(home: Path, rounds: int) -> dict[str, Any]:
         nb = nbformat.v4.new_notebook()
         client = NotebookClient(nb, timeout=1800, kernel_name="python3")
         cells = [
-            "import json, time\n%load_ext flip_magics\n%flip_connect\n"
+            "import json, time, torch\n%load_ext flip_magics\n%flip_connect\n"  # a kernel that has used torch
             "T = {}\nget_ipython().events.register('pre_run_cell', lambda info: T.setdefault(info.raw_cell.split(maxsplit=1)[0] if info.raw_cell.strip() else '', time.time()))",
             f"%%flip_train --dataset heart-disease --rounds {rounds} --seed 0 --out run\n{HEART_CODE}",
             "run.wait()\n"

@@ -24,6 +24,8 @@ import requests
 
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.data_fetch import data_dir
+from coordinator.serverapp_zygote import ENV_SOCKET as ZYGOTE_SOCKET_ENV
+from coordinator.serverapp_zygote import write_launcher
 from coordinator.local import (
     connection_path, flip_home, flower_env, free_port, read_connection, wait_until, write_connection,
 )
@@ -186,9 +188,16 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     base_env = flower_env(root / "flwr")
     hub_env = {**base_env, "FLIP_COORDINATOR_URL": coordinator_url, "FLIP_INTERNAL_TOKEN": config.internal_token}
 
-    # FLIP_SUPERLINK_LOG_LEVEL=DEBUG makes the SuperLink log every API call (the benchmarks count them)
-    superlink_env = {**hub_env, "FLWR_LOG_LEVEL": os.environ.get("FLIP_SUPERLINK_LOG_LEVEL", "INFO")}
+    # FLIP_SUPERLINK_LOG_LEVEL=DEBUG makes the SuperLink log every API call (the benchmarks count them).
+    # Its SuperExec finds FLIP's flwr-serverapp launcher first on PATH: each run's ServerApp is forked
+    # from the warm starter (coordinator/serverapp_zygote.py) instead of importing Flower afresh.
+    launcher_dir = write_launcher(root / "bin").parent
+    superlink_env = {**hub_env, "FLWR_LOG_LEVEL": os.environ.get("FLIP_SUPERLINK_LOG_LEVEL", "INFO"),
+                     "PATH": str(launcher_dir) + os.pathsep + hub_env["PATH"],
+                     ZYGOTE_SOCKET_ENV: str(root / "serverapp.sock")}
     processes = [
+        _spawn("serverapp-zygote", [sys.executable, "-m", "coordinator.serverapp_zygote",
+                                    "--socket", str(root / "serverapp.sock")], logs, superlink_env),
         _spawn("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
                              "--port", str(superlink_port), "--disable-runtime-dependency-installation",
                              "--database", ":flwr-in-memory:"], logs, superlink_env),
