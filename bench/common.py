@@ -42,8 +42,8 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-# The quickstart's model and preprocessing, shared by the stock Flower app and FLIP's cell.
-HEART_CODE = '''
+# The quickstart's preprocessing (FLamby's Fed-Heart-Disease features), the start of every benchmark cell.
+HEART_FEATURES = '''
 import torch
 
 NUMERIC = ["age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak"]
@@ -61,7 +61,10 @@ def features(df, stats=None):
         stats = (X.mean(), X.std().replace(0, 1))
     X = ((X - stats[0]) / stats[1]).fillna(0.0)
     return torch.tensor(X.to_numpy(), dtype=torch.float32), torch.tensor(y), stats
+'''
 
+# The quickstart's model, shared by the stock Flower app and FLIP's cell.
+HEART_CODE = HEART_FEATURES + '''
 
 def build_model():
     return torch.nn.Linear(13, 1)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, median
+from bench.common import HEART_FEATURES, machine, median
 from coordinator.federation import down, up
 from flip_magics.client import FlipClient
 from flip_magics.errors import NotConnected, Rejected, RunFailed
@@ -36,26 +36,9 @@ from flip_magics.errors import NotConnected, Rejected, RunFailed
 INPUTS = 13
 COPIES = 5  # loopback copies per size (median)
 
-# The quickstart's preprocessing (as in bench.common.HEART_CODE) with an MLP of width __HIDDEN__.
-MLP_CODE = '''
-import torch
-
-NUMERIC = ["age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak"]
+# The quickstart's preprocessing (bench.common.HEART_FEATURES) with an MLP of width __HIDDEN__.
+MLP_CODE = HEART_FEATURES + '''
 HIDDEN = __HIDDEN__
-
-
-def features(df, stats=None):
-    df = df.drop(columns=["slope", "ca", "thal"]).dropna()
-    X = df[NUMERIC].astype("float32")
-    for level in (2, 3, 4):
-        X[f"cp_{level}"] = (df["cp"] == level).astype("float32")
-    for level in (1, 2):
-        X[f"restecg_{level}"] = (df["restecg"] == level).astype("float32")
-    y = (df["num"] > 0).astype("float32").to_numpy()
-    if stats is None:
-        stats = (X.mean(), X.std().replace(0, 1))
-    X = ((X - stats[0]) / stats[1]).fillna(0.0)
-    return torch.tensor(X.to_numpy(), dtype=torch.float32), torch.tensor(y), stats
 
 
 def build_model():

@@ -82,7 +82,6 @@ class RoundLoop:
         self.round_timeout: float | None = task.get("round_timeout")
         self.stale: set[str] = set()  # ids of messages whose replies came too late: drained, ignored
         self.dataset = task["dataset"]
-        self._answered: set[str] = set()
         self.first_reply_seconds: float | None = None
         tune_grid_pulls(self._a_waited_site_is_gone)
 
@@ -245,12 +244,13 @@ class RoundLoop:
                 self.emit({"type": "site", "site": site, "status": "rejoined", "round": round_,
                            "detail": "back online: it takes part again from this round"})
 
-    def check_quorum(self, round_: int, answered: int | None = None) -> None:
+    def check_quorum(self, round_: int, good: list[Reply] | None = None) -> None:
+        """Stop the run with a sentence if too few sites remain, or (``good``) too few replied in time."""
         need = int(self.task["min_sites"])
-        if answered is not None and answered < need and len(self.active) >= need:
-            late = sorted(set(self.active) - set(self._answered))
+        if good is not None and len(good) < need and len(self.active) >= need:
+            late = sorted(set(self.active) - {r.site for r in good})
             raise RunAborted(
-                f"Run stopped in round {round_}: only {answered} site(s) replied within the round timeout "
+                f"Run stopped in round {round_}: only {len(good)} site(s) replied within the round timeout "
                 f"({float(self.round_timeout or 0):g} s) but --min-sites is {need}. Late: {', '.join(late)}."
             )
         if len(self.active) >= need:
@@ -282,15 +282,13 @@ class RoundLoop:
                   *({"type": "site", "site": s, "status": "waiting", "round": 0} for s in sorted(self.active)))
         self.check_quorum(0)
         ready = self.exchange(0, PHASE_PREPARE, params)  # task processes up, the initial model evaluated
-        self._answered = {r.site for r in ready}
-        self.check_quorum(0, len(ready))
+        self.check_quorum(0, ready)
         self.global_metrics(0, PHASE_PREPARE, ready, eval_round=0)
         for round_ in range(1, rounds + 1):
             started = time.monotonic()
             self.readmit(round_)
             good = self.exchange(round_, PHASE_FIT, params)
-            self._answered = {r.site for r in good}
-            self.check_quorum(round_, len(good))
+            self.check_quorum(round_, good)
             self.global_metrics(round_, PHASE_FIT, good, eval_round=round_ - 1)
             updates = [(r.result.params, r.result.num_train) for r in good if r.result]
             params = self.strategy.aggregate(params, updates)
@@ -298,8 +296,7 @@ class RoundLoop:
                        "seconds": round(time.monotonic() - started, 3)})
         self.readmit(rounds)
         good = self.exchange(rounds, PHASE_EVALUATE, params)
-        self._answered = {r.site for r in good}
-        self.check_quorum(rounds, len(good))
+        self.check_quorum(rounds, good)
         self.global_metrics(rounds, PHASE_EVALUATE, good, eval_round=rounds)
         return params
 
