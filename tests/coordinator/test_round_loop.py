@@ -1,0 +1,109 @@
+"""The server loop's round logic over a fake Flower grid: round timeouts, stragglers, quorum, rejoining.
+
+``FakeGrid`` and ``FakeHub`` are fakes (named so) standing in for Flower's Grid and the coordinator
+link; the real path is covered by tests/integration/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Message, Metadata
+from flwr.app.message import make_message
+from flwr.supercore.task_identity import TaskIdentity
+
+from coordinator.flower_server import OFFLINE, RoundLoop, RunAborted
+from site_agent.protocol import PHASE_PREPARE, StepResult, header
+from site_agent.wire import content_to_blob, result_to_content
+
+SITES = {"A": 1, "B": 2, "C": 3, "D": 4}
+
+
+class FakeGrid:
+    """Answers every message at once, except fit steps for the sites in ``silent`` (stragglers)."""
+
+    def __init__(self, silent: set[str]) -> None:
+        self.silent = silent
+        self.outbox: dict[str, Message] = {}
+        self.count = 0
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            site = next(s for s, node in SITES.items() if node == msg.metadata.dst_node_id)
+            self.count += 1
+            mid = f"m{self.count}"
+            ids.append(mid)
+            phase = header(content_to_blob(msg.content))["phase"]
+            if phase != PHASE_PREPARE and site in self.silent:
+                continue
+            result = StepResult(site=site, status="ok", params={"w": np.ones(2)} if phase == "fit" else {},
+                                train_metrics={"loss": 0.5} if phase == "fit" else {},
+                                eval_metrics={"accuracy": 0.75}, num_train=10, num_test=5)
+            meta = Metadata(run_id=1, message_id="", src_node_id=SITES[site], dst_node_id=0,
+                            reply_to_message_id=mid, group_id="", created_at=time.time(), ttl=60,
+                            message_type=msg.metadata.message_type)
+            self.outbox[mid] = make_message(meta, result_to_content(result))
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        return [self.outbox.pop(mid) for mid in ids if mid in self.outbox]
+
+
+class FakeHub:
+    def __init__(self, nodes: dict[str, int]) -> None:
+        self.nodes = dict(nodes)
+        self.log: list[dict[str, Any]] = []
+
+    def sites(self) -> dict[str, dict[str, Any]]:
+        return {s: {"site": s, "status": "online", "node_id": n, "datasets": [{"name": "heart"}]}
+                for s, n in self.nodes.items()}
+
+    def events(self, run_id: str, events: list[dict[str, Any]]) -> None:
+        self.log.extend(events)
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Flower sets in a real ServerApp process (restored after each test)."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def loop(grid: FakeGrid, hub: FakeHub, *, min_sites: int, rounds: int = 2) -> RoundLoop:
+    task = {"run_id": "r", "sites": [{"site": s, "node_id": n} for s, n in SITES.items()], "strategy": "fedavg",
+            "min_sites": min_sites, "rounds": rounds, "round_timeout": 0.05, "dataset": "heart", "source": "x",
+            "source_hash": "sha256:x", "project": "p", "researcher": "r", "seed": 0}
+    return RoundLoop(grid, hub, task)  # type: ignore[arg-type]
+
+
+def test_a_straggler_sits_out_each_round_and_the_run_goes_on() -> None:
+    hub = FakeHub(SITES)
+    params = loop(FakeGrid(silent={"D"}), hub, min_sites=3).run({"w": np.zeros(2)})
+    assert np.allclose(params["w"], 1.0)
+    late = [(e["site"], e["round"]) for e in hub.log if e.get("status") == "late"]
+    assert ("D", 1) in late and ("D", 2) in late
+    assert [e["sites"] for e in hub.log if e["type"] == "round"] == [3, 3]
+
+
+def test_too_few_replies_in_time_stop_the_run_naming_the_late_sites() -> None:
+    with pytest.raises(RunAborted) as stopped:
+        loop(FakeGrid(silent={"C", "D"}), FakeHub(SITES), min_sites=3).run({"w": np.zeros(2)})
+    assert str(stopped.value) == ("Run stopped in round 1: only 2 site(s) replied within the round timeout "
+                                  "(0.05 s) but --min-sites is 3. Late: C, D.")
+
+
+def test_a_site_that_went_offline_rejoins_with_its_new_node() -> None:
+    hub = FakeHub(SITES)
+    rounds = loop(FakeGrid(silent=set()), hub, min_sites=3)
+    rounds.active.pop("B")
+    rounds.failed["B"] = OFFLINE
+    hub.nodes["B"] = 22  # back online: a restarted agent registers as a new Flower node
+    rounds.readmit(3)
+    assert rounds.active["B"] == 22 and "B" not in rounds.failed
+    assert hub.log[-1] == {"type": "site", "site": "B", "status": "rejoined", "round": 3,
+                           "detail": "back online: it takes part again from this round"}
