@@ -1,7 +1,7 @@
 """A warm starter for Flower's per-run ServerApp process (``flwr-serverapp``).
 
 For every run, the SuperLink's SuperExec starts ``flwr-serverapp --token ...``: a fresh Python
-that spends ~2.5 s of a 2-core machine importing Flower before FLIP's round loop can send its
+that spends ~3 s of a 2-core machine importing Flower before FLIP's round loop can send its
 first message. This process has imported all of that once. ``flip up`` puts a tiny
 ``flwr-serverapp`` launcher first on the SuperLink's PATH (``write_launcher``); the launcher
 hands its arguments and standard streams to this process over a local socket, which forks a
