@@ -42,8 +42,8 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-# The quickstart's preprocessing (FLamby's Fed-Heart-Disease features), the start of every benchmark cell.
-HEART_FEATURES = '''
+# The quickstart's preprocessing (FLamby's Fed-Heart-Disease features) and test accuracy: every benchmark cell's start.
+HEART_COMMON = '''
 import torch
 
 NUMERIC = ["age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak"]
@@ -61,10 +61,19 @@ def features(df, stats=None):
         stats = (X.mean(), X.std().replace(0, 1))
     X = ((X - stats[0]) / stats[1]).fillna(0.0)
     return torch.tensor(X.to_numpy(), dtype=torch.float32), torch.tensor(y), stats
+
+
+def evaluate(model, data, config):
+    _, _, stats = features(data.train)
+    X, y, _ = features(data.test, stats)
+    model.eval()
+    with torch.no_grad():
+        logits = model(X).squeeze(1)
+        return {"accuracy": ((logits > 0).float() == y).float().mean().item()}
 '''
 
 # The quickstart's model, shared by the stock Flower app and FLIP's cell.
-HEART_CODE = HEART_FEATURES + '''
+HEART_CODE = HEART_COMMON + '''
 
 def build_model():
     return torch.nn.Linear(13, 1)
@@ -83,12 +92,4 @@ def train(model, data, config):
         optimizer.step()
     return {"loss": float(loss), "num_examples": len(y)}
 
-
-def evaluate(model, data, config):
-    _, _, stats = features(data.train)
-    X, y, _ = features(data.test, stats)
-    model.eval()
-    with torch.no_grad():
-        logits = model(X).squeeze(1)
-        return {"accuracy": ((logits > 0).float() == y).float().mean().item()}
 '''

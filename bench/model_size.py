@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import HEART_FEATURES, machine, median
+from bench.common import HEART_COMMON, machine, median
 from coordinator.federation import down, up
 from flip_magics.client import FlipClient
 from flip_magics.errors import NotConnected, Rejected, RunFailed
@@ -36,8 +36,8 @@ from flip_magics.errors import NotConnected, Rejected, RunFailed
 INPUTS = 13
 COPIES = 5  # loopback copies per size (median)
 
-# The quickstart's preprocessing (bench.common.HEART_FEATURES) with an MLP of width __HIDDEN__.
-MLP_CODE = HEART_FEATURES + '''
+# The quickstart's preprocessing and evaluate() (bench.common.HEART_COMMON) with an MLP of width __HIDDEN__.
+MLP_CODE = HEART_COMMON + '''
 HIDDEN = __HIDDEN__
 
 
@@ -60,14 +60,6 @@ def train(model, data, config):
     optimizer.step()
     return {"loss": float(loss), "num_examples": len(y)}
 
-
-def evaluate(model, data, config):
-    _, _, stats = features(data.train)
-    X, y, _ = features(data.test, stats)
-    model.eval()
-    with torch.no_grad():
-        logits = model(X).squeeze(1)
-        return {"accuracy": ((logits > 0).float() == y).float().mean().item()}
 '''
 
 

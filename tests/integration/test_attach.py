@@ -4,22 +4,25 @@ Real processes only: a SuperLink, the coordinator and four site agents (the modu
 ``federation``), and one real kernel (nbclient) that starts a run, is restarted by its kernel
 manager while the run is between rounds, and then attaches to the run again.
 
-The run's cell holds its sites in ``train()`` from round 3 until a gate file exists. That is the
-workload, not synchronisation of the test: it keeps the run provably mid-run (two rounds done,
+The run's cell holds its sites in ``train()`` from round 3 until the test opens a gate (a local
+socket: each site blocks reading from it until the test sends "go"). That is the workload, not
+synchronisation of the test: it keeps the run provably mid-run (two rounds done,
 the third blocked) across the restart and the attach, and the test opens the gate only once the
-attached view has caught up. Every wait is a deadline loop on an observable condition.
+attached view has caught up. Every wait is on an observable condition, with a deadline.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 from nbclient.util import ensure_async, run_sync
 
+from coordinator.local import wait_until
 from flip_magics.client import TERMINAL
 from helpers import TINY_CELL
 from test_notebook_train import Kernel
@@ -34,27 +37,75 @@ GATED_CELL = TINY_CELL.replace(
     "def train(model, data, config):\n",
     "def train(model, data, config):\n"
     "    if data.round >= config['hold_from']:\n"
-    "        import os, time\n"
-    "        deadline = time.monotonic() + 300\n"
-    "        while not os.path.exists(config['gate']):\n"
-    "            if time.monotonic() > deadline:\n"
-    "                raise TimeoutError('the gate was never opened')\n"
-    "            time.sleep(0.05)\n",
+    "        import socket\n"
+    "        with socket.create_connection(('127.0.0.1', config['gate']), timeout=300) as gate:\n"
+    "            if gate.recv(2) != b'go':\n"
+    "                raise TimeoutError('the gate was never opened')\n",
 )
+
+
+class Gate:
+    """A local socket the sites' train() connect to and block on until ``open()`` sends them "go"."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.waiting: list[socket.socket] = []
+        self.opened = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with self.lock:
+                if self.opened:
+                    self._release(conn)
+                else:
+                    self.waiting.append(conn)
+
+    @staticmethod
+    def _release(conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b"go")
+
+    def open(self) -> None:
+        with self.lock:
+            self.opened = True
+            for conn in self.waiting:
+                self._release(conn)
+            self.waiting.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for conn in self.waiting:
+                conn.close()
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    opened = Gate()
+    yield opened
+    opened.close()
+
 
 T = TypeVar("T")
 
 
 def wait_for(what: str, probe: Callable[[], T], seconds: float = 180.0) -> T:
-    """Poll ``probe`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {seconds:.0f} s still waiting for {what}")
-        time.sleep(0.1)
+    """Wait until ``probe`` returns something truthy and return it; fail naming ``what`` at the deadline."""
+    seen: list[T] = []
+
+    def holds() -> bool:
+        seen[:] = [probe()]
+        return bool(seen[0])
+
+    assert wait_until(holds, seconds, 0.1), f"after {seconds:.0f} s still waiting for {what}"
+    return seen[0]
 
 
 def coordinator_events(federation: Any, run_id: str) -> list[dict[str, Any]]:
@@ -84,9 +135,8 @@ def widget_model_id(outputs: list[dict[str, Any]]) -> str:
 
 
 def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round(
-    federation: Any, tmp_path: Path
+    federation: Any, gate: Gate
 ) -> None:
-    gate = tmp_path / "gate"
     kernel = Kernel()
     with kernel.client.setup_kernel():
         # -- kernel A: start the run -----------------------------------------------------------
@@ -94,7 +144,7 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
         assert "connected to http://127.0.0.1:" in text, text
         outputs, seconds = kernel.run(
             f"%%flip_train --dataset heart-disease --rounds {ROUNDS} --seed 3 --out run "
-            f"--config gate={gate} hold_from={HOLD_FROM}\n" + GATED_CELL)
+            f"--config gate={gate.port} hold_from={HOLD_FROM}\n" + GATED_CELL)
         assert seconds < 30, "the training cell must return at once"
         assert any(WIDGET_MIME in o.get("data", {}) for o in outputs), outputs
         before = kernel.json("import json, os\nprint(json.dumps({'run_id': run.run_id, 'pid': os.getpid()}))")
@@ -128,13 +178,13 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
 
         # The attached view replays the past and stands at round 2 of 4, still running.
         caught_up = kernel.json(
-            "import json, time\n"
+            "import json, threading\n"
             "from ipywidgets import widget_serialization\n"
             f"box = widget_serialization['from_json']('IPY_MODEL_{model_id}', None)\n"
-            "deadline = time.monotonic() + 120\n"
-            f"while not (again.round >= 2 and 'round 2/{ROUNDS}' in box.children[0].value)"
-            " and time.monotonic() < deadline:\n"
-            "    time.sleep(0.05)\n"
+            "caught = threading.Event()\n"  # the widget redraws first (it subscribed first), then this runs
+            f"again.subscribe(lambda h: caught.set() if h.round >= 2 and 'round 2/{ROUNDS}' in box.children[0].value"
+            " else None)\n"
+            "caught.wait(120)\n"
             "h = again.history\n"
             "print(json.dumps({'round': again.round, 'status': again.status, 'header': box.children[0].value,\n"
             "  'rounds': sorted(set(h['round'])), 'sites': sorted(set(h.site)),\n"
@@ -153,7 +203,7 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
 
         # -- let the run finish; the attached view follows it live -------------------------------
         opened = time.time()
-        gate.touch()
+        gate.open()
         final = kernel.json(
             "try:\n"
             "    again.wait(300)\n"
