@@ -22,6 +22,9 @@ from site_agent.tasks import READY
 
 ENV_THREADS = "FLIP_TASK_THREADS"
 PARENT_CHECK_SECONDS = 0.5
+# Task code yields the CPU to the site's control plane (its agent, and on a one-machine federation the
+# SuperLink and the server loop): a starved control plane misses Flower's heartbeats and loses the run.
+TASK_NICE = 19
 
 
 def _watch_parent(parent: int) -> None:
@@ -31,6 +34,22 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _yield_cpu() -> None:
+    """Run below the site's control plane, also where the kernel schedules sessions as groups.
+
+    With autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on by default in
+    most distributions) a nice value only weighs within its session: 48 sites' task processes
+    each in its site's session would get 48 equal shares against the SuperLink's one. So the
+    task process takes a session of its own and lowers that session's weight too.
+    """
+    os.setsid()
+    os.nice(TASK_NICE)
+    try:
+        Path("/proc/self/autogroup").write_text(str(TASK_NICE))
+    except OSError:  # no autogroup scheduling in this kernel: the nice value alone does it
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m site_agent.worker")
     parser.add_argument("site_dir", type=Path)
@@ -38,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parent = os.getppid()
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    _yield_cpu()
     import torch  # once per run, before the first step
     import torch._dynamo  # noqa: F401 - torch imports it when a cell makes its first optimizer (~3 s): here, not in round 1
 
