@@ -123,6 +123,10 @@ def load_site(root: Path) -> SiteConfig:
 
 
 def _write(config: SiteConfig) -> None:
+    """Write site.toml: the catalog from ``config``; every other table (the site's policy) kept as it was."""
+    path = config.root / SITE_FILE
+    kept = {k: v for k, v in tomllib.loads(path.read_text()).items() if k not in ("site", "datasets")} \
+        if path.exists() else {}
     doc: dict[str, Any] = {"site": {"name": config.name}, "datasets": {}}
     for name, d in sorted(config.datasets.items()):
         entry = {
@@ -134,9 +138,26 @@ def _write(config: SiteConfig) -> None:
         if d.stratify:
             entry["stratify"] = d.stratify
         doc["datasets"][name] = entry
+    doc.update(kept)
     tmp = config.root / (SITE_FILE + ".tmp")
     tmp.write_text(tomli_w.dumps(doc))
     tmp.replace(config.root / SITE_FILE)
+
+
+def read_site_toml(root: Path) -> dict[str, Any]:
+    """The whole parsed site.toml (catalog and policy)."""
+    return tomllib.loads((Path(root) / SITE_FILE).read_text())
+
+
+def write_policy(config: SiteConfig, tables: dict[str, Any]) -> None:
+    """Replace site.toml's policy tables (``policy``, ``projects``) with ``tables``; the catalog stays."""
+    if set(tables) - {"policy", "projects"}:
+        raise CatalogError("only the [policy] and [projects] tables can be written as policy")
+    path = config.root / SITE_FILE
+    kept = {k: v for k, v in tomllib.loads(path.read_text()).items() if k not in ("policy", "projects")}
+    tmp = config.root / (SITE_FILE + ".tmp")
+    tmp.write_text(tomli_w.dumps({**kept, **tables}))
+    tmp.replace(path)
 
 
 def fingerprint_file(path: Path) -> str:

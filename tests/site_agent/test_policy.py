@@ -1,0 +1,101 @@
+"""The site policy's pure decisions: default deny, who/what/which code, DP demands and budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from site_agent.policy import (
+    ALLOW,
+    PENDING,
+    REFUSE,
+    Approval,
+    PolicyError,
+    TaskFacts,
+    decide,
+    parse_policy,
+)
+
+HASH = "sha256:" + "ab" * 32
+
+
+def policy(**project):
+    return parse_policy("VA", {"projects": {"heart": {"approved": True, "researchers": ["alice"],
+                                                      "datasets": ["heart-disease"], **project}}})
+
+
+def task(**changes):
+    facts = {"project": "heart", "researcher": "alice", "dataset": "heart-disease", "source_hash": HASH}
+    return TaskFacts(**{**facts, **changes})
+
+
+def test_a_site_without_policy_refuses_everything() -> None:
+    decision = decide(parse_policy("VA", {}), task())
+    assert decision.verdict == REFUSE
+    assert decision.reason == "project 'heart' is not approved at VA"
+
+
+def test_a_listed_but_unapproved_project_is_refused() -> None:
+    assert decide(policy(approved=False), task()).verdict == REFUSE
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"researcher": "mallory"}, "researcher 'mallory' may not run tasks of project 'heart' at VA"),
+    ({"dataset": "oncology"}, "project 'heart' may not use dataset 'oncology' at VA"),
+    ({"kind": "export"}, "export tasks are not allowed for project 'heart' at VA"),
+])
+def test_who_and_what_are_checked(changes, reason) -> None:
+    decision = decide(policy(), task(**changes))
+    assert (decision.verdict, decision.reason) == (REFUSE, reason)
+
+
+def test_a_star_allows_any_researcher_and_dataset() -> None:
+    open_policy = policy(researchers=["*"], datasets=["*"], auto_approve=True)
+    assert decide(open_policy, task(researcher="bob", dataset="anything")).verdict == ALLOW
+
+
+def test_code_waits_for_approval_then_runs_and_a_rejection_wins() -> None:
+    strict = policy()
+    assert decide(strict, task()).verdict == PENDING
+    assert decide(strict, task()).reason == "waiting for approval at VA"
+    assert decide(strict, task(), Approval("approved")).verdict == ALLOW
+    rejected = decide(policy(auto_approve=True), task(), Approval("rejected", "uses the free-text notes column"))
+    assert rejected.verdict == REFUSE
+    assert rejected.reason == "VA rejected this code (sha256:abababababab): uses the free-text notes column"
+
+
+def test_auto_approve_runs_unreviewed_code() -> None:
+    assert decide(policy(auto_approve=True), task()).verdict == ALLOW
+
+
+def test_dp_demands_and_budget_are_refused_with_the_figures() -> None:
+    demanding = policy(auto_approve=True, dp_required=True, max_epsilon=8.0)
+    assert decide(demanding, task()).reason == ("VA requires differential privacy for project 'heart' "
+                                                "(set --dp-epsilon, at most 8)")
+    assert decide(demanding, task(dp_epsilon=2.0), epsilon_spent=6.0).verdict == ALLOW
+    spent = decide(demanding, task(dp_epsilon=2.5), epsilon_spent=6.0)
+    assert spent.verdict == REFUSE
+    assert spent.reason == ("the privacy budget of project 'heart' at VA is exhausted: epsilon 6 of 8 spent, "
+                            "2 left, this task asks for 2.5")
+
+
+def test_thresholds_never_go_below_the_sites() -> None:
+    site = parse_policy("VA", {"policy": {"disclosure_threshold": 20},
+                               "projects": {"heart": {"approved": True, "disclosure_threshold": 25}}})
+    assert site.threshold("heart") == 25
+    assert site.threshold("unknown") == 20
+    with pytest.raises(PolicyError, match=r"\[projects.heart\] disclosure_threshold 5 is below the site's 20"):
+        parse_policy("VA", {"policy": {"disclosure_threshold": 20},
+                            "projects": {"heart": {"approved": True, "disclosure_threshold": 5}}})
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"projects": {"heart": {"aproved": True}}}, r"\[projects.heart\] has unknown setting\(s\): aproved"),
+    ({"projects": {"heart": {"approved": "yes"}}}, r"\[projects.heart\] approved must be true or false"),
+    ({"projects": {"heart": {"researchers": "alice"}}}, r"researchers must be a list of names"),
+    ({"projects": {"heart": {"tasks": ["train", "sql"]}}}, r"unknown kind\(s\) sql"),
+    ({"projects": {"heart": {"max_epsilon": -1}}}, r"max_epsilon must be at least 0"),
+    ({"policy": {"threshold": 3}}, r"\[policy\] has unknown setting\(s\): threshold"),
+])
+def test_a_bad_policy_is_refused_with_where_and_why(raw, message) -> None:
+    with pytest.raises(PolicyError, match=message):
+        parse_policy("VA", raw)
