@@ -130,7 +130,7 @@ def _scalar_metrics(value: Any, where: str) -> dict[str, float]:
         try:
             number = float(raw.item() if hasattr(raw, "item") else raw)
         except (TypeError, ValueError):
-            raise StepFailed("BadMetric", 0, f"{where} (metric {str(key)[:40]!r} is not a number)") from None
+            raise StepFailed("BadMetric", 0, f"{where} (a metric is not a number)") from None  # its name stays here
         if math.isfinite(number):
             out[str(key)] = number
     return out
@@ -219,7 +219,9 @@ class TaskSession:
         with _guarded("train()"):
             trained = namespace["train"](model, data, config)
         metrics = _scalar_metrics(trained, "train()")
-        result.num_train = int(metrics.pop("num_examples", result.num_train))
+        # the cell may weight its update by fewer examples than its split holds, never by more or by none
+        reported = int(metrics.pop("num_examples", result.num_train))
+        result.num_train = reported if 1 <= reported <= len(train_df) else len(train_df)
         result.train_metrics = metrics
         result.params = _state_arrays(model)
 
