@@ -229,6 +229,11 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
     async def internal_sites(request: Request) -> Response:
         return JSONResponse(manager.sites())
 
+    async def internal_ring(request: Request) -> Response:
+        for name in list((await request.json()).get("sites", [])):
+            manager.presence.ring(str(name))  # a message for it is on the SuperLink again (no new event)
+        return JSONResponse({"ok": True})
+
     internal, site = config.internal_token, config.site_token
     routes = [
         Route("/api/health", health),
@@ -249,6 +254,7 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
         Route("/internal/runs/{run_id}/model", secret_route(internal, internal_put_model), methods=["PUT"]),
         Route("/internal/runs/{run_id}/events", secret_route(internal, internal_events), methods=["POST"]),
         Route("/internal/sites", secret_route(internal, internal_sites)),
+        Route("/internal/ring", secret_route(internal, internal_ring), methods=["POST"]),
     ]
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

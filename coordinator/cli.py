@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="number of site agents (beyond four, copies of the hospitals' data: for scale tests)")
     up.add_argument("--cold", action="store_true",
                     help="sites keep no spare task process (less memory; a run's first round starts them)")
+    up.add_argument("--require-approval", action="store_true",
+                    help="sites run a task's code only once their admin approves it (flip-site approve); "
+                         "by default the local sites auto-approve project 'default' (development)")
     sub.add_parser("down", help="stop the local federation")
     restart = sub.add_parser("restart", help="kill one process of the local federation and start it again")
     restart.add_argument("name", help="coordinator, superlink or site-NAME (as `flip status` lists them)")
@@ -71,7 +74,7 @@ def _up(args: argparse.Namespace) -> int:
     from coordinator.federation import up
     from coordinator.local import connection_path
 
-    connection = up(data=args.data, sites=args.sites, warm=not args.cold)
+    connection = up(data=args.data, sites=args.sites, warm=not args.cold, auto_approve=not args.require_approval)
     print(f"FLIP federation up in {connection['started_seconds']} s")
     print(f"  coordinator  {connection['coordinator_url']}")
     print(f"  sites join   {connection['superlink']}  (flip-site start DIR)")

@@ -29,7 +29,8 @@ from coordinator.serverapp_zygote import write_launcher
 from coordinator.local import (
     connection_path, flip_home, flower_env, free_port, read_connection, wait_until, write_connection,
 )
-from site_agent.catalog import add_dataset, init_site
+from site_agent.catalog import add_dataset, init_site, write_policy
+from site_agent.policy import DEFAULT_THRESHOLD
 
 HEART_SITES = {
     "Cleveland": "processed.cleveland.data",
@@ -132,8 +133,19 @@ def heart_site_names(count: int = len(HEART_SITES)) -> list[str]:
             for i in range(count)]
 
 
-def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len(HEART_SITES)) -> list[Path]:
-    """One site directory per hospital, each holding only its own file as ``heart-disease``.
+def local_policy(auto_approve: bool = True) -> dict[str, Any]:
+    """The local federation's site policy: project ``default`` approved for anyone on any dataset,
+    the disclosure threshold at its default, and code auto-approved (development) unless
+    ``auto_approve`` is False, when each site's admin must approve it (`flip-site approve`)."""
+    return {"policy": {"disclosure_threshold": DEFAULT_THRESHOLD},
+            "projects": {DEFAULT_PROJECT: {"approved": True, "researchers": ["*"], "datasets": ["*"],
+                                           "auto_approve": auto_approve}}}
+
+
+def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len(HEART_SITES), *,
+                        auto_approve: bool = True) -> list[Path]:
+    """One site directory per hospital, each holding only its own file as ``heart-disease``,
+    under the local federation's policy (:func:`local_policy`).
 
     With ``count`` above four, further sites hold copies of the hospitals' files in turn
     (a machine-local scale test, not a real federation)."""
@@ -151,14 +163,18 @@ def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len
         if site_dir.exists():
             shutil.rmtree(site_dir)
         site = init_site(site_dir, name)
-        add_dataset(site, "heart-disease", source / filename, "uci-heart", **HEART_SPLIT)
+        site = add_dataset(site, "heart-disease", source / filename, "uci-heart", **HEART_SPLIT)
+        write_policy(site, local_policy(auto_approve))
         dirs.append(site_dir)
     return dirs
 
 
 def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(HEART_SITES),
-       warm: bool = True) -> dict[str, Any]:
+       warm: bool = True, auto_approve: bool = True) -> dict[str, Any]:
     """Start the local federation (``sites`` site agents) and return the connection it wrote.
+
+    ``auto_approve``: the sites run any code of project ``default`` (development); without it
+    each task waits until the site's admin approves its code (``flip-site approve``).
 
     ``warm``: each site keeps a spare task process (torch loaded) so that a run starts at once;
     without it a site costs only its agent's memory and a run first starts its task processes.
@@ -172,7 +188,7 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     logs = root / "logs"
     logs.mkdir(parents=True)
     started = time.monotonic()
-    site_dirs = prepare_heart_sites(root, data, sites)
+    site_dirs = prepare_heart_sites(root, data, sites, auto_approve=auto_approve)
 
     superlink_port, coordinator_port = free_port(), free_port()
     superlink = f"127.0.0.1:{superlink_port}"

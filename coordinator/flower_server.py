@@ -36,6 +36,9 @@ POLL_MAX_SECONDS = 0.25
 POLL_GROWTH = 1.5
 FIRST_POLL_FRACTION = 0.8  # of the time the quickest site took last round
 LIVENESS_SECONDS = 0.5
+# a site waiting for its admin's approval is asked again after 0.5 s, then less and less often
+APPROVAL_POLL_MIN_SECONDS = 0.5
+APPROVAL_POLL_MAX_SECONDS = 5.0
 OFFLINE_GRACE_SECONDS = 2.0
 OFFLINE = "the site went offline (its agent stopped answering)"
 RESTARTED = "the site's Flower node restarted during the round"
@@ -55,11 +58,16 @@ class Reply:
     result: StepResult | None
     failure: str = ""
     late: bool = False  # missed the round timeout: sits this round out, stays in the run
+    pending: bool = False  # the site's admin has not yet approved the task's code: asked again later
 
 
 def describe_failure(result: StepResult) -> str:
     if result.status == "no-dataset":
         return "the site does not hold this dataset"
+    if result.status == "refused":
+        return f"refused by the site: {result.error_where}"
+    if result.status == "suppressed":
+        return f"withheld by the site's disclosure control ({result.error_where})"
     where = f" in {result.error_where}" if result.error_where else ""
     line = f" at cell line {result.error_line}" if result.error_line else ""
     return f"{result.error_type}{line}{where}"
@@ -83,6 +91,7 @@ class RoundLoop:
         self.stale: set[str] = set()  # ids of messages whose replies came too late: drained, ignored
         self.dataset = task["dataset"]
         self.first_reply_seconds: float | None = None
+        self.awaiting: set[str] = set()  # sites whose admin has yet to approve the task's code
         tune_grid_pulls(self._a_waited_site_is_gone)
 
     def _a_waited_site_is_gone(self) -> bool:
@@ -101,14 +110,16 @@ class RoundLoop:
         )
 
     # -- one exchange --------------------------------------------------------------
-    def exchange(self, round_: int, phase: str, params: dict[str, np.ndarray]) -> list[Reply]:
+    def exchange(self, round_: int, phase: str, params: dict[str, np.ndarray],
+                 only: list[str] | None = None) -> list[Reply]:
+        """Send this step to every active site (or ``only`` these) and gather the replies."""
         started = time.monotonic()
         # starting the task processes (torch, the cell, the data) is not a round: no deadline for it
         timed = self.round_timeout is not None and phase != PHASE_PREPARE
         deadline = started + float(self.round_timeout or 0) if timed else None
         content = request_to_content(self.request(round_, phase, params))
         message_type = MESSAGE_TYPE_TRAIN if phase == PHASE_FIT else MESSAGE_TYPE_EVALUATE
-        sites = sorted(self.active)
+        sites = sorted(self.active if only is None else set(only) & set(self.active))
         messages = [
             Message(content, dst_node_id=self.active[s], message_type=message_type, group_id=str(round_))
             for s in sites
@@ -118,7 +129,11 @@ class RoundLoop:
             ids = [None] * len(sites)
         pending = {mid: site for mid, site in zip(ids, sites, strict=True) if mid}
         status = {PHASE_PREPARE: "preparing", PHASE_FIT: "training"}.get(phase, "evaluating")
-        self.emit(*({"type": "site", "site": s, "status": status, "round": round_} for s in pending.values()))
+        asked_again = sorted(s for s in pending.values() if s in self.awaiting)  # still "waiting for approval"
+        if asked_again:
+            self.hub.ring(asked_again)
+        self.emit(*({"type": "site", "site": s, "status": status, "round": round_}
+                    for s in pending.values() if s not in self.awaiting))
         replies = [Reply(site, None, "Flower refused the message") for mid, site in zip(ids, sites, strict=True) if not mid]
         for reply in replies:
             self.absorb(round_, reply, phase)
@@ -170,6 +185,8 @@ class RoundLoop:
                 return Reply(site, None, OFFLINE)
             return Reply(site, None, f"the site's Flower node reported an error ({msg.error.reason[:200]})")
         result = content_to_result(msg.content)
+        if result.status == "pending":
+            return Reply(site, result, pending=True)
         if result.status != "ok":
             return Reply(site, result, describe_failure(result))
         return Reply(site, result)
@@ -210,6 +227,13 @@ class RoundLoop:
             return
         result = reply.result
         assert result is not None
+        if reply.pending:
+            if reply.site not in self.awaiting:
+                self.awaiting.add(reply.site)
+                self.emit({"type": "site", "site": reply.site, "status": "waiting-approval", "round": round_,
+                           "detail": result.error_where})
+            return
+        self.awaiting.discard(reply.site)
         self.site_info[reply.site] = {"version": result.version, "fingerprint": result.fingerprint,
                                       "train_rows": result.num_train, "test_rows": result.num_test}
         if phase == PHASE_PREPARE:
@@ -275,13 +299,28 @@ class RoundLoop:
         if events:
             self.emit(*events)
 
+    def prepare(self, params: dict[str, np.ndarray]) -> list[Reply]:
+        """Start the sites' task processes and evaluate the initial model (round 0 metrics).
+
+        A site whose admin has not yet approved the task's code answers "pending": it is shown
+        waiting for approval and asked again, at growing intervals, until it approves (and joins)
+        or refuses, or the run stops; the others wait with their task processes started."""
+        ready = self.exchange(0, PHASE_PREPARE, params)
+        interval = APPROVAL_POLL_MIN_SECONDS
+        while waiting := [r.site for r in ready if r.pending and r.site in self.active]:
+            self.check_quorum(0)
+            time.sleep(interval)
+            interval = min(interval * POLL_GROWTH, APPROVAL_POLL_MAX_SECONDS)
+            ready = [r for r in ready if not r.pending] + self.exchange(0, PHASE_PREPARE, params, only=waiting)
+        return sorted(ready, key=lambda r: r.site)
+
     # -- the run ---------------------------------------------------------------------
     def run(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rounds = int(self.task["rounds"])
         self.emit({"type": "run", "status": "running", "sites": sorted(self.active)},
                   *({"type": "site", "site": s, "status": "waiting", "round": 0} for s in sorted(self.active)))
         self.check_quorum(0)
-        ready = self.exchange(0, PHASE_PREPARE, params)  # task processes up, the initial model evaluated
+        ready = self.prepare(params)
         self.check_quorum(0, ready)
         self.global_metrics(0, PHASE_PREPARE, ready, eval_round=0)
         for round_ in range(1, rounds + 1):

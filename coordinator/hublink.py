@@ -84,6 +84,10 @@ class HubLink:
     def events(self, run_id: str, events: list[dict[str, Any]]) -> None:
         self._request("POST", f"/internal/runs/{run_id}/events", json=events)
 
+    def ring(self, sites: list[str]) -> None:
+        """Ring these sites' doorbells: a message for them is on the SuperLink (asked again, no new event)."""
+        self._request("POST", "/internal/ring", json={"sites": sites})
+
     def put_model(self, run_id: str, params: dict[str, np.ndarray]) -> str:
         response = self._request("PUT", f"/internal/runs/{run_id}/model", data=pack_params(params), timeout=300)
         return str(response.json()["sha256"])

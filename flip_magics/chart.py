@@ -23,6 +23,7 @@ EMPTY_CHART_TEXT = "waiting for the first round…"
 _STATUS_COLOURS: dict[str, str] = {
     "waiting": "#6e7781",
     "preparing": "#6e7781",
+    "waiting-approval": "#9a6700",
     "ready": "#1a7f37",
     "training": "#1f6feb",
     "evaluating": "#1f6feb",

@@ -8,8 +8,9 @@ server loop has put a message for this site on the SuperLink; the agent then pul
 Without a ring it still polls the fleet API every ``IDLE_POLL_SECONDS``, so a lost ring costs
 time, never a message.
 
-Each message is one step of a run; the agent hands its bytes to the run's warm task process
-(``site_agent.tasks``) and sends back what came out.
+Each message is one step of a run. The site's policy decides first (``site_agent.governance``):
+only an allowed step reaches the run's warm task process (``site_agent.tasks``), and only what
+the output guard lets through goes back; both are written to the site's audit log.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from flwr.app import Message
 from site_agent import __version__
 from site_agent.catalog import SiteConfig
 from site_agent.fleet import connect
-from site_agent.protocol import StepResult, encode_result
+from site_agent.governance import Governance
+from site_agent.protocol import StepResult, decode_request, encode_result
 from site_agent.tasks import TaskService
 from site_agent.wire import blob_to_content, content_to_blob
 
@@ -50,6 +52,7 @@ class SiteAgent:
         self.stopping = threading.Event()
         self.node_ready = threading.Event()
         self.doorbell = threading.Event()
+        self.governance = Governance(site)  # the site's policy, read once
         self.tasks = TaskService(site.name, site.root, warm_seconds, on_change=lambda: self._safe_announce("online"))
 
     # -- coordinator ----------------------------------------------------------------
@@ -115,7 +118,13 @@ class SiteAgent:
     def _handle(self, link: Any, message: Message) -> None:
         started = time.monotonic()
         try:
-            result = self.tasks.step(content_to_blob(message.content))
+            blob = content_to_blob(message.content)
+            request = decode_request(blob)
+            answer = self.governance.admit(request)  # policy first: no task code runs unless it allows
+            if answer is not None:
+                result = encode_result(answer)
+            else:
+                result = self.governance.release(request, self.tasks.step(blob))  # the output guard, audited
         except Exception as exc:  # noqa: BLE001 - the hub gets a type, the site log the details
             log.exception("could not run a step of Flower run %s", message.metadata.run_id)
             result = encode_result(StepResult(site=self.site.name, status="error", error_type=type(exc).__name__,

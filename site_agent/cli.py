@@ -8,7 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
+from site_agent.approvals import APPROVED, REJECTED, ApprovalError, ApprovalStore
+from site_agent.audit import AuditError, AuditLog, read_records
+from site_agent.audit import show as audit_show
+from site_agent.audit import verify as audit_verify
 from site_agent.catalog import FORMATS, CatalogError, add_dataset, init_site, load_site
+from site_agent.policy import PolicyError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +37,25 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("dir", type=Path)
     listing.add_argument("--json", action="store_true")
 
+    requests = sub.add_parser("requests", help="list tasks waiting for this site's approval (with their code)")
+    requests.add_argument("dir", type=Path)
+    requests.add_argument("--json", action="store_true")
+    approve = sub.add_parser("approve", help="approve a pending task's code (covers reruns of the same source)")
+    approve.add_argument("dir", type=Path)
+    approve.add_argument("hash", help="the code hash `flip-site requests` shows (a unique prefix will do)")
+    approve.add_argument("--project", default=None, help="when the same code waits in more than one project")
+    reject = sub.add_parser("reject", help="reject a pending task's code; the researcher is shown the reason")
+    reject.add_argument("dir", type=Path)
+    reject.add_argument("hash")
+    reject.add_argument("--reason", required=True)
+    reject.add_argument("--project", default=None)
+    audit = sub.add_parser("audit", help="the site's audit log").add_subparsers(dest="action", required=True)
+    show = audit.add_parser("show", help="print the audit log")
+    show.add_argument("dir", type=Path)
+    show.add_argument("--last", type=int, default=None, help="only the last N records")
+    verify = audit.add_parser("verify", help="check the audit log's hash chain (edited, deleted, reordered records)")
+    verify.add_argument("dir", type=Path)
+
     start = sub.add_parser("start", help="join a federation and serve tasks")
     start.add_argument("dir", type=Path)
     start.add_argument("--superlink", default=None, help="HOST:PORT of the federation's SuperLink fleet API")
@@ -47,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except CatalogError as exc:
+    except (CatalogError, PolicyError, ApprovalError, AuditError) as exc:
         print(f"flip-site: {exc}", file=sys.stderr)
         return 2
 
@@ -73,9 +97,57 @@ def _dispatch(args: argparse.Namespace) -> int:
             for d in site.datasets.values():
                 print(f"{d.name}\t{d.format}\t{d.rows} rows\t{d.fingerprint[:19]}…")
         return 0
+    if args.command == "requests":
+        return _requests(args)
+    if args.command in ("approve", "reject"):
+        return _answer(args)
+    if args.command == "audit":
+        return _audit(args)
     if args.command == "start":
         return _start(args)
     raise AssertionError(args)
+
+
+def _requests(args: argparse.Namespace) -> int:
+    site = load_site(args.dir)
+    waiting = ApprovalStore(site.root).pending()
+    if args.json:
+        print(json.dumps(waiting, indent=2))
+        return 0
+    if not waiting:
+        print(f"no task is waiting for approval at {site.name}")
+    for request in waiting:
+        print(f"{request['hash']}\n  project {request['project']}, researcher {request['researcher']}, "
+              f"dataset {request['dataset']}, first asked {request['requested']} (run {request['run_id']})")
+        print("  " + "\n  ".join(request["source"].rstrip("\n").split("\n")) + "\n")
+    return 0
+
+
+def _answer(args: argparse.Namespace) -> int:
+    site = load_site(args.dir)
+    state = APPROVED if args.command == "approve" else REJECTED
+    record = ApprovalStore(site.root).answer(args.hash, state, reason=getattr(args, "reason", "") or "",
+                                             project=args.project)
+    fields = {("code_hash" if k == "hash" else k): v for k, v in record.items()}
+    AuditLog(site.root).append("approval", answer=state, **fields)
+    print(f"{state} {record['hash']} for project {record['project']} at {site.name}"
+          + (f" (reason: {record['reason']})" if state == REJECTED else ""))
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    site = load_site(args.dir)
+    if args.action == "show":
+        for line in audit_show(site.root, args.last):
+            print(line)
+        return 0
+    problems = audit_verify(site.root)
+    for problem in problems:
+        print(problem)
+    count = len(read_records(site.root)) if not problems else None
+    print(f"audit log of {site.name}: " + (f"intact ({count} records)" if not problems else
+                                           f"{len(problems)} problem(s) found"))
+    return 0 if not problems else 1
 
 
 def _start(args: argparse.Namespace) -> int:

@@ -25,8 +25,11 @@ SITES = {"A": 1, "B": 2, "C": 3, "D": 4}
 class FakeGrid:
     """Answers every message at once, except fit steps for the sites in ``silent`` (stragglers)."""
 
-    def __init__(self, silent: set[str]) -> None:
+    def __init__(self, silent: set[str], pending: dict[str, int] | None = None,
+                 refusing: dict[str, str] | None = None) -> None:
         self.silent = silent
+        self.pending = dict(pending or {})  # site: how many prepare asks it answers "pending" (awaiting approval)
+        self.refusing = dict(refusing or {})  # site: its policy's refusal
         self.outbox: dict[str, Message] = {}
         self.count = 0
 
@@ -40,14 +43,25 @@ class FakeGrid:
             phase = header(content_to_blob(msg.content))["phase"]
             if phase != PHASE_PREPARE and site in self.silent:
                 continue
+            if phase == PHASE_PREPARE and self.pending.get(site, 0) > 0:
+                self.pending[site] -= 1
+                self._answer(site, mid, msg, StepResult(site=site, status="pending",
+                                                        error_where=f"waiting for approval at {site}"))
+                continue
+            if site in self.refusing:
+                self._answer(site, mid, msg, StepResult(site=site, status="refused", error_where=self.refusing[site]))
+                continue
             result = StepResult(site=site, status="ok", params={"w": np.ones(2)} if phase == "fit" else {},
                                 train_metrics={"loss": 0.5} if phase == "fit" else {},
                                 eval_metrics={"accuracy": 0.75}, num_train=10, num_test=5)
-            meta = Metadata(run_id=1, message_id="", src_node_id=SITES[site], dst_node_id=0,
-                            reply_to_message_id=mid, group_id="", created_at=time.time(), ttl=60,
-                            message_type=msg.metadata.message_type)
-            self.outbox[mid] = make_message(meta, result_to_content(result))
+            self._answer(site, mid, msg, result)
         return ids
+
+    def _answer(self, site: str, mid: str, msg: Message, result: StepResult) -> None:
+        meta = Metadata(run_id=1, message_id="", src_node_id=SITES[site], dst_node_id=0,
+                        reply_to_message_id=mid, group_id="", created_at=time.time(), ttl=60,
+                        message_type=msg.metadata.message_type)
+        self.outbox[mid] = make_message(meta, result_to_content(result))
 
     def pull_messages(self, ids: list[str]) -> list[Message]:
         return [self.outbox.pop(mid) for mid in ids if mid in self.outbox]
@@ -64,6 +78,9 @@ class FakeHub:
 
     def events(self, run_id: str, events: list[dict[str, Any]]) -> None:
         self.log.extend(events)
+
+    def ring(self, sites: list[str]) -> None:
+        self.log.append({"type": "ring", "sites": sites})
 
 
 @pytest.fixture(autouse=True)
@@ -107,3 +124,26 @@ def test_a_site_that_went_offline_rejoins_with_its_new_node() -> None:
     assert rounds.active["B"] == 22 and "B" not in rounds.failed
     assert hub.log[-1] == {"type": "site", "site": "B", "status": "rejoined", "round": 3,
                            "detail": "back online: it takes part again from this round"}
+
+
+def test_a_site_awaiting_approval_is_shown_waiting_then_joins_when_it_approves(monkeypatch) -> None:
+    monkeypatch.setattr("coordinator.flower_server.APPROVAL_POLL_MIN_SECONDS", 0.01)
+    hub = FakeHub(SITES)
+    grid = FakeGrid(silent=set(), pending={"B": 3})
+    loop(grid, hub, min_sites=4).run({"w": np.zeros(2)})
+    waiting = [e for e in hub.log if e.get("status") == "waiting-approval"]
+    assert waiting == [{"type": "site", "site": "B", "status": "waiting-approval", "round": 0,
+                        "detail": "waiting for approval at B"}]  # said once, not at every ask
+    assert [e["sites"] for e in hub.log if e["type"] == "ring"] == [["B"], ["B"], ["B"]]  # asked again, rung
+    assert {e["site"] for e in hub.log if e.get("status") == "ready"} == set(SITES)
+    assert {e["site"] for e in hub.log if e.get("status") == "done" and e["round"] == 1} == set(SITES)
+
+
+def test_a_site_that_refuses_says_why_and_the_run_stops_below_min_sites() -> None:
+    hub = FakeHub(SITES)
+    grid = FakeGrid(silent=set(), refusing={"C": "project 'p' is not approved at C"})
+    with pytest.raises(RunAborted) as stopped:
+        loop(grid, hub, min_sites=4).run({"w": np.zeros(2)})
+    assert "C: refused by the site: project 'p' is not approved at C" in str(stopped.value)
+    failed = [e for e in hub.log if e.get("status") == "failed"]
+    assert [(e["site"], e["detail"]) for e in failed] == [("C", "refused by the site: project 'p' is not approved at C")]
