@@ -95,17 +95,28 @@ def run_flip(home: Path, rounds: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--flip-only", action="store_true",
+                        help="skip the stock Flower run (to compare two FLIP versions: run this file with each "
+                             "version's tree first on PYTHONPATH)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="flip-bench-") as tmp:
         root = Path(tmp)
         (root / "stock").mkdir()
-        stock = run_stock(root / "stock", site_csvs(root), args.rounds)
+        stock = None if args.flip_only else run_stock(root / "stock", site_csvs(root), args.rounds)
         flip = run_flip(root / "flip-home", args.rounds)
-    stock_s, flip_s = median(stock.seconds_per_round), median(flip["seconds_per_round"])
+    flip_s = median(flip["seconds_per_round"])
     print(f"machine: {machine()}")
     print(f"model: FLamby Fed-Heart-Disease logistic regression, 4 sites, {args.rounds} rounds, 100 local steps")
-    print(f"stock flower: {stock_s:.2f} s/round  (rounds: {', '.join(f'{s:.1f}' for s in stock.seconds_per_round)})")
     print(f"flip: {flip_s:.2f} s/round  (rounds: {', '.join(f'{s:.1f}' for s in flip['seconds_per_round'])})")
+    if stock is None:
+        print(f"flip overhead per round (round minus slowest site's compute): "
+              f"{median(flip['overhead_per_round']):.2f} s")
+        print(f"flip: superlink API calls per round {flip['calls_per_round']:.0f}, "
+              f"superlink cpu per round {flip['cpu_per_round']:.2f} s")
+        print(f"flip: cell execution to first metric in the notebook: {flip['first_metric']:.2f} s")
+        return
+    stock_s = median(stock.seconds_per_round)
+    print(f"stock flower: {stock_s:.2f} s/round  (rounds: {', '.join(f'{s:.1f}' for s in stock.seconds_per_round)})")
     print(f"ratio stock/flip: {stock_s / flip_s:.2f}")
     print(f"flip overhead per round (round minus slowest site's compute): {median(flip['overhead_per_round']):.2f} s")
     print(f"superlink API calls per round: stock {stock.calls_per_round:.0f}, flip {flip['calls_per_round']:.0f}")
