@@ -143,9 +143,9 @@ def local_policy(auto_approve: bool = True) -> dict[str, Any]:
 
 
 def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len(HEART_SITES), *,
-                        auto_approve: bool = True) -> list[Path]:
+                        auto_approve: bool = True, policy: dict[str, Any] | None = None) -> list[Path]:
     """One site directory per hospital, each holding only its own file as ``heart-disease``,
-    under the local federation's policy (:func:`local_policy`).
+    under the local federation's policy (:func:`local_policy`) or ``policy`` (site.toml's tables).
 
     With ``count`` above four, further sites hold copies of the hospitals' files in turn
     (a machine-local scale test, not a real federation)."""
@@ -164,17 +164,18 @@ def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len
             shutil.rmtree(site_dir)
         site = init_site(site_dir, name)
         site = add_dataset(site, "heart-disease", source / filename, "uci-heart", **HEART_SPLIT)
-        write_policy(site, local_policy(auto_approve))
+        write_policy(site, policy or local_policy(auto_approve))
         dirs.append(site_dir)
     return dirs
 
 
 def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(HEART_SITES),
-       warm: bool = True, auto_approve: bool = True) -> dict[str, Any]:
+       warm: bool = True, auto_approve: bool = True, policy: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start the local federation (``sites`` site agents) and return the connection it wrote.
 
     ``auto_approve``: the sites run any code of project ``default`` (development); without it
-    each task waits until the site's admin approves its code (``flip-site approve``).
+    each task waits until the site's admin approves its code (``flip-site approve``). ``policy``
+    replaces the sites' whole policy (the ``policy`` and ``projects`` tables of site.toml).
 
     ``warm``: each site keeps a spare task process (torch loaded) so that a run starts at once;
     without it a site costs only its agent's memory and a run first starts its task processes.
@@ -188,7 +189,7 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     logs = root / "logs"
     logs.mkdir(parents=True)
     started = time.monotonic()
-    site_dirs = prepare_heart_sites(root, data, sites, auto_approve=auto_approve)
+    site_dirs = prepare_heart_sites(root, data, sites, auto_approve=auto_approve, policy=policy)
 
     superlink_port, coordinator_port = free_port(), free_port()
     superlink = f"127.0.0.1:{superlink_port}"

@@ -124,7 +124,9 @@ class SiteAgent:
             if answer is not None:
                 result = encode_result(answer)
             else:
-                result = self.governance.release(request, self.tasks.step(blob))  # the output guard, audited
+                seconds, memory_mb = self.governance.limits(request)
+                produced = self.tasks.step(blob, seconds, memory_mb)  # isolated, killed at its time limit
+                result = self.governance.release(request, produced)  # the output guard, audited
         except Exception as exc:  # noqa: BLE001 - the hub gets a type, the site log the details
             log.exception("could not run a step of Flower run %s", message.metadata.run_id)
             result = encode_result(StepResult(site=self.site.name, status="error", error_type=type(exc).__name__,

@@ -52,6 +52,12 @@ class Governance:
         status = "pending" if decision.verdict == PENDING else "refused"
         return StepResult(site=self.site.name, status=status, error_where=decision.reason)
 
+    def limits(self, request: StepRequest) -> tuple[float, int]:
+        """The step's time limit (seconds) and the run's memory limit (MB) under this site's policy."""
+        project = self.policy.project(request.project)
+        assert project is not None, "admit() refuses a project the site does not know"
+        return project.time_limit_seconds, project.memory_limit_mb
+
     def release(self, request: StepRequest, produced: bytes) -> bytes:
         """What may leave the site of ``produced`` (the task process's result), audited."""
         guarded = guard(decode_result(produced), Declared.from_params(request.params),

@@ -23,7 +23,7 @@ MAX_METRICS = 20
 METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 COUNT_NAME = re.compile(r"(^|_)(n|num|count|counts|total|size|rows|cases|patients)(_|$)", re.I)
 ERROR_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,79}$")
-ERROR_PLACES = ("the cell", "build_model()", "train()", "evaluate()", "the site agent")
+ERROR_PLACES = ("the cell", "build_model()", "train()", "evaluate()", "the site agent", "the task process")
 BAD_PARAMETERS_WHERE = "train() (the returned parameters do not match the declared model)"
 SUPPRESSED_WHERE = re.compile(r"^fewer than \d+ training rows at this site$")
 

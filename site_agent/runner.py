@@ -95,6 +95,13 @@ def _cell_line(exc: BaseException) -> int:
     return line
 
 
+def _error_type(exc: BaseException) -> str:
+    """The exception's type as the researcher sees it; running out of the site's memory limit says so."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
+        return "MemoryLimit"
+    return type(exc).__name__
+
+
 @contextlib.contextmanager
 def _guarded(where: str):  # type: ignore[no-untyped-def]
     try:
@@ -105,7 +112,7 @@ def _guarded(where: str):  # type: ignore[no-untyped-def]
         if isinstance(exc, KeyboardInterrupt):
             raise
         log.warning("task failed in %s:\n%s", where, "".join(traceback.format_exception(exc)))
-        raise StepFailed(type(exc).__name__, _cell_line(exc), where) from None
+        raise StepFailed(_error_type(exc), _cell_line(exc), where) from None
 
 
 def load_cell(source: str) -> dict[str, Any]:

@@ -14,7 +14,9 @@ and a new spare is started once that run has finished. A cold site (the warm per
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -31,7 +33,15 @@ log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 600.0
 READY = b"ready"
+ISOLATION_REFUSED = 3  # the task process's exit code when it cannot leave the host's network
+LIMITS = b"limits:"  # + JSON {"memory_mb": N}: sent once when a run adopts a task process
 REAP_SECONDS = 30.0
+
+
+class TimeLimit(Exception):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"stopped at its time limit of {seconds:g} s")
+        self.seconds = seconds
 
 
 class Worker:
@@ -62,12 +72,32 @@ class Worker:
         with self.lock:
             self._await_ready()
 
-    def call(self, blob: bytes) -> bytes:
+    def limit(self, memory_mb: int) -> None:
+        """Set the run's memory limit in the task process (before its first step)."""
+        with self.lock:
+            self._await_ready()
+            self.conn.send_bytes(LIMITS + json.dumps({"memory_mb": int(memory_mb)}).encode())
+            if self.conn.recv_bytes() != READY:
+                raise OSError("the task process did not take its limits")
+
+    def call(self, blob: bytes, seconds: float | None = None) -> bytes:
+        """Run one step; at ``seconds`` the task process is killed and :class:`TimeLimit` raised."""
         with self.lock:
             self._await_ready()
             self.last_used = time.monotonic()
             self.conn.send_bytes(blob)
+            if seconds is not None and not self.conn.poll(seconds):
+                self.kill()
+                raise TimeLimit(seconds)
             return self.conn.recv_bytes()
+
+    def kill(self) -> None:
+        """SIGKILL the task process and whatever it started (its own session)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
     def close(self) -> None:
         self.conn.close()
@@ -123,27 +153,46 @@ class TaskService:
             return spare
         return Worker(self.site_root)
 
-    def step(self, blob: bytes) -> bytes:
-        """Run one encoded step in its run's task process; the encoded result."""
+    def step(self, blob: bytes, seconds: float | None = None, memory_mb: int | None = None) -> bytes:
+        """Run one encoded step in its run's task process, within ``seconds`` (killed after) and
+        ``memory_mb`` (set when the run adopts its process); the encoded result."""
         head = header(blob)
         run_id, phase = str(head["run_id"]), str(head["phase"])
         with self._lock:
             self.last_step = time.monotonic()
             worker = self.workers.get(run_id)
-            if worker is None or worker.process.poll() is not None:
+            adopted = worker is None or worker.process.poll() is not None
+            if adopted:
                 worker = self.workers[run_id] = self._adopt()
                 log.info("run %s: task process %s", run_id, worker.process.pid)
+        assert worker is not None
         try:
-            reply = worker.call(blob)
+            if adopted and memory_mb is not None:
+                worker.limit(memory_mb)
+            reply = worker.call(blob, seconds)
+        except TimeLimit as stopped:
+            with self._lock:
+                self.workers.pop(run_id, None)
+            log.warning("run %s: the task process was %s", run_id, stopped)
+            threading.Thread(target=self.warm_up, daemon=True).start()
+            return encode_result(StepResult(site=self.site_name, status="error", error_type="TimeLimit",
+                                            error_where=f"the task process ({stopped})"))
         except (EOFError, OSError):
             code = worker.process.wait()
             with self._lock:
                 self.workers.pop(run_id, None)
             why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             log.warning("the task process of run %s died (%s)", run_id, why)
+            threading.Thread(target=self.warm_up, daemon=True).start()
+            if code == ISOLATION_REFUSED:
+                return encode_result(StepResult(site=self.site_name, status="error", error_type="TaskIsolation",
+                                                error_where="the task process (it could not be isolated from the "
+                                                            "network: see the site's logs/task-processes.log)"))
             return encode_result(StepResult(site=self.site_name, status="error", error_type="TaskProcessDied",
                                             error_where=f"the task process ({why})"))
-        if phase == PHASE_EVALUATE:  # the run's final step: close its process, off the reply path
+        if phase == PHASE_EVALUATE or header(reply)["status"] != "ok":
+            # the run's final step here (its last round, or this site is out of the run after an error):
+            # close its process and make a spare ready, off the reply path
             threading.Thread(target=self._retire, args=(run_id,), daemon=True).start()
         return reply
 

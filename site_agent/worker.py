@@ -1,13 +1,15 @@
 """The warm task process: one per run at a site, started by the site agent.
 
-It loads torch, the cell and the site's split once and then serves the run's steps, one at
-a time, over the connection the agent handed it (file descriptor ``--fd``). Its stdout and
-stderr go to the site log, never to the hub.
+It leaves the host's network first (``site_agent.isolation``), loads torch, and once a run
+adopts it, takes the run's memory limit and loads the cell and the site's split once, then
+serves the run's steps, one at a time, over the connection the agent handed it (file
+descriptor ``--fd``). Its stdout and stderr go to the site log, never to the hub.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -16,9 +18,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from site_agent.catalog import load_site
+from site_agent.isolation import ENV_ALLOW_NETWORK, IsolationError, drop_network, limit_memory, network_allowed
 from site_agent.protocol import decode_request, encode_result
 from site_agent.runner import TaskSession
-from site_agent.tasks import READY
+from site_agent.tasks import ISOLATION_REFUSED, LIMITS, READY
 
 ENV_THREADS = "FLIP_TASK_THREADS"
 PARENT_CHECK_SECONDS = 0.5
@@ -56,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     args = parser.parse_args(argv)
     parent = os.getppid()
+    try:
+        drop_network()  # first: a new namespace needs a process with one thread
+    except IsolationError as exc:
+        if not network_allowed():
+            print(f"refusing to start: {exc} (a site without network namespaces can start its agent with "
+                  f"{ENV_ALLOW_NETWORK}=allow)", file=sys.stderr, flush=True)
+            return ISOLATION_REFUSED
+        print(f"WARNING: task code keeps the host's network: {exc}", file=sys.stderr, flush=True)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _yield_cpu()
     import torch  # once per run, before the first step
@@ -71,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             blob = conn.recv_bytes()
         except EOFError:
             return 0
+        if blob.startswith(LIMITS):  # from the agent when a run adopts this process, before its first step
+            limit_memory(int(json.loads(blob[len(LIMITS):])["memory_mb"]))
+            conn.send_bytes(READY)
+            continue
         conn.send_bytes(encode_result(session.step(decode_request(blob))))
 
 

@@ -5,7 +5,7 @@ Real processes only: a SuperLink, the coordinator and four site agents (the modu
 manager while the run is between rounds, and then attaches to the run again.
 
 The run's cell holds its sites in ``train()`` from round 3 until the test opens a gate (a local
-socket: each site blocks reading from it until the test sends "go"). That is the workload, not
+Unix socket: each site blocks reading from it until the test sends "go"). That is the workload, not
 synchronisation of the test: it keeps the run provably mid-run (two rounds done,
 the third blocked) across the restart and the attach, and the test opens the gate only once the
 attached view has caught up. Every wait is on an observable condition, with a deadline.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -38,18 +39,24 @@ GATED_CELL = TINY_CELL.replace(
     "def train(model, data, config):\n"
     "    if data.round >= config['hold_from']:\n"
     "        import socket\n"
-    "        with socket.create_connection(('127.0.0.1', config['gate']), timeout=300) as gate:\n"
+    "        with socket.socket(socket.AF_UNIX) as gate:\n"
+    "            gate.settimeout(300)\n"
+    "            gate.connect(config['gate'])\n"
     "            if gate.recv(2) != b'go':\n"
     "                raise TimeoutError('the gate was never opened')\n",
 )
 
 
 class Gate:
-    """A local socket the sites' train() connect to and block on until ``open()`` sends them "go"."""
+    """A Unix socket the sites' train() connect to and block on until ``open()`` sends them "go".
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+    A Unix socket, not TCP: task processes have no network (each its own network namespace)."""
+
+    def __init__(self, path: Path) -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        self.path = str(path)
         self.waiting: list[socket.socket] = []
         self.opened = False
         self.lock = threading.Lock()
@@ -87,8 +94,8 @@ class Gate:
 
 
 @pytest.fixture
-def gate() -> Iterator[Gate]:
-    opened = Gate()
+def gate(tmp_path: Path) -> Iterator[Gate]:
+    opened = Gate(tmp_path / "gate.sock")
     yield opened
     opened.close()
 
@@ -144,7 +151,7 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
         assert "connected to http://127.0.0.1:" in text, text
         outputs, seconds = kernel.run(
             f"%%flip_train --dataset heart-disease --rounds {ROUNDS} --seed 3 --out run "
-            f"--config gate={gate.port} hold_from={HOLD_FROM}\n" + GATED_CELL)
+            f"--config gate={gate.path} hold_from={HOLD_FROM}\n" + GATED_CELL)
         assert seconds < 30, "the training cell must return at once"
         assert any(WIDGET_MIME in o.get("data", {}) for o in outputs), outputs
         before = kernel.json("import json, os\nprint(json.dumps({'run_id': run.run_id, 'pid': os.getpid()}))")

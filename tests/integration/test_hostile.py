@@ -1,0 +1,113 @@
+"""Hostile cells against real site agents: each is stopped or stripped, the notebook says why in a
+sentence, nothing the cell saw leaves, the site goes on serving, and its audit log records it.
+
+The sites' policy here: time limit 6 s per step, memory limit 1024 MB per task process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.federation import DEFAULT_PROJECT, down, up
+from flip_magics.client import FlipClient, RunHandle
+from flip_magics.errors import RunFailed
+from helpers import TINY_CELL
+from site_agent.audit import read_records, verify
+
+SITES = ("Cleveland", "Hungary", "Switzerland", "VA")
+POLICY = {"policy": {"disclosure_threshold": 10},
+          "projects": {DEFAULT_PROJECT: {"approved": True, "researchers": ["*"], "datasets": ["*"], "auto_approve": True,
+                                         "time_limit_seconds": 6, "memory_limit_mb": 1024}}}
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FlipClient, Path, dict]]:
+    home = tmp_path_factory.mktemp("flip-hostile")
+    previous = os.environ.get("FLIP_HOME")
+    os.environ["FLIP_HOME"] = str(home)
+    try:
+        connection = up(home, policy=POLICY)
+        client = FlipClient(connection["coordinator_url"], connection["token"])
+        yield client, Path(connection["federation"]) / "sites", connection
+    finally:
+        down(home)
+        if previous is None:
+            os.environ.pop("FLIP_HOME", None)
+        else:
+            os.environ["FLIP_HOME"] = previous
+
+
+def hostile(train_body: str) -> str:
+    """TINY_CELL whose train() runs ``train_body`` first (one indented line per line)."""
+    body = "\n".join("    " + line for line in train_body.strip().splitlines())
+    return TINY_CELL + f"\n_honest_train = train\n\ndef train(model, data, config):\n{body}\n" \
+                       "    return _honest_train(model, data, config)\n"
+
+
+def failures(client: FlipClient, source: str, name: str) -> tuple[dict[str, str], RunHandle, str]:
+    handle = client.train(source, dataset="heart-disease", rounds=1, min_sites=4, seed=0, name=name)
+    with pytest.raises(RunFailed) as failed:
+        handle.wait(120)
+    details = {e["site"]: e["detail"] for e in list(handle.events) if e.get("type") == "site" and e["status"] == "failed"}
+    return details, handle, str(failed.value)
+
+
+def test_a_cell_cannot_reach_the_network(guarded) -> None:
+    client, sites, connection = guarded
+    port = connection["coordinator_url"].rsplit(":", 1)[1]
+    source = hostile(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)")
+    details, _, _ = failures(client, source, "socket")
+    assert set(details) == set(SITES)
+    assert all(re.fullmatch(r"OSError at cell line \d+ in train\(\)", d) for d in details.values()), details
+    outcomes = [r for r in read_records(sites / "VA") if r["kind"] == "outcome"]
+    assert any(r["outgoing"]["status"] == "error" for r in outcomes)
+
+
+def test_a_cell_that_runs_forever_is_stopped_at_the_time_limit(guarded) -> None:
+    client, _, _ = guarded
+    details, _, reason = failures(client, hostile("while True:\n    pass"), "forever")
+    assert details == {s: "TimeLimit in the task process (stopped at its time limit of 6 s)" for s in SITES}
+    assert "--min-sites is 4" in reason
+
+
+def test_a_cell_that_allocates_without_bound_hits_the_memory_limit(guarded) -> None:
+    client, _, _ = guarded
+    details, _, _ = failures(client, hostile("hoard = []\nwhile True:\n    hoard.append(bytearray(64 * 2**20))"),
+                             "hoard")
+    assert all(re.fullmatch(r"MemoryLimit at cell line \d+ in train\(\)", d) for d in details.values()), details
+
+
+def test_rows_in_a_message_or_printed_stay_at_the_site(guarded) -> None:
+    client, sites, _ = guarded
+    details, handle, reason = failures(
+        client, hostile("print('ROW', data.train.iloc[0].to_dict())\n"
+                        "raise ValueError('patient ' + str(data.train.iloc[0].to_dict()))"), "leaky")
+    assert all(re.fullmatch(r"ValueError at cell line \d+ in train\(\)", d) for d in details.values()), details
+    assert "patient" not in reason and "age" not in reason
+    assert not any("patient" in str(e) or "'age'" in str(e) for e in list(handle.events))
+    log = (sites / "VA" / "logs" / f"run-{handle.run_id}.log").read_text()
+    assert "ROW {'age'" in log  # the site's own log has it, for its admin
+
+
+def test_parameters_of_the_wrong_shape_are_stripped(guarded) -> None:
+    client, sites, _ = guarded
+    source = hostile("model.weight = torch.nn.Parameter(torch.tensor(data.train[['age', 'chol']].to_numpy(),"
+                     " dtype=torch.float32))\nreturn {'loss': 0.0}")
+    details, _, _ = failures(client, source, "disguised")
+    expected = "BadParameters in train() (the returned parameters do not match the declared model)"
+    assert details == {s: expected for s in SITES}
+    stripped = [r for r in read_records(sites / "Hungary") if r["kind"] == "outcome" and r["stripped"]]
+    assert stripped and stripped[-1]["outgoing"]["params"] == {}
+
+
+def test_after_all_that_every_site_still_serves_and_its_audit_chain_holds(guarded) -> None:
+    client, sites, _ = guarded  # runs last in this module: after every hostile cell above
+    done = client.train(TINY_CELL, dataset="heart-disease", rounds=1, min_sites=4, seed=0, name="honest").wait(120)
+    assert done.status == "completed", done.reason
+    for site in SITES:
+        assert verify(sites / site) == []
