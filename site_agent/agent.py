@@ -28,6 +28,7 @@ from site_agent import __version__
 from site_agent.catalog import SiteConfig
 from site_agent.fleet import connect
 from site_agent.governance import Governance
+from site_agent.guard import announced
 from site_agent.protocol import StepResult, decode_request, encode_result
 from site_agent.tasks import TaskService
 from site_agent.wire import blob_to_content, content_to_blob
@@ -57,8 +58,9 @@ class SiteAgent:
 
     # -- coordinator ----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        return {"version": __version__, "datasets": [d.summary() for d in self.site.datasets.values()],
-                "warm": self.tasks.warm}
+        threshold = self.governance.policy.disclosure_threshold  # counts under it never leave, not even here
+        return {"version": __version__, "warm": self.tasks.warm,
+                "datasets": [announced(d.summary(), threshold) for d in self.site.datasets.values()]}
 
     def announce(self, state: str = "online") -> None:
         body = {"site": self.site.name, "node_id": self.node_id, "info": self.info(), "state": state}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -163,3 +164,9 @@ def describe_outgoing(result: StepResult) -> dict:
         "num_train": result.num_train,
         "num_test": result.num_test,
     }
+
+
+def announced(summary: dict[str, Any], threshold: int) -> dict[str, Any]:
+    """A dataset's summary as the site announces it: row counts under the threshold withheld (None)."""
+    return {k: (None if k in ("rows", "train_rows", "test_rows") and isinstance(v, int) and 0 < v < threshold
+                else v) for k, v in summary.items()}

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from site_agent.guard import MAX_METRICS, Declared, describe_outgoing, guard
+from site_agent.guard import MAX_METRICS, Declared, announced, describe_outgoing, guard
 from site_agent.protocol import StepResult
 
 THRESHOLD = 10
@@ -215,3 +215,10 @@ def test_describe_outgoing_has_names_and_shapes_but_no_values() -> None:
     }
     text = json.dumps(describe_outgoing(out))
     assert "123456" not in text and "123457" not in text
+
+
+def test_an_announced_dataset_withholds_row_counts_under_the_threshold() -> None:
+    summary = {"name": "rare-disease", "rows": 9, "train_rows": 7, "test_rows": 2, "columns": ["age"]}
+    assert announced(summary, 10) == {"name": "rare-disease", "rows": None, "train_rows": None, "test_rows": None,
+                                      "columns": ["age"]}
+    assert announced({**summary, "rows": 200, "train_rows": 160, "test_rows": 40}, 10)["train_rows"] == 160
