@@ -29,6 +29,7 @@ from coordinator.serverapp_zygote import write_launcher
 from coordinator.local import (
     connection_path, flip_home, flower_env, free_port, read_connection, wait_until, write_connection,
 )
+from site_agent import isolation
 from site_agent.catalog import add_dataset, init_site, write_policy
 from site_agent.policy import DEFAULT_THRESHOLD
 
@@ -244,6 +245,9 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
         raise fail(f"the coordinator did not start ({', '.join(dead()) or 'no answer'})")
     # four sites share this machine's cores: one torch thread per task process
     site_env = {**base_env, "FLIP_HOME": str(federation.home), "FLIP_TASK_THREADS": "1"}
+    if why := isolation.probe():  # a local development federation still runs; a real site refuses instead
+        site_env.update({isolation.ENV_ALLOW_NETWORK: "allow", isolation.ENV_ALLOW_FILES: "allow"})
+        print(f"WARNING: task code at the local sites is not isolated from this machine ({why})", file=sys.stderr)
     for site_dir in site_dirs:
         processes.append(_spawn(
             f"site-{site_dir.name}",

@@ -49,11 +49,13 @@ class Worker:
 
     def __init__(self, site_root: Path) -> None:
         ours, theirs = socket.socketpair()
-        (site_root / "logs").mkdir(parents=True, exist_ok=True)
+        for folder in ("logs", "scratch"):
+            (site_root / folder).mkdir(parents=True, exist_ok=True)
         with open(site_root / "logs" / "task-processes.log", "ab") as sink:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "site_agent.worker", str(site_root), "--fd", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                cwd=site_root / "scratch",  # also its sys.path[0]: nothing else of the agent's folder
             )  # no PDEATHSIG here: it fires when the spawning *thread* ends; the worker watches its parent
         theirs.close()
         self.conn = Connection(ours.detach())
@@ -186,8 +188,8 @@ class TaskService:
             threading.Thread(target=self.warm_up, daemon=True).start()
             if code == ISOLATION_REFUSED:
                 return encode_result(StepResult(site=self.site_name, status="error", error_type="TaskIsolation",
-                                                error_where="the task process (it could not be isolated from the "
-                                                            "network: see the site's logs/task-processes.log)"))
+                                                error_where="the task process (it could not be isolated: see the "
+                                                            "site's logs/task-processes.log)"))
             return encode_result(StepResult(site=self.site_name, status="error", error_type="TaskProcessDied",
                                             error_where=f"the task process ({why})"))
         if phase == PHASE_EVALUATE or header(reply)["status"] != "ok":

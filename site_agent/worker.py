@@ -18,7 +18,17 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from site_agent.catalog import load_site
-from site_agent.isolation import ENV_ALLOW_NETWORK, IsolationError, drop_network, limit_memory, network_allowed
+from site_agent.isolation import (
+    ENV_ALLOW_FILES,
+    ENV_ALLOW_NETWORK,
+    IsolationError,
+    confine_files,
+    drop_network,
+    files_allowed,
+    limit_memory,
+    network_allowed,
+    site_paths,
+)
 from site_agent.protocol import decode_request, encode_result
 from site_agent.runner import TaskSession
 from site_agent.tasks import ISOLATION_REFUSED, LIMITS, READY
@@ -67,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{ENV_ALLOW_NETWORK}=allow)", file=sys.stderr, flush=True)
             return ISOLATION_REFUSED
         print(f"WARNING: task code keeps the host's network: {exc}", file=sys.stderr, flush=True)
+    site = load_site(args.site_dir)
+    os.environ["TMPDIR"] = str(site.root / "scratch")  # the one place task code may write files
+    try:
+        confine_files(*site_paths(site.root, [Path(d.path) for d in site.datasets.values()]))
+    except IsolationError as exc:
+        if not files_allowed():
+            print(f"refusing to start: {exc} (a site without Landlock can start its agent with "
+                  f"{ENV_ALLOW_FILES}=allow)", file=sys.stderr, flush=True)
+            return ISOLATION_REFUSED
+        print(f"WARNING: task code can read this host's files: {exc}", file=sys.stderr, flush=True)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _yield_cpu()
     import torch  # once per run, before the first step
@@ -74,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if os.environ.get(ENV_THREADS):
         torch.set_num_threads(int(os.environ[ENV_THREADS]))
-    session = TaskSession(load_site(args.site_dir))
+    session = TaskSession(site)
     conn = Connection(args.fd)
     conn.send_bytes(READY)
     while True:

@@ -68,6 +68,19 @@ def test_a_cell_cannot_reach_the_network(guarded) -> None:
     assert any(r["outgoing"]["status"] == "error" for r in outcomes)
 
 
+def test_a_cell_cannot_read_files_outside_its_sites_data(guarded) -> None:
+    client, _, _ = guarded
+    # the federation's connection file (researcher and site tokens) and another hospital's table
+    source = hostile("import os, pathlib\n"
+                     "for path in (pathlib.Path(os.environ['FLIP_HOME']) / 'connection.json',\n"
+                     "             pathlib.Path(os.environ['FLIP_HOME']) / 'federation' / 'sites' / 'VA' / 'site.toml'):\n"
+                     "    if data.site != 'VA' or path.name != 'site.toml':\n"
+                     "        path.read_text()")
+    details, _, _ = failures(client, source, "snoop")
+    assert set(details) == set(SITES)
+    assert all(re.fullmatch(r"PermissionError at cell line \d+ in train\(\)", d) for d in details.values()), details
+
+
 def test_a_cell_that_runs_forever_is_stopped_at_the_time_limit(guarded) -> None:
     client, _, _ = guarded
     details, _, reason = failures(client, hostile("while True:\n    pass"), "forever")
