@@ -16,6 +16,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Callable
 
 from site_agent.catalog import load_site
 from site_agent.isolation import (
@@ -63,30 +64,32 @@ def _yield_cpu() -> None:
         pass
 
 
+def _isolate(step: Callable[[], None], allowed: bool, setting: str, loses: str) -> bool:
+    """Take one isolation step; False when it failed and the site's admin has not allowed going without."""
+    try:
+        step()
+    except IsolationError as exc:
+        if not allowed:
+            print(f"refusing to start: {exc} (a site that cannot do this can start its agent with {setting}=allow)",
+                  file=sys.stderr, flush=True)
+            return False
+        print(f"WARNING: task code {loses}: {exc}", file=sys.stderr, flush=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m site_agent.worker")
     parser.add_argument("site_dir", type=Path)
     parser.add_argument("--fd", type=int, required=True)
     args = parser.parse_args(argv)
     parent = os.getppid()
-    try:
-        drop_network()  # first: a new namespace needs a process with one thread
-    except IsolationError as exc:
-        if not network_allowed():
-            print(f"refusing to start: {exc} (a site without network namespaces can start its agent with "
-                  f"{ENV_ALLOW_NETWORK}=allow)", file=sys.stderr, flush=True)
-            return ISOLATION_REFUSED
-        print(f"WARNING: task code keeps the host's network: {exc}", file=sys.stderr, flush=True)
+    if not _isolate(drop_network, network_allowed(), ENV_ALLOW_NETWORK, "keeps the host's network"):
+        return ISOLATION_REFUSED  # the network first: a new namespace needs a process with one thread
     site = load_site(args.site_dir)
     os.environ["TMPDIR"] = str(site.root / "scratch")  # the one place task code may write files
-    try:
-        confine_files(*site_paths(site.root, [Path(d.path) for d in site.datasets.values()]))
-    except IsolationError as exc:
-        if not files_allowed():
-            print(f"refusing to start: {exc} (a site without Landlock can start its agent with "
-                  f"{ENV_ALLOW_FILES}=allow)", file=sys.stderr, flush=True)
-            return ISOLATION_REFUSED
-        print(f"WARNING: task code can read this host's files: {exc}", file=sys.stderr, flush=True)
+    paths = site_paths(site.root, [Path(d.path) for d in site.datasets.values()])
+    if not _isolate(lambda: confine_files(*paths), files_allowed(), ENV_ALLOW_FILES, "can read this host's files"):
+        return ISOLATION_REFUSED
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _yield_cpu()
     import torch  # once per run, before the first step

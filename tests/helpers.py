@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data() -> Path:
     return Path(os.environ.get("FLIP_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+@contextlib.contextmanager
+def local_federation(home: Path, **options: Any) -> Iterator[dict[str, Any]]:
+    """``flip up`` under ``home`` with ``options`` (real processes), FLIP_HOME pointing there meanwhile
+    so that kernels and CLIs a test starts find its connection file; ``flip down`` after."""
+    from coordinator.federation import down, up
+
+    previous = os.environ.get("FLIP_HOME")
+    os.environ["FLIP_HOME"] = str(home)
+    try:
+        yield up(home, **options)
+    finally:
+        down(home)
+        if previous is None:
+            os.environ.pop("FLIP_HOME", None)
+        else:
+            os.environ["FLIP_HOME"] = previous
 
 
 TINY_CELL = '''

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from coordinator.federation import _alive, down, status, up
+from coordinator.federation import _alive, status
 from flip_magics.client import FlipClient
+from helpers import local_federation
 
 
 @dataclass
@@ -29,16 +29,9 @@ class LocalFederation:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     home = tmp_path_factory.mktemp("flip-home")
-    previous = os.environ.get("FLIP_HOME")
-    os.environ["FLIP_HOME"] = str(home)  # kernels started by the tests find the connection file here
-    try:
-        connection = up(home)
-        yield LocalFederation(home, connection)
-    finally:
-        pids = [p["pid"] for p in status(home)["processes"]]
-        down(home)
-        if previous is None:
-            os.environ.pop("FLIP_HOME", None)
-        else:
-            os.environ["FLIP_HOME"] = previous
-        assert not [pid for pid in pids if _alive(pid)], "flip down left processes behind"
+    with local_federation(home) as connection:  # kernels started by the tests find the connection file here
+        try:
+            yield LocalFederation(home, connection)
+        finally:
+            pids = [p["pid"] for p in status(home)["processes"]]
+    assert not [pid for pid in pids if _alive(pid)], "flip down left processes behind"

@@ -7,7 +7,6 @@ researcher with the site's reason; every decision is in the site's audit log, an
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.federation import down, up
 from coordinator.local import wait_until
 from flip_magics.client import FlipClient, RunHandle
 from flip_magics.errors import RunFailed
-from helpers import TINY_CELL
+from helpers import TINY_CELL, local_federation
 
 BIN = Path(sys.executable).parent
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA")
@@ -27,18 +25,8 @@ SITES = ("Cleveland", "Hungary", "Switzerland", "VA")
 
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FlipClient, Path]]:
-    home = tmp_path_factory.mktemp("flip-strict")
-    previous = os.environ.get("FLIP_HOME")
-    os.environ["FLIP_HOME"] = str(home)
-    try:
-        connection = up(home, auto_approve=False, warm=False)
+    with local_federation(tmp_path_factory.mktemp("flip-strict"), auto_approve=False, warm=False) as connection:
         yield FlipClient(connection["coordinator_url"], connection["token"]), Path(connection["federation"]) / "sites"
-    finally:
-        down(home)
-        if previous is None:
-            os.environ.pop("FLIP_HOME", None)
-        else:
-            os.environ["FLIP_HOME"] = previous
 
 
 def flip_site(*args: str) -> subprocess.CompletedProcess[str]:

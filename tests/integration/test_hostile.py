@@ -6,17 +6,16 @@ The sites' policy here: time limit 6 s per step, memory limit 1024 MB per task p
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from coordinator.federation import DEFAULT_PROJECT, down, up
+from coordinator.federation import DEFAULT_PROJECT
 from flip_magics.client import FlipClient, RunHandle
 from flip_magics.errors import RunFailed
-from helpers import TINY_CELL
+from helpers import TINY_CELL, local_federation
 from site_agent.audit import read_records, verify
 
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA")
@@ -27,19 +26,9 @@ POLICY = {"policy": {"disclosure_threshold": 10},
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FlipClient, Path, dict]]:
-    home = tmp_path_factory.mktemp("flip-hostile")
-    previous = os.environ.get("FLIP_HOME")
-    os.environ["FLIP_HOME"] = str(home)
-    try:
-        connection = up(home, policy=POLICY)
+    with local_federation(tmp_path_factory.mktemp("flip-hostile"), policy=POLICY) as connection:
         client = FlipClient(connection["coordinator_url"], connection["token"])
         yield client, Path(connection["federation"]) / "sites", connection
-    finally:
-        down(home)
-        if previous is None:
-            os.environ.pop("FLIP_HOME", None)
-        else:
-            os.environ["FLIP_HOME"] = previous
 
 
 def hostile(train_body: str) -> str:

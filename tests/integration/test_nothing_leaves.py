@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 
-from coordinator.federation import DEFAULT_PROJECT, down, up
+from coordinator.federation import DEFAULT_PROJECT
 from coordinator.local import wait_until
 from flip_magics.client import FlipClient, RunHandle
 from flip_magics.errors import RunFailed
-from helpers import TINY_CELL, shared_data
+from helpers import TINY_CELL, local_federation, shared_data
 from site_agent.catalog import add_dataset, init_site, read_table, write_policy
 
 BIN = Path(sys.executable).parent
@@ -87,47 +87,41 @@ class Capture:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("flip-planted")
-    previous = os.environ.get("FLIP_HOME")
-    os.environ["FLIP_HOME"] = str(home)
     captures: list[Capture] = []
     agent = None
-    try:
-        connection = up(home, warm=False)
-        table = read_table(shared_data() / "heart-disease" / "processed.va.data", "uci-heart")
-        tokens = [f"tok{secrets.token_hex(8)}" for _ in range(len(table))]
-        table["token"] = tokens
-        csv = home / "planted.csv"
-        table.to_csv(csv, index=False)
-        site_dir = home / "planted-site"
-        site = add_dataset(init_site(site_dir, "Planted"), "heart-disease", csv, "csv")
-        write_policy(site, {"projects": {DEFAULT_PROJECT: {"approved": True, "researchers": ["*"],
-                                                           "datasets": ["*"], "auto_approve": False}}})
-        link_host, link_port = connection["superlink"].rsplit(":", 1)
-        hub_port = int(connection["coordinator_url"].rsplit(":", 1)[1])
-        fleet, hub = Capture((link_host, int(link_port))), Capture(("127.0.0.1", hub_port))
-        captures = [fleet, hub]
-        agent = subprocess.Popen(
-            [BIN / "flip-site", "start", site_dir, "--superlink", f"127.0.0.1:{fleet.port}",
-             "--coordinator", f"http://127.0.0.1:{hub.port}", f"--token={connection['site_token']}"],
-            env={**os.environ, "FLIP_HOME": str(home)}, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = FlipClient(connection["coordinator_url"], connection["token"])
-        online = lambda: any(s["site"] == "Planted" and s["status"] == "online" for s in client.sites())  # noqa: E731
-        assert wait_until(online, 120, 0.1), "the planted site did not come online"
-        yield {"client": client, "tokens": tokens, "site_dir": site_dir, "captures": captures,
-               "federation": Path(connection["federation"])}
-    finally:
-        if agent is not None:
-            os.killpg(agent.pid, signal.SIGTERM)
-            agent.wait(timeout=30)
-        for capture in captures:
-            capture.close()
-        down(home)
-        if previous is None:
-            os.environ.pop("FLIP_HOME", None)
-        else:
-            os.environ["FLIP_HOME"] = previous
+    with local_federation(home, warm=False) as connection:
+        try:
+            table = read_table(shared_data() / "heart-disease" / "processed.va.data", "uci-heart")
+            tokens = [f"tok{secrets.token_hex(8)}" for _ in range(len(table))]
+            table["token"] = tokens
+            csv = home / "planted.csv"
+            table.to_csv(csv, index=False)
+            site_dir = home / "planted-site"
+            site = add_dataset(init_site(site_dir, "Planted"), "heart-disease", csv, "csv")
+            write_policy(site, {"projects": {DEFAULT_PROJECT: {"approved": True, "researchers": ["*"],
+                                                               "datasets": ["*"], "auto_approve": False}}})
+            link_host, link_port = connection["superlink"].rsplit(":", 1)
+            hub_port = int(connection["coordinator_url"].rsplit(":", 1)[1])
+            fleet, hub = Capture((link_host, int(link_port))), Capture(("127.0.0.1", hub_port))
+            captures = [fleet, hub]
+            agent = subprocess.Popen(
+                [BIN / "flip-site", "start", site_dir, "--superlink", f"127.0.0.1:{fleet.port}",
+                 "--coordinator", f"http://127.0.0.1:{hub.port}", f"--token={connection['site_token']}"],
+                env={**os.environ, "FLIP_HOME": str(home)}, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            client = FlipClient(connection["coordinator_url"], connection["token"])
+            online = lambda: any(s["site"] == "Planted" and s["status"] == "online"  # noqa: E731
+                                 for s in client.sites())
+            assert wait_until(online, 120, 0.1), "the planted site did not come online"
+            yield {"client": client, "tokens": tokens, "site_dir": site_dir, "captures": captures,
+                   "federation": Path(connection["federation"])}
+        finally:
+            if agent is not None:
+                os.killpg(agent.pid, signal.SIGTERM)
+                agent.wait(timeout=30)
+            for capture in captures:
+                capture.close()
 
 
 def flip_site(*args: Any) -> str:
