@@ -1,6 +1,6 @@
 """The site's word on every step: policy before it runs, the output guard after, the audit of both.
 
-The site agent (trusted FLIP code) calls :meth:`Governance.admit` with a step's header before
+The site agent (trusted FLIP code) calls :meth:`Governance.admit` with a decoded step before
 any of the task's code runs, and :meth:`Governance.release` with what the task process
 produced before anything goes back to the hub. Decisions come from ``site_agent.policy``
 (pure), code approvals from ``site_agent.approvals``, the guard from ``site_agent.guard``;
@@ -10,6 +10,7 @@ each decision and each outcome is a record in the site's audit log.
 from __future__ import annotations
 
 import threading
+
 from site_agent.approvals import ApprovalStore
 from site_agent.audit import AuditLog
 from site_agent.catalog import SiteConfig, read_site_toml
