@@ -44,6 +44,7 @@ OFFLINE = "the site went offline (its agent stopped answering)"
 RESTARTED = "the site's Flower node restarted during the round"
 # Sites that failed for one of these reasons rejoin at the next round once they are back online.
 REJOINABLE = (OFFLINE, RESTARTED)
+PRIVATE_DETAIL = "differential privacy: only noised parameters leave this site"
 
 app = ServerApp()
 
@@ -236,14 +237,20 @@ class RoundLoop:
         self.awaiting.discard(reply.site)
         self.site_info[reply.site] = {"version": result.version, "fingerprint": result.fingerprint,
                                       "train_rows": result.num_train, "test_rows": result.num_test}
+        # a differential-privacy run's sites release no counts: its table shows the epsilon instead
+        counts = ({"detail": PRIVATE_DETAIL} if phase == PHASE_PREPARE else {}) if result.private else \
+            {"samples": result.num_train}
         if phase == PHASE_PREPARE:
             self.emit({"type": "site", "site": reply.site, "status": "ready", "round": round_,
-                       "samples": result.num_train, "seconds": round(result.seconds, 3)},
+                       **counts, "seconds": round(result.seconds, 3)},
                       *([{"type": "metrics", "round": 0, "site": reply.site, "phase": "evaluate",
                           "metrics": result.eval_metrics, "samples": result.num_test}] if result.eval_metrics else []))
             return
         events: list[dict[str, Any]] = [{"type": "site", "site": reply.site, "status": "done", "round": round_,
-                                         "samples": result.num_train, "seconds": round(result.seconds, 3)}]
+                                         **counts, "seconds": round(result.seconds, 3)}]
+        if result.private and result.params:
+            events.append({"type": "metrics", "round": round_, "site": reply.site, "phase": "privacy",
+                           "metrics": {"epsilon": result.dp_epsilon, "project_epsilon": result.dp_project_epsilon}})
         if result.eval_metrics:
             events.append({"type": "metrics", "round": round_ - 1 if result.params else round_,
                            "site": reply.site, "phase": "evaluate", "metrics": result.eval_metrics,
@@ -293,6 +300,10 @@ class RoundLoop:
         if evals:
             events.append({"type": "metrics", "round": eval_round, "site": "global", "phase": "evaluate",
                            "metrics": weighted_metrics(evals), "samples": sum(n for _, n in evals)})
+        private = [r.result.dp_epsilon for r in good if r.result and r.result.private and r.result.params]
+        if phase == PHASE_FIT and private:  # the run's guarantee is its weakest site's
+            events.append({"type": "metrics", "round": round_, "site": "global", "phase": "privacy",
+                           "metrics": {"epsilon": max(private)}})
         if phase == PHASE_FIT and trains:
             events.append({"type": "metrics", "round": round_, "site": "global", "phase": "train",
                            "metrics": weighted_metrics(trains), "samples": sum(n for _, n in trains)})

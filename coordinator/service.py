@@ -33,6 +33,26 @@ MAX_ROUNDS = 10_000
 MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0
 
 
+MAX_DP_EPSILON = 100.0
+
+
+def private_config(epsilon: Any, clip: Any, rounds: int) -> dict[str, Any]:
+    """A run's differential-privacy settings as the sites read them from its config (empty without DP)."""
+    if epsilon is None:
+        if clip is not None:
+            raise TaskRejected("--dp-clip needs --dp-epsilon (the run's privacy budget at each site)")
+        return {}
+    try:
+        epsilon, clip = float(epsilon), float(1.0 if clip is None else clip)
+    except (TypeError, ValueError):
+        raise TaskRejected("--dp-epsilon and --dp-clip must be numbers") from None
+    if not 0 < epsilon <= MAX_DP_EPSILON:
+        raise TaskRejected(f"--dp-epsilon must be above 0 and at most {MAX_DP_EPSILON:g}, not {epsilon:g}")
+    if not 0 < clip < float("inf"):
+        raise TaskRejected(f"--dp-clip must be a positive number, not {clip:g}")
+    return {"dp_epsilon": epsilon, "dp_clip": clip, "dp_rounds": rounds}
+
+
 class TaskRejected(Exception):
     """A task that cannot be run; the message says why in a sentence. ``status`` is HTTP."""
 
@@ -207,6 +227,9 @@ class RunManager:
             isinstance(v, (str, int, float, bool)) for v in config.values()
         ):
             raise TaskRejected("--config values must be numbers, booleans or strings")
+        if reserved := sorted(k for k in config if str(k).startswith("dp_")):
+            raise TaskRejected(f"--config {reserved[0]} is reserved: use --dp-epsilon and --dp-clip")
+        config = {**config, **private_config(spec.get("dp_epsilon"), spec.get("dp_clip"), rounds)}
         strategy_options = {k: float(config[k]) for k in ("server_lr", "beta1", "beta2", "tau", "proximal_mu")
                             if k in config}
         return {

@@ -85,12 +85,16 @@ class FlipClient:
         self, source: str, *, dataset: str, rounds: int = 1, strategy: str = "fedavg",
         min_sites: int | None = None, seed: int = 0, name: str | None = None,
         config: dict[str, Any] | None = None, round_timeout: float | None = None,
+        dp_epsilon: float | None = None, dp_clip: float | None = None,
     ) -> RunHandle:
-        """Check the cell locally, submit it, and return a handle that follows the run."""
+        """Check the cell locally, submit it, and return a handle that follows the run.
+
+        ``dp_epsilon``: the run is differentially private at every site, spending at most this epsilon
+        of the project's budget there (each site adds the noise itself, clipping updates to ``dp_clip``)."""
         spec: dict[str, Any] = {
             "source": source, "dataset": dataset, "rounds": rounds, "strategy": strategy,
             "min_sites": min_sites, "seed": seed, "name": name or "run", "config": config or {},
-            "round_timeout": round_timeout,
+            "round_timeout": round_timeout, "dp_epsilon": dp_epsilon, "dp_clip": dp_clip,
         }
         self._call("POST", "/api/runs/check", json=spec)  # a wrong dataset or option: refused before any local work
         task = prepare(source, seed=seed)

@@ -110,6 +110,10 @@ class FlipMagics(Magics):
     @argument("--min-sites", type=int, default=None, help="fewest sites the run may go on with (default: all)")
     @argument("--round-timeout", type=float, default=None,
               help="seconds a round waits for sites; a site that is later sits that round out (default: no limit)")
+    @argument("--dp-epsilon", type=float, default=None,
+              help="differential privacy: the run's epsilon budget at each site (each site adds the noise)")
+    @argument("--dp-clip", type=float, default=None, help="differential privacy: L2 clip of each site's update "
+                                                          "(default 1.0)")
     @argument("--seed", type=int, default=0)
     @argument("--name", default=None, help="a name for the run")
     @argument("--out", default=DEFAULT_OUT, help=f"variable that receives the run (default: {DEFAULT_OUT})")
@@ -121,6 +125,7 @@ class FlipMagics(Magics):
         handle = self._client().train(
             cell, dataset=args.dataset, rounds=args.rounds, strategy=args.strategy, min_sites=args.min_sites,
             seed=args.seed, name=args.name, config=parse_config(args.config), round_timeout=args.round_timeout,
+            dp_epsilon=args.dp_epsilon, dp_clip=args.dp_clip,
         )
         self.shell.user_ns[args.out] = handle
         show_run(handle)

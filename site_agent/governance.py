@@ -9,14 +9,50 @@ each decision and each outcome is a record in the site's audit log.
 
 from __future__ import annotations
 
+import secrets
 import threading
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from site_agent.approvals import ApprovalStore
 from site_agent.audit import AuditLog
 from site_agent.catalog import SiteConfig, read_site_toml
 from site_agent.guard import Declared, describe_outgoing, guard
-from site_agent.policy import ALLOW, PENDING, SitePolicy, TaskFacts, decide, parse_policy
-from site_agent.protocol import StepRequest, StepResult, decode_result, encode_result, source_hash
+from site_agent.policy import ALLOW, PENDING, REFUSE, Budget, Decision, SitePolicy, TaskFacts, decide, parse_policy
+from site_agent.privacy import DEFAULT_DELTA, PrivacyLedger, epsilon, noise_multiplier, privatise
+from site_agent.protocol import PHASE_FIT, PHASE_PREPARE, StepRequest, StepResult, decode_result, encode_result, source_hash
+
+DP_WITHHELD = "metrics and row counts withheld: a differential-privacy run releases only noised parameters"
+
+
+@dataclass(frozen=True)
+class PrivateRun:
+    """A run's differential-privacy request as this site will honour it."""
+
+    epsilon: float
+    clip: float
+    rounds: int
+    delta: float
+
+    @property
+    def noise_multiplier(self) -> float:
+        return noise_multiplier(self.epsilon, self.delta, self.rounds)
+
+
+def private_run(config: dict, delta: float) -> PrivateRun | None:
+    """The run's ``dp_*`` settings (None when it does not ask for DP); ValueError says what is wrong."""
+    if config.get("dp_epsilon") is None:
+        return None
+    try:
+        run = PrivateRun(float(config["dp_epsilon"]), float(config.get("dp_clip", 1.0)),
+                         int(config.get("dp_rounds", 1)), delta)
+    except (TypeError, ValueError):
+        raise ValueError("its differential-privacy settings are not numbers") from None
+    if not (0 < run.epsilon < float("inf") and 0 < run.clip < float("inf") and run.rounds >= 1):
+        raise ValueError("its differential-privacy settings are out of range")
+    run.noise_multiplier  # noqa: B018 - raises ValueError for an epsilon too small to reach
+    return run
 
 
 class Governance:
@@ -25,6 +61,7 @@ class Governance:
         self.policy = policy or parse_policy(site.name, read_site_toml(site.root))
         self.approvals = ApprovalStore(site.root)
         self.audit = AuditLog(site.root)
+        self.ledger = PrivacyLedger(site.root)
         self._decided: set[tuple[str, str]] = set()  # (run, verdict) already in the audit log
         self._lock = threading.Lock()
 
@@ -34,10 +71,15 @@ class Governance:
         The first decision of each kind per run is audited (a task waiting for approval asks again
         and again: one record says so)."""
         code_hash = source_hash(request.source)  # the site hashes the source itself: a claimed hash proves nothing
-        epsilon = request.config.get("dp_epsilon")
+        epsilon_asked = request.config.get("dp_epsilon")
         facts = TaskFacts(project=request.project, researcher=request.researcher, dataset=request.dataset,
-                          source_hash=code_hash, dp_epsilon=None if epsilon is None else float(epsilon))
-        decision = decide(self.policy, facts, self.approvals.approval(facts.project, code_hash))
+                          source_hash=code_hash, dp_epsilon=None if epsilon_asked is None else float(epsilon_asked))
+        try:
+            budget = self._budget(request)
+        except ValueError as exc:
+            decision = Decision(REFUSE, f"{self.site.name} cannot run this task with differential privacy: {exc}")
+        else:
+            decision = decide(self.policy, facts, self.approvals.approval(facts.project, code_hash), budget)
         if decision.verdict == PENDING:
             self.approvals.request(project=facts.project, researcher=facts.researcher, dataset=facts.dataset,
                                    source=request.source, source_hash=code_hash, run_id=request.run_id)
@@ -53,6 +95,20 @@ class Governance:
         status = "pending" if decision.verdict == PENDING else "refused"
         return StepResult(site=self.site.name, status=status, error_where=decision.reason)
 
+    def _delta(self, project: str) -> float:
+        found = self.policy.project(project)
+        return found.dp_delta if found else DEFAULT_DELTA
+
+    def _budget(self, request: StepRequest) -> Budget:
+        """The project's epsilon here now and after this step's releases (all of the run's, when it starts)."""
+        run = private_run(request.config, self._delta(request.project))
+        project = self.policy.project(request.project)
+        if run is None or project is None or project.max_epsilon is None:
+            return Budget()
+        count = run.rounds if request.phase == PHASE_PREPARE else 1 if request.phase == PHASE_FIT else 0
+        spend = self.ledger.spend(request.project, run.delta, run.noise_multiplier, count)
+        return Budget(spend.spent, spend.after)
+
     def limits(self, request: StepRequest) -> tuple[float, int]:
         """The step's time limit (seconds) and the run's memory limit (MB) under this site's policy."""
         project = self.policy.project(request.project)
@@ -63,6 +119,30 @@ class Governance:
         """What may leave the site of ``produced`` (the task process's result), audited."""
         guarded = guard(decode_result(produced), Declared.from_params(request.params),
                         self.policy.threshold(request.project))
+        result, privacy = guarded.result, {}
+        run = private_run(request.config, self._delta(request.project))  # admit() has checked it
+        if run is not None:
+            result, privacy = self._private(request, result, run)
+            guarded.stripped.append(DP_WITHHELD)
         self.audit.append("outcome", run=request.run_id, round=request.round, phase=request.phase,
-                          outgoing=describe_outgoing(guarded.result), stripped=guarded.stripped)
-        return encode_result(guarded.result)
+                          outgoing=describe_outgoing(result), stripped=guarded.stripped, **privacy)
+        return encode_result(result)
+
+    def _private(self, request: StepRequest, result: StepResult, run: PrivateRun) -> tuple[StepResult, dict]:
+        """``result`` as a differential-privacy run may release it, charged to the project's ledger first."""
+        out = replace(result, train_metrics={}, eval_metrics={}, num_train=0, num_test=0, private=True)
+        privacy: dict = {}
+        if out.params:
+            z = run.noise_multiplier
+            self.ledger.charge(request.project, request.run_id, request.round, z)  # before anything leaves
+            rng = np.random.default_rng(secrets.randbits(128))  # never the run's seed: the hub knows it
+            out.params = privatise(out.params, request.params, run.clip, z, rng)
+            out.num_train = 1  # each site's update counts the same: its size is not released
+            privacy = {"dp": {"noise_multiplier": z, "clip": run.clip, "delta": run.delta}}
+        releases = self.ledger.releases(request.project)
+        mine = [(float(r["noise_multiplier"]), 1) for r in releases if r["run"] == request.run_id]
+        out.dp_epsilon = epsilon(mine, run.delta)
+        out.dp_project_epsilon = epsilon([(float(r["noise_multiplier"]), 1) for r in releases], run.delta)
+        if privacy:
+            privacy["dp"].update(run_epsilon=out.dp_epsilon, project_epsilon=out.dp_project_epsilon)
+        return out, privacy

@@ -123,7 +123,8 @@ def _count(value: object, kind: str, stripped: list[str]) -> int:
 def guard(result: StepResult, declared: Declared, threshold: int, *, max_metrics: int = MAX_METRICS) -> Guarded:
     """What of ``result`` may leave the site, and a sentence for each thing removed."""
     stripped: list[str] = []
-    out = replace(result, params=dict(result.params))
+    # the privacy figures are the site agent's to set (site_agent.privacy), never the task process's
+    out = replace(result, params=dict(result.params), private=False, dp_epsilon=0.0, dp_project_epsilon=0.0)
 
     if (out.status == "error" or out.error_where) and not _fixed_place(out.error_where):
         out.error_where = "the task"  # free text (an exception's message, say) must not leave

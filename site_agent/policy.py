@@ -19,7 +19,8 @@ the network or looks at data: the agent gathers the facts, this module decides.
     auto_approve = false             # true: code runs without an admin's approval (development)
     disclosure_threshold = 10
     dp_required = false
-    max_epsilon = 8.0                # privacy budget of this project at this site
+    max_epsilon = 8.0                # privacy budget of this project at this site (all its runs together)
+    dp_delta = 1e-5                  # the delta at which this site accounts epsilon
     time_limit_seconds = 3600        # per step
     memory_limit_mb = 4096
 """
@@ -52,6 +53,7 @@ class ProjectPolicy:
     disclosure_threshold: int = DEFAULT_THRESHOLD
     dp_required: bool = False
     max_epsilon: float | None = None
+    dp_delta: float = 1e-5
     time_limit_seconds: float = 3600.0
     memory_limit_mb: int = 4096
 
@@ -84,6 +86,14 @@ class TaskFacts:
     source_hash: str
     kind: str = "train"
     dp_epsilon: float | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A project's epsilon at this site: spent so far, and after the task's releases (the accountant's figures)."""
+
+    spent: float = 0.0
+    after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,13 @@ def _flag(where: str, value: Any) -> bool:
     return value
 
 
+def _delta(where: str, value: Any) -> float:
+    number = _number(where, value)
+    if not 0 < number < 1:
+        raise PolicyError(f"{where} must be between 0 and 1 (e.g. 1e-5)")
+    return number
+
+
 def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
     """The policy in a parsed ``site.toml``; a site without one refuses every task."""
     section = raw.get("policy", {})
@@ -163,6 +180,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
             disclosure_threshold=threshold,
             dp_required=_flag(f"{where} dp_required", body.get("dp_required", False)),
             max_epsilon=None if epsilon is None else _number(f"{where} max_epsilon", epsilon),
+            dp_delta=_delta(f"{where} dp_delta", body.get("dp_delta", 1e-5)),
             time_limit_seconds=_number(f"{where} time_limit_seconds", body.get("time_limit_seconds", 3600.0),
                                        least=1),
             memory_limit_mb=int(_number(f"{where} memory_limit_mb", body.get("memory_limit_mb", 4096),
@@ -172,7 +190,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
 
 
 def decide(policy: SitePolicy, task: TaskFacts, approval: Approval = Approval(),
-           epsilon_spent: float = 0.0) -> Decision:
+           budget: Budget = Budget()) -> Decision:
     """May ``task`` run here now? Refusals say why in a sentence the researcher may read."""
     site = policy.site
     project = policy.project(task.project)
@@ -190,12 +208,11 @@ def decide(policy: SitePolicy, task: TaskFacts, approval: Approval = Approval(),
                                 f"(set --dp-epsilon, at most {project.max_epsilon:g})"
                         if project.max_epsilon is not None else
                         f"{site} requires differential privacy for project {task.project!r} (set --dp-epsilon)")
-    if task.dp_epsilon is not None and project.max_epsilon is not None:
-        left = project.max_epsilon - epsilon_spent
-        if task.dp_epsilon > left + 1e-12:
-            return Decision(REFUSE, f"the privacy budget of project {task.project!r} at {site} is exhausted: "
-                                    f"epsilon {epsilon_spent:g} of {project.max_epsilon:g} spent, "
-                                    f"{max(left, 0.0):g} left, this task asks for {task.dp_epsilon:g}")
+    if task.dp_epsilon is not None and project.max_epsilon is not None \
+            and budget.after > project.max_epsilon * (1 + 1e-9):
+        return Decision(REFUSE, f"the privacy budget of project {task.project!r} at {site} is exhausted: "
+                                f"epsilon {budget.spent:.3g} of {project.max_epsilon:g} spent; this task "
+                                f"(--dp-epsilon {task.dp_epsilon:g}) would bring it to {budget.after:.3g}")
     if approval.state == "rejected":
         why = f": {approval.reason}" if approval.reason else ""
         return Decision(REFUSE, f"{site} rejected this code ({task.source_hash[:19]}){why}")

@@ -56,6 +56,9 @@ class StepResult:
     fingerprint: str = ""
     version: str = VERSION
     seconds: float = 0.0
+    private: bool = False  # a differential-privacy run: noised parameters only, no metrics or counts
+    dp_epsilon: float = 0.0  # this run's epsilon spent at this site so far
+    dp_project_epsilon: float = 0.0  # the project's epsilon spent at this site, all runs
 
 
 def normalise_source(source: str) -> str:

@@ -92,3 +92,46 @@ def test_an_honest_step_leaves_as_the_task_made_it(site) -> None:
     out = decode_result(gate.release(request(), encode_result(produced)))
     assert (out.status, out.train_metrics, sorted(out.params)) == ("ok", {"loss": 0.5}, ["bias", "weight"])
     assert out.num_train == produced.num_train >= 10
+
+
+def private(site, max_epsilon: float) -> Governance:
+    write_policy(site, {"projects": {"heart": {"approved": True, "researchers": ["alice"], "datasets": ["*"],
+                                               "auto_approve": True, "max_epsilon": max_epsilon}}})
+    return Governance(site)
+
+
+def dp_request(round_: int = 1, run: str = "r1", phase: str = PHASE_FIT, epsilon: float = 1.0) -> StepRequest:
+    base = request(run=run)
+    return StepRequest(**{**base.__dict__, "round": round_, "phase": phase,
+                          "config": {"dp_epsilon": epsilon, "dp_clip": 0.1, "dp_rounds": 2}})
+
+
+def test_a_private_run_releases_only_noised_parameters_and_charges_the_projects_budget(site) -> None:
+    gate = private(site, max_epsilon=1.2)
+    produced = StepResult(site="VA", status="ok", num_train=150, num_test=50, train_metrics={"loss": 0.5},
+                          eval_metrics={"accuracy": 0.7},
+                          params={"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)})
+    assert gate.admit(dp_request(phase="prepare")) is None
+    out = decode_result(gate.release(dp_request(), encode_result(produced)))
+    assert out.private and out.train_metrics == {} and out.eval_metrics == {}
+    assert (out.num_train, out.num_test) == (1, 0)  # the site's size does not leave either
+    assert not np.allclose(out.params["weight"], 1.0)  # clipped to 0.1 and noised
+    assert 0 < out.dp_epsilon == out.dp_project_epsilon < 1.0  # one of the run's two rounds
+    outcome = [r for r in read_records(site.root) if r["kind"] == "outcome"][-1]
+    assert outcome["dp"]["clip"] == 0.1 and outcome["dp"]["run_epsilon"] == out.dp_epsilon
+    assert outcome["outgoing"]["train_metrics"] == [] and verify(site.root) == []
+
+    gate.release(dp_request(round_=2), encode_result(produced))
+    again = gate.admit(dp_request(run="r2", phase="prepare"))  # a second run of epsilon 1 does not fit in 1.2
+    assert again is not None and again.status == "refused"
+    assert again.error_where.startswith("the privacy budget of project 'heart' at VA is exhausted: epsilon 1 of 1.2 "
+                                        "spent; this task (--dp-epsilon 1) would bring it to 1.")
+
+
+def test_privacy_figures_from_the_task_process_are_ignored(site) -> None:
+    gate = private(site, max_epsilon=5.0)
+    forged = StepResult(site="VA", status="ok", num_train=150, private=True, dp_epsilon=0.001,
+                        params={"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)})
+    out = decode_result(gate.release(request(), encode_result(forged)))  # a run without DP
+    assert (out.private, out.dp_epsilon) == (False, 0.0)
+    assert np.allclose(out.params["weight"], 1.0)

@@ -9,6 +9,7 @@ from site_agent.policy import (
     PENDING,
     REFUSE,
     Approval,
+    Budget,
     PolicyError,
     TaskFacts,
     decide,
@@ -71,11 +72,12 @@ def test_dp_demands_and_budget_are_refused_with_the_figures() -> None:
     demanding = policy(auto_approve=True, dp_required=True, max_epsilon=8.0)
     assert decide(demanding, task()).reason == ("VA requires differential privacy for project 'heart' "
                                                 "(set --dp-epsilon, at most 8)")
-    assert decide(demanding, task(dp_epsilon=2.0), epsilon_spent=6.0).verdict == ALLOW
-    spent = decide(demanding, task(dp_epsilon=2.5), epsilon_spent=6.0)
+    assert decide(demanding, task(dp_epsilon=2.0), budget=Budget(spent=6.0, after=7.9)).verdict == ALLOW
+    spent = decide(demanding, task(dp_epsilon=2.5), budget=Budget(spent=6.0, after=8.25))
     assert spent.verdict == REFUSE
-    assert spent.reason == ("the privacy budget of project 'heart' at VA is exhausted: epsilon 6 of 8 spent, "
-                            "2 left, this task asks for 2.5")
+    assert spent.reason == ("the privacy budget of project 'heart' at VA is exhausted: epsilon 6 of 8 spent; "
+                            "this task (--dp-epsilon 2.5) would bring it to 8.25")
+    assert decide(policy(auto_approve=True), task(dp_epsilon=50.0), budget=Budget(0.0, 50.0)).verdict == ALLOW
 
 
 def test_thresholds_never_go_below_the_sites() -> None:
@@ -94,6 +96,7 @@ def test_thresholds_never_go_below_the_sites() -> None:
     ({"projects": {"heart": {"researchers": "alice"}}}, r"researchers must be a list of names"),
     ({"projects": {"heart": {"tasks": ["train", "sql"]}}}, r"unknown kind\(s\) sql"),
     ({"projects": {"heart": {"max_epsilon": -1}}}, r"max_epsilon must be at least 0"),
+    ({"projects": {"heart": {"dp_delta": 0.5e1}}}, r"dp_delta must be between 0 and 1"),
     ({"policy": {"threshold": 3}}, r"\[policy\] has unknown setting\(s\): threshold"),
 ])
 def test_a_bad_policy_is_refused_with_where_and_why(raw, message) -> None:
