@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = CoordinatorConfig.load(args.config)
     notifier = Notifier()
-    manager = RunManager(Store(config.state_dir), FlowerControl(config.superlink_control), notifier.notify)
+    control = FlowerControl(config.superlink_control, Path(config.superlink_ca) if config.superlink_ca else None)
+    manager = RunManager(Store(config.state_dir), control, notifier.notify)
     app = build_app(config, manager, notifier)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0

@@ -1,8 +1,9 @@
 """The coordinator's HTTP API (Starlette): researchers, site agents and the ServerApp.
 
 Three audiences, three tokens: ``/api`` for researchers (static tokens for now; hub
-identity later), ``/site`` for site agents (the federation's join token), ``/internal``
-for FLIP's ServerApp on the hub host. Run events stream to notebooks as server-sent events.
+identity later), ``/site`` for site agents (each site's own token from ``flip site register``,
+which also binds it to its Flower node; a shared join token only in an ``--insecure`` development
+federation), ``/internal`` for FLIP's ServerApp on the hub host. Run events stream to notebooks as server-sent events.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from coordinator.config import CoordinatorConfig
+from coordinator.registry import RegisteredSite, SiteRegistry
 from coordinator.service import Principal, RunManager, TaskRejected
 from coordinator.store import TERMINAL
 
@@ -93,6 +95,19 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
                 return await handler(request)
             except TaskRejected as rejected:
                 return _error(str(rejected), rejected.status)
+        return wrapped
+
+    registry = SiteRegistry(config.registry_path)
+
+    def site_route(handler: Any) -> Any:
+        """A site agent's call: its own token (coordinator.registry) names it; the federation's shared
+        token (an insecure development federation only) may speak for any site."""
+        async def wrapped(request: Request) -> Response:
+            token = _bearer(request)
+            who = registry.identify(token)
+            if who is None and not (config.site_token and has(request, config.site_token)):
+                return _error("not authorised: this site's token is not registered here (flip site register)", 401)
+            return await handler(request, who)
         return wrapped
 
     def own_run(run_id: str, who: Principal) -> dict[str, Any]:
@@ -174,15 +189,21 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
                 yield ": keepalive\n\n"
 
     # -- site agents ----------------------------------------------------------------
-    async def announce(request: Request) -> Response:
+    async def announce(request: Request, who: RegisteredSite | None) -> Response:
         body = await request.json()
         node_id = body.get("node_id")
+        if who is not None and str(body.get("site")) != who.name:
+            return _error(f"this token belongs to site {who.name!r}, not {body.get('site')!r}", 403)
+        if who is not None and node_id is not None and int(node_id) != who.node_id:
+            return _error(f"Flower node {node_id} is not the node registered for site {who.name!r}", 403)
         manager.announce(str(body["site"]), None if node_id is None else int(node_id),
                          dict(body.get("info", {})), str(body.get("state", "online")))
         return JSONResponse({"ok": True})
 
-    async def presence(request: Request) -> Response:
+    async def presence(request: Request, who: RegisteredSite | None) -> Response:
         site = request.path_params["site"]
+        if who is not None and site != who.name:
+            return _error(f"this token belongs to site {who.name!r}, not {site!r}", 403)
 
         async def beats() -> AsyncIterator[str]:
             bell = manager.presence.hold(site)
@@ -234,7 +255,7 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
             manager.presence.ring(str(name))  # a message for it is on the SuperLink again (no new event)
         return JSONResponse({"ok": True})
 
-    internal, site = config.internal_token, config.site_token
+    internal = config.internal_token
     routes = [
         Route("/api/health", health),
         Route("/api/whoami", researcher_route(whoami)),
@@ -247,8 +268,8 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
         Route("/api/runs/{run_id}/stop", researcher_route(stop_run), methods=["POST"]),
         Route("/api/runs/{run_id}/model", researcher_route(get_model)),
         Route("/api/runs/{run_id}/events", researcher_route(events)),
-        Route("/site/announce", secret_route(site, announce), methods=["POST"]),
-        Route("/site/presence/{site}", secret_route(site, presence)),
+        Route("/site/announce", site_route(announce), methods=["POST"]),
+        Route("/site/presence/{site}", site_route(presence)),
         Route("/internal/runs/{run_id}/task", secret_route(internal, internal_task)),
         Route("/internal/models/{sha}", secret_route(internal, internal_model)),
         Route("/internal/runs/{run_id}/model", secret_route(internal, internal_put_model), methods=["PUT"]),

@@ -23,6 +23,20 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--require-approval", action="store_true",
                     help="sites run a task's code only once their admin approves it (flip-site approve); "
                          "by default the local sites auto-approve project 'default' (development)")
+    up.add_argument("--insecure", action="store_true",
+                    help="plain HTTP between hub and sites and no node authentication: for debugging only")
+    certs = sub.add_parser("certs", help="make the consortium's CA and the hub's TLS certificate")
+    certs.add_argument("dir", type=Path, help="where the CA and certificates go (keep ca.key offline)")
+    certs.add_argument("--host", action="append", required=True,
+                       help="a name or address sites use to reach the hub's fleet address (repeatable)")
+    certs.add_argument("--name", default="superlink", help="the certificate's file name (default: superlink)")
+    site = sub.add_parser("site", help="sites of the federation").add_subparsers(dest="action", required=True)
+    register = site.add_parser("register", help="let a site join: register its public key, print its token")
+    register.add_argument("name", help="the site's name, as its site.toml gives it")
+    register.add_argument("key", type=Path, help="the site's public key (flip-site keygen made it)")
+    register.add_argument("--config", type=Path, default=None,
+                          help="the coordinator's config (default: the local federation's)")
+    register.add_argument("--replace", action="store_true", help="the site has a new key: a new token too")
     sub.add_parser("down", help="stop the local federation")
     restart = sub.add_parser("restart", help="kill one process of the local federation and start it again")
     restart.add_argument("name", help="coordinator, superlink or site-NAME (as `flip status` lists them)")
@@ -43,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from coordinator.federation import FederationError
+    from coordinator.registry import RegistryError
+    from site_agent.certs import CertError
 
     try:
         if args.command == "up":
@@ -64,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             return _data(args)
         if args.command == "demo":
             return _demo(args)
-    except FederationError as exc:
+        if args.command == "certs":
+            return _certs(args)
+        if args.command == "site":
+            return _register(args)
+    except (FederationError, CertError, RegistryError) as exc:
         print(f"flip: {exc}", file=sys.stderr)
         return 1
     raise AssertionError(args.command)
@@ -74,11 +94,33 @@ def _up(args: argparse.Namespace) -> int:
     from coordinator.federation import up
     from coordinator.local import connection_path
 
-    connection = up(data=args.data, sites=args.sites, warm=not args.cold, auto_approve=not args.require_approval)
+    connection = up(data=args.data, sites=args.sites, warm=not args.cold, auto_approve=not args.require_approval,
+                    secure=not args.insecure)
     print(f"FLIP federation up in {connection['started_seconds']} s")
     print(f"  coordinator  {connection['coordinator_url']}")
     print(f"  sites join   {connection['superlink']}  (flip-site start DIR)")
     print(f"  connection   {connection_path()}  (notebooks: %load_ext flip_magics, %flip_connect)")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from site_agent.certs import fingerprint, load_ca, make_ca, make_server_cert
+
+    ca = load_ca(args.dir) if (args.dir / "ca.pem").exists() else make_ca(args.dir)
+    server = make_server_cert(args.dir, args.name, args.host)
+    print(f"consortium CA   {ca.cert}  ({fingerprint(ca.cert)}; its key {ca.key} signs certificates: keep it offline)")
+    print(f"hub certificate {server.cert} and {server.key} for {', '.join(args.host)}")
+    print(f"sites get {ca.cert} (flip-site join --ca)")
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    from coordinator.federation import register_site
+
+    node_id, token = register_site(args.name, args.key, args.config, replace=args.replace)
+    print(f"site {args.name} registered: Flower node {node_id}")
+    print(f"its token (shown once; send it to the site with the CA certificate): {token}")
+    print(f"the site runs: flip-site join DIR --fleet HUB:PORT --ca ca.pem --token {token}")
     return 0
 
 

@@ -23,8 +23,13 @@ class CoordinatorConfig:
     port: int
     superlink_control: str
     internal_token: str
-    site_token: str
+    site_token: str  # "" when every site has its own token (coordinator.registry): no shared one
     tokens: dict[str, TokenGrant] = field(default_factory=dict)
+    superlink_ca: str | None = None  # the consortium's CA certificate: the SuperLink speaks TLS
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "sites.json"
 
     @classmethod
     def load(cls, path: Path) -> CoordinatorConfig:
@@ -32,7 +37,7 @@ class CoordinatorConfig:
         return cls(
             state_dir=Path(raw["state_dir"]), host=raw.get("host", "127.0.0.1"), port=int(raw["port"]),
             superlink_control=raw["superlink_control"], internal_token=raw["internal_token"],
-            site_token=raw["site_token"],
+            site_token=raw["site_token"], superlink_ca=raw.get("superlink_ca"),
             tokens={t: TokenGrant(**g) for t, g in raw.get("tokens", {}).items()},
         )
 
@@ -40,7 +45,7 @@ class CoordinatorConfig:
         raw = {
             "state_dir": str(self.state_dir), "host": self.host, "port": self.port,
             "superlink_control": self.superlink_control, "internal_token": self.internal_token,
-            "site_token": self.site_token,
+            "site_token": self.site_token, "superlink_ca": self.superlink_ca,
             "tokens": {t: {"researcher": g.researcher, "project": g.project} for t, g in self.tokens.items()},
         }
         path.write_text(json.dumps(raw, indent=2))

@@ -3,6 +3,13 @@
 ``flip up`` starts every process detached (own session, logs under the federation
 directory), waits until each site is registered and online, and writes the connection file
 that notebooks read. ``flip down`` stops them. Everything binds 127.0.0.1 on free ports.
+
+It is laid out as a real deployment is: a consortium CA and the hub's TLS certificate
+(``pki/``); the SuperLink (TLS, SuperNode authentication) and the coordinator listening on the
+hub's loopback only; the fleet front (``coordinator.fleet_front``) as the one site-facing
+address, serving Flower's fleet API and the coordinator's site routes and nothing else; each site
+with its own key pair, registered with the SuperLink, and its own coordinator token.
+``insecure=True`` (``flip up --insecure``) drops all of it, for debugging only.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import requests
 
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.data_fetch import data_dir
+from coordinator.flower_control import FlowerControl
+from coordinator.registry import RegistryError, SiteRegistry
 from coordinator.serverapp_zygote import ENV_SOCKET as ZYGOTE_SOCKET_ENV
 from coordinator.serverapp_zygote import write_launcher
 from coordinator.local import (
@@ -31,6 +40,7 @@ from coordinator.local import (
 )
 from site_agent import isolation
 from site_agent.catalog import add_dataset, init_site, write_policy
+from site_agent.certs import fingerprint, make_ca, make_server_cert, make_site_keys, public_key_bytes
 from site_agent.policy import DEFAULT_THRESHOLD
 
 HEART_SITES = {
@@ -171,7 +181,8 @@ def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len
 
 
 def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(HEART_SITES),
-       warm: bool = True, auto_approve: bool = True, policy: dict[str, Any] | None = None) -> dict[str, Any]:
+       warm: bool = True, auto_approve: bool = True, policy: dict[str, Any] | None = None,
+       secure: bool = True) -> dict[str, Any]:
     """Start the local federation (``sites`` site agents) and return the connection it wrote.
 
     ``auto_approve``: the sites run any code of project ``default`` (development); without it
@@ -192,14 +203,26 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     started = time.monotonic()
     site_dirs = prepare_heart_sites(root, data, sites, auto_approve=auto_approve, policy=policy)
 
-    superlink_port, coordinator_port = free_port(), free_port()
-    superlink = f"127.0.0.1:{superlink_port}"
+    superlink_port, coordinator_port, front_port = free_port(), free_port(), free_port()
+    superlink = f"127.0.0.1:{superlink_port}"  # the hub's own: SuperLink control, runtime and fleet APIs
+    fleet = f"127.0.0.1:{front_port}" if secure else superlink  # what the sites reach
     coordinator_url = f"http://127.0.0.1:{coordinator_port}"
+    pki = root / "pki"
+    if secure:
+        ca = make_ca(pki).cert
+        server = make_server_cert(pki, "superlink", ["127.0.0.1", "localhost"])
+        tls = ["--ssl-certfile", str(server.cert), "--ssl-keyfile", str(server.key), "--ssl-ca-certfile", str(ca),
+               "--enable-supernode-auth"]
+    else:
+        print("WARNING: flip up --insecure: the SuperLink and the coordinator speak plain HTTP and take any node; "
+              "for debugging only", file=sys.stderr)
+        tls = ["--insecure"]
     token, researcher = secrets.token_urlsafe(24), getpass.getuser()
     config = CoordinatorConfig(
         state_dir=root / "coordinator", host="127.0.0.1", port=coordinator_port, superlink_control=superlink,
-        internal_token=secrets.token_urlsafe(24), site_token=secrets.token_urlsafe(24),
+        internal_token=secrets.token_urlsafe(24), site_token="" if secure else secrets.token_urlsafe(24),
         tokens={token: TokenGrant(researcher=researcher, project=DEFAULT_PROJECT)},
+        superlink_ca=str(pki / "ca.pem") if secure else None,
     )
     config.state_dir.mkdir(parents=True)
     config.dump(root / "coordinator.json")
@@ -216,12 +239,18 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     processes = [
         _spawn("serverapp-zygote", [sys.executable, "-m", "coordinator.serverapp_zygote",
                                     "--socket", str(root / "serverapp.sock")], logs, superlink_env),
-        _spawn("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+        _spawn("superlink", [_bin("flower-superlink"), *tls, "--host", "127.0.0.1",
                              "--port", str(superlink_port), "--disable-runtime-dependency-installation",
                              "--database", ":flwr-in-memory:"], logs, superlink_env),
         _spawn("coordinator", [sys.executable, "-m", "coordinator", "--config", str(root / "coordinator.json")],
                logs, hub_env),
     ]
+    if secure:
+        processes.append(_spawn("fleet-front", [
+            sys.executable, "-m", "coordinator.fleet_front", "--host", "127.0.0.1", "--port", str(front_port),
+            "--superlink", f"https://{superlink}", "--superlink-ca", str(pki / "ca.pem"),
+            "--coordinator", coordinator_url, "--certfile", str(pki / "superlink.pem"),
+            "--keyfile", str(pki / "superlink.key")], logs, base_env))
     state = {"root": str(root), "processes": processes}
     _write_state(federation, state)
 
@@ -248,11 +277,21 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     if why := isolation.probe():  # a local development federation still runs; a real site refuses instead
         site_env.update({isolation.ENV_ALLOW_NETWORK: "allow", isolation.ENV_ALLOW_FILES: "allow"})
         print(f"WARNING: task code at the local sites is not isolated from this machine ({why})", file=sys.stderr)
+    if secure:
+        control = FlowerControl(superlink, pki / "ca.pem")
+        if not wait_until(lambda: bool(dead()) or control.ready(), READY_SECONDS, 0.1) or dead():
+            raise fail(f"the SuperLink did not start ({', '.join(dead()) or 'no answer'})")
     for site_dir in site_dirs:
+        if secure:  # as a real site joins: its own key pair, registered by the hub, and its own token
+            keys = make_site_keys(site_dir / "keys", site_dir.name)
+            site_token = _register(control, SiteRegistry(config.registry_path), site_dir.name, keys.public)
+            credentials = ["--ca", str(pki / "ca.pem"), "--coordinator", f"https://{fleet}"]
+        else:
+            site_token, credentials = config.site_token, ["--insecure", "--coordinator", coordinator_url]
         processes.append(_spawn(
             f"site-{site_dir.name}",
-            [_bin("flip-site"), "start", str(site_dir), "--superlink", superlink,
-             "--coordinator", coordinator_url, f"--token={config.site_token}",  # a token may begin with "-"
+            [_bin("flip-site"), "start", str(site_dir), "--superlink", fleet, *credentials,
+             f"--token={site_token}",  # a token may begin with "-"
              *([] if warm else ["--warm-seconds", "0"])],
             logs, site_env,
         ))
@@ -262,11 +301,40 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
         raise fail(f"not every site came online ({', '.join(dead()) or 'timed out'} stopped)")
     connection = {
         "coordinator_url": coordinator_url, "token": token, "researcher": researcher,
-        "project": DEFAULT_PROJECT, "superlink": superlink, "site_token": config.site_token,
+        "project": DEFAULT_PROJECT, "superlink": fleet, "site_token": config.site_token,
+        "secure": secure, "ca": str(pki / "ca.pem") if secure else None,
         "federation": str(root), "started_seconds": round(time.monotonic() - started, 2),
     }
     write_connection(connection, federation.home)
     return connection
+
+
+def _register(control: FlowerControl, registry: SiteRegistry, name: str, public: Path,
+              replace: bool = False) -> str:
+    """Register a site's public key with the SuperLink and give it a coordinator token (returned)."""
+    old = {s.name: s for s in registry.sites()}.get(name)
+    if old is not None and not replace:
+        raise RegistryError(f"site {name!r} is already registered (node {old.node_id}); "
+                            "--replace gives it a new key and token")
+    node_id = control.register_node(public_key_bytes(public), name)
+    if old is not None:
+        control.unregister_node(old.node_id)  # its old key no longer joins
+    return registry.register(name, node_id, fingerprint(public), replace=replace)
+
+
+def register_site(name: str, public: Path, config_path: Path | None = None, *,
+                  replace: bool = False) -> tuple[int, str]:
+    """``flip site register``: the site's Flower node id and its coordinator token."""
+    path = config_path or Federation(flip_home()).root / "coordinator.json"
+    if not path.exists():
+        raise FederationError(f"no coordinator config at {path} (give --config)")
+    config = CoordinatorConfig.load(path)
+    if not config.superlink_ca:
+        raise FederationError("this federation runs --insecure: its SuperLink takes any node, nothing to register")
+    registry = SiteRegistry(config.registry_path)
+    token = _register(FlowerControl(config.superlink_control, Path(config.superlink_ca)), registry, name, public,
+                      replace)
+    return {s.name: s for s in registry.sites()}[name].node_id, token
 
 
 def restart(name: str, home: Path | None = None) -> int:

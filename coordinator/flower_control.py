@@ -17,6 +17,8 @@ from flwr.common.config import parse_config_args
 from flwr.common.serde import fab_to_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
     ListRunsRequest,
+    RegisterNodeRequest,
+    UnregisterNodeRequest,
     StartRunRequest,
     StopRunRequest,
     StreamLogsRequest,
@@ -44,20 +46,28 @@ def build_fab(path: Path = FAB_DIR) -> Fab:
 
 
 class FlowerControl:
-    """A thin, typed wrapper over Flower's control API."""
+    """A thin, typed wrapper over Flower's control API (TLS when given the consortium's CA certificate)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, root_certificates: Path | None = None) -> None:
         self.address = address
-        self._client = ControlHttpClient.from_server_address(address, True, None, interceptors=[])
-        self._fab = build_fab()
+        certificates = None if root_certificates is None else str(root_certificates)
+        self._client = ControlHttpClient.from_server_address(address, certificates is None, certificates,
+                                                             interceptors=[])
+        self._fab: Fab | None = None
+
+    @property
+    def fab(self) -> Fab:
+        if self._fab is None:
+            self._fab = build_fab()
+        return self._fab
 
     @property
     def fab_hash(self) -> str:
-        return str(self._fab.hash_str)
+        return str(self.fab.hash_str)
 
     def start_run(self, flip_run_id: str) -> int:
         overrides = user_config_to_proto(parse_config_args([f'{RUN_ID_KEY}="{flip_run_id}"']))
-        response = self._client.StartRun(StartRunRequest(fab=fab_to_proto(self._fab), override_config=overrides))
+        response = self._client.StartRun(StartRunRequest(fab=fab_to_proto(self.fab), override_config=overrides))
         if not response.HasField("run_id"):
             raise RuntimeError(f"the SuperLink did not start the run ({response})")
         return int(response.run_id)
@@ -71,6 +81,25 @@ class FlowerControl:
 
     def stop_run(self, flower_run_id: int) -> bool:
         return bool(self._client.StopRun(StopRunRequest(run_id=flower_run_id)).success)
+
+    def register_node(self, public_key: bytes, name: str) -> int:
+        """Let the SuperNode holding ``public_key`` (PEM, as ``site_agent.certs.public_key_bytes`` reads it)
+        join: what ``flwr supernode register`` does. Returns the node id the SuperLink gives it."""
+        response = self._client.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name))
+        if not response.node_id:
+            raise RuntimeError(f"the SuperLink did not register the key ({response})")
+        return int(response.node_id)
+
+    def unregister_node(self, node_id: int) -> None:
+        self._client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+
+    def ready(self) -> bool:
+        """Whether the SuperLink's control API answers."""
+        try:
+            self._client.ListRuns(ListRunsRequest())
+        except Exception:  # noqa: BLE001 - not up yet (connection refused, TLS not ready, ...)
+            return False
+        return True
 
     def logs(self, flower_run_id: int, limit: int = 4000) -> str:
         """The ServerApp's log of a finished run (its last ``limit`` characters)."""

@@ -19,6 +19,7 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -26,7 +27,8 @@ from flwr.app import Message
 
 from site_agent import __version__
 from site_agent.catalog import SiteConfig
-from site_agent.fleet import connect
+from site_agent.certs import load_site_keys
+from site_agent.fleet import FleetRefused, connect, release_session
 from site_agent.governance import Governance
 from site_agent.guard import announced
 from site_agent.protocol import StepResult, decode_request, encode_result
@@ -37,20 +39,28 @@ log = logging.getLogger(__name__)
 
 RECONNECT_SECONDS = 0.5
 RESTART_SECONDS = 1.0
+REFUSED_SECONDS = 5.0  # a refusal that persists this long (its key is not registered) ends the agent
 IDLE_POLL_SECONDS = 5.0
 WARM_SECONDS = 900.0  # keep a spare task process this long after start or the last step
 
 
 class SiteAgent:
     def __init__(self, site: SiteConfig, superlink: str, coordinator: str, token: str,
-                 warm_seconds: float = WARM_SECONDS) -> None:
+                 warm_seconds: float = WARM_SECONDS, *, ca: Path | None = None, key: Path | None = None) -> None:
+        """``ca`` (the consortium's CA certificate) and ``key`` (this site's registered key pair): TLS to the
+        hub and SuperNode authentication; without them (``--insecure``) plain HTTP, for debugging only."""
         self.site = site
         self.superlink = superlink
         self.coordinator = coordinator.rstrip("/")
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
+        self.ca = None if ca is None else str(ca)
+        self.keys = None if key is None else load_site_keys(key)
+        # per call: requests lets REQUESTS_CA_BUNDLE override a session's own verify setting
+        self.verify: str | bool = self.ca or True
         self.node_id: int | None = None
         self.stopping = threading.Event()
+        self.exit_code = 0
         self.node_ready = threading.Event()
         self.doorbell = threading.Event()
         self.governance = Governance(site)  # the site's policy, read once
@@ -64,7 +74,7 @@ class SiteAgent:
 
     def announce(self, state: str = "online") -> None:
         body = {"site": self.site.name, "node_id": self.node_id, "info": self.info(), "state": state}
-        response = self.session.post(f"{self.coordinator}/site/announce", json=body, timeout=10)
+        response = self.session.post(f"{self.coordinator}/site/announce", json=body, timeout=10, verify=self.verify)
         if response.status_code == 401:
             raise SystemExit(f"the coordinator at {self.coordinator} refused this site's token")
         response.raise_for_status()
@@ -77,7 +87,7 @@ class SiteAgent:
                 self.announce()
                 threading.Thread(target=self.tasks.warm_up, name="warm-up", daemon=True).start()  # after: online first
                 url = f"{self.coordinator}/site/presence/{self.site.name}"
-                with self.session.get(url, stream=True, timeout=(5, 5)) as response:
+                with self.session.get(url, stream=True, timeout=(5, 5), verify=self.verify) as response:
                     response.raise_for_status()
                     self.doorbell.set()  # pull once: a ring may have gone unheard while we were away
                     for line in response.iter_lines(chunk_size=None):  # each line as it arrives
@@ -86,7 +96,7 @@ class SiteAgent:
                         if line == b"wake":
                             self.doorbell.set()
             except (requests.RequestException, OSError) as exc:
-                log.info("presence stream to the coordinator dropped (%s); reconnecting", type(exc).__name__)
+                log.info("presence stream to the coordinator dropped (%s: %s); reconnecting", type(exc).__name__, exc)
             self.stopping.wait(RECONNECT_SECONDS)
 
     def _safe_announce(self, state: str) -> None:
@@ -98,10 +108,13 @@ class SiteAgent:
     # -- the fleet API --------------------------------------------------------------
     def _serve(self) -> None:
         """Stay registered with the SuperLink; pull on every ring or idle poll."""
+        refused_since: float | None = None
         while not self.stopping.is_set():
             try:
-                with connect(self.superlink) as link:
+                with connect(self.superlink, root_certificates=self.ca, authentication_keys=self.keys) as link:
                     self.node_id = link.node_id
+                    refused_since = None
+                    self._remember_node(link.node_id)
                     log.info("registered with the SuperLink at %s as node %s", self.superlink, link.node_id)
                     self.node_ready.set()
                     while not self.stopping.is_set():
@@ -109,6 +122,18 @@ class SiteAgent:
                         self.doorbell.clear()
                         while not self.stopping.is_set() and (message := link.receive()) is not None:
                             threading.Thread(target=self._handle, args=(link, message), daemon=True).start()
+            except FleetRefused as refused:
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since > REFUSED_SECONDS:
+                    log.error("the SuperLink at %s refused this site: %s\nA site whose key is not registered "
+                              "there is refused: the hub operator runs `flip site register %s KEY.pub`",
+                              self.superlink, str(refused).replace("\n", " "), self.site.name)
+                    self.exit_code = 3
+                    self.stopping.set()
+                    return
+                if refused.still_online and self._release_previous_session():
+                    continue
+                log.info("the SuperLink refused this site (%s); asking again", str(refused).replace("\n", " "))
             except Exception:  # noqa: BLE001 - the SuperLink may restart: register again
                 log.exception("the fleet connection failed; registering again")
             if not self.stopping.is_set():
@@ -116,6 +141,27 @@ class SiteAgent:
                 self.node_id = None
                 self._safe_announce("offline")
                 self.stopping.wait(RESTART_SECONDS)
+
+    def _node_file(self) -> Path:
+        return self.site.root / "keys" / "node-id"
+
+    def _remember_node(self, node_id: int) -> None:
+        if self.keys is not None:
+            self._node_file().write_text(str(node_id))
+
+    def _release_previous_session(self) -> bool:
+        """A crashed agent's session of this site (same key, same node) still counts online at the SuperLink:
+        end it, so that this agent need not wait for it to lapse. True when it was ended."""
+        if self.keys is None or self.ca is None or not self._node_file().exists():
+            return False
+        node_id = int(self._node_file().read_text())
+        try:
+            release_session(self.superlink, root_certificates=self.ca, authentication_keys=self.keys, node_id=node_id)
+        except Exception as exc:  # noqa: BLE001 - not ours, or not online: the refusal stands
+            log.info("could not end this site's previous session at the SuperLink (%s)", exc)
+            return False
+        log.info("ended this site's previous session (node %s) at the SuperLink: a crashed agent's", node_id)
+        return True
 
     def _handle(self, link: Any, message: Message) -> None:
         started = time.monotonic()
@@ -150,4 +196,4 @@ class SiteAgent:
         self.tasks.close()
         self._safe_announce("offline")
         log.info("site agent %s stopped", self.site.name)
-        return 0
+        return self.exit_code

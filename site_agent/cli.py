@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,7 +14,11 @@ from site_agent.audit import AuditError, AuditLog, read_records
 from site_agent.audit import show as audit_show
 from site_agent.audit import verify as audit_verify
 from site_agent.catalog import FORMATS, CatalogError, add_dataset, init_site, load_site
+from site_agent.certs import CertError, fingerprint, make_site_keys
 from site_agent.policy import PolicyError
+
+KEYS = "keys"  # the site's key pair and the consortium's CA certificate
+JOINED = "federation.json"  # where `flip-site join` records the federation (its token: owner-only)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,11 +61,25 @@ def _parser() -> argparse.ArgumentParser:
     verify = audit.add_parser("verify", help="check the audit log's hash chain (edited, deleted, reordered records)")
     verify.add_argument("dir", type=Path)
 
+    keygen = sub.add_parser("keygen", help="make this site's key pair (send the .pub file to the hub operator)")
+    keygen.add_argument("dir", type=Path)
+    keygen.add_argument("--force", action="store_true", help="replace the existing key (it must be registered again)")
+    join = sub.add_parser("join", help="record the federation this site joins (what the hub operator sent)")
+    join.add_argument("dir", type=Path)
+    join.add_argument("--fleet", required=True, help="HOST:PORT of the hub's fleet address")
+    join.add_argument("--ca", required=True, type=Path, help="the consortium's CA certificate (ca.pem)")
+    join.add_argument("--token", required=True, help="this site's token, from `flip site register`")
+
     start = sub.add_parser("start", help="join a federation and serve tasks")
     start.add_argument("dir", type=Path)
-    start.add_argument("--superlink", default=None, help="HOST:PORT of the federation's SuperLink fleet API")
-    start.add_argument("--coordinator", default=None, help="URL of the coordinator (default: local connection file)")
-    start.add_argument("--token", default=None, help="the federation's site join token (default: local connection file)")
+    start.add_argument("--superlink", default=None, help="HOST:PORT of the hub's fleet address (default: flip-site "
+                                                         "join's, else the local federation's)")
+    start.add_argument("--coordinator", default=None, help="URL of the coordinator's site routes "
+                                                           "(default: https://the fleet address)")
+    start.add_argument("--token", default=None, help="this site's token (default: flip-site join's)")
+    start.add_argument("--ca", type=Path, default=None, help="the consortium's CA certificate")
+    start.add_argument("--insecure", action="store_true",
+                       help="plain HTTP, no node authentication: for debugging only, never with patient data")
     start.add_argument("--warm-seconds", type=float, default=None,
                        help="keep a spare task process (torch loaded, ~300 MB) this long after start or the last "
                             "step, so that a new run starts at once (default: 900; 0: never)")
@@ -71,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (CatalogError, PolicyError, ApprovalError, AuditError) as exc:
+    except (CatalogError, PolicyError, ApprovalError, AuditError, CertError) as exc:
         print(f"flip-site: {exc}", file=sys.stderr)
         return 2
 
@@ -103,6 +122,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _answer(args)
     if args.command == "audit":
         return _audit(args)
+    if args.command == "keygen":
+        site = load_site(args.dir)
+        keys = make_site_keys(args.dir / KEYS, site.name, force=args.force)
+        print(f"{site.name}'s key pair: {keys.private} (stays here) and {keys.public} ({fingerprint(keys.public)})")
+        print(f"send {keys.public} to the hub operator, who runs: flip site register {site.name} {keys.public.name}")
+        return 0
+    if args.command == "join":
+        return _join(args)
     if args.command == "start":
         return _start(args)
     raise AssertionError(args)
@@ -150,23 +177,51 @@ def _audit(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+def _join(args: argparse.Namespace) -> int:
+    site = load_site(args.dir)
+    keys = args.dir / KEYS
+    if not (keys / f"{site.name}.key").exists():
+        print(f"flip-site: {site.name} has no key pair yet: run `flip-site keygen {args.dir}` first", file=sys.stderr)
+        return 2
+    shutil.copyfile(args.ca, keys / "ca.pem")
+    path = args.dir / JOINED
+    path.write_text(json.dumps({"fleet": args.fleet, "coordinator": f"https://{args.fleet}", "token": args.token},
+                               indent=2))
+    path.chmod(0o600)
+    print(f"{site.name} joins the federation at {args.fleet}; start it with: flip-site start {args.dir}")
+    return 0
+
+
 def _start(args: argparse.Namespace) -> int:
     from coordinator.local import read_connection
     from site_agent.agent import WARM_SECONDS, SiteAgent
 
     site = load_site(args.dir)
-    connection = read_connection() or {}
-    superlink = args.superlink or connection.get("superlink")
-    coordinator = args.coordinator or connection.get("coordinator_url")
-    token = args.token or connection.get("site_token")
+    joined = json.loads((args.dir / JOINED).read_text()) if (args.dir / JOINED).exists() else {}
+    local = {} if joined else read_connection() or {}  # a local federation's own sites
+    superlink = args.superlink or joined.get("fleet") or local.get("superlink")
+    coordinator = args.coordinator or joined.get("coordinator") or local.get("coordinator_url")
+    token = args.token or joined.get("token") or local.get("site_token")
     missing = [flag for flag, value in (("--superlink", superlink), ("--coordinator", coordinator),
                                         ("--token", token)) if not value]
     if missing:
-        print(f"flip-site: no local federation found; give {', '.join(missing)}", file=sys.stderr)
+        print(f"flip-site: this site has joined no federation (flip-site join); give {', '.join(missing)}",
+              file=sys.stderr)
+        return 2
+    ca = args.ca or (args.dir / KEYS / "ca.pem" if joined else None)
+    key = args.dir / KEYS / f"{site.name}.key"
+    if args.insecure:
+        print("flip-site: WARNING --insecure: plain HTTP to the hub and no node authentication; anyone on the "
+              "network can read this site's traffic. For debugging only, never with patient data.", file=sys.stderr)
+        ca = key = None
+    elif ca is None or not key.exists():
+        print(f"flip-site: {site.name} needs " + (f"its key pair (flip-site keygen {args.dir})" if not key.exists()
+              else "the consortium's CA certificate (--ca or flip-site join)") + "; --insecure only for debugging",
+              file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {site.name} %(levelname)s %(message)s")
     warm = WARM_SECONDS if args.warm_seconds is None else args.warm_seconds
-    return SiteAgent(site, superlink, coordinator, token, warm_seconds=warm).run()
+    return SiteAgent(site, superlink, coordinator, token, warm_seconds=warm, ca=ca, key=key).run()
 
 
 if __name__ == "__main__":

@@ -34,9 +34,36 @@ from flwr.supercore.inflatable.inflatable_utils import (
     pull_objects,
     push_object_contents_from_iterable,
 )
+from flwr.supercore import heartbeat as flower_heartbeat
+from flwr.supernode import fleet_http_connection
 from flwr.supernode.fleet_http_connection import http_request_response
 
 log = logging.getLogger(__name__)
+
+# The SuperLink counts a node online until two heartbeat intervals after its last heartbeat, and will
+# not let the same registered key in again before: a site agent that crashed (SIGKILL, power loss)
+# could rejoin only after a minute at Flower's default of 30 s. 10 s is the least the SuperLink accepts.
+HEARTBEAT_SECONDS = 10.0
+fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS
+flower_heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS
+STILL_ONLINE_CODE = 2004  # Flower's FLEET_NODE_ACTIVATION_FAILED: this key's node is still counted online
+
+
+class FleetRefused(Exception):
+    """The SuperLink would not let this node in; the message is Flower's reason."""
+
+    @property
+    def still_online(self) -> bool:
+        """Refused because the SuperLink still counts this key's previous session online (it will lapse)."""
+        return f"[code: {STILL_ONLINE_CODE}]" in str(self)
+
+
+def _refused(code: int, message: str | None = None, *args: Any, **kwargs: Any) -> None:
+    # Flower's SuperNode ends the whole process here (flwr_exit, and os._exit 5 s later); a site agent says why
+    raise FleetRefused(message or f"exit code {code}")
+
+
+fleet_http_connection.flwr_exit = _refused  # only http_request_response's own reference
 
 # A message is visible before the hub has finished uploading its objects; Flower's default
 # backoff then sleeps a whole second (PULL_INITIAL_BACKOFF). Retry quickly instead.
@@ -89,6 +116,23 @@ class FleetConnection:
                 ((oid, obj.deflate()) for oid, obj in objects.items() if oid in wanted),
                 partial(self._push_object, run_id, session),
             )
+
+
+def release_session(address: str, *, root_certificates: bytes | str, authentication_keys: Any,
+                    node_id: int) -> None:
+    """Tell the SuperLink that this key's node ``node_id`` is offline: the session of an agent that crashed,
+    which the SuperLink would otherwise count online (refusing the key) for up to two heartbeat intervals.
+    Signed with the node's own key: the SuperLink accepts it only for the node that key registered."""
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    private_key, public_key = authentication_keys
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                    NodeAuthHttpInterceptor(private_key, public_key)]
+    with FleetHttpClient.from_server_address(address, False, root_certificates, interceptors=interceptors) as client:
+        client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
 
 
 @contextmanager

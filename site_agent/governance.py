@@ -21,7 +21,9 @@ from site_agent.catalog import SiteConfig, read_site_toml
 from site_agent.guard import Declared, describe_outgoing, guard
 from site_agent.policy import ALLOW, PENDING, REFUSE, Budget, Decision, SitePolicy, TaskFacts, decide, parse_policy
 from site_agent.privacy import DEFAULT_DELTA, PrivacyLedger, epsilon, noise_multiplier, privatise
-from site_agent.protocol import PHASE_FIT, PHASE_PREPARE, StepRequest, StepResult, decode_result, encode_result, source_hash
+from site_agent.protocol import (
+    PHASE_FIT, PHASE_PREPARE, StepRequest, StepResult, decode_result, encode_result, source_hash,
+)
 
 DP_WITHHELD = "metrics and row counts withheld: a differential-privacy run releases only noised parameters"
 

@@ -31,10 +31,19 @@ def test_fab_builds_with_flips_two_components() -> None:
 def test_control_client_and_requests_have_the_fields_flip_uses() -> None:
     from flwr.common.config import parse_config_args
     from flwr.common.serde import user_config_to_proto
-    from flwr.proto.control_pb2 import ListRunsRequest, StartRunRequest, StopRunRequest, StreamLogsRequest
+    from flwr.proto.control_pb2 import (
+        ListRunsRequest,
+        RegisterNodeRequest,
+        StartRunRequest,
+        StopRunRequest,
+        StreamLogsRequest,
+        UnregisterNodeRequest,
+    )
     from flwr.supercore.control import ControlHttpClient
 
-    for method in ("StartRun", "StopRun", "ListRuns", "StreamLogs"):
+    assert {"public_key", "name"} <= set(RegisterNodeRequest.DESCRIPTOR.fields_by_name)  # flip site register
+    assert "node_id" in UnregisterNodeRequest.DESCRIPTOR.fields_by_name
+    for method in ("StartRun", "StopRun", "ListRuns", "StreamLogs", "RegisterNode", "UnregisterNode"):
         assert callable(getattr(ControlHttpClient, method))
     assert list(inspect.signature(ControlHttpClient.from_server_address).parameters)[:3] == [
         "server_address", "insecure", "root_certificates"]

@@ -110,6 +110,18 @@ def test_a_new_site_joins_the_running_federation(federation: Any, tmp_path: Path
                             heart_dir / "processed.cleveland.data", "--format", "uci-heart"],
                            check=True, env=env, capture_output=True, text=True)
     assert "dataset 'heart-extra': 303 rows" in added.stdout
+    # as a hospital joins: its admin makes a key pair, the hub operator registers the public key and sends
+    # back a token with the consortium's CA certificate, the admin records them and starts the agent
+    made = subprocess.run([BIN / "flip-site", "keygen", site_dir], check=True, env=env, capture_output=True, text=True)
+    assert "flip site register Extra Extra.pub" in made.stdout
+    registered = subprocess.run([BIN / "flip", "site", "register", "Extra", site_dir / "keys" / "Extra.pub"],
+                                check=True, env=env, capture_output=True, text=True)
+    token = registered.stdout.split("its token (shown once; send it to the site with the CA certificate): ")[1].split()[0]
+    again = subprocess.run([BIN / "flip", "site", "register", "Extra", site_dir / "keys" / "Extra.pub"],
+                           env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "site 'Extra' is already registered" in again.stderr
+    subprocess.run([BIN / "flip-site", "join", site_dir, "--fleet", federation.connection["superlink"],
+                    "--ca", federation.connection["ca"], f"--token={token}"], check=True, env=env)
     agent = subprocess.Popen([BIN / "flip-site", "start", site_dir], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = federation.client()

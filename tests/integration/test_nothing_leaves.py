@@ -89,7 +89,9 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     home = tmp_path_factory.mktemp("flip-planted")
     captures: list[Capture] = []
     agent = None
-    with local_federation(home, warm=False) as connection:
+    # --insecure, so that the capturing proxies read every byte in the clear: TLS changes how the site's
+    # bytes are wrapped on the wire, not what they are (tests/integration/test_transport.py covers TLS)
+    with local_federation(home, warm=False, secure=False) as connection:
         try:
             table = read_table(shared_data() / "heart-disease" / "processed.va.data", "uci-heart")
             tokens = [f"tok{secrets.token_hex(8)}" for _ in range(len(table))]
@@ -105,7 +107,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             fleet, hub = Capture((link_host, int(link_port))), Capture(("127.0.0.1", hub_port))
             captures = [fleet, hub]
             agent = subprocess.Popen(
-                [BIN / "flip-site", "start", site_dir, "--superlink", f"127.0.0.1:{fleet.port}",
+                [BIN / "flip-site", "start", site_dir, "--insecure", "--superlink", f"127.0.0.1:{fleet.port}",
                  "--coordinator", f"http://127.0.0.1:{hub.port}", f"--token={connection['site_token']}"],
                 env={**os.environ, "FLIP_HOME": str(home)}, start_new_session=True,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

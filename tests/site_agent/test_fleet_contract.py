@@ -38,6 +38,26 @@ def test_fleet_connection_yields_the_eight_calls_flip_unpacks() -> None:
     assert params[:4] == ["server_address", "insecure", "root_certificates", "authentication_keys"]
 
 
+def test_what_fleet_py_overrides_is_still_where_flower_reads_it() -> None:
+    """fleet.py replaces flwr_exit (Flower ends a refused SuperNode's process; a site agent says why and may retry)
+    and the heartbeat interval (so that a crashed site's key may rejoin within 20 s) in Flower's modules."""
+    from flwr.common import constant
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    source = inspect.getsource(fleet_http_connection.http_request_response)
+    assert "if not connection_initialized:" in source and "flwr_exit(" in source
+    assert source.count("heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL") == 2  # activation and each heartbeat
+    assert "HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT" in inspect.getsource(heartbeat.HeartbeatSender._run)
+    assert constant.HEARTBEAT_MIN_INTERVAL <= fleet.HEARTBEAT_SECONDS and constant.HEARTBEAT_PATIENCE == 2
+    assert fleet_http_connection.flwr_exit is fleet._refused
+    assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10.0
+    with pytest.raises(fleet.FleetRefused) as refused:
+        fleet_http_connection.flwr_exit(305, "Failed to initialize the connection to the SuperLink.\n"
+                                             "[code: 2004] Failed to activate SuperNode.")
+    assert refused.value.still_online
+
+
 def test_object_helpers_keep_their_signatures() -> None:
     from flwr.supercore.inflatable import inflatable_utils
 
