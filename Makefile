@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/flip demo
 
-test: $(STAMP)
+# Debian packages the tests use: iproute2 (`ip netns`, the multi-host test). Installed when root (CI is).
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v ip >/dev/null && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq iproute2; fi
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 clean:

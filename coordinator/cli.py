@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--require-approval", action="store_true",
                     help="sites run a task's code only once their admin approves it (flip-site approve); "
                          "by default the local sites auto-approve project 'default' (development)")
+    up.add_argument("--listen", default="127.0.0.1",
+                    help="address of the sites' one entry (the fleet front); 0.0.0.0 for sites on other hosts")
+    up.add_argument("--hub-name", action="append", default=[],
+                    help="a name or address sites use to reach this hub (in its TLS certificate; repeatable)")
     up.add_argument("--insecure", action="store_true",
                     help="plain HTTP between hub and sites and no node authentication: for debugging only")
     certs = sub.add_parser("certs", help="make the consortium's CA and the hub's TLS certificate")
@@ -95,10 +99,13 @@ def _up(args: argparse.Namespace) -> int:
     from coordinator.local import connection_path
 
     connection = up(data=args.data, sites=args.sites, warm=not args.cold, auto_approve=not args.require_approval,
-                    secure=not args.insecure)
+                    secure=not args.insecure, listen=args.listen, hub_names=tuple(args.hub_name))
     print(f"FLIP federation up in {connection['started_seconds']} s")
     print(f"  coordinator  {connection['coordinator_url']}")
-    print(f"  sites join   {connection['superlink']}  (flip-site start DIR)")
+    print(f"  sites join   {connection['superlink']}  (the fleet front: TLS, fleet API and site routes only)"
+          if connection["secure"] else f"  sites join   {connection['superlink']}  (INSECURE: plain HTTP, any node)")
+    if connection["secure"]:
+        print(f"  CA           {connection['ca']}  (a new site: flip-site keygen, flip site register, flip-site join)")
     print(f"  connection   {connection_path()}  (notebooks: %load_ext flip_magics, %flip_connect)")
     return 0
 

@@ -182,12 +182,16 @@ def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len
 
 def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(HEART_SITES),
        warm: bool = True, auto_approve: bool = True, policy: dict[str, Any] | None = None,
-       secure: bool = True) -> dict[str, Any]:
+       secure: bool = True, listen: str = "127.0.0.1", hub_names: tuple[str, ...] = ()) -> dict[str, Any]:
     """Start the local federation (``sites`` site agents) and return the connection it wrote.
 
     ``auto_approve``: the sites run any code of project ``default`` (development); without it
     each task waits until the site's admin approves its code (``flip-site approve``). ``policy``
     replaces the sites' whole policy (the ``policy`` and ``projects`` tables of site.toml).
+
+    ``listen``: the address the fleet front binds (all sites reach the hub there; ``0.0.0.0`` for sites
+    on other hosts), and ``hub_names`` the names or addresses they use for it (in its certificate).
+    The SuperLink and the coordinator always listen on the hub's loopback only.
 
     ``warm``: each site keeps a spare task process (torch loaded) so that a run starts at once;
     without it a site costs only its agent's memory and a run first starts its task processes.
@@ -210,7 +214,7 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     pki = root / "pki"
     if secure:
         ca = make_ca(pki).cert
-        server = make_server_cert(pki, "superlink", ["127.0.0.1", "localhost"])
+        server = make_server_cert(pki, "superlink", ["127.0.0.1", "localhost", *hub_names])
         tls = ["--ssl-certfile", str(server.cert), "--ssl-keyfile", str(server.key), "--ssl-ca-certfile", str(ca),
                "--enable-supernode-auth"]
     else:
@@ -247,7 +251,7 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     ]
     if secure:
         processes.append(_spawn("fleet-front", [
-            sys.executable, "-m", "coordinator.fleet_front", "--host", "127.0.0.1", "--port", str(front_port),
+            sys.executable, "-m", "coordinator.fleet_front", "--host", listen, "--port", str(front_port),
             "--superlink", f"https://{superlink}", "--superlink-ca", str(pki / "ca.pem"),
             "--coordinator", coordinator_url, "--certfile", str(pki / "superlink.pem"),
             "--keyfile", str(pki / "superlink.key")], logs, base_env))
