@@ -42,10 +42,10 @@ def site_csvs(root: Path) -> dict[str, tuple[Path, Path]]:
     return out
 
 
-def run_flip(home: Path, rounds: int) -> dict[str, Any]:
+def run_flip(home: Path, rounds: int, secure: bool = True) -> dict[str, Any]:
     os.environ["FLIP_HOME"] = str(home)
     os.environ["FLIP_SUPERLINK_LOG_LEVEL"] = "DEBUG"  # the SuperLink logs every call, as in the stock run
-    connection = up(home)
+    connection = up(home, secure=secure)
     try:
         # a warm federation: every site's spare task process has loaded torch (as a few seconds after `flip up`)
         client = FlipClient(connection["coordinator_url"], connection["token"])
@@ -98,14 +98,17 @@ def main() -> None:
     parser.add_argument("--flip-only", action="store_true",
                         help="skip the stock Flower run (to compare two FLIP versions: run this file with each "
                              "version's tree first on PYTHONPATH)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="flip up --insecure: no TLS, node keys or fleet front (to measure what they cost)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="flip-bench-") as tmp:
         root = Path(tmp)
         (root / "stock").mkdir()
         stock = None if args.flip_only else run_stock(root / "stock", site_csvs(root), args.rounds)
-        flip = run_flip(root / "flip-home", args.rounds)
+        flip = run_flip(root / "flip-home", args.rounds, secure=not args.insecure)
     flip_s = median(flip["seconds_per_round"])
     print(f"machine: {machine()}")
+    print(f"transport: {'INSECURE (plain HTTP, no node keys)' if args.insecure else 'TLS, SuperNode auth, fleet front'}")
     print(f"model: FLamby Fed-Heart-Disease logistic regression, 4 sites, {args.rounds} rounds, 100 local steps")
     print(f"flip: {flip_s:.2f} s/round  (rounds: {', '.join(f'{s:.1f}' for s in flip['seconds_per_round'])})")
     if stock is None:

@@ -18,6 +18,7 @@ from coordinator.federation import down, up
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--insecure", action="store_true", help="flip up --insecure (no TLS, keys or fleet front)")
     args = parser.parse_args()
     seconds = []
     for _ in range(args.repeat):
@@ -25,7 +26,7 @@ def main() -> None:
             home = Path(tmp)
             os.environ["FLIP_HOME"] = str(home)
             started = time.monotonic()
-            up(home)
+            up(home, secure=not args.insecure)
             seconds.append(time.monotonic() - started)
             down(home)
     print(f"machine: {machine()}")
