@@ -1,8 +1,8 @@
 """Nothing private leaves a site: planted tokens, every byte the site sent, and everything the hub kept.
 
-A fifth site ("Planted") joins the local federation holding VA's table plus a column of unique random
-tokens, and reaches the SuperLink and the coordinator only through capturing proxies (TCP forwarders
-that keep every byte, both ways). Its admin must approve each task's code. Three runs go through it:
+A fifth site ("Planted") joins the local federation (TLS, its own registered key) holding VA's table
+plus a column of unique random tokens, and reaches the hub only through a capturing proxy (it decrypts
+with a certificate from the consortium's CA and keeps every byte, both ways). Its admin must approve each task's code. Three runs go through it:
 a training run whose cell also prints rows (to the site's log), a failing run whose cell raises with a
 row in its message, and a run the site's admin rejects. Then neither the bytes the site sent or
 received, nor the coordinator's database and model files, nor anything the notebook was shown hold any
@@ -11,10 +11,12 @@ token, while the site's own log does (so the search would have found one).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,6 +32,7 @@ from flip_magics.client import FlipClient, RunHandle
 from flip_magics.errors import RunFailed
 from helpers import TINY_CELL, local_federation, shared_data
 from site_agent.catalog import add_dataset, init_site, read_table, write_policy
+from site_agent.certs import make_server_cert
 
 BIN = Path(sys.executable).parent
 SITES = 5
@@ -44,54 +47,64 @@ RAISING_CELL = TINY_CELL.replace(
 
 
 class Capture:
-    """A TCP forwarder on a free 127.0.0.1 port that keeps every byte passing through, both ways."""
+    """A TLS-terminating proxy on a free 127.0.0.1 port in front of the hub's fleet address: it holds a
+    certificate from the consortium's CA (as an eavesdropper holding that CA's key would), decrypts, keeps
+    every byte passing through both ways, and re-encrypts to the fleet front."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], pki: Path) -> None:
+        cert = make_server_cert(pki, "capture", ["127.0.0.1"])
+        self.server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.server_tls.load_cert_chain(cert.cert, cert.key)
+        self.client_tls = ssl.create_default_context(cafile=str(cert.ca))
         self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sent = bytearray()  # from the site
-        self.received = bytearray()  # to the site
+        self.sent = bytearray()  # from the site, decrypted
+        self.received = bytearray()  # to the site, decrypted
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.port = listener.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        threading.Thread(target=self._serve, args=(listener, started), daemon=True).start()
+        assert started.wait(30), "the capturing proxy did not start"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, upstream, self.sent), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, self.received), daemon=True).start()
+    def _serve(self, listener: socket.socket, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._relay, sock=listener,
+                                                                        ssl=self.server_tls))
+        started.set()
+        self.loop.run_forever()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bytearray) -> None:
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while chunk := src.recv(1 << 16):
+            up_reader, up_writer = await asyncio.open_connection(*self.target, ssl=self.client_tls)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pump(reader, up_writer, self.sent), self._pump(up_reader, writer, self.received))
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray) -> None:
+        try:
+            while chunk := await src.read(1 << 16):
                 with self.lock:
                     record.extend(chunk)
-                dst.sendall(chunk)
-        except OSError:
+                dst.write(chunk)
+                await dst.drain()
+        except (OSError, ssl.SSLError):
             pass
         finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            dst.close()
 
     def close(self) -> None:
-        self.listener.close()
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("flip-planted")
-    captures: list[Capture] = []
+    capture: Capture | None = None
     agent = None
-    # --insecure, so that the capturing proxies read every byte in the clear: TLS changes how the site's
-    # bytes are wrapped on the wire, not what they are (tests/integration/test_transport.py covers TLS)
-    with local_federation(home, warm=False, secure=False) as connection:
+    with local_federation(home, warm=False) as connection:
         try:
             table = read_table(shared_data() / "heart-disease" / "processed.va.data", "uci-heart")
             tokens = [f"tok{secrets.token_hex(8)}" for _ in range(len(table))]
@@ -102,27 +115,29 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             site = add_dataset(init_site(site_dir, "Planted"), "heart-disease", csv, "csv")
             write_policy(site, {"projects": {DEFAULT_PROJECT: {"approved": True, "researchers": ["*"],
                                                                "datasets": ["*"], "auto_approve": False}}})
-            link_host, link_port = connection["superlink"].rsplit(":", 1)
-            hub_port = int(connection["coordinator_url"].rsplit(":", 1)[1])
-            fleet, hub = Capture((link_host, int(link_port))), Capture(("127.0.0.1", hub_port))
-            captures = [fleet, hub]
-            agent = subprocess.Popen(
-                [BIN / "flip-site", "start", site_dir, "--insecure", "--superlink", f"127.0.0.1:{fleet.port}",
-                 "--coordinator", f"http://127.0.0.1:{hub.port}", f"--token={connection['site_token']}"],
-                env={**os.environ, "FLIP_HOME": str(home)}, start_new_session=True,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
+            front_host, front_port = connection["superlink"].rsplit(":", 1)
+            capture = Capture((front_host, int(front_port)), Path(connection["federation"]) / "pki")
+            # the planted site joins as any hospital does, but its one address is the capturing proxy
+            env = {**os.environ, "FLIP_HOME": str(home)}
+            flip_site("keygen", site_dir)
+            said = subprocess.run([BIN / "flip", "site", "register", "Planted", site_dir / "keys" / "Planted.pub"],
+                                  env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+            token = said.split("send it to the site with the CA certificate): ")[1].split()[0]
+            flip_site("join", site_dir, "--fleet", f"127.0.0.1:{capture.port}", "--ca", connection["ca"],
+                      f"--token={token}")
+            agent = subprocess.Popen([BIN / "flip-site", "start", site_dir], env=env, start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             client = FlipClient(connection["coordinator_url"], connection["token"])
             online = lambda: any(s["site"] == "Planted" and s["status"] == "online"  # noqa: E731
                                  for s in client.sites())
             assert wait_until(online, 120, 0.1), "the planted site did not come online"
-            yield {"client": client, "tokens": tokens, "site_dir": site_dir, "captures": captures,
+            yield {"client": client, "tokens": tokens, "site_dir": site_dir, "capture": capture,
                    "federation": Path(connection["federation"])}
         finally:
             if agent is not None:
                 os.killpg(agent.pid, signal.SIGTERM)
                 agent.wait(timeout=30)
-            for capture in captures:
+            if capture is not None:
                 capture.close()
 
 
@@ -166,14 +181,15 @@ def test_no_planted_token_leaves_the_site(planted: dict[str, Any]) -> None:
     seen += [str(refused.value), repr(rejected.events), repr(client.run(rejected.run_id)), repr(client.sites())]
 
     tokens = [t.encode() for t in planted["tokens"]]
-    fleet, hub = planted["captures"]
-    assert b"/v1/fleet/push-messages" in fleet.sent and b"/site/announce" in hub.sent  # the capture saw the site
-    assert len(fleet.sent) > 10_000
+    capture = planted["capture"]
+    with capture.lock:
+        sent, received = bytes(capture.sent), bytes(capture.received)
+    assert b"/v1/fleet/push-messages" in sent and b"/site/announce" in sent  # the capture saw the site, decrypted
+    assert len(sent) > 10_000
     stored = b"".join(p.read_bytes() for p in (planted["federation"] / "coordinator").rglob("*") if p.is_file())
     assert len(stored) > 10_000
     shown = "\n".join(seen).encode()
-    for where, blob in (("sent to the SuperLink", fleet.sent), ("received from the SuperLink", fleet.received),
-                        ("sent to the coordinator", hub.sent), ("received from the coordinator", hub.received),
+    for where, blob in (("sent by the site", sent), ("received by the site", received),
                         ("stored by the coordinator", stored), ("shown in the notebook", shown)):
         leaked = [t for t in tokens if t in blob]
         assert not leaked, f"{len(leaked)} planted token(s) {where}"
