@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     control = FlowerControl(config.superlink_control, Path(config.superlink_ca) if config.superlink_ca else None)
     manager = RunManager(Store(config.state_dir), control, notifier.notify)
     app = build_app(config, manager, notifier)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    # notebooks' event streams and sites' presence streams never end by themselves: on SIGTERM, 2 s for them
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=2)
     return 0
 
 

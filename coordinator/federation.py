@@ -299,6 +299,8 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
              *([] if warm else ["--warm-seconds", "0"])],
             logs, site_env,
         ))
+    if secure:
+        control.close()  # an open connection would hold up the SuperLink's shutdown
     _write_state(federation, state)
     ready = lambda: bool(dead()) or _sites_online(coordinator_url, token, heart_site_names(sites))  # noqa: E731
     if not wait_until(ready, READY_SECONDS, 0.1) or dead():
@@ -336,8 +338,11 @@ def register_site(name: str, public: Path, config_path: Path | None = None, *,
     if not config.superlink_ca:
         raise FederationError("this federation runs --insecure: its SuperLink takes any node, nothing to register")
     registry = SiteRegistry(config.registry_path)
-    token = _register(FlowerControl(config.superlink_control, Path(config.superlink_ca)), registry, name, public,
-                      replace)
+    control = FlowerControl(config.superlink_control, Path(config.superlink_ca))
+    try:
+        token = _register(control, registry, name, public, replace)
+    finally:
+        control.close()
     return {s.name: s for s in registry.sites()}[name].node_id, token
 
 

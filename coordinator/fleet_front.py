@@ -367,6 +367,8 @@ def serve(
         date_header=False,
         # Longer than a SuperNode's 5 s idle expiry, so the site, not the front, drops idle connections.
         timeout_keep_alive=15,
+        # a site's presence stream never ends by itself: on SIGTERM, stop waiting for it after 2 s
+        timeout_graceful_shutdown=2,
     )
 
 

@@ -93,6 +93,10 @@ class FlowerControl:
     def unregister_node(self, node_id: int) -> None:
         self._client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
 
+    def close(self) -> None:
+        """Close the connection (the SuperLink waits for open ones when it shuts down)."""
+        self._client.close()
+
     def ready(self) -> bool:
         """Whether the SuperLink's control API answers."""
         try:
