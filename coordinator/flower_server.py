@@ -240,6 +240,8 @@ class RoundLoop:
         # a differential-privacy run's sites release no counts: its table shows the epsilon instead
         counts = ({"detail": PRIVATE_DETAIL} if phase == PHASE_PREPARE else {}) if result.private else \
             {"samples": result.num_train}
+        if result.withheld:
+            counts["detail"] = result.withheld
         if phase == PHASE_PREPARE:
             self.emit({"type": "site", "site": reply.site, "status": "ready", "round": round_,
                        **counts, "seconds": round(result.seconds, 3)},

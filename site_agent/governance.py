@@ -120,7 +120,7 @@ class Governance:
     def release(self, request: StepRequest, produced: bytes) -> bytes:
         """What may leave the site of ``produced`` (the task process's result), audited."""
         guarded = guard(decode_result(produced), Declared.from_params(request.params),
-                        self.policy.threshold(request.project))
+                        self.policy.threshold(request.project), metrics=self.policy.metrics(request.project))
         result, privacy = guarded.result, {}
         run = private_run(request.config, self._delta(request.project))  # admit() has checked it
         if run is not None:

@@ -21,6 +21,7 @@ import numpy as np
 from site_agent.protocol import StepResult
 
 MAX_METRICS = 20
+ANY_METRIC = "*"
 METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 COUNT_NAME = re.compile(r"(^|_)(n|num|count|counts|total|size|rows|cases|patients)(_|$)", re.I)
 ERROR_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,79}$")
@@ -90,12 +91,16 @@ def _finite(value: object) -> float | None:
 
 
 def _metrics(metrics: dict[str, float], kind: str, threshold: int, max_metrics: int,
-             stripped: list[str]) -> dict[str, float]:
+             stripped: list[str], allowed: tuple[str, ...] = (ANY_METRIC,), public: list[str] | None = None
+             ) -> dict[str, float]:
     kept: dict[str, float] = {}
-    bad_names = 0
+    bad_names = unlisted = 0
     for name, value in metrics.items():
         if not _matches(METRIC_NAME, name):
             bad_names += 1
+            continue
+        if ANY_METRIC not in allowed and name not in allowed:
+            unlisted += 1
             continue
         number = _finite(value)
         if number is None:
@@ -106,6 +111,11 @@ def _metrics(metrics: dict[str, float], kind: str, threshold: int, max_metrics: 
             kept[name] = number
     if bad_names:
         stripped.append(f"{bad_names} {kind} metric(s) with a disallowed name removed")
+    if unlisted:  # the names are the task's choice (they could carry data): counted, never echoed
+        sentence = f"{unlisted} {kind} metric(s) withheld: not among the project's metrics here ({', '.join(allowed)})"
+        stripped.append(sentence)
+        if public is not None:
+            public.append(sentence)
     names = sorted(kept)
     if len(names) > max_metrics:
         stripped.append(f"{len(names) - max_metrics} {kind} metrics over the limit of {max_metrics} removed")
@@ -120,11 +130,17 @@ def _count(value: object, kind: str, stripped: list[str]) -> int:
     return 0
 
 
-def guard(result: StepResult, declared: Declared, threshold: int, *, max_metrics: int = MAX_METRICS) -> Guarded:
-    """What of ``result`` may leave the site, and a sentence for each thing removed."""
+def guard(result: StepResult, declared: Declared, threshold: int, *, max_metrics: int = MAX_METRICS,
+          metrics: tuple[str, ...] = ("*",)) -> Guarded:
+    """What of ``result`` may leave the site, and a sentence for each thing removed.
+
+    ``metrics``: the metric names the project may send from this site (``"*"``: any plain name); the
+    researcher is told how many others were withheld (``StepResult.withheld``)."""
     stripped: list[str] = []
     # the privacy figures are the site agent's to set (site_agent.privacy), never the task process's
-    out = replace(result, params=dict(result.params), private=False, dp_epsilon=0.0, dp_project_epsilon=0.0)
+    out = replace(result, params=dict(result.params), private=False, dp_epsilon=0.0, dp_project_epsilon=0.0,
+                  withheld="")
+    public: list[str] = []  # sentences of fixed text that the researcher may read
 
     if (out.status == "error" or out.error_where) and not _fixed_place(out.error_where):
         out.error_where = "the task"  # free text (an exception's message, say) must not leave
@@ -138,8 +154,9 @@ def guard(result: StepResult, declared: Declared, threshold: int, *, max_metrics
         out.status, out.error_type, out.error_line, out.error_where = "error", "BadParameters", 0, BAD_PARAMETERS_WHERE
         stripped.append(f"parameters removed: {problem}")
 
-    out.train_metrics = _metrics(result.train_metrics, "train", threshold, max_metrics, stripped)
-    out.eval_metrics = _metrics(result.eval_metrics, "eval", threshold, max_metrics, stripped)
+    out.train_metrics = _metrics(result.train_metrics, "train", threshold, max_metrics, stripped, metrics, public)
+    out.eval_metrics = _metrics(result.eval_metrics, "eval", threshold, max_metrics, stripped, metrics, public)
+    out.withheld = "; ".join(public)
     out.num_train = _count(result.num_train, "train", stripped)
     out.num_test = _count(result.num_test, "test", stripped)
 

@@ -16,6 +16,7 @@ the network or looks at data: the agent gathers the facts, this module decides.
     researchers = ["alice", "bob"]   # or ["*"]: anyone the hub lets into the project
     datasets = ["heart-disease"]     # or ["*"]: any dataset registered here
     tasks = ["train"]
+    metrics = ["loss", "accuracy"]   # the metric names that may leave (default ["*"]: any plain name, at most 20)
     auto_approve = false             # true: code runs without an admin's approval (development)
     disclosure_threshold = 10
     dp_required = false
@@ -49,6 +50,7 @@ class ProjectPolicy:
     researchers: tuple[str, ...] = ()
     datasets: tuple[str, ...] = ()
     tasks: tuple[str, ...] = TASK_KINDS
+    metrics: tuple[str, ...] = (ANY,)
     auto_approve: bool = False
     disclosure_threshold: int = DEFAULT_THRESHOLD
     dp_required: bool = False
@@ -69,6 +71,11 @@ class SitePolicy:
 
     def project(self, name: str) -> ProjectPolicy | None:
         return self.projects.get(name)
+
+    def metrics(self, project: str) -> tuple[str, ...]:
+        """The metric names ``project`` may send from this site (``("*",)``: any plain name)."""
+        found = self.projects.get(project)
+        return found.metrics if found else ()
 
     def threshold(self, project: str) -> int:
         """The disclosure threshold for ``project`` (the site's, for a project it does not know)."""
@@ -176,6 +183,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
             researchers=_names(f"{where} researchers", body.get("researchers", [])),
             datasets=_names(f"{where} datasets", body.get("datasets", [])),
             tasks=tasks,
+            metrics=_names(f"{where} metrics", body.get("metrics", [ANY])),
             auto_approve=_flag(f"{where} auto_approve", body.get("auto_approve", False)),
             disclosure_threshold=threshold,
             dp_required=_flag(f"{where} dp_required", body.get("dp_required", False)),

@@ -59,6 +59,7 @@ class StepResult:
     private: bool = False  # a differential-privacy run: noised parameters only, no metrics or counts
     dp_epsilon: float = 0.0  # this run's epsilon spent at this site so far
     dp_project_epsilon: float = 0.0  # the project's epsilon spent at this site, all runs
+    withheld: str = ""  # what the site's policy kept back, in fixed sentences the researcher may read
 
 
 def normalise_source(source: str) -> str:

@@ -1,7 +1,8 @@
 """Hostile cells against real site agents: each is stopped or stripped, the notebook says why in a
 sentence, nothing the cell saw leaves, the site goes on serving, and its audit log records it.
 
-The sites' policy here: time limit 6 s per step, memory limit 1024 MB per task process.
+The sites' policy here: time limit 6 s per step, memory limit 1024 MB per task process, and only the
+metrics loss, accuracy and rows may leave.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from site_agent.audit import read_records, verify
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA")
 POLICY = {"policy": {"disclosure_threshold": 10},
           "projects": {DEFAULT_PROJECT: {"approved": True, "researchers": ["*"], "datasets": ["*"], "auto_approve": True,
-                                         "time_limit_seconds": 6, "memory_limit_mb": 1024}}}
+                                         "time_limit_seconds": 6, "memory_limit_mb": 1024,
+                                         "metrics": ["loss", "accuracy", "rows"]}}}
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +96,21 @@ def test_rows_in_a_message_or_printed_stay_at_the_site(guarded) -> None:
     assert not any("patient" in str(e) or "'age'" in str(e) for e in list(handle.events))
     log = (sites / "VA" / "logs" / f"run-{handle.run_id}.log").read_text()
     assert "ROW {'age'" in log  # the site's own log has it, for its admin
+
+
+def test_rows_disguised_as_metrics_are_withheld(guarded) -> None:
+    client, sites, _ = guarded
+    row = "data.train.select_dtypes('number').fillna(0).iloc[0]"
+    source = hostile(f"return {{'loss': 0.5, **{{f'v{{i}}': float(v) for i, v in enumerate({row})}}}}")
+    handle = client.train(source, dataset="heart-disease", rounds=1, min_sites=4, seed=0, name="rows-as-metrics")
+    handle.wait(120)
+    assert set(handle.history.query("phase == 'train'").metric) == {"loss"}
+    said = {e["site"]: e["detail"] for e in list(handle.events)
+            if e.get("type") == "site" and e.get("detail")}  # the site's row says it when its training step is done
+    assert said == {s: "14 train metric(s) withheld: not among the project's metrics here (loss, accuracy, rows)"
+                    for s in SITES}
+    outcome = [r for r in read_records(sites / "VA") if r["kind"] == "outcome" and r["phase"] == "fit"][-1]
+    assert outcome["outgoing"]["train_metrics"] == ["loss"] and outcome["stripped"]
 
 
 def test_parameters_of_the_wrong_shape_are_stripped(guarded) -> None:

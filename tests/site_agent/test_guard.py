@@ -98,6 +98,19 @@ def test_rows_disguised_as_metrics_are_capped_and_counted() -> None:
     assert len(guard(_honest(eval_metrics=rows), DECLARED, THRESHOLD, max_metrics=5).result.eval_metrics) == 5
 
 
+def test_only_the_projects_metric_names_leave_and_the_researcher_is_told_how_many_did_not() -> None:
+    rows = {f"age_{i}": float(60 + i) for i in range(14)}
+    guarded = guard(_honest(train_metrics={**rows, "loss": 0.3}, eval_metrics={"accuracy": 0.8, "v1": 63.0}),
+                    DECLARED, THRESHOLD, metrics=("loss", "accuracy"))
+    assert (guarded.result.train_metrics, guarded.result.eval_metrics) == ({"loss": 0.3}, {"accuracy": 0.8})
+    assert guarded.result.withheld == (
+        "14 train metric(s) withheld: not among the project's metrics here (loss, accuracy); "
+        "1 eval metric(s) withheld: not among the project's metrics here (loss, accuracy)")
+    assert "age_" not in " ".join(guarded.stripped) and "v1" not in guarded.result.withheld
+    forged = guard(_honest(withheld="free text from the task"), DECLARED, THRESHOLD)
+    assert forged.result.withheld == ""  # only the guard writes it
+
+
 def test_metric_with_disallowed_name_is_removed_without_echoing_it() -> None:
     names = ["age=63,sex=1", "x" * 41, "1abc", "loss\n"]
     guarded = guard(_honest(train_metrics={**{n: 1.5 for n in names}, "loss": 0.3}), DECLARED, THRESHOLD)

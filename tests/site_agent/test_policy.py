@@ -80,6 +80,13 @@ def test_dp_demands_and_budget_are_refused_with_the_figures() -> None:
     assert decide(policy(auto_approve=True), task(dp_epsilon=50.0), budget=Budget(0.0, 50.0)).verdict == ALLOW
 
 
+def test_a_project_may_list_the_metrics_that_leave() -> None:
+    site = parse_policy("VA", {"projects": {"heart": {"approved": True, "metrics": ["loss", "auc"]},
+                                            "lungs": {"approved": True}}})
+    assert site.metrics("heart") == ("loss", "auc") and site.metrics("lungs") == ("*",)
+    assert site.metrics("unknown") == ()
+
+
 def test_thresholds_never_go_below_the_sites() -> None:
     site = parse_policy("VA", {"policy": {"disclosure_threshold": 20},
                                "projects": {"heart": {"approved": True, "disclosure_threshold": 25}}})
