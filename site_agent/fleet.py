@@ -3,8 +3,10 @@
 This is the one site-side module that leans on Flower internals: the SuperNode's fleet
 connection (``flwr.supernode.fleet_http_connection``: node registration, heartbeats, TLS and
 node authentication, exactly as ``flower-supernode`` does them) and the transfer of a message's
-content-addressed objects. ``tests/site_agent/test_fleet_contract.py`` fails loudly if any of
-them moves.
+content-addressed objects. It also replaces two things inside Flower's connection module: the
+heartbeat interval (10 s, so that a crashed site's key may rejoin quickly) and ``flwr_exit`` (which
+ends a SuperNode's whole process when the SuperLink refuses it; a site agent says why instead).
+``tests/site_agent/test_fleet_contract.py`` fails loudly if any of them moves.
 
 Why not ``flower-supernode`` itself: it polls the SuperLink every 3 s when idle and starts a
 fresh ``flwr-clientapp`` process (importing Flower, then the app) for every message. The site
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0
 fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS
 flower_heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS
-STILL_ONLINE_CODE = 2004  # Flower's FLEET_NODE_ACTIVATION_FAILED: this key's node is still counted online
+STILL_ONLINE_CODE = 2004  # FLEET_NODE_ACTIVATION_FAILED: the key's node still counts online, or is not registered
 
 
 class FleetRefused(Exception):
@@ -54,7 +56,8 @@ class FleetRefused(Exception):
 
     @property
     def still_online(self) -> bool:
-        """Refused because the SuperLink still counts this key's previous session online (it will lapse)."""
+        """Refused activation: this key's previous session may still count online (a crashed agent's, which
+        ``release_session`` ends) — or the key is not registered there (Flower answers both alike)."""
         return f"[code: {STILL_ONLINE_CODE}]" in str(self)
 
 

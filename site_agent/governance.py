@@ -20,7 +20,7 @@ from site_agent.audit import AuditLog
 from site_agent.catalog import SiteConfig, read_site_toml
 from site_agent.guard import Declared, describe_outgoing, guard
 from site_agent.policy import ALLOW, PENDING, REFUSE, Budget, Decision, SitePolicy, TaskFacts, decide, parse_policy
-from site_agent.privacy import DEFAULT_DELTA, PrivacyLedger, epsilon, noise_multiplier, privatise
+from site_agent.privacy import DEFAULT_DELTA, PrivacyLedger, noise_multiplier, privatise
 from site_agent.protocol import (
     PHASE_FIT, PHASE_PREPARE, StepRequest, StepResult, decode_result, encode_result, source_hash,
 )
@@ -141,10 +141,8 @@ class Governance:
             out.params = privatise(out.params, request.params, run.clip, z, rng)
             out.num_train = 1  # each site's update counts the same: its size is not released
             privacy = {"dp": {"noise_multiplier": z, "clip": run.clip, "delta": run.delta}}
-        releases = self.ledger.releases(request.project)
-        mine = [(float(r["noise_multiplier"]), 1) for r in releases if r["run"] == request.run_id]
-        out.dp_epsilon = epsilon(mine, run.delta)
-        out.dp_project_epsilon = epsilon([(float(r["noise_multiplier"]), 1) for r in releases], run.delta)
+        out.dp_epsilon = self.ledger.run_spent(request.project, request.run_id, run.delta)
+        out.dp_project_epsilon = self.ledger.spend(request.project, run.delta).spent
         if privacy:
             privacy["dp"].update(run_epsilon=out.dp_epsilon, project_epsilon=out.dp_project_epsilon)
         return out, privacy

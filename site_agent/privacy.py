@@ -125,16 +125,19 @@ class PrivacyLedger:
             return []
         return list(json.loads(path.read_text())["releases"])
 
-    @staticmethod
-    def _composed(releases: list[dict[str, Any]]) -> list[tuple[float, int]]:
-        return [(float(r["noise_multiplier"]), 1) for r in releases]
+    def _composed(self, project: str, run: str | None = None) -> list[tuple[float, int]]:
+        return [(float(r["noise_multiplier"]), 1) for r in self.releases(project) if run in (None, r["run"])]
 
     def spend(self, project: str, delta: float, z: float | None = None, count: int = 0) -> Spend:
         """Epsilon spent by ``project`` here, and what it would be after ``count`` more releases at ``z``."""
-        done = self._composed(self.releases(project))
+        done = self._composed(project)
         spent = epsilon(done, delta)
         after = epsilon(done + [(z, count)], delta) if z is not None and count > 0 else spent
         return Spend(spent, after)
+
+    def run_spent(self, project: str, run: str, delta: float) -> float:
+        """Epsilon spent here by one run of ``project``."""
+        return epsilon(self._composed(project, run), delta)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
