@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	# Exactly this torch, before the project: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/flip kernel install        # the "FLIP (Python 3)" kernel, in this environment
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--config", type=Path, default=None,
                           help="the coordinator's config (default: the local federation's)")
     register.add_argument("--replace", action="store_true", help="the site has a new key: a new token too")
+    kernel = sub.add_parser("kernel", help="the FLIP Jupyter kernel").add_subparsers(dest="action", required=True)
+    install = kernel.add_parser("install", help='install the "FLIP (Python 3)" kernel spec (magics preloaded)')
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="for this user (default: this environment)")
+    where.add_argument("--prefix", default=None, help="under PREFIX/share/jupyter/kernels")
     sub.add_parser("down", help="stop the local federation")
     restart = sub.add_parser("restart", help="kill one process of the local federation and start it again")
     restart.add_argument("name", help="coordinator, superlink or site-NAME (as `flip status` lists them)")
@@ -86,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "certs":
             return _certs(args)
+        if args.command == "kernel":
+            from flip_magics.kernelspec import DISPLAY_NAME, install
+
+            print(f"{DISPLAY_NAME} installed in {install(user=args.user, prefix=args.prefix)}")
+            return 0
         if args.command == "site":
             return _register(args)
     except (FederationError, CertError, RegistryError) as exc:
