@@ -36,9 +36,9 @@ POLL_MAX_SECONDS = 0.25
 POLL_GROWTH = 1.5
 FIRST_POLL_FRACTION = 0.8  # of the time the quickest site took last round
 LIVENESS_SECONDS = 0.5
-# a site waiting for its admin's approval is asked again after 0.5 s, then less and less often
+# a site waiting for its admin's approval is asked again after 0.5 s, then less often, at least every 2 s
 APPROVAL_POLL_MIN_SECONDS = 0.5
-APPROVAL_POLL_MAX_SECONDS = 5.0
+APPROVAL_POLL_MAX_SECONDS = 2.0
 OFFLINE_GRACE_SECONDS = 2.0
 OFFLINE = "the site went offline (its agent stopped answering)"
 RESTARTED = "the site's Flower node restarted during the round"

@@ -17,7 +17,8 @@ def test_an_installed_flip_kernel_starts_with_the_magics_loaded(tmp_path: Path, 
     assert done.returncode == 0, done.stderr
     spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "flip"
     spec = json.loads((spec_dir / "kernel.json").read_text())
-    assert spec["display_name"] == "FLIP (Python 3)" and spec["argv"][0] == sys.executable
+    assert spec["display_name"] == "FLIP (Python 3)"
+    assert Path(spec["argv"][0]).resolve() == Path(sys.executable).resolve()  # this environment's Python
 
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "share" / "jupyter"))  # where Jupyter looks first
     monkeypatch.setenv("FLIP_HOME", str(tmp_path / "nowhere"))

@@ -52,6 +52,9 @@ def test_a_private_run_shows_its_epsilon_per_round_and_the_budget_runs_out(feder
     first, second = spent["value"].tolist()
     assert 0 < first < second <= 2.0 and second > 1.9  # the whole run spends (almost exactly) what it asked
     assert set(history.phase) == {"privacy"}  # no loss, accuracy or count computed on a site's data left
+    assert {label for label, _, _ in handle.chart_points()} == {"privacy epsilon"}  # the notebook's live chart
+    assert {k: handle.record["config"][k] for k in ("dp_epsilon", "dp_clip", "dp_rounds")} == \
+        {"dp_epsilon": 2.0, "dp_clip": 0.5, "dp_rounds": 2}  # and the run record keeps the settings
     assert {row["site"] for row in handle.site_rows() if row["samples"] is None} == set(SITES)
     assert handle.model is not None  # the noised global model comes back
 

@@ -110,21 +110,6 @@ def test_training_cell_streams_rounds_and_returns_the_model(kernel: Kernel) -> N
     assert len(result["record"]["model_sha256"]) == 64 and result["record"]["seed"] == 1
 
 
-def test_a_private_cell_shows_the_epsilon_spent_after_each_round(kernel: Kernel) -> None:
-    kernel.run("%%flip_train --dataset heart-disease --rounds 2 --dp-epsilon 4 --dp-clip 1 --out private\n" + TINY_CELL)
-    result = kernel.json(
-        "private.wait()\n"
-        "h = private.history\n"
-        "print(json.dumps({'spent': h[(h.site == 'global')][['round', 'phase', 'metric', 'value']].values.tolist(),\n"
-        "  'chart': sorted({p[0] for p in private.chart_points()}), 'dp': private.record['config']}))")
-    spent = result["spent"]
-    assert [row[:3] for row in spent] == [[1, "privacy", "epsilon"], [2, "privacy", "epsilon"]]
-    assert 0 < spent[0][3] < spent[1][3] <= 4.0
-    assert result["chart"] == ["privacy epsilon"]  # the live chart draws it
-    assert {k: result["dp"][k] for k in ("dp_epsilon", "dp_clip", "dp_rounds")} == \
-        {"dp_epsilon": 4.0, "dp_clip": 1.0, "dp_rounds": 2}  # and the run record keeps it
-
-
 def test_a_cell_that_raises_at_one_site_names_the_site_and_exception(kernel: Kernel) -> None:
     raising = TINY_CELL.replace(
         "def train(model, data, config):\n",
