@@ -154,6 +154,8 @@ def test_a_rerun_with_the_same_seed_gives_the_same_model(federation: Any) -> Non
         "        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(X[batch]).squeeze(1), y[batch])")
     assert minibatch != TINY_CELL
     client = federation.client()
-    first, second = (client.train(minibatch, dataset="heart-disease", rounds=1, seed=11).wait() for _ in range(2))
+    # side by side: each run has its own task process at every site, and its own seeds
+    first, second = [client.train(minibatch, dataset="heart-disease", rounds=1, seed=11) for _ in range(2)]
+    first.wait(), second.wait()
     assert first.record["model_sha256"] == second.record["model_sha256"]
     assert first.history.equals(second.history)
