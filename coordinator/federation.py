@@ -40,7 +40,9 @@ from coordinator.local import (
 )
 from site_agent import isolation
 from site_agent.catalog import add_dataset, init_site, write_policy
-from site_agent.certs import fingerprint, make_ca, make_server_cert, make_site_keys, public_key_bytes
+from site_agent.certs import (
+    SITE_KEYS, fingerprint, make_ca, make_server_cert, make_site_keys, public_key_bytes,
+)
 from site_agent.policy import DEFAULT_THRESHOLD
 
 HEART_SITES = {
@@ -287,7 +289,7 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
             raise fail(f"the SuperLink did not start ({', '.join(dead()) or 'no answer'})")
     for site_dir in site_dirs:
         if secure:  # as a real site joins: its own key pair, registered by the hub, and its own token
-            keys = make_site_keys(site_dir / "keys", site_dir.name)
+            keys = make_site_keys(site_dir / SITE_KEYS, site_dir.name)
             site_token = _register(control, SiteRegistry(config.registry_path), site_dir.name, keys.public)
             credentials = ["--ca", str(pki / "ca.pem"), "--coordinator", f"https://{fleet}"]
         else:

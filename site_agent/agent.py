@@ -27,7 +27,7 @@ from flwr.app import Message
 
 from site_agent import __version__
 from site_agent.catalog import SiteConfig
-from site_agent.certs import load_site_keys
+from site_agent.certs import SITE_KEYS, load_site_keys
 from site_agent.fleet import FleetRefused, connect, release_session
 from site_agent.governance import Governance
 from site_agent.guard import announced
@@ -143,7 +143,7 @@ class SiteAgent:
                 self.stopping.wait(RESTART_SECONDS)
 
     def _node_file(self) -> Path:
-        return self.site.root / "keys" / "node-id"
+        return self.site.root / SITE_KEYS / "node-id"
 
     def _remember_node(self, node_id: int) -> None:
         if self.keys is not None:

@@ -37,6 +37,9 @@ _CLOCK_SKEW = datetime.timedelta(minutes=5)
 _T = TypeVar("_T")
 
 
+SITE_KEYS = "keys"  # in a site's directory: its key pair, the consortium's CA certificate, its Flower node id
+
+
 class CertError(Exception):
     """A key or certificate is missing, malformed, or would be overwritten."""
 

@@ -14,10 +14,10 @@ from site_agent.audit import AuditError, AuditLog, read_records
 from site_agent.audit import show as audit_show
 from site_agent.audit import verify as audit_verify
 from site_agent.catalog import FORMATS, CatalogError, add_dataset, init_site, load_site
+from site_agent.certs import SITE_KEYS as KEYS
 from site_agent.certs import CertError, fingerprint, make_site_keys
 from site_agent.policy import PolicyError
 
-KEYS = "keys"  # the site's key pair and the consortium's CA certificate
 JOINED = "federation.json"  # where `flip-site join` records the federation (its token: owner-only)
 
 
