@@ -1,7 +1,8 @@
 """The coordinator's HTTP API (Starlette): researchers, site agents and the ServerApp.
 
-Three audiences, three tokens: ``/api`` for researchers (static tokens for now; hub
-identity later), ``/site`` for site agents (each site's own token from ``flip site register``,
+Three audiences, three tokens: ``/api`` for researchers (their JupyterHub token, checked with the
+hub, with hub groups ``project-<name>`` as projects; or a static headless token for one project:
+``coordinator.identity``), ``/site`` for site agents (each site's own token from ``flip site register``,
 which also binds it to its Flower node; a shared join token only in an ``--insecure`` development
 federation), ``/internal`` for FLIP's ServerApp on the hub host. Run events stream to notebooks as server-sent events.
 """
@@ -19,9 +20,10 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from coordinator.config import CoordinatorConfig
+from coordinator.identity import PROJECT_HEADER, Caller, HubIdentity, Refused, choose_project, static_caller
 from coordinator.registry import RegisteredSite, SiteRegistry
 from coordinator.service import Principal, RunManager, TaskRejected
 from coordinator.store import TERMINAL
@@ -60,17 +62,29 @@ def _error(message: str, status: int) -> JSONResponse:
 
 
 def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    return header[7:].strip() if header.lower().startswith("bearer ") else ""
+    """The token of ``Authorization: Bearer T`` (or JupyterHub's ``token T``)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() in ("bearer", "token") else ""
 
 
-def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier) -> Starlette:
-    def principal(request: Request) -> Principal | None:
+def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier,
+              identity: HubIdentity | None = None, prefix: str = "") -> Starlette:
+    """``identity``: the hub this coordinator is a service of (researchers' hub tokens are accepted);
+    ``prefix``: the hub proxy's path for the service (``/services/coordinator``), served as well as ``/``."""
+
+    async def principal(request: Request) -> Principal:
         token = _bearer(request)
-        for known, grant in config.tokens.items():
-            if token and hmac.compare_digest(token, known):
-                return Principal(grant.researcher, grant.project)
-        return None
+        caller: Caller | None = static_caller(token, config.tokens)
+        if caller is None and identity is not None and token:
+            caller = await asyncio.to_thread(identity.caller, token)
+        if caller is None:
+            raise Refused("a valid identity is required: a JupyterHub token of a user of this hub, or a FLIP "
+                          "token (Authorization: Bearer ...)", 401)
+        wanted = request.headers.get(PROJECT_HEADER) or None
+        known: list[str] = []
+        if wanted is None and not caller.projects and identity is not None:  # the refusal names this hub's projects
+            known = await asyncio.to_thread(identity.hub_projects)
+        return Principal(caller.researcher, choose_project(caller, wanted, known))
 
     def has(request: Request, secret: str) -> bool:
         token = _bearer(request)
@@ -78,9 +92,14 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
 
     def researcher_route(handler: Any) -> Any:
         async def wrapped(request: Request) -> Response:
-            who = principal(request)
-            if who is None:
-                return _error("a valid FLIP token is required (Authorization: Bearer ...)", 401)
+            try:
+                who = await principal(request)
+            except Refused as refused:
+                return _error(str(refused), refused.status)
+            except Exception as exc:  # the hub did not answer: say so, not a bare 500
+                log.warning("identity check failed: %r", exc)
+                return _error(f"the coordinator could not check this identity with the hub ({type(exc).__name__})",
+                              503)
             try:
                 return await handler(request, who)
             except TaskRejected as rejected:
@@ -283,4 +302,6 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
         manager.resume()
         yield
 
+    if prefix.strip("/"):
+        routes = [Mount("/" + prefix.strip("/"), routes=list(routes)), *routes]
     return Starlette(routes=routes, lifespan=lifespan)

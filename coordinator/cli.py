@@ -29,6 +29,23 @@ def _parser() -> argparse.ArgumentParser:
                     help="a name or address sites use to reach this hub (in its TLS certificate; repeatable)")
     up.add_argument("--insecure", action="store_true",
                     help="plain HTTP between hub and sites and no node authentication: for debugging only")
+    hub = sub.add_parser("hub", help="a local JupyterHub with the demo federation (development; log in as alice)")
+    hub.add_argument("--port", type=int, default=0, help="the hub's port on 127.0.0.1 (default: a free one)")
+    hub.add_argument("--password", default="", help="the development login's password (default: a new one)")
+    hub.add_argument("--data", type=Path, default=None, help="folder holding the heart-disease files")
+    hub.add_argument("--notebooks", type=Path, default=None,
+                     help="notebooks copied into each user's home (default: this checkout's notebooks/)")
+    serve = sub.add_parser("serve", help="the hub side of a real federation, in the foreground (a container's "
+                                         "command): SuperLink, coordinator, fleet front; state kept in --state")
+    serve.add_argument("--state", type=Path, required=True,
+                       help="kept across restarts: CA, registered sites, runs, models (a volume in a container)")
+    serve.add_argument("--listen", default="0.0.0.0", help="the fleet front's address (the sites' one entry)")
+    serve.add_argument("--fleet-port", type=int, default=9092)
+    serve.add_argument("--coordinator-listen", default="127.0.0.1",
+                       help="the researchers' API (0.0.0.0 in a container on the hub's private network)")
+    serve.add_argument("--coordinator-port", type=int, default=8900)
+    serve.add_argument("--hub-name", action="append", default=[],
+                       help="a name or address sites use to reach this hub (in its TLS certificate; repeatable)")
     certs = sub.add_parser("certs", help="make the consortium's CA and the hub's TLS certificate")
     certs.add_argument("dir", type=Path, help="where the CA and certificates go (keep ca.key offline)")
     certs.add_argument("--host", action="append", required=True,
@@ -72,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             return _up(args)
+        if args.command == "hub":
+            return _hub(args)
+        if args.command == "serve":
+            from coordinator.serve import serve
+
+            return serve(args.state, listen=args.listen, fleet_port=args.fleet_port,
+                         coordinator_listen=args.coordinator_listen, coordinator_port=args.coordinator_port,
+                         hub_names=[n for n in args.hub_name if n])
         if args.command == "down":
             from coordinator.federation import down
 
@@ -117,6 +142,23 @@ def _up(args: argparse.Namespace) -> int:
     if connection["secure"]:
         print(f"  CA           {connection['ca']}  (a new site: flip-site keygen, flip site register, flip-site join)")
     print(f"  connection   {connection_path()}  (notebooks: %load_ext flip_magics, %flip_connect)")
+    return 0
+
+
+def _hub(args: argparse.Namespace) -> int:
+    from coordinator.federation import HubOptions, up
+
+    notebooks = args.notebooks or Path(__file__).resolve().parents[1] / "notebooks"
+    options = HubOptions(password=args.password, port=args.port, notebooks=notebooks if notebooks.is_dir() else None)
+    connection = up(data=args.data, hub=options)
+    hub = connection["hub"]
+    print(f"FLIP hub up in {connection['started_seconds']} s: JupyterHub, its coordinator service, four hospital sites")
+    print(f"  JupyterHub   {hub['url']}/")
+    for user in hub["users"]:
+        groups = [g for g, members in hub["groups"].items() if user in members]
+        print(f"    log in as {user:<6} password {hub['password']}   groups: {', '.join(groups) or 'none'}")
+    print(f"  notebooks    {notebooks}  (copied into each user's home)" if options.notebooks else "")
+    print("  stop with    flip down")
     return 0
 
 

@@ -55,6 +55,21 @@ HEART_SITES = {
 HEART_SPLIT = {"train_fraction": 0.66, "split_seed": 43}
 DEFAULT_PROJECT = "default"
 READY_SECONDS = 90.0
+HUB_PROJECT = "heart"  # `flip hub`: the demo's project, hub group project-heart
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """``flip hub``: a local JupyterHub (hub_config's local profile) that starts and watches the coordinator.
+
+    ``groups``: hub groups and their members (``project-<name>`` is FLIP project ``name``); ``password``:
+    the development login's shared password; ``notebooks``: copied into each user's home."""
+
+    users: tuple[str, ...] = ("alice", "bob")
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = (("project-" + HUB_PROJECT, ("alice",)),)
+    password: str = ""
+    notebooks: Path | None = None
+    port: int = 0
 
 
 class FederationError(Exception):
@@ -146,17 +161,18 @@ def heart_site_names(count: int = len(HEART_SITES)) -> list[str]:
             for i in range(count)]
 
 
-def local_policy(auto_approve: bool = True) -> dict[str, Any]:
-    """The local federation's site policy: project ``default`` approved for anyone on any dataset,
+def local_policy(auto_approve: bool = True, project: str = DEFAULT_PROJECT) -> dict[str, Any]:
+    """The local federation's site policy: ``project`` approved for anyone on any dataset,
     the disclosure threshold at its default, and code auto-approved (development) unless
     ``auto_approve`` is False, when each site's admin must approve it (`flip-site approve`)."""
     return {"policy": {"disclosure_threshold": DEFAULT_THRESHOLD},
-            "projects": {DEFAULT_PROJECT: {"approved": True, "researchers": ["*"], "datasets": ["*"],
-                                           "auto_approve": auto_approve}}}
+            "projects": {project: {"approved": True, "researchers": ["*"], "datasets": ["*"],
+                                   "auto_approve": auto_approve}}}
 
 
 def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len(HEART_SITES), *,
-                        auto_approve: bool = True, policy: dict[str, Any] | None = None) -> list[Path]:
+                        auto_approve: bool = True, policy: dict[str, Any] | None = None,
+                        project: str = DEFAULT_PROJECT) -> list[Path]:
     """One site directory per hospital, each holding only its own file as ``heart-disease``,
     under the local federation's policy (:func:`local_policy`) or ``policy`` (site.toml's tables).
 
@@ -177,15 +193,19 @@ def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len
             shutil.rmtree(site_dir)
         site = init_site(site_dir, name)
         site = add_dataset(site, "heart-disease", source / filename, "uci-heart", **HEART_SPLIT)
-        write_policy(site, policy or local_policy(auto_approve))
+        write_policy(site, policy or local_policy(auto_approve, project))
         dirs.append(site_dir)
     return dirs
 
 
 def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(HEART_SITES),
        warm: bool = True, auto_approve: bool = True, policy: dict[str, Any] | None = None,
-       secure: bool = True, listen: str = "127.0.0.1", hub_names: tuple[str, ...] = ()) -> dict[str, Any]:
+       secure: bool = True, listen: str = "127.0.0.1", hub_names: tuple[str, ...] = (),
+       hub: HubOptions | None = None) -> dict[str, Any]:
     """Start the local federation (``sites`` site agents) and return the connection it wrote.
+
+    ``hub``: a local JupyterHub too (``flip hub``), which starts the coordinator as its service; the
+    sites' project is then ``heart`` (hub group ``project-heart``), else ``default``.
 
     ``auto_approve``: the sites run any code of project ``default`` (development); without it
     each task waits until the site's admin approves its code (``flip-site approve``). ``policy``
@@ -207,7 +227,8 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     logs = root / "logs"
     logs.mkdir(parents=True)
     started = time.monotonic()
-    site_dirs = prepare_heart_sites(root, data, sites, auto_approve=auto_approve, policy=policy)
+    project = HUB_PROJECT if hub else DEFAULT_PROJECT
+    site_dirs = prepare_heart_sites(root, data, sites, auto_approve=auto_approve, policy=policy, project=project)
 
     superlink_port, coordinator_port, front_port = free_port(), free_port(), free_port()
     superlink = f"127.0.0.1:{superlink_port}"  # the hub's own: SuperLink control, runtime and fleet APIs
@@ -227,7 +248,7 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     config = CoordinatorConfig(
         state_dir=root / "coordinator", host="127.0.0.1", port=coordinator_port, superlink_control=superlink,
         internal_token=secrets.token_urlsafe(24), site_token="" if secure else secrets.token_urlsafe(24),
-        tokens={token: TokenGrant(researcher=researcher, project=DEFAULT_PROJECT)},
+        tokens={token: TokenGrant(researcher=researcher, project=project)},
         superlink_ca=str(pki / "ca.pem") if secure else None,
     )
     config.state_dir.mkdir(parents=True)
@@ -248,9 +269,14 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
         _spawn("superlink", [_bin("flower-superlink"), *tls, "--host", "127.0.0.1",
                              "--port", str(superlink_port), "--disable-runtime-dependency-installation",
                              "--database", ":flwr-in-memory:"], logs, superlink_env),
-        _spawn("coordinator", [sys.executable, "-m", "coordinator", "--config", str(root / "coordinator.json")],
-               logs, hub_env),
     ]
+    coordinator_command = [sys.executable, "-m", "coordinator", "--config", str(root / "coordinator.json")]
+    if hub is None:
+        processes.append(_spawn("coordinator", coordinator_command, logs, hub_env))
+    else:  # the hub starts the coordinator (a managed service) and restarts it if it dies
+        hub_url, hub_launch = _hub_launch(root, hub, coordinator_url, coordinator_command,
+                                          {k: v for k, v in hub_env.items() if os.environ.get(k) != v})
+        processes.append(_spawn("jupyterhub", hub_launch, logs, {**base_env, **_hub_env(root)}))
     if secure:
         processes.append(_spawn("fleet-front", [
             sys.executable, "-m", "coordinator.fleet_front", "--host", listen, "--port", str(front_port),
@@ -307,14 +333,54 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     ready = lambda: bool(dead()) or _sites_online(coordinator_url, token, heart_site_names(sites))  # noqa: E731
     if not wait_until(ready, READY_SECONDS, 0.1) or dead():
         raise fail(f"not every site came online ({', '.join(dead()) or 'timed out'} stopped)")
+    if hub is not None and not wait_until(lambda: bool(dead()) or _hub_up(hub_url), READY_SECONDS, 0.1) or dead():
+        raise fail(f"JupyterHub did not start ({', '.join(dead()) or 'no answer'})")
     connection = {
         "coordinator_url": coordinator_url, "token": token, "researcher": researcher,
-        "project": DEFAULT_PROJECT, "superlink": fleet, "site_token": config.site_token,
+        "project": project, "superlink": fleet, "site_token": config.site_token,
         "secure": secure, "ca": str(pki / "ca.pem") if secure else None,
         "federation": str(root), "started_seconds": round(time.monotonic() - started, 2),
     }
+    if hub is not None:
+        connection["hub"] = {"url": hub_url, "users": list(hub.users), "groups": {g: list(m) for g, m in hub.groups},
+                             "password": json.loads((root / "hub" / "settings.json").read_text())["password"]}
     write_connection(connection, federation.home)
     return connection
+
+
+def _hub_env(root: Path) -> dict[str, str]:
+    return {"FLIP_HUB_PROFILE": "local", "FLIP_HUB_SETTINGS": str(root / "hub" / "settings.json")}
+
+
+def _hub_launch(root: Path, hub: HubOptions, coordinator_url: str, coordinator_command: list[str],
+                coordinator_env: dict[str, str]) -> tuple[str, list[str]]:
+    """Write the local hub's settings (hub_config.profiles.local reads them); its URL and command line."""
+    import hub_config
+
+    state = root / "hub"
+    state.mkdir(parents=True)
+    port = hub.port or free_port()
+    settings = {
+        "state": str(state), "port": port, "hub_port": free_port(), "proxy_api_port": free_port(),
+        "coordinator": {"url": coordinator_url, "command": coordinator_command, "environment": coordinator_env},
+        "users": list(hub.users), "groups": {group: list(members) for group, members in hub.groups},
+        "password": hub.password or secrets.token_urlsafe(12),
+        "notebooks": str(hub.notebooks) if hub.notebooks else None,
+        # the quickstart compares with FLamby's published results, kept with the data
+        "environment": {"FLIP_DATA_DIR": str(data_dir())},
+    }
+    path = state / "settings.json"
+    path.write_text(json.dumps(settings, indent=2))
+    path.chmod(0o600)
+    config = Path(hub_config.__file__).parent / "jupyterhub_config.py"
+    return f"http://127.0.0.1:{port}", [_bin("jupyterhub"), "-f", str(config)]
+
+
+def _hub_up(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/hub/api", timeout=1).ok
+    except requests.RequestException:
+        return False
 
 
 def _register(control: FlowerControl, registry: SiteRegistry, name: str, public: Path,
@@ -342,6 +408,9 @@ def register_site(name: str, public: Path, config_path: Path | None = None, *,
     registry = SiteRegistry(config.registry_path)
     control = FlowerControl(config.superlink_control, Path(config.superlink_ca))
     try:
+        if not control.ready():
+            raise FederationError(f"the SuperLink's control API at {config.superlink_control} does not answer: "
+                                  "is the hub side running (flip up, flip serve)?")
         token = _register(control, registry, name, public, replace)
     finally:
         control.close()

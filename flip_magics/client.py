@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,24 +28,39 @@ log = logging.getLogger(__name__)
 TERMINAL = ("completed", "failed", "stopped")
 HISTORY_COLUMNS = ["round", "site", "phase", "metric", "value"]
 RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)
+ENV_API_URL = "FLIP_API_URL"  # the coordinator's researcher API: the hub sets it for every user's server
+ENV_HUB_TOKEN = "JUPYTERHUB_API_TOKEN"  # the user's own hub token, in every kernel of their server
+ENV_PROJECT = "FLIP_PROJECT"
+PROJECT_HEADER = "X-FLIP-Project"  # coordinator.identity reads it
 
 
 class FlipClient:
     """A researcher's connection to a FLIP coordinator."""
 
-    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, token: str, *, project: str | None = None, timeout: float = 30.0) -> None:
+        """``project``: the FLIP project to act in (a hub user in several); by default the caller's only one."""
         self.url = url.rstrip("/")
         self.token = token
+        self.project = project
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
+        if project:
+            self.session.headers[PROJECT_HEADER] = project
 
     @classmethod
-    def from_connection_file(cls) -> FlipClient:
+    def from_environment(cls, project: str | None = None) -> FlipClient:
+        """On a JupyterHub: the hub's coordinator with this user's hub token. Elsewhere: the local
+        federation's connection file (``flip up``)."""
+        project = project or os.environ.get(ENV_PROJECT) or None
+        url, token = os.environ.get(ENV_API_URL), os.environ.get(ENV_HUB_TOKEN)
+        if url and token:
+            return cls(url, token, project=project)
         connection = read_connection()
         if connection is None:
-            raise NotConnected("no local FLIP federation found: run `flip up`, or give %flip_connect URL --token T")
-        return cls(connection["coordinator_url"], connection["token"])
+            raise NotConnected("no FLIP coordinator found: on a FLIP hub the server sets $FLIP_API_URL; locally run "
+                               "`flip up`; or give %flip_connect URL --token T")
+        return cls(connection["coordinator_url"], connection["token"], project=project)
 
     # -- HTTP -----------------------------------------------------------------------
     def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
@@ -55,13 +71,13 @@ class FlipClient:
             raise NotConnected(f"cannot reach the FLIP coordinator at {self.url}") from None
         except requests.Timeout:
             raise NotConnected(f"the FLIP coordinator at {self.url} did not answer in time") from None
-        if response.status_code == 401:
-            raise NotConnected(f"the coordinator at {self.url} refused this token")
         if not response.ok:
             try:
                 message = response.json()["error"]
             except (ValueError, KeyError):
                 message = f"HTTP {response.status_code}: {response.text[:200]}"
+            if response.status_code == 401:
+                raise NotConnected(f"the coordinator at {self.url} refused this token: {message}")
             raise Rejected(message, response.status_code)
         return response
 

@@ -67,25 +67,27 @@ class FlipMagics(Magics):
 
     def _client(self) -> FlipClient:
         if self.client is None:
-            self.client = FlipClient.from_connection_file()
+            self.client = FlipClient.from_environment()
         return self.client
 
     @line_magic
     @magic_arguments()
-    @argument("url", nargs="?", default=None, help="coordinator URL (default: the local federation)")
-    @argument("--token", default=None, help="API token (default: from the local connection file)")
+    @argument("url", nargs="?", default=None,
+              help="coordinator URL (default: this hub's coordinator, or the local federation)")
+    @argument("--token", default=None, help="API token (default: your hub token, or the local connection file's)")
+    @argument("--project", default=None, help="the FLIP project to work in, if you are in more than one")
     @_friendly
     def flip_connect(self, line: str) -> None:
         """Connect this notebook to a FLIP coordinator."""
         args = parse_argstring(self.flip_connect, line)
         if args.url is None:
-            client = FlipClient.from_connection_file()
+            client = FlipClient.from_environment(args.project)
             if args.token:
-                client = FlipClient(client.url, args.token)
+                client = FlipClient(client.url, args.token, project=args.project)
         elif args.token is None:
             raise NotConnected("give the coordinator's token: %flip_connect URL --token T")
         else:
-            client = FlipClient(args.url, args.token)
+            client = FlipClient(args.url, args.token, project=args.project)
         who = client.whoami()
         self.client = client
         print(f"connected to {client.url} as {who['researcher']} (project {who['project']})")

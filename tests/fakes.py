@@ -41,3 +41,22 @@ class FakeControl:
 
     def logs(self, flower_run_id: int, limit: int = 4000) -> str:
         return "ServerApp crashed: boom\n"
+
+
+class FakeHubIdentity:
+    """Stands in for coordinator.identity.HubIdentity: hub tokens and group memberships from a table."""
+
+    def __init__(self, users: dict[str, tuple[str, tuple[str, ...]]], hub_projects: list[str]) -> None:
+        self.users = users  # token -> (user, projects)
+        self.projects = hub_projects
+
+    def caller(self, token: str) -> Any:
+        from coordinator.identity import Caller
+
+        if token not in self.users:
+            return None
+        name, projects = self.users[token]
+        return Caller(name, projects, "hub")
+
+    def hub_projects(self) -> list[str]:
+        return self.projects
