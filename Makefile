@@ -20,10 +20,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/flip demo
 
-# Debian packages the tests use: iproute2 (`ip netns`, the multi-host test). Installed when root (CI is).
+# Debian packages the tests use, installed when root (CI is): iproute2 (`ip netns`, the multi-host test),
+# chromium (the browser test drives it with Playwright), docker-compose (validates deploy/'s compose files).
+SYSTEM_DEPS := iproute2:ip chromium:chromium docker-compose:docker-compose
 system-deps:
-	@if [ "$$(id -u)" = 0 ] && ! command -v ip >/dev/null && command -v apt-get >/dev/null; then \
-		apt-get update -qq && apt-get install -y -qq iproute2; fi
+	@missing=""; for pair in $(SYSTEM_DEPS); do command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests

@@ -157,7 +157,11 @@ def production(c: Any, env: Mapping[str, str]) -> None:
     c.JupyterHub.authenticator_class = "generic-oauth"
     c.GenericOAuthenticator.authorize_url = _need(env, "FLIP_OIDC_AUTHORIZE_URL", "the identity provider's login")
     c.GenericOAuthenticator.token_url = _need(env, "FLIP_OIDC_TOKEN_URL", "the identity provider's token endpoint")
-    c.GenericOAuthenticator.userdata_url = _need(env, "FLIP_OIDC_USERDATA_URL", "the identity provider's userinfo")
+    if env.get("FLIP_OIDC_USERDATA_FROM_ID_TOKEN", "") in ("1", "true", "yes"):
+        # Microsoft Entra ID puts groups in the ID token, not in its userinfo answer
+        c.GenericOAuthenticator.userdata_from_id_token = True
+    else:
+        c.GenericOAuthenticator.userdata_url = _need(env, "FLIP_OIDC_USERDATA_URL", "the identity provider's userinfo")
     c.GenericOAuthenticator.scope = ["openid", "profile", "email"]
     c.GenericOAuthenticator.username_claim = env.get("FLIP_OIDC_USERNAME_CLAIM", "preferred_username")
     c.GenericOAuthenticator.manage_groups = True

@@ -109,3 +109,12 @@ def test_production_profile_names_a_missing_setting(missing: str) -> None:
 def test_an_unknown_profile_is_refused() -> None:
     with pytest.raises(HubConfigError, match="must be 'local' or 'production'"):
         configure(Config(), {"FLIP_HUB_PROFILE": "staging"})
+
+
+def test_entra_id_reads_groups_from_the_id_token() -> None:
+    from oauthenticator.generic import GenericOAuthenticator
+
+    c = Config()
+    configure(c, {**PRODUCTION, "FLIP_OIDC_USERDATA_FROM_ID_TOKEN": "1"})
+    login = GenericOAuthenticator(config=c)
+    assert login.userdata_from_id_token is True and not login.userdata_url
