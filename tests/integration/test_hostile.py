@@ -19,7 +19,7 @@ from flip_magics.errors import RunFailed
 from helpers import TINY_CELL, local_federation
 from site_agent.audit import read_records, verify
 
-SITES = ("Cleveland", "Hungary", "Switzerland", "VA")
+SITES = ("Cleveland", "Hungary")  # two hospitals: what holds at one holds at each
 POLICY = {"policy": {"disclosure_threshold": 10},
           "projects": {DEFAULT_PROJECT: {"approved": True, "researchers": ["*"], "datasets": ["*"], "auto_approve": True,
                                          "time_limit_seconds": 6, "memory_limit_mb": 1024,
@@ -28,7 +28,7 @@ POLICY = {"policy": {"disclosure_threshold": 10},
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FlipClient, Path, dict]]:
-    with local_federation(tmp_path_factory.mktemp("flip-hostile"), policy=POLICY) as connection:
+    with local_federation(tmp_path_factory.mktemp("flip-hostile"), policy=POLICY, sites=len(SITES)) as connection:
         client = FlipClient(connection["coordinator_url"], connection["token"])
         yield client, Path(connection["federation"]) / "sites", connection
 
@@ -41,7 +41,7 @@ def hostile(train_body: str) -> str:
 
 
 def failures(client: FlipClient, source: str, name: str) -> tuple[dict[str, str], RunHandle, str]:
-    handle = client.train(source, dataset="heart-disease", rounds=1, min_sites=4, seed=0, name=name)
+    handle = client.train(source, dataset="heart-disease", rounds=1, min_sites=len(SITES), seed=0, name=name)
     with pytest.raises(RunFailed) as failed:
         handle.wait(120)
     details = {e["site"]: e["detail"] for e in list(handle.events) if e.get("type") == "site" and e["status"] == "failed"}
@@ -55,7 +55,7 @@ def test_a_cell_cannot_reach_the_network(guarded) -> None:
     details, _, _ = failures(client, source, "socket")
     assert set(details) == set(SITES)
     assert all(re.fullmatch(r"OSError at cell line \d+ in train\(\)", d) for d in details.values()), details
-    outcomes = [r for r in read_records(sites / "VA") if r["kind"] == "outcome"]
+    outcomes = [r for r in read_records(sites / "Hungary") if r["kind"] == "outcome"]
     assert any(r["outgoing"]["status"] == "error" for r in outcomes)
 
 
@@ -64,8 +64,8 @@ def test_a_cell_cannot_read_files_outside_its_sites_data(guarded) -> None:
     # the federation's connection file (researcher and site tokens) and another hospital's table
     source = hostile("import os, pathlib\n"
                      "for path in (pathlib.Path(os.environ['FLIP_HOME']) / 'connection.json',\n"
-                     "             pathlib.Path(os.environ['FLIP_HOME']) / 'federation' / 'sites' / 'VA' / 'site.toml'):\n"
-                     "    if data.site != 'VA' or path.name != 'site.toml':\n"
+                     "             pathlib.Path(os.environ['FLIP_HOME']) / 'federation' / 'sites' / 'Hungary' / 'site.toml'):\n"
+                     "    if data.site != 'Hungary' or path.name != 'site.toml':\n"
                      "        path.read_text()")
     details, _, _ = failures(client, source, "snoop")
     assert set(details) == set(SITES)
@@ -76,7 +76,7 @@ def test_a_cell_that_runs_forever_is_stopped_at_the_time_limit(guarded) -> None:
     client, _, _ = guarded
     details, _, reason = failures(client, hostile("while True:\n    pass"), "forever")
     assert details == {s: "TimeLimit in the task process (stopped at its time limit of 6 s)" for s in SITES}
-    assert "--min-sites is 4" in reason
+    assert f"--min-sites is {len(SITES)}" in reason
 
 
 def test_a_cell_that_allocates_without_bound_hits_the_memory_limit(guarded) -> None:
@@ -94,7 +94,7 @@ def test_rows_in_a_message_or_printed_stay_at_the_site(guarded) -> None:
     assert all(re.fullmatch(r"ValueError at cell line \d+ in train\(\)", d) for d in details.values()), details
     assert "patient" not in reason and "age" not in reason
     assert not any("patient" in str(e) or "'age'" in str(e) for e in list(handle.events))
-    log = (sites / "VA" / "logs" / f"run-{handle.run_id}.log").read_text()
+    log = (sites / "Hungary" / "logs" / f"run-{handle.run_id}.log").read_text()
     assert "ROW {'age'" in log  # the site's own log has it, for its admin
 
 
@@ -102,14 +102,14 @@ def test_rows_disguised_as_metrics_are_withheld(guarded) -> None:
     client, sites, _ = guarded
     row = "data.train.select_dtypes('number').fillna(0).iloc[0]"
     source = hostile(f"return {{'loss': 0.5, **{{f'v{{i}}': float(v) for i, v in enumerate({row})}}}}")
-    handle = client.train(source, dataset="heart-disease", rounds=1, min_sites=4, seed=0, name="rows-as-metrics")
+    handle = client.train(source, dataset="heart-disease", rounds=1, min_sites=len(SITES), seed=0, name="rows-as-metrics")
     handle.wait(120)
     assert set(handle.history.query("phase == 'train'").metric) == {"loss"}
     said = {e["site"]: e["detail"] for e in list(handle.events)
             if e.get("type") == "site" and e.get("detail")}  # the site's row says it when its training step is done
     assert said == {s: "14 train metric(s) withheld: not among the project's metrics here (loss, accuracy, rows)"
                     for s in SITES}
-    outcome = [r for r in read_records(sites / "VA") if r["kind"] == "outcome" and r["phase"] == "fit"][-1]
+    outcome = [r for r in read_records(sites / "Hungary") if r["kind"] == "outcome" and r["phase"] == "fit"][-1]
     assert outcome["outgoing"]["train_metrics"] == ["loss"] and outcome["stripped"]
 
 
@@ -126,7 +126,7 @@ def test_parameters_of_the_wrong_shape_are_stripped(guarded) -> None:
 
 def test_after_all_that_every_site_still_serves_and_its_audit_chain_holds(guarded) -> None:
     client, sites, _ = guarded  # runs last in this module: after every hostile cell above
-    done = client.train(TINY_CELL, dataset="heart-disease", rounds=1, min_sites=4, seed=0, name="honest").wait(120)
+    done = client.train(TINY_CELL, dataset="heart-disease", rounds=1, min_sites=len(SITES), seed=0, name="honest").wait(120)
     assert done.status == "completed", done.reason
     for site in SITES:
         assert verify(sites / site) == []

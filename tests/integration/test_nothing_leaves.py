@@ -1,6 +1,6 @@
 """Nothing private leaves a site: planted tokens, every byte the site sent, and everything the hub kept.
 
-A fifth site ("Planted") joins the local federation (TLS, its own registered key) holding VA's table
+A second site ("Planted") joins a local federation of one hospital (TLS, its own registered key) holding VA's table
 plus a column of unique random tokens, and reaches the hub only through a capturing proxy (it decrypts
 with a certificate from the consortium's CA and keeps every byte, both ways). Its admin must approve each task's code. Three runs go through it:
 a training run whose cell also prints rows (to the site's log), a failing run whose cell raises with a
@@ -35,7 +35,7 @@ from site_agent.catalog import add_dataset, init_site, read_table, write_policy
 from site_agent.certs import make_server_cert
 
 BIN = Path(sys.executable).parent
-SITES = 5
+SITES = 2  # Cleveland, and the planted site
 PRINTING_CELL = TINY_CELL.replace(
     "def train(model, data, config):\n",
     "def train(model, data, config):\n    print(data.train.head(20).to_string())\n",
@@ -104,7 +104,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     home = tmp_path_factory.mktemp("flip-planted")
     capture: Capture | None = None
     agent = None
-    with local_federation(home, warm=False) as connection:
+    with local_federation(home, warm=False, sites=SITES - 1) as connection:
         try:
             table = read_table(shared_data() / "heart-disease" / "processed.va.data", "uci-heart")
             tokens = [f"tok{secrets.token_hex(8)}" for _ in range(len(table))]
