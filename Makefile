@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test clean system-deps
+.PHONY: venv demo hub test clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/flip demo
+
+# A local JupyterHub with the demo federation: log in as alice (project-heart) or bob; `flip down` stops it.
+hub: $(STAMP)
+	$(BIN)/flip hub
 
 # Debian packages the tests use, installed when root (CI is): iproute2 (`ip netns`, the multi-host test),
 # chromium (the browser test drives it with Playwright), docker-compose (validates deploy/'s compose files).

@@ -3,20 +3,26 @@
 ``flip hub``'s federation: users alice (hub group ``project-heart``) and bob (no group), the four
 hospital sites approving project ``heart``. alice's server spawns and runs the quickstart notebook
 in its kernel, with her hub token; bob is refused by name and project; calls without a valid hub
-identity are refused, directly and through the hub's proxy.
+identity are refused, directly and through the hub's proxy. Then a real browser (Playwright driving
+Debian's chromium, headless) logs in as alice, opens the quickstart in JupyterLab, runs it and reads
+the live widget; its screenshot is kept in ``test-output/`` (or ``$FLIP_TEST_OUTPUT``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from playwright.sync_api import expect, sync_playwright
 
+import lab_driver
 from coordinator.federation import HubOptions
 from coordinator.hubuser import HubUser
 from helpers import REPO, local_federation
@@ -25,6 +31,9 @@ pytestmark = pytest.mark.integration
 
 ROUNDS = 3  # the quickstart's parameters for the test: a few short rounds
 PARAMETERS = f"rounds = {ROUNDS}\nstrategy = 'fedavg'\nseed = 42\nlr = 0.001\nlocal_steps = 20\noutput_dir = ''"
+
+
+SITES = ["Cleveland", "Hungary", "Switzerland", "VA"]
 
 
 def quickstart_cells() -> list[str]:
@@ -119,3 +128,46 @@ def test_requests_without_a_valid_hub_identity_are_refused(hub: dict[str, Any], 
     site_token = next(a.split("=", 1)[1] for p in state["processes"] if p["name"] == "site-VA"
                       for a in p["command"] if a.startswith("--token="))
     assert get(direct, site_token).status_code == 401
+
+
+def test_alice_runs_the_quickstart_in_jupyterlab_in_a_real_browser(hub: dict[str, Any], alice: HubUser,
+                                                                   tmp_path: Path) -> None:
+    if not Path(lab_driver.CHROMIUM).exists():
+        pytest.fail(f"no chromium at {lab_driver.CHROMIUM}: `make test` installs Debian's chromium as root")
+    home = Path(hub["federation"]) / "hub" / "home" / "alice"
+    assert (home / "01_quickstart_heart.ipynb").is_file()  # the hub put the examples in her home
+    notebook = json.loads((REPO / "notebooks" / "01_quickstart_heart.ipynb").read_text())
+    for cell in notebook["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            cell["source"] = PARAMETERS
+        if cell["cell_type"] == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    (home / "quickstart.ipynb").write_text(json.dumps(notebook))  # the quickstart, with the test's parameters
+    output = Path(os.environ.get("FLIP_TEST_OUTPUT") or REPO / "test-output")
+    output.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = lab_driver.launch(playwright)
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1100}).new_page()
+            lab = lab_driver.hub_login(page, hub["hub"]["url"], "alice", hub["hub"]["password"])
+            lab_driver.open_notebook(page, lab, "quickstart.ipynb")
+            lab_driver.run_all(page)
+            try:
+                assert lab_driver.wait_for_chart_rounds(page, 2, timeout=240) >= 2
+                lab_driver.wait_for_sites(page, SITES, timeout=60)
+                prompts = lab_driver.wait_for_run_all(page, timeout=300)
+            finally:
+                lab_driver.show_run_widget(page)
+                shot = lab_driver.screenshot(page, tmp_path / "hub-quickstart.png")
+                shutil.copy(shot, output / "hub-quickstart.png")
+                print(f"\nscreenshot: {output / 'hub-quickstart.png'}")
+            assert lab_driver.chart_rounds(page) == ROUNDS, lab_driver.chart_series(page)
+            assert sorted(lab_driver.site_rows(page)) == SITES
+            assert set(lab_driver.site_statuses(page).values()) == {"done"}, lab_driver.site_statuses(page)
+            assert "completed" in lab_driver.header_text(page)
+            assert all(p.strip("[]: ").isdigit() for p in prompts), prompts  # every cell ran
+            assert lab_driver.error_outputs(page) == []
+            expect(page.locator(".jp-OutputArea-output", has_text="FLamby FedAvg (published)").first) \
+                .to_be_attached(timeout=10_000)
+        finally:
+            browser.close()
