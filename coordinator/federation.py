@@ -14,6 +14,7 @@ with its own key pair, registered with the SuperLink, and its own coordinator to
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import os
@@ -228,6 +229,8 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     logs.mkdir(parents=True)
     started = time.monotonic()
     project = HUB_PROJECT if hub else DEFAULT_PROJECT
+    if hub is not None:  # this hub's port and development password, chosen now
+        hub = dataclasses.replace(hub, port=hub.port or free_port(), password=hub.password or secrets.token_urlsafe(12))
     site_dirs = prepare_heart_sites(root, data, sites, auto_approve=auto_approve, policy=policy, project=project)
 
     superlink_port, coordinator_port, front_port = free_port(), free_port(), free_port()
@@ -274,9 +277,9 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     if hub is None:
         processes.append(_spawn("coordinator", coordinator_command, logs, hub_env))
     else:  # the hub starts the coordinator (a managed service) and restarts it if it dies
-        hub_url, hub_launch = _hub_launch(root, hub, coordinator_url, coordinator_command,
-                                          {k: v for k, v in hub_env.items() if os.environ.get(k) != v})
-        processes.append(_spawn("jupyterhub", hub_launch, logs, {**base_env, **_hub_env(root)}))
+        hub_command, hub_settings = _hub_launch(root, hub, coordinator_url, coordinator_command,
+                                                {k: v for k, v in hub_env.items() if os.environ.get(k) != v})
+        processes.append(_spawn("jupyterhub", hub_command, logs, {**base_env, **hub_settings}))
     if secure:
         processes.append(_spawn("fleet-front", [
             sys.executable, "-m", "coordinator.fleet_front", "--host", listen, "--port", str(front_port),
@@ -333,7 +336,8 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     ready = lambda: bool(dead()) or _sites_online(coordinator_url, token, heart_site_names(sites))  # noqa: E731
     if not wait_until(ready, READY_SECONDS, 0.1) or dead():
         raise fail(f"not every site came online ({', '.join(dead()) or 'timed out'} stopped)")
-    if hub is not None and not wait_until(lambda: bool(dead()) or _hub_up(hub_url), READY_SECONDS, 0.1) or dead():
+    hub_url = f"http://127.0.0.1:{hub.port}" if hub is not None else ""
+    if hub is not None and (not wait_until(lambda: bool(dead()) or _hub_up(hub_url), READY_SECONDS, 0.1) or dead()):
         raise fail(f"JupyterHub did not start ({', '.join(dead()) or 'no answer'})")
     connection = {
         "coordinator_url": coordinator_url, "token": token, "researcher": researcher,
@@ -343,28 +347,24 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     }
     if hub is not None:
         connection["hub"] = {"url": hub_url, "users": list(hub.users), "groups": {g: list(m) for g, m in hub.groups},
-                             "password": json.loads((root / "hub" / "settings.json").read_text())["password"]}
+                             "password": hub.password}
     write_connection(connection, federation.home)
     return connection
 
 
-def _hub_env(root: Path) -> dict[str, str]:
-    return {"FLIP_HUB_PROFILE": "local", "FLIP_HUB_SETTINGS": str(root / "hub" / "settings.json")}
-
-
 def _hub_launch(root: Path, hub: HubOptions, coordinator_url: str, coordinator_command: list[str],
-                coordinator_env: dict[str, str]) -> tuple[str, list[str]]:
-    """Write the local hub's settings (hub_config.profiles.local reads them); its URL and command line."""
+                coordinator_env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Write the local hub's settings (hub_config.profiles.local reads them); its command line and the
+    environment that chooses the profile and points at them."""
     import hub_config
 
     state = root / "hub"
     state.mkdir(parents=True)
-    port = hub.port or free_port()
     settings = {
-        "state": str(state), "port": port, "hub_port": free_port(), "proxy_api_port": free_port(),
+        "state": str(state), "port": hub.port, "hub_port": free_port(), "proxy_api_port": free_port(),
         "coordinator": {"url": coordinator_url, "command": coordinator_command, "environment": coordinator_env},
         "users": list(hub.users), "groups": {group: list(members) for group, members in hub.groups},
-        "password": hub.password or secrets.token_urlsafe(12),
+        "password": hub.password,
         "notebooks": str(hub.notebooks) if hub.notebooks else None,
         # the quickstart compares with FLamby's published results, kept with the data
         "environment": {"FLIP_DATA_DIR": str(data_dir())},
@@ -373,7 +373,7 @@ def _hub_launch(root: Path, hub: HubOptions, coordinator_url: str, coordinator_c
     path.write_text(json.dumps(settings, indent=2))
     path.chmod(0o600)
     config = Path(hub_config.__file__).parent / "jupyterhub_config.py"
-    return f"http://127.0.0.1:{port}", [_bin("jupyterhub"), "-f", str(config)]
+    return [_bin("jupyterhub"), "-f", str(config)], {"FLIP_HUB_PROFILE": "local", "FLIP_HUB_SETTINGS": str(path)}
 
 
 def _hub_up(url: str) -> bool:

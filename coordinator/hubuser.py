@@ -44,7 +44,7 @@ class HubUser:
         self.name = name
         response = requests.post(f"{self.hub_url}/hub/api/users/{name}/tokens", timeout=30,
                                  json={"auth": {"username": name, "password": password}, "note": "flip hubuser"})
-        if response.status_code != 201 and response.status_code != 200:
+        if response.status_code not in (200, 201):
             raise HubError(f"the hub gave {name} no token: HTTP {response.status_code} {response.text[:200]}")
         self.token = str(response.json()["token"])
         self.session = requests.Session()
