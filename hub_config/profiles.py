@@ -36,6 +36,7 @@ API_URL_ENV = "FLIP_API_URL"  # what a user's kernels call (flip_magics.client r
 
 COORDINATOR_SCOPES = ["read:users:groups", "list:groups"]
 SERVER_TOKEN_SCOPES = ["access:servers!server", "users:activity!user", f"access:services!service={SERVICE}"]
+LAB_OFFLINE = ["--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
 CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
 
 
@@ -69,6 +70,8 @@ def _common(c: Any, coordinator_url: str) -> None:
     c.Spawner.server_token_scopes = SERVER_TOKEN_SCOPES
     c.Spawner.environment = {API_URL_ENV: coordinator_url}
     c.Spawner.default_url = "/lab"
+    # JupyterLab calls out to the internet for news and new versions: not from a hospital's hub
+    c.Spawner.args.extend(LAB_OFFLINE)
 
 
 def local(c: Any, s: Mapping[str, Any]) -> None:

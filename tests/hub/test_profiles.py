@@ -14,7 +14,7 @@ import pytest
 from traitlets.config import Config
 
 from hub_config.profiles import (
-    COORDINATOR_SCOPES, SERVER_TOKEN_SCOPES, HubConfigError, configure,
+    COORDINATOR_SCOPES, LAB_OFFLINE, SERVER_TOKEN_SCOPES, HubConfigError, configure,
 )
 
 PRODUCTION = {
@@ -56,6 +56,7 @@ def test_local_profile_runs_the_coordinator_as_a_managed_service_with_exactly_it
     assert c.Spawner.environment == {"FLIP_API_URL": "http://127.0.0.1:18003", "FLIP_DATA_DIR": "/data"}
     assert c.Spawner.cmd == [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
     assert ("--allow-root" in c.Spawner.args) == (os.geteuid() == 0)
+    assert set(LAB_OFFLINE) <= set(c.Spawner.args)
     assert c.JupyterHub.load_groups == {"project-heart": {"users": ["alice"]}}
     assert c.Authenticator.allowed_users == {"alice", "bob"} and c.JupyterHub.authenticator_class == "dummy"
 
@@ -89,6 +90,7 @@ def test_production_profile_builds_docker_spawner_and_oidc_login() -> None:
     assert spawner.volume_binds == {"flip-user-alice": {"bind": "/home/jovyan/work", "mode": "rw"}}
     assert spawner.environment == {"FLIP_API_URL": "http://coordinator:8900"}
     assert spawner.server_token_scopes == SERVER_TOKEN_SCOPES and spawner.remove is True
+    assert spawner.args == LAB_OFFLINE
     login = GenericOAuthenticator(config=c)
     assert login.allowed_groups == {"project-heart", "project-breast"} and login.manage_groups is True
     assert login.auth_state_groups_key == "oauth_user.groups"
