@@ -14,7 +14,7 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.identity import PROJECT_HEADER, Caller, HubIdentity, Refused, choose_project, static_caller
 from coordinator.registry import RegisteredSite, SiteRegistry
 from coordinator.service import Principal, RunManager, TaskRejected
@@ -68,13 +68,16 @@ def _bearer(request: Request) -> str:
 
 
 def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier,
-              identity: HubIdentity | None = None, prefix: str = "") -> Starlette:
+              identity: HubIdentity | None = None, prefix: str = "",
+              tokens: Callable[[], Mapping[str, TokenGrant]] | None = None) -> Starlette:
     """``identity``: the hub this coordinator is a service of (researchers' hub tokens are accepted);
-    ``prefix``: the hub proxy's path for the service (``/services/coordinator``), served as well as ``/``."""
+    ``prefix``: the hub proxy's path for the service (``/services/coordinator``), served as well as ``/``;
+    ``tokens``: the current headless tokens (default: the config's, as loaded)."""
+    headless = tokens or (lambda: config.tokens)
 
     async def principal(request: Request) -> Principal:
         token = _bearer(request)
-        caller: Caller | None = static_caller(token, config.tokens)
+        caller: Caller | None = static_caller(token, headless())
         if caller is None and identity is not None and token:
             caller = await asyncio.to_thread(identity.caller, token)
         if caller is None:

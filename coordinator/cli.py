@@ -58,6 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--config", type=Path, default=None,
                           help="the coordinator's config (default: the local federation's)")
     register.add_argument("--replace", action="store_true", help="the site has a new key: a new token too")
+    token = sub.add_parser("token", help="headless tokens (scripts, papermill outside a hub): one researcher, "
+                                         "one project").add_subparsers(dest="action", required=True)
+    for action, text in (("add", "make a token (printed once)"), ("revoke", "drop a researcher's tokens in a project"),
+                         ("list", "who holds tokens, in which project")):
+        one = token.add_parser(action, help=text)
+        if action != "list":
+            one.add_argument("researcher")
+            one.add_argument("--project", required=True)
+        one.add_argument("--config", type=Path, default=None,
+                         help="the coordinator's config (default: the local federation's)")
     kernel = sub.add_parser("kernel", help="the FLIP Jupyter kernel").add_subparsers(dest="action", required=True)
     install = kernel.add_parser("install", help='install the "FLIP (Python 3)" kernel spec (magics preloaded)')
     where = install.add_mutually_exclusive_group()
@@ -91,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args)
         if args.command == "hub":
             return _hub(args)
+        if args.command == "token":
+            return _token(args)
         if args.command == "serve":
             from coordinator.serve import serve
 
@@ -180,6 +192,27 @@ def _register(args: argparse.Namespace) -> int:
     print(f"site {args.name} registered: Flower node {node_id}")
     print(f"its token (shown once; send it to the site with the CA certificate): {token}")
     print(f"the site runs: flip-site join DIR --fleet HUB:PORT --ca ca.pem --token {token}")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from coordinator.config import CoordinatorConfig, add_token, revoke_tokens
+    from coordinator.federation import Federation, FederationError
+    from coordinator.local import flip_home
+
+    path = args.config or Federation(flip_home()).root / "coordinator.json"
+    if not path.exists():
+        raise FederationError(f"no coordinator config at {path} (give --config)")
+    if args.action == "add":
+        print(f"a headless token for {args.researcher} in project {args.project} (shown once; the coordinator "
+              f"takes it at once): {add_token(path, args.researcher, args.project)}")
+    elif args.action == "revoke":
+        count = revoke_tokens(path, args.researcher, args.project)
+        print(f"revoked {count} token(s) of {args.researcher} in project {args.project}")
+        return 0 if count else 1
+    else:
+        for grant in sorted(set(CoordinatorConfig.load(path).tokens.values()), key=lambda g: (g.project, g.researcher)):
+            print(f"{grant.project:<16} {grant.researcher}")
     return 0
 
 

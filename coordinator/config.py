@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+import secrets
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,5 +50,24 @@ class CoordinatorConfig:
             "site_token": self.site_token, "superlink_ca": self.superlink_ca,
             "tokens": {t: {"researcher": g.researcher, "project": g.project} for t, g in self.tokens.items()},
         }
-        path.write_text(json.dumps(raw, indent=2))
-        path.chmod(0o600)
+        tmp = path.with_suffix(".tmp")  # the running coordinator reads it again when it changes: never half-written
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:  # owner-only from the start
+            fh.write(json.dumps(raw, indent=2))
+        tmp.replace(path)
+
+
+def add_token(path: Path, researcher: str, project: str) -> str:
+    """``flip token add``: a new headless token for ``researcher`` in ``project`` (returned; shown once)."""
+    config = CoordinatorConfig.load(path)
+    token = secrets.token_urlsafe(24)
+    replace(config, tokens={**config.tokens, token: TokenGrant(researcher, project)}).dump(path)
+    return token
+
+
+def revoke_tokens(path: Path, researcher: str, project: str) -> int:
+    """``flip token revoke``: drop every headless token of ``researcher`` in ``project``; how many."""
+    config = CoordinatorConfig.load(path)
+    kept = {t: g for t, g in config.tokens.items() if (g.researcher, g.project) != (researcher, project)}
+    replace(config, tokens=kept).dump(path)
+    return len(config.tokens) - len(kept)

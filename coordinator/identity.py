@@ -20,11 +20,12 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import requests
 
-from coordinator.config import TokenGrant
+from coordinator.config import CoordinatorConfig, TokenGrant
 
 GROUP_PREFIX = "project-"
 PROJECT_HEADER = "X-FLIP-Project"
@@ -141,6 +142,23 @@ class HubIdentity:
             return None
         projects = tuple(p for g in self.groups(name) if (p := project_of(g)))
         return Caller(name, projects, "hub")
+
+
+class HeadlessTokens:
+    """The headless tokens of ``coordinator.json``, read again whenever the file changes
+    (``flip token add`` / ``revoke`` take effect without a restart)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._stamp: tuple[int, int] | None = None
+        self._grants: dict[str, TokenGrant] = {}
+
+    def grants(self) -> dict[str, TokenGrant]:
+        stat = self.path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
+            self._grants, self._stamp = CoordinatorConfig.load(self.path).tokens, stamp
+        return self._grants
 
 
 def static_caller(token: str, grants: Mapping[str, TokenGrant]) -> Caller | None:
