@@ -57,12 +57,12 @@ def test_evaluate_phase_returns_no_params(site: SiteConfig) -> None:
 
 
 def test_exception_reports_type_and_cell_line_but_never_its_message(site: SiteConfig) -> None:
-    source = TINY_CELL.replace("    X, y = _xy(data.train)\n", "    X, y = _xy(data.train)\n    raise ValueError('patient 1234')\n")
-    line = source.splitlines().index("    raise ValueError('patient 1234')") + 1
+    source = TINY_CELL.replace("    X, y = _xy(data.train)\n", "    X, y = _xy(data.train)\n    raise ValueError('patient Qzx-Wvk')\n")
+    line = source.splitlines().index("    raise ValueError('patient Qzx-Wvk')") + 1
     result = TaskSession(site).step(request(source))
     assert (result.status, result.error_type, result.error_line) == ("error", "ValueError", line)
     assert result.error_where == "train()"
-    assert "1234" not in repr(result)
+    assert "Qzx-Wvk" not in repr(result)  # letters: a digit string could turn up in a timing
     assert result.params == {}
 
 
