@@ -222,6 +222,20 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     federation = Federation(home or flip_home())
     if federation.running():
         raise FederationError(f"a local federation is already running under {federation.root}; `flip down` first")
+    processes: list[dict[str, Any]] = []  # what has been started, so far
+    try:
+        return _up(federation, processes, data=data, sites=sites, warm=warm, auto_approve=auto_approve,
+                   policy=policy, secure=secure, listen=listen, hub_names=hub_names, hub=hub)
+    except BaseException:  # whatever stopped it (an error, Ctrl-C), nothing it started is left running
+        if processes:
+            _write_state(federation, {"root": str(federation.root), "processes": processes})
+            down(federation.home)
+        raise
+
+
+def _up(federation: Federation, processes: list[dict[str, Any]], *, data: Path | None, sites: int, warm: bool,
+        auto_approve: bool, policy: dict[str, Any] | None, secure: bool, listen: str, hub_names: tuple[str, ...],
+        hub: HubOptions | None) -> dict[str, Any]:
     root = federation.root
     if root.exists():
         shutil.rmtree(root)
@@ -266,13 +280,13 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = len(H
     superlink_env = {**hub_env, "FLWR_LOG_LEVEL": os.environ.get("FLIP_SUPERLINK_LOG_LEVEL", "INFO"),
                      "PATH": str(launcher_dir) + os.pathsep + hub_env["PATH"],
                      ZYGOTE_SOCKET_ENV: str(root / "serverapp.sock")}
-    processes = [
+    processes.extend([
         _spawn("serverapp-zygote", [sys.executable, "-m", "coordinator.serverapp_zygote",
                                     "--socket", str(root / "serverapp.sock")], logs, superlink_env),
         _spawn("superlink", [_bin("flower-superlink"), *tls, "--host", "127.0.0.1",
                              "--port", str(superlink_port), "--disable-runtime-dependency-installation",
                              "--database", ":flwr-in-memory:"], logs, superlink_env),
-    ]
+    ])
     coordinator_command = [sys.executable, "-m", "coordinator", "--config", str(root / "coordinator.json")]
     if hub is None:
         processes.append(_spawn("coordinator", coordinator_command, logs, hub_env))

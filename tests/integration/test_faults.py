@@ -146,3 +146,26 @@ def test_flip_status_json_describes_the_federation(federation: Any) -> None:
     assert info["coordinator_url"] == federation.connection["coordinator_url"]
     assert info["superlink"] == federation.connection["superlink"]
     assert {"Cleveland", "Hungary"} <= {s["site"] for s in info["sites"]}
+
+
+def test_a_failure_while_starting_stops_what_was_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import coordinator.federation as federation_module
+
+    started: list[int] = []
+    spawn = federation_module._spawn
+
+    def recording_spawn(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        process = spawn(*args, **kwargs)
+        started.append(process["pid"])
+        return process
+
+    def failing_hub_launch(*args: Any, **kwargs: Any) -> Any:  # the injected fault: after the SuperLink started
+        raise OSError("No space left on device: hub/settings.json")
+
+    monkeypatch.setattr(federation_module, "_spawn", recording_spawn)
+    monkeypatch.setattr(federation_module, "_hub_launch", failing_hub_launch)
+    with pytest.raises(OSError, match="No space left on device"):
+        federation_module.up(tmp_path, hub=federation_module.HubOptions())
+    assert len(started) == 2  # the ServerApp starter and the SuperLink were running when it failed
+    assert not [pid for pid in started if federation_module._alive(pid)]
+    assert not federation_module.Federation(tmp_path).running()
