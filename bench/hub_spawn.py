@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from bench.common import REPO, machine, median
-from coordinator.federation import HubOptions, down, up
-from coordinator.hubuser import HubUser
+from bench.hubuser import HubUser
+from flip_local.federation import HubOptions, down, up
 
 CELL = (REPO / "tests" / "helpers.py").read_text().split("TINY_CELL = '''")[1].split("'''")[0]
 WAIT_FIRST_METRIC = """

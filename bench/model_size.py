@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import HEART_COMMON, machine, median
-from coordinator.federation import down, up
+from flip_core.errors import NotConnected, Rejected, RunFailed
+from flip_local.federation import down, up
 from flip_magics.client import FlipClient
-from flip_magics.errors import NotConnected, Rejected, RunFailed
 
 INPUTS = 13
 COPIES = 5  # loopback copies per size (median)

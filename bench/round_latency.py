@@ -25,8 +25,9 @@ from nbclient import NotebookClient
 
 from bench.common import HEART_CODE, count_calls, cpu_seconds, machine, median
 from bench.stock_flower import run_stock
-from coordinator.federation import down, prepare_heart_sites, status, up
-from coordinator.local import wait_until
+from flip_core.util import wait_until
+from flip_local.federation import down, status, up
+from flip_local.sites import prepare_heart_sites
 from flip_magics.client import FlipClient
 from site_agent.catalog import load_site, load_split
 

@@ -24,10 +24,10 @@ from typing import Any
 import psutil
 
 from bench.common import HEART_CODE, machine, median
-from coordinator.federation import FederationError, down, status, up
-from coordinator.local import wait_until
+from flip_core.errors import NotConnected, Rejected, RunFailed
+from flip_core.util import wait_until
+from flip_local.federation import FederationError, down, status, up
 from flip_magics.client import FlipClient
-from flip_magics.errors import NotConnected, Rejected, RunFailed
 
 MB = 2**20
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from bench.common import machine, median
-from coordinator.federation import down, up
+from flip_local.federation import down, up
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import HEART_CODE, count_calls, cpu_seconds
-from coordinator.local import free_port, wait_until
+from flip_core.util import free_port, wait_until
 
 PYPROJECT = """[build-system]
 requires = ["hatchling"]

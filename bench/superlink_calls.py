@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from bench.common import cpu_seconds, machine
-from coordinator.local import flower_env, free_port, wait_until
+from coordinator.hubside import flower_env
+from flip_core.util import free_port, wait_until
 from site_agent.fleet import connect
 
 

@@ -16,7 +16,7 @@ as Flower's ``FedAdam`` / ``FedYogi`` strategies implement it (no bias correctio
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

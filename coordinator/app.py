@@ -1,10 +1,13 @@
 """The coordinator's HTTP API (Starlette): researchers, site agents and the ServerApp.
 
-Three audiences, three tokens: ``/api`` for researchers (their JupyterHub token, checked with the
-hub, with hub groups ``project-<name>`` as projects; or a static headless token for one project:
-``coordinator.identity``), ``/site`` for site agents (each site's own token from ``flip site register``,
-which also binds it to its Flower node; a shared join token only in an ``--insecure`` development
-federation), ``/internal`` for FLIP's ServerApp on the hub host. Run events stream to notebooks as server-sent events.
+Three audiences, three tokens, three route groups: ``/api`` for researchers (``researcher_api``:
+their JupyterHub token, checked with the hub, with hub groups ``project-<name>`` as projects; or a
+static headless token for one project: ``coordinator.identity``), ``/site`` for site agents
+(``site_api``: each site's own token from ``flip site register``, which also binds it to its Flower
+node; a shared join token only in an ``--insecure`` development federation), ``/internal`` for FLIP's
+ServerApp on the hub host (``internal_api``). This module holds what they share: the application's
+state, reading a bounded body into a typed request (``flip_core.api``), and turning every refusal
+into a JSON sentence with its status.
 """
 
 from __future__ import annotations
@@ -15,23 +18,25 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount
 
 from coordinator.config import CoordinatorConfig, TokenGrant
-from coordinator.identity import PROJECT_HEADER, Caller, HubIdentity, Refused, choose_project, static_caller
-from coordinator.registry import RegisteredSite, SiteRegistry
-from coordinator.service import Principal, RunManager, TaskRejected
-from coordinator.store import TERMINAL
+from coordinator.identity import HubIdentity
+from coordinator.registry import SiteRegistry
+from coordinator.service import RunManager
+from flip_core.api import MAX_JSON_BYTES, parse
+from flip_core.codec import ModelInvalid, check_model
+from flip_core.errors import Rejected, RequestInvalid
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_SECONDS = 10.0
-PRESENCE_BEAT_SECONDS = 1.0
+M = TypeVar("M")
 
 
 class Notifier:
@@ -57,14 +62,94 @@ class Notifier:
         self._event = asyncio.Event()
 
 
-def _error(message: str, status: int) -> JSONResponse:
+@dataclass(frozen=True)
+class Coordinator:
+    """What every route reaches through ``request.app.state.flip``."""
+
+    config: CoordinatorConfig
+    manager: RunManager
+    notifier: Notifier
+    identity: HubIdentity | None
+    headless: Callable[[], Mapping[str, TokenGrant]]
+    registry: SiteRegistry
+
+
+def state(request: Request) -> Coordinator:
+    flip: Coordinator = request.app.state.flip
+    return flip
+
+
+def error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _bearer(request: Request) -> str:
+def bearer(request: Request) -> str:
     """The token of ``Authorization: Bearer T`` (or JupyterHub's ``token T``)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() in ("bearer", "token") else ""
+
+
+def holds(request: Request, secret: str) -> bool:
+    token = bearer(request)
+    return bool(token) and bool(secret) and hmac.compare_digest(token, secret)
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request's body, refused (413) once it passes ``limit`` bytes, before it is all read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestInvalid(f"{what} is {declared} bytes, more than the {limit} this route takes", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestInvalid(f"{what} is more than the {limit} bytes this route takes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def typed_body(request: Request, model: type[M] | Any, what: str) -> M:
+    """The JSON body as ``model`` (``flip_core.api``), or a refusal whose sentence names the field."""
+    body = await read_body(request, MAX_JSON_BYTES, what)
+    if not body.strip():
+        raise RequestInvalid(f"{what} is empty: send a JSON body")
+    result: M = parse(model, body, what)
+    return result
+
+
+async def model_body(request: Request) -> bytes:
+    """An uploaded model: bounded, and checked to be an ``.npz`` of numeric arrays before it is stored."""
+    limit = state(request).config.max_model_bytes
+    blob = await read_body(request, limit, "the model")
+    try:
+        check_model(blob, limit)
+    except ModelInvalid as exc:
+        raise RequestInvalid(str(exc), field="body") from None
+    return blob
+
+
+def query_int(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 18:
+        raise RequestInvalid(f"the query parameter {name!r} must be a whole number from 0, not {raw[:40]!r}",
+                             field=name)
+    return int(raw)
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Rejected)
+    return error(str(exc), exc.status)
+
+
+async def _broken_json(request: Request, exc: Exception) -> Response:  # a body read with request.json()
+    return error(f"the body is not valid JSON ({exc})", 400)
+
+
+async def _bug(request: Request, exc: Exception) -> Response:
+    log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error(f"internal error in the coordinator ({type(exc).__name__}); its log has the details", 500)
 
 
 def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier,
@@ -73,232 +158,10 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
     """``identity``: the hub this coordinator is a service of (researchers' hub tokens are accepted);
     ``prefix``: the hub proxy's path for the service (``/services/coordinator``), served as well as ``/``;
     ``tokens``: the current headless tokens (default: the config's, as loaded)."""
-    headless = tokens or (lambda: config.tokens)
+    from coordinator import internal_api, researcher_api, site_api
 
-    async def principal(request: Request) -> Principal:
-        token = _bearer(request)
-        caller: Caller | None = static_caller(token, headless())
-        if caller is None and identity is not None and token:
-            caller = await asyncio.to_thread(identity.caller, token)
-        if caller is None:
-            raise Refused("a valid identity is required: a JupyterHub token of a user of this hub, or a FLIP "
-                          "token (Authorization: Bearer ...)", 401)
-        wanted = request.headers.get(PROJECT_HEADER) or None
-        known: list[str] = []
-        if wanted is None and not caller.projects and identity is not None:  # the refusal names this hub's projects
-            known = await asyncio.to_thread(identity.hub_projects)
-        return Principal(caller.researcher, choose_project(caller, wanted, known))
+    routes: list[BaseRoute] = [*researcher_api.routes(), *site_api.routes(), *internal_api.routes()]
 
-    def has(request: Request, secret: str) -> bool:
-        token = _bearer(request)
-        return bool(token) and hmac.compare_digest(token, secret)
-
-    def researcher_route(handler: Any) -> Any:
-        async def wrapped(request: Request) -> Response:
-            try:
-                who = await principal(request)
-            except Refused as refused:
-                return _error(str(refused), refused.status)
-            except Exception as exc:  # the hub did not answer: say so, not a bare 500
-                log.warning("identity check failed: %r", exc)
-                return _error(f"the coordinator could not check this identity with the hub ({type(exc).__name__})",
-                              503)
-            try:
-                return await handler(request, who)
-            except TaskRejected as rejected:
-                return _error(str(rejected), rejected.status)
-        return wrapped
-
-    def secret_route(secret: str, handler: Any) -> Any:
-        async def wrapped(request: Request) -> Response:
-            if not has(request, secret):
-                return _error("not authorised", 401)
-            try:
-                return await handler(request)
-            except TaskRejected as rejected:
-                return _error(str(rejected), rejected.status)
-        return wrapped
-
-    registry = SiteRegistry(config.registry_path)
-
-    def site_route(handler: Any) -> Any:
-        """A site agent's call: its own token (coordinator.registry) names it; the federation's shared
-        token (an insecure development federation only) may speak for any site."""
-        async def wrapped(request: Request) -> Response:
-            token = _bearer(request)
-            who = registry.identify(token)
-            if who is None and not (config.site_token and has(request, config.site_token)):
-                return _error("not authorised: this site's token is not registered here (flip site register)", 401)
-            return await handler(request, who)
-        return wrapped
-
-    def own_run(run_id: str, who: Principal) -> dict[str, Any]:
-        view = manager.view(run_id)
-        if view["project"] != who.project:
-            raise TaskRejected(f"no run {run_id!r} in project {who.project!r}", 404)
-        return view
-
-    # -- researchers ----------------------------------------------------------------
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def whoami(request: Request, who: Principal) -> Response:
-        return JSONResponse({"researcher": who.researcher, "project": who.project})
-
-    async def sites(request: Request, who: Principal) -> Response:
-        return JSONResponse(manager.sites())
-
-    async def upload_model(request: Request, who: Principal) -> Response:
-        sha = manager.store.put_model(await request.body())
-        return JSONResponse({"sha256": sha}, status_code=201)
-
-    async def check_task(request: Request, who: Principal) -> Response:
-        try:
-            spec = await request.json()
-        except json.JSONDecodeError:
-            return _error("the task must be a JSON object", 400)
-        return JSONResponse(await asyncio.to_thread(manager.check, who, spec))
-
-    async def create_run(request: Request, who: Principal) -> Response:
-        try:
-            spec = await request.json()
-        except json.JSONDecodeError:
-            return _error("the task must be a JSON object", 400)
-        view = await asyncio.to_thread(manager.create_run, who, spec)
-        return JSONResponse(view, status_code=201)
-
-    async def list_runs(request: Request, who: Principal) -> Response:
-        runs = [manager.view(r["run_id"]) for r in manager.store.runs(project=who.project)]
-        return JSONResponse([{k: v for k, v in r.items() if k not in ("source", "record")} for r in runs])
-
-    async def get_run(request: Request, who: Principal) -> Response:
-        return JSONResponse(own_run(request.path_params["run_id"], who))
-
-    async def stop_run(request: Request, who: Principal) -> Response:
-        own_run(request.path_params["run_id"], who)
-        return JSONResponse(await asyncio.to_thread(manager.stop, request.path_params["run_id"]))
-
-    async def get_model(request: Request, who: Principal) -> Response:
-        view = own_run(request.path_params["run_id"], who)
-        sha = view["record"].get("model_sha256")
-        if not sha:
-            return _error(f"run {view['run_id']} has no final model ({view['status']})", 404)
-        return FileResponse(manager.store.model_path(sha), media_type="application/octet-stream")
-
-    async def events(request: Request, who: Principal) -> Response:
-        run_id = request.path_params["run_id"]
-        own_run(run_id, who)
-        after = int(request.query_params.get("after", "0"))
-        if request.query_params.get("stream", "1") == "0":
-            return JSONResponse(manager.store.events(run_id, after))
-        return StreamingResponse(_stream(run_id, after), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def _stream(run_id: str, after: int) -> AsyncIterator[str]:
-        yield ": flip event stream\n\n"
-        while True:
-            wake = notifier.current()
-            run = manager.store.run(run_id)
-            finished = run is None or run["status"] in TERMINAL
-            for event in manager.store.events(run_id, after):
-                after = event["seq"]
-                yield f"id: {after}\ndata: {json.dumps(event)}\n\n"
-            if finished:
-                return
-            try:
-                await asyncio.wait_for(wake.wait(), KEEPALIVE_SECONDS)
-            except TimeoutError:
-                yield ": keepalive\n\n"
-
-    # -- site agents ----------------------------------------------------------------
-    async def announce(request: Request, who: RegisteredSite | None) -> Response:
-        body = await request.json()
-        node_id = body.get("node_id")
-        if who is not None and str(body.get("site")) != who.name:
-            return _error(f"this token belongs to site {who.name!r}, not {body.get('site')!r}", 403)
-        if who is not None and node_id is not None and int(node_id) != who.node_id:
-            return _error(f"Flower node {node_id} is not the node registered for site {who.name!r}", 403)
-        manager.announce(str(body["site"]), None if node_id is None else int(node_id),
-                         dict(body.get("info", {})), str(body.get("state", "online")))
-        return JSONResponse({"ok": True})
-
-    async def presence(request: Request, who: RegisteredSite | None) -> Response:
-        site = request.path_params["site"]
-        if who is not None and site != who.name:
-            return _error(f"this token belongs to site {who.name!r}, not {site!r}", 403)
-
-        async def beats() -> AsyncIterator[str]:
-            bell = manager.presence.hold(site)
-            try:
-                yield "beat\n"
-                while True:
-                    try:
-                        await asyncio.wait_for(bell.wait(), PRESENCE_BEAT_SECONDS)
-                    except TimeoutError:
-                        yield "beat\n"
-                        continue
-                    bell.clear()
-                    yield "wake\n"
-            finally:
-                manager.presence.release(site, bell)
-                log.info("site %s: presence stream closed", site)
-
-        return StreamingResponse(beats(), media_type="text/plain")
-
-    # -- the ServerApp --------------------------------------------------------------
-    async def internal_task(request: Request) -> Response:
-        run = manager.store.run(request.path_params["run_id"])
-        if run is None:
-            return _error("no such run", 404)
-        return JSONResponse(run["task"])
-
-    async def internal_model(request: Request) -> Response:
-        try:
-            path = manager.store.model_path(request.path_params["sha"])
-        except KeyError:
-            return _error("no such model", 404)
-        if not path.exists():
-            return _error("no such model", 404)
-        return FileResponse(path, media_type="application/octet-stream")
-
-    async def internal_put_model(request: Request) -> Response:
-        sha = manager.store.put_model(await request.body())
-        return JSONResponse({"sha256": sha})
-
-    async def internal_events(request: Request) -> Response:
-        manager.ingest(request.path_params["run_id"], list(await request.json()))
-        return JSONResponse({"ok": True})
-
-    async def internal_sites(request: Request) -> Response:
-        return JSONResponse(manager.sites())
-
-    async def internal_ring(request: Request) -> Response:
-        for name in list((await request.json()).get("sites", [])):
-            manager.presence.ring(str(name))  # a message for it is on the SuperLink again (no new event)
-        return JSONResponse({"ok": True})
-
-    internal = config.internal_token
-    routes = [
-        Route("/api/health", health),
-        Route("/api/whoami", researcher_route(whoami)),
-        Route("/api/sites", researcher_route(sites)),
-        Route("/api/models", researcher_route(upload_model), methods=["POST"]),
-        Route("/api/runs", researcher_route(create_run), methods=["POST"]),
-        Route("/api/runs/check", researcher_route(check_task), methods=["POST"]),
-        Route("/api/runs", researcher_route(list_runs), methods=["GET"]),
-        Route("/api/runs/{run_id}", researcher_route(get_run)),
-        Route("/api/runs/{run_id}/stop", researcher_route(stop_run), methods=["POST"]),
-        Route("/api/runs/{run_id}/model", researcher_route(get_model)),
-        Route("/api/runs/{run_id}/events", researcher_route(events)),
-        Route("/site/announce", site_route(announce), methods=["POST"]),
-        Route("/site/presence/{site}", site_route(presence)),
-        Route("/internal/runs/{run_id}/task", secret_route(internal, internal_task)),
-        Route("/internal/models/{sha}", secret_route(internal, internal_model)),
-        Route("/internal/runs/{run_id}/model", secret_route(internal, internal_put_model), methods=["PUT"]),
-        Route("/internal/runs/{run_id}/events", secret_route(internal, internal_events), methods=["POST"]),
-        Route("/internal/sites", secret_route(internal, internal_sites)),
-        Route("/internal/ring", secret_route(internal, internal_ring), methods=["POST"]),
-    ]
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         notifier.current()
@@ -307,4 +170,8 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
 
     if prefix.strip("/"):
         routes = [Mount("/" + prefix.strip("/"), routes=list(routes)), *routes]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        Rejected: _refused, json.JSONDecodeError: _broken_json, Exception: _bug})
+    app.state.flip = Coordinator(config, manager, notifier, identity, tokens or (lambda: config.tokens),
+                                 SiteRegistry(config.registry_path))
+    return app

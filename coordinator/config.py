@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+DEFAULT_MAX_MODEL_BYTES = 4 << 30
+
 
 @dataclass(frozen=True)
 class TokenGrant:
@@ -28,6 +30,7 @@ class CoordinatorConfig:
     site_token: str  # "" when every site has its own token (coordinator.registry): no shared one
     tokens: dict[str, TokenGrant] = field(default_factory=dict)
     superlink_ca: str | None = None  # the consortium's CA certificate: the SuperLink speaks TLS
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES  # the largest model a notebook or the ServerApp may upload
 
     @property
     def registry_path(self) -> Path:
@@ -41,13 +44,14 @@ class CoordinatorConfig:
             superlink_control=raw["superlink_control"], internal_token=raw["internal_token"],
             site_token=raw["site_token"], superlink_ca=raw.get("superlink_ca"),
             tokens={t: TokenGrant(**g) for t, g in raw.get("tokens", {}).items()},
+            max_model_bytes=int(raw.get("max_model_bytes", DEFAULT_MAX_MODEL_BYTES)),
         )
 
     def dump(self, path: Path) -> None:
         raw = {
             "state_dir": str(self.state_dir), "host": self.host, "port": self.port,
             "superlink_control": self.superlink_control, "internal_token": self.internal_token,
-            "site_token": self.site_token, "superlink_ca": self.superlink_ca,
+            "site_token": self.site_token, "superlink_ca": self.superlink_ca, "max_model_bytes": self.max_model_bytes,
             "tokens": {t: {"researcher": g.researcher, "project": g.project} for t, g in self.tokens.items()},
         }
         tmp = path.with_suffix(".tmp")  # the running coordinator reads it again when it changes: never half-written

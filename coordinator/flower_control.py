@@ -18,10 +18,10 @@ from flwr.common.serde import fab_to_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
     ListRunsRequest,
     RegisterNodeRequest,
-    UnregisterNodeRequest,
     StartRunRequest,
     StopRunRequest,
     StreamLogsRequest,
+    UnregisterNodeRequest,
 )
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab

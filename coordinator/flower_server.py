@@ -21,11 +21,13 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.aggregate import make_strategy, weighted_metrics
-from coordinator.flower_tuning import tune_grid_pulls
+from coordinator.flower_tuning import tuned_grid_pulls
 from coordinator.hublink import HubLink
-from coordinator.local import wait_until
-from site_agent.protocol import PHASE_EVALUATE, PHASE_FIT, PHASE_PREPARE, StepRequest, StepResult
-from site_agent.wire import MESSAGE_TYPE_EVALUATE, MESSAGE_TYPE_TRAIN, content_to_result, request_to_content
+from flip_core.errors import FlipError
+from flip_core.protocol import StepRequest, StepResult
+from flip_core.status import Phase, StepStatus
+from flip_core.util import wait_until
+from flip_core.wire import MESSAGE_TYPE_EVALUATE, MESSAGE_TYPE_TRAIN, content_to_result, request_to_content
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ PRIVATE_DETAIL = "differential privacy: only noised parameters leave this site"
 app = ServerApp()
 
 
-class RunAborted(Exception):
+class RunAborted(FlipError):
     """The run cannot go on; the message is the sentence the researcher reads."""
 
 
@@ -63,11 +65,11 @@ class Reply:
 
 
 def describe_failure(result: StepResult) -> str:
-    if result.status == "no-dataset":
+    if result.status == StepStatus.NO_DATASET:
         return "the site does not hold this dataset"
-    if result.status == "refused":
+    if result.status == StepStatus.REFUSED:
         return f"refused by the site: {result.error_where}"
-    if result.status == "suppressed":
+    if result.status == StepStatus.SUPPRESSED:
         return f"withheld by the site's disclosure control ({result.error_where})"
     where = f" in {result.error_where}" if result.error_where else ""
     line = f" at cell line {result.error_line}" if result.error_line else ""
@@ -93,16 +95,15 @@ class RoundLoop:
         self.dataset = task["dataset"]
         self.first_reply_seconds: float | None = None
         self.awaiting: set[str] = set()  # sites whose admin has yet to approve the task's code
-        tune_grid_pulls(self._a_waited_site_is_gone)
 
-    def _a_waited_site_is_gone(self) -> bool:
+    def a_waited_site_is_gone(self) -> bool:
         """Asked while Flower pulls a reply: stop waiting if a site we wait for went offline."""
         return any(not self._online(site) for site in list(self.waiting_for))
 
     def emit(self, *events: dict[str, Any]) -> None:
         self.hub.events(self.run_id, list(events))
 
-    def request(self, round_: int, phase: str, params: dict[str, np.ndarray]) -> StepRequest:
+    def request(self, round_: int, phase: Phase, params: dict[str, np.ndarray]) -> StepRequest:
         t = self.task
         return StepRequest(
             run_id=self.run_id, source=t["source"], source_hash=t["source_hash"],
@@ -111,15 +112,15 @@ class RoundLoop:
         )
 
     # -- one exchange --------------------------------------------------------------
-    def exchange(self, round_: int, phase: str, params: dict[str, np.ndarray],
+    def exchange(self, round_: int, phase: Phase, params: dict[str, np.ndarray],
                  only: list[str] | None = None) -> list[Reply]:
         """Send this step to every active site (or ``only`` these) and gather the replies."""
         started = time.monotonic()
         # starting the task processes (torch, the cell, the data) is not a round: no deadline for it
-        timed = self.round_timeout is not None and phase != PHASE_PREPARE
+        timed = self.round_timeout is not None and phase != Phase.PREPARE
         deadline = started + float(self.round_timeout or 0) if timed else None
         content = request_to_content(self.request(round_, phase, params))
-        message_type = MESSAGE_TYPE_TRAIN if phase == PHASE_FIT else MESSAGE_TYPE_EVALUATE
+        message_type = MESSAGE_TYPE_TRAIN if phase == Phase.FIT else MESSAGE_TYPE_EVALUATE
         sites = sorted(self.active if only is None else set(only) & set(self.active))
         messages = [
             Message(content, dst_node_id=self.active[s], message_type=message_type, group_id=str(round_))
@@ -129,7 +130,7 @@ class RoundLoop:
         if len(ids) != len(sites):  # Flower refused the whole batch (it logs why, e.g. payload too large)
             ids = [None] * len(sites)
         pending = {mid: site for mid, site in zip(ids, sites, strict=True) if mid}
-        status = {PHASE_PREPARE: "preparing", PHASE_FIT: "training"}.get(phase, "evaluating")
+        status = {Phase.PREPARE: "preparing", Phase.FIT: "training"}.get(phase, "evaluating")
         asked_again = sorted(s for s in pending.values() if s in self.awaiting)  # still "waiting for approval"
         if asked_again:
             self.hub.ring(asked_again)
@@ -140,7 +141,7 @@ class RoundLoop:
             self.absorb(round_, reply, phase)
         next_liveness = time.monotonic() + LIVENESS_SECONDS
         poll = POLL_MIN_SECONDS
-        if phase == PHASE_FIT and self.first_reply_seconds:
+        if phase == Phase.FIT and self.first_reply_seconds:
             # no reply is likely before the quickest site's last step time: don't poll for nothing
             time.sleep(min(FIRST_POLL_FRACTION * self.first_reply_seconds, LIVENESS_SECONDS))
         while pending:
@@ -159,7 +160,7 @@ class RoundLoop:
                 arrived.extend(self._late(pending))
             for reply in arrived:
                 self.absorb(round_, reply, phase)
-            if phase == PHASE_FIT and any(r.result for r in arrived) and len(replies) == 0:
+            if phase == Phase.FIT and any(r.result for r in arrived) and len(replies) == 0:
                 self.first_reply_seconds = time.monotonic() - started
             replies.extend(arrived)
             poll = POLL_MIN_SECONDS if arrived else min(poll * POLL_GROWTH, POLL_MAX_SECONDS)
@@ -186,9 +187,9 @@ class RoundLoop:
                 return Reply(site, None, OFFLINE)
             return Reply(site, None, f"the site's Flower node reported an error ({msg.error.reason[:200]})")
         result = content_to_result(msg.content)
-        if result.status == "pending":
+        if result.status == StepStatus.PENDING:
             return Reply(site, result, pending=True)
-        if result.status != "ok":
+        if result.status != StepStatus.OK:
             return Reply(site, result, describe_failure(result))
         return Reply(site, result)
 
@@ -214,7 +215,7 @@ class RoundLoop:
         return gone
 
     # -- bookkeeping -----------------------------------------------------------------
-    def absorb(self, round_: int, reply: Reply, phase: str = PHASE_FIT) -> None:
+    def absorb(self, round_: int, reply: Reply, phase: Phase = Phase.FIT) -> None:
         """Stream one reply's events to the hub as soon as it arrives; drop a failed site."""
         if reply.late:
             self.emit({"type": "site", "site": reply.site, "status": "late", "round": round_,
@@ -238,11 +239,11 @@ class RoundLoop:
         self.site_info[reply.site] = {"version": result.version, "fingerprint": result.fingerprint,
                                       "train_rows": result.num_train, "test_rows": result.num_test}
         # a differential-privacy run's sites release no counts: its table shows the epsilon instead
-        counts = ({"detail": PRIVATE_DETAIL} if phase == PHASE_PREPARE else {}) if result.private else \
+        counts = ({"detail": PRIVATE_DETAIL} if phase == Phase.PREPARE else {}) if result.private else \
             {"samples": result.num_train}
         if result.withheld:
             counts["detail"] = result.withheld
-        if phase == PHASE_PREPARE:
+        if phase == Phase.PREPARE:
             self.emit({"type": "site", "site": reply.site, "status": "ready", "round": round_,
                        **counts, "seconds": round(result.seconds, 3)},
                       *([{"type": "metrics", "round": 0, "site": reply.site, "phase": "evaluate",
@@ -295,7 +296,7 @@ class RoundLoop:
             f"--min-sites is {need}. Failed: {why}."
         )
 
-    def global_metrics(self, round_: int, phase: str, good: list[Reply], eval_round: int) -> None:
+    def global_metrics(self, round_: int, phase: Phase, good: list[Reply], eval_round: int) -> None:
         evals = [(r.result.eval_metrics, r.result.num_test) for r in good if r.result and r.result.eval_metrics]
         trains = [(r.result.train_metrics, r.result.num_train) for r in good if r.result and r.result.train_metrics]
         events = []
@@ -303,10 +304,10 @@ class RoundLoop:
             events.append({"type": "metrics", "round": eval_round, "site": "global", "phase": "evaluate",
                            "metrics": weighted_metrics(evals), "samples": sum(n for _, n in evals)})
         private = [r.result.dp_epsilon for r in good if r.result and r.result.private and r.result.params]
-        if phase == PHASE_FIT and private:  # the run's guarantee is its weakest site's
+        if phase == Phase.FIT and private:  # the run's guarantee is its weakest site's
             events.append({"type": "metrics", "round": round_, "site": "global", "phase": "privacy",
                            "metrics": {"epsilon": max(private)}})
-        if phase == PHASE_FIT and trains:
+        if phase == Phase.FIT and trains:
             events.append({"type": "metrics", "round": round_, "site": "global", "phase": "train",
                            "metrics": weighted_metrics(trains), "samples": sum(n for _, n in trains)})
         if events:
@@ -318,13 +319,13 @@ class RoundLoop:
         A site whose admin has not yet approved the task's code answers "pending": it is shown
         waiting for approval and asked again, at growing intervals, until it approves (and joins)
         or refuses, or the run stops; the others wait with their task processes started."""
-        ready = self.exchange(0, PHASE_PREPARE, params)
+        ready = self.exchange(0, Phase.PREPARE, params)
         interval = APPROVAL_POLL_MIN_SECONDS
         while waiting := [r.site for r in ready if r.pending and r.site in self.active]:
             self.check_quorum(0)
             time.sleep(interval)
             interval = min(interval * POLL_GROWTH, APPROVAL_POLL_MAX_SECONDS)
-            ready = [r for r in ready if not r.pending] + self.exchange(0, PHASE_PREPARE, params, only=waiting)
+            ready = [r for r in ready if not r.pending] + self.exchange(0, Phase.PREPARE, params, only=waiting)
         return sorted(ready, key=lambda r: r.site)
 
     # -- the run ---------------------------------------------------------------------
@@ -335,21 +336,21 @@ class RoundLoop:
         self.check_quorum(0)
         ready = self.prepare(params)
         self.check_quorum(0, ready)
-        self.global_metrics(0, PHASE_PREPARE, ready, eval_round=0)
+        self.global_metrics(0, Phase.PREPARE, ready, eval_round=0)
         for round_ in range(1, rounds + 1):
             started = time.monotonic()
             self.readmit(round_)
-            good = self.exchange(round_, PHASE_FIT, params)
+            good = self.exchange(round_, Phase.FIT, params)
             self.check_quorum(round_, good)
-            self.global_metrics(round_, PHASE_FIT, good, eval_round=round_ - 1)
+            self.global_metrics(round_, Phase.FIT, good, eval_round=round_ - 1)
             updates = [(r.result.params, r.result.num_train) for r in good if r.result]
             params = self.strategy.aggregate(params, updates)
             self.emit({"type": "round", "round": round_, "sites": len(good),
                        "seconds": round(time.monotonic() - started, 3)})
         self.readmit(rounds)
-        good = self.exchange(rounds, PHASE_EVALUATE, params)
+        good = self.exchange(rounds, Phase.EVALUATE, params)
         self.check_quorum(rounds, good)
-        self.global_metrics(rounds, PHASE_EVALUATE, good, eval_round=rounds)
+        self.global_metrics(rounds, Phase.EVALUATE, good, eval_round=rounds)
         return params
 
 
@@ -360,7 +361,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         task = hub.task(run_id)
         loop = RoundLoop(grid, hub, task)
-        params = loop.run(hub.model(task["initial_model"]))
+        with tuned_grid_pulls(loop.a_waited_site_is_gone):
+            params = loop.run(hub.model(task["initial_model"]))
         sha = hub.put_model(run_id, params)
         hub.events(run_id, [{"type": "run", "status": "completed", "model_sha256": sha,
                              "site_info": loop.site_info, "failed_sites": loop.failed}])

@@ -5,13 +5,15 @@ a 1 s initial backoff (a reply is visible before its objects finish uploading, s
 can wait a needless second) and up to two hours of retries. When a site dies half-way through
 uploading its reply, the round loop then hangs for minutes inside one call. FLIP pulls in short
 slices with a short backoff and gives up as soon as the round loop says a site it waits for has
-gone. ``tests/coordinator/test_flower_contract.py`` fails if the patched name moves.
+gone. The patch is applied where the ServerApp starts (``flower_server.main``) and undone when its
+run ends. ``tests/coordinator/test_flower_contract.py`` fails if the patched name moves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flwr.superlink.grid.http_grid as http_grid
@@ -36,8 +38,15 @@ def _pull_objects(object_ids: list[str], pull_object_fn: Callable[[str], bytes],
                 raise
 
 
-def tune_grid_pulls(should_abort: Callable[[], bool]) -> None:
-    """Patch the ServerApp's object pulls; ``should_abort()`` is asked between slices."""
+@contextlib.contextmanager
+def tuned_grid_pulls(should_abort: Callable[[], bool]) -> Iterator[None]:
+    """Within this block the ServerApp pulls reply objects FLIP's way; ``should_abort()`` is asked
+    between slices. Flower's own ``pull_objects`` is back in place afterwards."""
     global _should_abort
+    original, previous_abort = http_grid.pull_objects, _should_abort
     _should_abort = should_abort
     http_grid.pull_objects = _pull_objects
+    try:
+        yield
+    finally:
+        http_grid.pull_objects, _should_abort = original, previous_abort

@@ -7,7 +7,6 @@ never see either: they are not in the run config.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -16,22 +15,13 @@ from typing import Any
 import numpy as np
 import requests
 
+from flip_core.codec import pack_arrays, unpack_arrays
+
 log = logging.getLogger(__name__)
 
 ENV_URL = "FLIP_COORDINATOR_URL"
 ENV_TOKEN = "FLIP_INTERNAL_TOKEN"
 RETRY_SECONDS = 120.0  # how long the server loop waits for a restarting coordinator
-
-
-def pack_params(params: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **params)
-    return buffer.getvalue()
-
-
-def unpack_params(blob: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
 
 
 class HubLink:
@@ -76,7 +66,7 @@ class HubLink:
         return self._get(f"/internal/runs/{run_id}/task").json()  # type: ignore[no-any-return]
 
     def model(self, sha: str) -> dict[str, np.ndarray]:
-        return unpack_params(self._get(f"/internal/models/{sha}").content)
+        return unpack_arrays(self._get(f"/internal/models/{sha}").content)
 
     def sites(self) -> dict[str, dict[str, Any]]:
         return {s["site"]: s for s in self._get("/internal/sites").json()}
@@ -89,5 +79,5 @@ class HubLink:
         self._request("POST", "/internal/ring", json={"sites": sites})
 
     def put_model(self, run_id: str, params: dict[str, np.ndarray]) -> str:
-        response = self._request("PUT", f"/internal/runs/{run_id}/model", data=pack_params(params), timeout=300)
+        response = self._request("PUT", f"/internal/runs/{run_id}/model", data=pack_arrays(params), timeout=300)
         return str(response.json()["sha256"])

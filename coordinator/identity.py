@@ -26,18 +26,17 @@ from typing import Any
 import requests
 
 from coordinator.config import CoordinatorConfig, TokenGrant
+from flip_core.errors import Rejected
 
 GROUP_PREFIX = "project-"
-PROJECT_HEADER = "X-FLIP-Project"
 GROUP_CACHE_SECONDS = 10.0  # a change of hub group reaches the coordinator within this
 
 
-class Refused(Exception):
-    """The caller is known but may not act here; the message says why (HTTP ``status``)."""
+class Refused(Rejected):
+    """The caller is unknown (401) or may not act here (403); the message says why."""
 
     def __init__(self, message: str, status: int = 403) -> None:
-        super().__init__(message)
-        self.status = status
+        super().__init__(message, status)
 
 
 @dataclass(frozen=True)

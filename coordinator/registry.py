@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flip_core.errors import ConfigError
+
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class RegistryError(Exception):
+class RegistryError(ConfigError):
     """A site cannot be registered; the message says why."""
 
 

@@ -28,18 +28,22 @@ from typing import Any
 import requests
 
 from coordinator.config import CoordinatorConfig
-from coordinator.federation import READY_SECONDS, FederationError, _bin
 from coordinator.flower_control import FlowerControl
-from coordinator.local import flower_env, free_port, wait_until
-from coordinator.serverapp_zygote import ENV_SOCKET as ZYGOTE_SOCKET_ENV
-from coordinator.serverapp_zygote import write_launcher
-from site_agent.certs import load_ca, make_ca, make_server_cert
+from coordinator.hubside import HubSide
+from flip_core.certs import load_ca, make_ca, make_server_cert
+from flip_core.errors import FlipError
+from flip_core.util import free_port, wait_until
 
 STOP_SECONDS = 10.0
+READY_SECONDS = 90.0
 
 
-class _Stop(Exception):
+class _Stop(Exception):  # noqa: N818 - a signal's way out of the wait loop, not an error
     pass
+
+
+class ServeError(FlipError):
+    """The hub side could not start: the message says which part."""
 
 
 def prepare(state: Path, *, coordinator_listen: str, coordinator_port: int, hub_names: list[str]) -> CoordinatorConfig:
@@ -68,27 +72,8 @@ def serve(state: Path, *, listen: str = "0.0.0.0", fleet_port: int = 9092, coord
     config = prepare(state, coordinator_listen=coordinator_listen, coordinator_port=coordinator_port,
                      hub_names=list(hub_names or []))
     pki = state / "pki"
-    coordinator_url = f"http://127.0.0.1:{coordinator_port}"
-    base_env = flower_env(state / "flwr")
-    hub_env = {**base_env, "FLIP_COORDINATOR_URL": coordinator_url, "FLIP_INTERNAL_TOKEN": config.internal_token}
-    launcher_dir = write_launcher(state / "bin").parent
-    superlink_env = {**hub_env, "PATH": str(launcher_dir) + os.pathsep + hub_env["PATH"],
-                     ZYGOTE_SOCKET_ENV: str(state / "serverapp.sock")}
-    superlink = config.superlink_control
-    commands: list[tuple[str, list[str], dict[str, str]]] = [
-        ("serverapp-zygote", [sys.executable, "-m", "coordinator.serverapp_zygote",
-                              "--socket", str(state / "serverapp.sock")], superlink_env),
-        ("superlink", [_bin("flower-superlink"), "--ssl-certfile", str(pki / "superlink.pem"),
-                       "--ssl-keyfile", str(pki / "superlink.key"), "--ssl-ca-certfile", str(pki / "ca.pem"),
-                       "--enable-supernode-auth", "--host", "127.0.0.1", "--port", superlink.rsplit(":", 1)[1],
-                       "--disable-runtime-dependency-installation",
-                       "--database", str(state / "superlink.db")], superlink_env),
-        ("coordinator", [sys.executable, "-m", "coordinator", "--config", str(state / "coordinator.json")], hub_env),
-        ("fleet-front", [sys.executable, "-m", "coordinator.fleet_front", "--host", listen, "--port", str(fleet_port),
-                         "--superlink", f"https://{superlink}", "--superlink-ca", str(pki / "ca.pem"),
-                         "--coordinator", coordinator_url, "--certfile", str(pki / "superlink.pem"),
-                         "--keyfile", str(pki / "superlink.key")], base_env),
-    ]
+    hub = HubSide(state, state / "coordinator.json", config, pki, listen=listen, front_port=fleet_port,
+                  database=str(state / "superlink.db"))
 
     def stop_signal(signum: int, frame: Any) -> None:
         raise _Stop(signal.Signals(signum).name)
@@ -97,16 +82,16 @@ def serve(state: Path, *, listen: str = "0.0.0.0", fleet_port: int = 9092, coord
     children: dict[int, str] = {}
     code = 0
     try:
-        for name, command, env in commands:
-            children[subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL).pid] = name
-        control = FlowerControl(superlink, pki / "ca.pem")
+        for spec in hub.processes():
+            children[subprocess.Popen(spec.command, env=spec.env, stdin=subprocess.DEVNULL).pid] = spec.name
+        control = FlowerControl(hub.superlink, pki / "ca.pem")
         try:
             if not wait_until(lambda: _exited(children) or control.ready(), READY_SECONDS, 0.1):
-                raise FederationError("the SuperLink's control API did not answer within 90 s")
+                raise ServeError("the SuperLink's control API did not answer within 90 s")
         finally:
             control.close()  # an open connection would hold up the SuperLink's shutdown
-        if not wait_until(lambda: _exited(children) or _health(coordinator_url), READY_SECONDS, 0.1):
-            raise FederationError("the coordinator did not answer within 90 s")
+        if not wait_until(lambda: _exited(children) or _health(hub.coordinator_url), READY_SECONDS, 0.1):
+            raise ServeError("the coordinator did not answer within 90 s")
         print(json.dumps({"flip": "serving", "fleet": f"{listen}:{fleet_port}", "coordinator":
                           f"{coordinator_listen}:{coordinator_port}", "state": str(state),
                           "ca": str(pki / "ca.pem")}), flush=True)
@@ -118,7 +103,7 @@ def serve(state: Path, *, listen: str = "0.0.0.0", fleet_port: int = 9092, coord
                 break
     except _Stop as why:
         print(f"flip serve: {why}, stopping", file=sys.stderr, flush=True)
-    except FederationError as exc:
+    except ServeError as exc:
         print(f"flip serve: {exc}; stopping", file=sys.stderr, flush=True)
         code = 1
     finally:
@@ -139,7 +124,7 @@ def _exited(children: dict[int, str]) -> bool:
     for pid, name in children.items():
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            raise FederationError(f"{name} exited at start ({_describe(status)})")
+            raise ServeError(f"{name} exited at start ({_describe(status)})")
     return False
 
 

@@ -11,54 +11,31 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from coordinator.aggregate import STRATEGIES
-from coordinator.local import package_versions
-from coordinator.store import TERMINAL, Store
-from site_agent.protocol import source_hash
+from coordinator.store import Store
+from flip_core.api import TaskSpec
+from flip_core.cell import source_hash
+from flip_core.errors import Rejected
+from flip_core.status import DISPATCHED, TERMINAL, RunStatus
+from flip_core.versions import package_versions
 
 log = logging.getLogger(__name__)
 
 # The server loop reports how a run ends; following Flower's run status only catches a server
 # loop that died without a word, so it need not cost the SuperLink more than a call a second.
 FOLLOW_SECONDS = 1.0
-# Site events that mean "a message for this site is on the SuperLink": ring its doorbell.
-DISPATCHED = ("preparing", "training", "evaluating")
 # After a coordinator (re)start, sites need a moment to reopen their presence streams: until
 # then a site whose last word was "online" counts as online.
 PRESENCE_GRACE_SECONDS = 5.0
-MAX_ROUNDS = 10_000
-MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0
+STRATEGY_OPTIONS = ("server_lr", "beta1", "beta2", "tau", "proximal_mu")  # --config keys the strategy reads
 
 
-MAX_DP_EPSILON = 100.0
-
-
-def private_config(epsilon: Any, clip: Any, rounds: int) -> dict[str, Any]:
-    """A run's differential-privacy settings as the sites read them from its config (empty without DP)."""
-    if epsilon is None:
-        if clip is not None:
-            raise TaskRejected("--dp-clip needs --dp-epsilon (the run's privacy budget at each site)")
-        return {}
-    try:
-        epsilon, clip = float(epsilon), float(1.0 if clip is None else clip)
-    except (TypeError, ValueError):
-        raise TaskRejected("--dp-epsilon and --dp-clip must be numbers") from None
-    if not 0 < epsilon <= MAX_DP_EPSILON:
-        raise TaskRejected(f"--dp-epsilon must be above 0 and at most {MAX_DP_EPSILON:g}, not {epsilon:g}")
-    if not 0 < clip < float("inf"):
-        raise TaskRejected(f"--dp-clip must be a positive number, not {clip:g}")
-    return {"dp_epsilon": epsilon, "dp_clip": clip, "dp_rounds": rounds}
-
-
-class TaskRejected(Exception):
-    """A task that cannot be run; the message says why in a sentence. ``status`` is HTTP."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+class TaskRejected(Rejected):
+    """A task or run request that cannot be done; the message says why in a sentence. ``status`` is HTTP."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +126,7 @@ class RunManager:
         log.info("site %s announced (node %s, %s)", site, node_id, state)
 
     # -- submission -----------------------------------------------------------------
-    def create_run(self, who: Principal, spec: dict[str, Any]) -> dict[str, Any]:
+    def create_run(self, who: Principal, spec: TaskSpec) -> dict[str, Any]:
         task = self._validate(who, spec)
         run_id = secrets.token_hex(5)
         task["run_id"] = run_id
@@ -162,15 +139,15 @@ class RunManager:
             "sites": [s["site"] for s in task["sites"]], "initial_model_sha256": task["initial_model"],
             "fab_sha256": self.control.fab_hash, "created": time.time(),
             "hub_packages": package_versions("flip", "flwr", "numpy"),
-            "client_packages": spec.get("client_packages", {}),
+            "client_packages": dict(spec.client_packages),
             "site_datasets": {s["site"]: s["dataset"] for s in task["sites"]},
         }
         self.store.create_run(run_id, task, record)
-        self.store.add_events(run_id, [{"type": "run", "status": "submitted", "sites": record["sites"]}])
+        self.store.add_events(run_id, [{"type": "run", "status": RunStatus.SUBMITTED, "sites": record["sites"]}])
         try:
             flower_run_id = self.control.start_run(run_id)
         except Exception as exc:  # noqa: BLE001 - any failure to reach Flower ends the run clearly
-            self.finish(run_id, "failed", f"the SuperLink refused the run: {type(exc).__name__}: {exc}")
+            self.finish(run_id, RunStatus.FAILED, f"the SuperLink refused the run: {type(exc).__name__}: {exc}")
             raise TaskRejected(f"the SuperLink refused the run ({type(exc).__name__}: {exc})", 503) from exc
         self.store.set_flower_run(run_id, flower_run_id)
         self.store.update_record(run_id, flower_run_id=flower_run_id)
@@ -178,69 +155,50 @@ class RunManager:
         self.notify()
         return self.view(run_id)
 
-    def check(self, who: Principal, spec: dict[str, Any]) -> dict[str, Any]:
+    def check(self, who: Principal, spec: TaskSpec) -> dict[str, Any]:
         """Everything ``create_run`` would refuse, before the notebook builds and uploads the model."""
         task = self._validate(who, spec, model_uploaded=False)
         return {"ok": True, "sites": [s["site"] for s in task["sites"]], "min_sites": task["min_sites"]}
 
-    def _validate(self, who: Principal, spec: dict[str, Any], model_uploaded: bool = True) -> dict[str, Any]:
-        source = spec.get("source")
-        if not isinstance(source, str) or not source.strip():
-            raise TaskRejected("the task has no source: the cell must define build_model, train and evaluate")
-        dataset = str(spec.get("dataset") or "")
-        holders = [s for s in self.sites() if any(d["name"] == dataset for d in s["datasets"])]
+    def _holders(self, dataset: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """The online sites holding ``dataset`` and the offline ones; refused when none holds it."""
+        known = self.sites()
+        holders = [s for s in known if any(d["name"] == dataset for d in s["datasets"])]
         if not holders:
-            known = sorted({d["name"] for s in self.sites() for d in s["datasets"]})
-            listing = ", ".join(known) if known else "none (no site has registered a dataset)"
+            names = sorted({d["name"] for s in known for d in s["datasets"]})
+            listing = ", ".join(names) if names else "none (no site has registered a dataset)"
             raise TaskRejected(f"unknown dataset {dataset!r}: the datasets that exist are {listing}", 404)
         online = [s for s in holders if s["status"] == "online" and s["node_id"] is not None]
-        offline = sorted(s["site"] for s in holders if s not in online)
-        min_sites = spec.get("min_sites")
-        min_sites = len(online) if min_sites is None else int(min_sites)
-        if min_sites < 1:
-            raise TaskRejected("--min-sites must be at least 1")
+        return online, sorted(s["site"] for s in holders if s not in online)
+
+    def _validate(self, who: Principal, spec: TaskSpec, model_uploaded: bool = True) -> dict[str, Any]:
+        """What the federation says of a well-formed task (``flip_core.api.TaskSpec`` checked its form)."""
+        online, offline = self._holders(spec.dataset)
+        min_sites = len(online) if spec.min_sites is None else spec.min_sites
         if len(online) < max(min_sites, 1):
             gone = f" ({', '.join(offline)} offline)" if offline else ""
             raise TaskRejected(
-                f"--min-sites is {min_sites} but only {len(online)} online site(s) hold {dataset!r}{gone}", 409
+                f"--min-sites is {min_sites} but only {len(online)} online site(s) hold {spec.dataset!r}{gone}", 409
             )
-        rounds = int(spec.get("rounds", 1))
-        if not 1 <= rounds <= MAX_ROUNDS:
-            raise TaskRejected(f"--rounds must be between 1 and {MAX_ROUNDS}, not {rounds}")
-        strategy = str(spec.get("strategy", "fedavg")).lower()
+        strategy = spec.strategy.lower()
         if strategy not in STRATEGIES:
             raise TaskRejected(f"unknown strategy {strategy!r}: use one of {', '.join(sorted(STRATEGIES))}")
-        initial = str(spec.get("initial_model") or "")
-        try:
-            if model_uploaded and not self.store.model_path(initial).exists():
-                raise KeyError(initial)
-        except KeyError:
-            raise TaskRejected("the initial model was not uploaded (POST /api/models first)") from None
-        round_timeout = spec.get("round_timeout")
-        if round_timeout is not None:
-            round_timeout = float(round_timeout)
-            if not 0 < round_timeout <= MAX_ROUND_TIMEOUT:
-                raise TaskRejected(f"--round-timeout must be between 0 and {MAX_ROUND_TIMEOUT:.0f} seconds, "
-                                   f"not {round_timeout:g}")
-        config = spec.get("config") or {}
-        if not isinstance(config, dict) or not all(
-            isinstance(v, (str, int, float, bool)) for v in config.values()
-        ):
-            raise TaskRejected("--config values must be numbers, booleans or strings")
-        if reserved := sorted(k for k in config if str(k).startswith("dp_")):
-            raise TaskRejected(f"--config {reserved[0]} is reserved: use --dp-epsilon and --dp-clip")
-        config = {**config, **private_config(spec.get("dp_epsilon"), spec.get("dp_clip"), rounds)}
-        strategy_options = {k: float(config[k]) for k in ("server_lr", "beta1", "beta2", "tau", "proximal_mu")
-                            if k in config}
+        config = {**spec.config, **spec.private_config()}
+        if wrong := [k for k in STRATEGY_OPTIONS if k in config and (isinstance(config[k], (bool, str)))]:
+            raise TaskRejected(f"--config {wrong[0]} must be a number, not {config[wrong[0]]!r}")
+        strategy_options = {k: float(config[k]) for k in STRATEGY_OPTIONS if k in config}
+        initial = spec.initial_model or ""
+        if model_uploaded and not (initial and self.store.model_path(initial).exists()):
+            raise TaskRejected("the initial model was not uploaded (POST /api/models first)")
         return {
-            "name": str(spec.get("name") or "run"), "project": who.project, "researcher": who.researcher,
-            "source": source, "source_hash": source_hash(source), "dataset": dataset, "rounds": rounds,
-            "strategy": strategy, "strategy_options": strategy_options, "min_sites": min_sites,
-            "seed": int(spec.get("seed", 0)), "config": config, "initial_model": initial,
-            "round_timeout": round_timeout,
+            "name": spec.name or "run", "project": who.project, "researcher": who.researcher,
+            "source": spec.source, "source_hash": source_hash(spec.source), "dataset": spec.dataset,
+            "rounds": spec.rounds, "strategy": strategy, "strategy_options": strategy_options,
+            "min_sites": min_sites, "seed": spec.seed, "config": config, "initial_model": initial,
+            "round_timeout": spec.round_timeout,
             "sites": [
                 {"site": s["site"], "node_id": s["node_id"],
-                 "dataset": next(d for d in s["datasets"] if d["name"] == dataset)}
+                 "dataset": next(d for d in s["datasets"] if d["name"] == spec.dataset)}
                 for s in sorted(online, key=lambda s: s["site"])
             ],
         }

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-TERMINAL = ("completed", "failed", "stopped")
+from flip_core.status import TERMINAL
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -126,7 +126,7 @@ class Store:
 
     def unfinished_runs(self) -> list[dict[str, Any]]:
         rows = self._db.execute(
-            "SELECT * FROM runs WHERE status NOT IN ('completed', 'failed', 'stopped')"
+            f"SELECT * FROM runs WHERE status NOT IN ({', '.join('?' * len(TERMINAL))})", tuple(TERMINAL)
         ).fetchall()
         return [self._run_dict(r) for r in rows]
 

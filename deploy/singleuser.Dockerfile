@@ -14,10 +14,14 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 # Only what the package needs (the repository root also holds virtualenvs and run records).
 COPY pyproject.toml README.md /src/
+COPY flip_core /src/flip_core
 COPY flip_magics /src/flip_magics
 COPY site_agent /src/site_agent
 COPY coordinator /src/coordinator
 COPY hub_config /src/hub_config
+COPY flip_local /src/flip_local
+# the kernel spec (kernels/flip/kernel.json), which the wheel installs as share/jupyter/kernels/flip
+COPY kernels /src/kernels
 # The project brings jupyterhub (jupyterhub-singleuser), jupyterlab and ipywidgets with it.
 RUN pip install /src \
     && rm -rf /src \

@@ -12,10 +12,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 COPY pyproject.toml README.md /src/
+COPY flip_core /src/flip_core
 COPY flip_magics /src/flip_magics
 COPY site_agent /src/site_agent
 COPY coordinator /src/coordinator
 COPY hub_config /src/hub_config
+COPY flip_local /src/flip_local
+# the kernel spec (kernels/flip/kernel.json), which the wheel installs as share/jupyter/kernels/flip
+COPY kernels /src/kernels
 RUN pip install /src && rm -rf /src
 
 # Not root: tasks run researchers' code. uid 1000 must own the site directory on the host

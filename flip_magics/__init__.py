@@ -2,14 +2,32 @@
 
 The magics (``%flip_connect``, ``%flip_sites``, ``%%flip_train``, ``%flip_runs``,
 ``%flip_attach``, ``%flip_stop``) are thin shells over :class:`flip_magics.client.FlipClient`,
-which works without IPython too.
+which works without IPython too. The names below are the public surface a notebook or script
+imports (``from flip_magics import FlipClient, RunFailed, data_dir``); they load on first use,
+so ``%load_ext`` stays quick.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from flip_core import __version__
+
+_PUBLIC = {
+    "FlipClient": "flip_magics.client", "RunHandle": "flip_magics.client",
+    "FlipError": "flip_core.errors", "NotConnected": "flip_core.errors", "Rejected": "flip_core.errors",
+    "RunFailed": "flip_core.errors", "TaskInvalid": "flip_core.errors",
+    "data_dir": "flip_core.paths",
+}
+
+__all__ = ["__version__", "load_ipython_extension", *sorted(_PUBLIC)]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'flip_magics' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
 
 
 def load_ipython_extension(ipython: Any) -> None:

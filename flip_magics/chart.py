@@ -10,6 +10,7 @@ for identical input.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from html import escape
 
 __all__ = ["render_chart", "render_site_table", "render_header", "PALETTE", "EMPTY_CHART_TEXT"]
@@ -96,6 +97,101 @@ def _svg_open(width: int, height: int) -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Plot:
+    """Where the plot area lies in the SVG and what data range it shows."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    x_lo: float
+    x_hi: float
+    y_lo: float
+    y_hi: float
+
+    def sx(self, x: float) -> float:
+        return self.left + (x - self.x_lo) / (self.x_hi - self.x_lo) * self.width
+
+    def sy(self, y: float) -> float:
+        return self.top + self.height - (y - self.y_lo) / (self.y_hi - self.y_lo) * self.height
+
+    @property
+    def axis_y(self) -> float:
+        return self.top + self.height
+
+
+def _finite_series(points: list[tuple[str, float, float]]) -> dict[str, list[tuple[float, float]]]:
+    series: dict[str, list[tuple[float, float]]] = {}
+    for name, x, y in points:
+        xf, yf = float(x), float(y)
+        if math.isfinite(xf) and math.isfinite(yf):
+            series.setdefault(str(name), []).append((xf, yf))
+    return series
+
+
+def _axes(plot: _Plot) -> str:
+    left, top, axis_y = plot.left, plot.top, plot.axis_y
+    return ('<g class="axes" stroke="#8c959f" stroke-width="1">'
+            f'<line x1="{_fmt(left)}" y1="{_fmt(axis_y)}" x2="{_fmt(left + plot.width)}" y2="{_fmt(axis_y)}"/>'
+            f'<line x1="{_fmt(left)}" y1="{_fmt(top)}" x2="{_fmt(left)}" y2="{_fmt(axis_y)}"/>'
+            "</g>")
+
+
+def _y_ticks(plot: _Plot, ticks: list[float], step: float) -> str:
+    parts = ['<g class="yticks">']
+    for t in ticks:
+        ty = plot.sy(t)
+        parts.append(
+            f'<line x1="{_fmt(plot.left)}" y1="{_fmt(ty)}" x2="{_fmt(plot.left + plot.width)}" y2="{_fmt(ty)}" '
+            f'stroke="#eaeef2" stroke-width="1"/>'
+            f'<text x="{_fmt(plot.left - 4)}" y="{_fmt(ty + 4)}" text-anchor="end">{_tick_label(t, step)}</text>'
+        )
+    parts.append("</g>")
+    return "".join(parts)
+
+
+def _x_ticks(plot: _Plot, height: int) -> str:
+    parts, axis_y = ['<g class="xticks">'], plot.axis_y
+    for t in _int_ticks(int(plot.x_lo), int(plot.x_hi)):
+        tx = plot.sx(t)
+        parts.append(
+            f'<line x1="{_fmt(tx)}" y1="{_fmt(axis_y)}" x2="{_fmt(tx)}" y2="{_fmt(axis_y + 4)}" stroke="#8c959f"/>'
+            f'<text x="{_fmt(tx)}" y="{_fmt(axis_y + 15)}" text-anchor="middle">{t}</text>'
+        )
+    parts.append(
+        f'<text x="{_fmt(plot.left + plot.width / 2)}" y="{_fmt(height - 4)}" text-anchor="middle">round</text></g>'
+    )
+    return "".join(parts)
+
+
+def _lines(plot: _Plot, series: dict[str, list[tuple[float, float]]]) -> str:
+    parts = []
+    for i, (name, pts) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        pts_sorted = sorted(pts, key=lambda p: p[0])
+        coords = " ".join(f"{_fmt(plot.sx(x))},{_fmt(plot.sy(y))}" for x, y in pts_sorted)
+        parts.append(f'<g class="series" data-series="{escape(name)}">')
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for x, y in pts_sorted:
+            parts.append(f'<circle cx="{_fmt(plot.sx(x))}" cy="{_fmt(plot.sy(y))}" r="2.5" fill="{colour}"/>')
+        parts.append("</g>")
+    return "".join(parts)
+
+
+def _legend(plot: _Plot, names: list[str]) -> str:
+    parts, lx = ['<g class="legend">'], plot.left + plot.width + 12
+    for i, name in enumerate(names):
+        ly = plot.top + 6 + i * 16
+        label = name if len(name) <= 16 else name[:15] + "…"
+        parts.append(
+            f'<rect x="{_fmt(lx)}" y="{_fmt(ly - 5)}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
+            f'<text x="{_fmt(lx + 14)}" y="{_fmt(ly + 4)}">{escape(label)}</text>'
+        )
+    parts.append("</g>")
+    return "".join(parts)
+
+
 def render_chart(
     points: list[tuple[str, float, float]],
     *,
@@ -104,13 +200,7 @@ def render_chart(
     title: str = "",
 ) -> str:
     """Render ``(series, round, value)`` points as a self-contained SVG line chart."""
-    series: dict[str, list[tuple[float, float]]] = {}
-    for name, x, y in points:
-        xf, yf = float(x), float(y)
-        if not (math.isfinite(xf) and math.isfinite(yf)):
-            continue
-        series.setdefault(str(name), []).append((xf, yf))
-
+    series = _finite_series(points)
     parts: list[str] = [_svg_open(width, height)]
     if title:
         parts.append(
@@ -125,9 +215,6 @@ def render_chart(
         return "".join(parts)
 
     left, right, top, bottom = 52.0, 120.0, 24.0 if title else 12.0, 34.0
-    pw = max(width - left - right, 10.0)
-    ph = max(height - top - bottom, 10.0)
-
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
     x_lo, x_hi = math.floor(min(xs)), math.ceil(max(xs))
@@ -135,62 +222,10 @@ def render_chart(
         x_lo, x_hi = x_lo - 1, x_hi + 1
     yticks = _nice_ticks(min(ys), max(ys))
     # min/max guard against float noise in the tolerant floor/ceil of _nice_ticks
-    y_lo, y_hi = min(yticks[0], min(ys)), max(yticks[-1], max(ys))
-    ystep = yticks[1] - yticks[0]
-
-    def sx(x: float) -> float:
-        return left + (x - x_lo) / (x_hi - x_lo) * pw
-
-    def sy(y: float) -> float:
-        return top + ph - (y - y_lo) / (y_hi - y_lo) * ph
-
-    axis_y = top + ph
-    parts.append('<g class="axes" stroke="#8c959f" stroke-width="1">')
-    parts.append(f'<line x1="{_fmt(left)}" y1="{_fmt(axis_y)}" x2="{_fmt(left + pw)}" y2="{_fmt(axis_y)}"/>')
-    parts.append(f'<line x1="{_fmt(left)}" y1="{_fmt(top)}" x2="{_fmt(left)}" y2="{_fmt(axis_y)}"/>')
-    parts.append("</g>")
-
-    parts.append('<g class="yticks">')
-    for t in yticks:
-        ty = sy(t)
-        parts.append(
-            f'<line x1="{_fmt(left)}" y1="{_fmt(ty)}" x2="{_fmt(left + pw)}" y2="{_fmt(ty)}" '
-            f'stroke="#eaeef2" stroke-width="1"/>'
-            f'<text x="{_fmt(left - 4)}" y="{_fmt(ty + 4)}" text-anchor="end">{_tick_label(t, ystep)}</text>'
-        )
-    parts.append("</g>")
-
-    parts.append('<g class="xticks">')
-    for t in _int_ticks(x_lo, x_hi):
-        tx = sx(t)
-        parts.append(
-            f'<line x1="{_fmt(tx)}" y1="{_fmt(axis_y)}" x2="{_fmt(tx)}" y2="{_fmt(axis_y + 4)}" stroke="#8c959f"/>'
-            f'<text x="{_fmt(tx)}" y="{_fmt(axis_y + 15)}" text-anchor="middle">{t}</text>'
-        )
-    parts.append(
-        f'<text x="{_fmt(left + pw / 2)}" y="{_fmt(height - 4)}" text-anchor="middle">round</text></g>'
-    )
-
-    for i, (name, pts) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        pts_sorted = sorted(pts, key=lambda p: p[0])
-        coords = " ".join(f"{_fmt(sx(x))},{_fmt(sy(y))}" for x, y in pts_sorted)
-        parts.append(f'<g class="series" data-series="{escape(name)}">')
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for x, y in pts_sorted:
-            parts.append(f'<circle cx="{_fmt(sx(x))}" cy="{_fmt(sy(y))}" r="2.5" fill="{colour}"/>')
-        parts.append("</g>")
-
-    parts.append('<g class="legend">')
-    lx = left + pw + 12
-    for i, name in enumerate(series):
-        ly = top + 6 + i * 16
-        label = name if len(name) <= 16 else name[:15] + "…"
-        parts.append(
-            f'<rect x="{_fmt(lx)}" y="{_fmt(ly - 5)}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
-            f'<text x="{_fmt(lx + 14)}" y="{_fmt(ly + 4)}">{escape(label)}</text>'
-        )
-    parts.append("</g></svg>")
+    plot = _Plot(left, top, max(width - left - right, 10.0), max(height - top - bottom, 10.0), x_lo, x_hi,
+                 min(yticks[0], min(ys)), max(yticks[-1], max(ys)))
+    parts += [_axes(plot), _y_ticks(plot, yticks, yticks[1] - yticks[0]), _x_ticks(plot, height),
+              _lines(plot, series), _legend(plot, list(series)), "</svg>"]
     return "".join(parts)
 
 

@@ -18,20 +18,21 @@ from typing import Any
 import pandas as pd
 import requests
 
-from coordinator.hublink import pack_params, unpack_params
-from coordinator.local import package_versions, read_connection
-from flip_magics.errors import NotConnected, Rejected, RunFailed
+from flip_core.api import PROJECT_HEADER, TaskSpec, parse
+from flip_core.codec import pack_arrays, unpack_arrays
+from flip_core.errors import NotConnected, Rejected, RunFailed
+from flip_core.paths import read_connection
+from flip_core.status import TERMINAL
+from flip_core.versions import package_versions
 from flip_magics.task import PreparedTask, load_weights, prepare
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("completed", "failed", "stopped")
 HISTORY_COLUMNS = ["round", "site", "phase", "metric", "value"]
 RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)
 ENV_API_URL = "FLIP_API_URL"  # the coordinator's researcher API: the hub sets it for every user's server
 ENV_HUB_TOKEN = "JUPYTERHUB_API_TOKEN"  # the user's own hub token, in every kernel of their server
 ENV_PROJECT = "FLIP_PROJECT"
-PROJECT_HEADER = "X-FLIP-Project"  # coordinator.identity reads it
 
 
 class FlipClient:
@@ -107,17 +108,18 @@ class FlipClient:
 
         ``dp_epsilon``: the run is differentially private at every site, spending at most this epsilon
         of the project's budget there (each site adds the noise itself, clipping updates to ``dp_clip``)."""
-        spec: dict[str, Any] = {
+        spec = parse(TaskSpec, {
             "source": source, "dataset": dataset, "rounds": rounds, "strategy": strategy,
             "min_sites": min_sites, "seed": seed, "name": name or "run", "config": config or {},
             "round_timeout": round_timeout, "dp_epsilon": dp_epsilon, "dp_clip": dp_clip,
-        }
-        self._call("POST", "/api/runs/check", json=spec)  # a wrong dataset or option: refused before any local work
+        }, "the task")  # a wrong option: told here, before anything is sent
+        self._call("POST", "/api/runs/check", json=spec.model_dump(mode="json"))  # a wrong dataset: before local work
         task = prepare(source, seed=seed)
-        sha = self._call("POST", "/api/models", data=pack_params(task.initial),
+        sha = self._call("POST", "/api/models", data=pack_arrays(task.initial),
                          headers={"Content-Type": "application/octet-stream"}).json()["sha256"]
-        spec.update(initial_model=sha, client_packages=package_versions("flip", "torch", "numpy", "pandas"))
-        view = self._call("POST", "/api/runs", json=spec).json()
+        spec = spec.model_copy(update={"initial_model": sha,
+                                       "client_packages": package_versions("flip", "torch", "numpy", "pandas")})
+        view = self._call("POST", "/api/runs", json=spec.model_dump(mode="json")).json()
         return RunHandle(self, view, task)
 
     def attach(self, run_id: str) -> RunHandle:
@@ -140,7 +142,7 @@ class FlipClient:
                     data = []
 
     def model_params(self, run_id: str) -> dict[str, Any]:
-        return unpack_params(self._call("GET", f"/api/runs/{run_id}/model", timeout=300).content)
+        return unpack_arrays(self._call("GET", f"/api/runs/{run_id}/model", timeout=300).content)
 
 
 class RunHandle:

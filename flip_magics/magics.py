@@ -12,8 +12,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
+from flip_core.errors import FlipError, NotConnected
 from flip_magics.client import FlipClient, RunHandle
-from flip_magics.errors import FlipError, NotConnected
 from flip_magics.widgets import RunWidget
 
 DEFAULT_OUT = "flip_run"

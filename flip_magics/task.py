@@ -8,17 +8,13 @@ broken is ever submitted.
 
 from __future__ import annotations
 
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from flip_magics.errors import TaskInvalid
-from site_agent.protocol import source_hash
-from site_agent.runner import CELL_FILENAME, REQUIRED_FUNCTIONS
-
-SIGNATURES = "build_model(), train(model, data, config) -> dict and evaluate(model, data, config) -> dict"
+from flip_core.cell import CELL_FILENAME, SIGNATURES, cell_line, missing_functions, source_hash
+from flip_core.errors import TaskInvalid
 
 
 @dataclass
@@ -32,14 +28,6 @@ class PreparedTask:
         return self.namespace["build_model"]()
 
 
-def _line_in_cell(exc: BaseException) -> int:
-    line = 0
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename == CELL_FILENAME and frame.lineno:
-            line = frame.lineno
-    return line
-
-
 def prepare(source: str, seed: int = 0) -> PreparedTask:
     """Check the cell and build its initial model; raise :class:`TaskInvalid` with a sentence."""
     try:
@@ -51,11 +39,10 @@ def prepare(source: str, seed: int = 0) -> PreparedTask:
         exec(code, namespace)  # noqa: S102 - the researcher's own cell, in their own kernel
     except Exception as exc:  # noqa: BLE001
         raise TaskInvalid(
-            f"the cell raised {type(exc).__name__} at line {_line_in_cell(exc)} while defining its functions: "
+            f"the cell raised {type(exc).__name__} at line {cell_line(exc)} while defining its functions: "
             f"{exc}. Nothing was submitted."
         ) from None
-    missing = [name for name in REQUIRED_FUNCTIONS if not callable(namespace.get(name))]
-    if missing:
+    if missing := missing_functions(namespace):
         raise TaskInvalid(
             f"the cell does not define {', '.join(missing)}; a %%flip_train cell defines {SIGNATURES}. "
             "Nothing was submitted."
@@ -67,7 +54,7 @@ def prepare(source: str, seed: int = 0) -> PreparedTask:
         model = namespace["build_model"]()
     except Exception as exc:  # noqa: BLE001
         raise TaskInvalid(
-            f"build_model() raised {type(exc).__name__} at line {_line_in_cell(exc)}: {exc}. Nothing was submitted."
+            f"build_model() raised {type(exc).__name__} at line {cell_line(exc)}: {exc}. Nothing was submitted."
         ) from None
     if not isinstance(model, torch.nn.Module):
         raise TaskInvalid(f"build_model() must return a torch.nn.Module, not {type(model).__name__}")

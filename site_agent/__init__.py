@@ -1,3 +1,6 @@
-"""FLIP site agent: the hospital side (data catalog, task runner, Flower SuperNode, CLI)."""
+"""FLIP site agent: the hospital side (data catalog, policy, task runner and its isolation, output
+guard, audit log, fleet client, CLI)."""
 
-__version__ = "0.1.0"
+from flip_core import __version__
+
+__all__ = ["__version__"]

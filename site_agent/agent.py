@@ -20,20 +20,23 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
-from flwr.app import Message
 
-from site_agent import __version__
+from flip_core import __version__
+from flip_core.certs import SITE_KEYS, load_site_keys
+from flip_core.protocol import StepResult, decode_request, encode_result
+from flip_core.status import StepStatus
+from flip_core.wire import blob_to_content, content_to_blob
 from site_agent.catalog import SiteConfig
-from site_agent.certs import SITE_KEYS, load_site_keys
 from site_agent.fleet import FleetRefused, connect, release_session
 from site_agent.governance import Governance
 from site_agent.guard import announced
-from site_agent.protocol import StepResult, decode_request, encode_result
 from site_agent.tasks import TaskService
-from site_agent.wire import blob_to_content, content_to_blob
+
+if TYPE_CHECKING:
+    from flwr.app import Message
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +180,7 @@ class SiteAgent:
                 result = self.governance.release(request, produced)  # the output guard, audited
         except Exception as exc:  # noqa: BLE001 - the hub gets a type, the site log the details
             log.exception("could not run a step of Flower run %s", message.metadata.run_id)
-            result = encode_result(StepResult(site=self.site.name, status="error", error_type=type(exc).__name__,
+            result = encode_result(StepResult(site=self.site.name, status=StepStatus.ERROR, error_type=type(exc).__name__,
                                               error_where="the site agent"))
         try:
             link.reply(message, blob_to_content(result), time.monotonic() - started)

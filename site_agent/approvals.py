@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flip_core.errors import FlipError
 from site_agent.policy import Approval
 
 DIRNAME = "approvals"
@@ -26,7 +27,7 @@ PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
-class ApprovalError(Exception):
+class ApprovalError(FlipError):
     """An admin command that cannot be done, said as a sentence."""
 
 

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from flip_core.errors import ConfigError
+
 AUDIT_FILE = "audit/audit.jsonl"
 GENESIS = "sha256:" + "0" * 64
 RESERVED = ("seq", "time", "kind", "prev", "hash")
@@ -28,7 +30,7 @@ SHOW_WIDTH = 60  # longest value `show` prints whole
 _TAIL_BLOCK = 8192
 
 
-class AuditError(Exception):
+class AuditError(ConfigError):
     """An audit log that cannot be read, stated as a sentence."""
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import tomli_w
 
+from flip_core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 SITE_FILE = "site.toml"
@@ -31,7 +33,7 @@ UCI_HEART_COLUMNS = (
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class CatalogError(Exception):
+class CatalogError(ConfigError):
     """A site directory or dataset registration problem, stated as a sentence."""
 
 

@@ -9,13 +9,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from flip_core.certs import SITE_KEYS as KEYS
+from flip_core.certs import CertError, fingerprint, make_site_keys
 from site_agent.approvals import APPROVED, REJECTED, ApprovalError, ApprovalStore
 from site_agent.audit import AuditError, AuditLog, read_records
 from site_agent.audit import show as audit_show
 from site_agent.audit import verify as audit_verify
 from site_agent.catalog import FORMATS, CatalogError, add_dataset, init_site, load_site
-from site_agent.certs import SITE_KEYS as KEYS
-from site_agent.certs import CertError, fingerprint, make_site_keys
 from site_agent.policy import PolicyError
 
 JOINED = "federation.json"  # where `flip-site join` records the federation (its token: owner-only)
@@ -193,7 +193,7 @@ def _join(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from coordinator.local import read_connection
+    from flip_core.paths import read_connection
     from site_agent.agent import WARM_SECONDS, SiteAgent
 
     site = load_site(args.dir)

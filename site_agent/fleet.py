@@ -18,13 +18,14 @@ The SuperLink sees an ordinary SuperNode: same routes, same objects, same authen
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from flwr.app import Message, RecordDict
+from flwr.supercore import heartbeat as flower_heartbeat
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
     get_object_tree,
@@ -36,9 +37,10 @@ from flwr.supercore.inflatable.inflatable_utils import (
     pull_objects,
     push_object_contents_from_iterable,
 )
-from flwr.supercore import heartbeat as flower_heartbeat
 from flwr.supernode import fleet_http_connection
 from flwr.supernode.fleet_http_connection import http_request_response
+
+from flip_core.errors import FlipError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ flower_heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS
 STILL_ONLINE_CODE = 2004  # FLEET_NODE_ACTIVATION_FAILED: the key's node still counts online, or is not registered
 
 
-class FleetRefused(Exception):
+class FleetRefused(FlipError):
     """The SuperLink would not let this node in; the message is Flower's reason."""
 
     @property

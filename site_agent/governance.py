@@ -15,15 +15,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from flip_core.cell import source_hash
+from flip_core.protocol import StepRequest, StepResult, decode_result, encode_result
+from flip_core.status import Phase, StepStatus
 from site_agent.approvals import ApprovalStore
 from site_agent.audit import AuditLog
 from site_agent.catalog import SiteConfig, read_site_toml
 from site_agent.guard import Declared, describe_outgoing, guard
 from site_agent.policy import ALLOW, PENDING, REFUSE, Budget, Decision, SitePolicy, TaskFacts, decide, parse_policy
 from site_agent.privacy import DEFAULT_DELTA, PrivacyLedger, noise_multiplier, privatise
-from site_agent.protocol import (
-    PHASE_FIT, PHASE_PREPARE, StepRequest, StepResult, decode_result, encode_result, source_hash,
-)
 
 DP_WITHHELD = "metrics and row counts withheld: a differential-privacy run releases only noised parameters"
 
@@ -94,7 +94,7 @@ class Governance:
                               reason=decision.reason)
         if decision.verdict == ALLOW:
             return None
-        status = "pending" if decision.verdict == PENDING else "refused"
+        status = StepStatus.PENDING if decision.verdict == PENDING else StepStatus.REFUSED
         return StepResult(site=self.site.name, status=status, error_where=decision.reason)
 
     def _delta(self, project: str) -> float:
@@ -107,7 +107,7 @@ class Governance:
         project = self.policy.project(request.project)
         if run is None or project is None or project.max_epsilon is None:
             return Budget()
-        count = run.rounds if request.phase == PHASE_PREPARE else 1 if request.phase == PHASE_FIT else 0
+        count = run.rounds if request.phase == Phase.PREPARE else 1 if request.phase == Phase.FIT else 0
         spend = self.ledger.spend(request.project, run.delta, run.noise_multiplier, count)
         return Budget(spend.spent, spend.after)
 

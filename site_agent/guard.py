@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from site_agent.protocol import StepResult
+from flip_core.protocol import StepResult
+from flip_core.status import StepStatus
 
 MAX_METRICS = 20
 ANY_METRIC = "*"
@@ -142,16 +143,16 @@ def guard(result: StepResult, declared: Declared, threshold: int, *, max_metrics
                   withheld="")
     public: list[str] = []  # sentences of fixed text that the researcher may read
 
-    if (out.status == "error" or out.error_where) and not _fixed_place(out.error_where):
+    if (out.status == StepStatus.ERROR or out.error_where) and not _fixed_place(out.error_where):
         out.error_where = "the task"  # free text (an exception's message, say) must not leave
-    if (out.status == "error" or out.error_type) and not _matches(ERROR_TYPE, out.error_type):
+    if (out.status == StepStatus.ERROR or out.error_type) and not _matches(ERROR_TYPE, out.error_type):
         out.error_type = "Error"
     if not isinstance(out.error_line, int) or isinstance(out.error_line, bool):
         out.error_line = 0
 
     if out.params and (problem := _param_problem(out.params, declared)):
         out.params = {}
-        out.status, out.error_type, out.error_line, out.error_where = "error", "BadParameters", 0, BAD_PARAMETERS_WHERE
+        out.status, out.error_type, out.error_line, out.error_where = StepStatus.ERROR, "BadParameters", 0, BAD_PARAMETERS_WHERE
         stripped.append(f"parameters removed: {problem}")
 
     out.train_metrics = _metrics(result.train_metrics, "train", threshold, max_metrics, stripped, metrics, public)
@@ -162,8 +163,8 @@ def guard(result: StepResult, declared: Declared, threshold: int, *, max_metrics
 
     if 0 < out.num_train < threshold:
         out.train_metrics, out.params, out.num_train = {}, {}, 0
-        if out.status == "ok":
-            out.status, out.error_where = "suppressed", f"fewer than {threshold} training rows at this site"
+        if out.status == StepStatus.OK:
+            out.status, out.error_where = StepStatus.SUPPRESSED, f"fewer than {threshold} training rows at this site"
         stripped.append(f"train metrics, parameters and counts suppressed: trained on fewer than {threshold} rows")
     if 0 < out.num_test < threshold:
         out.eval_metrics, out.num_test = {}, 0

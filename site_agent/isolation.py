@@ -23,6 +23,8 @@ import resource
 import sys
 from pathlib import Path
 
+from flip_core.errors import FlipError
+
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 ENV_ALLOW_NETWORK = "FLIP_TASK_NETWORK"
@@ -42,7 +44,7 @@ SYSTEM_READ = ("/usr", "/lib", "/lib64", "/bin", "/etc", "/proc/cpuinfo", "/proc
 SYSTEM_WRITE = ("/dev",)
 
 
-class IsolationError(Exception):
+class IsolationError(FlipError):
     """The task process could not be isolated; the message says what failed."""
 
 

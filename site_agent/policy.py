@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from flip_core.errors import ConfigError
+
 DEFAULT_THRESHOLD = 10
 TASK_KINDS = ("train",)
 ANY = "*"
@@ -39,7 +41,7 @@ ANY = "*"
 ALLOW, PENDING, REFUSE = "allow", "pending", "refuse"
 
 
-class PolicyError(Exception):
+class PolicyError(ConfigError):
     """``site.toml``'s policy cannot be read; the message says where and why."""
 
 

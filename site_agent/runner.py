@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from flip_core.cell import CELL_FILENAME, cell_line, missing_functions
+from flip_core.errors import FlipError
+from flip_core.protocol import StepRequest, StepResult
+from flip_core.status import Phase, StepStatus
 from site_agent.catalog import CatalogError, SiteConfig, load_split
-from site_agent.protocol import PHASE_FIT, StepRequest, StepResult
 
 log = logging.getLogger(__name__)
 
-CELL_FILENAME = "<flip-cell>"
-REQUIRED_FUNCTIONS = ("build_model", "train", "evaluate")
 
 
 class TaskData:
@@ -61,7 +62,7 @@ class TaskData:
         return 0.5 * self.proximal_mu * total
 
 
-class StepFailed(Exception):
+class StepFailed(FlipError):
     """The cell failed at this site; carries what may be told to the researcher."""
 
     def __init__(self, error_type: str, line: int, where: str) -> None:
@@ -69,6 +70,9 @@ class StepFailed(Exception):
         self.error_type = error_type
         self.line = line
         self.where = where
+
+    def _args(self) -> tuple[Any, ...]:
+        return (self.error_type, self.line, self.where)
 
 
 def step_seed(seed: int, round_: int, site: str) -> int:
@@ -82,17 +86,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _cell_line(exc: BaseException) -> int:
-    """Line number of the innermost frame that lies in the cell (0 when none does)."""
-    line = 0
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename == CELL_FILENAME and frame.lineno:
-            line = frame.lineno
-    if isinstance(exc, SyntaxError) and exc.filename == CELL_FILENAME and exc.lineno:
-        line = exc.lineno
-    return line
 
 
 def _error_type(exc: BaseException) -> str:
@@ -112,7 +105,7 @@ def _guarded(where: str):  # type: ignore[no-untyped-def]
         if isinstance(exc, KeyboardInterrupt):
             raise
         log.warning("task failed in %s:\n%s", where, "".join(traceback.format_exception(exc)))
-        raise StepFailed(_error_type(exc), _cell_line(exc), where) from None
+        raise StepFailed(_error_type(exc), cell_line(exc), where) from None
 
 
 def load_cell(source: str) -> dict[str, Any]:
@@ -121,8 +114,7 @@ def load_cell(source: str) -> dict[str, Any]:
     with _guarded("the cell"):
         code = compile(source, CELL_FILENAME, "exec")
         exec(code, namespace)  # noqa: S102 - the researcher's cell, run only at its site
-    missing = [f for f in REQUIRED_FUNCTIONS if not callable(namespace.get(f))]
-    if missing:
+    if missing := missing_functions(namespace):
         raise StepFailed("MissingFunction", 0, ", ".join(missing))
     return namespace
 
@@ -172,9 +164,9 @@ class TaskSession:
         """Run one step; any failure of the cell comes back as a result with status "error"."""
         started = time.monotonic()
         if request.dataset not in self.site.datasets:
-            return StepResult(site=self.site.name, status="no-dataset")
+            return StepResult(site=self.site.name, status=StepStatus.NO_DATASET)
         entry = self.site.datasets[request.dataset]
-        result = StepResult(site=self.site.name, status="ok", fingerprint=entry.fingerprint)
+        result = StepResult(site=self.site.name, status=StepStatus.OK, fingerprint=entry.fingerprint)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"run-{request.run_id}.log"
         with open(log_path, "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -183,12 +175,12 @@ class TaskSession:
                 self._run(request, result)
             except StepFailed as failed:
                 traceback.print_exc(file=sink)
-                result.status = "error"
+                result.status = StepStatus.ERROR
                 result.error_type, result.error_line, result.error_where = failed.error_type, failed.line, failed.where
                 result.params = {}
             except CatalogError as exc:
                 print(f"catalog error: {exc}", file=sink)
-                result.status = "error"
+                result.status = StepStatus.ERROR
                 result.error_type, result.error_where = "DatasetUnavailable", str(exc)
             sys.stdout.flush()
         result.seconds = time.monotonic() - started
@@ -217,11 +209,11 @@ class TaskSession:
         with _guarded("build_model()"):
             model = namespace["build_model"]()
         _load_params(model, request.params)
-        if not (request.phase == PHASE_FIT and request.round == 1):  # the prepare step evaluated that model
+        if not (request.phase == Phase.FIT and request.round == 1):  # the prepare step evaluated that model
             with _guarded("evaluate()"):
                 evaluated = namespace["evaluate"](model, data, config)
             result.eval_metrics = _scalar_metrics(evaluated, "evaluate()")
-        if request.phase != PHASE_FIT:
+        if request.phase != Phase.FIT:
             return
         with _guarded("train()"):
             trained = namespace["train"](model, data, config)

@@ -1,6 +1,6 @@
 """The site agent's task service: one warm task process per run.
 
-The agent hands each step (the bytes of ``site_agent.protocol``) to the run's task process
+The agent hands each step (the bytes of ``flip_core.protocol``) to the run's task process
 (``worker``), starting one when a run first arrives and closing it after the run's final step
 or when it has been idle too long. The task process holds torch, the cell and the site's data
 between rounds.
@@ -23,11 +23,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable
 
-from site_agent.protocol import PHASE_EVALUATE, StepResult, encode_result, header
+from flip_core.codec import frame_header
+from flip_core.errors import FlipError
+from flip_core.protocol import StepResult, encode_result
+from flip_core.status import Phase, StepStatus
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ LIMITS = b"limits:"  # + JSON {"memory_mb": N}: sent once when a run adopts a ta
 REAP_SECONDS = 30.0
 
 
-class TimeLimit(Exception):
+class TimeLimit(FlipError):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"stopped at its time limit of {seconds:g} s")
         self.seconds = seconds
@@ -158,7 +161,7 @@ class TaskService:
     def step(self, blob: bytes, seconds: float | None = None, memory_mb: int | None = None) -> bytes:
         """Run one encoded step in its run's task process, within ``seconds`` (killed after) and
         ``memory_mb`` (set when the run adopts its process); the encoded result."""
-        head = header(blob)
+        head = frame_header(blob)
         run_id, phase = str(head["run_id"]), str(head["phase"])
         with self._lock:
             self.last_step = time.monotonic()
@@ -177,7 +180,7 @@ class TaskService:
                 self.workers.pop(run_id, None)
             log.warning("run %s: the task process was %s", run_id, stopped)
             threading.Thread(target=self.warm_up, daemon=True).start()
-            return encode_result(StepResult(site=self.site_name, status="error", error_type="TimeLimit",
+            return encode_result(StepResult(site=self.site_name, status=StepStatus.ERROR, error_type="TimeLimit",
                                             error_where=f"the task process ({stopped})"))
         except (EOFError, OSError):
             code = worker.process.wait()
@@ -187,12 +190,12 @@ class TaskService:
             log.warning("the task process of run %s died (%s)", run_id, why)
             threading.Thread(target=self.warm_up, daemon=True).start()
             if code == ISOLATION_REFUSED:
-                return encode_result(StepResult(site=self.site_name, status="error", error_type="TaskIsolation",
+                return encode_result(StepResult(site=self.site_name, status=StepStatus.ERROR, error_type="TaskIsolation",
                                                 error_where="the task process (it could not be isolated: see the "
                                                             "site's logs/task-processes.log)"))
-            return encode_result(StepResult(site=self.site_name, status="error", error_type="TaskProcessDied",
+            return encode_result(StepResult(site=self.site_name, status=StepStatus.ERROR, error_type="TaskProcessDied",
                                             error_where=f"the task process ({why})"))
-        if phase == PHASE_EVALUATE or header(reply)["status"] != "ok":
+        if phase == Phase.EVALUATE or frame_header(reply)["status"] != StepStatus.OK:
             # the run's final step here (its last round, or this site is out of the run after an error):
             # close its process and make a spare ready, off the reply path
             threading.Thread(target=self._retire, args=(run_id,), daemon=True).start()

@@ -14,10 +14,11 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Callable
 
+from flip_core.protocol import decode_request, encode_result
 from site_agent.catalog import load_site
 from site_agent.isolation import (
     ENV_ALLOW_FILES,
@@ -30,7 +31,6 @@ from site_agent.isolation import (
     network_allowed,
     site_paths,
 )
-from site_agent.protocol import decode_request, encode_result
 from site_agent.runner import TaskSession
 from site_agent.tasks import ISOLATION_REFUSED, LIMITS, READY
 

@@ -11,6 +11,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+def model_bytes() -> bytes:
+    """A real (tiny) model as the notebook uploads it: an .npz of its state dict."""
+    import numpy as np
+
+    from flip_core.codec import pack_arrays
+
+    return pack_arrays({"weight": np.zeros((1, 3), dtype=np.float32), "bias": np.zeros(1, dtype=np.float32)})
+
+
 def shared_data() -> Path:
     return Path(os.environ.get("FLIP_DATA_DIR") or REPO.parent / "shared" / "data")
 
@@ -19,7 +28,7 @@ def shared_data() -> Path:
 def local_federation(home: Path, **options: Any) -> Iterator[dict[str, Any]]:
     """``flip up`` under ``home`` with ``options`` (real processes), FLIP_HOME pointing there meanwhile
     so that kernels and CLIs a test starts find its connection file; ``flip down`` after."""
-    from coordinator.federation import down, up
+    from flip_local.federation import down, up
 
     previous = os.environ.get("FLIP_HOME")
     os.environ["FLIP_HOME"] = str(home)

@@ -10,9 +10,12 @@ from coordinator.app import Notifier, build_app
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.service import RunManager
 from coordinator.store import Store
+
 from fakes import FakeControl
+from helpers import model_bytes
 
 TOKEN, OTHER = "researcher-token", "other-project-token"
+MODEL = model_bytes()
 HEART = {"name": "heart-disease", "rows": 303, "train_rows": 200, "test_rows": 103, "columns": [],
          "dtypes": [], "fingerprint": "sha256:x", "format": "uci-heart"}
 
@@ -36,7 +39,7 @@ def start_run(client: TestClient, manager: RunManager) -> tuple[str, str]:
     """An online site holding heart-disease, an uploaded model and a run on them: (run_id, model sha)."""
     manager.announce("VA", 1, {"datasets": [HEART]}, "online")
     manager.presence.hold("VA")
-    sha = client.post("/api/models", headers=auth(TOKEN), content=b"w").json()["sha256"]
+    sha = client.post("/api/models", headers=auth(TOKEN), content=MODEL).json()["sha256"]
     run = client.post("/api/runs", headers=auth(TOKEN),
                       json={"source": "x", "dataset": "heart-disease", "initial_model": sha})
     assert run.status_code == 201, run.text
@@ -65,7 +68,7 @@ def test_unknown_dataset_answer_names_the_known_ones(setup: tuple[TestClient, Ru
     client, manager = setup
     manager.announce("VA", 1, {"datasets": [HEART]}, "online")
     manager.presence.hold("VA")
-    sha = client.post("/api/models", headers=auth(TOKEN), content=b"w").json()["sha256"]
+    sha = client.post("/api/models", headers=auth(TOKEN), content=MODEL).json()["sha256"]
     response = client.post("/api/runs", headers=auth(TOKEN),
                            json={"source": "x", "dataset": "hearts", "initial_model": sha})
     assert response.status_code == 404
@@ -89,7 +92,7 @@ def test_event_stream_replays_after_a_sequence_number_and_ends_with_the_run(
     later = client.get(f"/api/runs/{run_id}/events", params={"after": events[0]["seq"], "stream": "0"},
                        headers=auth(TOKEN)).json()
     assert [e["seq"] for e in later] == [e["seq"] for e in events[1:]]
-    assert client.get(f"/api/runs/{run_id}/model", headers=auth(TOKEN)).content == b"w"
+    assert client.get(f"/api/runs/{run_id}/model", headers=auth(TOKEN)).content == MODEL
 
 
 def test_runs_are_visible_only_inside_their_project(setup: tuple[TestClient, RunManager]) -> None:

@@ -74,12 +74,13 @@ def test_the_grid_still_pulls_reply_objects_through_the_name_flip_patches() -> N
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
 
     assert "pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
-    assert http_grid.pull_objects is pull_objects or http_grid.pull_objects.__module__ == "coordinator.flower_tuning"
+    assert http_grid.pull_objects is pull_objects  # no test leaves it patched
     params = inspect.signature(pull_objects).parameters
     assert {"max_time", "initial_backoff", "backoff_cap"} <= set(params)
 
 
-def test_tuned_pulls_give_up_when_told_a_site_is_gone() -> None:
+def test_tuned_pulls_give_up_when_told_a_site_is_gone_and_flowers_own_pull_is_back_after() -> None:
+    import flwr.superlink.grid.http_grid as http_grid
     from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
 
     from coordinator import flower_tuning
@@ -87,10 +88,13 @@ def test_tuned_pulls_give_up_when_told_a_site_is_gone() -> None:
     def never_there(object_id: str) -> bytes:
         raise ObjectUnavailableError(object_id)
 
-    flower_tuning.tune_grid_pulls(lambda: True)
-    try:
-        flower_tuning._pull_objects(["abc"], never_there)
-    except ObjectPullError:
-        pass
-    else:
-        raise AssertionError("the pull did not give up")
+    flowers = http_grid.pull_objects
+    with flower_tuning.tuned_grid_pulls(lambda: True):
+        assert http_grid.pull_objects is flower_tuning._pull_objects
+        try:
+            http_grid.pull_objects(["abc"], never_there)
+        except ObjectPullError:
+            pass
+        else:
+            raise AssertionError("the pull did not give up")
+    assert http_grid.pull_objects is flowers

@@ -12,6 +12,7 @@ from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.identity import Caller, HubIdentity, Refused, choose_project, project_of, static_caller
 from coordinator.service import RunManager
 from coordinator.store import Store
+
 from fakes import FakeControl, FakeHubIdentity
 
 
@@ -102,8 +103,8 @@ def test_the_api_is_served_under_the_hub_proxy_prefix_too(hub_app: TestClient) -
 
 def test_headless_tokens_are_added_and_revoked_without_a_restart(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from coordinator.cli import main
     from coordinator.identity import HeadlessTokens
+    from flip_local.cli import main
 
     path = tmp_path / "coordinator.json"
     config = CoordinatorConfig(state_dir=tmp_path, host="127.0.0.1", port=0, superlink_control="unused",

@@ -16,8 +16,10 @@ from flwr.app.message import make_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.flower_server import OFFLINE, RoundLoop, RunAborted
-from site_agent.protocol import PHASE_PREPARE, StepResult, header
-from site_agent.wire import content_to_blob, result_to_content
+from flip_core.codec import frame_header as header
+from flip_core.protocol import StepResult
+from flip_core.status import Phase
+from flip_core.wire import content_to_blob, result_to_content
 
 SITES = {"A": 1, "B": 2, "C": 3, "D": 4}
 
@@ -41,9 +43,9 @@ class FakeGrid:
             mid = f"m{self.count}"
             ids.append(mid)
             phase = header(content_to_blob(msg.content))["phase"]
-            if phase != PHASE_PREPARE and site in self.silent:
+            if phase != Phase.PREPARE and site in self.silent:
                 continue
-            if phase == PHASE_PREPARE and self.pending.get(site, 0) > 0:
+            if phase == Phase.PREPARE and self.pending.get(site, 0) > 0:
                 self.pending[site] -= 1
                 self._answer(site, mid, msg, StepResult(site=site, status="pending",
                                                         error_where=f"waiting for approval at {site}"))

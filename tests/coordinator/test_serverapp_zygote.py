@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.local import wait_until
 from coordinator.serverapp_zygote import ENV_SOCKET, write_launcher
+from flip_core.util import wait_until
 
 
 def test_flower_starts_the_serverapp_by_a_bare_command_name_found_on_path() -> None:

@@ -4,10 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.local import wait_until
 from coordinator.service import Principal, RunManager, TaskRejected
 from coordinator.store import Store
+from flip_core.api import TaskSpec, parse
+from flip_core.errors import RequestInvalid
+from flip_core.util import wait_until
+
 from fakes import FakeControl, FakeFlowerStatus
+from helpers import model_bytes
 
 ALICE = Principal("alice", "heart")
 HEART = {"name": "heart-disease", "rows": 303, "train_rows": 200, "test_rows": 103, "columns": [],
@@ -23,10 +27,10 @@ def manager(tmp_path: Path) -> RunManager:
     return m
 
 
-def spec(manager: RunManager, **over: object) -> dict[str, object]:
-    sha = manager.store.put_model(b"weights")
-    return {"source": "def build_model(): pass", "dataset": "heart-disease", "rounds": 2,
-            "initial_model": sha, **over}
+def spec(manager: RunManager, **over: object) -> TaskSpec:
+    sha = manager.store.put_model(model_bytes())
+    return parse(TaskSpec, {"source": "def build_model(): pass", "dataset": "heart-disease", "rounds": 2,
+                            "initial_model": sha, **over}, "the task")
 
 
 def test_unknown_dataset_is_refused_naming_it_and_the_known_ones(manager: RunManager) -> None:
@@ -107,7 +111,7 @@ def test_a_dispatched_step_rings_only_that_sites_doorbell(manager: RunManager) -
 
 
 def test_round_timeout_must_be_positive(manager: RunManager) -> None:
-    with pytest.raises(TaskRejected, match=r"--round-timeout must be between 0 and \d+ seconds, not -1"):
+    with pytest.raises(RequestInvalid, match=r"--round-timeout must be between 0 and \d+ seconds, not -1"):
         manager.create_run(ALICE, spec(manager, round_timeout=-1))
     view = manager.create_run(ALICE, spec(manager, round_timeout=2.5))
     assert view["record"]["round_timeout"] == 2.5

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from flip_core.errors import NotConnected
 from flip_magics.client import FlipClient
-from flip_magics.errors import NotConnected
 
 
 @pytest.fixture

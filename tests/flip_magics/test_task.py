@@ -3,10 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import TINY_CELL
-from flip_magics.errors import TaskInvalid
+from flip_core.errors import TaskInvalid
 from flip_magics.magics import parse_config
 from flip_magics.task import load_weights, prepare
+
+from helpers import TINY_CELL
 
 
 def test_prepare_builds_seeded_initial_weights() -> None:

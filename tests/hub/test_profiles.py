@@ -14,7 +14,11 @@ import pytest
 from traitlets.config import Config
 
 from hub_config.profiles import (
-    COORDINATOR_SCOPES, LAB_OFFLINE, SERVER_TOKEN_SCOPES, HubConfigError, configure,
+    COORDINATOR_SCOPES,
+    LAB_OFFLINE,
+    SERVER_TOKEN_SCOPES,
+    HubConfigError,
+    configure,
 )
 
 PRODUCTION = {

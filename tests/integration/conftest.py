@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
-from coordinator.federation import _alive, status
+from flip_local.federation import status
+from flip_local.processes import alive as _alive
 from flip_magics.client import FlipClient
+
 from helpers import local_federation
 
 

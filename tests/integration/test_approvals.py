@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.local import wait_until
+from flip_core.errors import RunFailed
+from flip_core.util import wait_until
 from flip_magics.client import FlipClient, RunHandle
-from flip_magics.errors import RunFailed
+
 from helpers import TINY_CELL, local_federation
 
 BIN = Path(sys.executable).parent

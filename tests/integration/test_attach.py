@@ -16,17 +16,18 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from nbclient.util import ensure_async, run_sync
-
-from coordinator.local import wait_until
-from flip_magics.client import TERMINAL
-from helpers import TINY_CELL
 from test_notebook_train import Kernel
+
+from flip_core.util import wait_until
+from flip_magics.client import TERMINAL
+
+from helpers import TINY_CELL
 
 pytestmark = pytest.mark.integration
 

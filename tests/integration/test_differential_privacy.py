@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from flip_core.errors import Rejected, RunFailed
 from flip_magics.client import FlipClient
-from flip_magics.errors import Rejected, RunFailed
+
 from helpers import TINY_CELL, local_federation
 
 SITES = ("Cleveland", "Hungary")  # two hospitals: each spends its own budget

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from coordinator.federation import restart
-from coordinator.local import wait_until
+from flip_core.errors import RunFailed
+from flip_core.util import wait_until
+from flip_local.federation import restart
 from flip_magics.client import RunHandle
-from flip_magics.errors import RunFailed
+
 from helpers import PAUSING_CELL, TINY_CELL
 
 pytestmark = pytest.mark.integration
@@ -149,10 +150,12 @@ def test_flip_status_json_describes_the_federation(federation: Any) -> None:
 
 
 def test_a_failure_while_starting_stops_what_was_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import coordinator.federation as federation_module
+    import flip_local.federation as federation_module
+    import flip_local.hub as hub_module
+    from flip_local.processes import Federation, alive
 
     started: list[int] = []
-    spawn = federation_module._spawn
+    spawn = federation_module.spawn
 
     def recording_spawn(*args: Any, **kwargs: Any) -> dict[str, Any]:
         process = spawn(*args, **kwargs)
@@ -162,10 +165,10 @@ def test_a_failure_while_starting_stops_what_was_started(tmp_path: Path, monkeyp
     def failing_hub_launch(*args: Any, **kwargs: Any) -> Any:  # the injected fault: after the SuperLink started
         raise OSError("No space left on device: hub/settings.json")
 
-    monkeypatch.setattr(federation_module, "_spawn", recording_spawn)
-    monkeypatch.setattr(federation_module, "_hub_launch", failing_hub_launch)
+    monkeypatch.setattr(federation_module, "spawn", recording_spawn)
+    monkeypatch.setattr(hub_module, "launch", failing_hub_launch)
     with pytest.raises(OSError, match="No space left on device"):
         federation_module.up(tmp_path, hub=federation_module.HubOptions())
     assert len(started) == 2  # the ServerApp starter and the SuperLink were running when it failed
-    assert not [pid for pid in started if federation_module._alive(pid)]
-    assert not federation_module.Federation(tmp_path).running()
+    assert not [pid for pid in started if alive(pid)]
+    assert not Federation(tmp_path).running()

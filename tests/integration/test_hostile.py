@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.federation import DEFAULT_PROJECT
+from flip_core.errors import RunFailed
+from flip_local.sites import DEFAULT_PROJECT
 from flip_magics.client import FlipClient, RunHandle
-from flip_magics.errors import RunFailed
-from helpers import TINY_CELL, local_federation
 from site_agent.audit import read_records, verify
+
+from helpers import TINY_CELL, local_federation
 
 SITES = ("Cleveland", "Hungary")  # two hospitals: what holds at one holds at each
 POLICY = {"policy": {"disclosure_threshold": 10},

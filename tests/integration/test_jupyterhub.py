@@ -22,9 +22,10 @@ import pytest
 import requests
 from playwright.sync_api import expect, sync_playwright
 
+from bench.hubuser import HubUser
+from flip_local.federation import HubOptions
+
 import lab_driver
-from coordinator.federation import HubOptions
-from coordinator.hubuser import HubUser
 from helpers import REPO, local_federation
 
 pytestmark = pytest.mark.integration

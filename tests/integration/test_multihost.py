@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from coordinator.federation import local_policy
-from helpers import TINY_CELL, shared_data
+from flip_local.sites import local_policy
 from site_agent.catalog import add_dataset, init_site, write_policy
+
+from helpers import TINY_CELL, shared_data
 
 BIN = Path(sys.executable).parent
 SITES = {"Cleveland": "processed.cleveland.data", "VA": "processed.va.data"}
@@ -122,7 +123,7 @@ def test_sites_on_other_hosts_train_through_the_fleet_address_over_tls(hosts) ->
     connection = hosts["connection"]
     result = python_in(hosts["hub"], f"""
         import json
-        from coordinator.local import wait_until
+        from flip_core.util import wait_until
         from flip_magics.client import FlipClient
         client = FlipClient({connection['coordinator_url']!r}, {connection['token']!r})
         online = lambda: {{s["site"] for s in client.sites() if s["status"] == "online"}} == {set(SITES)!r}

@@ -21,7 +21,6 @@ from nbclient import NotebookClient
 
 from helpers import REPO, TINY_CELL
 
-
 pytestmark = pytest.mark.integration
 
 

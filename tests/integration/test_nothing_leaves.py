@@ -26,13 +26,14 @@ from typing import Any
 
 import pytest
 
-from coordinator.federation import DEFAULT_PROJECT
-from coordinator.local import wait_until
+from flip_core.certs import make_server_cert
+from flip_core.errors import RunFailed
+from flip_core.util import wait_until
+from flip_local.sites import DEFAULT_PROJECT
 from flip_magics.client import FlipClient, RunHandle
-from flip_magics.errors import RunFailed
-from helpers import TINY_CELL, local_federation, shared_data
 from site_agent.catalog import add_dataset, init_site, read_table, write_policy
-from site_agent.certs import make_server_cert
+
+from helpers import TINY_CELL, local_federation, shared_data
 
 BIN = Path(sys.executable).parent
 SITES = 2  # Cleveland, and the planted site

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import requests
 
-from coordinator.local import free_port, wait_until
-from site_agent.certs import fingerprint
+from flip_core.certs import fingerprint
+from flip_core.util import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import requests
 
-from coordinator.federation import Federation
+from flip_local.federation import Federation
+
 from helpers import local_federation
 
 BIN = Path(sys.executable).parent

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.local import flower_env, free_port, wait_until
+from coordinator.hubside import flower_env
+from flip_core.util import free_port, wait_until
 from site_agent import fleet
 
 

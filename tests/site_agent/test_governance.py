@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flip_core.cell import source_hash
+from flip_core.protocol import StepRequest, StepResult, decode_result, encode_result
+from flip_core.status import Phase
 from site_agent.approvals import APPROVED, ApprovalStore
 from site_agent.audit import read_records, verify
 from site_agent.catalog import add_dataset, init_site, write_policy
 from site_agent.governance import Governance
-from site_agent.protocol import PHASE_FIT, StepRequest, StepResult, decode_result, encode_result, source_hash
 from site_agent.runner import TaskSession
 
 CELL = '''
@@ -42,7 +44,7 @@ def site(tmp_path: Path, heart_dir: Path):
 
 def request(source: str = CELL, project: str = "heart", run: str = "r1") -> StepRequest:
     return StepRequest(run_id=run, source=source, source_hash="sha256:claimed-by-the-hub", dataset="heart-disease",
-                       project=project, researcher="alice", seed=0, round=1, phase=PHASE_FIT, config={},
+                       project=project, researcher="alice", seed=0, round=1, phase=Phase.FIT, config={},
                        params={"weight": np.zeros((1, 2), np.float32), "bias": np.zeros(1, np.float32)})
 
 
@@ -100,7 +102,7 @@ def private(site, max_epsilon: float) -> Governance:
     return Governance(site)
 
 
-def dp_request(round_: int = 1, run: str = "r1", phase: str = PHASE_FIT, epsilon: float = 1.0) -> StepRequest:
+def dp_request(round_: int = 1, run: str = "r1", phase: str = Phase.FIT, epsilon: float = 1.0) -> StepRequest:
     base = request(run=run)
     return StepRequest(**{**base.__dict__, "round": round_, "phase": phase,
                           "config": {"dp_epsilon": epsilon, "dp_clip": 0.1, "dp_rounds": 2}})

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from flip_core.protocol import StepResult
 from site_agent.guard import MAX_METRICS, Declared, announced, describe_outgoing, guard
-from site_agent.protocol import StepResult
 
 THRESHOLD = 10
 

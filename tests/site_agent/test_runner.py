@@ -5,10 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TINY_CELL
+from flip_core.cell import source_hash
+from flip_core.protocol import StepRequest
+from flip_core.status import Phase
 from site_agent.catalog import SiteConfig, add_dataset, init_site
-from site_agent.protocol import PHASE_EVALUATE, PHASE_FIT, PHASE_PREPARE, StepRequest, source_hash
 from site_agent.runner import TaskSession
+
+from helpers import TINY_CELL
 
 INITIAL = {"weight": np.zeros((1, 3), dtype=np.float32), "bias": np.zeros((1,), dtype=np.float32)}
 
@@ -19,7 +22,7 @@ def site(tmp_path: Path, heart_dir: Path) -> SiteConfig:
                        heart_dir / "processed.cleveland.data", "uci-heart")
 
 
-def request(source: str, phase: str = PHASE_FIT, dataset: str = "heart-disease", round_: int = 1) -> StepRequest:
+def request(source: str, phase: str = Phase.FIT, dataset: str = "heart-disease", round_: int = 1) -> StepRequest:
     return StepRequest(run_id="r1", source=source, source_hash=source_hash(source), dataset=dataset,
                        project="p", researcher="alice", seed=3, round=round_, phase=phase, config={},
                        params=INITIAL)
@@ -37,7 +40,7 @@ def test_fit_step_returns_trained_params_and_metrics(site: SiteConfig) -> None:
 
 def test_prepare_evaluates_the_initial_model_and_round_one_does_not_again(site: SiteConfig) -> None:
     session = TaskSession(site)
-    prepared = session.step(request(TINY_CELL, phase=PHASE_PREPARE, round_=0))
+    prepared = session.step(request(TINY_CELL, phase=Phase.PREPARE, round_=0))
     assert prepared.status == "ok" and prepared.params == {} and prepared.train_metrics == {}
     assert 0.0 <= prepared.eval_metrics["accuracy"] <= 1.0
     first = session.step(request(TINY_CELL, round_=1))
@@ -51,7 +54,7 @@ def test_steps_are_reproducible_for_the_same_seed_and_round(site: SiteConfig) ->
 
 
 def test_evaluate_phase_returns_no_params(site: SiteConfig) -> None:
-    result = TaskSession(site).step(request(TINY_CELL, phase=PHASE_EVALUATE))
+    result = TaskSession(site).step(request(TINY_CELL, phase=Phase.EVALUATE))
     assert result.status == "ok" and result.params == {} and result.train_metrics == {}
     assert "accuracy" in result.eval_metrics
 

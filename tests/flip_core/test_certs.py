@@ -1,4 +1,4 @@
-"""Behaviour tests for site_agent.certs: the CA, server certificates, SuperNode keys.
+"""Behaviour tests for flip_core.certs: the CA, server certificates, SuperNode keys.
 
 Some tests call Flower internals on purpose: ``flwr supernode register``'s key loader,
 ``flower-supernode``'s private-key loader and the SuperLink's signature check. They are
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from site_agent.certs import (
+from flip_core.certs import (
     CertError,
     fingerprint,
     load_ca,
@@ -223,7 +223,7 @@ def test_node_signature_verifies_the_way_the_superlink_checks_it(tmp_path: Path)
 
     keys = make_site_keys(tmp_path, "hospital-a")
     private, _ = load_site_keys(keys.private)
-    timestamp = datetime.datetime.now(datetime.timezone.utc).isoformat().encode("ascii")
+    timestamp = datetime.datetime.now(datetime.UTC).isoformat().encode("ascii")
     signature = sign_message(private, timestamp)
     registered = bytes_to_public_key(public_key_bytes(keys.public))
     assert verify_signature(registered, timestamp, signature)

@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from site_agent.protocol import (
-    StepRequest, StepResult, decode_request, decode_result, encode_request, encode_result, source_hash,
-)
+from flip_core.cell import source_hash
+from flip_core.protocol import StepRequest, StepResult, decode_request, decode_result, encode_request, encode_result
 
 
 def test_request_round_trips_through_bytes() -> None:

@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from flip_core.errors import ConfigError
+
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _DNS_NAME = re.compile(r"[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
@@ -40,7 +42,7 @@ _T = TypeVar("_T")
 SITE_KEYS = "keys"  # in a site's directory: its key pair, the consortium's CA certificate, its Flower node id
 
 
-class CertError(Exception):
+class CertError(ConfigError):
     """A key or certificate is missing, malformed, or would be overwritten."""
 
 
@@ -185,7 +187,7 @@ def fingerprint(cert_or_pub: Path) -> str:
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
     if days < 1:
         raise CertError(f"A certificate must be valid for at least one day, not {days}.")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return now - _CLOCK_SKEW, now + datetime.timedelta(days=days)
 
 

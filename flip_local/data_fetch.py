@@ -11,15 +11,18 @@ import hashlib
 import os
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from flip_core.errors import FlipError
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0
 
 
-class DataFetchError(Exception):
+class DataFetchError(FlipError):
     """A data set could not be found, downloaded or verified."""
 
 
@@ -87,19 +90,6 @@ DATASETS: dict[str, DatasetSource] = {
         ),
     ),
 }
-
-
-def data_dir() -> Path:
-    """Where data sets live: ``$FLIP_DATA_DIR``, else ``<repo>/../shared/data`` if it exists,
-    else ``~/.cache/flip/data``."""
-    env = os.environ.get("FLIP_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parent.parent
-    shared = repo_root.parent / "shared" / "data"
-    if shared.is_dir():
-        return shared
-    return Path.home() / ".cache" / "flip" / "data"
 
 
 def _source(name: str) -> DatasetSource:

@@ -2,7 +2,7 @@
 
 Both the ServerApp (hub side) and the site's fleet client use these functions, so the format
 lives in one place. A message's content is one record holding the step (or result) as the
-bytes of ``site_agent.protocol`` (a JSON header and an ``.npz`` of the arrays): Flower moves
+bytes of ``flip_core.protocol`` (a JSON header and an ``.npz`` of the arrays): Flower moves
 every record and array as its own content-addressed object, one SuperLink call each, so one
 record per message keeps a round at three objects per message. Small payloads ride in a
 ``ConfigRecord``; large ones in an ``ArrayRecord`` of bytes, which Flower cuts into chunks.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from site_agent.protocol import StepRequest, StepResult, decode_result, encode_request, encode_result
+from flip_core.protocol import StepRequest, StepResult, decode_result, encode_request, encode_result
 
 MESSAGE_TYPE_TRAIN = "train"
 MESSAGE_TYPE_EVALUATE = "evaluate"

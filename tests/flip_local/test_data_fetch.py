@@ -1,4 +1,4 @@
-"""Behaviour tests for coordinator.data_fetch, using a fake opener (no network access)."""
+"""Behaviour tests for flip_local.data_fetch, using a fake opener (no network access)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import data_fetch
-from coordinator.data_fetch import (
+from flip_core import paths
+from flip_core.paths import data_dir
+from flip_local.data_fetch import (
     DATASETS,
     DataFetchError,
     DatasetSource,
     RemoteFile,
-    data_dir,
     fetch,
     verify,
 )
@@ -131,7 +131,7 @@ def test_data_dir_prefers_env_then_shared_then_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLIP_DATA_DIR", str(tmp_path / "custom"))
     assert data_dir() == tmp_path / "custom"
     monkeypatch.delenv("FLIP_DATA_DIR")
-    shared = Path(data_fetch.__file__).resolve().parents[2] / "shared" / "data"
+    shared = Path(paths.__file__).resolve().parents[2] / "shared" / "data"
     if shared.is_dir():
         assert data_dir() == shared
     else:

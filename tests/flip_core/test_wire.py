@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
-from site_agent import wire
-from site_agent.protocol import PHASE_FIT, StepRequest, StepResult, encode_request, header
+from flip_core import wire
+from flip_core.codec import frame_header as header
+from flip_core.protocol import StepRequest, StepResult, encode_request
+from flip_core.status import Phase
 
 
 def request(params: dict[str, np.ndarray]) -> StepRequest:
     return StepRequest(run_id="r1", source="x = 1\n", source_hash="sha256:abc", dataset="heart", project="p",
-                       researcher="alice", seed=3, round=2, phase=PHASE_FIT, config={"lr": 0.1}, params=params)
+                       researcher="alice", seed=3, round=2, phase=Phase.FIT, config={"lr": 0.1}, params=params)
 
 
 def test_a_small_step_is_one_config_record_and_comes_back_whole() -> None:

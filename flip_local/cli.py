@@ -1,4 +1,6 @@
-"""``flip``: the hub operator's command line (local federation, data, demo)."""
+"""``flip``: the command line of a hub operator and of a researcher on one machine: the local federation
+(``up``, ``down``, ``status``, ``restart``, ``hub``, ``demo``), the hub side of a real one (``serve``,
+``certs``, ``site register``, ``token``), the public data sets and the FLIP kernel."""
 
 from __future__ import annotations
 
@@ -92,58 +94,56 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from coordinator.federation import FederationError
-    from coordinator.registry import RegistryError
-    from site_agent.certs import CertError
+    from flip_core.errors import FlipError
 
     try:
-        if args.command == "up":
-            return _up(args)
-        if args.command == "hub":
-            return _hub(args)
-        if args.command == "token":
-            return _token(args)
-        if args.command == "serve":
-            from coordinator.serve import serve
-
-            return serve(args.state, listen=args.listen, fleet_port=args.fleet_port,
-                         coordinator_listen=args.coordinator_listen, coordinator_port=args.coordinator_port,
-                         hub_names=[n for n in args.hub_name if n])
-        if args.command == "down":
-            from coordinator.federation import down
-
-            stopped = down()
-            print("stopped: " + ", ".join(stopped) if stopped else "no local federation was running")
-            return 0
-        if args.command == "restart":
-            from coordinator.federation import restart
-
-            print(f"{args.name} restarted (pid {restart(args.name)})")
-            return 0
-        if args.command == "status":
-            return _status(args)
-        if args.command == "data":
-            return _data(args)
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "certs":
-            return _certs(args)
-        if args.command == "kernel":
-            from flip_magics.kernelspec import DISPLAY_NAME, install
-
-            print(f"{DISPLAY_NAME} installed in {install(user=args.user, prefix=args.prefix)}")
-            return 0
-        if args.command == "site":
-            return _register(args)
-    except (FederationError, CertError, RegistryError) as exc:
+        return _COMMANDS[args.command](args)
+    except FlipError as exc:
         print(f"flip: {exc}", file=sys.stderr)
         return 1
-    raise AssertionError(args.command)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from coordinator.serve import serve
+
+    return serve(args.state, listen=args.listen, fleet_port=args.fleet_port,
+                 coordinator_listen=args.coordinator_listen, coordinator_port=args.coordinator_port,
+                 hub_names=[n for n in args.hub_name if n])
+
+
+def _down(args: argparse.Namespace) -> int:
+    from flip_local.federation import down
+
+    stopped = down()
+    print("stopped: " + ", ".join(stopped) if stopped else "no local federation was running")
+    return 0
+
+
+def _restart(args: argparse.Namespace) -> int:
+    from flip_local.federation import restart
+
+    print(f"{args.name} restarted (pid {restart(args.name)})")
+    return 0
+
+
+def _kernel(args: argparse.Namespace) -> int:
+    from flip_magics.kernelspec import DISPLAY_NAME, install
+
+    print(f"{DISPLAY_NAME} installed in {install(user=args.user, prefix=args.prefix)}")
+    return 0
+
+
+def _local_config(given: Path | None) -> Path:
+    """The coordinator config a hub operator's command acts on: ``--config``, else the local federation's."""
+    from flip_core.paths import flip_home
+    from flip_local.processes import Federation
+
+    return given or Federation(flip_home()).root / "coordinator.json"
 
 
 def _up(args: argparse.Namespace) -> int:
-    from coordinator.federation import up
-    from coordinator.local import connection_path
+    from flip_core.paths import connection_path
+    from flip_local.federation import up
 
     connection = up(data=args.data, sites=args.sites, warm=not args.cold, auto_approve=not args.require_approval,
                     secure=not args.insecure, listen=args.listen, hub_names=tuple(args.hub_name))
@@ -158,7 +158,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _hub(args: argparse.Namespace) -> int:
-    from coordinator.federation import HubOptions, up
+    from flip_local.federation import HubOptions, up
 
     notebooks = args.notebooks or Path(__file__).resolve().parents[1] / "notebooks"
     options = HubOptions(password=args.password, port=args.port, notebooks=notebooks if notebooks.is_dir() else None)
@@ -175,7 +175,7 @@ def _hub(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from site_agent.certs import fingerprint, load_ca, make_ca, make_server_cert
+    from flip_core.certs import fingerprint, load_ca, make_ca, make_server_cert
 
     ca = load_ca(args.dir) if (args.dir / "ca.pem").exists() else make_ca(args.dir)
     server = make_server_cert(args.dir, args.name, args.host)
@@ -186,9 +186,9 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from coordinator.federation import register_site
+    from coordinator.enrolment import register_site
 
-    node_id, token = register_site(args.name, args.key, args.config, replace=args.replace)
+    node_id, token = register_site(args.name, args.key, _local_config(args.config), replace=args.replace)
     print(f"site {args.name} registered: Flower node {node_id}")
     print(f"its token (shown once; send it to the site with the CA certificate): {token}")
     print(f"the site runs: flip-site join DIR --fleet HUB:PORT --ca ca.pem --token {token}")
@@ -197,12 +197,11 @@ def _register(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from coordinator.config import CoordinatorConfig, add_token, revoke_tokens
-    from coordinator.federation import Federation, FederationError
-    from coordinator.local import flip_home
+    from coordinator.registry import RegistryError
 
-    path = args.config or Federation(flip_home()).root / "coordinator.json"
+    path = _local_config(args.config)
     if not path.exists():
-        raise FederationError(f"no coordinator config at {path} (give --config)")
+        raise RegistryError(f"no coordinator config at {path} (give --config)")
     if args.action == "add":
         print(f"a headless token for {args.researcher} in project {args.project} (shown once; the coordinator "
               f"takes it at once): {add_token(path, args.researcher, args.project)}")
@@ -217,7 +216,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from coordinator.federation import status
+    from flip_local.federation import status
 
     info = status()
     if args.json:
@@ -236,19 +235,16 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from coordinator.data_fetch import DataFetchError, data_dir, fetch, verify
+    from flip_core.paths import data_dir
+    from flip_local.data_fetch import fetch, verify
 
-    try:
-        if args.action == "verify":
-            problems = verify(args.name, data_dir())
-            for problem in problems:
-                print(problem)
-            print(f"{args.name}: {'OK' if not problems else 'problems found'} in {data_dir()}")
-            return 0 if not problems else 1
-        paths = fetch(args.name, args.dest or data_dir())
-    except DataFetchError as exc:
-        print(f"flip: {exc}", file=sys.stderr)
-        return 1
+    if args.action == "verify":
+        problems = verify(args.name, data_dir())
+        for problem in problems:
+            print(problem)
+        print(f"{args.name}: {'OK' if not problems else 'problems found'} in {data_dir()}")
+        return 0 if not problems else 1
+    paths = fetch(args.name, args.dest or data_dir())
     for path in paths:
         print(path)
     return 0
@@ -257,8 +253,8 @@ def _data(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import papermill
 
-    from coordinator.federation import Federation, down, up
-    from coordinator.local import flip_home
+    from flip_core.paths import flip_home
+    from flip_local.federation import Federation, down, up
 
     repo = Path(__file__).resolve().parents[1]
     notebook = repo / "notebooks" / "01_quickstart_heart.ipynb"
@@ -291,6 +287,12 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"executed notebook: {out_dir / notebook.name}")
     print(f"summary:           {out_dir / 'summary.json'}")
     return 0
+
+
+_COMMANDS = {
+    "up": _up, "hub": _hub, "token": _token, "serve": _serve, "down": _down, "restart": _restart,
+    "status": _status, "data": _data, "demo": _demo, "certs": _certs, "kernel": _kernel, "site": _register,
+}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,159 @@
+"""``/api``: the researchers' routes. Every one but ``/api/health`` names its caller first
+(:func:`caller`): a hub token of a hub user, or a headless token, and the project it acts in.
+
+Run events reach notebooks as server-sent events; a notebook that reconnects asks for those
+after the last sequence number it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from coordinator.app import bearer, error, model_body, query_int, state, typed_body
+from coordinator.identity import Caller, Refused, choose_project, static_caller
+from coordinator.service import Principal, TaskRejected
+from flip_core.api import PROJECT_HEADER, TaskSpec
+from flip_core.errors import RequestInvalid
+from flip_core.status import TERMINAL
+
+KEEPALIVE_SECONDS = 10.0
+
+
+async def caller(request: Request) -> Principal:
+    """Who is asking and in which project; :class:`Refused` (401, 403, 503) with the reason otherwise."""
+    flip, token = state(request), bearer(request)
+    found: Caller | None = static_caller(token, flip.headless())
+    try:
+        if found is None and flip.identity is not None and token:
+            found = await asyncio.to_thread(flip.identity.caller, token)
+        if found is None:
+            raise Refused("a valid identity is required: a JupyterHub token of a user of this hub, or a FLIP "
+                          "token (Authorization: Bearer ...)", 401)
+        wanted = request.headers.get(PROJECT_HEADER) or None
+        known: list[str] = []
+        if wanted is None and not found.projects and flip.identity is not None:  # the refusal names the projects
+            known = await asyncio.to_thread(flip.identity.hub_projects)
+    except Refused:
+        raise
+    except Exception as exc:  # the hub did not answer: say so, not a bare 500
+        raise Refused(f"the coordinator could not check this identity with the hub ({type(exc).__name__})",
+                      503) from exc
+    return Principal(found.researcher, choose_project(found, wanted, known))
+
+
+def own_run(request: Request, who: Principal) -> dict[str, Any]:
+    """The run named in the path, if it is in the caller's project (404 otherwise: others' runs don't exist)."""
+    run_id = request.path_params["run_id"]
+    view = state(request).manager.view(run_id)
+    if view["project"] != who.project:
+        raise TaskRejected(f"no run {run_id!r} in project {who.project!r}", 404)
+    return view
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def whoami(request: Request) -> Response:
+    who = await caller(request)
+    return JSONResponse({"researcher": who.researcher, "project": who.project})
+
+
+async def sites(request: Request) -> Response:
+    await caller(request)
+    return JSONResponse(state(request).manager.sites())
+
+
+async def upload_model(request: Request) -> Response:
+    await caller(request)
+    sha = state(request).manager.store.put_model(await model_body(request))
+    return JSONResponse({"sha256": sha}, status_code=201)
+
+
+async def check_task(request: Request) -> Response:
+    who = await caller(request)
+    spec = await typed_body(request, TaskSpec, "the task")
+    return JSONResponse(await asyncio.to_thread(state(request).manager.check, who, spec))
+
+
+async def create_run(request: Request) -> Response:
+    who = await caller(request)
+    spec = await typed_body(request, TaskSpec, "the task")
+    view = await asyncio.to_thread(state(request).manager.create_run, who, spec)
+    return JSONResponse(view, status_code=201)
+
+
+async def list_runs(request: Request) -> Response:
+    who, manager = await caller(request), state(request).manager
+    runs = [manager.view(r["run_id"]) for r in manager.store.runs(project=who.project)]
+    return JSONResponse([{k: v for k, v in r.items() if k not in ("source", "record")} for r in runs])
+
+
+async def get_run(request: Request) -> Response:
+    return JSONResponse(own_run(request, await caller(request)))
+
+
+async def stop_run(request: Request) -> Response:
+    run_id = own_run(request, await caller(request))["run_id"]
+    return JSONResponse(await asyncio.to_thread(state(request).manager.stop, run_id))
+
+
+async def get_model(request: Request) -> Response:
+    view = own_run(request, await caller(request))
+    sha = view["record"].get("model_sha256")
+    if not sha:
+        return error(f"run {view['run_id']} has no final model ({view['status']})", 404)
+    return FileResponse(state(request).manager.store.model_path(sha), media_type="application/octet-stream")
+
+
+async def events(request: Request) -> Response:
+    run_id = own_run(request, await caller(request))["run_id"]
+    after = query_int(request, "after", 0)
+    stream = request.query_params.get("stream", "1")
+    if stream not in ("0", "1"):
+        raise RequestInvalid(f"the query parameter 'stream' must be 0 or 1, not {stream[:40]!r}", field="stream")
+    if stream == "0":
+        return JSONResponse(state(request).manager.store.events(run_id, after))
+    return StreamingResponse(_stream(request, run_id, after), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _stream(request: Request, run_id: str, after: int) -> AsyncIterator[str]:
+    flip = state(request)
+    yield ": flip event stream\n\n"
+    while True:
+        wake = flip.notifier.current()
+        run = flip.manager.store.run(run_id)
+        finished = run is None or run["status"] in TERMINAL
+        for event in flip.manager.store.events(run_id, after):
+            after = event["seq"]
+            yield f"id: {after}\ndata: {json.dumps(event)}\n\n"
+        if finished:
+            return
+        try:
+            await asyncio.wait_for(wake.wait(), KEEPALIVE_SECONDS)
+        except TimeoutError:
+            yield ": keepalive\n\n"
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/api/health", health),
+        Route("/api/whoami", whoami),
+        Route("/api/sites", sites),
+        Route("/api/models", upload_model, methods=["POST"]),
+        Route("/api/runs", create_run, methods=["POST"]),
+        Route("/api/runs/check", check_task, methods=["POST"]),
+        Route("/api/runs", list_runs, methods=["GET"]),
+        Route("/api/runs/{run_id}", get_run),
+        Route("/api/runs/{run_id}/stop", stop_run, methods=["POST"]),
+        Route("/api/runs/{run_id}/model", get_model),
+        Route("/api/runs/{run_id}/events", events),
+    ]

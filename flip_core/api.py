@@ -1,0 +1,327 @@
+"""The coordinator's HTTP contract: header names, limits, and the typed body of every route.
+
+Each body a route accepts is parsed into one of these frozen models before anything else looks
+at it (:func:`parse`): a missing, mistyped, out-of-range, oversized or unknown field is refused
+with a :class:`~flip_core.errors.RequestInvalid` whose sentence names the field. The notebook's
+client builds the same models, so a wrong value is caught in the kernel before it is sent.
+Models are pydantic's (strict: ``"3"`` is not a number, ``true`` is not ``1``); the sentences are
+FLIP's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from flip_core.errors import RequestInvalid
+from flip_core.status import MetricPhase, Presence, RunStatus, SiteState
+
+PROJECT_HEADER = "X-FLIP-Project"  # a researcher in several projects names the one a request is for
+
+MAX_JSON_BYTES = 8 << 20  # a task (its cell source included) or a batch of events
+MAX_SOURCE_CHARS = 1 << 20
+MAX_ROUNDS = 10_000
+MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0
+MAX_DP_EPSILON = 100.0
+MAX_SEED = 2**63 - 1
+MAX_SITES = 10_000
+MAX_EVENTS = 10_000
+MAX_CONFIG_ENTRIES = 200
+NAME_CHARS = 200
+TEXT_CHARS = 10_000
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as `flip site register` allows
+
+
+
+def _refuse(message: str) -> PydanticCustomError:
+    return PydanticCustomError("flip", message)
+
+
+def _site_name(name: str) -> str:
+    if not SITE_NAME.match(name):
+        raise _refuse(f"{name[:70]!r} is not a site name (letters, digits, '.', '_' and '-', at most 64)")
+    return name
+
+
+def _sha256(digest: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise _refuse(f"{digest[:70]!r} is not a model's SHA-256 (64 lower-case hex digits)")
+    return digest
+
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=NAME_CHARS)]
+Text = Annotated[str, StringConstraints(max_length=TEXT_CHARS)]
+SiteName = Annotated[str, AfterValidator(_site_name)]
+Sha256 = Annotated[str, AfterValidator(_sha256)]
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+NodeId = Annotated[int, Field(ge=0, le=2**64 - 1)]  # Flower's node ids are unsigned 64-bit
+ConfigValue = bool | int | float | Annotated[str, StringConstraints(max_length=TEXT_CHARS)]
+ConfigKey = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+Lax = Field(strict=False)  # an enum: its text is accepted from JSON and from Python alike
+
+
+class Body(BaseModel):
+    """A request body: frozen, strict, no unknown fields, no NaN or infinity."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid", allow_inf_nan=False)
+
+
+# -- researchers ------------------------------------------------------------------------------------
+class TaskSpec(Body):
+    """``POST /api/runs`` and ``POST /api/runs/check``: a ``%%flip_train`` cell and its options.
+
+    The messages name the options as the researcher typed them (``--rounds``); the field names are
+    the same words. Whether the dataset exists, enough sites are online, the strategy is known and the
+    model was uploaded is the coordinator's to say (it knows the federation)."""
+
+    source: Annotated[str, StringConstraints(max_length=MAX_SOURCE_CHARS)]
+    dataset: Name
+    rounds: int = 1
+    strategy: Annotated[str, StringConstraints(min_length=1, max_length=40)] = "fedavg"
+    min_sites: int | None = None
+    seed: int = 0
+    name: Annotated[str, StringConstraints(max_length=NAME_CHARS)] | None = None
+    config: Annotated[dict[ConfigKey, ConfigValue], Field(max_length=MAX_CONFIG_ENTRIES)] = Field(default_factory=dict)
+    round_timeout: float | None = None
+    dp_epsilon: float | None = None
+    dp_clip: float | None = None
+    initial_model: Sha256 | None = None  # the uploaded model's SHA-256 (not yet known to /api/runs/check)
+    client_packages: Annotated[dict[Name, Name], Field(max_length=100)] = Field(default_factory=dict)
+
+    @field_validator("source")
+    @classmethod
+    def _has_code(cls, source: str) -> str:
+        if not source.strip():
+            raise _refuse("the task has no source: the cell must define build_model, train and evaluate")
+        return source
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds(cls, rounds: int) -> int:
+        if not 1 <= rounds <= MAX_ROUNDS:
+            raise _refuse(f"--rounds must be between 1 and {MAX_ROUNDS}, not {rounds}")
+        return rounds
+
+    @field_validator("min_sites")
+    @classmethod
+    def _min_sites(cls, min_sites: int | None) -> int | None:
+        if min_sites is not None and not 1 <= min_sites <= MAX_SITES:
+            raise _refuse(f"--min-sites must be at least 1 (and at most {MAX_SITES}), not {min_sites}")
+        return min_sites
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, seed: int) -> int:
+        if not 0 <= seed <= MAX_SEED:
+            raise _refuse(f"--seed must be a whole number from 0 to 2**63-1, not {seed}")
+        return seed
+
+    @field_validator("round_timeout")
+    @classmethod
+    def _round_timeout(cls, timeout: float | None) -> float | None:
+        if timeout is not None and not 0 < timeout <= MAX_ROUND_TIMEOUT:
+            raise _refuse(f"--round-timeout must be between 0 and {MAX_ROUND_TIMEOUT:.0f} seconds, not {timeout:g}")
+        return timeout
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _scalars(cls, config: Any) -> Any:
+        if isinstance(config, dict) and not all(isinstance(v, (str, int, float, bool)) for v in config.values()):
+            raise _refuse("--config values must be numbers, booleans or strings")
+        return config
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        if reserved := sorted(k for k in config if k.startswith("dp_")):
+            raise _refuse(f"--config {reserved[0]} is reserved: use --dp-epsilon and --dp-clip")
+        return config
+
+    @model_validator(mode="after")
+    def _privacy(self) -> TaskSpec:
+        if self.dp_epsilon is None:
+            if self.dp_clip is not None:
+                raise _refuse("--dp-clip needs --dp-epsilon (the run's privacy budget at each site)")
+            return self
+        if not 0 < self.dp_epsilon <= MAX_DP_EPSILON:
+            raise _refuse(f"--dp-epsilon must be above 0 and at most {MAX_DP_EPSILON:g}, not {self.dp_epsilon:g}")
+        if self.dp_clip is not None and not 0 < self.dp_clip < math.inf:
+            raise _refuse(f"--dp-clip must be a positive number, not {self.dp_clip:g}")
+        return self
+
+    def private_config(self) -> dict[str, Any]:
+        """The run's differential-privacy settings as the sites read them from its config (empty without DP)."""
+        if self.dp_epsilon is None:
+            return {}
+        return {"dp_epsilon": self.dp_epsilon, "dp_clip": 1.0 if self.dp_clip is None else self.dp_clip,
+                "dp_rounds": self.rounds}
+
+
+# -- site agents ------------------------------------------------------------------------------------
+class DatasetAnnouncement(Body):
+    """A dataset as a site announces it: metadata only, counts under its threshold withheld (None)."""
+
+    name: Name
+    format: Annotated[str, StringConstraints(max_length=40)] = ""
+    rows: Count | None = None
+    train_rows: Count | None = None
+    test_rows: Count | None = None
+    columns: Annotated[list[Name], Field(max_length=10_000)] = Field(default_factory=list)
+    dtypes: Annotated[list[Name], Field(max_length=10_000)] = Field(default_factory=list)
+    fingerprint: Annotated[str, StringConstraints(max_length=100)] = ""
+
+
+class SiteInfo(Body):
+    version: Annotated[str, StringConstraints(max_length=40)] = ""
+    warm: bool = False  # a spare task process is loaded and waiting
+    datasets: Annotated[list[DatasetAnnouncement], Field(max_length=1000)] = Field(default_factory=list)
+
+
+class SiteAnnouncement(Body):
+    """``POST /site/announce``: a site agent says who it is, which node it is, what it holds."""
+
+    site: SiteName
+    node_id: NodeId | None = None
+    info: SiteInfo = Field(default_factory=SiteInfo)
+    state: Annotated[Presence, Lax] = Presence.ONLINE
+
+
+# -- the ServerApp ----------------------------------------------------------------------------------
+class Ring(Body):
+    """``POST /internal/ring``: sites whose message is on the SuperLink again."""
+
+    sites: Annotated[list[SiteName], Field(max_length=MAX_SITES)]
+
+
+class RunEvent(Body):
+    type: Literal["run"]
+    status: Annotated[RunStatus, Lax]
+    reason: Text = ""
+    sites: Annotated[list[SiteName], Field(max_length=MAX_SITES)] | None = None
+    model_sha256: Sha256 | None = None
+    site_info: Annotated[dict[SiteName, dict[Name, str | int | float | None]], Field(max_length=MAX_SITES)] | None = None
+    failed_sites: Annotated[dict[SiteName, Text], Field(max_length=MAX_SITES)] | None = None
+
+
+class SiteEvent(Body):
+    type: Literal["site"]
+    site: SiteName
+    status: Annotated[SiteState, Lax]
+    round: Count
+    detail: Text = ""
+    samples: Count | None = None
+    seconds: Annotated[float, Field(ge=0)] | None = None
+
+
+class MetricsEvent(Body):
+    type: Literal["metrics"]
+    round: Count
+    site: Annotated[str, AfterValidator(lambda s: s if s == "global" else _site_name(s))]
+    phase: Annotated[MetricPhase, Lax]
+    metrics: Annotated[dict[Name, float], Field(max_length=1000)]
+    samples: Count | None = None
+
+
+class RoundEvent(Body):
+    type: Literal["round"]
+    round: Count
+    sites: Count
+    seconds: Annotated[float, Field(ge=0)]
+
+
+Event = Annotated[RunEvent | SiteEvent | MetricsEvent | RoundEvent, Field(discriminator="type")]
+Events = Annotated[list[Event], Field(max_length=MAX_EVENTS)]
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+M = TypeVar("M")
+_KINDS = {
+    "int_type": "must be a whole number", "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number", "float_type": "must be a number",
+    "float_parsing": "must be a number", "finite_number": "must be a finite number",
+    "string_type": "must be text", "bool_type": "must be true or false", "dict_type": "must be an object",
+    "list_type": "must be a list", "model_type": "must be an object", "model_attributes_type": "must be an object",
+    "missing": "is required", "extra_forbidden": "is not a field of this request",
+    "string_too_short": "must not be empty",
+    "enum": "is not one of the allowed values", "literal_error": "is not one of the allowed values",
+    "union_tag_invalid": "is not a known kind", "union_tag_not_found": "needs a 'type'",
+    "none_required": "must be empty",
+}
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    path = ".".join(str(part) for part in loc if not str(part).startswith(("function-", "tagged-union")))
+    return f"field '{path}'" if path else "the body"
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def sentence(error: ErrorDetails, what: str) -> str:
+    """One pydantic error as FLIP says it: what is wrong, where, and (briefly) what was sent."""
+    kind, where = error["type"], _where(error["loc"])
+    if kind == "flip":  # FLIP's own sentence; where it is not the task's own (naming its option), say where
+        return str(error["msg"]) if str(error["msg"]).startswith("--") or what == "the task" and where in (
+            "the body", "field 'source'") else f"{what}: {where}: {error['msg']}"
+    if kind == "json_invalid":
+        return f"{what} is not valid JSON ({error.get('ctx', {}).get('error', 'malformed')})"
+    ctx = error.get("ctx", {})
+    if kind in ("string_too_long", "too_long"):
+        return f"{what}: {where} is too long (at most {ctx.get('max_length')})"
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        bound = {"greater_than_equal": "at least", "less_than_equal": "at most",
+                 "greater_than": "above", "less_than": "below"}[kind]
+        limit = next(iter(ctx.values()), "")
+        return f"{what}: {where} must be {bound} {limit}, not {_shown(error.get('input'))}"
+    if kind in ("dict_type", "model_type", "model_attributes_type", "list_type") and where == "the body":
+        return f"{what} must be a JSON {'list' if kind == 'list_type' else 'object'}, not {_shown(error.get('input'))}"
+    reason = _KINDS.get(kind, str(error["msg"]).lower())
+    got = "" if kind in ("missing", "extra_forbidden") else f", not {_shown(error.get('input'))}"
+    return f"{what}: {where} {reason}{got}"
+
+
+@functools.cache
+def _adapter(model: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(model)
+
+
+def parse(model: type[M] | Any, body: bytes | str | Any, what: str) -> M:
+    """``body`` (JSON bytes or text, or already-decoded data) as ``model``; refused with a sentence
+    naming the first wrong field (:class:`RequestInvalid`, 400). ``what`` names the body ("the task")."""
+    adapter: TypeAdapter[M] = _adapter(model)
+    try:
+        if isinstance(body, (bytes, str)):
+            return adapter.validate_json(body)
+        return adapter.validate_python(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = _where(first["loc"]).removeprefix("field '").removesuffix("'")
+        raise RequestInvalid(sentence(first, what), field="" if field == "the body" else field) from None
+
+
+__all__ = [
+    "MAX_JSON_BYTES", "PROJECT_HEADER", "SITE_NAME", "Body", "DatasetAnnouncement", "Event", "Events",
+    "MetricsEvent", "Ring", "RoundEvent", "RunEvent", "SiteAnnouncement", "SiteEvent", "SiteInfo", "TaskSpec",
+    "parse", "sentence",
+]

@@ -1,0 +1,83 @@
+"""A task step and its result as plain data, and their bytes between the hub, the site agent and
+the task process.
+
+Light on purpose (json, numpy): the site agent imports this, not torch or pandas. Bytes are a
+frame of :mod:`flip_core.codec` (a JSON header and an ``.npz`` of the arrays, never pickled), so
+nothing executable travels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from flip_core import VERSION
+from flip_core.codec import decode_frame, encode_frame
+from flip_core.status import Phase, StepStatus
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One step of a task at one site."""
+
+    run_id: str
+    source: str
+    source_hash: str
+    dataset: str
+    project: str
+    researcher: str
+    seed: int
+    round: int
+    phase: Phase
+    config: dict[str, Any]
+    params: dict[str, np.ndarray]
+
+
+@dataclass
+class StepResult:
+    """What a step produced, as the site's output guard lets it leave."""
+
+    site: str
+    status: StepStatus
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    num_train: int = 0
+    num_test: int = 0
+    error_type: str = ""
+    error_line: int = 0
+    error_where: str = ""
+    fingerprint: str = ""
+    version: str = VERSION
+    seconds: float = 0.0
+    private: bool = False  # a differential-privacy run: noised parameters only, no metrics or counts
+    dp_epsilon: float = 0.0  # this run's epsilon spent at this site so far
+    dp_project_epsilon: float = 0.0  # the project's epsilon spent at this site, all runs
+    withheld: str = ""  # what the site's policy kept back, in fixed sentences the researcher may read
+
+
+def encode_request(request: StepRequest) -> bytes:
+    head = {f.name: getattr(request, f.name) for f in fields(request) if f.name != "params"}
+    return encode_frame(head, request.params)
+
+
+def decode_request(blob: bytes) -> StepRequest:
+    head, arrays = decode_frame(blob)
+    head["phase"] = Phase(head["phase"])
+    return StepRequest(params=arrays, **head)
+
+
+def encode_result(result: StepResult) -> bytes:
+    head = {k: v for k, v in asdict(result).items() if k != "params"}
+    return encode_frame(head, result.params)
+
+
+def decode_result(blob: bytes) -> StepResult:
+    head, arrays = decode_frame(blob)
+    head["status"] = StepStatus(head["status"])
+    return StepResult(params=arrays, **head)
+
+
+__all__ = ["StepRequest", "StepResult", "decode_request", "decode_result", "encode_request", "encode_result"]

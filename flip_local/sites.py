@@ -1,0 +1,72 @@
+"""The local federation's hospitals: the four sites of the UCI Heart Disease study, each a site
+folder holding only its own hospital's file, under a development policy.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from flip_core.errors import FlipError
+from flip_core.paths import data_dir
+from site_agent.catalog import add_dataset, init_site, write_policy
+from site_agent.policy import DEFAULT_THRESHOLD
+
+HEART_SITES = {
+    "Cleveland": "processed.cleveland.data",
+    "Hungary": "processed.hungarian.data",
+    "Switzerland": "processed.switzerland.data",
+    "VA": "processed.va.data",
+}
+# FLamby's Fed-Heart-Disease split: 66 % train, seed 43, stratified on the label.
+HEART_SPLIT = {"train_fraction": 0.66, "split_seed": 43}
+DEFAULT_PROJECT = "default"
+
+
+class SitesError(FlipError):
+    """The local sites could not be prepared (their data is missing)."""
+
+
+def heart_site_names(count: int = len(HEART_SITES)) -> list[str]:
+    """The four hospitals, then numbered copies of them (``Cleveland-2`` …) for scale tests."""
+    hospitals = list(HEART_SITES)
+    return [hospitals[i % len(hospitals)] + (f"-{i // len(hospitals) + 1}" if i >= len(hospitals) else "")
+            for i in range(count)]
+
+
+def local_policy(auto_approve: bool = True, project: str = DEFAULT_PROJECT) -> dict[str, Any]:
+    """The local federation's site policy: ``project`` approved for anyone on any dataset,
+    the disclosure threshold at its default, and code auto-approved (development) unless
+    ``auto_approve`` is False, when each site's admin must approve it (`flip-site approve`)."""
+    return {"policy": {"disclosure_threshold": DEFAULT_THRESHOLD},
+            "projects": {project: {"approved": True, "researchers": ["*"], "datasets": ["*"],
+                                   "auto_approve": auto_approve}}}
+
+
+def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len(HEART_SITES), *,
+                        auto_approve: bool = True, policy: dict[str, Any] | None = None,
+                        project: str = DEFAULT_PROJECT) -> list[Path]:
+    """One site directory per hospital, each holding only its own file as ``heart-disease``,
+    under the local federation's policy (:func:`local_policy`) or ``policy`` (site.toml's tables).
+
+    With ``count`` above four, further sites hold copies of the hospitals' files in turn
+    (a machine-local scale test, not a real federation)."""
+    source = source or data_dir() / "heart-disease"
+    missing = [f for f in HEART_SITES.values() if not (source / f).is_file()]
+    if missing:
+        raise SitesError(
+            f"the heart-disease files are not in {source} (missing {', '.join(missing)}); "
+            "set FLIP_DATA_DIR or run `flip data fetch heart-disease`"
+        )
+    dirs = []
+    for name in heart_site_names(count):
+        filename = HEART_SITES[name.split("-")[0]]
+        site_dir = root / "sites" / name
+        if site_dir.exists():
+            shutil.rmtree(site_dir)
+        site = init_site(site_dir, name)
+        site = add_dataset(site, "heart-disease", source / filename, "uci-heart", **HEART_SPLIT)  # type: ignore[arg-type]
+        write_policy(site, policy or local_policy(auto_approve, project))
+        dirs.append(site_dir)
+    return dirs
