@@ -18,7 +18,8 @@ def machine() -> str:
     cores = os.cpu_count()
     memory = psutil.virtual_memory().total / 2**30
     cpu = platform.processor() or platform.machine()
-    return f"{cores} cores ({cpu}), {memory:.0f} GiB, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cores} cores ({cpu}), {memory:.0f} GiB, {system}, Python {platform.python_version()}"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -43,7 +44,7 @@ def median(values: list[float]) -> float:
 
 
 # The quickstart's preprocessing (FLamby's Fed-Heart-Disease features) and test accuracy: every benchmark cell's start.
-HEART_COMMON = '''
+HEART_COMMON = """
 import torch
 
 NUMERIC = ["age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak"]
@@ -70,10 +71,12 @@ def evaluate(model, data, config):
     with torch.no_grad():
         logits = model(X).squeeze(1)
         return {"accuracy": ((logits > 0).float() == y).float().mean().item()}
-'''
+"""
 
 # The quickstart's model, shared by the stock Flower app and FLIP's cell.
-HEART_CODE = HEART_COMMON + '''
+HEART_CODE = (
+    HEART_COMMON
+    + """
 
 def build_model():
     return torch.nn.Linear(13, 1)
@@ -92,4 +95,5 @@ def train(model, data, config):
         optimizer.step()
     return {"loss": float(loss), "num_examples": len(y)}
 
-'''
+"""
+)

@@ -44,8 +44,9 @@ def one(user: HubUser) -> dict[str, float]:
         connected = kernel.execute("%flip_connect")
         assert connected.status == "ok", connected.text
         submitted = time.time()
-        train = kernel.execute("%%flip_train --dataset heart-disease --rounds 2 --name spawn-bench --out result\n"
-                               + CELL)
+        train = kernel.execute(
+            "%%flip_train --dataset heart-disease --rounds 2 --name spawn-bench --out result\n" + CELL
+        )
         assert train.status == "ok", train.text
         first = kernel.execute(WAIT_FIRST_METRIC, timeout=300)
         assert first.status == "ok", first.text
@@ -54,8 +55,13 @@ def one(user: HubUser) -> dict[str, float]:
     finally:
         kernel.close()
         user.stop_server()
-    return {"server ready": ready - t0, "kernel started": started - ready, "%flip_connect": submitted - started,
-            "submit to first metric": metric - submitted, "spawn to first metric": metric - t0}
+    return {
+        "server ready": ready - t0,
+        "kernel started": started - ready,
+        "%flip_connect": submitted - started,
+        "submit to first metric": metric - submitted,
+        "spawn to first metric": metric - t0,
+    }
 
 
 def main() -> None:

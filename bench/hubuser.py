@@ -42,8 +42,11 @@ class HubUser:
     def __init__(self, hub_url: str, name: str, password: str) -> None:
         self.hub_url = hub_url.rstrip("/")
         self.name = name
-        response = requests.post(f"{self.hub_url}/hub/api/users/{name}/tokens", timeout=30,
-                                 json={"auth": {"username": name, "password": password}, "note": "flip hubuser"})
+        response = requests.post(
+            f"{self.hub_url}/hub/api/users/{name}/tokens",
+            timeout=30,
+            json={"auth": {"username": name, "password": password}, "note": "flip hubuser"},
+        )
         if response.status_code not in (200, 201):
             raise HubError(f"the hub gave {name} no token: HTTP {response.status_code} {response.text[:200]}")
         self.token = str(response.json()["token"])
@@ -55,8 +58,9 @@ class HubUser:
         return f"{self.hub_url}/user/{self.name}"
 
     def _api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        response = self.session.request(method, f"{self.hub_url}/hub/api{path}", timeout=kwargs.pop("timeout", 30),
-                                        **kwargs)
+        response = self.session.request(
+            method, f"{self.hub_url}/hub/api{path}", timeout=kwargs.pop("timeout", 30), **kwargs
+        )
         if not response.ok:
             raise HubError(f"{method} /hub/api{path}: HTTP {response.status_code} {response.text[:300]}")
         return response
@@ -65,8 +69,9 @@ class HubUser:
         """Start the user's server and wait until it is ready (the hub's progress stream); seconds taken."""
         started = time.monotonic()
         self._api("POST", f"/users/{self.name}/server")
-        with self.session.get(f"{self.hub_url}/hub/api/users/{self.name}/server/progress", stream=True,
-                              timeout=(10, 180)) as stream:
+        with self.session.get(
+            f"{self.hub_url}/hub/api/users/{self.name}/server/progress", stream=True, timeout=(10, 180)
+        ) as stream:
             for line in stream.iter_lines(decode_unicode=True):
                 if not line or not line.startswith("data:"):
                     continue
@@ -86,8 +91,10 @@ class HubUser:
         response = self.session.post(f"{self.server_url}/api/kernels", json={"name": name}, timeout=60)
         if not response.ok:
             specs = self.session.get(f"{self.server_url}/api/kernelspecs", timeout=30).json().get("kernelspecs", {})
-            raise HubError(f"{self.name}'s server started no {name!r} kernel (it has: {', '.join(sorted(specs))}): "
-                           f"HTTP {response.status_code} {response.text[:300]}")
+            raise HubError(
+                f"{self.name}'s server started no {name!r} kernel (it has: {', '.join(sorted(specs))}): "
+                f"HTTP {response.status_code} {response.text[:300]}"
+            )
         return Kernel(self, str(response.json()["id"]))
 
 
@@ -105,13 +112,31 @@ class Kernel:
 
     def execute(self, code: str, timeout: float = 600) -> Execution:
         msg_id = uuid.uuid4().hex
-        self.ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "username": self.user.name, "session": self.session,
-                       "msg_type": "execute_request", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True},
-        }))
+        self.ws.send(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "username": self.user.name,
+                        "session": self.session,
+                        "msg_type": "execute_request",
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "channel": "shell",
+                    "buffers": [],
+                    "content": {
+                        "code": code,
+                        "silent": False,
+                        "store_history": True,
+                        "user_expressions": {},
+                        "allow_stdin": False,
+                        "stop_on_error": True,
+                    },
+                }
+            )
+        )
         result = Execution("ok")
         replied = idle = False
         deadline = time.monotonic() + timeout

@@ -37,7 +37,9 @@ INPUTS = 13
 COPIES = 5  # loopback copies per size (median)
 
 # The quickstart's preprocessing and evaluate() (bench.common.HEART_COMMON) with an MLP of width __HIDDEN__.
-MLP_CODE = HEART_COMMON + '''
+MLP_CODE = (
+    HEART_COMMON
+    + """
 HIDDEN = __HIDDEN__
 
 
@@ -60,7 +62,8 @@ def train(model, data, config):
     optimizer.step()
     return {"loss": float(loss), "num_examples": len(y)}
 
-'''
+"""
+)
 
 
 def mlp_params(hidden: int) -> int:
@@ -174,13 +177,19 @@ def main() -> None:
             down(home)
 
     print(f"machine: {machine()}")
-    print(f"model: MLP 13 -> h -> h -> 1 over the heart-disease features, 4 sites, {args.rounds} rounds, "
-          "one SGD step on 8 rows per round; federation cold start "
-          f"{connection['started_seconds']:.1f} s")
-    print("loopback copy: one copy of the model's float32 bytes over 127.0.0.1 TCP, median of "
-          f"{COPIES}; a round moves the model to each of the 4 sites and back")
-    header = (f"{'params':>12} {'hidden':>6} {'MB':>8} {'s/round':>8} {'overhead':>9} {'compute':>8} "
-              f"{'loopback s':>10} {'overhead/loopback':>17}")
+    print(
+        f"model: MLP 13 -> h -> h -> 1 over the heart-disease features, 4 sites, {args.rounds} rounds, "
+        "one SGD step on 8 rows per round; federation cold start "
+        f"{connection['started_seconds']:.1f} s"
+    )
+    print(
+        "loopback copy: one copy of the model's float32 bytes over 127.0.0.1 TCP, median of "
+        f"{COPIES}; a round moves the model to each of the 4 sites and back"
+    )
+    header = (
+        f"{'params':>12} {'hidden':>6} {'MB':>8} {'s/round':>8} {'overhead':>9} {'compute':>8} "
+        f"{'loopback s':>10} {'overhead/loopback':>17}"
+    )
     print(header)
     for r in results:
         copy = median(copies[r["target"]])
@@ -189,14 +198,18 @@ def main() -> None:
             print(f"{lead}  failed: {r['error']}  (loopback {copy:.4f} s)")
             continue
         overhead = median(r["overhead"])
-        print(f"{lead} {median(r['rounds']):>8.2f} {overhead:>9.2f} {median(r['compute']):>8.2f} "
-              f"{copy:>10.4f} {overhead / copy:>17.1f}")
+        print(
+            f"{lead} {median(r['rounds']):>8.2f} {overhead:>9.2f} {median(r['compute']):>8.2f} "
+            f"{copy:>10.4f} {overhead / copy:>17.1f}"
+        )
     for r in results:
         if "error" not in r:
-            print(f"  {r['params']:,} params: rounds {', '.join(f'{s:.2f}' for s in r['rounds'])} s; "
-                  f"overhead {', '.join(f'{s:.2f}' for s in r['overhead'])} s; "
-                  f"loopback {', '.join(f'{s:.4f}' for s in copies[r['target']])} s; "
-                  f"submit to completed {r['wall']:.1f} s")
+            print(
+                f"  {r['params']:,} params: rounds {', '.join(f'{s:.2f}' for s in r['rounds'])} s; "
+                f"overhead {', '.join(f'{s:.2f}' for s in r['overhead'])} s; "
+                f"loopback {', '.join(f'{s:.4f}' for s in copies[r['target']])} s; "
+                f"submit to completed {r['wall']:.1f} s"
+            )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def run_flip(home: Path, rounds: int, secure: bool = True) -> dict[str, Any]:
         client = NotebookClient(nb, timeout=1800, kernel_name="python3")
         cells = [
             "import json, time, torch\n%load_ext flip_magics\n%flip_connect\n"  # a kernel that has used torch
-            "T = {}\nget_ipython().events.register('pre_run_cell', lambda info: T.setdefault(info.raw_cell.split(maxsplit=1)[0] if info.raw_cell.strip() else '', time.time()))",
+            "T = {}\nget_ipython().events.register('pre_run_cell', lambda info: T.setdefault("
+            "info.raw_cell.split(maxsplit=1)[0] if info.raw_cell.strip() else '', time.time()))",
             f"%%flip_train --dataset heart-disease --rounds {rounds} --seed 0 --out run\n{HEART_CODE}",
             "run.wait()\n"
             "first = min(e['received'] for e in run.events if e['type'] == 'metrics')\n"
@@ -85,8 +86,11 @@ def run_flip(home: Path, rounds: int, secure: bool = True) -> dict[str, Any]:
         return {
             "seconds_per_round": [round_seconds[r] for r in sorted(round_seconds)],
             "overhead_per_round": [round_seconds[r] - compute.get(r, 0.0) for r in sorted(round_seconds)],
-            "calls_per_round": calls / rounds, "cpu_per_round": cpu / rounds, "calls_by_route": by_route,
-            "first_metric": result["first_metric"], "startup": connection["started_seconds"],
+            "calls_per_round": calls / rounds,
+            "cpu_per_round": cpu / rounds,
+            "calls_by_route": by_route,
+            "first_metric": result["first_metric"],
+            "startup": connection["started_seconds"],
             "warm_after": warm_seconds,
         }
     finally:
@@ -96,11 +100,17 @@ def run_flip(home: Path, rounds: int, secure: bool = True) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--flip-only", action="store_true",
-                        help="skip the stock Flower run (to compare two FLIP versions: run this file with each "
-                             "version's tree first on PYTHONPATH)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="flip up --insecure: no TLS, node keys or fleet front (to measure what they cost)")
+    parser.add_argument(
+        "--flip-only",
+        action="store_true",
+        help="skip the stock Flower run (to compare two FLIP versions: run this file with each "
+        "version's tree first on PYTHONPATH)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="flip up --insecure: no TLS, node keys or fleet front (to measure what they cost)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="flip-bench-") as tmp:
         root = Path(tmp)
@@ -109,14 +119,19 @@ def main() -> None:
         flip = run_flip(root / "flip-home", args.rounds, secure=not args.insecure)
     flip_s = median(flip["seconds_per_round"])
     print(f"machine: {machine()}")
-    print(f"transport: {'INSECURE (plain HTTP, no node keys)' if args.insecure else 'TLS, SuperNode auth, fleet front'}")
+    print(
+        f"transport: {'INSECURE (plain HTTP, no node keys)' if args.insecure else 'TLS, SuperNode auth, fleet front'}"
+    )
     print(f"model: FLamby Fed-Heart-Disease logistic regression, 4 sites, {args.rounds} rounds, 100 local steps")
     print(f"flip: {flip_s:.2f} s/round  (rounds: {', '.join(f'{s:.1f}' for s in flip['seconds_per_round'])})")
     if stock is None:
-        print(f"flip overhead per round (round minus slowest site's compute): "
-              f"{median(flip['overhead_per_round']):.2f} s")
-        print(f"flip: superlink API calls per round {flip['calls_per_round']:.0f}, "
-              f"superlink cpu per round {flip['cpu_per_round']:.2f} s")
+        print(
+            f"flip overhead per round (round minus slowest site's compute): {median(flip['overhead_per_round']):.2f} s"
+        )
+        print(
+            f"flip: superlink API calls per round {flip['calls_per_round']:.0f}, "
+            f"superlink cpu per round {flip['cpu_per_round']:.2f} s"
+        )
         print(f"flip: cell execution to first metric in the notebook: {flip['first_metric']:.2f} s")
         return
     stock_s = median(stock.seconds_per_round)
@@ -124,14 +139,18 @@ def main() -> None:
     print(f"ratio stock/flip: {stock_s / flip_s:.2f}")
     print(f"flip overhead per round (round minus slowest site's compute): {median(flip['overhead_per_round']):.2f} s")
     print(f"superlink API calls per round: stock {stock.calls_per_round:.0f}, flip {flip['calls_per_round']:.0f}")
-    print(f"superlink cpu per round (debug access log on, in both): stock {stock.cpu_per_round:.2f} s, "
-          f"flip {flip['cpu_per_round']:.2f} s")
+    print(
+        f"superlink cpu per round (debug access log on, in both): stock {stock.cpu_per_round:.2f} s, "
+        f"flip {flip['cpu_per_round']:.2f} s"
+    )
     for label, by_route in (("stock", stock.calls_by_route), ("flip", flip["calls_by_route"])):
         top = sorted(by_route.items(), key=lambda kv: -kv[1])[:6]
         print(f"  {label} calls by route over the run: " + ", ".join(f"{route} {n}" for route, n in top))
     print(f"flip: cell execution to first metric in the notebook: {flip['first_metric']:.2f} s")
-    print(f"flip: cold `flip up` to four sites ready: {flip['startup']:.1f} s "
-          f"(their spare task processes warm {flip['warm_after']:.1f} s later)")
+    print(
+        f"flip: cold `flip up` to four sites ready: {flip['startup']:.1f} s "
+        f"(their spare task processes warm {flip['warm_after']:.1f} s later)"
+    )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ def agent_memory(home: Path) -> list[dict[str, Any]]:
                 parts.append((_label(child), child.memory_info().rss))
             except psutil.NoSuchProcess:
                 continue
-        rows.append({"site": entry["name"][len("site-"):], "agent": own, "tree": sum(r for _, r in parts),
-                     "parts": parts})
+        rows.append(
+            {"site": entry["name"][len("site-") :], "agent": own, "tree": sum(r for _, r in parts), "parts": parts}
+        )
     return rows
 
 
@@ -96,8 +97,9 @@ def run_count(count: int, rounds: int, settle: float, timeout: float, warm: bool
             time.sleep(settle)
             result["idle"] = agent_memory(home)
             try:
-                handle = client.train(HEART_CODE, dataset="heart-disease", rounds=rounds, min_sites=count, seed=0,
-                                      name=f"scale-{count}")
+                handle = client.train(
+                    HEART_CODE, dataset="heart-disease", rounds=rounds, min_sites=count, seed=0, name=f"scale-{count}"
+                )
                 handle.wait(timeout)
             except (RunFailed, Rejected, NotConnected, TimeoutError) as exc:
                 result["error"] = f"{type(exc).__name__}: {exc}"
@@ -114,29 +116,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", default="4,16,48", help="site counts, e.g. 4,16,48")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--settle", type=float, default=5.0,
-                        help="seconds to wait after every site is online (and after the run) before measuring memory")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds to wait after every site is online (and after the run) before measuring memory",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for one run")
-    parser.add_argument("--warm", action="store_true",
-                        help="sites keep a spare task process (flip up's default); without it the agents are cold")
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="sites keep a spare task process (flip up's default); without it the agents are cold",
+    )
     args = parser.parse_args()
     counts = [int(s) for s in args.sites.split(",") if s.strip()]
     results = [run_count(n, args.rounds, args.settle, args.timeout, args.warm) for n in counts]
 
     print(f"machine: {machine()}")
-    print(f"model: FLamby Fed-Heart-Disease logistic regression, min_sites = sites, {args.rounds} rounds, "
-          f"100 local steps; memory measured {args.settle:.0f} s after every site is online; "
-          f"{'warm sites (a spare task process each)' if args.warm else 'cold sites (flip up --cold: no spare task process)'}")
-    print(f"{'sites':>5} {'startup s':>9} {'agent RSS MB med/max':>21} {'tree RSS MB med/max':>20} "
-          f"{'all trees MB':>12} {'s/round':>8} {'tree after run MB med':>21}")
+    warmth = (
+        "warm sites (a spare task process each)" if args.warm else "cold sites (flip up --cold: no spare task process)"
+    )
+    print(
+        f"model: FLamby Fed-Heart-Disease logistic regression, min_sites = sites, {args.rounds} rounds, "
+        f"100 local steps; memory measured {args.settle:.0f} s after every site is online; {warmth}"
+    )
+    print(
+        f"{'sites':>5} {'startup s':>9} {'agent RSS MB med/max':>21} {'tree RSS MB med/max':>20} "
+        f"{'all trees MB':>12} {'s/round':>8} {'tree after run MB med':>21}"
+    )
     for r in results:
         if "idle" not in r:
             print(f"{r['sites']:>5}  failed: {r['error']}")
             continue
         agent = [row["agent"] / MB for row in r["idle"]]
         tree = [row["tree"] / MB for row in r["idle"]]
-        line = (f"{r['sites']:>5} {r['startup']:>9.1f} {f'{median(agent):.0f}/{max(agent):.0f}':>21} "
-                f"{f'{median(tree):.0f}/{max(tree):.0f}':>20} {sum(tree):>12.0f}")
+        line = (
+            f"{r['sites']:>5} {r['startup']:>9.1f} {f'{median(agent):.0f}/{max(agent):.0f}':>21} "
+            f"{f'{median(tree):.0f}/{max(tree):.0f}':>20} {sum(tree):>12.0f}"
+        )
         if "error" in r:
             print(f"{line}  run failed: {r['error']}")
             continue

@@ -1,6 +1,6 @@
 """Cold start: ``flip up`` with four hospital sites until every site is online and registered.
 
-    python -m bench.startup [--repeat 3]
+python -m bench.startup [--repeat 3]
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ def main() -> None:
             seconds.append(time.monotonic() - started)
             down(home)
     print(f"machine: {machine()}")
-    print(f"cold flip up, four sites ready: median {median(seconds):.1f} s "
-          f"(runs: {', '.join(f'{s:.1f}' for s in seconds)})")
+    print(
+        f"cold flip up, four sites ready: median {median(seconds):.1f} s "
+        f"(runs: {', '.join(f'{s:.1f}' for s in seconds)})"
+    )
 
 
 if __name__ == "__main__":

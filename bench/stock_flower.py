@@ -40,7 +40,7 @@ clientapp = "stockheart.client:app"
 num-server-rounds = 3
 """
 
-SERVER = '''import time
+SERVER = """import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -61,9 +61,9 @@ def main(grid: Grid, context: Context) -> None:
     strategy = FedAvg(min_train_nodes=4, min_evaluate_nodes=4, min_available_nodes=4)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                    num_rounds=int(context.run_config["num-server-rounds"]), evaluate_fn=stamp)
-'''
+"""
 
-CLIENT = '''import pandas as pd
+CLIENT = """import pandas as pd
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -100,7 +100,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = heart_evaluate(_model(msg), data, {})
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(data.test)})})
     return Message(content=content, reply_to=msg)
-'''
+"""
 
 ROUND_LINE = re.compile(r"FLIPBENCH round=(\d+) t=([\d.]+)")
 
@@ -131,7 +131,8 @@ def run_stock(root: Path, site_splits: dict[str, tuple[Path, Path]], rounds: int
     flwr_home.mkdir()
     port = free_port()
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
     env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)  # stock defaults
     superlink_env = {**env, "FLWR_LOG_LEVEL": "DEBUG"}  # logs every API call, so that they can be counted
@@ -146,21 +147,46 @@ def run_stock(root: Path, site_splits: dict[str, tuple[Path, Path]], rounds: int
         return proc
 
     try:
-        superlink = spawn("superlink", [str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                        "--port", str(port), "--disable-runtime-dependency-installation"], superlink_env)
+        superlink = spawn(
+            "superlink",
+            [
+                str(bindir / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+            ],
+            superlink_env,
+        )
         for name, (train, test) in site_splits.items():
-            spawn(f"supernode-{name}", [
-                str(bindir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                "--port", str(free_port()), "--node-config", f'train-path="{train}" test-path="{test}"'])
+            spawn(
+                f"supernode-{name}",
+                [
+                    str(bindir / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f'train-path="{train}" test-path="{test}"',
+                ],
+            )
         ready = lambda: all("SuperNode ID" in (logs / f"supernode-{n}.log").read_text() for n in site_splits)  # noqa: E731
         if not wait_until(ready, 120, 0.2):
             raise RuntimeError("the stock SuperNodes did not register")
         app = write_app(root)
         log_offset = (logs / "superlink.log").stat().st_size
         cpu_before = cpu_seconds(superlink.pid)
-        out = subprocess.run([str(bindir / "flwr"), "run", str(app), "--stream",
-                              "--run-config", f"num-server-rounds={rounds}"],
-                             env=env, capture_output=True, text=True, timeout=1800)
+        out = subprocess.run(
+            [str(bindir / "flwr"), "run", str(app), "--stream", "--run-config", f"num-server-rounds={rounds}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         cpu = cpu_seconds(superlink.pid) - cpu_before
         calls, by_route = count_calls(logs / "superlink.log", log_offset)
         stamps = {int(m.group(1)): float(m.group(2)) for m in ROUND_LINE.finditer(out.stdout)}

@@ -49,11 +49,23 @@ def main() -> None:
         log = Path(tmp) / "superlink.log"
         with open(log, "wb") as sink:
             process = subprocess.Popen(
-                [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                 "--port", str(port), "--disable-runtime-dependency-installation", "--database", ":flwr-in-memory:"],
-                stdout=sink, stderr=subprocess.STDOUT, env=flower_env(Path(tmp) / "flwr"),
+                [
+                    str(Path(sys.executable).parent / "flower-superlink"),
+                    "--insecure",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--disable-runtime-dependency-installation",
+                    "--database",
+                    ":flwr-in-memory:",
+                ],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=flower_env(Path(tmp) / "flwr"),
             )
         try:
+
             def listening() -> bool:
                 with socket.socket() as sock:
                     return process.poll() is not None or sock.connect_ex(("127.0.0.1", port)) == 0
@@ -77,8 +89,10 @@ def main() -> None:
     print(f"superlink: {args.calls} fleet pull-messages calls (nothing waiting), one client thread")
     print(f"superlink cpu per call: {per_call * 1000:.2f} ms; round trip per call: {wall / args.calls * 1000:.2f} ms")
     print(f"least calls per round with {args.sites} sites (Flower 1.42's message format): {calls}")
-    print(f"least superlink cpu per round: {calls * per_call:.2f} s "
-          f"(the SuperLink is one process: a round cannot be shorter on this machine)")
+    print(
+        f"least superlink cpu per round: {calls * per_call:.2f} s "
+        f"(the SuperLink is one process: a round cannot be shorter on this machine)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     identity = HubIdentity.from_env()  # a JupyterHub service: researchers come with their hub tokens
     if identity is not None:
         logging.getLogger("coordinator").info("researchers are identified by the hub at %s", identity.api_url)
-    app = build_app(config, manager, notifier, identity, os.environ.get("JUPYTERHUB_SERVICE_PREFIX", ""),
-                    HeadlessTokens(args.config).grants)
+    app = build_app(
+        config,
+        manager,
+        notifier,
+        identity,
+        os.environ.get("JUPYTERHUB_SERVICE_PREFIX", ""),
+        HeadlessTokens(args.config).grants,
+    )
     # notebooks' event streams and sites' presence streams never end by themselves: on SIGTERM, 2 s for them
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=2)
     return 0

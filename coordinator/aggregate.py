@@ -26,19 +26,20 @@ Update = tuple[Params, int]
 STRATEGIES = {"fedavg", "fedprox", "fedadam", "fedyogi"}
 
 
-def _check_same_layout(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray],
-                       what: str, ref_what: str = "the first update") -> None:
+def _check_same_layout(
+    reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], what: str, ref_what: str = "the first update"
+) -> None:
     """Raise ValueError unless ``other`` has the same array names and shapes as ``reference``."""
     missing = [k for k in reference if k not in other]
     extra = [k for k in other if k not in reference]
     if missing or extra:
-        raise ValueError(f"Parameter names differ between {what} and {ref_what}: "
-                         f"missing {missing}, unexpected {extra}.")
+        raise ValueError(
+            f"Parameter names differ between {what} and {ref_what}: missing {missing}, unexpected {extra}."
+        )
     for key, ref in reference.items():
         if np.shape(ref) != np.shape(other[key]):
             raise ValueError(
-                f"Array {key!r} has shape {np.shape(other[key])} in {what} "
-                f"but shape {np.shape(ref)} in {ref_what}."
+                f"Array {key!r} has shape {np.shape(other[key])} in {what} but shape {np.shape(ref)} in {ref_what}."
             )
 
 
@@ -208,7 +209,10 @@ class FedYogi(_Adaptive):
 
 
 _REGISTRY: dict[str, type[Strategy]] = {
-    "fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
 }
 
 
@@ -216,6 +220,5 @@ def make_strategy(name: str, options: dict[str, float] | None = None) -> Strateg
     """Build the strategy called ``name`` (case-insensitive) with ``options``."""
     cls = _REGISTRY.get(name.strip().lower()) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"Unknown strategy {name!r}; valid strategies are: "
-                         f"{', '.join(sorted(STRATEGIES))}.")
+        raise ValueError(f"Unknown strategy {name!r}; valid strategies are: {', '.join(sorted(STRATEGIES))}.")
     return cls(options)

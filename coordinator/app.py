@@ -133,8 +133,9 @@ def query_int(request: Request, name: str, default: int) -> int:
     if raw is None:
         return default
     if not raw.isdigit() or len(raw) > 18:
-        raise RequestInvalid(f"the query parameter {name!r} must be a whole number from 0, not {raw[:40]!r}",
-                             field=name)
+        raise RequestInvalid(
+            f"the query parameter {name!r} must be a whole number from 0, not {raw[:40]!r}", field=name
+        )
     return int(raw)
 
 
@@ -152,9 +153,14 @@ async def _bug(request: Request, exc: Exception) -> Response:
     return error(f"internal error in the coordinator ({type(exc).__name__}); its log has the details", 500)
 
 
-def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier,
-              identity: HubIdentity | None = None, prefix: str = "",
-              tokens: Callable[[], Mapping[str, TokenGrant]] | None = None) -> Starlette:
+def build_app(
+    config: CoordinatorConfig,
+    manager: RunManager,
+    notifier: Notifier,
+    identity: HubIdentity | None = None,
+    prefix: str = "",
+    tokens: Callable[[], Mapping[str, TokenGrant]] | None = None,
+) -> Starlette:
     """``identity``: the hub this coordinator is a service of (researchers' hub tokens are accepted);
     ``prefix``: the hub proxy's path for the service (``/services/coordinator``), served as well as ``/``;
     ``tokens``: the current headless tokens (default: the config's, as loaded)."""
@@ -170,8 +176,12 @@ def build_app(config: CoordinatorConfig, manager: RunManager, notifier: Notifier
 
     if prefix.strip("/"):
         routes = [Mount("/" + prefix.strip("/"), routes=list(routes)), *routes]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        Rejected: _refused, json.JSONDecodeError: _broken_json, Exception: _bug})
-    app.state.flip = Coordinator(config, manager, notifier, identity, tokens or (lambda: config.tokens),
-                                 SiteRegistry(config.registry_path))
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={Rejected: _refused, json.JSONDecodeError: _broken_json, Exception: _bug},
+    )
+    app.state.flip = Coordinator(
+        config, manager, notifier, identity, tokens or (lambda: config.tokens), SiteRegistry(config.registry_path)
+    )
     return app

@@ -40,23 +40,34 @@ class CoordinatorConfig:
     def load(cls, path: Path) -> CoordinatorConfig:
         raw: dict[str, Any] = json.loads(Path(path).read_text())
         return cls(
-            state_dir=Path(raw["state_dir"]), host=raw.get("host", "127.0.0.1"), port=int(raw["port"]),
-            superlink_control=raw["superlink_control"], internal_token=raw["internal_token"],
-            site_token=raw["site_token"], superlink_ca=raw.get("superlink_ca"),
+            state_dir=Path(raw["state_dir"]),
+            host=raw.get("host", "127.0.0.1"),
+            port=int(raw["port"]),
+            superlink_control=raw["superlink_control"],
+            internal_token=raw["internal_token"],
+            site_token=raw["site_token"],
+            superlink_ca=raw.get("superlink_ca"),
             tokens={t: TokenGrant(**g) for t, g in raw.get("tokens", {}).items()},
             max_model_bytes=int(raw.get("max_model_bytes", DEFAULT_MAX_MODEL_BYTES)),
         )
 
     def dump(self, path: Path) -> None:
         raw = {
-            "state_dir": str(self.state_dir), "host": self.host, "port": self.port,
-            "superlink_control": self.superlink_control, "internal_token": self.internal_token,
-            "site_token": self.site_token, "superlink_ca": self.superlink_ca, "max_model_bytes": self.max_model_bytes,
+            "state_dir": str(self.state_dir),
+            "host": self.host,
+            "port": self.port,
+            "superlink_control": self.superlink_control,
+            "internal_token": self.internal_token,
+            "site_token": self.site_token,
+            "superlink_ca": self.superlink_ca,
+            "max_model_bytes": self.max_model_bytes,
             "tokens": {t: {"researcher": g.researcher, "project": g.project} for t, g in self.tokens.items()},
         }
         tmp = path.with_suffix(".tmp")  # the running coordinator reads it again when it changes: never half-written
         tmp.unlink(missing_ok=True)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:  # owner-only from the start
+        with os.fdopen(
+            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w"
+        ) as fh:  # owner-only from the start
             fh.write(json.dumps(raw, indent=2))
         tmp.replace(path)
 

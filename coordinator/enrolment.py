@@ -15,13 +15,13 @@ from coordinator.registry import RegistryError, SiteRegistry
 from flip_core.certs import fingerprint, public_key_bytes
 
 
-def register_key(control: FlowerControl, registry: SiteRegistry, name: str, public: Path,
-                 replace: bool = False) -> str:
+def register_key(control: FlowerControl, registry: SiteRegistry, name: str, public: Path, replace: bool = False) -> str:
     """Register a site's public key with the SuperLink and give it a coordinator token (returned)."""
     old = {s.name: s for s in registry.sites()}.get(name)
     if old is not None and not replace:
-        raise RegistryError(f"site {name!r} is already registered (node {old.node_id}); "
-                            "--replace gives it a new key and token")
+        raise RegistryError(
+            f"site {name!r} is already registered (node {old.node_id}); --replace gives it a new key and token"
+        )
     node_id = control.register_node(public_key_bytes(public), name)
     if old is not None:
         control.unregister_node(old.node_id)  # its old key no longer joins
@@ -39,8 +39,10 @@ def register_site(name: str, public: Path, config_path: Path, *, replace: bool =
     control = FlowerControl(config.superlink_control, Path(config.superlink_ca))
     try:
         if not control.ready():
-            raise RegistryError(f"the SuperLink's control API at {config.superlink_control} does not answer: "
-                                "is the hub side running (flip up, flip serve)?")
+            raise RegistryError(
+                f"the SuperLink's control API at {config.superlink_control} does not answer: "
+                "is the hub side running (flip up, flip serve)?"
+            )
         token = register_key(control, registry, name, public, replace)
     finally:
         control.close()

@@ -51,8 +51,9 @@ class FlowerControl:
     def __init__(self, address: str, root_certificates: Path | None = None) -> None:
         self.address = address
         certificates = None if root_certificates is None else str(root_certificates)
-        self._client = ControlHttpClient.from_server_address(address, certificates is None, certificates,
-                                                             interceptors=[])
+        self._client = ControlHttpClient.from_server_address(
+            address, certificates is None, certificates, interceptors=[]
+        )
         self._fab: Fab | None = None
 
     @property

@@ -20,12 +20,13 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.aggregate import make_strategy, weighted_metrics
+from coordinator.aggregate import make_strategy
 from coordinator.flower_tuning import tuned_grid_pulls
 from coordinator.hublink import HubLink
+from coordinator.round_events import global_events, reply_events, round_event, run_event, site_event
 from flip_core.errors import FlipError
 from flip_core.protocol import StepRequest, StepResult
-from flip_core.status import Phase, StepStatus
+from flip_core.status import Phase, RunStatus, SiteState, StepStatus
 from flip_core.util import wait_until
 from flip_core.wire import MESSAGE_TYPE_EVALUATE, MESSAGE_TYPE_TRAIN, content_to_result, request_to_content
 
@@ -46,7 +47,6 @@ OFFLINE = "the site went offline (its agent stopped answering)"
 RESTARTED = "the site's Flower node restarted during the round"
 # Sites that failed for one of these reasons rejoin at the next round once they are back online.
 REJOINABLE = (OFFLINE, RESTARTED)
-PRIVATE_DETAIL = "differential privacy: only noised parameters leave this site"
 
 app = ServerApp()
 
@@ -106,39 +106,62 @@ class RoundLoop:
     def request(self, round_: int, phase: Phase, params: dict[str, np.ndarray]) -> StepRequest:
         t = self.task
         return StepRequest(
-            run_id=self.run_id, source=t["source"], source_hash=t["source_hash"],
-            dataset=t["dataset"], project=t["project"], researcher=t["researcher"],
-            seed=int(t["seed"]), round=round_, phase=phase, config=self.config, params=params,
+            run_id=self.run_id,
+            source=t["source"],
+            source_hash=t["source_hash"],
+            dataset=t["dataset"],
+            project=t["project"],
+            researcher=t["researcher"],
+            seed=int(t["seed"]),
+            round=round_,
+            phase=phase,
+            config=self.config,
+            params=params,
         )
 
     # -- one exchange --------------------------------------------------------------
-    def exchange(self, round_: int, phase: Phase, params: dict[str, np.ndarray],
-                 only: list[str] | None = None) -> list[Reply]:
+    def exchange(
+        self, round_: int, phase: Phase, params: dict[str, np.ndarray], only: list[str] | None = None
+    ) -> list[Reply]:
         """Send this step to every active site (or ``only`` these) and gather the replies."""
         started = time.monotonic()
         # starting the task processes (torch, the cell, the data) is not a round: no deadline for it
         timed = self.round_timeout is not None and phase != Phase.PREPARE
         deadline = started + float(self.round_timeout or 0) if timed else None
+        pending, refused = self._dispatch(round_, phase, params, only)
+        for reply in refused:
+            self.absorb(round_, reply, phase)
+        replies = refused + self._gather(round_, phase, pending, started, deadline)
+        return sorted((r for r in replies if not r.failure), key=lambda r: r.site)
+
+    def _dispatch(
+        self, round_: int, phase: Phase, params: dict[str, np.ndarray], only: list[str] | None
+    ) -> tuple[dict[str, str], list[Reply]]:
+        """Push one message per site; the sites' message ids (pending) and the sites Flower refused."""
         content = request_to_content(self.request(round_, phase, params))
         message_type = MESSAGE_TYPE_TRAIN if phase == Phase.FIT else MESSAGE_TYPE_EVALUATE
         sites = sorted(self.active if only is None else set(only) & set(self.active))
         messages = [
-            Message(content, dst_node_id=self.active[s], message_type=message_type, group_id=str(round_))
-            for s in sites
+            Message(content, dst_node_id=self.active[s], message_type=message_type, group_id=str(round_)) for s in sites
         ]
         ids: list[str | None] = list(self.grid.push_messages(messages))
         if len(ids) != len(sites):  # Flower refused the whole batch (it logs why, e.g. payload too large)
             ids = [None] * len(sites)
         pending = {mid: site for mid, site in zip(ids, sites, strict=True) if mid}
-        status = {Phase.PREPARE: "preparing", Phase.FIT: "training"}.get(phase, "evaluating")
-        asked_again = sorted(s for s in pending.values() if s in self.awaiting)  # still "waiting for approval"
-        if asked_again:
+        status = {Phase.PREPARE: SiteState.PREPARING, Phase.FIT: SiteState.TRAINING}.get(phase, SiteState.EVALUATING)
+        if asked_again := sorted(s for s in pending.values() if s in self.awaiting):  # still "waiting for approval"
             self.hub.ring(asked_again)
-        self.emit(*({"type": "site", "site": s, "status": status, "round": round_}
-                    for s in pending.values() if s not in self.awaiting))
-        replies = [Reply(site, None, "Flower refused the message") for mid, site in zip(ids, sites, strict=True) if not mid]
-        for reply in replies:
-            self.absorb(round_, reply, phase)
+        self.emit(*(site_event(s, status, round_) for s in pending.values() if s not in self.awaiting))
+        refused = [
+            Reply(site, None, "Flower refused the message") for mid, site in zip(ids, sites, strict=True) if not mid
+        ]
+        return pending, refused
+
+    def _gather(
+        self, round_: int, phase: Phase, pending: dict[str, str], started: float, deadline: float | None
+    ) -> list[Reply]:
+        """Collect replies as they arrive (each absorbed at once), until every site replied, went away or is late."""
+        replies: list[Reply] = []
         next_liveness = time.monotonic() + LIVENESS_SECONDS
         poll = POLL_MIN_SECONDS
         if phase == Phase.FIT and self.first_reply_seconds:
@@ -146,13 +169,7 @@ class RoundLoop:
             time.sleep(min(FIRST_POLL_FRACTION * self.first_reply_seconds, LIVENESS_SECONDS))
         while pending:
             self.waiting_for = set(pending.values())
-            arrived = []
-            for msg in self.grid.pull_messages(list(pending) + sorted(self.stale)):
-                reply_to = msg.metadata.reply_to_message_id
-                self.stale.discard(reply_to)
-                site = pending.pop(reply_to, None)
-                if site is not None:
-                    arrived.append(self._reply(site, msg))
+            arrived = self._pull(pending)
             if pending and time.monotonic() >= next_liveness:
                 next_liveness = time.monotonic() + LIVENESS_SECONDS
                 arrived.extend(self._offline(pending))
@@ -160,15 +177,25 @@ class RoundLoop:
                 arrived.extend(self._late(pending))
             for reply in arrived:
                 self.absorb(round_, reply, phase)
-            if phase == Phase.FIT and any(r.result for r in arrived) and len(replies) == 0:
+            if phase == Phase.FIT and any(r.result for r in arrived) and not replies:
                 self.first_reply_seconds = time.monotonic() - started
             replies.extend(arrived)
             poll = POLL_MIN_SECONDS if arrived else min(poll * POLL_GROWTH, POLL_MAX_SECONDS)
             if pending:
-                wait = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
-                time.sleep(wait)
+                time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
         self.waiting_for = set()
-        return sorted((r for r in replies if not r.failure), key=lambda r: r.site)
+        return replies
+
+    def _pull(self, pending: dict[str, str]) -> list[Reply]:
+        """The replies on the SuperLink now (those to late messages are drained and dropped)."""
+        arrived = []
+        for msg in self.grid.pull_messages(list(pending) + sorted(self.stale)):
+            reply_to = msg.metadata.reply_to_message_id
+            self.stale.discard(reply_to)
+            site = pending.pop(reply_to, None)
+            if site is not None:
+                arrived.append(self._reply(site, msg))
+        return arrived
 
     def _late(self, pending: dict[str, str]) -> list[Reply]:
         """The round timeout has passed: the sites still computing sit this round out."""
@@ -176,8 +203,11 @@ class RoundLoop:
         for mid, site in list(pending.items()):
             pending.pop(mid)
             self.stale.add(mid)
-            late.append(Reply(site, None, f"no reply within the round timeout ({float(self.round_timeout or 0):g} s)",
-                              late=True))
+            late.append(
+                Reply(
+                    site, None, f"no reply within the round timeout ({float(self.round_timeout or 0):g} s)", late=True
+                )
+            )
         return late
 
     def _reply(self, site: str, msg: Message) -> Reply:
@@ -218,50 +248,28 @@ class RoundLoop:
     def absorb(self, round_: int, reply: Reply, phase: Phase = Phase.FIT) -> None:
         """Stream one reply's events to the hub as soon as it arrives; drop a failed site."""
         if reply.late:
-            self.emit({"type": "site", "site": reply.site, "status": "late", "round": round_,
-                       "detail": reply.failure})
+            self.emit(site_event(reply.site, SiteState.LATE, round_, detail=reply.failure))
             return
         if reply.failure:
             self.failed[reply.site] = reply.failure
             self.active.pop(reply.site, None)
-            self.emit({"type": "site", "site": reply.site, "status": "failed", "round": round_,
-                       "detail": reply.failure})
+            self.emit(site_event(reply.site, SiteState.FAILED, round_, detail=reply.failure))
             return
         result = reply.result
         assert result is not None
         if reply.pending:
             if reply.site not in self.awaiting:
                 self.awaiting.add(reply.site)
-                self.emit({"type": "site", "site": reply.site, "status": "waiting-approval", "round": round_,
-                           "detail": result.error_where})
+                self.emit(site_event(reply.site, SiteState.WAITING_APPROVAL, round_, detail=result.error_where))
             return
         self.awaiting.discard(reply.site)
-        self.site_info[reply.site] = {"version": result.version, "fingerprint": result.fingerprint,
-                                      "train_rows": result.num_train, "test_rows": result.num_test}
-        # a differential-privacy run's sites release no counts: its table shows the epsilon instead
-        counts = ({"detail": PRIVATE_DETAIL} if phase == Phase.PREPARE else {}) if result.private else \
-            {"samples": result.num_train}
-        if result.withheld:
-            counts["detail"] = result.withheld
-        if phase == Phase.PREPARE:
-            self.emit({"type": "site", "site": reply.site, "status": "ready", "round": round_,
-                       **counts, "seconds": round(result.seconds, 3)},
-                      *([{"type": "metrics", "round": 0, "site": reply.site, "phase": "evaluate",
-                          "metrics": result.eval_metrics, "samples": result.num_test}] if result.eval_metrics else []))
-            return
-        events: list[dict[str, Any]] = [{"type": "site", "site": reply.site, "status": "done", "round": round_,
-                                         **counts, "seconds": round(result.seconds, 3)}]
-        if result.private and result.params:
-            events.append({"type": "metrics", "round": round_, "site": reply.site, "phase": "privacy",
-                           "metrics": {"epsilon": result.dp_epsilon, "project_epsilon": result.dp_project_epsilon}})
-        if result.eval_metrics:
-            events.append({"type": "metrics", "round": round_ - 1 if result.params else round_,
-                           "site": reply.site, "phase": "evaluate", "metrics": result.eval_metrics,
-                           "samples": result.num_test})
-        if result.train_metrics:
-            events.append({"type": "metrics", "round": round_, "site": reply.site, "phase": "train",
-                           "metrics": result.train_metrics, "samples": result.num_train})
-        self.emit(*events)
+        self.site_info[reply.site] = {
+            "version": result.version,
+            "fingerprint": result.fingerprint,
+            "train_rows": result.num_train,
+            "test_rows": result.num_test,
+        }
+        self.emit(*reply_events(reply.site, round_, phase, result))
 
     def readmit(self, round_: int) -> None:
         """Sites that went offline and are back (a new Flower node, still holding the dataset) rejoin."""
@@ -275,8 +283,11 @@ class RoundLoop:
             if info.get("status") == "online" and info.get("node_id") is not None and holds:
                 self.active[site] = int(info["node_id"])
                 del self.failed[site]
-                self.emit({"type": "site", "site": site, "status": "rejoined", "round": round_,
-                           "detail": "back online: it takes part again from this round"})
+                self.emit(
+                    site_event(
+                        site, SiteState.REJOINED, round_, detail="back online: it takes part again from this round"
+                    )
+                )
 
     def check_quorum(self, round_: int, good: list[Reply] | None = None) -> None:
         """Stop the run with a sentence if too few sites remain, or (``good``) too few replied in time."""
@@ -297,20 +308,7 @@ class RoundLoop:
         )
 
     def global_metrics(self, round_: int, phase: Phase, good: list[Reply], eval_round: int) -> None:
-        evals = [(r.result.eval_metrics, r.result.num_test) for r in good if r.result and r.result.eval_metrics]
-        trains = [(r.result.train_metrics, r.result.num_train) for r in good if r.result and r.result.train_metrics]
-        events = []
-        if evals:
-            events.append({"type": "metrics", "round": eval_round, "site": "global", "phase": "evaluate",
-                           "metrics": weighted_metrics(evals), "samples": sum(n for _, n in evals)})
-        private = [r.result.dp_epsilon for r in good if r.result and r.result.private and r.result.params]
-        if phase == Phase.FIT and private:  # the run's guarantee is its weakest site's
-            events.append({"type": "metrics", "round": round_, "site": "global", "phase": "privacy",
-                           "metrics": {"epsilon": max(private)}})
-        if phase == Phase.FIT and trains:
-            events.append({"type": "metrics", "round": round_, "site": "global", "phase": "train",
-                           "metrics": weighted_metrics(trains), "samples": sum(n for _, n in trains)})
-        if events:
+        if events := global_events(round_, phase, [r.result for r in good if r.result], eval_round):
             self.emit(*events)
 
     def prepare(self, params: dict[str, np.ndarray]) -> list[Reply]:
@@ -331,8 +329,10 @@ class RoundLoop:
     # -- the run ---------------------------------------------------------------------
     def run(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rounds = int(self.task["rounds"])
-        self.emit({"type": "run", "status": "running", "sites": sorted(self.active)},
-                  *({"type": "site", "site": s, "status": "waiting", "round": 0} for s in sorted(self.active)))
+        self.emit(
+            run_event(RunStatus.RUNNING, sites=sorted(self.active)),
+            *(site_event(s, SiteState.WAITING, 0) for s in sorted(self.active)),
+        )
         self.check_quorum(0)
         ready = self.prepare(params)
         self.check_quorum(0, ready)
@@ -345,8 +345,7 @@ class RoundLoop:
             self.global_metrics(round_, Phase.FIT, good, eval_round=round_ - 1)
             updates = [(r.result.params, r.result.num_train) for r in good if r.result]
             params = self.strategy.aggregate(params, updates)
-            self.emit({"type": "round", "round": round_, "sites": len(good),
-                       "seconds": round(time.monotonic() - started, 3)})
+            self.emit(round_event(round_, len(good), time.monotonic() - started))
         self.readmit(rounds)
         good = self.exchange(rounds, Phase.EVALUATE, params)
         self.check_quorum(rounds, good)
@@ -364,12 +363,12 @@ def main(grid: Grid, context: Context) -> None:
         with tuned_grid_pulls(loop.a_waited_site_is_gone):
             params = loop.run(hub.model(task["initial_model"]))
         sha = hub.put_model(run_id, params)
-        hub.events(run_id, [{"type": "run", "status": "completed", "model_sha256": sha,
-                             "site_info": loop.site_info, "failed_sites": loop.failed}])
+        ended = run_event(RunStatus.COMPLETED, model_sha256=sha, site_info=loop.site_info, failed_sites=loop.failed)
+        hub.events(run_id, [ended])
     except RunAborted as aborted:
-        hub.events(run_id, [{"type": "run", "status": "failed", "reason": str(aborted)}])
+        hub.events(run_id, [run_event(RunStatus.FAILED, reason=str(aborted))])
     except Exception as exc:  # noqa: BLE001 - report, then let Flower mark the run failed too
-        hub.events(run_id, [{"type": "run", "status": "failed",
-                             "reason": f"internal error in the FLIP server loop: {type(exc).__name__}: {exc}"}])
+        reason = f"internal error in the FLIP server loop: {type(exc).__name__}: {exc}"
+        hub.events(run_id, [run_event(RunStatus.FAILED, reason=reason)])
         traceback.print_exc()
         raise

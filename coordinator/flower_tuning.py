@@ -31,8 +31,13 @@ def _pull_objects(object_ids: list[str], pull_object_fn: Callable[[str], bytes],
     deadline = time.monotonic() + MAX_SECONDS
     while True:
         try:
-            return pull_objects(object_ids, pull_object_fn, max_time=SLICE_SECONDS,
-                                initial_backoff=INITIAL_BACKOFF, backoff_cap=BACKOFF_CAP)
+            return pull_objects(
+                object_ids,
+                pull_object_fn,
+                max_time=SLICE_SECONDS,
+                initial_backoff=INITIAL_BACKOFF,
+                backoff_cap=BACKOFF_CAP,
+            )
         except ObjectPullError:
             if time.monotonic() >= deadline or _should_abort():
                 raise

@@ -34,8 +34,13 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     """The environment for a Flower process FLIP starts: this venv first on PATH (Flower starts
     flower-superexec and flwr-* apps from PATH), its own FLWR_HOME, FLIP's SuperExec poll."""
     bindir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(flwr_home),
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS, **extra}
+    return {
+        **os.environ,
+        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_SECONDS,
+        **extra,
+    }
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,12 @@ class HubSide:
         # forked from the warm starter instead of importing Flower afresh
         env = self.hub_env()
         launcher_dir = write_launcher(self.root / "bin").parent
-        return {**env, "FLWR_LOG_LEVEL": os.environ.get(ENV_SUPERLINK_LOG_LEVEL, "INFO"),
-                "PATH": str(launcher_dir) + os.pathsep + env["PATH"], ZYGOTE_SOCKET_ENV: str(self.socket)}
+        return {
+            **env,
+            "FLWR_LOG_LEVEL": os.environ.get(ENV_SUPERLINK_LOG_LEVEL, "INFO"),
+            "PATH": str(launcher_dir) + os.pathsep + env["PATH"],
+            ZYGOTE_SOCKET_ENV: str(self.socket),
+        }
 
     @property
     def socket(self) -> Path:
@@ -100,34 +109,76 @@ class HubSide:
     def _tls(self) -> list[str]:
         if self.pki is None:
             return ["--insecure"]
-        return ["--ssl-certfile", str(self.pki / "superlink.pem"), "--ssl-keyfile", str(self.pki / "superlink.key"),
-                "--ssl-ca-certfile", str(self.pki / "ca.pem"), "--enable-supernode-auth"]
+        return [
+            "--ssl-certfile",
+            str(self.pki / "superlink.pem"),
+            "--ssl-keyfile",
+            str(self.pki / "superlink.key"),
+            "--ssl-ca-certfile",
+            str(self.pki / "ca.pem"),
+            "--enable-supernode-auth",
+        ]
 
     def coordinator(self) -> ProcessSpec:
-        return ProcessSpec("coordinator", [sys.executable, "-m", "coordinator", "--config", str(self.config_path)],
-                           self.hub_env())
+        return ProcessSpec(
+            "coordinator", [sys.executable, "-m", "coordinator", "--config", str(self.config_path)], self.hub_env()
+        )
 
     def engine(self) -> list[ProcessSpec]:
         """The ServerApp starter and the SuperLink (on the hub's loopback only)."""
         superlink_env = self._superlink_env()
         return [
-            ProcessSpec("serverapp-zygote", [sys.executable, "-m", "coordinator.serverapp_zygote",
-                                             "--socket", str(self.socket)], superlink_env),
-            ProcessSpec("superlink", [bin_path("flower-superlink"), *self._tls(), "--host", "127.0.0.1",
-                                      "--port", self.superlink.rsplit(":", 1)[1],
-                                      "--disable-runtime-dependency-installation", "--database", self.database],
-                        superlink_env),
+            ProcessSpec(
+                "serverapp-zygote",
+                [sys.executable, "-m", "coordinator.serverapp_zygote", "--socket", str(self.socket)],
+                superlink_env,
+            ),
+            ProcessSpec(
+                "superlink",
+                [
+                    bin_path("flower-superlink"),
+                    *self._tls(),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    self.superlink.rsplit(":", 1)[1],
+                    "--disable-runtime-dependency-installation",
+                    "--database",
+                    self.database,
+                ],
+                superlink_env,
+            ),
         ]
 
     def front(self) -> list[ProcessSpec]:
         """The fleet front, with TLS (none for an insecure federation: sites reach the SuperLink)."""
         if self.pki is None:
             return []
-        return [ProcessSpec("fleet-front", [
-            sys.executable, "-m", "coordinator.fleet_front", "--host", self.listen, "--port", str(self.front_port),
-            "--superlink", f"https://{self.superlink}", "--superlink-ca", str(self.pki / "ca.pem"),
-            "--coordinator", self.coordinator_url, "--certfile", str(self.pki / "superlink.pem"),
-            "--keyfile", str(self.pki / "superlink.key")], self.base_env())]
+        return [
+            ProcessSpec(
+                "fleet-front",
+                [
+                    sys.executable,
+                    "-m",
+                    "coordinator.fleet_front",
+                    "--host",
+                    self.listen,
+                    "--port",
+                    str(self.front_port),
+                    "--superlink",
+                    f"https://{self.superlink}",
+                    "--superlink-ca",
+                    str(self.pki / "ca.pem"),
+                    "--coordinator",
+                    self.coordinator_url,
+                    "--certfile",
+                    str(self.pki / "superlink.pem"),
+                    "--keyfile",
+                    str(self.pki / "superlink.key"),
+                ],
+                self.base_env(),
+            )
+        ]
 
     def processes(self, *, coordinator: bool = True) -> list[ProcessSpec]:
         """Every hub process in start order (``coordinator=False``: something else starts it, e.g. JupyterHub)."""

@@ -49,7 +49,7 @@ class Caller:
 
 
 def project_of(group: str) -> str | None:
-    return group[len(GROUP_PREFIX):] if group.startswith(GROUP_PREFIX) and len(group) > len(GROUP_PREFIX) else None
+    return group[len(GROUP_PREFIX) :] if group.startswith(GROUP_PREFIX) and len(group) > len(GROUP_PREFIX) else None
 
 
 def choose_project(caller: Caller, wanted: str | None, hub_projects: list[str]) -> str:
@@ -59,23 +59,31 @@ def choose_project(caller: Caller, wanted: str | None, hub_projects: list[str]) 
             return wanted
         if caller.via == "token":
             raise Refused(f"this token is for project {caller.projects[0]!r}, not {wanted!r}")
-        raise Refused(f"{caller.researcher} is not a member of FLIP project {wanted!r} (hub group "
-                      f"{GROUP_PREFIX}{wanted}): the hub operator adds members to the group")
+        raise Refused(
+            f"{caller.researcher} is not a member of FLIP project {wanted!r} (hub group "
+            f"{GROUP_PREFIX}{wanted}): the hub operator adds members to the group"
+        )
     if len(caller.projects) == 1:
         return caller.projects[0]
     if not caller.projects:
         known = ", ".join(GROUP_PREFIX + p for p in hub_projects) or "none yet"
-        raise Refused(f"{caller.researcher} is not in any FLIP project: a project's members are the hub group "
-                      f"{GROUP_PREFIX}<name> (on this hub: {known}); the hub operator adds members to a group")
-    raise Refused(f"{caller.researcher} is in projects {', '.join(caller.projects)}: choose one with "
-                  f"%flip_connect --project NAME", 400)
+        raise Refused(
+            f"{caller.researcher} is not in any FLIP project: a project's members are the hub group "
+            f"{GROUP_PREFIX}<name> (on this hub: {known}); the hub operator adds members to a group"
+        )
+    raise Refused(
+        f"{caller.researcher} is in projects {', '.join(caller.projects)}: choose one with "
+        f"%flip_connect --project NAME",
+        400,
+    )
 
 
 class HubIdentity:
     """Researchers by hub token (``jupyterhub.services.auth.HubAuth``) and hub groups."""
 
-    def __init__(self, api_url: str, api_token: str, service_name: str = "coordinator",
-                 access_scopes: set[str] | None = None) -> None:
+    def __init__(
+        self, api_url: str, api_token: str, service_name: str = "coordinator", access_scopes: set[str] | None = None
+    ) -> None:
         from jupyterhub.services.auth import HubAuth
 
         self.api_url = api_url.rstrip("/")

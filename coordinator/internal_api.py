@@ -48,8 +48,9 @@ async def put_model(request: Request) -> Response:
 async def events(request: Request) -> Response:
     _internal(request)
     parsed = await typed_body(request, Events, "the events")
-    state(request).manager.ingest(request.path_params["run_id"],
-                                  [e.model_dump(mode="json", exclude_unset=True) for e in parsed])
+    state(request).manager.ingest(
+        request.path_params["run_id"], [e.model_dump(mode="json", exclude_unset=True) for e in parsed]
+    )
     return JSONResponse({"ok": True})
 
 

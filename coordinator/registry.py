@@ -56,7 +56,9 @@ class SiteRegistry:
         return self._sites
 
     def sites(self) -> list[RegisteredSite]:
-        return [RegisteredSite(name, int(s["node_id"]), s["key_fingerprint"]) for name, s in sorted(self._load().items())]
+        return [
+            RegisteredSite(name, int(s["node_id"]), s["key_fingerprint"]) for name, s in sorted(self._load().items())
+        ]
 
     def register(self, name: str, node_id: int, key_fingerprint: str, *, replace: bool = False) -> str:
         """Record ``name`` as Flower node ``node_id``; the site's new coordinator token (shown once)."""
@@ -64,8 +66,10 @@ class SiteRegistry:
             raise RegistryError(f"{name!r} is not a site name (letters, digits, '.', '_', '-'; at most 64)")
         sites = dict(self._load())
         if name in sites and not replace:
-            raise RegistryError(f"site {name!r} is already registered (node {sites[name]['node_id']}); "
-                                "--replace gives it a new key and token")
+            raise RegistryError(
+                f"site {name!r} is already registered (node {sites[name]['node_id']}); "
+                "--replace gives it a new key and token"
+            )
         token = secrets.token_urlsafe(32)
         sites[name] = {"node_id": int(node_id), "key_fingerprint": key_fingerprint, "token_sha256": _digest(token)}
         self.path.parent.mkdir(parents=True, exist_ok=True)

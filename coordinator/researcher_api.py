@@ -34,8 +34,11 @@ async def caller(request: Request) -> Principal:
         if found is None and flip.identity is not None and token:
             found = await asyncio.to_thread(flip.identity.caller, token)
         if found is None:
-            raise Refused("a valid identity is required: a JupyterHub token of a user of this hub, or a FLIP "
-                          "token (Authorization: Bearer ...)", 401)
+            raise Refused(
+                "a valid identity is required: a JupyterHub token of a user of this hub, or a FLIP "
+                "token (Authorization: Bearer ...)",
+                401,
+            )
         wanted = request.headers.get(PROJECT_HEADER) or None
         known: list[str] = []
         if wanted is None and not found.projects and flip.identity is not None:  # the refusal names the projects
@@ -43,8 +46,9 @@ async def caller(request: Request) -> Principal:
     except Refused:
         raise
     except Exception as exc:  # the hub did not answer: say so, not a bare 500
-        raise Refused(f"the coordinator could not check this identity with the hub ({type(exc).__name__})",
-                      503) from exc
+        raise Refused(
+            f"the coordinator could not check this identity with the hub ({type(exc).__name__})", 503
+        ) from exc
     return Principal(found.researcher, choose_project(found, wanted, known))
 
 
@@ -121,8 +125,11 @@ async def events(request: Request) -> Response:
         raise RequestInvalid(f"the query parameter 'stream' must be 0 or 1, not {stream[:40]!r}", field="stream")
     if stream == "0":
         return JSONResponse(state(request).manager.store.events(run_id, after))
-    return StreamingResponse(_stream(request, run_id, after), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        _stream(request, run_id, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def _stream(request: Request, run_id: str, after: int) -> AsyncIterator[str]:

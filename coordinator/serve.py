@@ -56,24 +56,43 @@ def prepare(state: Path, *, coordinator_listen: str, coordinator_port: int, hub_
     path = state / "coordinator.json"
     old = CoordinatorConfig.load(path) if path.exists() else None
     config = CoordinatorConfig(
-        state_dir=state / "coordinator", host=coordinator_listen, port=coordinator_port,
+        state_dir=state / "coordinator",
+        host=coordinator_listen,
+        port=coordinator_port,
         superlink_control=f"127.0.0.1:{free_port()}",
-        internal_token=old.internal_token if old else secrets.token_urlsafe(24), site_token="",
-        tokens=dict(old.tokens) if old else {}, superlink_ca=str(ca.cert),
+        internal_token=old.internal_token if old else secrets.token_urlsafe(24),
+        site_token="",
+        tokens=dict(old.tokens) if old else {},
+        superlink_ca=str(ca.cert),
     )
     config.state_dir.mkdir(exist_ok=True)
     config.dump(path)
     return config
 
 
-def serve(state: Path, *, listen: str = "0.0.0.0", fleet_port: int = 9092, coordinator_listen: str = "127.0.0.1",
-          coordinator_port: int = 8900, hub_names: list[str] | None = None) -> int:
+def serve(
+    state: Path,
+    *,
+    listen: str = "0.0.0.0",
+    fleet_port: int = 9092,
+    coordinator_listen: str = "127.0.0.1",
+    coordinator_port: int = 8900,
+    hub_names: list[str] | None = None,
+) -> int:
     state = state.resolve()
-    config = prepare(state, coordinator_listen=coordinator_listen, coordinator_port=coordinator_port,
-                     hub_names=list(hub_names or []))
+    config = prepare(
+        state, coordinator_listen=coordinator_listen, coordinator_port=coordinator_port, hub_names=list(hub_names or [])
+    )
     pki = state / "pki"
-    hub = HubSide(state, state / "coordinator.json", config, pki, listen=listen, front_port=fleet_port,
-                  database=str(state / "superlink.db"))
+    hub = HubSide(
+        state,
+        state / "coordinator.json",
+        config,
+        pki,
+        listen=listen,
+        front_port=fleet_port,
+        database=str(state / "superlink.db"),
+    )
 
     def stop_signal(signum: int, frame: Any) -> None:
         raise _Stop(signal.Signals(signum).name)
@@ -92,13 +111,24 @@ def serve(state: Path, *, listen: str = "0.0.0.0", fleet_port: int = 9092, coord
             control.close()  # an open connection would hold up the SuperLink's shutdown
         if not wait_until(lambda: _exited(children) or _health(hub.coordinator_url), READY_SECONDS, 0.1):
             raise ServeError("the coordinator did not answer within 90 s")
-        print(json.dumps({"flip": "serving", "fleet": f"{listen}:{fleet_port}", "coordinator":
-                          f"{coordinator_listen}:{coordinator_port}", "state": str(state),
-                          "ca": str(pki / "ca.pem")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "flip": "serving",
+                    "fleet": f"{listen}:{fleet_port}",
+                    "coordinator": f"{coordinator_listen}:{coordinator_port}",
+                    "state": str(state),
+                    "ca": str(pki / "ca.pem"),
+                }
+            ),
+            flush=True,
+        )
         while True:
             pid, status = os.waitpid(-1, 0)
             if pid in children:
-                print(f"flip serve: {children[pid]} exited ({_describe(status)}); stopping", file=sys.stderr, flush=True)
+                print(
+                    f"flip serve: {children[pid]} exited ({_describe(status)}); stopping", file=sys.stderr, flush=True
+                )
                 code = 1
                 break
     except _Stop as why:
@@ -151,5 +181,6 @@ def _stop(children: dict[int, str]) -> None:
                 if done:
                     order.remove(pid)
             return not order
+
         if wait_until(reaped, STOP_SECONDS, 0.05):
             return

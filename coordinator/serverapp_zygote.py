@@ -89,7 +89,7 @@ def _receive(conn: socket.socket) -> tuple[dict[str, object], list[int]] | None:
         if not more:
             return None
         data += more
-    return dict(json.loads(data[4:4 + size])), list(fds)
+    return dict(json.loads(data[4 : 4 + size])), list(fds)
 
 
 def _child(request: dict[str, object], fds: list[int], listener: socket.socket, conns: list[socket.socket]) -> None:

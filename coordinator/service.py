@@ -97,8 +97,9 @@ class Presence:
 
 
 class RunManager:
-    def __init__(self, store: Store, control: Control, notify: Callable[[], None],
-                 presence_grace: float = PRESENCE_GRACE_SECONDS) -> None:
+    def __init__(
+        self, store: Store, control: Control, notify: Callable[[], None], presence_grace: float = PRESENCE_GRACE_SECONDS
+    ) -> None:
         self.store = store
         self.control = control
         self.notify = notify
@@ -113,12 +114,17 @@ class RunManager:
             settling = time.monotonic() < self.settle_until
             online = row["state"] == "online" and (self.presence.online(row["site"]) or settling)
             info = row["info"]
-            out.append({
-                "site": row["site"], "status": "online" if online else "offline",
-                "node_id": row["node_id"], "version": info.get("version", ""),
-                "datasets": info.get("datasets", []), "last_seen": row["last_seen"],
-                "warm": bool(info.get("warm", False)) and online,
-            })
+            out.append(
+                {
+                    "site": row["site"],
+                    "status": "online" if online else "offline",
+                    "node_id": row["node_id"],
+                    "version": info.get("version", ""),
+                    "datasets": info.get("datasets", []),
+                    "last_seen": row["last_seen"],
+                    "warm": bool(info.get("warm", False)) and online,
+                }
+            )
         return out
 
     def announce(self, site: str, node_id: int | None, info: dict[str, Any], state: str) -> None:
@@ -131,13 +137,23 @@ class RunManager:
         run_id = secrets.token_hex(5)
         task["run_id"] = run_id
         record = {
-            "run_id": run_id, "name": task["name"], "project": who.project, "researcher": who.researcher,
-            "dataset": task["dataset"], "rounds": task["rounds"], "strategy": task["strategy"],
-            "strategy_options": task["strategy_options"], "min_sites": task["min_sites"],
+            "run_id": run_id,
+            "name": task["name"],
+            "project": who.project,
+            "researcher": who.researcher,
+            "dataset": task["dataset"],
+            "rounds": task["rounds"],
+            "strategy": task["strategy"],
+            "strategy_options": task["strategy_options"],
+            "min_sites": task["min_sites"],
             "round_timeout": task["round_timeout"],
-            "seed": task["seed"], "config": task["config"], "source_hash": task["source_hash"],
-            "sites": [s["site"] for s in task["sites"]], "initial_model_sha256": task["initial_model"],
-            "fab_sha256": self.control.fab_hash, "created": time.time(),
+            "seed": task["seed"],
+            "config": task["config"],
+            "source_hash": task["source_hash"],
+            "sites": [s["site"] for s in task["sites"]],
+            "initial_model_sha256": task["initial_model"],
+            "fab_sha256": self.control.fab_hash,
+            "created": time.time(),
             "hub_packages": package_versions("flip", "flwr", "numpy"),
             "client_packages": dict(spec.client_packages),
             "site_datasets": {s["site"]: s["dataset"] for s in task["sites"]},
@@ -191,14 +207,26 @@ class RunManager:
         if model_uploaded and not (initial and self.store.model_path(initial).exists()):
             raise TaskRejected("the initial model was not uploaded (POST /api/models first)")
         return {
-            "name": spec.name or "run", "project": who.project, "researcher": who.researcher,
-            "source": spec.source, "source_hash": source_hash(spec.source), "dataset": spec.dataset,
-            "rounds": spec.rounds, "strategy": strategy, "strategy_options": strategy_options,
-            "min_sites": min_sites, "seed": spec.seed, "config": config, "initial_model": initial,
+            "name": spec.name or "run",
+            "project": who.project,
+            "researcher": who.researcher,
+            "source": spec.source,
+            "source_hash": source_hash(spec.source),
+            "dataset": spec.dataset,
+            "rounds": spec.rounds,
+            "strategy": strategy,
+            "strategy_options": strategy_options,
+            "min_sites": min_sites,
+            "seed": spec.seed,
+            "config": config,
+            "initial_model": initial,
             "round_timeout": spec.round_timeout,
             "sites": [
-                {"site": s["site"], "node_id": s["node_id"],
-                 "dataset": next(d for d in s["datasets"] if d["name"] == spec.dataset)}
+                {
+                    "site": s["site"],
+                    "node_id": s["node_id"],
+                    "dataset": next(d for d in s["datasets"] if d["name"] == spec.dataset),
+                }
                 for s in sorted(online, key=lambda s: s["site"])
             ],
         }
@@ -221,7 +249,9 @@ class RunManager:
                 self.store.set_status(run_id, "running")
             elif status == "completed":
                 self.store.update_record(
-                    run_id, model_sha256=event.get("model_sha256"), site_info=event.get("site_info", {}),
+                    run_id,
+                    model_sha256=event.get("model_sha256"),
+                    site_info=event.get("site_info", {}),
                     failed_sites=event.get("failed_sites", {}),
                 )
                 self.store.set_status(run_id, "completed")
@@ -250,11 +280,20 @@ class RunManager:
             raise TaskRejected(f"no run {run_id!r}", 404)
         record = {**run["record"], "status": run["status"], "reason": run["reason"], "finished": run["finished"]}
         return {
-            "run_id": run_id, "name": run["name"], "status": run["status"], "reason": run["reason"],
-            "dataset": run["dataset"], "project": run["project"], "researcher": run["researcher"],
-            "rounds": run["task"]["rounds"], "strategy": run["task"]["strategy"],
-            "sites": record.get("sites", []), "created": run["created"], "finished": run["finished"],
-            "source": run["task"]["source"], "record": record,
+            "run_id": run_id,
+            "name": run["name"],
+            "status": run["status"],
+            "reason": run["reason"],
+            "dataset": run["dataset"],
+            "project": run["project"],
+            "researcher": run["researcher"],
+            "rounds": run["task"]["rounds"],
+            "strategy": run["task"]["strategy"],
+            "sites": record.get("sites", []),
+            "created": run["created"],
+            "finished": run["finished"],
+            "source": run["task"]["source"],
+            "record": record,
         }
 
     # -- following Flower -----------------------------------------------------------
@@ -287,8 +326,12 @@ class RunManager:
         current = self.store.run(run_id)
         if current is not None and current["status"] not in TERMINAL:
             kind = "stopped" if status.sub_status == "stopped" else "failed"
-            self.finish(run_id, kind, f"the Flower run ended ({status.sub_status}) before FLIP's server loop "
-                                      f"reported a result.{self._last_log_line(flower_run_id)}")
+            self.finish(
+                run_id,
+                kind,
+                f"the Flower run ended ({status.sub_status}) before FLIP's server loop "
+                f"reported a result.{self._last_log_line(flower_run_id)}",
+            )
 
     def _last_log_line(self, flower_run_id: int) -> str:
         try:

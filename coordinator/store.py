@@ -82,8 +82,16 @@ class Store:
             self._db.execute(
                 "INSERT INTO runs (run_id, name, project, researcher, dataset, status, created, task, record)"
                 " VALUES (?, ?, ?, ?, ?, 'submitted', ?, ?, ?)",
-                (run_id, task["name"], task["project"], task["researcher"], task["dataset"],
-                 time.time(), json.dumps(task), json.dumps(record)),
+                (
+                    run_id,
+                    task["name"],
+                    task["project"],
+                    task["researcher"],
+                    task["dataset"],
+                    time.time(),
+                    json.dumps(task),
+                    json.dumps(record),
+                ),
             )
             self._db.commit()
 

@@ -48,7 +48,6 @@ TEXT_CHARS = 10_000
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as `flip site register` allows
 
 
-
 def _refuse(message: str) -> PydanticCustomError:
     return PydanticCustomError("flip", message)
 
@@ -169,8 +168,11 @@ class TaskSpec(Body):
         """The run's differential-privacy settings as the sites read them from its config (empty without DP)."""
         if self.dp_epsilon is None:
             return {}
-        return {"dp_epsilon": self.dp_epsilon, "dp_clip": 1.0 if self.dp_clip is None else self.dp_clip,
-                "dp_rounds": self.rounds}
+        return {
+            "dp_epsilon": self.dp_epsilon,
+            "dp_clip": 1.0 if self.dp_clip is None else self.dp_clip,
+            "dp_rounds": self.rounds,
+        }
 
 
 # -- site agents ------------------------------------------------------------------------------------
@@ -215,7 +217,9 @@ class RunEvent(Body):
     reason: Text = ""
     sites: Annotated[list[SiteName], Field(max_length=MAX_SITES)] | None = None
     model_sha256: Sha256 | None = None
-    site_info: Annotated[dict[SiteName, dict[Name, str | int | float | None]], Field(max_length=MAX_SITES)] | None = None
+    site_info: Annotated[dict[SiteName, dict[Name, str | int | float | None]], Field(max_length=MAX_SITES)] | None = (
+        None
+    )
     failed_sites: Annotated[dict[SiteName, Text], Field(max_length=MAX_SITES)] | None = None
 
 
@@ -252,15 +256,25 @@ Events = Annotated[list[Event], Field(max_length=MAX_EVENTS)]
 # -- parsing ----------------------------------------------------------------------------------------
 M = TypeVar("M")
 _KINDS = {
-    "int_type": "must be a whole number", "int_parsing": "must be a whole number",
-    "int_from_float": "must be a whole number", "float_type": "must be a number",
-    "float_parsing": "must be a number", "finite_number": "must be a finite number",
-    "string_type": "must be text", "bool_type": "must be true or false", "dict_type": "must be an object",
-    "list_type": "must be a list", "model_type": "must be an object", "model_attributes_type": "must be an object",
-    "missing": "is required", "extra_forbidden": "is not a field of this request",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "string_type": "must be text",
+    "bool_type": "must be true or false",
+    "dict_type": "must be an object",
+    "list_type": "must be a list",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "missing": "is required",
+    "extra_forbidden": "is not a field of this request",
     "string_too_short": "must not be empty",
-    "enum": "is not one of the allowed values", "literal_error": "is not one of the allowed values",
-    "union_tag_invalid": "is not a known kind", "union_tag_not_found": "needs a 'type'",
+    "enum": "is not one of the allowed values",
+    "literal_error": "is not one of the allowed values",
+    "union_tag_invalid": "is not a known kind",
+    "union_tag_not_found": "needs a 'type'",
     "none_required": "must be empty",
 }
 
@@ -282,16 +296,23 @@ def sentence(error: ErrorDetails, what: str) -> str:
     """One pydantic error as FLIP says it: what is wrong, where, and (briefly) what was sent."""
     kind, where = error["type"], _where(error["loc"])
     if kind == "flip":  # FLIP's own sentence; where it is not the task's own (naming its option), say where
-        return str(error["msg"]) if str(error["msg"]).startswith("--") or what == "the task" and where in (
-            "the body", "field 'source'") else f"{what}: {where}: {error['msg']}"
+        return (
+            str(error["msg"])
+            if str(error["msg"]).startswith("--") or what == "the task" and where in ("the body", "field 'source'")
+            else f"{what}: {where}: {error['msg']}"
+        )
     if kind == "json_invalid":
         return f"{what} is not valid JSON ({error.get('ctx', {}).get('error', 'malformed')})"
     ctx = error.get("ctx", {})
     if kind in ("string_too_long", "too_long"):
         return f"{what}: {where} is too long (at most {ctx.get('max_length')})"
     if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-        bound = {"greater_than_equal": "at least", "less_than_equal": "at most",
-                 "greater_than": "above", "less_than": "below"}[kind]
+        bound = {
+            "greater_than_equal": "at least",
+            "less_than_equal": "at most",
+            "greater_than": "above",
+            "less_than": "below",
+        }[kind]
         limit = next(iter(ctx.values()), "")
         return f"{what}: {where} must be {bound} {limit}, not {_shown(error.get('input'))}"
     if kind in ("dict_type", "model_type", "model_attributes_type", "list_type") and where == "the body":
@@ -321,7 +342,21 @@ def parse(model: type[M] | Any, body: bytes | str | Any, what: str) -> M:
 
 
 __all__ = [
-    "MAX_JSON_BYTES", "PROJECT_HEADER", "SITE_NAME", "Body", "DatasetAnnouncement", "Event", "Events",
-    "MetricsEvent", "Ring", "RoundEvent", "RunEvent", "SiteAnnouncement", "SiteEvent", "SiteInfo", "TaskSpec",
-    "parse", "sentence",
+    "MAX_JSON_BYTES",
+    "PROJECT_HEADER",
+    "SITE_NAME",
+    "Body",
+    "DatasetAnnouncement",
+    "Event",
+    "Events",
+    "MetricsEvent",
+    "Ring",
+    "RoundEvent",
+    "RunEvent",
+    "SiteAnnouncement",
+    "SiteEvent",
+    "SiteInfo",
+    "TaskSpec",
+    "parse",
+    "sentence",
 ]

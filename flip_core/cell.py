@@ -40,5 +40,12 @@ def missing_functions(namespace: dict[str, object]) -> list[str]:
     return [name for name in REQUIRED_FUNCTIONS if not callable(namespace.get(name))]
 
 
-__all__ = ["CELL_FILENAME", "REQUIRED_FUNCTIONS", "SIGNATURES", "cell_line", "missing_functions",
-           "normalise_source", "source_hash"]
+__all__ = [
+    "CELL_FILENAME",
+    "REQUIRED_FUNCTIONS",
+    "SIGNATURES",
+    "cell_line",
+    "missing_functions",
+    "normalise_source",
+    "source_hash",
+]

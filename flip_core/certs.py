@@ -69,14 +69,21 @@ def make_ca(folder: Path, *, name: str = "FLIP consortium CA", days: int = 825, 
     """Create a self-signed CA in ``folder`` (``ca.pem``, ``ca.key``); refuse to replace one unless ``force``."""
     ca = CA(cert=folder / "ca.pem", key=folder / "ca.key")
     if not force and (ca.cert.exists() or ca.key.exists()):
-        raise CertError(f"A CA already exists in {folder}. Replacing it would invalidate every certificate "
-                        "it signed; pass force=True only if you mean to reissue them all.")
+        raise CertError(
+            f"A CA already exists in {folder}. Replacing it would invalidate every certificate "
+            "it signed; pass force=True only if you mean to reissue them all."
+        )
     key = ec.generate_private_key(ec.SECP384R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     start, end = _validity(days)
     cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -112,9 +119,11 @@ def make_server_cert(folder: Path, name: str, hosts: list[str], *, days: int = 8
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(min(end, ca_cert.not_valid_after_utc))
+        .not_valid_before(start)
+        .not_valid_after(min(end, ca_cert.not_valid_after_utc))
         .add_extension(x509.SubjectAlternativeName([_general_name(h) for h in hosts]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
@@ -134,11 +143,14 @@ def make_site_keys(folder: Path, site: str, *, force: bool = False) -> SiteKeys:
     _check_name(site, "site name")
     keys = SiteKeys(private=folder / f"{site}.key", public=folder / f"{site}.pub")
     if not force and (keys.private.exists() or keys.public.exists()):
-        raise CertError(f"Keys for site {site!r} already exist in {folder}. Replacing them locks the site out "
-                        "until its new public key is registered; pass force=True if that is what you want.")
+        raise CertError(
+            f"Keys for site {site!r} already exist in {folder}. Replacing them locks the site out "
+            "until its new public key is registered; pass force=True if that is what you want."
+        )
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _make_folder(folder)
     _write(keys.private, private, private=True)
@@ -153,8 +165,9 @@ def load_site_keys(private: Path) -> tuple[ec.EllipticCurvePrivateKey, ec.Ellipt
     (flwr/supernode/cli/flower_supernode.py, ``_try_setup_client_authentication``):
     an unencrypted OpenSSH private key that must be ECDSA.
     """
-    key = _read(private, lambda data: serialization.load_ssh_private_key(data, None),
-                "an unencrypted OpenSSH private key")
+    key = _read(
+        private, lambda data: serialization.load_ssh_private_key(data, None), "an unencrypted OpenSSH private key"
+    )
     _require_ecdsa(key, ec.EllipticCurvePrivateKey, private)
     return key, key.public_key()
 
@@ -179,8 +192,9 @@ def fingerprint(cert_or_pub: Path) -> str:
         raw = cert.public_bytes(serialization.Encoding.DER)
     else:
         key = _read(cert_or_pub, serialization.load_ssh_public_key, "a PEM certificate or an OpenSSH public key")
-        raw = base64.b64decode(key.public_bytes(serialization.Encoding.OpenSSH,
-                                                serialization.PublicFormat.OpenSSH).split()[1])
+        raw = base64.b64decode(
+            key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+        )
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
@@ -193,14 +207,24 @@ def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
 
 def _require_ecdsa(key: object, kind: type, path: Path) -> None:
     if not isinstance(key, kind):
-        raise CertError(f"{path} holds a {type(key).__name__}, but Flower SuperNode authentication needs an "
-                        "ECDSA key. Make one with make_site_keys.")
+        raise CertError(
+            f"{path} holds a {type(key).__name__}, but Flower SuperNode authentication needs an "
+            "ECDSA key. Make one with make_site_keys."
+        )
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
-                         data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
-                         crl_sign=cert_sign, encipher_only=False, decipher_only=False)
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _general_name(host: str) -> x509.GeneralName:
@@ -209,15 +233,18 @@ def _general_name(host: str) -> x509.GeneralName:
     except ValueError:
         pass
     if len(host) > 253 or not _DNS_NAME.fullmatch(host):
-        raise CertError(f"{host!r} is neither an IP address nor a DNS name; give hosts like 10.0.0.5 or "
-                        "hub.example.org.")
+        raise CertError(
+            f"{host!r} is neither an IP address nor a DNS name; give hosts like 10.0.0.5 or hub.example.org."
+        )
     return x509.DNSName(host)
 
 
 def _check_name(name: str, what: str) -> None:
     if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
-        raise CertError(f"The {what} {name!r} is not a safe file name: use 1-64 letters, digits, '.', '-' "
-                        "or '_', not starting with '.'.")
+        raise CertError(
+            f"The {what} {name!r} is not a safe file name: use 1-64 letters, digits, '.', '-' "
+            "or '_', not starting with '.'."
+        )
 
 
 def _read(path: Path, parse: Callable[[bytes], _T], what: str) -> _T:
@@ -233,8 +260,9 @@ def _read(path: Path, parse: Callable[[bytes], _T], what: str) -> _T:
 
 
 def _pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _make_folder(folder: Path) -> None:

@@ -47,8 +47,9 @@ def _member_problem(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
     with archive.open(info) as member:
         try:
             version = np.lib.format.read_magic(member)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = read_header(member)
         except (ValueError, OSError, SyntaxError) as exc:
             return f"{info.filename!r} is not an array ({exc})"
@@ -67,8 +68,9 @@ def check_model(blob: bytes, max_bytes: int | None = None) -> int:
     try:
         archive = zipfile.ZipFile(io.BytesIO(blob))
     except (zipfile.BadZipFile, ValueError, OSError):
-        raise ModelInvalid("the body is not a model: a model is an .npz archive of numeric arrays "
-                           "(numpy.savez of the state dict)") from None
+        raise ModelInvalid(
+            "the body is not a model: a model is an .npz archive of numeric arrays (numpy.savez of the state dict)"
+        ) from None
     with archive:
         infos = archive.infolist()
         if not infos:
@@ -97,7 +99,7 @@ def encode_frame(head: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
 def frame_header(blob: bytes) -> dict[str, Any]:
     """The JSON header of a frame, without touching its arrays."""
     (size,) = _LENGTH.unpack_from(blob)
-    head = json.loads(blob[_LENGTH.size:_LENGTH.size + size])
+    head = json.loads(blob[_LENGTH.size : _LENGTH.size + size])
     if not isinstance(head, dict):
         raise ValueError("a frame's header must be a JSON object")
     return head
@@ -105,8 +107,16 @@ def frame_header(blob: bytes) -> dict[str, Any]:
 
 def decode_frame(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     (size,) = _LENGTH.unpack_from(blob)
-    return frame_header(blob), unpack_arrays(blob[_LENGTH.size + size:])
+    return frame_header(blob), unpack_arrays(blob[_LENGTH.size + size :])
 
 
-__all__ = ["MODEL_DTYPE_KINDS", "ModelInvalid", "check_model", "decode_frame", "encode_frame", "frame_header",
-           "pack_arrays", "unpack_arrays"]
+__all__ = [
+    "MODEL_DTYPE_KINDS",
+    "ModelInvalid",
+    "check_model",
+    "decode_frame",
+    "encode_frame",
+    "frame_header",
+    "pack_arrays",
+    "unpack_arrays",
+]

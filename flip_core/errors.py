@@ -74,5 +74,11 @@ class RunFailed(FlipError):
 
 
 __all__ = [
-    "ConfigError", "FlipError", "NotConnected", "Rejected", "RequestInvalid", "RunFailed", "TaskInvalid",
+    "ConfigError",
+    "FlipError",
+    "NotConnected",
+    "Rejected",
+    "RequestInvalid",
+    "RunFailed",
+    "TaskInvalid",
 ]

@@ -58,5 +58,13 @@ def data_dir() -> Path:
     return Path.home() / ".cache" / "flip" / "data"
 
 
-__all__ = ["CONNECTION_FILE", "ENV_DATA_DIR", "ENV_HOME", "connection_path", "data_dir", "flip_home",
-           "read_connection", "write_connection"]
+__all__ = [
+    "CONNECTION_FILE",
+    "ENV_DATA_DIR",
+    "ENV_HOME",
+    "connection_path",
+    "data_dir",
+    "flip_home",
+    "read_connection",
+    "write_connection",
+]

@@ -81,5 +81,14 @@ class Presence(StrEnum):
     OFFLINE = "offline"
 
 
-__all__ = ["DISPATCHED", "TERMINAL", "EventType", "MetricPhase", "Phase", "Presence", "RunStatus", "SiteState",
-           "StepStatus"]
+__all__ = [
+    "DISPATCHED",
+    "TERMINAL",
+    "EventType",
+    "MetricPhase",
+    "Phase",
+    "Presence",
+    "RunStatus",
+    "SiteState",
+    "StepStatus",
+]

@@ -72,21 +72,24 @@ DATASETS: dict[str, DatasetSource] = {
     "heart-disease": DatasetSource(
         name="heart-disease",
         description="UCI Heart Disease, four real hospitals (Cleveland, Hungary, Switzerland, "
-                    "VA Long Beach); CC BY 4.0, Janosi, Steinbrunn, Pfisterer, Detrano (1988).",
+        "VA Long Beach); CC BY 4.0, Janosi, Steinbrunn, Pfisterer, Detrano (1988).",
         files=tuple(
-            RemoteFile(url=f"{_UCI}processed.{site}.data",
-                       relpath=f"heart-disease/processed.{site}.data", sha256=digest)
+            RemoteFile(
+                url=f"{_UCI}processed.{site}.data", relpath=f"heart-disease/processed.{site}.data", sha256=digest
+            )
             for site, digest in _HEART_SHA256.items()
         ),
     ),
     "breastmnist": DatasetSource(
         name="breastmnist",
         description="BreastMNIST (MedMNIST v2): 780 breast-ultrasound images, 28x28 grey; "
-                    "CC BY 4.0, Yang et al. 2023 / Al-Dhabyani et al. 2020.",
+        "CC BY 4.0, Yang et al. 2023 / Al-Dhabyani et al. 2020.",
         files=(
-            RemoteFile(url="https://zenodo.org/records/10519652/files/breastmnist.npz?download=1",
-                       relpath="breastmnist/breastmnist.npz",
-                       md5="750601b1f35ba3300ea97c75c52ff8f6"),
+            RemoteFile(
+                url="https://zenodo.org/records/10519652/files/breastmnist.npz?download=1",
+                relpath="breastmnist/breastmnist.npz",
+                md5="750601b1f35ba3300ea97c75c52ff8f6",
+            ),
         ),
     ),
 }
@@ -120,8 +123,7 @@ def _problem(remote: RemoteFile, root: Path) -> str | None:
         return f"{remote.relpath}: missing (expected at {path})."
     actual = file_digest(path, remote.algorithm)
     if actual != remote.expected:
-        return (f"{remote.relpath}: {remote.algorithm} mismatch, expected {remote.expected}, "
-                f"got {actual}.")
+        return f"{remote.relpath}: {remote.algorithm} mismatch, expected {remote.expected}, got {actual}."
     return None
 
 
@@ -143,9 +145,7 @@ def _download(remote: RemoteFile, target: Path, opener: Callable[..., Any]) -> N
                     digest.update(chunk)
                     out.write(chunk)
         except OSError as exc:
-            raise DataFetchError(
-                f"Could not download {remote.relpath} from {remote.url}: {exc}"
-            ) from exc
+            raise DataFetchError(f"Could not download {remote.relpath} from {remote.url}: {exc}") from exc
         actual = digest.hexdigest()
         if actual != remote.expected:
             raise DataFetchError(
@@ -157,8 +157,7 @@ def _download(remote: RemoteFile, target: Path, opener: Callable[..., Any]) -> N
         tmp.unlink(missing_ok=True)
 
 
-def fetch(name: str, dest: Path, *,
-          opener: Callable[..., Any] = urllib.request.urlopen) -> list[Path]:
+def fetch(name: str, dest: Path, *, opener: Callable[..., Any] = urllib.request.urlopen) -> list[Path]:
     """Download data set ``name`` into ``dest``; return the local paths of all its files.
 
     Files already present with the right digest are not downloaded again; missing or bad

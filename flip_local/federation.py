@@ -71,10 +71,19 @@ class Options:
         return HUB_PROJECT if self.hub else DEFAULT_PROJECT
 
 
-def up(home: Path | None = None, *, data: Path | None = None, sites: int = 4,
-       warm: bool = True, auto_approve: bool = True, policy: dict[str, Any] | None = None,
-       secure: bool = True, listen: str = "127.0.0.1", hub_names: tuple[str, ...] = (),
-       hub: HubOptions | None = None) -> dict[str, Any]:
+def up(
+    home: Path | None = None,
+    *,
+    data: Path | None = None,
+    sites: int = 4,
+    warm: bool = True,
+    auto_approve: bool = True,
+    policy: dict[str, Any] | None = None,
+    secure: bool = True,
+    listen: str = "127.0.0.1",
+    hub_names: tuple[str, ...] = (),
+    hub: HubOptions | None = None,
+) -> dict[str, Any]:
     """Start the local federation (``sites`` site agents) and return the connection it wrote.
 
     ``hub``: a local JupyterHub too (``flip hub``), which starts the coordinator as its service; the
@@ -94,8 +103,9 @@ def up(home: Path | None = None, *, data: Path | None = None, sites: int = 4,
     federation = Federation(home or flip_home())
     if federation.running():
         raise FederationError(f"a local federation is already running under {federation.root}; `flip down` first")
-    options = Options(data, sites, warm, auto_approve, policy, secure, listen, hub_names,
-                      hub.chosen() if hub is not None else None)
+    options = Options(
+        data, sites, warm, auto_approve, policy, secure, listen, hub_names, hub.chosen() if hub is not None else None
+    )
     launch = _Launch(federation, options)
     try:
         return launch.run()
@@ -128,14 +138,18 @@ class _Launch:
             shutil.rmtree(self.root)
         self.logs.mkdir(parents=True)
         o = self.options
-        site_dirs = prepare_heart_sites(self.root, o.data, o.sites, auto_approve=o.auto_approve, policy=o.policy,
-                                        project=o.project)
+        site_dirs = prepare_heart_sites(
+            self.root, o.data, o.sites, auto_approve=o.auto_approve, policy=o.policy, project=o.project
+        )
         hub, token = self.hub_side()
         self.start_hub(hub)
         self.wait("the coordinator", lambda: _answers(f"{hub.coordinator_url}/api/health"))
         self.start_sites(hub, site_dirs)
-        self.wait("every site", lambda: _sites_online(hub.coordinator_url, token, heart_site_names(o.sites)),
-                  "not every site came online")
+        self.wait(
+            "every site",
+            lambda: _sites_online(hub.coordinator_url, token, heart_site_names(o.sites)),
+            "not every site came online",
+        )
         if o.hub is not None:
             self.wait("JupyterHub", lambda: local_hub.answers(o.hub.url))  # type: ignore[union-attr]
         return self.write_connection(hub, token)
@@ -147,20 +161,32 @@ class _Launch:
             make_ca(pki)
             make_server_cert(pki, "superlink", ["127.0.0.1", "localhost", *o.hub_names])
         else:
-            print("WARNING: flip up --insecure: the SuperLink and the coordinator speak plain HTTP and take any "
-                  "node; for debugging only", file=sys.stderr)
+            print(
+                "WARNING: flip up --insecure: the SuperLink and the coordinator speak plain HTTP and take any "
+                "node; for debugging only",
+                file=sys.stderr,
+            )
         token = secrets.token_urlsafe(24)
         config = CoordinatorConfig(
-            state_dir=self.root / "coordinator", host="127.0.0.1", port=free_port(),
-            superlink_control=f"127.0.0.1:{free_port()}", internal_token=secrets.token_urlsafe(24),
+            state_dir=self.root / "coordinator",
+            host="127.0.0.1",
+            port=free_port(),
+            superlink_control=f"127.0.0.1:{free_port()}",
+            internal_token=secrets.token_urlsafe(24),
             site_token="" if o.secure else secrets.token_urlsafe(24),
             tokens={token: TokenGrant(researcher=getpass.getuser(), project=o.project)},
             superlink_ca=str(pki / "ca.pem") if o.secure else None,
         )
         config.state_dir.mkdir(parents=True)
         config.dump(self.root / "coordinator.json")
-        return HubSide(self.root, self.root / "coordinator.json", config, pki if o.secure else None,
-                       listen=o.listen, front_port=free_port()), token
+        return HubSide(
+            self.root,
+            self.root / "coordinator.json",
+            config,
+            pki if o.secure else None,
+            listen=o.listen,
+            front_port=free_port(),
+        ), token
 
     def spawn(self, spec: ProcessSpec) -> None:
         self.processes.append(spawn(spec, self.logs))
@@ -173,8 +199,16 @@ class _Launch:
             self.spawn(hub.coordinator())
         else:  # the hub starts the coordinator (a managed service) and restarts it if it dies
             coordinator = hub.coordinator()
-            self.spawn(local_hub.launch(self.root, self.options.hub, coordinator, hub.coordinator_url,
-                                        _flip_part(coordinator.env), hub.base_env()))
+            self.spawn(
+                local_hub.launch(
+                    self.root,
+                    self.options.hub,
+                    coordinator,
+                    hub.coordinator_url,
+                    _flip_part(coordinator.env),
+                    hub.base_env(),
+                )
+            )
         for spec in hub.front():
             self.spawn(spec)
         self.federation.write_state(self.processes)
@@ -194,17 +228,25 @@ class _Launch:
                 control.close()  # an open connection would hold up the SuperLink's shutdown
         self.federation.write_state(self.processes)
 
-    def site_agent(self, hub: HubSide, control: FlowerControl | None, site_dir: Path,
-                   env: dict[str, str]) -> ProcessSpec:
+    def site_agent(
+        self, hub: HubSide, control: FlowerControl | None, site_dir: Path, env: dict[str, str]
+    ) -> ProcessSpec:
         if control is not None and hub.pki is not None:
             keys = make_site_keys(site_dir / SITE_KEYS, site_dir.name)
             token = register_key(control, SiteRegistry(hub.config.registry_path), site_dir.name, keys.public)
             credentials = ["--ca", str(hub.pki / "ca.pem"), "--coordinator", f"https://{hub.fleet}"]
         else:
             token, credentials = hub.config.site_token, ["--insecure", "--coordinator", hub.coordinator_url]
-        command = [bin_path("flip-site"), "start", str(site_dir), "--superlink", hub.fleet, *credentials,
-                   f"--token={token}",  # a token may begin with "-"
-                   *([] if self.options.warm else ["--warm-seconds", "0"])]
+        command = [
+            bin_path("flip-site"),
+            "start",
+            str(site_dir),
+            "--superlink",
+            hub.fleet,
+            *credentials,
+            f"--token={token}",  # a token may begin with "-"
+            *([] if self.options.warm else ["--warm-seconds", "0"]),
+        ]
         return ProcessSpec(f"site-{site_dir.name}", command, env)
 
     def site_env(self, hub: HubSide) -> dict[str, str]:
@@ -231,10 +273,16 @@ class _Launch:
     def write_connection(self, hub: HubSide, token: str) -> dict[str, Any]:
         o = self.options
         connection: dict[str, Any] = {
-            "coordinator_url": hub.coordinator_url, "token": token, "researcher": getpass.getuser(),
-            "project": o.project, "superlink": hub.fleet, "site_token": hub.config.site_token,
-            "secure": o.secure, "ca": str(hub.pki / "ca.pem") if hub.pki is not None else None,
-            "federation": str(self.root), "started_seconds": round(time.monotonic() - self.started, 2),
+            "coordinator_url": hub.coordinator_url,
+            "token": token,
+            "researcher": getpass.getuser(),
+            "project": o.project,
+            "superlink": hub.fleet,
+            "site_token": hub.config.site_token,
+            "secure": o.secure,
+            "ca": str(hub.pki / "ca.pem") if hub.pki is not None else None,
+            "federation": str(self.root),
+            "started_seconds": round(time.monotonic() - self.started, 2),
         }
         if o.hub is not None:
             connection["hub"] = o.hub.summary()
@@ -306,14 +354,18 @@ def status(home: Path | None = None) -> dict[str, Any]:
         "running": federation.running(),
         "coordinator_url": connection.get("coordinator_url"),
         "superlink": connection.get("superlink"),
-        "processes": [{"name": p["name"], "pid": p["pid"], "alive": alive(p["pid"]), "log": p["log"]}
-                      for p in state["processes"]],
+        "processes": [
+            {"name": p["name"], "pid": p["pid"], "alive": alive(p["pid"]), "log": p["log"]} for p in state["processes"]
+        ],
         "sites": [],
     }
     if connection:
         try:
-            response = requests.get(f"{connection['coordinator_url']}/api/sites",
-                                    headers={"Authorization": f"Bearer {connection['token']}"}, timeout=3)
+            response = requests.get(
+                f"{connection['coordinator_url']}/api/sites",
+                headers={"Authorization": f"Bearer {connection['token']}"},
+                timeout=3,
+            )
             response.raise_for_status()
             out["sites"] = response.json()
         except requests.RequestException as exc:

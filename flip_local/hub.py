@@ -35,8 +35,9 @@ class HubOptions:
 
     def chosen(self) -> HubOptions:
         """These options with the port and password chosen now, once."""
-        return dataclasses.replace(self, port=self.port or free_port(),
-                                   password=self.password or secrets.token_urlsafe(12))
+        return dataclasses.replace(
+            self, port=self.port or free_port(), password=self.password or secrets.token_urlsafe(12)
+        )
 
     @property
     def url(self) -> str:
@@ -44,12 +45,22 @@ class HubOptions:
 
     def summary(self) -> dict[str, object]:
         """What the connection file says of the hub."""
-        return {"url": self.url, "users": list(self.users), "groups": {g: list(m) for g, m in self.groups},
-                "password": self.password}
+        return {
+            "url": self.url,
+            "users": list(self.users),
+            "groups": {g: list(m) for g, m in self.groups},
+            "password": self.password,
+        }
 
 
-def launch(root: Path, hub: HubOptions, coordinator: ProcessSpec, coordinator_url: str,
-           coordinator_env: dict[str, str], base_env: dict[str, str]) -> ProcessSpec:
+def launch(
+    root: Path,
+    hub: HubOptions,
+    coordinator: ProcessSpec,
+    coordinator_url: str,
+    coordinator_env: dict[str, str],
+    base_env: dict[str, str],
+) -> ProcessSpec:
     """Write the local hub's settings (``hub_config.profiles.local`` reads them) and say how it starts:
     its command line, with the environment that chooses the profile and points at them."""
     import hub_config
@@ -57,9 +68,13 @@ def launch(root: Path, hub: HubOptions, coordinator: ProcessSpec, coordinator_ur
     state = root / "hub"
     state.mkdir(parents=True)
     settings = {
-        "state": str(state), "port": hub.port, "hub_port": free_port(), "proxy_api_port": free_port(),
+        "state": str(state),
+        "port": hub.port,
+        "hub_port": free_port(),
+        "proxy_api_port": free_port(),
         "coordinator": {"url": coordinator_url, "command": coordinator.command, "environment": coordinator_env},
-        "users": list(hub.users), "groups": {group: list(members) for group, members in hub.groups},
+        "users": list(hub.users),
+        "groups": {group: list(members) for group, members in hub.groups},
         "password": hub.password,
         "notebooks": str(hub.notebooks) if hub.notebooks else None,
         # the quickstart compares with FLamby's published results, kept with the data
@@ -69,8 +84,11 @@ def launch(root: Path, hub: HubOptions, coordinator: ProcessSpec, coordinator_ur
     path.write_text(json.dumps(settings, indent=2))
     path.chmod(0o600)
     config = Path(hub_config.__file__).parent / "jupyterhub_config.py"
-    return ProcessSpec("jupyterhub", [bin_path("jupyterhub"), "-f", str(config)],
-                       {**base_env, "FLIP_HUB_PROFILE": "local", "FLIP_HUB_SETTINGS": str(path)})
+    return ProcessSpec(
+        "jupyterhub",
+        [bin_path("jupyterhub"), "-f", str(config)],
+        {**base_env, "FLIP_HUB_PROFILE": "local", "FLIP_HUB_SETTINGS": str(path)},
+    )
 
 
 def answers(url: str) -> bool:

@@ -70,8 +70,12 @@ def spawn(spec: ProcessSpec, logs: Path) -> dict[str, Any]:
     log_path = logs / f"{spec.name}.log"
     with open(log_path, "ab") as sink:
         process = subprocess.Popen(
-            spec.command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=spec.env, start_new_session=True,
+            spec.command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=spec.env,
+            start_new_session=True,
         )
     # what FLIP set on top of the caller's environment, so that `restart` can start it again as it was
     flip_env = {k: v for k, v in spec.env.items() if os.environ.get(k) != v}

@@ -31,22 +31,33 @@ class SitesError(FlipError):
 def heart_site_names(count: int = len(HEART_SITES)) -> list[str]:
     """The four hospitals, then numbered copies of them (``Cleveland-2`` …) for scale tests."""
     hospitals = list(HEART_SITES)
-    return [hospitals[i % len(hospitals)] + (f"-{i // len(hospitals) + 1}" if i >= len(hospitals) else "")
-            for i in range(count)]
+    return [
+        hospitals[i % len(hospitals)] + (f"-{i // len(hospitals) + 1}" if i >= len(hospitals) else "")
+        for i in range(count)
+    ]
 
 
 def local_policy(auto_approve: bool = True, project: str = DEFAULT_PROJECT) -> dict[str, Any]:
     """The local federation's site policy: ``project`` approved for anyone on any dataset,
     the disclosure threshold at its default, and code auto-approved (development) unless
     ``auto_approve`` is False, when each site's admin must approve it (`flip-site approve`)."""
-    return {"policy": {"disclosure_threshold": DEFAULT_THRESHOLD},
-            "projects": {project: {"approved": True, "researchers": ["*"], "datasets": ["*"],
-                                   "auto_approve": auto_approve}}}
+    return {
+        "policy": {"disclosure_threshold": DEFAULT_THRESHOLD},
+        "projects": {
+            project: {"approved": True, "researchers": ["*"], "datasets": ["*"], "auto_approve": auto_approve}
+        },
+    }
 
 
-def prepare_heart_sites(root: Path, source: Path | None = None, count: int = len(HEART_SITES), *,
-                        auto_approve: bool = True, policy: dict[str, Any] | None = None,
-                        project: str = DEFAULT_PROJECT) -> list[Path]:
+def prepare_heart_sites(
+    root: Path,
+    source: Path | None = None,
+    count: int = len(HEART_SITES),
+    *,
+    auto_approve: bool = True,
+    policy: dict[str, Any] | None = None,
+    project: str = DEFAULT_PROJECT,
+) -> list[Path]:
     """One site directory per hospital, each holding only its own file as ``heart-disease``,
     under the local federation's policy (:func:`local_policy`) or ``policy`` (site.toml's tables).
 

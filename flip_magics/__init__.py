@@ -15,9 +15,13 @@ from typing import Any
 from flip_core import __version__
 
 _PUBLIC = {
-    "FlipClient": "flip_magics.client", "RunHandle": "flip_magics.client",
-    "FlipError": "flip_core.errors", "NotConnected": "flip_core.errors", "Rejected": "flip_core.errors",
-    "RunFailed": "flip_core.errors", "TaskInvalid": "flip_core.errors",
+    "FlipClient": "flip_magics.client",
+    "RunHandle": "flip_magics.client",
+    "FlipError": "flip_core.errors",
+    "NotConnected": "flip_core.errors",
+    "Rejected": "flip_core.errors",
+    "RunFailed": "flip_core.errors",
+    "TaskInvalid": "flip_core.errors",
     "data_dir": "flip_core.paths",
 }
 

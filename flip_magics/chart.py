@@ -16,8 +16,16 @@ from html import escape
 __all__ = ["render_chart", "render_site_table", "render_header", "PALETTE", "EMPTY_CHART_TEXT"]
 
 PALETTE: tuple[str, ...] = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
 )
 EMPTY_CHART_TEXT = "waiting for the first round…"
 
@@ -132,10 +140,12 @@ def _finite_series(points: list[tuple[str, float, float]]) -> dict[str, list[tup
 
 def _axes(plot: _Plot) -> str:
     left, top, axis_y = plot.left, plot.top, plot.axis_y
-    return ('<g class="axes" stroke="#8c959f" stroke-width="1">'
-            f'<line x1="{_fmt(left)}" y1="{_fmt(axis_y)}" x2="{_fmt(left + plot.width)}" y2="{_fmt(axis_y)}"/>'
-            f'<line x1="{_fmt(left)}" y1="{_fmt(top)}" x2="{_fmt(left)}" y2="{_fmt(axis_y)}"/>'
-            "</g>")
+    return (
+        '<g class="axes" stroke="#8c959f" stroke-width="1">'
+        f'<line x1="{_fmt(left)}" y1="{_fmt(axis_y)}" x2="{_fmt(left + plot.width)}" y2="{_fmt(axis_y)}"/>'
+        f'<line x1="{_fmt(left)}" y1="{_fmt(top)}" x2="{_fmt(left)}" y2="{_fmt(axis_y)}"/>'
+        "</g>"
+    )
 
 
 def _y_ticks(plot: _Plot, ticks: list[float], step: float) -> str:
@@ -222,10 +232,24 @@ def render_chart(
         x_lo, x_hi = x_lo - 1, x_hi + 1
     yticks = _nice_ticks(min(ys), max(ys))
     # min/max guard against float noise in the tolerant floor/ceil of _nice_ticks
-    plot = _Plot(left, top, max(width - left - right, 10.0), max(height - top - bottom, 10.0), x_lo, x_hi,
-                 min(yticks[0], min(ys)), max(yticks[-1], max(ys)))
-    parts += [_axes(plot), _y_ticks(plot, yticks, yticks[1] - yticks[0]), _x_ticks(plot, height),
-              _lines(plot, series), _legend(plot, list(series)), "</svg>"]
+    plot = _Plot(
+        left,
+        top,
+        max(width - left - right, 10.0),
+        max(height - top - bottom, 10.0),
+        x_lo,
+        x_hi,
+        min(yticks[0], min(ys)),
+        max(yticks[-1], max(ys)),
+    )
+    parts += [
+        _axes(plot),
+        _y_ticks(plot, yticks, yticks[1] - yticks[0]),
+        _x_ticks(plot, height),
+        _lines(plot, series),
+        _legend(plot, list(series)),
+        "</svg>",
+    ]
     return "".join(parts)
 
 
@@ -267,9 +291,7 @@ def render_site_table(rows: list[dict[str, object]]) -> str:
     return "".join(out)
 
 
-def render_header(
-    name: str, run_id: str, status: str, round_: int, rounds: int, message: str = ""
-) -> str:
+def render_header(name: str, run_id: str, status: str, round_: int, rounds: int, message: str = "") -> str:
     """Render the one-line run header, e.g. ``name · run abc · running · round 3/15``."""
     colour = _RUN_STATUS_COLOURS.get(status, "#24292f")
     pieces = [

@@ -59,15 +59,18 @@ class FlipClient:
             return cls(url, token, project=project)
         connection = read_connection()
         if connection is None:
-            raise NotConnected("no FLIP coordinator found: on a FLIP hub the server sets $FLIP_API_URL; locally run "
-                               "`flip up`; or give %flip_connect URL --token T")
+            raise NotConnected(
+                "no FLIP coordinator found: on a FLIP hub the server sets $FLIP_API_URL; locally run "
+                "`flip up`; or give %flip_connect URL --token T"
+            )
         return cls(connection["coordinator_url"], connection["token"], project=project)
 
     # -- HTTP -----------------------------------------------------------------------
     def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         try:
-            response = self.session.request(method, self.url + path, timeout=kwargs.pop("timeout", self.timeout),
-                                            **kwargs)
+            response = self.session.request(
+                method, self.url + path, timeout=kwargs.pop("timeout", self.timeout), **kwargs
+            )
         except requests.ConnectionError:
             raise NotConnected(f"cannot reach the FLIP coordinator at {self.url}") from None
         except requests.Timeout:
@@ -99,26 +102,49 @@ class FlipClient:
 
     # -- training -------------------------------------------------------------------
     def train(
-        self, source: str, *, dataset: str, rounds: int = 1, strategy: str = "fedavg",
-        min_sites: int | None = None, seed: int = 0, name: str | None = None,
-        config: dict[str, Any] | None = None, round_timeout: float | None = None,
-        dp_epsilon: float | None = None, dp_clip: float | None = None,
+        self,
+        source: str,
+        *,
+        dataset: str,
+        rounds: int = 1,
+        strategy: str = "fedavg",
+        min_sites: int | None = None,
+        seed: int = 0,
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+        round_timeout: float | None = None,
+        dp_epsilon: float | None = None,
+        dp_clip: float | None = None,
     ) -> RunHandle:
         """Check the cell locally, submit it, and return a handle that follows the run.
 
         ``dp_epsilon``: the run is differentially private at every site, spending at most this epsilon
         of the project's budget there (each site adds the noise itself, clipping updates to ``dp_clip``)."""
-        spec = parse(TaskSpec, {
-            "source": source, "dataset": dataset, "rounds": rounds, "strategy": strategy,
-            "min_sites": min_sites, "seed": seed, "name": name or "run", "config": config or {},
-            "round_timeout": round_timeout, "dp_epsilon": dp_epsilon, "dp_clip": dp_clip,
-        }, "the task")  # a wrong option: told here, before anything is sent
+        spec = parse(
+            TaskSpec,
+            {
+                "source": source,
+                "dataset": dataset,
+                "rounds": rounds,
+                "strategy": strategy,
+                "min_sites": min_sites,
+                "seed": seed,
+                "name": name or "run",
+                "config": config or {},
+                "round_timeout": round_timeout,
+                "dp_epsilon": dp_epsilon,
+                "dp_clip": dp_clip,
+            },
+            "the task",
+        )  # a wrong option: told here, before anything is sent
         self._call("POST", "/api/runs/check", json=spec.model_dump(mode="json"))  # a wrong dataset: before local work
         task = prepare(source, seed=seed)
-        sha = self._call("POST", "/api/models", data=pack_arrays(task.initial),
-                         headers={"Content-Type": "application/octet-stream"}).json()["sha256"]
-        spec = spec.model_copy(update={"initial_model": sha,
-                                       "client_packages": package_versions("flip", "torch", "numpy", "pandas")})
+        sha = self._call(
+            "POST", "/api/models", data=pack_arrays(task.initial), headers={"Content-Type": "application/octet-stream"}
+        ).json()["sha256"]
+        spec = spec.model_copy(
+            update={"initial_model": sha, "client_packages": package_versions("flip", "torch", "numpy", "pandas")}
+        )
         view = self._call("POST", "/api/runs", json=spec.model_dump(mode="json")).json()
         return RunHandle(self, view, task)
 
@@ -128,8 +154,14 @@ class FlipClient:
 
     def _events(self, run_id: str, after: int) -> Iterator[dict[str, Any]]:
         """One connection's worth of server-sent events."""
-        response = self._call("GET", f"/api/runs/{run_id}/events", params={"after": after}, stream=True,
-                              timeout=(5, 30), headers={"Accept": "text/event-stream"})
+        response = self._call(
+            "GET",
+            f"/api/runs/{run_id}/events",
+            params={"after": after},
+            stream=True,
+            timeout=(5, 30),
+            headers={"Accept": "text/event-stream"},
+        )
         with response:
             data: list[str] = []
             for line in response.iter_lines(decode_unicode=True):
@@ -162,8 +194,10 @@ class RunHandle:
         self._status: str = view["status"]
         self.reason: str = view.get("reason", "")
         self.round: int = 0
-        self.sites: dict[str, dict[str, Any]] = {s: {"site": s, "status": "waiting", "samples": None,
-                                                     "round": None, "detail": ""} for s in view.get("sites", [])}
+        self.sites: dict[str, dict[str, Any]] = {
+            s: {"site": s, "status": "waiting", "samples": None, "round": None, "detail": ""}
+            for s in view.get("sites", [])
+        }
         self.events: list[dict[str, Any]] = []
         self._rows: list[dict[str, Any]] = []
         self._model: Any = None
@@ -216,8 +250,11 @@ class RunHandle:
 
     def chart_points(self) -> list[tuple[str, float, float]]:
         with self._lock:
-            return [(f"{r['phase']} {r['metric']}", float(r["round"]), float(r["value"]))
-                    for r in self._rows if r["site"] == "global"]
+            return [
+                (f"{r['phase']} {r['metric']}", float(r["round"]), float(r["value"]))
+                for r in self._rows
+                if r["site"] == "global"
+            ]
 
     def site_rows(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -253,8 +290,15 @@ class RunHandle:
             self.events.append(event)
             if kind == "metrics":
                 for metric, value in event["metrics"].items():
-                    self._rows.append({"round": int(event["round"]), "site": event["site"],
-                                       "phase": event["phase"], "metric": metric, "value": float(value)})
+                    self._rows.append(
+                        {
+                            "round": int(event["round"]),
+                            "site": event["site"],
+                            "phase": event["phase"],
+                            "metric": metric,
+                            "value": float(value),
+                        }
+                    )
             elif kind == "site":
                 row = self.sites.setdefault(event["site"], {"site": event["site"], "samples": None, "detail": ""})
                 row.update(status=event["status"], round=event.get("round"))

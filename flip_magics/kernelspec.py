@@ -41,5 +41,6 @@ def install(*, user: bool = False, prefix: str | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "kernel.json").write_text(json.dumps(kernel_spec(), indent=1))
         where = KernelSpecManager().install_kernel_spec(
-            tmp, KERNEL_NAME, user=user, prefix=prefix if (prefix or user) else sys.prefix)
+            tmp, KERNEL_NAME, user=user, prefix=prefix if (prefix or user) else sys.prefix
+        )
     return Path(where)

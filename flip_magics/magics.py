@@ -53,8 +53,13 @@ def show_run(handle: RunHandle) -> RunWidget:
     widget = RunWidget(handle.name, handle.run_id, handle.rounds)
 
     def refresh(h: RunHandle) -> None:
-        widget.update(status=h.status, round_=h.round, points=h.chart_points(), sites=h.site_rows(),
-                      message=h.reason or h.connection_note)
+        widget.update(
+            status=h.status,
+            round_=h.round,
+            points=h.chart_points(),
+            sites=h.site_rows(),
+            message=h.reason or h.connection_note,
+        )
 
     handle.subscribe(refresh)
     display(widget)
@@ -72,8 +77,12 @@ class FlipMagics(Magics):
 
     @line_magic
     @magic_arguments()
-    @argument("url", nargs="?", default=None,
-              help="coordinator URL (default: this hub's coordinator, or the local federation)")
+    @argument(
+        "url",
+        nargs="?",
+        default=None,
+        help="coordinator URL (default: this hub's coordinator, or the local federation)",
+    )
     @argument("--token", default=None, help="API token (default: your hub token, or the local connection file's)")
     @argument("--project", default=None, help="the FLIP project to work in, if you are in more than one")
     @_friendly
@@ -100,8 +109,15 @@ class FlipMagics(Magics):
         for site in self._client().sites():
             datasets = site["datasets"] or [{"name": "", "rows": None}]
             for d in datasets:
-                rows.append({"site": site["site"], "status": site["status"], "warm": site.get("warm", False),
-                             "dataset": d["name"], "rows": d["rows"]})
+                rows.append(
+                    {
+                        "site": site["site"],
+                        "status": site["status"],
+                        "warm": site.get("warm", False),
+                        "dataset": d["name"],
+                        "rows": d["rows"],
+                    }
+                )
         return pd.DataFrame(rows, columns=["site", "status", "warm", "dataset", "rows"])
 
     @cell_magic
@@ -110,12 +126,21 @@ class FlipMagics(Magics):
     @argument("--rounds", type=int, default=1)
     @argument("--strategy", default="fedavg", help="fedavg, fedprox, fedadam or fedyogi")
     @argument("--min-sites", type=int, default=None, help="fewest sites the run may go on with (default: all)")
-    @argument("--round-timeout", type=float, default=None,
-              help="seconds a round waits for sites; a site that is later sits that round out (default: no limit)")
-    @argument("--dp-epsilon", type=float, default=None,
-              help="differential privacy: the run's epsilon budget at each site (each site adds the noise)")
-    @argument("--dp-clip", type=float, default=None, help="differential privacy: L2 clip of each site's update "
-                                                          "(default 1.0)")
+    @argument(
+        "--round-timeout",
+        type=float,
+        default=None,
+        help="seconds a round waits for sites; a site that is later sits that round out (default: no limit)",
+    )
+    @argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="differential privacy: the run's epsilon budget at each site (each site adds the noise)",
+    )
+    @argument(
+        "--dp-clip", type=float, default=None, help="differential privacy: L2 clip of each site's update (default 1.0)"
+    )
     @argument("--seed", type=int, default=0)
     @argument("--name", default=None, help="a name for the run")
     @argument("--out", default=DEFAULT_OUT, help=f"variable that receives the run (default: {DEFAULT_OUT})")
@@ -125,9 +150,17 @@ class FlipMagics(Magics):
         """Train the cell's model across the sites holding --dataset; returns at once."""
         args = parse_argstring(self.flip_train, line)
         handle = self._client().train(
-            cell, dataset=args.dataset, rounds=args.rounds, strategy=args.strategy, min_sites=args.min_sites,
-            seed=args.seed, name=args.name, config=parse_config(args.config), round_timeout=args.round_timeout,
-            dp_epsilon=args.dp_epsilon, dp_clip=args.dp_clip,
+            cell,
+            dataset=args.dataset,
+            rounds=args.rounds,
+            strategy=args.strategy,
+            min_sites=args.min_sites,
+            seed=args.seed,
+            name=args.name,
+            config=parse_config(args.config),
+            round_timeout=args.round_timeout,
+            dp_epsilon=args.dp_epsilon,
+            dp_clip=args.dp_clip,
         )
         self.shell.user_ns[args.out] = handle
         show_run(handle)

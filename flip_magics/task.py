@@ -69,4 +69,3 @@ def load_weights(task: PreparedTask, params: dict[str, np.ndarray]) -> Any:
     model = task.build_model()
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
     return model
-

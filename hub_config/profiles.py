@@ -61,10 +61,17 @@ def configure(c: Any, env: Mapping[str, str] = os.environ) -> str:
 
 def _common(c: Any, coordinator_url: str) -> None:
     c.JupyterHub.load_roles = [
-        {"name": "user", "description": "every hub user: their own things, and the FLIP coordinator's API",
-         "scopes": ["self", f"access:services!service={SERVICE}"]},
-        {"name": "flip-coordinator", "description": "the FLIP coordinator: which projects (groups) a user is in",
-         "scopes": COORDINATOR_SCOPES, "services": [SERVICE]},
+        {
+            "name": "user",
+            "description": "every hub user: their own things, and the FLIP coordinator's API",
+            "scopes": ["self", f"access:services!service={SERVICE}"],
+        },
+        {
+            "name": "flip-coordinator",
+            "description": "the FLIP coordinator: which projects (groups) a user is in",
+            "scopes": COORDINATOR_SCOPES,
+            "services": [SERVICE],
+        },
     ]
     # the user's server token ($JUPYTERHUB_API_TOKEN, which kernels inherit) may call the coordinator
     c.Spawner.server_token_scopes = SERVER_TOKEN_SCOPES
@@ -109,10 +116,15 @@ def local(c: Any, s: Mapping[str, Any]) -> None:
     c.JupyterHub.load_groups = {group: {"users": list(members)} for group, members in s["groups"].items()}
 
     coordinator = s["coordinator"]
-    c.JupyterHub.services = [{
-        "name": SERVICE, "url": coordinator["url"], "command": list(coordinator["command"]),
-        "environment": dict(coordinator.get("environment", {})), "oauth_no_confirm": True,
-    }]
+    c.JupyterHub.services = [
+        {
+            "name": SERVICE,
+            "url": coordinator["url"],
+            "command": list(coordinator["command"]),
+            "environment": dict(coordinator.get("environment", {})),
+            "oauth_no_confirm": True,
+        }
+    ]
 
 
 def _copy_notebooks(source: Path) -> Any:
@@ -123,6 +135,7 @@ def _copy_notebooks(source: Path) -> Any:
         for notebook in sorted(source.glob("*.ipynb")):
             if not (home / notebook.name).exists():
                 shutil.copy2(notebook, home / notebook.name)
+
     return hook
 
 
@@ -171,15 +184,28 @@ def production(c: Any, env: Mapping[str, str]) -> None:
     c.GenericOAuthenticator.auth_state_groups_key = "oauth_user." + env.get("FLIP_OIDC_GROUPS_CLAIM", "groups")
     allowed = [g for g in env.get("FLIP_HUB_ALLOWED_GROUPS", "").replace(",", " ").split() if g]
     if not allowed:
-        raise HubConfigError("$FLIP_HUB_ALLOWED_GROUPS is not set: the identity provider's groups whose members may "
-                             "log in (e.g. project-heart project-breast)")
+        raise HubConfigError(
+            "$FLIP_HUB_ALLOWED_GROUPS is not set: the identity provider's groups whose members may "
+            "log in (e.g. project-heart project-breast)"
+        )
     c.GenericOAuthenticator.allowed_groups = set(allowed)
     c.GenericOAuthenticator.admin_groups = {g for g in [env.get("FLIP_HUB_ADMIN_GROUP", "")] if g}
 
     c.JupyterHub.services = [
-        {"name": SERVICE, "url": env["FLIP_COORDINATOR_SERVICE_URL"], "oauth_no_confirm": True,
-         "api_token": _need(env, "FLIP_COORDINATOR_HUB_TOKEN", "the coordinator's hub token (shared with it)")},
-        {"name": "idle-culler", "command": [sys.executable, "-m", "jupyterhub_idle_culler",
-                                            f"--timeout={int(env.get('FLIP_IDLE_TIMEOUT', '3600'))}"]},
+        {
+            "name": SERVICE,
+            "url": env["FLIP_COORDINATOR_SERVICE_URL"],
+            "oauth_no_confirm": True,
+            "api_token": _need(env, "FLIP_COORDINATOR_HUB_TOKEN", "the coordinator's hub token (shared with it)"),
+        },
+        {
+            "name": "idle-culler",
+            "command": [
+                sys.executable,
+                "-m",
+                "jupyterhub_idle_culler",
+                f"--timeout={int(env.get('FLIP_IDLE_TIMEOUT', '3600'))}",
+            ],
+        },
     ]
     c.JupyterHub.load_roles.append({"name": "idle-culler", "scopes": CULLER_SCOPES, "services": ["idle-culler"]})

@@ -48,8 +48,17 @@ WARM_SECONDS = 900.0  # keep a spare task process this long after start or the l
 
 
 class SiteAgent:
-    def __init__(self, site: SiteConfig, superlink: str, coordinator: str, token: str,
-                 warm_seconds: float = WARM_SECONDS, *, ca: Path | None = None, key: Path | None = None) -> None:
+    def __init__(
+        self,
+        site: SiteConfig,
+        superlink: str,
+        coordinator: str,
+        token: str,
+        warm_seconds: float = WARM_SECONDS,
+        *,
+        ca: Path | None = None,
+        key: Path | None = None,
+    ) -> None:
         """``ca`` (the consortium's CA certificate) and ``key`` (this site's registered key pair): TLS to the
         hub and SuperNode authentication; without them (``--insecure``) plain HTTP, for debugging only."""
         self.site = site
@@ -72,8 +81,11 @@ class SiteAgent:
     # -- coordinator ----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         threshold = self.governance.policy.disclosure_threshold  # counts under it never leave, not even here
-        return {"version": __version__, "warm": self.tasks.warm,
-                "datasets": [announced(d.summary(), threshold) for d in self.site.datasets.values()]}
+        return {
+            "version": __version__,
+            "warm": self.tasks.warm,
+            "datasets": [announced(d.summary(), threshold) for d in self.site.datasets.values()],
+        }
 
     def announce(self, state: str = "online") -> None:
         body = {"site": self.site.name, "node_id": self.node_id, "info": self.info(), "state": state}
@@ -128,9 +140,13 @@ class SiteAgent:
             except FleetRefused as refused:
                 refused_since = refused_since or time.monotonic()
                 if time.monotonic() - refused_since > REFUSED_SECONDS:
-                    log.error("the SuperLink at %s refused this site: %s\nA site whose key is not registered "
-                              "there is refused: the hub operator runs `flip site register %s KEY.pub`",
-                              self.superlink, str(refused).replace("\n", " "), self.site.name)
+                    log.error(
+                        "the SuperLink at %s refused this site: %s\nA site whose key is not registered "
+                        "there is refused: the hub operator runs `flip site register %s KEY.pub`",
+                        self.superlink,
+                        str(refused).replace("\n", " "),
+                        self.site.name,
+                    )
                     self.exit_code = 3
                     self.stopping.set()
                     return
@@ -180,8 +196,14 @@ class SiteAgent:
                 result = self.governance.release(request, produced)  # the output guard, audited
         except Exception as exc:  # noqa: BLE001 - the hub gets a type, the site log the details
             log.exception("could not run a step of Flower run %s", message.metadata.run_id)
-            result = encode_result(StepResult(site=self.site.name, status=StepStatus.ERROR, error_type=type(exc).__name__,
-                                              error_where="the site agent"))
+            result = encode_result(
+                StepResult(
+                    site=self.site.name,
+                    status=StepStatus.ERROR,
+                    error_type=type(exc).__name__,
+                    error_where="the site agent",
+                )
+            )
         try:
             link.reply(message, blob_to_content(result), time.monotonic() - started)
         except Exception:  # noqa: BLE001 - the hub's liveness check reports the missing reply

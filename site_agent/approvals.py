@@ -64,14 +64,25 @@ class ApprovalStore:
                 return Approval(state, json.loads(path.read_text()).get("reason", ""))
         return Approval()
 
-    def request(self, *, project: str, researcher: str, dataset: str, source: str, source_hash: str,
-                run_id: str) -> bool:
+    def request(
+        self, *, project: str, researcher: str, dataset: str, source: str, source_hash: str, run_id: str
+    ) -> bool:
         """Record a task waiting for approval; True the first time this code asks in this project."""
         path = self._path(PENDING, project, source_hash)
         if path.exists():
             return False
-        _write(path, {"project": project, "researcher": researcher, "dataset": dataset, "source": source,
-                      "hash": source_hash, "run_id": run_id, "requested": _now()})
+        _write(
+            path,
+            {
+                "project": project,
+                "researcher": researcher,
+                "dataset": dataset,
+                "source": source,
+                "hash": source_hash,
+                "run_id": run_id,
+                "requested": _now(),
+            },
+        )
         return True
 
     def pending(self) -> list[dict[str, Any]]:
@@ -84,25 +95,35 @@ class ApprovalStore:
         wanted = hash_prefix if hash_prefix.startswith("sha256:") else "sha256:" + hash_prefix
         matches = [r for r in self.pending() if r["hash"].startswith(wanted) and project in (None, r["project"])]
         if not matches:
-            raise ApprovalError(f"no pending task has code hash {hash_prefix}"
-                                + (f" in project {project!r}" if project else "")
-                                + " (`flip-site requests DIR` lists them)")
+            raise ApprovalError(
+                f"no pending task has code hash {hash_prefix}"
+                + (f" in project {project!r}" if project else "")
+                + " (`flip-site requests DIR` lists them)"
+            )
         if len({(r["project"], r["hash"]) for r in matches}) > 1:
             which = ", ".join(f"{r['project']} {r['hash'][:19]}" for r in matches)
-            raise ApprovalError(f"{hash_prefix} matches more than one pending task ({which}): "
-                                "give more of the hash, or --project")
+            raise ApprovalError(
+                f"{hash_prefix} matches more than one pending task ({which}): give more of the hash, or --project"
+            )
         return matches[0]
 
-    def answer(self, hash_prefix: str, state: str, *, reason: str = "", project: str | None = None,
-               by: str | None = None) -> dict[str, Any]:
+    def answer(
+        self, hash_prefix: str, state: str, *, reason: str = "", project: str | None = None, by: str | None = None
+    ) -> dict[str, Any]:
         """Approve or reject a pending task's code; returns the record written."""
         if state not in (APPROVED, REJECTED):
             raise ApprovalError(f"unknown answer {state!r}")
         if state == REJECTED and not reason.strip():
             raise ApprovalError("a rejection needs a reason (--reason TEXT): the researcher is shown it")
         request = self._find(hash_prefix, project)
-        record = {"project": request["project"], "hash": request["hash"], "researcher": request["researcher"],
-                  "dataset": request["dataset"], "by": by or getpass.getuser(), "at": _now()}
+        record = {
+            "project": request["project"],
+            "hash": request["hash"],
+            "researcher": request["researcher"],
+            "dataset": request["dataset"],
+            "by": by or getpass.getuser(),
+            "at": _now(),
+        }
         if reason:
             record["reason"] = reason.strip()
         _write(self._path(state, request["project"], request["hash"]), record)

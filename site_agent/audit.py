@@ -207,12 +207,13 @@ def show(site_dir: Path, last: int | None = None) -> list[str]:
         raise ValueError(f"last must be zero or more, not {last}")
     records = read_records(site_dir)
     if last is not None:
-        records = records[len(records) - last:] if last else []
+        records = records[len(records) - last :] if last else []
     lines = []
     for record in records:
         head = [f"#{record.get('seq', '?')}", str(record.get("time", "?")), str(record.get("kind", "?"))]
         rest = [
-            f"{key}={_short(value)}" for key, value in record.items()
+            f"{key}={_short(value)}"
+            for key, value in record.items()
             if key not in ("seq", "time", "kind", "prev", "hash")
         ]
         lines.append(" ".join(head + rest))

@@ -27,8 +27,20 @@ log = logging.getLogger(__name__)
 SITE_FILE = "site.toml"
 FORMATS = ("csv", "uci-heart")
 UCI_HEART_COLUMNS = (
-    "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg",
-    "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num",
+    "age",
+    "sex",
+    "cp",
+    "trestbps",
+    "chol",
+    "fbs",
+    "restecg",
+    "thalach",
+    "exang",
+    "oldpeak",
+    "slope",
+    "ca",
+    "thal",
+    "num",
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -57,9 +69,13 @@ class DatasetEntry:
     def summary(self) -> dict[str, Any]:
         """What the site announces about this dataset (metadata only, never rows)."""
         return {
-            "name": self.name, "format": self.format, "rows": self.rows,
-            "train_rows": self.train_rows, "test_rows": self.test_rows,
-            "columns": list(self.columns), "dtypes": list(self.dtypes),
+            "name": self.name,
+            "format": self.format,
+            "rows": self.rows,
+            "train_rows": self.train_rows,
+            "test_rows": self.test_rows,
+            "columns": list(self.columns),
+            "dtypes": list(self.dtypes),
             "fingerprint": self.fingerprint,
         }
 
@@ -77,9 +93,7 @@ class SiteConfig:
             return self.datasets[name]
         except KeyError:
             have = ", ".join(sorted(self.datasets)) or "none"
-            raise CatalogError(
-                f"site {self.name!r} has no dataset {name!r} (it has: {have})"
-            ) from None
+            raise CatalogError(f"site {self.name!r} has no dataset {name!r} (it has: {have})") from None
 
 
 def check_name(kind: str, name: str) -> str:
@@ -115,10 +129,17 @@ def load_site(root: Path) -> SiteConfig:
     datasets = {}
     for name, d in raw.get("datasets", {}).items():
         datasets[name] = DatasetEntry(
-            name=name, path=d["path"], format=d["format"], fingerprint=d["fingerprint"],
-            rows=int(d["rows"]), columns=tuple(d["columns"]), dtypes=tuple(d["dtypes"]),
-            train_rows=int(d["train_rows"]), test_rows=int(d["test_rows"]),
-            split_seed=int(d["split_seed"]), train_fraction=float(d["train_fraction"]),
+            name=name,
+            path=d["path"],
+            format=d["format"],
+            fingerprint=d["fingerprint"],
+            rows=int(d["rows"]),
+            columns=tuple(d["columns"]),
+            dtypes=tuple(d["dtypes"]),
+            train_rows=int(d["train_rows"]),
+            test_rows=int(d["test_rows"]),
+            split_seed=int(d["split_seed"]),
+            train_fraction=float(d["train_fraction"]),
             stratify=d.get("stratify") or None,
         )
     return SiteConfig(root=root, name=raw["site"]["name"], datasets=datasets)
@@ -127,14 +148,23 @@ def load_site(root: Path) -> SiteConfig:
 def _write(config: SiteConfig) -> None:
     """Write site.toml: the catalog from ``config``; every other table (the site's policy) kept as it was."""
     path = config.root / SITE_FILE
-    kept = {k: v for k, v in tomllib.loads(path.read_text()).items() if k not in ("site", "datasets")} \
-        if path.exists() else {}
+    kept = (
+        {k: v for k, v in tomllib.loads(path.read_text()).items() if k not in ("site", "datasets")}
+        if path.exists()
+        else {}
+    )
     doc: dict[str, Any] = {"site": {"name": config.name}, "datasets": {}}
     for name, d in sorted(config.datasets.items()):
         entry = {
-            "path": d.path, "format": d.format, "fingerprint": d.fingerprint, "rows": d.rows,
-            "columns": list(d.columns), "dtypes": list(d.dtypes), "train_rows": d.train_rows,
-            "test_rows": d.test_rows, "split_seed": d.split_seed,
+            "path": d.path,
+            "format": d.format,
+            "fingerprint": d.fingerprint,
+            "rows": d.rows,
+            "columns": list(d.columns),
+            "dtypes": list(d.dtypes),
+            "train_rows": d.train_rows,
+            "test_rows": d.test_rows,
+            "split_seed": d.split_seed,
             "train_fraction": d.train_fraction,
         }
         if d.stratify:
@@ -230,15 +260,29 @@ def add_dataset(
         if fmt == "uci-heart" and stratify == "num":
             labels = labels > 0  # the UCI target: heart disease present
     train, test = seeded_split(labels, len(table), train_fraction, split_seed)
-    split = {"dataset": name, "seed": split_seed, "train_fraction": train_fraction,
-             "stratify": stratify, "train": train, "test": test}
+    split = {
+        "dataset": name,
+        "seed": split_seed,
+        "train_fraction": train_fraction,
+        "stratify": stratify,
+        "train": train,
+        "test": test,
+    }
     (config.root / "splits").mkdir(exist_ok=True)
     (config.root / "splits" / f"{name}.json").write_text(json.dumps(split))
     entry = DatasetEntry(
-        name=name, path=str(path), format=fmt, fingerprint=fingerprint_file(path),
-        rows=len(table), columns=tuple(str(c) for c in table.columns),
-        dtypes=tuple(str(t) for t in table.dtypes), train_rows=len(train), test_rows=len(test),
-        split_seed=split_seed, train_fraction=train_fraction, stratify=stratify,
+        name=name,
+        path=str(path),
+        format=fmt,
+        fingerprint=fingerprint_file(path),
+        rows=len(table),
+        columns=tuple(str(c) for c in table.columns),
+        dtypes=tuple(str(t) for t in table.dtypes),
+        train_rows=len(train),
+        test_rows=len(test),
+        split_seed=split_seed,
+        train_fraction=train_fraction,
+        stratify=stratify,
     )
     new = SiteConfig(root=config.root, name=config.name, datasets={**config.datasets, name: entry})
     _write(new)

@@ -72,17 +72,28 @@ def _parser() -> argparse.ArgumentParser:
 
     start = sub.add_parser("start", help="join a federation and serve tasks")
     start.add_argument("dir", type=Path)
-    start.add_argument("--superlink", default=None, help="HOST:PORT of the hub's fleet address (default: flip-site "
-                                                         "join's, else the local federation's)")
-    start.add_argument("--coordinator", default=None, help="URL of the coordinator's site routes "
-                                                           "(default: https://the fleet address)")
+    start.add_argument(
+        "--superlink",
+        default=None,
+        help="HOST:PORT of the hub's fleet address (default: flip-site join's, else the local federation's)",
+    )
+    start.add_argument(
+        "--coordinator", default=None, help="URL of the coordinator's site routes (default: https://the fleet address)"
+    )
     start.add_argument("--token", default=None, help="this site's token (default: flip-site join's)")
     start.add_argument("--ca", type=Path, default=None, help="the consortium's CA certificate")
-    start.add_argument("--insecure", action="store_true",
-                       help="plain HTTP, no node authentication: for debugging only, never with patient data")
-    start.add_argument("--warm-seconds", type=float, default=None,
-                       help="keep a spare task process (torch loaded, ~300 MB) this long after start or the last "
-                            "step, so that a new run starts at once (default: 900; 0: never)")
+    start.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP, no node authentication: for debugging only, never with patient data",
+    )
+    start.add_argument(
+        "--warm-seconds",
+        type=float,
+        default=None,
+        help="keep a spare task process (torch loaded, ~300 MB) this long after start or the last "
+        "step, so that a new run starts at once (default: 900; 0: never)",
+    )
     return parser
 
 
@@ -101,12 +112,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"site {site.name!r} created in {site.root}")
         return 0
     if args.command == "dataset" and args.action == "add":
-        site = add_dataset(load_site(args.dir), args.name, args.path, args.format,
-                           train_fraction=args.train_fraction, split_seed=args.split_seed,
-                           stratify=args.stratify)
+        site = add_dataset(
+            load_site(args.dir),
+            args.name,
+            args.path,
+            args.format,
+            train_fraction=args.train_fraction,
+            split_seed=args.split_seed,
+            stratify=args.stratify,
+        )
         entry = site.datasets[args.name]
-        print(f"dataset {entry.name!r}: {entry.rows} rows ({entry.train_rows} train / {entry.test_rows} test), "
-              f"{len(entry.columns)} columns, {entry.fingerprint[:19]}…")
+        print(
+            f"dataset {entry.name!r}: {entry.rows} rows ({entry.train_rows} train / {entry.test_rows} test), "
+            f"{len(entry.columns)} columns, {entry.fingerprint[:19]}…"
+        )
         return 0
     if args.command == "dataset" and args.action == "list":
         site = load_site(args.dir)
@@ -144,8 +163,10 @@ def _requests(args: argparse.Namespace) -> int:
     if not waiting:
         print(f"no task is waiting for approval at {site.name}")
     for request in waiting:
-        print(f"{request['hash']}\n  project {request['project']}, researcher {request['researcher']}, "
-              f"dataset {request['dataset']}, first asked {request['requested']} (run {request['run_id']})")
+        print(
+            f"{request['hash']}\n  project {request['project']}, researcher {request['researcher']}, "
+            f"dataset {request['dataset']}, first asked {request['requested']} (run {request['run_id']})"
+        )
         print("  " + "\n  ".join(request["source"].rstrip("\n").split("\n")) + "\n")
     return 0
 
@@ -153,12 +174,15 @@ def _requests(args: argparse.Namespace) -> int:
 def _answer(args: argparse.Namespace) -> int:
     site = load_site(args.dir)
     state = APPROVED if args.command == "approve" else REJECTED
-    record = ApprovalStore(site.root).answer(args.hash, state, reason=getattr(args, "reason", "") or "",
-                                             project=args.project)
+    record = ApprovalStore(site.root).answer(
+        args.hash, state, reason=getattr(args, "reason", "") or "", project=args.project
+    )
     fields = {("code_hash" if k == "hash" else k): v for k, v in record.items()}
     AuditLog(site.root).append("approval", answer=state, **fields)
-    print(f"{state} {record['hash']} for project {record['project']} at {site.name}"
-          + (f" (reason: {record['reason']})" if state == REJECTED else ""))
+    print(
+        f"{state} {record['hash']} for project {record['project']} at {site.name}"
+        + (f" (reason: {record['reason']})" if state == REJECTED else "")
+    )
     return 0
 
 
@@ -172,8 +196,10 @@ def _audit(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem)
     count = len(read_records(site.root)) if not problems else None
-    print(f"audit log of {site.name}: " + (f"intact ({count} records)" if not problems else
-                                           f"{len(problems)} problem(s) found"))
+    print(
+        f"audit log of {site.name}: "
+        + (f"intact ({count} records)" if not problems else f"{len(problems)} problem(s) found")
+    )
     return 0 if not problems else 1
 
 
@@ -185,8 +211,9 @@ def _join(args: argparse.Namespace) -> int:
         return 2
     shutil.copyfile(args.ca, keys / "ca.pem")
     path = args.dir / JOINED
-    path.write_text(json.dumps({"fleet": args.fleet, "coordinator": f"https://{args.fleet}", "token": args.token},
-                               indent=2))
+    path.write_text(
+        json.dumps({"fleet": args.fleet, "coordinator": f"https://{args.fleet}", "token": args.token}, indent=2)
+    )
     path.chmod(0o600)
     print(f"{site.name} joins the federation at {args.fleet}; start it with: flip-site start {args.dir}")
     return 0
@@ -202,22 +229,37 @@ def _start(args: argparse.Namespace) -> int:
     superlink = args.superlink or joined.get("fleet") or local.get("superlink")
     coordinator = args.coordinator or joined.get("coordinator") or local.get("coordinator_url")
     token = args.token or joined.get("token") or local.get("site_token")
-    missing = [flag for flag, value in (("--superlink", superlink), ("--coordinator", coordinator),
-                                        ("--token", token)) if not value]
+    missing = [
+        flag
+        for flag, value in (("--superlink", superlink), ("--coordinator", coordinator), ("--token", token))
+        if not value
+    ]
     if missing:
-        print(f"flip-site: this site has joined no federation (flip-site join); give {', '.join(missing)}",
-              file=sys.stderr)
+        print(
+            f"flip-site: this site has joined no federation (flip-site join); give {', '.join(missing)}",
+            file=sys.stderr,
+        )
         return 2
     ca = args.ca or (args.dir / KEYS / "ca.pem" if joined else None)
     key = args.dir / KEYS / f"{site.name}.key"
     if args.insecure:
-        print("flip-site: WARNING --insecure: plain HTTP to the hub and no node authentication; anyone on the "
-              "network can read this site's traffic. For debugging only, never with patient data.", file=sys.stderr)
+        print(
+            "flip-site: WARNING --insecure: plain HTTP to the hub and no node authentication; anyone on the "
+            "network can read this site's traffic. For debugging only, never with patient data.",
+            file=sys.stderr,
+        )
         ca = key = None
     elif ca is None or not key.exists():
-        print(f"flip-site: {site.name} needs " + (f"its key pair (flip-site keygen {args.dir})" if not key.exists()
-              else "the consortium's CA certificate (--ca or flip-site join)") + "; --insecure only for debugging",
-              file=sys.stderr)
+        print(
+            f"flip-site: {site.name} needs "
+            + (
+                f"its key pair (flip-site keygen {args.dir})"
+                if not key.exists()
+                else "the consortium's CA certificate (--ca or flip-site join)"
+            )
+            + "; --insecure only for debugging",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {site.name} %(levelname)s %(message)s")
     warm = WARM_SECONDS if args.warm_seconds is None else args.warm_seconds

@@ -101,8 +101,11 @@ class FleetConnection:
         # uploading it (the hub pushes a message's objects after making the message visible).
         ids = [t.object_id for t in iterate_object_tree(tree)]
         contents = pull_objects(
-            ids, partial(self._pull_object, run_id), initial_backoff=PULL_INITIAL_BACKOFF,
-            backoff_cap=PULL_BACKOFF_CAP, max_time=PULL_MAX_SECONDS,
+            ids,
+            partial(self._pull_object, run_id),
+            initial_backoff=PULL_INITIAL_BACKOFF,
+            backoff_cap=PULL_BACKOFF_CAP,
+            max_time=PULL_MAX_SECONDS,
         )
         self._confirm(run_id, message.metadata.message_id)
         if content_trees:
@@ -123,8 +126,7 @@ class FleetConnection:
             )
 
 
-def release_session(address: str, *, root_certificates: bytes | str, authentication_keys: Any,
-                    node_id: int) -> None:
+def release_session(address: str, *, root_certificates: bytes | str, authentication_keys: Any, node_id: int) -> None:
     """Tell the SuperLink that this key's node ``node_id`` is offline: the session of an agent that crashed,
     which the SuperLink would otherwise count online (refusing the key) for up to two heartbeat intervals.
     Signed with the node's own key: the SuperLink accepts it only for the node that key registered."""
@@ -134,15 +136,18 @@ def release_session(address: str, *, root_certificates: bytes | str, authenticat
     from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
     private_key, public_key = authentication_keys
-    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperNode"),
-                    NodeAuthHttpInterceptor(private_key, public_key)]
+    interceptors = [
+        RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+        NodeAuthHttpInterceptor(private_key, public_key),
+    ]
     with FleetHttpClient.from_server_address(address, False, root_certificates, interceptors=interceptors) as client:
         client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
 
 
 @contextmanager
-def connect(address: str, *, root_certificates: bytes | str | None = None,
-            authentication_keys: Any = None) -> Iterator[FleetConnection]:
+def connect(
+    address: str, *, root_certificates: bytes | str | None = None, authentication_keys: Any = None
+) -> Iterator[FleetConnection]:
     """Register this node with the SuperLink at ``address`` and keep it registered while open.
 
     Without ``root_certificates`` the connection is plain HTTP (a local federation); with them

@@ -47,8 +47,9 @@ def private_run(config: dict, delta: float) -> PrivateRun | None:
     if config.get("dp_epsilon") is None:
         return None
     try:
-        run = PrivateRun(float(config["dp_epsilon"]), float(config.get("dp_clip", 1.0)),
-                         int(config.get("dp_rounds", 1)), delta)
+        run = PrivateRun(
+            float(config["dp_epsilon"]), float(config.get("dp_clip", 1.0)), int(config.get("dp_rounds", 1)), delta
+        )
     except (TypeError, ValueError):
         raise ValueError("its differential-privacy settings are not numbers") from None
     if not (0 < run.epsilon < float("inf") and 0 < run.clip < float("inf") and run.rounds >= 1):
@@ -74,8 +75,13 @@ class Governance:
         and again: one record says so)."""
         code_hash = source_hash(request.source)  # the site hashes the source itself: a claimed hash proves nothing
         epsilon_asked = request.config.get("dp_epsilon")
-        facts = TaskFacts(project=request.project, researcher=request.researcher, dataset=request.dataset,
-                          source_hash=code_hash, dp_epsilon=None if epsilon_asked is None else float(epsilon_asked))
+        facts = TaskFacts(
+            project=request.project,
+            researcher=request.researcher,
+            dataset=request.dataset,
+            source_hash=code_hash,
+            dp_epsilon=None if epsilon_asked is None else float(epsilon_asked),
+        )
         try:
             budget = self._budget(request)
         except ValueError as exc:
@@ -83,15 +89,28 @@ class Governance:
         else:
             decision = decide(self.policy, facts, self.approvals.approval(facts.project, code_hash), budget)
         if decision.verdict == PENDING:
-            self.approvals.request(project=facts.project, researcher=facts.researcher, dataset=facts.dataset,
-                                   source=request.source, source_hash=code_hash, run_id=request.run_id)
+            self.approvals.request(
+                project=facts.project,
+                researcher=facts.researcher,
+                dataset=facts.dataset,
+                source=request.source,
+                source_hash=code_hash,
+                run_id=request.run_id,
+            )
         with self._lock:
             first = (request.run_id, decision.verdict) not in self._decided
             self._decided.add((request.run_id, decision.verdict))
         if first:
-            self.audit.append("decision", run=request.run_id, project=facts.project, researcher=facts.researcher,
-                              dataset=facts.dataset, code_hash=code_hash, verdict=decision.verdict,
-                              reason=decision.reason)
+            self.audit.append(
+                "decision",
+                run=request.run_id,
+                project=facts.project,
+                researcher=facts.researcher,
+                dataset=facts.dataset,
+                code_hash=code_hash,
+                verdict=decision.verdict,
+                reason=decision.reason,
+            )
         if decision.verdict == ALLOW:
             return None
         status = StepStatus.PENDING if decision.verdict == PENDING else StepStatus.REFUSED
@@ -119,15 +138,26 @@ class Governance:
 
     def release(self, request: StepRequest, produced: bytes) -> bytes:
         """What may leave the site of ``produced`` (the task process's result), audited."""
-        guarded = guard(decode_result(produced), Declared.from_params(request.params),
-                        self.policy.threshold(request.project), metrics=self.policy.metrics(request.project))
+        guarded = guard(
+            decode_result(produced),
+            Declared.from_params(request.params),
+            self.policy.threshold(request.project),
+            metrics=self.policy.metrics(request.project),
+        )
         result, privacy = guarded.result, {}
         run = private_run(request.config, self._delta(request.project))  # admit() has checked it
         if run is not None:
             result, privacy = self._private(request, result, run)
             guarded.stripped.append(DP_WITHHELD)
-        self.audit.append("outcome", run=request.run_id, round=request.round, phase=request.phase,
-                          outgoing=describe_outgoing(result), stripped=guarded.stripped, **privacy)
+        self.audit.append(
+            "outcome",
+            run=request.run_id,
+            round=request.round,
+            phase=request.phase,
+            outgoing=describe_outgoing(result),
+            stripped=guarded.stripped,
+            **privacy,
+        )
         return encode_result(result)
 
     def _private(self, request: StepRequest, result: StepResult, run: PrivateRun) -> tuple[StepResult, dict]:

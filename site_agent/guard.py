@@ -41,8 +41,10 @@ class Declared:
     @classmethod
     def from_params(cls, params: dict[str, np.ndarray]) -> Declared:
         """The global model the hub sent in the request is the model the task declared."""
-        return cls(shapes={k: tuple(np.shape(v)) for k, v in params.items()},
-                   dtypes={k: str(np.asarray(v).dtype) for k, v in params.items()})
+        return cls(
+            shapes={k: tuple(np.shape(v)) for k, v in params.items()},
+            dtypes={k: str(np.asarray(v).dtype) for k, v in params.items()},
+        )
 
 
 @dataclass
@@ -91,9 +93,15 @@ def _finite(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _metrics(metrics: dict[str, float], kind: str, threshold: int, max_metrics: int,
-             stripped: list[str], allowed: tuple[str, ...] = (ANY_METRIC,), public: list[str] | None = None
-             ) -> dict[str, float]:
+def _metrics(
+    metrics: dict[str, float],
+    kind: str,
+    threshold: int,
+    max_metrics: int,
+    stripped: list[str],
+    allowed: tuple[str, ...] = (ANY_METRIC,),
+    public: list[str] | None = None,
+) -> dict[str, float]:
     kept: dict[str, float] = {}
     bad_names = unlisted = 0
     for name, value in metrics.items():
@@ -131,16 +139,23 @@ def _count(value: object, kind: str, stripped: list[str]) -> int:
     return 0
 
 
-def guard(result: StepResult, declared: Declared, threshold: int, *, max_metrics: int = MAX_METRICS,
-          metrics: tuple[str, ...] = ("*",)) -> Guarded:
+def guard(
+    result: StepResult,
+    declared: Declared,
+    threshold: int,
+    *,
+    max_metrics: int = MAX_METRICS,
+    metrics: tuple[str, ...] = ("*",),
+) -> Guarded:
     """What of ``result`` may leave the site, and a sentence for each thing removed.
 
     ``metrics``: the metric names the project may send from this site (``"*"``: any plain name); the
     researcher is told how many others were withheld (``StepResult.withheld``)."""
     stripped: list[str] = []
     # the privacy figures are the site agent's to set (site_agent.privacy), never the task process's
-    out = replace(result, params=dict(result.params), private=False, dp_epsilon=0.0, dp_project_epsilon=0.0,
-                  withheld="")
+    out = replace(
+        result, params=dict(result.params), private=False, dp_epsilon=0.0, dp_project_epsilon=0.0, withheld=""
+    )
     public: list[str] = []  # sentences of fixed text that the researcher may read
 
     if (out.status == StepStatus.ERROR or out.error_where) and not _fixed_place(out.error_where):
@@ -152,7 +167,12 @@ def guard(result: StepResult, declared: Declared, threshold: int, *, max_metrics
 
     if out.params and (problem := _param_problem(out.params, declared)):
         out.params = {}
-        out.status, out.error_type, out.error_line, out.error_where = StepStatus.ERROR, "BadParameters", 0, BAD_PARAMETERS_WHERE
+        out.status, out.error_type, out.error_line, out.error_where = (
+            StepStatus.ERROR,
+            "BadParameters",
+            0,
+            BAD_PARAMETERS_WHERE,
+        )
         stripped.append(f"parameters removed: {problem}")
 
     out.train_metrics = _metrics(result.train_metrics, "train", threshold, max_metrics, stripped, metrics, public)
@@ -187,5 +207,7 @@ def describe_outgoing(result: StepResult) -> dict:
 
 def announced(summary: dict[str, Any], threshold: int) -> dict[str, Any]:
     """A dataset's summary as the site announces it: row counts under the threshold withheld (None)."""
-    return {k: (None if k in ("rows", "train_rows", "test_rows") and isinstance(v, int) and 0 < v < threshold
-                else v) for k, v in summary.items()}
+    return {
+        k: (None if k in ("rows", "train_rows", "test_rows") and isinstance(v, int) and 0 < v < threshold else v)
+        for k, v in summary.items()
+    }

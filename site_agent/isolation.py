@@ -39,8 +39,18 @@ FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1
 FS_ALL_V1 = (1 << 13) - 1  # execute … make_sym
 FS_REFER, FS_TRUNCATE = 1 << 13, 1 << 14
 # what the task may read besides Python, its libraries and its site's data (nothing private of the host)
-SYSTEM_READ = ("/usr", "/lib", "/lib64", "/bin", "/etc", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat",
-               "/sys/devices/system/cpu", "/sys/fs/cgroup")
+SYSTEM_READ = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/bin",
+    "/etc",
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/sys/devices/system/cpu",
+    "/sys/fs/cgroup",
+)
 SYSTEM_WRITE = ("/dev",)
 
 
@@ -99,13 +109,17 @@ def confine_files(read: list[Path], write: list[Path]) -> None:
                 try:
                     allowed = rights if os.path.isdir(path) else rights & file_rights
                     rule = _PathBeneath(allowed, fd)
-                    if libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH,
-                                    ctypes.byref(rule), 0) != 0:
+                    if (
+                        libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0)
+                        != 0
+                    ):
                         raise IsolationError(f"cannot allow {path} (landlock: {os.strerror(ctypes.get_errno())})")
                 finally:
                     os.close(fd)
-        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.syscall(SYS_LANDLOCK_RESTRICT_SELF,
-                                                                             ruleset, 0) != 0:
+        if (
+            libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            or libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0
+        ):
             raise IsolationError(f"cannot confine the task's files (landlock: {os.strerror(ctypes.get_errno())})")
     finally:
         os.close(ruleset)
@@ -122,8 +136,14 @@ def site_paths(site_root: Path, datasets: list[Path]) -> tuple[list[Path], list[
     """What a task process at this site may read, and write: Python, its libraries, the host's system
     files, its own process in /proc, the site's catalog, splits and registered dataset files (read);
     the site's scratch and log folders and /dev (write)."""
-    read = [*python_paths(), *map(Path, SYSTEM_READ), Path(f"/proc/{os.getpid()}"),
-            site_root / "site.toml", site_root / "splits", *datasets]
+    read = [
+        *python_paths(),
+        *map(Path, SYSTEM_READ),
+        Path(f"/proc/{os.getpid()}"),
+        site_root / "site.toml",
+        site_root / "splits",
+        *datasets,
+    ]
     return read, [site_root / "scratch", site_root / "logs", *map(Path, SYSTEM_WRITE)]
 
 
@@ -150,8 +170,10 @@ def probe() -> str:
     """Why task processes on this host cannot be isolated ("" when they can), tried in a child."""
     import subprocess
 
-    code = ("from site_agent.isolation import confine_files, drop_network, python_paths\n"
-            "drop_network()\nconfine_files(python_paths(), [])")
+    code = (
+        "from site_agent.isolation import confine_files, drop_network, python_paths\n"
+        "drop_network()\nconfine_files(python_paths(), [])"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     if done.returncode == 0:
         return ""

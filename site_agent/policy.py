@@ -128,7 +128,7 @@ _PROJECT_KEYS = {f for f in ProjectPolicy.__dataclass_fields__ if f != "name"}
 
 def _names(where: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise PolicyError(f"{where} must be a list of names, e.g. [\"alice\"] or [\"*\"]")
+        raise PolicyError(f'{where} must be a list of names, e.g. ["alice"] or ["*"]')
     return tuple(value)
 
 
@@ -161,8 +161,14 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
     unknown = set(section) - {"disclosure_threshold"}
     if unknown:
         raise PolicyError(f"[policy] has unknown setting(s): {', '.join(sorted(unknown))}")
-    floor = int(_number("[policy] disclosure_threshold", section.get("disclosure_threshold", DEFAULT_THRESHOLD),
-                        integer=True, least=1))
+    floor = int(
+        _number(
+            "[policy] disclosure_threshold",
+            section.get("disclosure_threshold", DEFAULT_THRESHOLD),
+            integer=True,
+            least=1,
+        )
+    )
     projects: dict[str, ProjectPolicy] = {}
     for name, body in (raw.get("projects") or {}).items():
         where = f"[projects.{name}]"
@@ -174,8 +180,9 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
         tasks = _names(f"{where} tasks", body.get("tasks", list(TASK_KINDS)))
         if bad := sorted(set(tasks) - set(TASK_KINDS)):
             raise PolicyError(f"{where} tasks: unknown kind(s) {', '.join(bad)} (known: {', '.join(TASK_KINDS)})")
-        threshold = int(_number(f"{where} disclosure_threshold", body.get("disclosure_threshold", floor),
-                                integer=True, least=1))
+        threshold = int(
+            _number(f"{where} disclosure_threshold", body.get("disclosure_threshold", floor), integer=True, least=1)
+        )
         if threshold < floor:
             raise PolicyError(f"{where} disclosure_threshold {threshold} is below the site's {floor}")
         epsilon = body.get("max_epsilon")
@@ -191,38 +198,47 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
             dp_required=_flag(f"{where} dp_required", body.get("dp_required", False)),
             max_epsilon=None if epsilon is None else _number(f"{where} max_epsilon", epsilon),
             dp_delta=_delta(f"{where} dp_delta", body.get("dp_delta", 1e-5)),
-            time_limit_seconds=_number(f"{where} time_limit_seconds", body.get("time_limit_seconds", 3600.0),
-                                       least=1),
-            memory_limit_mb=int(_number(f"{where} memory_limit_mb", body.get("memory_limit_mb", 4096),
-                                        integer=True, least=64)),
+            time_limit_seconds=_number(f"{where} time_limit_seconds", body.get("time_limit_seconds", 3600.0), least=1),
+            memory_limit_mb=int(
+                _number(f"{where} memory_limit_mb", body.get("memory_limit_mb", 4096), integer=True, least=64)
+            ),
         )
     return SitePolicy(site=site, projects=projects, disclosure_threshold=floor)
 
 
-def decide(policy: SitePolicy, task: TaskFacts, approval: Approval = Approval(),
-           budget: Budget = Budget()) -> Decision:
+def decide(policy: SitePolicy, task: TaskFacts, approval: Approval = Approval(), budget: Budget = Budget()) -> Decision:
     """May ``task`` run here now? Refusals say why in a sentence the researcher may read."""
     site = policy.site
     project = policy.project(task.project)
     if project is None or not project.approved:
         return Decision(REFUSE, f"project {task.project!r} is not approved at {site}")
     if not project.allows(project.researchers, task.researcher):
-        return Decision(REFUSE, f"researcher {task.researcher!r} may not run tasks of project {task.project!r} "
-                                f"at {site}")
+        return Decision(
+            REFUSE, f"researcher {task.researcher!r} may not run tasks of project {task.project!r} at {site}"
+        )
     if not project.allows(project.datasets, task.dataset):
         return Decision(REFUSE, f"project {task.project!r} may not use dataset {task.dataset!r} at {site}")
     if task.kind not in project.tasks:
         return Decision(REFUSE, f"{task.kind} tasks are not allowed for project {task.project!r} at {site}")
     if project.dp_required and task.dp_epsilon is None:
-        return Decision(REFUSE, f"{site} requires differential privacy for project {task.project!r} "
-                                f"(set --dp-epsilon, at most {project.max_epsilon:g})"
-                        if project.max_epsilon is not None else
-                        f"{site} requires differential privacy for project {task.project!r} (set --dp-epsilon)")
-    if task.dp_epsilon is not None and project.max_epsilon is not None \
-            and budget.after > project.max_epsilon * (1 + 1e-9):
-        return Decision(REFUSE, f"the privacy budget of project {task.project!r} at {site} is exhausted: "
-                                f"epsilon {budget.spent:.3g} of {project.max_epsilon:g} spent; this task "
-                                f"(--dp-epsilon {task.dp_epsilon:g}) would bring it to {budget.after:.3g}")
+        return Decision(
+            REFUSE,
+            f"{site} requires differential privacy for project {task.project!r} "
+            f"(set --dp-epsilon, at most {project.max_epsilon:g})"
+            if project.max_epsilon is not None
+            else f"{site} requires differential privacy for project {task.project!r} (set --dp-epsilon)",
+        )
+    if (
+        task.dp_epsilon is not None
+        and project.max_epsilon is not None
+        and budget.after > project.max_epsilon * (1 + 1e-9)
+    ):
+        return Decision(
+            REFUSE,
+            f"the privacy budget of project {task.project!r} at {site} is exhausted: "
+            f"epsilon {budget.spent:.3g} of {project.max_epsilon:g} spent; this task "
+            f"(--dp-epsilon {task.dp_epsilon:g}) would bring it to {budget.after:.3g}",
+        )
     if approval.state == "rejected":
         why = f": {approval.reason}" if approval.reason else ""
         return Decision(REFUSE, f"{site} rejected this code ({task.source_hash[:19]}){why}")

@@ -45,9 +45,14 @@ def _accountant(delta: float) -> Any:
     # Flower's accountant loads dp-accounting (scipy, mpmath) when first used: only runs that ask for DP pay it
     from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
-    return RdpAccountant(PrivacyConfig(target_delta=delta, population_size=1,
-                                       neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                                       sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    return RdpAccountant(
+        PrivacyConfig(
+            target_delta=delta,
+            population_size=1,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
 
 
 def _event(noise_multiplier: float) -> Any:
@@ -88,8 +93,9 @@ def noise_multiplier(target_epsilon: float, delta: float, releases: int) -> floa
     return high
 
 
-def privatise(params: dict[str, np.ndarray], received: dict[str, np.ndarray], clip: float, z: float,
-              rng: np.random.Generator) -> dict[str, np.ndarray]:
+def privatise(
+    params: dict[str, np.ndarray], received: dict[str, np.ndarray], clip: float, z: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """``received`` plus the clipped, noised update ``params - received`` (see the module's docstring)."""
     floats = [name for name, value in received.items() if np.issubdtype(np.asarray(value).dtype, np.floating)]
     deltas = {name: params[name].astype(np.float64) - received[name].astype(np.float64) for name in floats}

@@ -32,13 +32,19 @@ from site_agent.catalog import CatalogError, SiteConfig, load_split
 log = logging.getLogger(__name__)
 
 
-
 class TaskData:
     """What the cell's functions receive as ``data``: this site's split, never more."""
 
     def __init__(
-        self, train: pd.DataFrame, test: pd.DataFrame, *, site: str, dataset: str,
-        round_: int, global_params: dict[str, np.ndarray], proximal_mu: float,
+        self,
+        train: pd.DataFrame,
+        test: pd.DataFrame,
+        *,
+        site: str,
+        dataset: str,
+        round_: int,
+        global_params: dict[str, np.ndarray],
+        proximal_mu: float,
     ) -> None:
         self.train = train
         self.test = test
@@ -202,8 +208,13 @@ class TaskSession:
         namespace = self._namespace(request)
         seed_everything(step_seed(request.seed, request.round, self.site.name))
         data = TaskData(
-            train_df.copy(), test_df.copy(), site=self.site.name, dataset=request.dataset, round_=request.round,
-            global_params=request.params, proximal_mu=float(request.config.get("proximal_mu", 0.0)),
+            train_df.copy(),
+            test_df.copy(),
+            site=self.site.name,
+            dataset=request.dataset,
+            round_=request.round,
+            global_params=request.params,
+            proximal_mu=float(request.config.get("proximal_mu", 0.0)),
         )
         config = dict(request.config)
         with _guarded("build_model()"):

@@ -57,7 +57,10 @@ class Worker:
         with open(site_root / "logs" / "task-processes.log", "ab") as sink:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "site_agent.worker", str(site_root), "--fd", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
                 cwd=site_root / "scratch",  # also its sys.path[0]: nothing else of the agent's folder
             )  # no PDEATHSIG here: it fires when the spawning *thread* ends; the worker watches its parent
         theirs.close()
@@ -116,8 +119,9 @@ class Worker:
 class TaskService:
     """Runs steps in warm per-run task processes."""
 
-    def __init__(self, site_name: str, site_root: Path, warm_seconds: float = 0.0,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, site_name: str, site_root: Path, warm_seconds: float = 0.0, on_change: Callable[[], None] = lambda: None
+    ) -> None:
         self.site_name = site_name
         self.site_root = site_root
         self.warm_seconds = warm_seconds
@@ -180,8 +184,14 @@ class TaskService:
                 self.workers.pop(run_id, None)
             log.warning("run %s: the task process was %s", run_id, stopped)
             threading.Thread(target=self.warm_up, daemon=True).start()
-            return encode_result(StepResult(site=self.site_name, status=StepStatus.ERROR, error_type="TimeLimit",
-                                            error_where=f"the task process ({stopped})"))
+            return encode_result(
+                StepResult(
+                    site=self.site_name,
+                    status=StepStatus.ERROR,
+                    error_type="TimeLimit",
+                    error_where=f"the task process ({stopped})",
+                )
+            )
         except (EOFError, OSError):
             code = worker.process.wait()
             with self._lock:
@@ -190,11 +200,23 @@ class TaskService:
             log.warning("the task process of run %s died (%s)", run_id, why)
             threading.Thread(target=self.warm_up, daemon=True).start()
             if code == ISOLATION_REFUSED:
-                return encode_result(StepResult(site=self.site_name, status=StepStatus.ERROR, error_type="TaskIsolation",
-                                                error_where="the task process (it could not be isolated: see the "
-                                                            "site's logs/task-processes.log)"))
-            return encode_result(StepResult(site=self.site_name, status=StepStatus.ERROR, error_type="TaskProcessDied",
-                                            error_where=f"the task process ({why})"))
+                return encode_result(
+                    StepResult(
+                        site=self.site_name,
+                        status=StepStatus.ERROR,
+                        error_type="TaskIsolation",
+                        error_where="the task process (it could not be isolated: see the "
+                        "site's logs/task-processes.log)",
+                    )
+                )
+            return encode_result(
+                StepResult(
+                    site=self.site_name,
+                    status=StepStatus.ERROR,
+                    error_type="TaskProcessDied",
+                    error_where=f"the task process ({why})",
+                )
+            )
         if phase == Phase.EVALUATE or frame_header(reply)["status"] != StepStatus.OK:
             # the run's final step here (its last round, or this site is out of the run after an error):
             # close its process and make a spare ready, off the reply path

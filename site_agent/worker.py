@@ -70,8 +70,11 @@ def _isolate(step: Callable[[], None], allowed: bool, setting: str, loses: str) 
         step()
     except IsolationError as exc:
         if not allowed:
-            print(f"refusing to start: {exc} (a site that cannot do this can start its agent with {setting}=allow)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"refusing to start: {exc} (a site that cannot do this can start its agent with {setting}=allow)",
+                file=sys.stderr,
+                flush=True,
+            )
             return False
         print(f"WARNING: task code {loses}: {exc}", file=sys.stderr, flush=True)
     return True
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         except EOFError:
             return 0
         if blob.startswith(LIMITS):  # from the agent when a run adopts this process, before its first step
-            limit_memory(int(json.loads(blob[len(LIMITS):])["memory_mb"]))
+            limit_memory(int(json.loads(blob[len(LIMITS) :])["memory_mb"]))
             conn.send_bytes(READY)
             continue
         conn.send_bytes(encode_result(session.step(decode_request(blob))))

@@ -42,7 +42,7 @@ def local_federation(home: Path, **options: Any) -> Iterator[dict[str, Any]]:
             os.environ["FLIP_HOME"] = previous
 
 
-TINY_CELL = '''
+TINY_CELL = """
 import torch
 
 def build_model():
@@ -68,11 +68,13 @@ def evaluate(model, data, config):
     with torch.no_grad():
         acc = ((model(X).squeeze(1) > 0).float() == y).float().mean().item()
     return {"accuracy": acc, "rows": len(y)}
-'''
+"""
 
 # TINY_CELL whose train() first pauses: config "pause" everywhere, "pause_<SITE>" at one site
 # (the workload of a slow site, not a synchronisation).
-PAUSING_CELL = TINY_CELL + '''
+PAUSING_CELL = (
+    TINY_CELL
+    + """
 import time
 
 _train = train
@@ -80,4 +82,5 @@ _train = train
 def train(model, data, config):
     time.sleep(config.get("pause_" + data.site, config.get("pause", 0)))
     return _train(model, data, config)
-'''
+"""
+)

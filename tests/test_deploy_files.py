@@ -32,16 +32,24 @@ ANY_VAR = re.compile(r"\$\{(\w+)")
 def _compose() -> str:
     path = shutil.which("docker-compose")
     if path is None:
-        pytest.fail("docker-compose is not on PATH: `make test` installs it when run as root "
-                    "(apt-get install docker-compose); install it that way to check deploy/'s compose files")
+        pytest.fail(
+            "docker-compose is not on PATH: `make test` installs it when run as root "
+            "(apt-get install docker-compose); install it that way to check deploy/'s compose files"
+        )
     return path
 
 
 def _config(compose: Path, env_file: Path) -> subprocess.CompletedProcess[str]:
     # A bare environment: a variable set in the caller's shell would override the env file's.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
-    return subprocess.run([_compose(), "-f", str(compose), "--env-file", str(env_file), "config"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [_compose(), "-f", str(compose), "--env-file", str(env_file), "config"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _parsed(compose: Path, env_file: Path) -> dict[str, Any]:
@@ -146,27 +154,40 @@ def test_every_variable_has_an_example_and_every_example_is_used() -> None:
     for compose, env_file in ((HUB, HUB_ENV), (SITE, SITE_ENV)):
         used = set(ANY_VAR.findall(_uncommented(compose)))
         given = set(_env_file(env_file))
-        assert used == given, f"{compose.name} uses {sorted(used - given)} not in {env_file.name}; " \
-                              f"{env_file.name} sets {sorted(given - used)} that {compose.name} does not use"
+        assert used == given, (
+            f"{compose.name} uses {sorted(used - given)} not in {env_file.name}; "
+            f"{env_file.name} sets {sorted(given - used)} that {compose.name} does not use"
+        )
 
 
-@pytest.mark.parametrize("compose,env_file,name", [
-    (HUB, HUB_ENV, "FLIP_COORDINATOR_HUB_TOKEN"),
-    (SITE, SITE_ENV, "FLIP_SITE_DATA"),
-], ids=["hub", "site"])
-def test_a_missing_secret_fails_config_with_its_message(tmp_path: Path, compose: Path, env_file: Path,
-                                                        name: str) -> None:
+@pytest.mark.parametrize(
+    "compose,env_file,name",
+    [
+        (HUB, HUB_ENV, "FLIP_COORDINATOR_HUB_TOKEN"),
+        (SITE, SITE_ENV, "FLIP_SITE_DATA"),
+    ],
+    ids=["hub", "site"],
+)
+def test_a_missing_secret_fails_config_with_its_message(
+    tmp_path: Path, compose: Path, env_file: Path, name: str
+) -> None:
     lacking = tmp_path / f"without-{name}.env"
-    lacking.write_text("".join(line + "\n" for line in env_file.read_text().splitlines()
-                               if not line.startswith(f"{name}=")))
+    lacking.write_text(
+        "".join(line + "\n" for line in env_file.read_text().splitlines() if not line.startswith(f"{name}="))
+    )
     done = _config(compose, lacking)
     assert done.returncode != 0, f"{compose.name}: config passed without {name}"
     assert _required(compose)[name] in done.stderr, done.stderr
 
 
 def test_the_required_variables_include_the_secrets() -> None:
-    assert {"FLIP_COORDINATOR_HUB_TOKEN", "OAUTH_CLIENT_SECRET", "FLIP_HUB_NAME", "FLIP_SINGLEUSER_IMAGE",
-            "FLIP_HUB_ALLOWED_GROUPS"} <= set(_required(HUB))
+    assert {
+        "FLIP_COORDINATOR_HUB_TOKEN",
+        "OAUTH_CLIENT_SECRET",
+        "FLIP_HUB_NAME",
+        "FLIP_SINGLEUSER_IMAGE",
+        "FLIP_HUB_ALLOWED_GROUPS",
+    } <= set(_required(HUB))
     assert set(_required(SITE)) == {"FLIP_SITE_DATA"}
     # Every message says which variable and which env file (the same mechanism as the two run above).
     for compose, env_file in ((HUB, "hub.env"), (SITE, "site.env")):
@@ -178,8 +199,11 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) per instruction: continuations joined, comments dropped."""
     lines = [line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip() if " " in line.strip() else "")
-            for line in joined.splitlines() if line.strip()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip() if " " in line.strip() else "")
+        for line in joined.splitlines()
+        if line.strip()
+    ]
 
 
 IMAGES = ["singleuser", "hub", "coordinator", "site"]
@@ -221,8 +245,13 @@ def test_singleuser_image_installs_the_kernel_and_the_notebooks() -> None:
 def test_hub_image_pins_its_packages_and_reads_the_production_config() -> None:
     steps = _instructions(DEPLOY / "hub.Dockerfile")
     runs = " ".join(args for kind, args in steps if kind == "RUN")
-    for pin in ("jupyterhub==6.1.1", "dockerspawner==14.0.0", "oauthenticator==17.4.0", "jupyterhub-idle-culler==2.0.0",
-                "configurable-http-proxy==0.4.0"):
+    for pin in (
+        "jupyterhub==6.1.1",
+        "dockerspawner==14.0.0",
+        "oauthenticator==17.4.0",
+        "jupyterhub-idle-culler==2.0.0",
+        "configurable-http-proxy==0.4.0",
+    ):
         assert pin in runs.split()
     assert ("COPY", "hub_config /srv/flip/hub_config") in steps
     env = " ".join(args for kind, args in steps if kind == "ENV")
@@ -234,8 +263,13 @@ def test_hub_image_pins_its_packages_and_reads_the_production_config() -> None:
 def test_coordinator_image_serves_the_fleet_and_the_researcher_api() -> None:
     steps = _instructions(DEPLOY / "coordinator.Dockerfile")
     cmd = [args for kind, args in steps if kind == "CMD"][-1]
-    for part in ("flip serve", "--state /var/lib/flip", "--fleet-port 9092", "--coordinator-port 8900",
-                 '--hub-name "$FLIP_HUB_NAME"'):
+    for part in (
+        "flip serve",
+        "--state /var/lib/flip",
+        "--fleet-port 9092",
+        "--coordinator-port 8900",
+        '--hub-name "$FLIP_HUB_NAME"',
+    ):
         assert part in cmd
     assert ("EXPOSE", "9092 8900") in steps
 

@@ -32,8 +32,11 @@ def test_no_product_function_is_longer_than_80_lines() -> None:
 
 
 def test_no_product_file_is_longer_than_500_lines() -> None:
-    long = [f"{p.relative_to(REPO)} ({n} lines)" for p in _sources()
-            if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES]
+    long = [
+        f"{p.relative_to(REPO)} ({n} lines)"
+        for p in _sources()
+        if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
+    ]
     assert long == []
 
 

@@ -39,8 +39,7 @@ def test_weighted_mean_matches_hand_computation_and_keeps_dtypes():
 
 
 def test_weighted_mean_rounds_integer_arrays():
-    out = weighted_mean([({"n": np.array([1, 2], dtype=np.int32)}, 1),
-                         ({"n": np.array([2, 9], dtype=np.int32)}, 3)])
+    out = weighted_mean([({"n": np.array([1, 2], dtype=np.int32)}, 1), ({"n": np.array([2, 9], dtype=np.int32)}, 3)])
     # 1.75 -> 2, 7.25 -> 7
     assert out["n"].tolist() == [2, 7]
     assert out["n"].dtype == np.int32
@@ -72,8 +71,7 @@ def test_weighted_mean_shape_mismatch_names_the_array_and_shapes():
 
 def test_weighted_mean_name_mismatch_lists_missing_and_extra():
     with pytest.raises(ValueError) as info:
-        weighted_mean([({"a": np.zeros(1), "b": np.zeros(1)}, 1),
-                       ({"a": np.zeros(1), "c": np.zeros(1)}, 1)])
+        weighted_mean([({"a": np.zeros(1), "b": np.zeros(1)}, 1), ({"a": np.zeros(1), "c": np.zeros(1)}, 1)])
     assert "['b']" in str(info.value) and "['c']" in str(info.value)
 
 
@@ -99,8 +97,10 @@ def test_strategy_rejects_current_with_different_shape():
 
 def test_fedadam_first_step_matches_hand_computation():
     current = {"w": np.array([1.0, -2.0]), "steps": np.array(4, dtype=np.int64)}
-    updates = [({"w": np.array([2.0, -2.0]), "steps": np.array(6)}, 1),
-               ({"w": np.array([4.0, -1.0]), "steps": np.array(8)}, 1)]
+    updates = [
+        ({"w": np.array([2.0, -2.0]), "steps": np.array(6)}, 1),
+        ({"w": np.array([4.0, -1.0]), "steps": np.array(8)}, 1),
+    ]
     strategy = make_strategy("fedadam", {})
     out = strategy.aggregate(current, updates)
     # mean = [3, -1.5]; delta = [2, 0.5]; m = 0.1*delta; v = 0.01*delta^2

@@ -16,15 +16,28 @@ from helpers import model_bytes
 
 TOKEN, OTHER = "researcher-token", "other-project-token"
 MODEL = model_bytes()
-HEART = {"name": "heart-disease", "rows": 303, "train_rows": 200, "test_rows": 103, "columns": [],
-         "dtypes": [], "fingerprint": "sha256:x", "format": "uci-heart"}
+HEART = {
+    "name": "heart-disease",
+    "rows": 303,
+    "train_rows": 200,
+    "test_rows": 103,
+    "columns": [],
+    "dtypes": [],
+    "fingerprint": "sha256:x",
+    "format": "uci-heart",
+}
 
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[TestClient, RunManager]:
     config = CoordinatorConfig(
-        state_dir=tmp_path, host="127.0.0.1", port=0, superlink_control="unused", internal_token="internal",
-        site_token="site", tokens={TOKEN: TokenGrant("alice", "heart"), OTHER: TokenGrant("bob", "lungs")},
+        state_dir=tmp_path,
+        host="127.0.0.1",
+        port=0,
+        superlink_control="unused",
+        internal_token="internal",
+        site_token="site",
+        tokens={TOKEN: TokenGrant("alice", "heart"), OTHER: TokenGrant("bob", "lungs")},
     )
     notifier = Notifier()
     manager = RunManager(Store(tmp_path), FakeControl(), notifier.notify, presence_grace=0)
@@ -40,8 +53,9 @@ def start_run(client: TestClient, manager: RunManager) -> tuple[str, str]:
     manager.announce("VA", 1, {"datasets": [HEART]}, "online")
     manager.presence.hold("VA")
     sha = client.post("/api/models", headers=auth(TOKEN), content=MODEL).json()["sha256"]
-    run = client.post("/api/runs", headers=auth(TOKEN),
-                      json={"source": "x", "dataset": "heart-disease", "initial_model": sha})
+    run = client.post(
+        "/api/runs", headers=auth(TOKEN), json={"source": "x", "dataset": "heart-disease", "initial_model": sha}
+    )
     assert run.status_code == 201, run.text
     return run.json()["run_id"], sha
 
@@ -69,8 +83,9 @@ def test_unknown_dataset_answer_names_the_known_ones(setup: tuple[TestClient, Ru
     manager.announce("VA", 1, {"datasets": [HEART]}, "online")
     manager.presence.hold("VA")
     sha = client.post("/api/models", headers=auth(TOKEN), content=MODEL).json()["sha256"]
-    response = client.post("/api/runs", headers=auth(TOKEN),
-                           json={"source": "x", "dataset": "hearts", "initial_model": sha})
+    response = client.post(
+        "/api/runs", headers=auth(TOKEN), json={"source": "x", "dataset": "hearts", "initial_model": sha}
+    )
     assert response.status_code == 404
     assert response.json()["error"] == "unknown dataset 'hearts': the datasets that exist are heart-disease"
 
@@ -81,16 +96,21 @@ def test_event_stream_replays_after_a_sequence_number_and_ends_with_the_run(
     client, manager = setup
     run_id, sha = start_run(client, manager)
     internal = auth("internal")
-    client.post(f"/internal/runs/{run_id}/events", headers=internal, json=[
-        {"type": "metrics", "round": 1, "site": "global", "phase": "train", "metrics": {"loss": 0.5}},
-        {"type": "run", "status": "completed", "model_sha256": sha},
-    ])
+    client.post(
+        f"/internal/runs/{run_id}/events",
+        headers=internal,
+        json=[
+            {"type": "metrics", "round": 1, "site": "global", "phase": "train", "metrics": {"loss": 0.5}},
+            {"type": "run", "status": "completed", "model_sha256": sha},
+        ],
+    )
     with client.stream("GET", f"/api/runs/{run_id}/events", headers=auth(TOKEN)) as response:
         events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
     assert [e["type"] for e in events] == ["run", "metrics", "run"]
     assert events[-1]["status"] == "completed"
-    later = client.get(f"/api/runs/{run_id}/events", params={"after": events[0]["seq"], "stream": "0"},
-                       headers=auth(TOKEN)).json()
+    later = client.get(
+        f"/api/runs/{run_id}/events", params={"after": events[0]["seq"], "stream": "0"}, headers=auth(TOKEN)
+    ).json()
     assert [e["seq"] for e in later] == [e["seq"] for e in events[1:]]
     assert client.get(f"/api/runs/{run_id}/model", headers=auth(TOKEN)).content == MODEL
 

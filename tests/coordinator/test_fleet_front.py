@@ -29,6 +29,7 @@ SENTENCE = FORBIDDEN.strip()
 
 # -- servers in threads -----------------------------------------------------------------------------
 
+
 def _listening_socket() -> socket.socket:
     """A socket bound to a free port and already listening: a client that connects before the
     server's loop runs simply waits in the backlog, so readiness is one request with a deadline."""
@@ -70,13 +71,22 @@ def _tracebacks_logged() -> Iterator[list[logging.LogRecord]]:
 class Served:
     """``app`` served by uvicorn in a daemon thread on a free port of 127.0.0.1."""
 
-    def __init__(self, app: Any, *, certfile: str | None = None, keyfile: str | None = None,
-                 ca: str | None = None) -> None:
+    def __init__(
+        self, app: Any, *, certfile: str | None = None, keyfile: str | None = None, ca: str | None = None
+    ) -> None:
         self.sock = _listening_socket()
         self.port = self.sock.getsockname()[1]
         self.url = f"{'https' if certfile else 'http'}://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="auto", ws="none",
-                                ssl_certfile=certfile, ssl_keyfile=keyfile, timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="auto",
+            ws="none",
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+            timeout_graceful_shutdown=1,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
@@ -99,6 +109,7 @@ def _healthy(client: httpx.Client, url: str) -> bool:
 
 # -- the fakes --------------------------------------------------------------------------------------
 
+
 async def _read_body(receive: Any) -> bytes:
     body = b""
     while True:
@@ -110,8 +121,13 @@ async def _read_body(receive: Any) -> bytes:
 
 async def _answer(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     headers = headers or [(b"content-type", b"text/plain")]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -139,14 +155,29 @@ class FakeSuperLink:
             await _answer(send, 200, b"ok")
             return
         with self.recorded:
-            self.calls.append({"method": scope["method"], "path": path, "raw_path": scope.get("raw_path"),
-                               "query": scope["query_string"], "headers": list(scope["headers"]), "body": body})
+            self.calls.append(
+                {
+                    "method": scope["method"],
+                    "path": path,
+                    "raw_path": scope.get("raw_path"),
+                    "query": scope["query_string"],
+                    "headers": list(scope["headers"]),
+                    "body": body,
+                }
+            )
             self.recorded.notify_all()
         if path.startswith("/v1/fleet/"):
-            await _answer(send, 201, b"\x00echo:" + body, [
-                (b"content-type", b"application/protobuf"), (b"x-flwr-answer", b"yes"),
-                (b"set-cookie", b"a=1; Path=/"), (b"set-cookie", b"b=2; Path=/"),
-            ])
+            await _answer(
+                send,
+                201,
+                b"\x00echo:" + body,
+                [
+                    (b"content-type", b"application/protobuf"),
+                    (b"x-flwr-answer", b"yes"),
+                    (b"set-cookie", b"a=1; Path=/"),
+                    (b"set-cookie", b"b=2; Path=/"),
+                ],
+            )
         elif path in ("/v1/control/start-run", "/v1/runtime/pull-messages"):
             await _answer(send, 200, b"reached " + path.encode())
         else:
@@ -219,6 +250,7 @@ class FakeCoordinator:
 
 # -- fixtures -----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[tuple[FakeSuperLink, FakeCoordinator, Served, Served]]:
     superlink, coordinator = FakeSuperLink(), FakeCoordinator()
@@ -267,12 +299,16 @@ AUTH_HEADERS = [
 
 # -- the tests ----------------------------------------------------------------------------------------
 
+
 def test_fleet_post_is_forwarded_byte_exact(front: str, superlink: FakeSuperLink, client: httpx.Client) -> None:
     body = bytes(range(256)) + b"\x00\x00proto\x00" * 50
-    hop = [(b"connection", b"keep-alive, x-hop"), (b"x-hop", b"private"), (b"keep-alive", b"timeout=5"),
-           (b"proxy-authorization", b"Basic eA==")]
-    response = client.post(front + "/v1/fleet/push-messages?run=7&tag=a%2Fb", content=body,
-                           headers=AUTH_HEADERS + hop)
+    hop = [
+        (b"connection", b"keep-alive, x-hop"),
+        (b"x-hop", b"private"),
+        (b"keep-alive", b"timeout=5"),
+        (b"proxy-authorization", b"Basic eA=="),
+    ]
+    response = client.post(front + "/v1/fleet/push-messages?run=7&tag=a%2Fb", content=body, headers=AUTH_HEADERS + hop)
 
     assert response.status_code == 201
     assert response.content == b"\x00echo:" + body
@@ -324,8 +360,9 @@ FORBIDDEN_REQUESTS = [
 
 
 @pytest.mark.parametrize(("method", "path"), FORBIDDEN_REQUESTS)
-def test_everything_else_is_refused(front: str, superlink: FakeSuperLink, coordinator: FakeCoordinator,
-                                    client: httpx.Client, method: str, path: str) -> None:
+def test_everything_else_is_refused(
+    front: str, superlink: FakeSuperLink, coordinator: FakeCoordinator, client: httpx.Client, method: str, path: str
+) -> None:
     response = client.request(method, front + path, content=b"{}")
     assert response.status_code == 403
     assert response.text.strip() == SENTENCE
@@ -344,19 +381,23 @@ def _raw_status(url: str, target: bytes) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
-@pytest.mark.parametrize("target", [
-    b"/v1/fleet/../control/start-run",
-    b"/v1/fleet/%2e%2e/control/start-run",
-    b"/v1/fleet/%2E%2E%2Fcontrol%2Fstart-run",
-    b"/v1/fleet/..%2fruntime/pull-messages",
-    b"/v1/fleet/.%2e/runtime/pull-messages",
-    b"/v1/fleet/..\\control\\start-run",
-    b"/site/../internal/ring",
-    b"/site/presence/..%2F..%2Finternal%2Fsites",
-    b"/v1/fleet/caf\xc3\xa9",
-])
-def test_paths_that_could_escape_the_allow_list_are_refused(front: str, superlink: FakeSuperLink,
-                                                            coordinator: FakeCoordinator, target: bytes) -> None:
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/v1/fleet/../control/start-run",
+        b"/v1/fleet/%2e%2e/control/start-run",
+        b"/v1/fleet/%2E%2E%2Fcontrol%2Fstart-run",
+        b"/v1/fleet/..%2fruntime/pull-messages",
+        b"/v1/fleet/.%2e/runtime/pull-messages",
+        b"/v1/fleet/..\\control\\start-run",
+        b"/site/../internal/ring",
+        b"/site/presence/..%2F..%2Finternal%2Fsites",
+        b"/v1/fleet/caf\xc3\xa9",
+    ],
+)
+def test_paths_that_could_escape_the_allow_list_are_refused(
+    front: str, superlink: FakeSuperLink, coordinator: FakeCoordinator, target: bytes
+) -> None:
     status, body = _raw_status(front, target)
     assert status in (400, 403), (status, body)
     if status == 403:
@@ -364,8 +405,9 @@ def test_paths_that_could_escape_the_allow_list_are_refused(front: str, superlin
     assert superlink.calls == [] and coordinator.calls == []
 
 
-def test_control_and_runtime_are_never_reached(fakes: tuple[FakeSuperLink, FakeCoordinator, Served, Served],
-                                               front: str, client: httpx.Client) -> None:
+def test_control_and_runtime_are_never_reached(
+    fakes: tuple[FakeSuperLink, FakeCoordinator, Served, Served], front: str, client: httpx.Client
+) -> None:
     for method, path in FORBIDDEN_REQUESTS:
         client.request(method, front + path)
     paths = fakes[0].paths()
@@ -380,8 +422,9 @@ def test_health_is_answered_by_the_front(front: str, superlink: FakeSuperLink, c
 
 
 def test_site_announce_is_forwarded(front: str, coordinator: FakeCoordinator, client: httpx.Client) -> None:
-    response = client.post(front + "/site/announce", json={"site": "VA", "node_id": 3},
-                           headers={"authorization": "Bearer site-token"})
+    response = client.post(
+        front + "/site/announce", json={"site": "VA", "node_id": 3}, headers={"authorization": "Bearer site-token"}
+    )
     assert response.status_code == 200
     assert response.json() == {"ok": True}
     assert coordinator.announced[-1] == {"site": "VA", "node_id": 3}
@@ -444,6 +487,7 @@ def test_unreachable_upstreams_give_502_naming_them() -> None:
 
 # -- TLS on both sides ----------------------------------------------------------------------------------
 
+
 def _self_signed(folder: Path) -> tuple[str, str]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -454,38 +498,61 @@ def _self_signed(folder: Path) -> tuple[str, str]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=False,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     certfile, keyfile = folder / "front.pem", folder / "front.key"
     certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    keyfile.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(certfile), str(keyfile)
 
 
-def test_tls_front_and_tls_superlink(tmp_path: Path, fakes: tuple[FakeSuperLink, FakeCoordinator, Served, Served]) -> None:
+def test_tls_front_and_tls_superlink(
+    tmp_path: Path, fakes: tuple[FakeSuperLink, FakeCoordinator, Served, Served]
+) -> None:
     certfile, keyfile = _self_signed(tmp_path)
     tls_superlink = FakeSuperLink()
     upstream = Served(tls_superlink, certfile=certfile, keyfile=keyfile, ca=certfile)
-    served = Served(build_front(upstream.url, fakes[3].url, superlink_ca=certfile),
-                    certfile=certfile, keyfile=keyfile, ca=certfile)
+    served = Served(
+        build_front(upstream.url, fakes[3].url, superlink_ca=certfile), certfile=certfile, keyfile=keyfile, ca=certfile
+    )
     try:
         assert served.url.startswith("https://")
         # connection: close, because uvicorn's TLS shutdown waits on a kept-alive requests connection
         close = {"connection": "close"}
-        response = requests.post(served.url + "/v1/fleet/get-run", data=b"\x00\x01tls", verify=certfile,
-                                 headers={"flwr-signature": "c2ln", "flwr-public-key": "cGs=", **close}, timeout=5)
+        response = requests.post(
+            served.url + "/v1/fleet/get-run",
+            data=b"\x00\x01tls",
+            verify=certfile,
+            headers={"flwr-signature": "c2ln", "flwr-public-key": "cGs=", **close},
+            timeout=5,
+        )
         assert response.status_code == 201
         assert response.content == b"\x00echo:\x00\x01tls"
         [call] = tls_superlink.calls

@@ -46,7 +46,10 @@ def test_control_client_and_requests_have_the_fields_flip_uses() -> None:
     for method in ("StartRun", "StopRun", "ListRuns", "StreamLogs", "RegisterNode", "UnregisterNode"):
         assert callable(getattr(ControlHttpClient, method))
     assert list(inspect.signature(ControlHttpClient.from_server_address).parameters)[:3] == [
-        "server_address", "insecure", "root_certificates"]
+        "server_address",
+        "insecure",
+        "root_certificates",
+    ]
     assert {"fab", "override_config"} <= set(StartRunRequest.DESCRIPTOR.fields_by_name)
     assert "run_id" in ListRunsRequest.DESCRIPTOR.fields_by_name
     assert "run_id" in StopRunRequest.DESCRIPTOR.fields_by_name
@@ -64,7 +67,9 @@ def test_message_api_used_by_the_server_loop() -> None:
     from typing import get_overloads
 
     shapes = [set(inspect.signature(o).parameters) for o in get_overloads(Message.__init__)]
-    assert {"content", "dst_node_id", "message_type", "group_id"} in [s & {"content", "dst_node_id", "message_type", "group_id"} for s in shapes]
+    assert {"content", "dst_node_id", "message_type", "group_id"} in [
+        s & {"content", "dst_node_id", "message_type", "group_id"} for s in shapes
+    ]
     assert {"content", "reply_to"} in [s & {"content", "reply_to"} for s in shapes]
     assert RecordDict.__name__ == "RecordDict"
 

@@ -33,13 +33,15 @@ def test_a_user_in_no_project_is_told_how_projects_are_joined() -> None:
         choose_project(Caller("bob", (), "hub"), None, ["heart", "breast"])
     assert str(refused.value) == (
         "bob is not in any FLIP project: a project's members are the hub group project-<name> (on this hub: "
-        "project-heart, project-breast); the hub operator adds members to a group")
+        "project-heart, project-breast); the hub operator adds members to a group"
+    )
     assert refused.value.status == 403
 
 
 def test_a_user_in_several_projects_must_choose() -> None:
-    with pytest.raises(Refused, match="carol is in projects breast, heart: choose one with %flip_connect --project") \
-            as refused:
+    with pytest.raises(
+        Refused, match="carol is in projects breast, heart: choose one with %flip_connect --project"
+    ) as refused:
         choose_project(Caller("carol", ("breast", "heart"), "hub"), None, [])
     assert refused.value.status == 400
 
@@ -55,22 +57,35 @@ def test_a_static_token_speaks_for_one_project_only() -> None:
 
 def test_hub_settings_come_from_the_service_environment() -> None:
     assert HubIdentity.from_env({}) is None
-    identity = HubIdentity.from_env({
-        "JUPYTERHUB_API_URL": "http://127.0.0.1:1/hub/api/", "JUPYTERHUB_API_TOKEN": "t",
-        "JUPYTERHUB_SERVICE_NAME": "coordinator",
-        "JUPYTERHUB_OAUTH_ACCESS_SCOPES": '["access:services!service=coordinator", "access:services"]'})
+    identity = HubIdentity.from_env(
+        {
+            "JUPYTERHUB_API_URL": "http://127.0.0.1:1/hub/api/",
+            "JUPYTERHUB_API_TOKEN": "t",
+            "JUPYTERHUB_SERVICE_NAME": "coordinator",
+            "JUPYTERHUB_OAUTH_ACCESS_SCOPES": '["access:services!service=coordinator", "access:services"]',
+        }
+    )
     assert identity is not None and identity.api_url == "http://127.0.0.1:1/hub/api"
     assert identity.required == {"access:services!service=coordinator", "access:services"}
 
 
 @pytest.fixture
 def hub_app(tmp_path: Path) -> TestClient:
-    config = CoordinatorConfig(state_dir=tmp_path, host="127.0.0.1", port=0, superlink_control="unused",
-                               internal_token="internal", site_token="", tokens={"ci": TokenGrant("ci", "heart")})
+    config = CoordinatorConfig(
+        state_dir=tmp_path,
+        host="127.0.0.1",
+        port=0,
+        superlink_control="unused",
+        internal_token="internal",
+        site_token="",
+        tokens={"ci": TokenGrant("ci", "heart")},
+    )
     notifier = Notifier()
     manager = RunManager(Store(tmp_path), FakeControl(), notifier.notify, presence_grace=0)
-    identity = FakeHubIdentity({"alice-hub": ("alice", ("heart",)), "bob-hub": ("bob", ()),
-                                "carol-hub": ("carol", ("breast", "heart"))}, ["breast", "heart"])
+    identity = FakeHubIdentity(
+        {"alice-hub": ("alice", ("heart",)), "bob-hub": ("bob", ()), "carol-hub": ("carol", ("breast", "heart"))},
+        ["breast", "heart"],
+    )
     return TestClient(build_app(config, manager, notifier, identity, "/services/coordinator/"))  # type: ignore[arg-type]
 
 
@@ -83,8 +98,10 @@ def who(client: TestClient, token: str | None, path: str = "/api/whoami", **head
 
 def test_hub_users_act_in_their_projects_and_others_are_refused(hub_app: TestClient) -> None:
     assert who(hub_app, "alice-hub") == (200, {"researcher": "alice", "project": "heart"})
-    assert who(hub_app, "carol-hub", **{"X-FLIP-Project": "breast"}) == (200, {"researcher": "carol",
-                                                                              "project": "breast"})
+    assert who(hub_app, "carol-hub", **{"X-FLIP-Project": "breast"}) == (
+        200,
+        {"researcher": "carol", "project": "breast"},
+    )
     status, body = who(hub_app, "bob-hub", "/api/sites")
     assert status == 403 and "bob is not in any FLIP project" in body["error"]  # type: ignore[index]
     assert "project-breast, project-heart" in body["error"]  # type: ignore[index]
@@ -96,19 +113,28 @@ def test_hub_users_act_in_their_projects_and_others_are_refused(hub_app: TestCli
 
 
 def test_the_api_is_served_under_the_hub_proxy_prefix_too(hub_app: TestClient) -> None:
-    assert who(hub_app, "alice-hub", "/services/coordinator/api/whoami") == (200, {"researcher": "alice",
-                                                                                  "project": "heart"})
+    assert who(hub_app, "alice-hub", "/services/coordinator/api/whoami") == (
+        200,
+        {"researcher": "alice", "project": "heart"},
+    )
     assert who(hub_app, None, "/services/coordinator/api/whoami")[0] == 401
 
 
-def test_headless_tokens_are_added_and_revoked_without_a_restart(tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_headless_tokens_are_added_and_revoked_without_a_restart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from coordinator.identity import HeadlessTokens
     from flip_local.cli import main
 
     path = tmp_path / "coordinator.json"
-    config = CoordinatorConfig(state_dir=tmp_path, host="127.0.0.1", port=0, superlink_control="unused",
-                               internal_token="internal", site_token="")
+    config = CoordinatorConfig(
+        state_dir=tmp_path,
+        host="127.0.0.1",
+        port=0,
+        superlink_control="unused",
+        internal_token="internal",
+        site_token="",
+    )
     config.dump(path)
     assert path.stat().st_mode & 0o777 == 0o600
     notifier = Notifier()

@@ -28,8 +28,16 @@ from fakes import FakeControl
 from helpers import model_bytes
 
 RESEARCHER, SITE, INTERNAL = "researcher-token", "site-token", "internal-token"
-HEART = {"name": "heart-disease", "rows": 303, "train_rows": 200, "test_rows": 103, "columns": [],
-         "dtypes": [], "fingerprint": "sha256:x", "format": "uci-heart"}
+HEART = {
+    "name": "heart-disease",
+    "rows": 303,
+    "train_rows": 200,
+    "test_rows": 103,
+    "columns": [],
+    "dtypes": [],
+    "fingerprint": "sha256:x",
+    "format": "uci-heart",
+}
 MODEL_LIMIT = 1 << 16
 
 
@@ -37,17 +45,27 @@ MODEL_LIMIT = 1 << 16
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, RunManager, str, str]]:
     """The app with one online site holding heart-disease, an uploaded model and one run."""
     root = tmp_path_factory.mktemp("coordinator")
-    config = CoordinatorConfig(state_dir=root, host="127.0.0.1", port=0, superlink_control="unused",
-                               internal_token=INTERNAL, site_token=SITE,
-                               tokens={RESEARCHER: TokenGrant("alice", "heart")}, max_model_bytes=MODEL_LIMIT)
+    config = CoordinatorConfig(
+        state_dir=root,
+        host="127.0.0.1",
+        port=0,
+        superlink_control="unused",
+        internal_token=INTERNAL,
+        site_token=SITE,
+        tokens={RESEARCHER: TokenGrant("alice", "heart")},
+        max_model_bytes=MODEL_LIMIT,
+    )
     notifier = Notifier()
     manager = RunManager(Store(root), FakeControl(), notifier.notify, presence_grace=0)
     manager.announce("VA", 1, {"version": "0.1.0", "datasets": [HEART]}, "online")
     manager.presence.hold("VA")
     with TestClient(build_app(config, manager, notifier)) as client:
         sha = client.post("/api/models", headers=auth(RESEARCHER), content=model_bytes()).json()["sha256"]
-        run = client.post("/api/runs", headers=auth(RESEARCHER),
-                          json={"source": "x = 1", "dataset": "heart-disease", "initial_model": sha})
+        run = client.post(
+            "/api/runs",
+            headers=auth(RESEARCHER),
+            json={"source": "x = 1", "dataset": "heart-disease", "initial_model": sha},
+        )
         assert run.status_code == 201, run.text
         yield client, manager, sha, run.json()["run_id"]
 
@@ -79,8 +97,21 @@ BAD_TASK_FIELDS: dict[str, list[Any]] = {
     "min_sites": ["2", 1.5, True, [], 0, -3, 10**9],
     "seed": ["1", 1.5, True, None, [], -1, 2**64],
     "name": [1, [], {}, True, "n" * 201],
-    "config": [[], "a=b", 1, True, {"a": [1]}, {"a": {"b": 1}}, {"a": None}, {"dp_epsilon": 1}, {"": 1},
-               {"k" * 101: 1}, {f"k{i}": 1 for i in range(201)}, {"server_lr": "fast"}, {"a": "v" * 10_001}],
+    "config": [
+        [],
+        "a=b",
+        1,
+        True,
+        {"a": [1]},
+        {"a": {"b": 1}},
+        {"a": None},
+        {"dp_epsilon": 1},
+        {"": 1},
+        {"k" * 101: 1},
+        {f"k{i}": 1 for i in range(201)},
+        {"server_lr": "fast"},
+        {"a": "v" * 10_001},
+    ],
     "round_timeout": ["1", True, [], 0, -1, 10**9],
     "dp_epsilon": ["1", True, [], 0, -1, 1000],
     "dp_clip": ["1", True, [], -1, 0],
@@ -88,38 +119,77 @@ BAD_TASK_FIELDS: dict[str, list[Any]] = {
     "client_packages": [[], "x", {"torch": 1}, {"": "1"}],
     "surplus": [1, "rounds"],  # a field the task does not have
 }
-FLAGS = {"min_sites": "--min-sites", "round_timeout": "--round-timeout", "dp_epsilon": "--dp-", "dp_clip": "--dp-clip",
-         "rounds": "--rounds", "seed": "--seed", "config": "--config", "strategy": "strategy", "source": "source"}
+FLAGS = {
+    "min_sites": "--min-sites",
+    "round_timeout": "--round-timeout",
+    "dp_epsilon": "--dp-",
+    "dp_clip": "--dp-clip",
+    "rounds": "--rounds",
+    "seed": "--seed",
+    "config": "--config",
+    "strategy": "strategy",
+    "source": "source",
+}
 BAD_BODIES = [b"", b"   ", b"{", b"[]", b"null", b"1", b'"task"', b"\xff\xfe\x00", b"NaN", b'{"source": "x",}']
 
 ANNOUNCE = {"site": "VA", "node_id": 1, "info": {"version": "0.1.0", "datasets": [HEART]}}
 BAD_ANNOUNCE_FIELDS: dict[str, list[Any]] = {
     "site": [1, None, [], "", "a b", "x" * 65, "../VA"],
     "node_id": ["1", 1.5, True, -1, 2**65],
-    "info": [[], "x", 1, {"datasets": "x"}, {"datasets": [1]}, {"datasets": [{"name": 1}]},
-             {"datasets": [{"name": "d", "rows": -1}]}, {"datasets": [{"name": "d", "rows": "300"}]},
-             {"datasets": [{"name": "d", "extra": 1}]}, {"warm": "yes"}, {"version": 1}, {"surplus": 1}],
+    "info": [
+        [],
+        "x",
+        1,
+        {"datasets": "x"},
+        {"datasets": [1]},
+        {"datasets": [{"name": 1}]},
+        {"datasets": [{"name": "d", "rows": -1}]},
+        {"datasets": [{"name": "d", "rows": "300"}]},
+        {"datasets": [{"name": "d", "extra": 1}]},
+        {"warm": "yes"},
+        {"version": 1},
+        {"surplus": 1},
+    ],
     "state": ["gone", 1, None],
     "surplus": [1],
 }
 
 EVENT = {"type": "metrics", "round": 1, "site": "global", "phase": "train", "metrics": {"loss": 0.5}}
 BAD_EVENTS: list[Any] = [
-    {}, EVENT, "x", [1], [None], [{"type": "nope"}], [{"round": 1}], [{"type": "site"}],
-    [{**EVENT, "round": "1"}], [{**EVENT, "round": -1}], [{**EVENT, "metrics": {"loss": "low"}}],
-    [{**EVENT, "metrics": [0.5]}], [{**EVENT, "phase": "testing"}], [{**EVENT, "site": "a b"}],
-    [{**EVENT, "surplus": 1}], [{"type": "run", "status": "done"}], [{"type": "run", "status": "completed",
-                                                                      "model_sha256": "abc"}],
+    {},
+    EVENT,
+    "x",
+    [1],
+    [None],
+    [{"type": "nope"}],
+    [{"round": 1}],
+    [{"type": "site"}],
+    [{**EVENT, "round": "1"}],
+    [{**EVENT, "round": -1}],
+    [{**EVENT, "metrics": {"loss": "low"}}],
+    [{**EVENT, "metrics": [0.5]}],
+    [{**EVENT, "phase": "testing"}],
+    [{**EVENT, "site": "a b"}],
+    [{**EVENT, "surplus": 1}],
+    [{"type": "run", "status": "done"}],
+    [{"type": "run", "status": "completed", "model_sha256": "abc"}],
     [{"type": "site", "site": "VA", "status": "training", "round": 1, "samples": -5}],
-    [{"type": "round", "round": 1, "sites": 1, "seconds": "fast"}], [EVENT] * 10_001,
+    [{"type": "round", "round": 1, "sites": 1, "seconds": "fast"}],
+    [EVENT] * 10_001,
 ]
 BAD_RINGS: list[Any] = [{}, [], {"sites": "VA"}, {"sites": [1]}, {"sites": ["a b"]}, {"sites": ["VA"], "x": 1}]
 
 BAD_MODELS = {
-    "empty": b"", "text": b"weights", "pickle": b"\x80\x04K\x01.", "npy": np.lib.format.magic(1, 0) + b"{}",
-    "zip of text": zipped("notes.txt", b"hello"), "zip of junk arrays": zipped("w.npy", b"\x93NUMPY junk"),
-    "strings": npz(w=np.array(["a", "b"])), "objects": npz(w=np.array([{"a": 1}], dtype=object)),
-    "truncated": npz(w=np.zeros(100))[:-40], "no arrays": npz(),
+    "empty": b"",
+    "text": b"weights",
+    "pickle": b"\x80\x04K\x01.",
+    "npy": np.lib.format.magic(1, 0) + b"{}",
+    "zip of text": zipped("notes.txt", b"hello"),
+    "zip of junk arrays": zipped("w.npy", b"\x93NUMPY junk"),
+    "strings": npz(w=np.array(["a", "b"])),
+    "objects": npz(w=np.array([{"a": 1}], dtype=object)),
+    "truncated": npz(w=np.zeros(100))[:-40],
+    "no arrays": npz(),
     "too big": npz(w=np.zeros(MODEL_LIMIT // 8 + 10)),
 }
 
@@ -149,7 +219,10 @@ def assert_sentence(response: Any, *names: str) -> str:
 @pytest.mark.parametrize("route", ["/api/runs/check", "/api/runs"])
 @pytest.mark.parametrize(("field", "body"), list(task_cases()))
 def test_a_malformed_task_is_refused_with_a_sentence_naming_the_field(
-    coordinator: tuple[TestClient, RunManager, str, str], route: str, field: str, body: bytes,
+    coordinator: tuple[TestClient, RunManager, str, str],
+    route: str,
+    field: str,
+    body: bytes,
 ) -> None:
     client, manager, _, _ = coordinator
     before = len(manager.store.runs())
@@ -160,10 +233,15 @@ def test_a_malformed_task_is_refused_with_a_sentence_naming_the_field(
 
 
 @pytest.mark.parametrize("name", list(BAD_MODELS))
-@pytest.mark.parametrize(("route", "method", "token"), [("/api/models", "POST", RESEARCHER),
-                                                        ("/internal/runs/RUN/model", "PUT", INTERNAL)])
+@pytest.mark.parametrize(
+    ("route", "method", "token"), [("/api/models", "POST", RESEARCHER), ("/internal/runs/RUN/model", "PUT", INTERNAL)]
+)
 def test_bytes_that_are_not_a_model_are_refused_and_not_stored(
-    coordinator: tuple[TestClient, RunManager, str, str], name: str, route: str, method: str, token: str,
+    coordinator: tuple[TestClient, RunManager, str, str],
+    name: str,
+    route: str,
+    method: str,
+    token: str,
 ) -> None:
     client, manager, _, run_id = coordinator
     stored = sorted((manager.store.root / "models").iterdir())
@@ -189,7 +267,9 @@ def announce_cases() -> Iterator[Any]:
 
 @pytest.mark.parametrize(("field", "body"), list(announce_cases()))
 def test_a_malformed_announcement_is_refused_and_the_site_unchanged(
-    coordinator: tuple[TestClient, RunManager, str, str], field: str, body: bytes,
+    coordinator: tuple[TestClient, RunManager, str, str],
+    field: str,
+    body: bytes,
 ) -> None:
     client, manager, _, _ = coordinator
     before = manager.store.sites()
@@ -201,11 +281,14 @@ def test_a_malformed_announcement_is_refused_and_the_site_unchanged(
 EVENT_BODIES = [b for b in BAD_BODIES if b != b"[]"]  # no events at all is a batch of none
 
 
-@pytest.mark.parametrize("body", [json.dumps(b).encode() for b in BAD_EVENTS] + EVENT_BODIES,
-                         ids=[f"events-{i}" for i in range(len(BAD_EVENTS))] + [f"body-{i}" for i in
-                                                                                  range(len(EVENT_BODIES))])
+@pytest.mark.parametrize(
+    "body",
+    [json.dumps(b).encode() for b in BAD_EVENTS] + EVENT_BODIES,
+    ids=[f"events-{i}" for i in range(len(BAD_EVENTS))] + [f"body-{i}" for i in range(len(EVENT_BODIES))],
+)
 def test_malformed_events_from_the_server_loop_are_refused_and_not_stored(
-    coordinator: tuple[TestClient, RunManager, str, str], body: bytes,
+    coordinator: tuple[TestClient, RunManager, str, str],
+    body: bytes,
 ) -> None:
     client, manager, _, run_id = coordinator
     before = manager.store.events(run_id)
@@ -220,20 +303,36 @@ def test_a_malformed_ring_is_refused(coordinator: tuple[TestClient, RunManager, 
     assert_sentence(client.post("/internal/ring", headers=auth(INTERNAL), content=body), "the ring")
 
 
-@pytest.mark.parametrize(("path", "named"), [
-    ("events?after=abc", "after"), ("events?after=-1", "after"), ("events?after=1e3", "after"),
-    ("events?after=99999999999999999999", "after"), ("events?stream=2", "stream"),
-])
-def test_malformed_query_parameters_are_refused(coordinator: tuple[TestClient, RunManager, str, str], path: str,
-                                                named: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "named"),
+    [
+        ("events?after=abc", "after"),
+        ("events?after=-1", "after"),
+        ("events?after=1e3", "after"),
+        ("events?after=99999999999999999999", "after"),
+        ("events?stream=2", "stream"),
+    ],
+)
+def test_malformed_query_parameters_are_refused(
+    coordinator: tuple[TestClient, RunManager, str, str], path: str, named: str
+) -> None:
     client, _, _, run_id = coordinator
     assert_sentence(client.get(f"/api/runs/{run_id}/{path}", headers=auth(RESEARCHER)), named)
 
 
-@pytest.mark.parametrize("path", ["/api/runs/nope", "/api/runs/nope/model", "/api/runs/nope/events",
-                                  "/internal/models/nope", "/internal/runs/nope/task"])
-def test_unknown_runs_and_models_are_a_404_sentence(coordinator: tuple[TestClient, RunManager, str, str],
-                                                    path: str) -> None:
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/runs/nope",
+        "/api/runs/nope/model",
+        "/api/runs/nope/events",
+        "/internal/models/nope",
+        "/internal/runs/nope/task",
+    ],
+)
+def test_unknown_runs_and_models_are_a_404_sentence(
+    coordinator: tuple[TestClient, RunManager, str, str], path: str
+) -> None:
     client, _, _, _ = coordinator
     token = INTERNAL if path.startswith("/internal") else RESEARCHER
     response = client.get(path, headers=auth(token))
@@ -247,15 +346,21 @@ def test_a_site_name_that_is_not_one_is_refused_on_the_presence_route(
     assert_sentence(client.get("/site/presence/a%20b", headers=auth(SITE)), "site name")
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                 max_size=3), max_leaves=8)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
 
 
-@settings(max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(field=st.sampled_from([*BAD_TASK_FIELDS, *BAD_ANNOUNCE_FIELDS]), value=JSON)
 def test_no_value_in_any_field_makes_a_server_error(
-    coordinator: tuple[TestClient, RunManager, str, str], field: str, value: Any,
+    coordinator: tuple[TestClient, RunManager, str, str],
+    field: str,
+    value: Any,
 ) -> None:
     client, _, _, _ = coordinator
     for route, token, base in (("/api/runs/check", RESEARCHER, TASK), ("/site/announce", SITE, ANNOUNCE)):

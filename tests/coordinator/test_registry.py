@@ -30,12 +30,20 @@ def test_a_registered_sites_token_names_it_and_only_its_hash_is_kept(tmp_path: P
 
 def test_flip_certs_makes_a_ca_and_a_hub_certificate_for_its_names(tmp_path: Path) -> None:
     flip = Path(sys.executable).parent / "flip"
-    done = subprocess.run([flip, "certs", tmp_path / "pki", "--host", "hub.example.org", "--host", "10.0.0.5"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [flip, "certs", tmp_path / "pki", "--host", "hub.example.org", "--host", "10.0.0.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "keep it offline" in done.stdout
     context = ssl.create_default_context(cafile=str(tmp_path / "pki" / "ca.pem"))
     context.load_cert_chain(tmp_path / "pki" / "superlink.pem", tmp_path / "pki" / "superlink.key")
-    again = subprocess.run([flip, "certs", tmp_path / "pki", "--host", "hub2.example.org", "--name", "hub2"],
-                           capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [flip, "certs", tmp_path / "pki", "--host", "hub2.example.org", "--name", "hub2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 0 and (tmp_path / "pki" / "hub2.pem").exists()  # the same CA signs it

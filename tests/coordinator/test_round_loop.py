@@ -27,8 +27,9 @@ SITES = {"A": 1, "B": 2, "C": 3, "D": 4}
 class FakeGrid:
     """Answers every message at once, except fit steps for the sites in ``silent`` (stragglers)."""
 
-    def __init__(self, silent: set[str], pending: dict[str, int] | None = None,
-                 refusing: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, silent: set[str], pending: dict[str, int] | None = None, refusing: dict[str, str] | None = None
+    ) -> None:
         self.silent = silent
         self.pending = dict(pending or {})  # site: how many prepare asks it answers "pending" (awaiting approval)
         self.refusing = dict(refusing or {})  # site: its policy's refusal
@@ -47,22 +48,40 @@ class FakeGrid:
                 continue
             if phase == Phase.PREPARE and self.pending.get(site, 0) > 0:
                 self.pending[site] -= 1
-                self._answer(site, mid, msg, StepResult(site=site, status="pending",
-                                                        error_where=f"waiting for approval at {site}"))
+                self._answer(
+                    site,
+                    mid,
+                    msg,
+                    StepResult(site=site, status="pending", error_where=f"waiting for approval at {site}"),
+                )
                 continue
             if site in self.refusing:
                 self._answer(site, mid, msg, StepResult(site=site, status="refused", error_where=self.refusing[site]))
                 continue
-            result = StepResult(site=site, status="ok", params={"w": np.ones(2)} if phase == "fit" else {},
-                                train_metrics={"loss": 0.5} if phase == "fit" else {},
-                                eval_metrics={"accuracy": 0.75}, num_train=10, num_test=5)
+            result = StepResult(
+                site=site,
+                status="ok",
+                params={"w": np.ones(2)} if phase == "fit" else {},
+                train_metrics={"loss": 0.5} if phase == "fit" else {},
+                eval_metrics={"accuracy": 0.75},
+                num_train=10,
+                num_test=5,
+            )
             self._answer(site, mid, msg, result)
         return ids
 
     def _answer(self, site: str, mid: str, msg: Message, result: StepResult) -> None:
-        meta = Metadata(run_id=1, message_id="", src_node_id=SITES[site], dst_node_id=0,
-                        reply_to_message_id=mid, group_id="", created_at=time.time(), ttl=60,
-                        message_type=msg.metadata.message_type)
+        meta = Metadata(
+            run_id=1,
+            message_id="",
+            src_node_id=SITES[site],
+            dst_node_id=0,
+            reply_to_message_id=mid,
+            group_id="",
+            created_at=time.time(),
+            ttl=60,
+            message_type=msg.metadata.message_type,
+        )
         self.outbox[mid] = make_message(meta, result_to_content(result))
 
     def pull_messages(self, ids: list[str]) -> list[Message]:
@@ -75,8 +94,10 @@ class FakeHub:
         self.log: list[dict[str, Any]] = []
 
     def sites(self) -> dict[str, dict[str, Any]]:
-        return {s: {"site": s, "status": "online", "node_id": n, "datasets": [{"name": "heart"}]}
-                for s, n in self.nodes.items()}
+        return {
+            s: {"site": s, "status": "online", "node_id": n, "datasets": [{"name": "heart"}]}
+            for s, n in self.nodes.items()
+        }
 
     def events(self, run_id: str, events: list[dict[str, Any]]) -> None:
         self.log.extend(events)
@@ -94,9 +115,20 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def loop(grid: FakeGrid, hub: FakeHub, *, min_sites: int, rounds: int = 2) -> RoundLoop:
-    task = {"run_id": "r", "sites": [{"site": s, "node_id": n} for s, n in SITES.items()], "strategy": "fedavg",
-            "min_sites": min_sites, "rounds": rounds, "round_timeout": 0.05, "dataset": "heart", "source": "x",
-            "source_hash": "sha256:x", "project": "p", "researcher": "r", "seed": 0}
+    task = {
+        "run_id": "r",
+        "sites": [{"site": s, "node_id": n} for s, n in SITES.items()],
+        "strategy": "fedavg",
+        "min_sites": min_sites,
+        "rounds": rounds,
+        "round_timeout": 0.05,
+        "dataset": "heart",
+        "source": "x",
+        "source_hash": "sha256:x",
+        "project": "p",
+        "researcher": "r",
+        "seed": 0,
+    }
     return RoundLoop(grid, hub, task)  # type: ignore[arg-type]
 
 
@@ -112,8 +144,10 @@ def test_a_straggler_sits_out_each_round_and_the_run_goes_on() -> None:
 def test_too_few_replies_in_time_stop_the_run_naming_the_late_sites() -> None:
     with pytest.raises(RunAborted) as stopped:
         loop(FakeGrid(silent={"C", "D"}), FakeHub(SITES), min_sites=3).run({"w": np.zeros(2)})
-    assert str(stopped.value) == ("Run stopped in round 1: only 2 site(s) replied within the round timeout "
-                                  "(0.05 s) but --min-sites is 3. Late: C, D.")
+    assert str(stopped.value) == (
+        "Run stopped in round 1: only 2 site(s) replied within the round timeout "
+        "(0.05 s) but --min-sites is 3. Late: C, D."
+    )
 
 
 def test_a_site_that_went_offline_rejoins_with_its_new_node() -> None:
@@ -124,8 +158,13 @@ def test_a_site_that_went_offline_rejoins_with_its_new_node() -> None:
     hub.nodes["B"] = 22  # back online: a restarted agent registers as a new Flower node
     rounds.readmit(3)
     assert rounds.active["B"] == 22 and "B" not in rounds.failed
-    assert hub.log[-1] == {"type": "site", "site": "B", "status": "rejoined", "round": 3,
-                           "detail": "back online: it takes part again from this round"}
+    assert hub.log[-1] == {
+        "type": "site",
+        "site": "B",
+        "status": "rejoined",
+        "round": 3,
+        "detail": "back online: it takes part again from this round",
+    }
 
 
 def test_a_site_awaiting_approval_is_shown_waiting_then_joins_when_it_approves(monkeypatch) -> None:
@@ -134,8 +173,9 @@ def test_a_site_awaiting_approval_is_shown_waiting_then_joins_when_it_approves(m
     grid = FakeGrid(silent=set(), pending={"B": 3})
     loop(grid, hub, min_sites=4).run({"w": np.zeros(2)})
     waiting = [e for e in hub.log if e.get("status") == "waiting-approval"]
-    assert waiting == [{"type": "site", "site": "B", "status": "waiting-approval", "round": 0,
-                        "detail": "waiting for approval at B"}]  # said once, not at every ask
+    assert waiting == [
+        {"type": "site", "site": "B", "status": "waiting-approval", "round": 0, "detail": "waiting for approval at B"}
+    ]  # said once, not at every ask
     assert [e["sites"] for e in hub.log if e["type"] == "ring"] == [["B"], ["B"], ["B"]]  # asked again, rung
     assert {e["site"] for e in hub.log if e.get("status") == "ready"} == set(SITES)
     assert {e["site"] for e in hub.log if e.get("status") == "done" and e["round"] == 1} == set(SITES)
@@ -148,4 +188,6 @@ def test_a_site_that_refuses_says_why_and_the_run_stops_below_min_sites() -> Non
         loop(grid, hub, min_sites=4).run({"w": np.zeros(2)})
     assert "C: refused by the site: project 'p' is not approved at C" in str(stopped.value)
     failed = [e for e in hub.log if e.get("status") == "failed"]
-    assert [(e["site"], e["detail"]) for e in failed] == [("C", "refused by the site: project 'p' is not approved at C")]
+    assert [(e["site"], e["detail"]) for e in failed] == [
+        ("C", "refused by the site: project 'p' is not approved at C")
+    ]

@@ -36,8 +36,11 @@ def zygote(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     sock, log = tmp_path / "z.sock", tmp_path / "zygote.log"
     launcher = write_launcher(tmp_path / "bin")
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "coordinator.serverapp_zygote", "--socket", str(sock)],
-                                   stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "coordinator.serverapp_zygote", "--socket", str(sock)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
 
     def listening() -> bool:
         if process.poll() is not None:

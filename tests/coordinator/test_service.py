@@ -14,8 +14,16 @@ from fakes import FakeControl, FakeFlowerStatus
 from helpers import model_bytes
 
 ALICE = Principal("alice", "heart")
-HEART = {"name": "heart-disease", "rows": 303, "train_rows": 200, "test_rows": 103, "columns": [],
-         "dtypes": [], "fingerprint": "sha256:x", "format": "uci-heart"}
+HEART = {
+    "name": "heart-disease",
+    "rows": 303,
+    "train_rows": 200,
+    "test_rows": 103,
+    "columns": [],
+    "dtypes": [],
+    "fingerprint": "sha256:x",
+    "format": "uci-heart",
+}
 
 
 @pytest.fixture
@@ -29,8 +37,11 @@ def manager(tmp_path: Path) -> RunManager:
 
 def spec(manager: RunManager, **over: object) -> TaskSpec:
     sha = manager.store.put_model(model_bytes())
-    return parse(TaskSpec, {"source": "def build_model(): pass", "dataset": "heart-disease", "rounds": 2,
-                            "initial_model": sha, **over}, "the task")
+    return parse(
+        TaskSpec,
+        {"source": "def build_model(): pass", "dataset": "heart-disease", "rounds": 2, "initial_model": sha, **over},
+        "the task",
+    )
 
 
 def test_unknown_dataset_is_refused_naming_it_and_the_known_ones(manager: RunManager) -> None:
@@ -41,7 +52,9 @@ def test_unknown_dataset_is_refused_naming_it_and_the_known_ones(manager: RunMan
 
 def test_min_sites_above_online_holders_is_refused(manager: RunManager) -> None:
     manager.presence.release("VA")
-    with pytest.raises(TaskRejected, match=r"--min-sites is 3 but only 2 online site\(s\) hold 'heart-disease' \(VA offline\)"):
+    with pytest.raises(
+        TaskRejected, match=r"--min-sites is 3 but only 2 online site\(s\) hold 'heart-disease' \(VA offline\)"
+    ):
         manager.create_run(ALICE, spec(manager, min_sites=3))
 
 
@@ -102,8 +115,13 @@ def test_a_dispatched_step_rings_only_that_sites_doorbell(manager: RunManager) -
     async def scenario() -> tuple[bool, bool]:
         va, hungary = manager.presence.hold("VA"), manager.presence.hold("Hungary")
         run_id = manager.create_run(ALICE, spec(manager))["run_id"]
-        manager.ingest(run_id, [{"type": "site", "site": "VA", "status": "training", "round": 1},
-                                {"type": "site", "site": "Hungary", "status": "done", "round": 1}])
+        manager.ingest(
+            run_id,
+            [
+                {"type": "site", "site": "VA", "status": "training", "round": 1},
+                {"type": "site", "site": "Hungary", "status": "done", "round": 1},
+            ],
+        )
         await asyncio.sleep(0)  # let the loop run the thread-safe callbacks
         return va.is_set(), hungary.is_set()
 

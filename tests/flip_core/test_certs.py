@@ -63,7 +63,9 @@ def test_server_cert_is_issued_by_the_ca_for_the_given_hosts(pki) -> None:
 
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.IPAddress)) == {
-        ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
     assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "hub.example.org"}
 
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
@@ -267,10 +269,12 @@ def test_site_key_bad_inputs(tmp_path: Path) -> None:
         public_key_bytes(garbage)
 
     ed = ed25519.Ed25519PrivateKey.generate()
-    (tmp_path / "ed.key").write_bytes(ed.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    (tmp_path / "ed.pub").write_bytes(ed.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    (tmp_path / "ed.key").write_bytes(
+        ed.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    (tmp_path / "ed.pub").write_bytes(
+        ed.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
     with pytest.raises(CertError, match="ECDSA"):
         load_site_keys(tmp_path / "ed.key")
     with pytest.raises(CertError, match="ECDSA"):

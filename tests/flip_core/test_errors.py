@@ -15,11 +15,19 @@ from helpers import REPO
 ROLES = ("flip_core", "flip_magics", "site_agent", "coordinator", "flip_local")
 
 
-@pytest.mark.parametrize("error", [
-    FlipError("plain"), ConfigError("site.toml: no [site] table"), Rejected("no such run", 404),
-    RequestInvalid("the task: field 'rounds' must be a whole number", "rounds", 400), NotConnected("no coordinator"),
-    TaskInvalid("syntax error"), RunFailed("r1", "failed", "VA: TimeLimit"), ModelInvalid("not a model"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        FlipError("plain"),
+        ConfigError("site.toml: no [site] table"),
+        Rejected("no such run", 404),
+        RequestInvalid("the task: field 'rounds' must be a whole number", "rounds", 400),
+        NotConnected("no coordinator"),
+        TaskInvalid("syntax error"),
+        RunFailed("r1", "failed", "VA: TimeLimit"),
+        ModelInvalid("not a model"),
+    ],
+)
 def test_an_error_pickles_with_its_fields(error: FlipError) -> None:
     back = pickle.loads(pickle.dumps(error))
     assert type(back) is type(error) and str(back) == str(error) and vars(back) == vars(error)

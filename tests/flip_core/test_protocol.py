@@ -7,9 +7,19 @@ from flip_core.protocol import StepRequest, StepResult, decode_request, decode_r
 
 
 def test_request_round_trips_through_bytes() -> None:
-    req = StepRequest(run_id="r", source="x = 1\n", source_hash="h", dataset="d", project="p", researcher="a",
-                      seed=1, round=2, phase="fit", config={"lr": 0.1, "name": "x"},
-                      params={"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    req = StepRequest(
+        run_id="r",
+        source="x = 1\n",
+        source_hash="h",
+        dataset="d",
+        project="p",
+        researcher="a",
+        seed=1,
+        round=2,
+        phase="fit",
+        config={"lr": 0.1, "name": "x"},
+        params={"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
+    )
     back = decode_request(encode_request(req))
     assert back.config == req.config and back.round == 2
     assert np.array_equal(back.params["w"], req.params["w"]) and back.params["w"].dtype == np.float32

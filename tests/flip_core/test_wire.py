@@ -12,8 +12,19 @@ from flip_core.status import Phase
 
 
 def request(params: dict[str, np.ndarray]) -> StepRequest:
-    return StepRequest(run_id="r1", source="x = 1\n", source_hash="sha256:abc", dataset="heart", project="p",
-                       researcher="alice", seed=3, round=2, phase=Phase.FIT, config={"lr": 0.1}, params=params)
+    return StepRequest(
+        run_id="r1",
+        source="x = 1\n",
+        source_hash="sha256:abc",
+        dataset="heart",
+        project="p",
+        researcher="alice",
+        seed=3,
+        round=2,
+        phase=Phase.FIT,
+        config={"lr": 0.1},
+        params=params,
+    )
 
 
 def test_a_small_step_is_one_config_record_and_comes_back_whole() -> None:

@@ -38,8 +38,7 @@ def fake_dataset(monkeypatch):
         description="fake data set for tests",
         files=(
             RemoteFile("https://fake.example/a.txt", "fake-set/a.txt", sha256=_sha(FAKE_A)),
-            RemoteFile("https://fake.example/b.bin", "fake-set/sub/b.bin",
-                       md5=hashlib.md5(FAKE_B).hexdigest()),
+            RemoteFile("https://fake.example/b.bin", "fake-set/sub/b.bin", md5=hashlib.md5(FAKE_B).hexdigest()),
         ),
     )
     monkeypatch.setitem(DATASETS, "fake-set", source)
@@ -59,10 +58,11 @@ def test_registry_entries():
     assert [f.relpath for f in heart.files] == [
         f"heart-disease/processed.{s}.data" for s in ("cleveland", "hungarian", "switzerland", "va")
     ]
-    assert all(f.url.startswith("https://archive.ics.uci.edu/ml/machine-learning-databases/"
-                                "heart-disease/processed.") for f in heart.files)
-    assert heart.files[0].sha256 == (
-        "a74b7efa387bc9d108d7d0115d831fe9b414b29ae7124f331b622b4efa0427c8")
+    assert all(
+        f.url.startswith("https://archive.ics.uci.edu/ml/machine-learning-databases/heart-disease/processed.")
+        for f in heart.files
+    )
+    assert heart.files[0].sha256 == ("a74b7efa387bc9d108d7d0115d831fe9b414b29ae7124f331b622b4efa0427c8")
     (npz,) = DATASETS["breastmnist"].files
     assert npz.md5 == "750601b1f35ba3300ea97c75c52ff8f6" and npz.sha256 is None
     assert npz.relpath == "breastmnist/breastmnist.npz"
@@ -138,8 +138,9 @@ def test_data_dir_prefers_env_then_shared_then_cache(tmp_path, monkeypatch):
         assert data_dir() == Path.home() / ".cache" / "flip" / "data"
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "heart-disease").is_dir(),
-                    reason="no shared copy of heart-disease next to the repository")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "heart-disease").is_dir(), reason="no shared copy of heart-disease next to the repository"
+)
 def test_shared_heart_disease_copy_verifies(monkeypatch):
     monkeypatch.delenv("FLIP_DATA_DIR", raising=False)
     assert data_dir() == SHARED_DATA

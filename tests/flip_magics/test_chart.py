@@ -29,8 +29,12 @@ def _xticks(root: ET.Element) -> list[str]:
 
 
 POINTS = [
-    ("loss", 1, 0.9), ("loss", 2, 0.6), ("loss", 3, 0.4),
-    ("accuracy", 1, 0.55), ("accuracy", 2, 0.7), ("accuracy", 3, 0.81),
+    ("loss", 1, 0.9),
+    ("loss", 2, 0.6),
+    ("loss", 3, 0.4),
+    ("accuracy", 1, 0.55),
+    ("accuracy", 2, 0.7),
+    ("accuracy", 3, 0.81),
 ]
 
 
@@ -83,8 +87,16 @@ def test_render_chart_empty_state_text() -> None:
 @pytest.mark.parametrize(
     "values",
     [
-        [0.3, 0.9], [0.0, 1.0], [-3.0, 7.0], [0.001, 0.0013], [100.0, 12345.0],
-        [2.5, 2.5], [0.0, 0.0], [-0.7, -0.2], [0.1, 0.2, 0.3], [1e6, 1.0000001e6],
+        [0.3, 0.9],
+        [0.0, 1.0],
+        [-3.0, 7.0],
+        [0.001, 0.0013],
+        [100.0, 12345.0],
+        [2.5, 2.5],
+        [0.0, 0.0],
+        [-0.7, -0.2],
+        [0.1, 0.2, 0.3],
+        [1e6, 1.0000001e6],
     ],
 )
 def test_render_chart_y_ticks_cover_data_range(values: list[float]) -> None:
@@ -121,10 +133,12 @@ def _table_rows(html: str) -> list[ET.Element]:
 
 
 def test_render_site_table_columns_and_missing_values() -> None:
-    html = render_site_table([
-        {"site": "a", "status": "training", "samples": 120, "round": 3, "detail": ""},
-        {"site": "b", "status": "waiting", "samples": None, "round": None, "detail": ""},
-    ])
+    html = render_site_table(
+        [
+            {"site": "a", "status": "training", "samples": 120, "round": 3, "detail": ""},
+            {"site": "b", "status": "waiting", "samples": None, "round": None, "detail": ""},
+        ]
+    )
     root = ET.fromstring(html)
     assert [th.text for th in root.iter("th")] == ["Site", "Status", "Samples", "Round", "Detail"]
     rows = _table_rows(html)
@@ -137,11 +151,12 @@ def test_render_site_table_columns_and_missing_values() -> None:
 
 
 def test_render_site_table_escapes_and_shows_failed_detail_in_red() -> None:
-    html = render_site_table([
-        {"site": "<script>x</script>", "status": "failed", "samples": 5, "round": 2,
-         "detail": "boom <&> 'q'"},
-        {"site": "ok", "status": "we<ird", "samples": 1, "round": 1, "detail": "fine"},
-    ])
+    html = render_site_table(
+        [
+            {"site": "<script>x</script>", "status": "failed", "samples": 5, "round": 2, "detail": "boom <&> 'q'"},
+            {"site": "ok", "status": "we<ird", "samples": 1, "round": 1, "detail": "fine"},
+        ]
+    )
     assert "<script>" not in html and "we<ird" not in html
     rows = _table_rows(html)
     cells = rows[0].findall("td")

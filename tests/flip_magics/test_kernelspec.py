@@ -12,8 +12,12 @@ from jupyter_client.manager import start_new_kernel
 
 
 def test_an_installed_flip_kernel_starts_with_the_magics_loaded(tmp_path: Path, monkeypatch) -> None:
-    done = subprocess.run([Path(sys.executable).parent / "flip", "kernel", "install", "--prefix", tmp_path],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [Path(sys.executable).parent / "flip", "kernel", "install", "--prefix", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "flip"
     spec = json.loads((spec_dir / "kernel.json").read_text())
@@ -30,8 +34,11 @@ def test_an_installed_flip_kernel_starts_with_the_magics_loaded(tmp_path: Path, 
             "ip = get_ipython()\n"
             "print('flip_magics' in ip.extension_manager.loaded, 'flip_train' in ip.magics_manager.magics['cell'])\n"
             "ip.run_line_magic('flip_sites', '')",
-            timeout=60, output_hook=lambda msg: outputs.append(str(msg["content"].get("text", "")) +
-                                                                str(msg["content"].get("evalue", ""))))
+            timeout=60,
+            output_hook=lambda msg: outputs.append(
+                str(msg["content"].get("text", "")) + str(msg["content"].get("evalue", ""))
+            ),
+        )
         said = "".join(outputs)
         assert "True True" in said, said
         assert "flip up" in said  # no federation here: the magic says how to get one, in a sentence

@@ -41,4 +41,8 @@ def test_load_weights_gives_a_model_holding_them() -> None:
 
 def test_parse_config_reads_numbers_booleans_and_text() -> None:
     assert parse_config(["lr=0.01", "steps=100", "flag=true", "name=abc"]) == {
-        "lr": 0.01, "steps": 100, "flag": True, "name": "abc"}
+        "lr": 0.01,
+        "steps": 100,
+        "flag": True,
+        "name": "abc",
+    }

@@ -22,21 +22,35 @@ from hub_config.profiles import (
 )
 
 PRODUCTION = {
-    "FLIP_HUB_PROFILE": "production", "FLIP_HUB_TLS_CERT": "/srv/flip/tls/cert.pem",
-    "FLIP_HUB_TLS_KEY": "/srv/flip/tls/key.pem", "FLIP_SINGLEUSER_IMAGE": "flip-singleuser:0.1.0",
-    "FLIP_COORDINATOR_SERVICE_URL": "http://coordinator:8900", "FLIP_COORDINATOR_HUB_TOKEN": "s" * 64,
-    "FLIP_OIDC_AUTHORIZE_URL": "https://idp.example/auth", "FLIP_OIDC_TOKEN_URL": "https://idp.example/token",
-    "FLIP_OIDC_USERDATA_URL": "https://idp.example/userinfo", "FLIP_HUB_ALLOWED_GROUPS": "project-heart,project-breast",
+    "FLIP_HUB_PROFILE": "production",
+    "FLIP_HUB_TLS_CERT": "/srv/flip/tls/cert.pem",
+    "FLIP_HUB_TLS_KEY": "/srv/flip/tls/key.pem",
+    "FLIP_SINGLEUSER_IMAGE": "flip-singleuser:0.1.0",
+    "FLIP_COORDINATOR_SERVICE_URL": "http://coordinator:8900",
+    "FLIP_COORDINATOR_HUB_TOKEN": "s" * 64,
+    "FLIP_OIDC_AUTHORIZE_URL": "https://idp.example/auth",
+    "FLIP_OIDC_TOKEN_URL": "https://idp.example/token",
+    "FLIP_OIDC_USERDATA_URL": "https://idp.example/userinfo",
+    "FLIP_HUB_ALLOWED_GROUPS": "project-heart,project-breast",
 }
 
 
 def local_settings(tmp_path: Path) -> dict[str, Any]:
     settings = {
-        "state": str(tmp_path / "hub"), "port": 18000, "hub_port": 18001, "proxy_api_port": 18002,
-        "coordinator": {"url": "http://127.0.0.1:18003", "command": ["python", "-m", "coordinator"],
-                        "environment": {"FLWR_HOME": "/x"}},
-        "users": ["alice", "bob"], "groups": {"project-heart": ["alice"]}, "password": "pw",
-        "notebooks": str(tmp_path / "notebooks"), "environment": {"FLIP_DATA_DIR": "/data"},
+        "state": str(tmp_path / "hub"),
+        "port": 18000,
+        "hub_port": 18001,
+        "proxy_api_port": 18002,
+        "coordinator": {
+            "url": "http://127.0.0.1:18003",
+            "command": ["python", "-m", "coordinator"],
+            "environment": {"FLWR_HOME": "/x"},
+        },
+        "users": ["alice", "bob"],
+        "groups": {"project-heart": ["alice"]},
+        "password": "pw",
+        "notebooks": str(tmp_path / "notebooks"),
+        "environment": {"FLIP_DATA_DIR": "/data"},
     }
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     return settings
@@ -53,8 +67,11 @@ def test_local_profile_runs_the_coordinator_as_a_managed_service_with_exactly_it
     assert service["url"] == "http://127.0.0.1:18003"
     roles = {r["name"]: r for r in c.JupyterHub.load_roles}
     assert roles["flip-coordinator"]["services"] == ["coordinator"]
-    assert sorted(roles["flip-coordinator"]["scopes"]) == sorted(COORDINATOR_SCOPES) == ["list:groups",
-                                                                                       "read:users:groups"]
+    assert (
+        sorted(roles["flip-coordinator"]["scopes"])
+        == sorted(COORDINATOR_SCOPES)
+        == ["list:groups", "read:users:groups"]
+    )
     assert "access:services!service=coordinator" in roles["user"]["scopes"] and "self" in roles["user"]["scopes"]
     assert c.Spawner.server_token_scopes == SERVER_TOKEN_SCOPES
     assert c.Spawner.environment == {"FLIP_API_URL": "http://127.0.0.1:18003", "FLIP_DATA_DIR": "/data"}
@@ -72,8 +89,9 @@ def test_local_profile_copies_the_notebooks_into_a_new_home_but_never_over_a_use
     (notebooks / "01_quickstart_heart.ipynb").write_text("{}")
     c = Config()
     configure(c, {"FLIP_HUB_PROFILE": "local", "FLIP_HUB_SETTINGS": str(tmp_path / "settings.json")})
-    spawner = SimpleNamespace(home_dir_template=c.SimpleLocalProcessSpawner.home_dir_template,
-                              user=SimpleNamespace(name="alice"))  # the attributes the hook reads
+    spawner = SimpleNamespace(
+        home_dir_template=c.SimpleLocalProcessSpawner.home_dir_template, user=SimpleNamespace(name="alice")
+    )  # the attributes the hook reads
     c.Spawner.pre_spawn_hook(spawner)
     copied = tmp_path / "hub" / "home" / "alice" / "01_quickstart_heart.ipynb"
     assert copied.read_text() == "{}"
@@ -105,8 +123,9 @@ def test_production_profile_builds_docker_spawner_and_oidc_login() -> None:
     assert roles["idle-culler"]["scopes"] == ["list:users", "read:users:activity", "read:servers", "delete:servers"]
 
 
-@pytest.mark.parametrize("missing", ["FLIP_HUB_TLS_CERT", "FLIP_COORDINATOR_HUB_TOKEN", "FLIP_OIDC_TOKEN_URL",
-                                     "FLIP_HUB_ALLOWED_GROUPS"])
+@pytest.mark.parametrize(
+    "missing", ["FLIP_HUB_TLS_CERT", "FLIP_COORDINATOR_HUB_TOKEN", "FLIP_OIDC_TOKEN_URL", "FLIP_HUB_ALLOWED_GROUPS"]
+)
 def test_production_profile_names_a_missing_setting(missing: str) -> None:
     with pytest.raises(HubConfigError, match=rf"\${missing} is not set"):
         configure(Config(), {k: v for k, v in PRODUCTION.items() if k != missing})

@@ -34,9 +34,26 @@ from urllib.parse import quote
 from playwright.sync_api import Browser, Page, Playwright, expect
 
 __all__ = [
-    "CHROMIUM", "launch", "hub_login", "open_notebook", "kernel_status", "wait_for_kernel_idle", "run_all",
-    "wait_for_run_all", "cell_prompts", "error_outputs", "run_widget", "chart_series", "chart_rounds", "wait_for_chart_rounds",
-    "site_rows", "site_statuses", "wait_for_sites", "header_text", "show_run_widget", "screenshot",
+    "CHROMIUM",
+    "launch",
+    "hub_login",
+    "open_notebook",
+    "kernel_status",
+    "wait_for_kernel_idle",
+    "run_all",
+    "wait_for_run_all",
+    "cell_prompts",
+    "error_outputs",
+    "run_widget",
+    "chart_series",
+    "chart_rounds",
+    "wait_for_chart_rounds",
+    "site_rows",
+    "site_statuses",
+    "wait_for_sites",
+    "header_text",
+    "show_run_widget",
+    "screenshot",
 ]
 
 CHROMIUM = os.environ.get("FLIP_CHROMIUM", "/usr/bin/chromium")
@@ -134,7 +151,9 @@ def hub_login(page: Page, hub_url: str, username: str, password: str, *, timeout
     user_page = re.compile(r"/user/[^/?#]+/")
     page.wait_for_function(
         "() => !!document.querySelector('p.login_error') || /\\/user\\/[^/?#]+\\//.test(location.pathname)",
-        timeout=timeout * MS, polling=250)
+        timeout=timeout * MS,
+        polling=250,
+    )
     if refused.count() and not user_page.search(page.url):
         raise AssertionError(f"JupyterHub refused the login of {username!r}: {refused.first.inner_text()}")
     m = re.search(r"^(.*?/user/[^/?#]+)", page.url)
@@ -173,7 +192,9 @@ def open_notebook(page: Page, lab_url: str, path: str, *, token: str | None = No
     dialog_accept = page.locator(".jp-Dialog .jp-mod-accept")
     page.wait_for_function(
         f"() => ({_STATUS_JS})() === 'idle' || !!document.querySelector('.jp-Dialog .jp-mod-accept')",
-        timeout=timeout * MS, polling=200)
+        timeout=timeout * MS,
+        polling=200,
+    )
     if dialog_accept.count():  # "Select Kernel": take the preselected one
         dialog_accept.first.click()
         wait_for_kernel_idle(page, timeout=timeout)
@@ -186,8 +207,7 @@ def cell_prompts(page: Page) -> list[str]:
 
 def _run_all_via_menu(page: Page) -> None:
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-    item = page.locator(".lm-Menu-content .lm-Menu-item:not(.lm-mod-disabled)",
-                        has_text=re.compile(r"^Run All Cells"))
+    item = page.locator(".lm-Menu-content .lm-Menu-item:not(.lm-mod-disabled)", has_text=re.compile(r"^Run All Cells"))
     item.first.click()
 
 
@@ -207,12 +227,17 @@ def run_all(page: Page, *, attempts: int = 3, start_timeout: float = 15) -> int:
                     return ({_STATUS_JS})() === 'busy' || now.some(p => p.includes('*'))
                         || JSON.stringify(now) !== JSON.stringify(before);
                 }}""",
-                arg=before, timeout=start_timeout * MS, polling="raf")
+                arg=before,
+                timeout=start_timeout * MS,
+                polling="raf",
+            )
             return attempt
         except Exception:  # noqa: BLE001 - playwright TimeoutError; retry the menu
             if attempt == attempts:
-                raise AssertionError(f"Run All Cells never started the kernel ({attempts} tries); "
-                                     f"kernel status {kernel_status(page)!r}, prompts {cell_prompts(page)}") from None
+                raise AssertionError(
+                    f"Run All Cells never started the kernel ({attempts} tries); "
+                    f"kernel status {kernel_status(page)!r}, prompts {cell_prompts(page)}"
+                ) from None
             page.keyboard.press("Escape")  # close a menu left open
     return attempts  # not reached
 
@@ -224,7 +249,9 @@ def wait_for_run_all(page: Page, *, timeout: float = 600) -> list[str]:
             const now = ({_PROMPTS_JS})();
             return ({_STATUS_JS})() === 'idle' && now.length > 0 && !now.some(p => p.includes('*'));
         }}""",
-        timeout=timeout * MS, polling=250)
+        timeout=timeout * MS,
+        polling=250,
+    )
     return cell_prompts(page)
 
 
@@ -274,11 +301,16 @@ def wait_for_chart_rounds(page: Page, n: int, timeout: float = 300) -> int:
                 const w = ({_WIDGET_JS})();
                 return !!w && Object.values(w.series).some(rs => rs.some(r => r >= n));
             }}""",
-            arg=n, timeout=timeout * MS, polling=250)
+            arg=n,
+            timeout=timeout * MS,
+            polling=250,
+        )
     except Exception as exc:  # noqa: BLE001 - re-raise with what the page shows
-        raise AssertionError(f"chart never reached round {n} in {timeout} s: widget {run_widget(page)}, "
-                             f"kernel {kernel_status(page)!r}, prompts {cell_prompts(page)}, "
-                             f"errors {error_outputs(page)}") from exc
+        raise AssertionError(
+            f"chart never reached round {n} in {timeout} s: widget {run_widget(page)}, "
+            f"kernel {kernel_status(page)!r}, prompts {cell_prompts(page)}, "
+            f"errors {error_outputs(page)}"
+        ) from exc
     return chart_rounds(page)
 
 
@@ -293,8 +325,9 @@ def site_rows(page: Page) -> list[str]:
     return [r["site"] for r in w["sites"]] if w else []
 
 
-def wait_for_sites(page: Page, sites: list[str] | set[str], *, status: str | None = None,
-                   timeout: float = 120) -> dict[str, str]:
+def wait_for_sites(
+    page: Page, sites: list[str] | set[str], *, status: str | None = None, timeout: float = 120
+) -> dict[str, str]:
     """Wait until the site table lists exactly ``sites`` (and, with ``status``, all in that status)."""
     want = sorted(sites)
     page.wait_for_function(
@@ -304,7 +337,10 @@ def wait_for_sites(page: Page, sites: list[str] | set[str], *, status: str | Non
             const got = w.sites.map(r => r.site).sort();
             return JSON.stringify(got) === JSON.stringify(want) && (!status || w.sites.every(r => r.status === status));
         }}""",
-        arg=[want, status], timeout=timeout * MS, polling=250)
+        arg=[want, status],
+        timeout=timeout * MS,
+        polling=250,
+    )
     return site_statuses(page)
 
 

@@ -26,7 +26,9 @@ SITES = ("Cleveland", "Hungary")  # two hospitals, each with its own admin
 
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FlipClient, Path]]:
-    with local_federation(tmp_path_factory.mktemp("flip-strict"), auto_approve=False, warm=False, sites=len(SITES)) as connection:
+    with local_federation(
+        tmp_path_factory.mktemp("flip-strict"), auto_approve=False, warm=False, sites=len(SITES)
+    ) as connection:
         yield FlipClient(connection["coordinator_url"], connection["token"]), Path(connection["federation"]) / "sites"
 
 
@@ -65,7 +67,9 @@ def test_a_task_waits_for_every_sites_approval_then_runs_and_reruns_need_none(st
     assert handle.status == "completed", handle.reason
     assert {e["site"] for e in list(handle.events) if e.get("status") == "ready"} == set(SITES)
 
-    rerun = client.train(TINY_CELL, dataset="heart-disease", rounds=1, min_sites=len(SITES), seed=1, name="rerun").wait(120)
+    rerun = client.train(TINY_CELL, dataset="heart-disease", rounds=1, min_sites=len(SITES), seed=1, name="rerun").wait(
+        120
+    )
     assert rerun.status == "completed", rerun.reason
     assert waiting_sites(rerun) == set()  # approving once covers reruns of the same source
 
@@ -86,8 +90,8 @@ def test_a_rejection_reaches_the_researcher_with_the_sites_reason(strict) -> Non
     assert rejected.returncode == 0, rejected.stderr
     with pytest.raises(RunFailed) as failed:
         handle.wait(120)
-    assert (f"Hungary: refused by the site: Hungary rejected this code ({code_hash[:19]}): the thalach column is not released"
-            in str(failed.value))
+    refusal = f"Hungary rejected this code ({code_hash[:19]}): the thalach column is not released"
+    assert f"Hungary: refused by the site: {refusal}" in str(failed.value)
     assert "answer=rejected" in flip_site("audit", "show", str(sites / "Hungary")).stdout
 
 

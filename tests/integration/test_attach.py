@@ -142,9 +142,7 @@ def widget_model_id(outputs: list[dict[str, Any]]) -> str:
     return ids[0]
 
 
-def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round(
-    federation: Any, gate: Gate
-) -> None:
+def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round(federation: Any, gate: Gate) -> None:
     kernel = Kernel()
     with kernel.client.setup_kernel():
         # -- kernel A: start the run -----------------------------------------------------------
@@ -152,7 +150,8 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
         assert "connected to http://127.0.0.1:" in text, text
         outputs, seconds = kernel.run(
             f"%%flip_train --dataset heart-disease --rounds {ROUNDS} --seed 3 --out run "
-            f"--config gate={gate.path} hold_from={HOLD_FROM}\n" + GATED_CELL)
+            f"--config gate={gate.path} hold_from={HOLD_FROM}\n" + GATED_CELL
+        )
         assert seconds < 30, "the training cell must return at once"
         assert any(WIDGET_MIME in o.get("data", {}) for o in outputs), outputs
         before = kernel.json("import json, os\nprint(json.dumps({'run_id': run.run_id, 'pid': os.getpid()}))")
@@ -197,7 +196,8 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
             "print(json.dumps({'round': again.round, 'status': again.status, 'header': box.children[0].value,\n"
             "  'rounds': sorted(set(h['round'])), 'sites': sorted(set(h.site)),\n"
             "  'train_rounds': sorted(set(h[(h.site == 'global') & (h.phase == 'train')]['round'])),\n"
-            "  'points': len(again.chart_points()), 'type': type(again).__name__}))")
+            "  'points': len(again.chart_points()), 'type': type(again).__name__}))"
+        )
         assert caught_up["type"] == "RunHandle"
         assert caught_up["round"] == 2, caught_up
         assert caught_up["status"] == "running", caught_up
@@ -221,7 +221,8 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
             "rounds_at = {e['round']: e['received'] for e in again.events if e['type'] == 'round'}\n"
             "print(json.dumps({'status': again.status, 'reason': again.reason, 'round': again.round,\n"
             "  'header': box.children[0].value, 'rounds': sorted(set(h['round'])), 'rounds_at': rounds_at,\n"
-            "  'seqs': [e['seq'] for e in again.events]}))")
+            "  'seqs': [e['seq'] for e in again.events]}))"
+        )
         assert final["status"] == "completed", f"the run ended {final['status']}: {final['reason']}"
         assert final["round"] == ROUNDS
         assert f"round {ROUNDS}/{ROUNDS}" in final["header"] and ">completed<" in final["header"], final
@@ -235,6 +236,7 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
         model = kernel.json(
             "again.wait()\n"
             "print(json.dumps({'shapes': {k: list(v.shape) for k, v in again.model.state_dict().items()},\n"
-            "  'sha': again.record['model_sha256']}))")
+            "  'sha': again.record['model_sha256']}))"
+        )
         assert model["shapes"] == {"weight": [1, 3], "bias": [1]}
         assert len(model["sha"]) == 64

@@ -26,8 +26,9 @@ BIN = Path(sys.executable).parent
 
 
 def kill_site_after_round_one(federation: Any, handle: RunHandle, site: str) -> float:
-    assert wait_until(lambda: any(e["type"] == "metrics" and e["round"] >= 1 for e in handle.events), 180), \
+    assert wait_until(lambda: any(e["type"] == "metrics" and e["round"] >= 1 for e in handle.events), 180), (
         f"no round-1 metrics: {handle.events[-3:]}"
+    )
     os.killpg(federation.pid(f"site-{site}"), signal.SIGKILL)
     return time.time()
 
@@ -44,8 +45,9 @@ def test_a_run_survives_a_coordinator_restart_and_the_notebook_reconnects(federa
 
 
 def test_killed_site_is_marked_failed_and_rejoins_after_a_restart(federation: Any) -> None:
-    handle = federation.client().train(PAUSING_CELL, dataset="heart-disease", rounds=10, min_sites=3,
-                                       name="kill-va", config={"pause": 1.0})
+    handle = federation.client().train(
+        PAUSING_CELL, dataset="heart-disease", rounds=10, min_sites=3, name="kill-va", config={"pause": 1.0}
+    )
     killed_at = kill_site_after_round_one(federation, handle, "VA")
 
     def events(status: str) -> list[dict[str, Any]]:
@@ -75,8 +77,15 @@ def test_killed_site_is_marked_failed_and_rejoins_after_a_restart(federation: An
 def test_a_straggler_sits_out_rounds_past_the_round_timeout(federation: Any) -> None:
     client = federation.client()
     assert wait_until(lambda: len([s for s in client.sites() if s["status"] == "online"]) == 4, 60)
-    handle = client.train(PAUSING_CELL, dataset="heart-disease", rounds=2, min_sites=3, round_timeout=1.5,
-                          name="straggler", config={"pause_Hungary": 4.0})
+    handle = client.train(
+        PAUSING_CELL,
+        dataset="heart-disease",
+        rounds=2,
+        min_sites=3,
+        round_timeout=1.5,
+        name="straggler",
+        config={"pause_Hungary": 4.0},
+    )
     handle.wait(timeout=300)
     late = [e for e in handle.events if e["type"] == "site" and e["status"] == "late"]
     assert {(e["site"], e["round"]) for e in late} == {("Hungary", 1), ("Hungary", 2)}, late
@@ -91,8 +100,9 @@ def test_a_straggler_sits_out_rounds_past_the_round_timeout(federation: Any) -> 
 def test_killed_site_below_min_sites_fails_the_run_with_a_sentence(federation: Any) -> None:
     client = federation.client()
     assert wait_until(lambda: len([s for s in client.sites() if s["status"] == "online"]) == 4, 60)
-    handle = client.train(PAUSING_CELL, dataset="heart-disease", rounds=6, name="kill-switzerland",
-                          config={"pause": 0.5})
+    handle = client.train(
+        PAUSING_CELL, dataset="heart-disease", rounds=6, name="kill-switzerland", config={"pause": 0.5}
+    )
     kill_site_after_round_one(federation, handle, "Switzerland")
     with pytest.raises(RunFailed) as failure:
         handle.wait(timeout=300)
@@ -107,24 +117,65 @@ def test_a_new_site_joins_the_running_federation(federation: Any, tmp_path: Path
     site_dir = tmp_path / "extra"
     env = {**os.environ, "FLIP_HOME": str(federation.home)}
     subprocess.run([BIN / "flip-site", "init", site_dir, "--name", "Extra"], check=True, env=env)
-    added = subprocess.run([BIN / "flip-site", "dataset", "add", site_dir, "heart-extra",
-                            heart_dir / "processed.cleveland.data", "--format", "uci-heart"],
-                           check=True, env=env, capture_output=True, text=True)
+    added = subprocess.run(
+        [
+            BIN / "flip-site",
+            "dataset",
+            "add",
+            site_dir,
+            "heart-extra",
+            heart_dir / "processed.cleveland.data",
+            "--format",
+            "uci-heart",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert "dataset 'heart-extra': 303 rows" in added.stdout
     # as a hospital joins: its admin makes a key pair, the hub operator registers the public key and sends
     # back a token with the consortium's CA certificate, the admin records them and starts the agent
     made = subprocess.run([BIN / "flip-site", "keygen", site_dir], check=True, env=env, capture_output=True, text=True)
     assert "flip site register Extra Extra.pub" in made.stdout
-    registered = subprocess.run([BIN / "flip", "site", "register", "Extra", site_dir / "keys" / "Extra.pub"],
-                                check=True, env=env, capture_output=True, text=True)
-    token = registered.stdout.split("its token (shown once; send it to the site with the CA certificate): ")[1].split()[0]
-    again = subprocess.run([BIN / "flip", "site", "register", "Extra", site_dir / "keys" / "Extra.pub"],
-                           env=env, capture_output=True, text=True)
+    registered = subprocess.run(
+        [BIN / "flip", "site", "register", "Extra", site_dir / "keys" / "Extra.pub"],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    token = registered.stdout.split("its token (shown once; send it to the site with the CA certificate): ")[1].split()[
+        0
+    ]
+    again = subprocess.run(
+        [BIN / "flip", "site", "register", "Extra", site_dir / "keys" / "Extra.pub"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 1 and "site 'Extra' is already registered" in again.stderr
-    subprocess.run([BIN / "flip-site", "join", site_dir, "--fleet", federation.connection["superlink"],
-                    "--ca", federation.connection["ca"], f"--token={token}"], check=True, env=env)
-    agent = subprocess.Popen([BIN / "flip-site", "start", site_dir], env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            BIN / "flip-site",
+            "join",
+            site_dir,
+            "--fleet",
+            federation.connection["superlink"],
+            "--ca",
+            federation.connection["ca"],
+            f"--token={token}",
+        ],
+        check=True,
+        env=env,
+    )
+    agent = subprocess.Popen(
+        [BIN / "flip-site", "start", site_dir],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = federation.client()
 
     def extra() -> dict[str, Any] | None:

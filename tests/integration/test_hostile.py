@@ -21,10 +21,20 @@ from site_agent.audit import read_records, verify
 from helpers import TINY_CELL, local_federation
 
 SITES = ("Cleveland", "Hungary")  # two hospitals: what holds at one holds at each
-POLICY = {"policy": {"disclosure_threshold": 10},
-          "projects": {DEFAULT_PROJECT: {"approved": True, "researchers": ["*"], "datasets": ["*"], "auto_approve": True,
-                                         "time_limit_seconds": 6, "memory_limit_mb": 1024,
-                                         "metrics": ["loss", "accuracy", "rows"]}}}
+POLICY = {
+    "policy": {"disclosure_threshold": 10},
+    "projects": {
+        DEFAULT_PROJECT: {
+            "approved": True,
+            "researchers": ["*"],
+            "datasets": ["*"],
+            "auto_approve": True,
+            "time_limit_seconds": 6,
+            "memory_limit_mb": 1024,
+            "metrics": ["loss", "accuracy", "rows"],
+        }
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +47,19 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FlipClie
 def hostile(train_body: str) -> str:
     """TINY_CELL whose train() runs ``train_body`` first (one indented line per line)."""
     body = "\n".join("    " + line for line in train_body.strip().splitlines())
-    return TINY_CELL + f"\n_honest_train = train\n\ndef train(model, data, config):\n{body}\n" \
-                       "    return _honest_train(model, data, config)\n"
+    return (
+        TINY_CELL + f"\n_honest_train = train\n\ndef train(model, data, config):\n{body}\n"
+        "    return _honest_train(model, data, config)\n"
+    )
 
 
 def failures(client: FlipClient, source: str, name: str) -> tuple[dict[str, str], RunHandle, str]:
     handle = client.train(source, dataset="heart-disease", rounds=1, min_sites=len(SITES), seed=0, name=name)
     with pytest.raises(RunFailed) as failed:
         handle.wait(120)
-    details = {e["site"]: e["detail"] for e in list(handle.events) if e.get("type") == "site" and e["status"] == "failed"}
+    details = {
+        e["site"]: e["detail"] for e in list(handle.events) if e.get("type") == "site" and e["status"] == "failed"
+    }
     return details, handle, str(failed.value)
 
 
@@ -63,11 +77,13 @@ def test_a_cell_cannot_reach_the_network(guarded) -> None:
 def test_a_cell_cannot_read_files_outside_its_sites_data(guarded) -> None:
     client, _, _ = guarded
     # the federation's connection file (researcher and site tokens) and another hospital's table
-    source = hostile("import os, pathlib\n"
-                     "for path in (pathlib.Path(os.environ['FLIP_HOME']) / 'connection.json',\n"
-                     "             pathlib.Path(os.environ['FLIP_HOME']) / 'federation' / 'sites' / 'Hungary' / 'site.toml'):\n"
-                     "    if data.site != 'Hungary' or path.name != 'site.toml':\n"
-                     "        path.read_text()")
+    source = hostile(
+        "import os, pathlib\n"
+        "for path in (pathlib.Path(os.environ['FLIP_HOME']) / 'connection.json',\n"
+        "             pathlib.Path(os.environ['FLIP_HOME']) / 'federation' / 'sites' / 'Hungary' / 'site.toml'):\n"
+        "    if data.site != 'Hungary' or path.name != 'site.toml':\n"
+        "        path.read_text()"
+    )
     details, _, _ = failures(client, source, "snoop")
     assert set(details) == set(SITES)
     assert all(re.fullmatch(r"PermissionError at cell line \d+ in train\(\)", d) for d in details.values()), details
@@ -82,16 +98,22 @@ def test_a_cell_that_runs_forever_is_stopped_at_the_time_limit(guarded) -> None:
 
 def test_a_cell_that_allocates_without_bound_hits_the_memory_limit(guarded) -> None:
     client, _, _ = guarded
-    details, _, _ = failures(client, hostile("hoard = []\nwhile True:\n    hoard.append(bytearray(64 * 2**20))"),
-                             "hoard")
+    details, _, _ = failures(
+        client, hostile("hoard = []\nwhile True:\n    hoard.append(bytearray(64 * 2**20))"), "hoard"
+    )
     assert all(re.fullmatch(r"MemoryLimit at cell line \d+ in train\(\)", d) for d in details.values()), details
 
 
 def test_rows_in_a_message_or_printed_stay_at_the_site(guarded) -> None:
     client, sites, _ = guarded
     details, handle, reason = failures(
-        client, hostile("print('ROW', data.train.iloc[0].to_dict())\n"
-                        "raise ValueError('patient ' + str(data.train.iloc[0].to_dict()))"), "leaky")
+        client,
+        hostile(
+            "print('ROW', data.train.iloc[0].to_dict())\n"
+            "raise ValueError('patient ' + str(data.train.iloc[0].to_dict()))"
+        ),
+        "leaky",
+    )
     assert all(re.fullmatch(r"ValueError at cell line \d+ in train\(\)", d) for d in details.values()), details
     assert "patient" not in reason and "age" not in reason
     assert not any("patient" in str(e) or "'age'" in str(e) for e in list(handle.events))
@@ -103,21 +125,27 @@ def test_rows_disguised_as_metrics_are_withheld(guarded) -> None:
     client, sites, _ = guarded
     row = "data.train.select_dtypes('number').fillna(0).iloc[0]"
     source = hostile(f"return {{'loss': 0.5, **{{f'v{{i}}': float(v) for i, v in enumerate({row})}}}}")
-    handle = client.train(source, dataset="heart-disease", rounds=1, min_sites=len(SITES), seed=0, name="rows-as-metrics")
+    handle = client.train(
+        source, dataset="heart-disease", rounds=1, min_sites=len(SITES), seed=0, name="rows-as-metrics"
+    )
     handle.wait(120)
     assert set(handle.history.query("phase == 'train'").metric) == {"loss"}
-    said = {e["site"]: e["detail"] for e in list(handle.events)
-            if e.get("type") == "site" and e.get("detail")}  # the site's row says it when its training step is done
-    assert said == {s: "14 train metric(s) withheld: not among the project's metrics here (loss, accuracy, rows)"
-                    for s in SITES}
+    said = {
+        e["site"]: e["detail"] for e in list(handle.events) if e.get("type") == "site" and e.get("detail")
+    }  # the site's row says it when its training step is done
+    assert said == {
+        s: "14 train metric(s) withheld: not among the project's metrics here (loss, accuracy, rows)" for s in SITES
+    }
     outcome = [r for r in read_records(sites / "Hungary") if r["kind"] == "outcome" and r["phase"] == "fit"][-1]
     assert outcome["outgoing"]["train_metrics"] == ["loss"] and outcome["stripped"]
 
 
 def test_parameters_of_the_wrong_shape_are_stripped(guarded) -> None:
     client, sites, _ = guarded
-    source = hostile("model.weight = torch.nn.Parameter(torch.tensor(data.train[['age', 'chol']].to_numpy(),"
-                     " dtype=torch.float32))\nreturn {'loss': 0.0}")
+    source = hostile(
+        "model.weight = torch.nn.Parameter(torch.tensor(data.train[['age', 'chol']].to_numpy(),"
+        " dtype=torch.float32))\nreturn {'loss': 0.0}"
+    )
     details, _, _ = failures(client, source, "disguised")
     expected = "BadParameters in train() (the returned parameters do not match the declared model)"
     assert details == {s: expected for s in SITES}
@@ -127,7 +155,9 @@ def test_parameters_of_the_wrong_shape_are_stripped(guarded) -> None:
 
 def test_after_all_that_every_site_still_serves_and_its_audit_chain_holds(guarded) -> None:
     client, sites, _ = guarded  # runs last in this module: after every hostile cell above
-    done = client.train(TINY_CELL, dataset="heart-disease", rounds=1, min_sites=len(SITES), seed=0, name="honest").wait(120)
+    done = client.train(TINY_CELL, dataset="heart-disease", rounds=1, min_sites=len(SITES), seed=0, name="honest").wait(
+        120
+    )
     assert done.status == "completed", done.reason
     for site in SITES:
         assert verify(sites / site) == []

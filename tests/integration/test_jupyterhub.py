@@ -67,14 +67,16 @@ def test_alice_trains_in_her_hub_kernel_with_her_hub_identity(hub: dict[str, Any
         for cell in quickstart_cells():
             done = kernel.execute(cell, timeout=300)
             assert done.status == "ok", f"{cell[:80]!r} failed: {done.text}"
-        check = kernel.execute("print(result.status, type(model).__name__, record['researcher'], "
-                               "record['project'], len(site_accuracy))")
+        check = kernel.execute(
+            "print(result.status, type(model).__name__, record['researcher'], record['project'], len(site_accuracy))"
+        )
     finally:
         kernel.close()
     assert check.stdout.split() == ["completed", "Linear", "alice", "heart", "4"]
     # the run is alice's, in project heart, as the coordinator stored it (the headless token sees project heart)
-    runs = requests.get(f"{hub['coordinator_url']}/api/runs", timeout=10,
-                        headers={"Authorization": f"Bearer {hub['token']}"}).json()
+    runs = requests.get(
+        f"{hub['coordinator_url']}/api/runs", timeout=10, headers={"Authorization": f"Bearer {hub['token']}"}
+    ).json()
     assert [(r["researcher"], r["project"], r["status"]) for r in runs] == [("alice", "heart", "completed")]
 
 
@@ -94,8 +96,9 @@ def test_bob_is_refused_with_a_sentence_naming_the_project(hub: dict[str, Any]) 
     assert "bob is not in any FLIP project" in refused.stderr and "project-heart" in refused.stderr
     assert "Traceback" not in refused.text
     assert defined.stdout.strip() == "False"
-    runs = requests.get(f"{hub['coordinator_url']}/api/runs", timeout=10,
-                        headers={"Authorization": f"Bearer {hub['token']}"}).json()
+    runs = requests.get(
+        f"{hub['coordinator_url']}/api/runs", timeout=10, headers={"Authorization": f"Bearer {hub['token']}"}
+    ).json()
     assert "bob" not in {r["researcher"] for r in runs}
 
 
@@ -119,20 +122,29 @@ def test_requests_without_a_valid_hub_identity_are_refused(hub: dict[str, Any], 
     other = get(direct, alice.token, **{"X-FLIP-Project": "breast"})
     assert other.status_code == 403 and "alice is not a member of FLIP project 'breast'" in other.json()["error"]
     # a token of alice's that the hub did not give access to the coordinator service
-    narrow = requests.post(f"{hub['hub']['url']}/hub/api/users/alice/tokens", timeout=10,
-                           headers={"Authorization": f"token {alice.token}"},
-                           json={"scopes": ["read:users:activity!user"], "note": "no coordinator access"}).json()
+    narrow = requests.post(
+        f"{hub['hub']['url']}/hub/api/users/alice/tokens",
+        timeout=10,
+        headers={"Authorization": f"token {alice.token}"},
+        json={"scopes": ["read:users:activity!user"], "note": "no coordinator access"},
+    ).json()
     assert "access:services!service=coordinator" not in narrow["scopes"]
     assert get(direct, narrow["token"]).status_code == 401
     # a site's token is not a researcher's
     state = json.loads(Path(hub["federation"], "state.json").read_text())
-    site_token = next(a.split("=", 1)[1] for p in state["processes"] if p["name"] == "site-VA"
-                      for a in p["command"] if a.startswith("--token="))
+    site_token = next(
+        a.split("=", 1)[1]
+        for p in state["processes"]
+        if p["name"] == "site-VA"
+        for a in p["command"]
+        if a.startswith("--token=")
+    )
     assert get(direct, site_token).status_code == 401
 
 
-def test_alice_runs_the_quickstart_in_jupyterlab_in_a_real_browser(hub: dict[str, Any], alice: HubUser,
-                                                                   tmp_path: Path) -> None:
+def test_alice_runs_the_quickstart_in_jupyterlab_in_a_real_browser(
+    hub: dict[str, Any], alice: HubUser, tmp_path: Path
+) -> None:
     if not Path(lab_driver.CHROMIUM).exists():
         pytest.fail(f"no chromium at {lab_driver.CHROMIUM}: `make test` installs Debian's chromium as root")
     home = Path(hub["federation"]) / "hub" / "home" / "alice"
@@ -168,7 +180,8 @@ def test_alice_runs_the_quickstart_in_jupyterlab_in_a_real_browser(hub: dict[str
             assert "completed" in lab_driver.header_text(page)
             assert all(p.strip("[]: ").isdigit() for p in prompts), prompts  # every cell ran
             assert lab_driver.error_outputs(page) == []
-            expect(page.locator(".jp-OutputArea-output", has_text="FLamby FedAvg (published)").first) \
-                .to_be_attached(timeout=10_000)
+            expect(page.locator(".jp-OutputArea-output", has_text="FLamby FedAvg (published)").first).to_be_attached(
+                timeout=10_000
+            )
         finally:
             browser.close()

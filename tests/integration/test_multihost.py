@@ -30,8 +30,10 @@ from helpers import TINY_CELL, shared_data
 BIN = Path(sys.executable).parent
 SITES = {"Cleveland": "processed.cleveland.data", "VA": "processed.va.data"}
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                                reason="network namespaces need root and iproute2 (CI runs as root)")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="network namespaces need root and iproute2 (CI runs as root)",
+)
 
 
 def sh(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -41,10 +43,16 @@ def sh(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def in_ns(ns: str, *command: str, env: dict[str, str] | None = None, check: bool = True
-          ) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(["ip", "netns", "exec", ns, *command], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+def in_ns(
+    ns: str, *command: str, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     if check and done.returncode != 0:
         raise AssertionError(f"[{ns}] {' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done
@@ -84,27 +92,60 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             in_ns(ns, "ip", "link", "set", site_end, "up")
         # the hub host: SuperLink and coordinator on its loopback, the fleet front on every address
         names = [a[0] for a in address.values()]
-        in_ns(hub, str(BIN / "flip"), "up", "--sites", "0", "--cold", "--listen", "0.0.0.0",
-              *(f"--hub-name={n}" for n in names), env=hub_env)
+        in_ns(
+            hub,
+            str(BIN / "flip"),
+            "up",
+            "--sites",
+            "0",
+            "--cold",
+            "--listen",
+            "0.0.0.0",
+            *(f"--hub-name={n}" for n in names),
+            env=hub_env,
+        )
         connection = json.loads((root / "hub" / "connection.json").read_text())
         port = connection["superlink"].rsplit(":", 1)[1]
         for name, ns in sites.items():
             site_dir = root / name
-            write_policy(add_dataset(init_site(site_dir, name), "heart-disease", heart_dir / SITES[name],
-                                     "uci-heart"), local_policy())
+            write_policy(
+                add_dataset(init_site(site_dir, name), "heart-disease", heart_dir / SITES[name], "uci-heart"),
+                local_policy(),
+            )
             sh(str(BIN / "flip-site"), "keygen", str(site_dir))
-            said = in_ns(hub, str(BIN / "flip"), "site", "register", name, str(site_dir / "keys" / f"{name}.pub"),
-                         env=hub_env).stdout
+            said = in_ns(
+                hub, str(BIN / "flip"), "site", "register", name, str(site_dir / "keys" / f"{name}.pub"), env=hub_env
+            ).stdout
             token = said.split("send it to the site with the CA certificate): ")[1].split()[0]
             fleet = f"{address[name][0]}:{port}"
-            sh(str(BIN / "flip-site"), "join", str(site_dir), "--fleet", fleet, "--ca", connection["ca"],
-               f"--token={token}")
+            sh(
+                str(BIN / "flip-site"),
+                "join",
+                str(site_dir),
+                "--fleet",
+                fleet,
+                "--ca",
+                connection["ca"],
+                f"--token={token}",
+            )
             log = open(root / f"{name}.log", "wb")  # noqa: SIM115 - the agent writes it until the end
-            agents.append(subprocess.Popen(["ip", "netns", "exec", ns, str(BIN / "flip-site"), "start",
-                                            str(site_dir), "--warm-seconds", "0"],
-                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        yield {"root": root, "hub": hub, "sites": sites, "address": address, "connection": connection,
-               "hub_env": hub_env, "port": int(port)}
+            agents.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", ns, str(BIN / "flip-site"), "start", str(site_dir), "--warm-seconds", "0"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        yield {
+            "root": root,
+            "hub": hub,
+            "sites": sites,
+            "address": address,
+            "connection": connection,
+            "hub_env": hub_env,
+            "port": int(port),
+        }
     finally:
         for agent in agents:
             agent.terminate()
@@ -121,16 +162,19 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 def test_sites_on_other_hosts_train_through_the_fleet_address_over_tls(hosts) -> None:
     connection = hosts["connection"]
-    result = python_in(hosts["hub"], f"""
+    result = python_in(
+        hosts["hub"],
+        f"""
         import json
         from flip_core.util import wait_until
         from flip_magics.client import FlipClient
-        client = FlipClient({connection['coordinator_url']!r}, {connection['token']!r})
+        client = FlipClient({connection["coordinator_url"]!r}, {connection["token"]!r})
         online = lambda: {{s["site"] for s in client.sites() if s["status"] == "online"}} == {set(SITES)!r}
         assert wait_until(online, 120, 0.2), client.sites()
         handle = client.train({TINY_CELL!r}, dataset="heart-disease", rounds=2, name="multihost").wait(300)
         print(json.dumps({{"status": handle.status, "sites": sorted(set(handle.history.site))}}))
-    """)
+    """,
+    )
     assert result == {"status": "completed", "sites": ["Cleveland", "VA", "global"]}
     for name in SITES:
         log = (hosts["root"] / f"{name}.log").read_text()
@@ -149,12 +193,24 @@ def test_a_site_reaches_nothing_of_the_hub_but_the_fleet_address(hosts) -> None:
     hub_ip, _ = hosts["address"]["Cleveland"]
     _, other_site = hosts["address"]["VA"]
     # something listens at the other site, so that "unreachable" means the network, not an empty port
-    listener = subprocess.Popen(["ip", "netns", "exec", hosts["sites"]["VA"], sys.executable, "-c",
-                                 "import socket,time\ns=socket.create_server(('0.0.0.0', 8765))\nprint('up',"
-                                 " flush=True)\ns.accept()"], stdout=subprocess.PIPE, text=True)
+    listener = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            hosts["sites"]["VA"],
+            sys.executable,
+            "-c",
+            "import socket,time\ns=socket.create_server(('0.0.0.0', 8765))\nprint('up', flush=True)\ns.accept()",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert listener.stdout is not None and listener.stdout.readline().strip() == "up"
-        result = python_in(hosts["sites"]["Cleveland"], f"""
+        result = python_in(
+            hosts["sites"]["Cleveland"],
+            f"""
             import json, socket, requests
             def reach(host, port):
                 try:
@@ -162,8 +218,8 @@ def test_a_site_reaches_nothing_of_the_hub_but_the_fleet_address(hosts) -> None:
                     return "open"
                 except OSError as exc:
                     return type(exc).__name__
-            fleet = "https://{hub_ip}:{hosts['port']}"
-            ca = {connection['ca']!r}
+            fleet = "https://{hub_ip}:{hosts["port"]}"
+            ca = {connection["ca"]!r}
             print(json.dumps({{
                 "fleet": requests.get(fleet + "/health", verify=ca, timeout=5).text,
                 "control_via_front": requests.post(fleet + "/v1/control/list-runs", verify=ca, timeout=5).status_code,
@@ -172,9 +228,14 @@ def test_a_site_reaches_nothing_of_the_hub_but_the_fleet_address(hosts) -> None:
                 "other_site": reach("{other_site}", 8765),
                 "hub_loopback": reach("127.0.0.1", {control_port}),
             }}))
-        """)
-        from_hub = in_ns(hosts["hub"], sys.executable, "-c",
-                         f"import socket; socket.create_connection(('{other_site}', 8765), timeout=3).close()")
+        """,
+        )
+        from_hub = in_ns(
+            hosts["hub"],
+            sys.executable,
+            "-c",
+            f"import socket; socket.create_connection(('{other_site}', 8765), timeout=3).close()",
+        )
         assert from_hub.returncode == 0  # the listener is there: the hub may reach it, a site may not
     finally:
         listener.kill()

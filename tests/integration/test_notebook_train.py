@@ -70,7 +70,8 @@ def kernel(federation: Any) -> Iterator[Kernel]:
 def test_sites_are_listed_with_their_datasets(kernel: Kernel) -> None:
     rows = kernel.json("_s = %flip_sites\nimport json\nprint(json.dumps(_s.to_dict('records')))")
     assert {(r["site"], r["status"], r["dataset"]) for r in rows} == {
-        (s, "online", "heart-disease") for s in ("Cleveland", "Hungary", "Switzerland", "VA")}
+        (s, "online", "heart-disease") for s in ("Cleveland", "Hungary", "Switzerland", "VA")
+    }
     assert {r["site"]: r["rows"] for r in rows} == {"Cleveland": 303, "Hungary": 294, "Switzerland": 123, "VA": 200}
 
 
@@ -112,7 +113,8 @@ def test_training_cell_streams_rounds_and_returns_the_model(kernel: Kernel) -> N
 def test_a_cell_that_raises_at_one_site_names_the_site_and_exception(kernel: Kernel) -> None:
     raising = TINY_CELL.replace(
         "def train(model, data, config):\n",
-        "def train(model, data, config):\n    if data.site == 'Hungary':\n        1 / 0\n")
+        "def train(model, data, config):\n    if data.site == 'Hungary':\n        1 / 0\n",
+    )
     line = raising.splitlines().index("        1 / 0") + 1
     kernel.run("%%flip_train --dataset heart-disease --rounds 1 --min-sites 3 --out bad\n" + raising)
     result = kernel.json("bad.wait()\nprint(json.dumps({'status': bad.status, 'sites': bad.site_rows()}))")
@@ -127,7 +129,8 @@ def test_attach_replays_a_finished_run(kernel: Kernel) -> None:
     result = kernel.json(
         "%flip_attach {run.run_id} --out again\n"
         "again.wait()\n"
-        "print(json.dumps({'same': again.history.equals(run.history), 'status': again.status}))")
+        "print(json.dumps({'same': again.history.equals(run.history), 'status': again.status}))"
+    )
     assert result == {"same": True, "status": "completed"}
     statuses = kernel.json("_r = %flip_runs\nprint(json.dumps(_r.status.tolist()))")
     assert statuses.count("completed") >= 2
@@ -135,9 +138,13 @@ def test_attach_replays_a_finished_run(kernel: Kernel) -> None:
 
 def test_quickstart_notebook_runs_headless_under_papermill(federation: Any, tmp_path: Path) -> None:
     out = tmp_path / "quickstart.ipynb"
-    papermill.execute_notebook(str(REPO / "notebooks" / "01_quickstart_heart.ipynb"), str(out),
-                               parameters={"rounds": 3, "output_dir": str(tmp_path)}, progress_bar=False,
-                               cwd=str(tmp_path))
+    papermill.execute_notebook(
+        str(REPO / "notebooks" / "01_quickstart_heart.ipynb"),
+        str(out),
+        parameters={"rounds": 3, "output_dir": str(tmp_path)},
+        progress_bar=False,
+        cwd=str(tmp_path),
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["site_accuracy"]) == {"Cleveland", "Hungary", "Switzerland", "VA"}
     assert summary["mean_accuracy"] >= 0.65, summary
@@ -150,7 +157,8 @@ def test_a_rerun_with_the_same_seed_gives_the_same_model(federation: Any) -> Non
     minibatch = TINY_CELL.replace(
         "        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(X).squeeze(1), y)",
         "        batch = torch.randint(0, len(y), (8,))\n"
-        "        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(X[batch]).squeeze(1), y[batch])")
+        "        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(X[batch]).squeeze(1), y[batch])",
+    )
     assert minibatch != TINY_CELL
     client = federation.client()
     # side by side: each run has its own task process at every site, and its own seeds

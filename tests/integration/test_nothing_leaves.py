@@ -2,7 +2,8 @@
 
 A second site ("Planted") joins a local federation of one hospital (TLS, its own registered key) holding VA's table
 plus a column of unique random tokens, and reaches the hub only through a capturing proxy (it decrypts
-with a certificate from the consortium's CA and keeps every byte, both ways). Its admin must approve each task's code. Three runs go through it:
+with a certificate from the consortium's CA and keeps every byte, both ways). Its admin must approve each task's
+code. Three runs go through it:
 a training run whose cell also prints rows (to the site's log), a failing run whose cell raises with a
 row in its message, and a run the site's admin rejects. Then neither the bytes the site sent or
 received, nor the coordinator's database and model files, nor anything the notebook was shown hold any
@@ -70,8 +71,9 @@ class Capture:
 
     def _serve(self, listener: socket.socket, started: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._relay, sock=listener,
-                                                                        ssl=self.server_tls))
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._relay, sock=listener, ssl=self.server_tls)
+        )
         started.set()
         self.loop.run_forever()
 
@@ -114,26 +116,56 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             table.to_csv(csv, index=False)
             site_dir = home / "planted-site"
             site = add_dataset(init_site(site_dir, "Planted"), "heart-disease", csv, "csv")
-            write_policy(site, {"projects": {DEFAULT_PROJECT: {"approved": True, "researchers": ["*"],
-                                                               "datasets": ["*"], "auto_approve": False}}})
+            write_policy(
+                site,
+                {
+                    "projects": {
+                        DEFAULT_PROJECT: {
+                            "approved": True,
+                            "researchers": ["*"],
+                            "datasets": ["*"],
+                            "auto_approve": False,
+                        }
+                    }
+                },
+            )
             front_host, front_port = connection["superlink"].rsplit(":", 1)
             capture = Capture((front_host, int(front_port)), Path(connection["federation"]) / "pki")
             # the planted site joins as any hospital does, but its one address is the capturing proxy
             env = {**os.environ, "FLIP_HOME": str(home)}
             flip_site("keygen", site_dir)
-            said = subprocess.run([BIN / "flip", "site", "register", "Planted", site_dir / "keys" / "Planted.pub"],
-                                  env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+            said = subprocess.run(
+                [BIN / "flip", "site", "register", "Planted", site_dir / "keys" / "Planted.pub"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
             token = said.split("send it to the site with the CA certificate): ")[1].split()[0]
-            flip_site("join", site_dir, "--fleet", f"127.0.0.1:{capture.port}", "--ca", connection["ca"],
-                      f"--token={token}")
-            agent = subprocess.Popen([BIN / "flip-site", "start", site_dir], env=env, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            flip_site(
+                "join", site_dir, "--fleet", f"127.0.0.1:{capture.port}", "--ca", connection["ca"], f"--token={token}"
+            )
+            agent = subprocess.Popen(
+                [BIN / "flip-site", "start", site_dir],
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             client = FlipClient(connection["coordinator_url"], connection["token"])
-            online = lambda: any(s["site"] == "Planted" and s["status"] == "online"  # noqa: E731
-                                 for s in client.sites())
+
+            def online() -> bool:
+                return any(s["site"] == "Planted" and s["status"] == "online" for s in client.sites())
+
             assert wait_until(online, 120, 0.1), "the planted site did not come online"
-            yield {"client": client, "tokens": tokens, "site_dir": site_dir, "capture": capture,
-                   "federation": Path(connection["federation"])}
+            yield {
+                "client": client,
+                "tokens": tokens,
+                "site_dir": site_dir,
+                "capture": capture,
+                "federation": Path(connection["federation"]),
+            }
         finally:
             if agent is not None:
                 os.killpg(agent.pid, signal.SIGTERM)
@@ -149,8 +181,9 @@ def flip_site(*args: Any) -> str:
 
 
 def answer_when_asked(handle: RunHandle, site_dir: Path, *answer: str) -> None:
-    asked = lambda: any(e.get("site") == "Planted" and e.get("status") == "waiting-approval"  # noqa: E731
-                        for e in list(handle.events))
+    def asked() -> bool:
+        return any(e.get("site") == "Planted" and e.get("status") == "waiting-approval" for e in list(handle.events))
+
     assert wait_until(asked, 120, 0.05), list(handle.events)
     code_hash = flip_site("requests", site_dir).split()[0]
     flip_site(answer[0], site_dir, code_hash, *answer[1:])
@@ -173,8 +206,9 @@ def test_no_planted_token_leaves_the_site(planted: dict[str, Any]) -> None:
     assert "Planted: ValueError at cell line" in str(failed.value)
     seen += [str(failed.value), repr(failing.events), repr(client.run(failing.run_id))]
 
-    rejected = client.train(TINY_CELL + "\n# v3\n", dataset="heart-disease", rounds=1, min_sites=SITES, seed=0,
-                            name="reject")
+    rejected = client.train(
+        TINY_CELL + "\n# v3\n", dataset="heart-disease", rounds=1, min_sites=SITES, seed=0, name="reject"
+    )
     answer_when_asked(rejected, site_dir, "reject", "--reason", "not this one")
     with pytest.raises(RunFailed) as refused:
         rejected.wait(180)
@@ -190,8 +224,12 @@ def test_no_planted_token_leaves_the_site(planted: dict[str, Any]) -> None:
     stored = b"".join(p.read_bytes() for p in (planted["federation"] / "coordinator").rglob("*") if p.is_file())
     assert len(stored) > 10_000
     shown = "\n".join(seen).encode()
-    for where, blob in (("sent by the site", sent), ("received by the site", received),
-                        ("stored by the coordinator", stored), ("shown in the notebook", shown)):
+    for where, blob in (
+        ("sent by the site", sent),
+        ("received by the site", received),
+        ("stored by the coordinator", stored),
+        ("shown in the notebook", shown),
+    ):
         leaked = [t for t in tokens if t in blob]
         assert not leaked, f"{len(leaked)} planted token(s) {where}"
     site_log = b"".join(p.read_bytes() for p in (site_dir / "logs").glob("run-*.log"))

@@ -34,9 +34,25 @@ BIN = Path(sys.executable).parent
 @contextmanager
 def serving(state: Path, fleet_port: int, coordinator_port: int) -> Iterator[dict[str, Any]]:
     process = subprocess.Popen(
-        [BIN / "flip", "serve", "--state", state, "--listen", "127.0.0.1", "--fleet-port", str(fleet_port),
-         "--coordinator-port", str(coordinator_port), "--hub-name", "hub.test"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            BIN / "flip",
+            "serve",
+            "--state",
+            state,
+            "--listen",
+            "127.0.0.1",
+            "--fleet-port",
+            str(fleet_port),
+            "--coordinator-port",
+            str(coordinator_port),
+            "--hub-name",
+            "hub.test",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: queue.Queue[str] = queue.Queue()
 
     def drain() -> None:  # its children log to the same stdout: keep reading, so that none of them blocks
@@ -60,8 +76,11 @@ def serving(state: Path, fleet_port: int, coordinator_port: int) -> Iterator[dic
 
 def sites(state: Path, coordinator_port: int) -> dict[str, dict[str, Any]]:
     internal = json.loads((state / "coordinator.json").read_text())["internal_token"]
-    response = requests.get(f"http://127.0.0.1:{coordinator_port}/internal/sites", timeout=5,
-                            headers={"Authorization": f"Bearer {internal}"})
+    response = requests.get(
+        f"http://127.0.0.1:{coordinator_port}/internal/sites",
+        timeout=5,
+        headers={"Authorization": f"Bearer {internal}"},
+    )
     return {s["site"]: s for s in response.json()} if response.ok else {}
 
 
@@ -76,21 +95,49 @@ def test_the_hub_side_keeps_its_sites_across_a_restart(tmp_path: Path, heart_dir
         return done
 
     flip(BIN / "flip-site", "init", site_dir, "--name", "VA")
-    flip(BIN / "flip-site", "dataset", "add", site_dir, "heart-disease", heart_dir / "processed.va.data",
-         "--format", "uci-heart")
+    flip(
+        BIN / "flip-site",
+        "dataset",
+        "add",
+        site_dir,
+        "heart-disease",
+        heart_dir / "processed.va.data",
+        "--format",
+        "uci-heart",
+    )
     flip(BIN / "flip-site", "keygen", site_dir)
     agent = None
     try:
         with serving(state, fleet_port, coordinator_port) as first:
             assert first["fleet"] == f"127.0.0.1:{fleet_port}" and first["ca"] == str(state / "pki" / "ca.pem")
             ca = fingerprint(state / "pki" / "ca.pem")
-            registered = flip(BIN / "flip", "site", "register", "VA", site_dir / "keys" / "VA.pub",
-                              "--config", state / "coordinator.json")
+            registered = flip(
+                BIN / "flip",
+                "site",
+                "register",
+                "VA",
+                site_dir / "keys" / "VA.pub",
+                "--config",
+                state / "coordinator.json",
+            )
             token = registered.stdout.split("its token (shown once; send it to the site with the CA certificate): ")[1]
-            flip(BIN / "flip-site", "join", site_dir, "--fleet", f"127.0.0.1:{fleet_port}",
-                 "--ca", state / "pki" / "ca.pem", f"--token={token.split()[0]}")
-            agent = subprocess.Popen([BIN / "flip-site", "start", site_dir], env=env, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            flip(
+                BIN / "flip-site",
+                "join",
+                site_dir,
+                "--fleet",
+                f"127.0.0.1:{fleet_port}",
+                "--ca",
+                state / "pki" / "ca.pem",
+                f"--token={token.split()[0]}",
+            )
+            agent = subprocess.Popen(
+                [BIN / "flip-site", "start", site_dir],
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             assert wait_until(lambda: sites(state, coordinator_port).get("VA", {}).get("status") == "online", 90)
             node = sites(state, coordinator_port)["VA"]["node_id"]
         with serving(state, fleet_port, coordinator_port):
@@ -98,8 +145,16 @@ def test_the_hub_side_keeps_its_sites_across_a_restart(tmp_path: Path, heart_dir
             # the same agent, never restarted, is back on the same node once the hub side is
             assert wait_until(lambda: sites(state, coordinator_port).get("VA", {}).get("status") == "online", 90)
             assert sites(state, coordinator_port)["VA"]["node_id"] == node
-            again = flip(BIN / "flip", "site", "register", "VA", site_dir / "keys" / "VA.pub",
-                         "--config", state / "coordinator.json", check=False)
+            again = flip(
+                BIN / "flip",
+                "site",
+                "register",
+                "VA",
+                site_dir / "keys" / "VA.pub",
+                "--config",
+                state / "coordinator.json",
+                check=False,
+            )
             assert again.returncode == 1 and "site 'VA' is already registered" in again.stderr
     finally:
         if agent is not None:

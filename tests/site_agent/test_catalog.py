@@ -10,8 +10,9 @@ from site_agent.catalog import CatalogError, add_dataset, init_site, load_site, 
 
 def test_add_dataset_records_schema_rows_fingerprint_and_split(tmp_path: Path, heart_dir: Path) -> None:
     site = init_site(tmp_path / "site", "Cleveland")
-    site = add_dataset(site, "heart-disease", heart_dir / "processed.cleveland.data", "uci-heart",
-                       train_fraction=0.66, split_seed=43)
+    site = add_dataset(
+        site, "heart-disease", heart_dir / "processed.cleveland.data", "uci-heart", train_fraction=0.66, split_seed=43
+    )
     entry = load_site(tmp_path / "site").dataset("heart-disease")
     assert entry.rows == 303
     assert entry.columns[0] == "age" and entry.columns[-1] == "num"

@@ -25,7 +25,8 @@ def test_fleet_connection_yields_the_eight_calls_flip_unpacks() -> None:
     from flwr.supernode import fleet_http_connection
 
     source = inspect.getsource(fleet_http_connection.http_request_response)
-    assert """yield (
+    assert (
+        """yield (
                 node.node_id,
                 receive,
                 send,
@@ -34,7 +35,9 @@ def test_fleet_connection_yields_the_eight_calls_flip_unpacks() -> None:
                 pull_object,
                 push_object,
                 confirm_message_received,
-            )""" in source
+            )"""
+        in source
+    )
     params = list(inspect.signature(fleet_http_connection.http_request_response).parameters)
     assert params[:4] == ["server_address", "insecure", "root_certificates", "authentication_keys"]
 
@@ -54,19 +57,26 @@ def test_what_fleet_py_overrides_is_still_where_flower_reads_it() -> None:
     assert fleet_http_connection.flwr_exit is fleet._refused
     assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10.0
     with pytest.raises(fleet.FleetRefused) as refused:
-        fleet_http_connection.flwr_exit(305, "Failed to initialize the connection to the SuperLink.\n"
-                                             "[code: 2004] Failed to activate SuperNode.")
+        fleet_http_connection.flwr_exit(
+            305, "Failed to initialize the connection to the SuperLink.\n[code: 2004] Failed to activate SuperNode."
+        )
     assert refused.value.still_online
 
 
 def test_object_helpers_keep_their_signatures() -> None:
     from flwr.supercore.inflatable import inflatable_utils
 
-    assert {"initial_backoff", "backoff_cap", "max_time"} <= set(inspect.signature(inflatable_utils.pull_objects).parameters)
+    assert {"initial_backoff", "backoff_cap", "max_time"} <= set(
+        inspect.signature(inflatable_utils.pull_objects).parameters
+    )
     assert list(inspect.signature(inflatable_utils.inflate_object_from_contents).parameters)[:2] == [
-        "object_id", "object_contents"]
+        "object_id",
+        "object_contents",
+    ]
     assert list(inspect.signature(inflatable_utils.push_object_contents_from_iterable).parameters)[:2] == [
-        "object_contents", "push_object_fn"]
+        "object_contents",
+        "push_object_fn",
+    ]
 
 
 def test_a_reply_keeps_the_id_flip_pins_before_sending() -> None:
@@ -75,8 +85,17 @@ def test_a_reply_keeps_the_id_flip_pins_before_sending() -> None:
     from flwr.supercore.inflatable.inflatable_object import get_object_tree, no_object_id_recompute
 
     # a message as the fleet API hands it over: metadata from the SuperLink, content pulled after
-    metadata = Metadata(run_id=1, message_id="", src_node_id=1, dst_node_id=7, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600,
+        message_type="train",
+    )
     request = make_message(metadata, RecordDict({"flip": ConfigRecord({"step": b"x"})}))
     request.metadata.__dict__["_message_id"] = request.object_id
     reply = Message(RecordDict({"flip": ConfigRecord({"step": b"y"})}), reply_to=request)
@@ -94,9 +113,20 @@ def superlink(tmp_path: Path):
     log = tmp_path / "superlink.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-             "--port", str(port), "--disable-runtime-dependency-installation", "--database", ":flwr-in-memory:"],
-            stdout=sink, stderr=subprocess.STDOUT, env=flower_env(tmp_path / "flwr"),
+            [
+                str(Path(sys.executable).parent / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--disable-runtime-dependency-installation",
+                "--database",
+                ":flwr-in-memory:",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=flower_env(tmp_path / "flwr"),
         )
     try:
         yield f"127.0.0.1:{port}", process, log

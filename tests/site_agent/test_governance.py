@@ -20,7 +20,7 @@ from site_agent.catalog import add_dataset, init_site, write_policy
 from site_agent.governance import Governance
 from site_agent.runner import TaskSession
 
-CELL = '''
+CELL = """
 import torch
 
 def build_model():
@@ -31,21 +31,32 @@ def train(model, data, config):
 
 def evaluate(model, data, config):
     return {"accuracy": 0.5}
-'''
+"""
 
 
 @pytest.fixture
 def site(tmp_path: Path, heart_dir: Path):
-    config = add_dataset(init_site(tmp_path / "VA", "VA"), "heart-disease", heart_dir / "processed.va.data",
-                         "uci-heart")
+    config = add_dataset(
+        init_site(tmp_path / "VA", "VA"), "heart-disease", heart_dir / "processed.va.data", "uci-heart"
+    )
     write_policy(config, {"projects": {"heart": {"approved": True, "researchers": ["alice"], "datasets": ["*"]}}})
     return config
 
 
 def request(source: str = CELL, project: str = "heart", run: str = "r1") -> StepRequest:
-    return StepRequest(run_id=run, source=source, source_hash="sha256:claimed-by-the-hub", dataset="heart-disease",
-                       project=project, researcher="alice", seed=0, round=1, phase=Phase.FIT, config={},
-                       params={"weight": np.zeros((1, 2), np.float32), "bias": np.zeros(1, np.float32)})
+    return StepRequest(
+        run_id=run,
+        source=source,
+        source_hash="sha256:claimed-by-the-hub",
+        dataset="heart-disease",
+        project=project,
+        researcher="alice",
+        seed=0,
+        round=1,
+        phase=Phase.FIT,
+        config={},
+        params={"weight": np.zeros((1, 2), np.float32), "bias": np.zeros(1, np.float32)},
+    )
 
 
 def test_unapproved_code_waits_and_is_listed_for_the_admin_then_runs(site) -> None:
@@ -73,9 +84,14 @@ def test_a_project_the_site_does_not_know_is_refused_before_any_code_runs(site) 
 
 def test_what_leaves_is_guarded_and_the_audit_names_shapes_never_values(site) -> None:
     gate = Governance(site)
-    produced = StepResult(site="VA", status="ok", params={"weight": np.full((3, 2), 123456.789, np.float32),
-                                                         "bias": np.zeros(1, np.float32)},
-                          train_metrics={"loss": 0.25}, num_train=150, num_test=40)
+    produced = StepResult(
+        site="VA",
+        status="ok",
+        params={"weight": np.full((3, 2), 123456.789, np.float32), "bias": np.zeros(1, np.float32)},
+        train_metrics={"loss": 0.25},
+        num_train=150,
+        num_test=40,
+    )
     out = decode_result(gate.release(request(), encode_result(produced)))
     assert out.params == {} and out.status == "error" and out.error_type == "BadParameters"
     outcome = [r for r in read_records(site.root) if r["kind"] == "outcome"][-1]
@@ -86,8 +102,14 @@ def test_what_leaves_is_guarded_and_the_audit_names_shapes_never_values(site) ->
 
 def test_an_honest_step_leaves_as_the_task_made_it(site) -> None:
     gate = Governance(site)
-    ApprovalStore(site.root).request(project="heart", researcher="alice", dataset="heart-disease", source=CELL,
-                                     source_hash=source_hash(CELL), run_id="r1")
+    ApprovalStore(site.root).request(
+        project="heart",
+        researcher="alice",
+        dataset="heart-disease",
+        source=CELL,
+        source_hash=source_hash(CELL),
+        run_id="r1",
+    )
     ApprovalStore(site.root).answer(source_hash(CELL), APPROVED)
     assert gate.admit(request()) is None
     produced = TaskSession(site).step(request())
@@ -97,22 +119,46 @@ def test_an_honest_step_leaves_as_the_task_made_it(site) -> None:
 
 
 def private(site, max_epsilon: float) -> Governance:
-    write_policy(site, {"projects": {"heart": {"approved": True, "researchers": ["alice"], "datasets": ["*"],
-                                               "auto_approve": True, "max_epsilon": max_epsilon}}})
+    write_policy(
+        site,
+        {
+            "projects": {
+                "heart": {
+                    "approved": True,
+                    "researchers": ["alice"],
+                    "datasets": ["*"],
+                    "auto_approve": True,
+                    "max_epsilon": max_epsilon,
+                }
+            }
+        },
+    )
     return Governance(site)
 
 
 def dp_request(round_: int = 1, run: str = "r1", phase: str = Phase.FIT, epsilon: float = 1.0) -> StepRequest:
     base = request(run=run)
-    return StepRequest(**{**base.__dict__, "round": round_, "phase": phase,
-                          "config": {"dp_epsilon": epsilon, "dp_clip": 0.1, "dp_rounds": 2}})
+    return StepRequest(
+        **{
+            **base.__dict__,
+            "round": round_,
+            "phase": phase,
+            "config": {"dp_epsilon": epsilon, "dp_clip": 0.1, "dp_rounds": 2},
+        }
+    )
 
 
 def test_a_private_run_releases_only_noised_parameters_and_charges_the_projects_budget(site) -> None:
     gate = private(site, max_epsilon=1.2)
-    produced = StepResult(site="VA", status="ok", num_train=150, num_test=50, train_metrics={"loss": 0.5},
-                          eval_metrics={"accuracy": 0.7},
-                          params={"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)})
+    produced = StepResult(
+        site="VA",
+        status="ok",
+        num_train=150,
+        num_test=50,
+        train_metrics={"loss": 0.5},
+        eval_metrics={"accuracy": 0.7},
+        params={"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)},
+    )
     assert gate.admit(dp_request(phase="prepare")) is None
     out = decode_result(gate.release(dp_request(), encode_result(produced)))
     assert out.private and out.train_metrics == {} and out.eval_metrics == {}
@@ -126,14 +172,22 @@ def test_a_private_run_releases_only_noised_parameters_and_charges_the_projects_
     gate.release(dp_request(round_=2), encode_result(produced))
     again = gate.admit(dp_request(run="r2", phase="prepare"))  # a second run of epsilon 1 does not fit in 1.2
     assert again is not None and again.status == "refused"
-    assert again.error_where.startswith("the privacy budget of project 'heart' at VA is exhausted: epsilon 1 of 1.2 "
-                                        "spent; this task (--dp-epsilon 1) would bring it to 1.")
+    assert again.error_where.startswith(
+        "the privacy budget of project 'heart' at VA is exhausted: epsilon 1 of 1.2 "
+        "spent; this task (--dp-epsilon 1) would bring it to 1."
+    )
 
 
 def test_privacy_figures_from_the_task_process_are_ignored(site) -> None:
     gate = private(site, max_epsilon=5.0)
-    forged = StepResult(site="VA", status="ok", num_train=150, private=True, dp_epsilon=0.001,
-                        params={"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)})
+    forged = StepResult(
+        site="VA",
+        status="ok",
+        num_train=150,
+        private=True,
+        dp_epsilon=0.001,
+        params={"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)},
+    )
     out = decode_result(gate.release(request(), encode_result(forged)))  # a run without DP
     assert (out.private, out.dp_epsilon) == (False, 0.0)
     assert np.allclose(out.params["weight"], 1.0)

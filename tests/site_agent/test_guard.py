@@ -21,9 +21,17 @@ DECLARED = Declared.from_params(_model())
 
 def _honest(**changes: object) -> StepResult:
     params = {"fc.weight": np.arange(13, dtype=np.float32).reshape(1, 13), "fc.bias": np.ones(1, dtype=np.float32)}
-    result = StepResult(site="A", status="ok", params=params, train_metrics={"loss": 0.25, "num_batches": 40.0},
-                        eval_metrics={"accuracy": 0.8, "auc": 0.7}, num_train=120, num_test=30, fingerprint="fp",
-                        seconds=1.5)
+    result = StepResult(
+        site="A",
+        status="ok",
+        params=params,
+        train_metrics={"loss": 0.25, "num_batches": 40.0},
+        eval_metrics={"accuracy": 0.8, "auc": 0.7},
+        num_train=120,
+        num_test=30,
+        fingerprint="fp",
+        seconds=1.5,
+    )
     for name, value in changes.items():
         setattr(result, name, value)
     return result
@@ -44,8 +52,14 @@ def test_honest_result_passes_unchanged() -> None:
     for name, arr in result.params.items():
         assert np.array_equal(out.params[name], arr) and out.params[name].dtype == arr.dtype
     assert out.train_metrics == result.train_metrics and out.eval_metrics == result.eval_metrics
-    assert (out.status, out.num_train, out.num_test, out.site, out.fingerprint, out.seconds) == \
-        ("ok", 120, 30, "A", "fp", 1.5)
+    assert (out.status, out.num_train, out.num_test, out.site, out.fingerprint, out.seconds) == (
+        "ok",
+        120,
+        30,
+        "A",
+        "fp",
+        1.5,
+    )
 
 
 def _bad_params() -> dict[str, dict[str, np.ndarray]]:
@@ -100,12 +114,17 @@ def test_rows_disguised_as_metrics_are_capped_and_counted() -> None:
 
 def test_only_the_projects_metric_names_leave_and_the_researcher_is_told_how_many_did_not() -> None:
     rows = {f"age_{i}": float(60 + i) for i in range(14)}
-    guarded = guard(_honest(train_metrics={**rows, "loss": 0.3}, eval_metrics={"accuracy": 0.8, "v1": 63.0}),
-                    DECLARED, THRESHOLD, metrics=("loss", "accuracy"))
+    guarded = guard(
+        _honest(train_metrics={**rows, "loss": 0.3}, eval_metrics={"accuracy": 0.8, "v1": 63.0}),
+        DECLARED,
+        THRESHOLD,
+        metrics=("loss", "accuracy"),
+    )
     assert (guarded.result.train_metrics, guarded.result.eval_metrics) == ({"loss": 0.3}, {"accuracy": 0.8})
     assert guarded.result.withheld == (
         "14 train metric(s) withheld: not among the project's metrics here (loss, accuracy); "
-        "1 eval metric(s) withheld: not among the project's metrics here (loss, accuracy)")
+        "1 eval metric(s) withheld: not among the project's metrics here (loss, accuracy)"
+    )
     assert "age_" not in " ".join(guarded.stripped) and "v1" not in guarded.result.withheld
     forged = guard(_honest(withheld="free text from the task"), DECLARED, THRESHOLD)
     assert forged.result.withheld == ""  # only the guard writes it
@@ -162,8 +181,9 @@ def test_few_test_rows_suppress_eval_metrics_only() -> None:
 
 
 def test_few_training_rows_keep_an_error_status() -> None:
-    out = guard(_honest(status="error", error_type="ValueError", error_where="train()", num_train=5),
-                DECLARED, THRESHOLD).result
+    out = guard(
+        _honest(status="error", error_type="ValueError", error_where="train()", num_train=5), DECLARED, THRESHOLD
+    ).result
     assert (out.status, out.error_type, out.error_where) == ("error", "ValueError", "train()")
 
 
@@ -175,14 +195,21 @@ def test_row_counts_that_are_not_whole_numbers_become_zero(count: object) -> Non
 
 
 def test_free_text_in_errors_is_replaced() -> None:
-    result = _honest(status="error", params={}, error_type="Patient 63 has diabetes", error_line=7,
-                     error_where="ValueError: patient 63 at site A has diabetes")
+    result = _honest(
+        status="error",
+        params={},
+        error_type="Patient 63 has diabetes",
+        error_line=7,
+        error_where="ValueError: patient 63 at site A has diabetes",
+    )
     out = guard(result, DECLARED, THRESHOLD).result
     assert (out.error_type, out.error_where, out.error_line) == ("Error", "the task", 7)
 
 
-@pytest.mark.parametrize("where", ["the cell", "build_model()", "train()", "evaluate()", "the site agent",
-                                   "train() (must return a dict of numbers)"])
+@pytest.mark.parametrize(
+    "where",
+    ["the cell", "build_model()", "train()", "evaluate()", "the site agent", "train() (must return a dict of numbers)"],
+)
 def test_fixed_error_places_pass(where: str) -> None:
     result = _honest(status="error", params={}, error_type="torch.cuda.OutOfMemoryError", error_where=where)
     out = guard(result, DECLARED, THRESHOLD).result
@@ -192,13 +219,20 @@ def test_fixed_error_places_pass(where: str) -> None:
 def test_guarding_twice_changes_nothing_more() -> None:
     once = guard(_honest(num_train=5), DECLARED, THRESHOLD).result
     twice = guard(once, DECLARED, THRESHOLD)
-    assert twice.stripped == [] and twice.result.error_where == once.error_where == \
-        "fewer than 10 training rows at this site"
+    assert (
+        twice.stripped == []
+        and twice.result.error_where == once.error_where == "fewer than 10 training rows at this site"
+    )
 
 
 def test_input_is_not_mutated() -> None:
-    result = _honest(num_train=5, num_test=5, eval_metrics={"age=63": 1.0, "n_pos": 2.0, "bad": float("nan")},
-                     status="error", error_where="free text")
+    result = _honest(
+        num_train=5,
+        num_test=5,
+        eval_metrics={"age=63": 1.0, "n_pos": 2.0, "bad": float("nan")},
+        status="error",
+        error_where="free text",
+    )
     before = copy.deepcopy(result)
     guard(result, DECLARED, THRESHOLD)
     for name in ("status", "train_metrics", "num_train", "num_test", "error_where", "error_type", "site"):
@@ -214,8 +248,9 @@ def test_input_is_not_mutated() -> None:
 def test_describe_outgoing_has_names_and_shapes_but_no_values() -> None:
     planted = 123456.789
     params = {"fc.weight": np.full((1, 13), planted, dtype=np.float32), "fc.bias": np.full(1, planted, np.float32)}
-    out = guard(_honest(params=params, train_metrics={"loss": planted}, eval_metrics={"auc": planted}),
-                DECLARED, THRESHOLD).result
+    out = guard(
+        _honest(params=params, train_metrics={"loss": planted}, eval_metrics={"auc": planted}), DECLARED, THRESHOLD
+    ).result
     described = describe_outgoing(out)
     assert described == {
         "status": "ok",
@@ -232,6 +267,11 @@ def test_describe_outgoing_has_names_and_shapes_but_no_values() -> None:
 
 def test_an_announced_dataset_withholds_row_counts_under_the_threshold() -> None:
     summary = {"name": "rare-disease", "rows": 9, "train_rows": 7, "test_rows": 2, "columns": ["age"]}
-    assert announced(summary, 10) == {"name": "rare-disease", "rows": None, "train_rows": None, "test_rows": None,
-                                      "columns": ["age"]}
+    assert announced(summary, 10) == {
+        "name": "rare-disease",
+        "rows": None,
+        "train_rows": None,
+        "test_rows": None,
+        "columns": ["age"],
+    }
     assert announced({**summary, "rows": 200, "train_rows": 160, "test_rows": 40}, 10)["train_rows"] == 160

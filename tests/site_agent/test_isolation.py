@@ -31,10 +31,12 @@ def test_a_process_that_dropped_the_network_cannot_reach_a_listening_port() -> N
 
 
 def test_memory_beyond_the_limit_is_refused_and_cannot_be_raised_again() -> None:
-    code = ("import resource\nlimit_memory(256)\n"
-            "try:\n    hoard = bytearray(512 * 2**20)\nexcept MemoryError:\n    print('refused')\n"
-            "try:\n    resource.setrlimit(resource.RLIMIT_DATA, (2**40, 2**40))\n"
-            "except (ValueError, OSError):\n    print('kept')\n")
+    code = (
+        "import resource\nlimit_memory(256)\n"
+        "try:\n    hoard = bytearray(512 * 2**20)\nexcept MemoryError:\n    print('refused')\n"
+        "try:\n    resource.setrlimit(resource.RLIMIT_DATA, (2**40, 2**40))\n"
+        "except (ValueError, OSError):\n    print('kept')\n"
+    )
     done = run_child(code)
     assert done.stdout.split()[0] == "refused", done.stderr
     if os.geteuid() != 0:  # only a process with CAP_SYS_RESOURCE (root, usually) may raise a hard limit
@@ -46,12 +48,14 @@ def test_a_confined_process_reads_only_what_it_was_given(tmp_path) -> None:
     allowed.write_text("age\n63\n")
     secret.write_text('{"token": "s3cret"}')
     scratch.mkdir()
-    code = (f"from pathlib import Path\nfrom site_agent.isolation import confine_files, python_paths\n"
-            f"confine_files([*python_paths(), Path({str(allowed)!r})], [Path({str(scratch)!r})])\n"
-            f"print(Path({str(allowed)!r}).read_text().split()[1])\n"
-            f"(Path({str(scratch)!r}) / 'note').write_text('ok')\n"
-            f"try:\n    Path({str(secret)!r}).read_text()\nexcept PermissionError:\n    print('refused')\n"
-            f"try:\n    Path({str(allowed)!r}).write_text('x')\nexcept PermissionError:\n    print('read-only')\n")
+    code = (
+        f"from pathlib import Path\nfrom site_agent.isolation import confine_files, python_paths\n"
+        f"confine_files([*python_paths(), Path({str(allowed)!r})], [Path({str(scratch)!r})])\n"
+        f"print(Path({str(allowed)!r}).read_text().split()[1])\n"
+        f"(Path({str(scratch)!r}) / 'note').write_text('ok')\n"
+        f"try:\n    Path({str(secret)!r}).read_text()\nexcept PermissionError:\n    print('refused')\n"
+        f"try:\n    Path({str(allowed)!r}).write_text('x')\nexcept PermissionError:\n    print('read-only')\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["63", "refused", "read-only"], done.stderr
     assert (scratch / "note").read_text() == "ok"

@@ -20,8 +20,10 @@ HASH = "sha256:" + "ab" * 32
 
 
 def policy(**project):
-    return parse_policy("VA", {"projects": {"heart": {"approved": True, "researchers": ["alice"],
-                                                      "datasets": ["heart-disease"], **project}}})
+    return parse_policy(
+        "VA",
+        {"projects": {"heart": {"approved": True, "researchers": ["alice"], "datasets": ["heart-disease"], **project}}},
+    )
 
 
 def task(**changes):
@@ -39,11 +41,14 @@ def test_a_listed_but_unapproved_project_is_refused() -> None:
     assert decide(policy(approved=False), task()).verdict == REFUSE
 
 
-@pytest.mark.parametrize(("changes", "reason"), [
-    ({"researcher": "mallory"}, "researcher 'mallory' may not run tasks of project 'heart' at VA"),
-    ({"dataset": "oncology"}, "project 'heart' may not use dataset 'oncology' at VA"),
-    ({"kind": "export"}, "export tasks are not allowed for project 'heart' at VA"),
-])
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"researcher": "mallory"}, "researcher 'mallory' may not run tasks of project 'heart' at VA"),
+        ({"dataset": "oncology"}, "project 'heart' may not use dataset 'oncology' at VA"),
+        ({"kind": "export"}, "export tasks are not allowed for project 'heart' at VA"),
+    ],
+)
 def test_who_and_what_are_checked(changes, reason) -> None:
     decision = decide(policy(), task(**changes))
     assert (decision.verdict, decision.reason) == (REFUSE, reason)
@@ -70,42 +75,56 @@ def test_auto_approve_runs_unreviewed_code() -> None:
 
 def test_dp_demands_and_budget_are_refused_with_the_figures() -> None:
     demanding = policy(auto_approve=True, dp_required=True, max_epsilon=8.0)
-    assert decide(demanding, task()).reason == ("VA requires differential privacy for project 'heart' "
-                                                "(set --dp-epsilon, at most 8)")
+    assert decide(demanding, task()).reason == (
+        "VA requires differential privacy for project 'heart' (set --dp-epsilon, at most 8)"
+    )
     assert decide(demanding, task(dp_epsilon=2.0), budget=Budget(spent=6.0, after=7.9)).verdict == ALLOW
     spent = decide(demanding, task(dp_epsilon=2.5), budget=Budget(spent=6.0, after=8.25))
     assert spent.verdict == REFUSE
-    assert spent.reason == ("the privacy budget of project 'heart' at VA is exhausted: epsilon 6 of 8 spent; "
-                            "this task (--dp-epsilon 2.5) would bring it to 8.25")
+    assert spent.reason == (
+        "the privacy budget of project 'heart' at VA is exhausted: epsilon 6 of 8 spent; "
+        "this task (--dp-epsilon 2.5) would bring it to 8.25"
+    )
     assert decide(policy(auto_approve=True), task(dp_epsilon=50.0), budget=Budget(0.0, 50.0)).verdict == ALLOW
 
 
 def test_a_project_may_list_the_metrics_that_leave() -> None:
-    site = parse_policy("VA", {"projects": {"heart": {"approved": True, "metrics": ["loss", "auc"]},
-                                            "lungs": {"approved": True}}})
+    site = parse_policy(
+        "VA", {"projects": {"heart": {"approved": True, "metrics": ["loss", "auc"]}, "lungs": {"approved": True}}}
+    )
     assert site.metrics("heart") == ("loss", "auc") and site.metrics("lungs") == ("*",)
     assert site.metrics("unknown") == ()
 
 
 def test_thresholds_never_go_below_the_sites() -> None:
-    site = parse_policy("VA", {"policy": {"disclosure_threshold": 20},
-                               "projects": {"heart": {"approved": True, "disclosure_threshold": 25}}})
+    site = parse_policy(
+        "VA",
+        {"policy": {"disclosure_threshold": 20}, "projects": {"heart": {"approved": True, "disclosure_threshold": 25}}},
+    )
     assert site.threshold("heart") == 25
     assert site.threshold("unknown") == 20
     with pytest.raises(PolicyError, match=r"\[projects.heart\] disclosure_threshold 5 is below the site's 20"):
-        parse_policy("VA", {"policy": {"disclosure_threshold": 20},
-                            "projects": {"heart": {"approved": True, "disclosure_threshold": 5}}})
+        parse_policy(
+            "VA",
+            {
+                "policy": {"disclosure_threshold": 20},
+                "projects": {"heart": {"approved": True, "disclosure_threshold": 5}},
+            },
+        )
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    ({"projects": {"heart": {"aproved": True}}}, r"\[projects.heart\] has unknown setting\(s\): aproved"),
-    ({"projects": {"heart": {"approved": "yes"}}}, r"\[projects.heart\] approved must be true or false"),
-    ({"projects": {"heart": {"researchers": "alice"}}}, r"researchers must be a list of names"),
-    ({"projects": {"heart": {"tasks": ["train", "sql"]}}}, r"unknown kind\(s\) sql"),
-    ({"projects": {"heart": {"max_epsilon": -1}}}, r"max_epsilon must be at least 0"),
-    ({"projects": {"heart": {"dp_delta": 0.5e1}}}, r"dp_delta must be between 0 and 1"),
-    ({"policy": {"threshold": 3}}, r"\[policy\] has unknown setting\(s\): threshold"),
-])
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"projects": {"heart": {"aproved": True}}}, r"\[projects.heart\] has unknown setting\(s\): aproved"),
+        ({"projects": {"heart": {"approved": "yes"}}}, r"\[projects.heart\] approved must be true or false"),
+        ({"projects": {"heart": {"researchers": "alice"}}}, r"researchers must be a list of names"),
+        ({"projects": {"heart": {"tasks": ["train", "sql"]}}}, r"unknown kind\(s\) sql"),
+        ({"projects": {"heart": {"max_epsilon": -1}}}, r"max_epsilon must be at least 0"),
+        ({"projects": {"heart": {"dp_delta": 0.5e1}}}, r"dp_delta must be between 0 and 1"),
+        ({"policy": {"threshold": 3}}, r"\[policy\] has unknown setting\(s\): threshold"),
+    ],
+)
 def test_a_bad_policy_is_refused_with_where_and_why(raw, message) -> None:
     with pytest.raises(PolicyError, match=message):
         parse_policy("VA", raw)

@@ -18,14 +18,25 @@ INITIAL = {"weight": np.zeros((1, 3), dtype=np.float32), "bias": np.zeros((1,), 
 
 @pytest.fixture
 def site(tmp_path: Path, heart_dir: Path) -> SiteConfig:
-    return add_dataset(init_site(tmp_path / "site", "Cleveland"), "heart-disease",
-                       heart_dir / "processed.cleveland.data", "uci-heart")
+    return add_dataset(
+        init_site(tmp_path / "site", "Cleveland"), "heart-disease", heart_dir / "processed.cleveland.data", "uci-heart"
+    )
 
 
 def request(source: str, phase: str = Phase.FIT, dataset: str = "heart-disease", round_: int = 1) -> StepRequest:
-    return StepRequest(run_id="r1", source=source, source_hash=source_hash(source), dataset=dataset,
-                       project="p", researcher="alice", seed=3, round=round_, phase=phase, config={},
-                       params=INITIAL)
+    return StepRequest(
+        run_id="r1",
+        source=source,
+        source_hash=source_hash(source),
+        dataset=dataset,
+        project="p",
+        researcher="alice",
+        seed=3,
+        round=round_,
+        phase=phase,
+        config={},
+        params=INITIAL,
+    )
 
 
 def test_fit_step_returns_trained_params_and_metrics(site: SiteConfig) -> None:
@@ -60,7 +71,9 @@ def test_evaluate_phase_returns_no_params(site: SiteConfig) -> None:
 
 
 def test_exception_reports_type_and_cell_line_but_never_its_message(site: SiteConfig) -> None:
-    source = TINY_CELL.replace("    X, y = _xy(data.train)\n", "    X, y = _xy(data.train)\n    raise ValueError('patient Qzx-Wvk')\n")
+    source = TINY_CELL.replace(
+        "    X, y = _xy(data.train)\n", "    X, y = _xy(data.train)\n    raise ValueError('patient Qzx-Wvk')\n"
+    )
     line = source.splitlines().index("    raise ValueError('patient Qzx-Wvk')") + 1
     result = TaskSession(site).step(request(source))
     assert (result.status, result.error_type, result.error_line) == ("error", "ValueError", line)
@@ -90,7 +103,10 @@ def test_dataset_not_held_is_no_dataset(site: SiteConfig) -> None:
 
 
 def test_task_output_goes_to_the_site_log_only(site: SiteConfig, capsys: pytest.CaptureFixture[str]) -> None:
-    source = TINY_CELL.replace("def train(model, data, config):\n", "def train(model, data, config):\n    print('ROW', data.train.iloc[0].to_dict())\n")
+    source = TINY_CELL.replace(
+        "def train(model, data, config):\n",
+        "def train(model, data, config):\n    print('ROW', data.train.iloc[0].to_dict())\n",
+    )
     TaskSession(site).step(request(source))
     assert "ROW" not in capsys.readouterr().out
     assert "ROW" in (site.root / "logs" / "run-r1.log").read_text()
