@@ -1,10 +1,11 @@
 # The two commands: `make demo` and `make test`. Both build .venv from scratch when needed.
+# `make check` is the inner loop: lint, format, types, import contracts and the unit tests (no real processes).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo hub test clean system-deps
+.PHONY: venv demo hub test check static clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +33,18 @@ system-deps:
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
-test: $(STAMP) system-deps
+# ruff (lint and format), mypy (strict on flip_core and flip_magics), the import contracts of pyproject.toml
+static: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+check: static system-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/integration
+
+test: $(STAMP) system-deps static
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 clean:
-	rm -rf $(VENV) runs .flip build *.egg-info
+	rm -rf $(VENV) runs .flip build *.egg-info .mypy_cache .ruff_cache .import_linter_cache .hypothesis

@@ -178,7 +178,7 @@ class _Adaptive(Strategy):
             delta = np.asarray(avg, dtype=np.float64) - cur.astype(np.float64)
             m = self.m.get(key)
             v = self.v.get(key)
-            if m is None or m.shape != delta.shape:
+            if m is None or v is None or m.shape != delta.shape:
                 m, v = np.zeros_like(delta), np.zeros_like(delta)
             m = self.beta1 * m + (1.0 - self.beta1) * delta
             v = self._second_moment(v, delta * delta)
@@ -205,7 +205,7 @@ class FedYogi(_Adaptive):
     defaults = {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
 
     def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
-        return v - (1.0 - self.beta2) * delta_sq * np.sign(v - delta_sq)
+        return np.asarray(v - (1.0 - self.beta2) * delta_sq * np.sign(v - delta_sq))
 
 
 _REGISTRY: dict[str, type[Strategy]] = {

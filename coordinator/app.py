@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -35,8 +35,6 @@ from flip_core.codec import ModelInvalid, check_model
 from flip_core.errors import Rejected, RequestInvalid
 
 log = logging.getLogger(__name__)
-
-M = TypeVar("M")
 
 
 class Notifier:
@@ -108,13 +106,12 @@ async def read_body(request: Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-async def typed_body(request: Request, model: type[M] | Any, what: str) -> M:
+async def typed_body(request: Request, model: Any, what: str) -> Any:
     """The JSON body as ``model`` (``flip_core.api``), or a refusal whose sentence names the field."""
     body = await read_body(request, MAX_JSON_BYTES, what)
     if not body.strip():
         raise RequestInvalid(f"{what} is empty: send a JSON body")
-    result: M = parse(model, body, what)
-    return result
+    return parse(model, body, what)
 
 
 async def model_body(request: Request) -> bytes:

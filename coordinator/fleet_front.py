@@ -159,8 +159,8 @@ def _clean_path(path: str, raw: bytes, prefix: str) -> bool:
         for segment in path.split("/"):
             if segment in (".", ".."):
                 return False
-        for segment in raw.split(b"/"):
-            if segment in (b".", b".."):
+        for raw_segment in raw.split(b"/"):
+            if raw_segment in (b".", b".."):
                 return False
     return True
 

@@ -215,7 +215,8 @@ class RoundLoop:
             # A site that dies mid-upload surfaces as a Flower error first; say what happened.
             if wait_until(lambda: not self._online(site), OFFLINE_GRACE_SECONDS, 0.1):
                 return Reply(site, None, OFFLINE)
-            return Reply(site, None, f"the site's Flower node reported an error ({msg.error.reason[:200]})")
+            reason = msg.error.reason if msg.error is not None else "no reason given"
+            return Reply(site, None, f"the site's Flower node reported an error ({(reason or '')[:200]})")
         result = content_to_result(msg.content)
         if result.status == StepStatus.PENDING:
             return Reply(site, result, pending=True)

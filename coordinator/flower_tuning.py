@@ -48,10 +48,10 @@ def tuned_grid_pulls(should_abort: Callable[[], bool]) -> Iterator[None]:
     """Within this block the ServerApp pulls reply objects FLIP's way; ``should_abort()`` is asked
     between slices. Flower's own ``pull_objects`` is back in place afterwards."""
     global _should_abort
-    original, previous_abort = http_grid.pull_objects, _should_abort
+    original, previous_abort = http_grid.pull_objects, _should_abort  # type: ignore[attr-defined]
     _should_abort = should_abort
-    http_grid.pull_objects = _pull_objects
+    http_grid.pull_objects = _pull_objects  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        http_grid.pull_objects, _should_abort = original, previous_abort
+        http_grid.pull_objects, _should_abort = original, previous_abort  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -129,7 +130,7 @@ class HubIdentity:
             cached = self._groups.get(user)
         if cached and now - cached[0] < GROUP_CACHE_SECONDS:
             return cached[1]
-        groups = tuple(sorted(self._get(f"/users/{requests.utils.quote(user, safe='')}").get("groups", [])))
+        groups = tuple(sorted(self._get(f"/users/{quote(user, safe='')}").get("groups", [])))
         with self._lock:
             self._groups[user] = (now, groups)
         return groups

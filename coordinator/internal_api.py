@@ -12,7 +12,7 @@ from starlette.routing import BaseRoute, Route
 
 from coordinator.app import error, holds, model_body, state, typed_body
 from coordinator.identity import Refused
-from flip_core.api import Events, Ring
+from flip_core.api import Event, Events, Ring
 
 
 def _internal(request: Request) -> None:
@@ -47,7 +47,7 @@ async def put_model(request: Request) -> Response:
 
 async def events(request: Request) -> Response:
     _internal(request)
-    parsed = await typed_body(request, Events, "the events")
+    parsed: list[Event] = await typed_body(request, Events, "the events")
     state(request).manager.ingest(
         request.path_params["run_id"], [e.model_dump(mode="json", exclude_unset=True) for e in parsed]
     )
@@ -61,7 +61,7 @@ async def sites(request: Request) -> Response:
 
 async def ring(request: Request) -> Response:
     _internal(request)
-    body = await typed_body(request, Ring, "the ring")
+    body: Ring = await typed_body(request, Ring, "the ring")
     for name in body.sites:
         state(request).manager.presence.ring(name)  # a message for it is on the SuperLink again (no new event)
     return JSONResponse({"ok": True})

@@ -83,13 +83,13 @@ async def upload_model(request: Request) -> Response:
 
 async def check_task(request: Request) -> Response:
     who = await caller(request)
-    spec = await typed_body(request, TaskSpec, "the task")
+    spec: TaskSpec = await typed_body(request, TaskSpec, "the task")
     return JSONResponse(await asyncio.to_thread(state(request).manager.check, who, spec))
 
 
 async def create_run(request: Request) -> Response:
     who = await caller(request)
-    spec = await typed_body(request, TaskSpec, "the task")
+    spec: TaskSpec = await typed_body(request, TaskSpec, "the task")
     view = await asyncio.to_thread(state(request).manager.create_run, who, spec)
     return JSONResponse(view, status_code=201)
 

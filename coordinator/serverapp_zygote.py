@@ -28,6 +28,7 @@ import socket
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def write_launcher(folder: Path) -> Path:
     return path
 
 
-def _receive(conn: socket.socket) -> tuple[dict[str, object], list[int]] | None:
+def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     """One launch request: the launcher's arguments and environment, and its three standard streams."""
     fds = array.array("i")
     data, ancillary, _flags, _addr = conn.recvmsg(MAX_REQUEST_BYTES, socket.CMSG_LEN(3 * fds.itemsize))
@@ -92,7 +93,7 @@ def _receive(conn: socket.socket) -> tuple[dict[str, object], list[int]] | None:
     return dict(json.loads(data[4 : 4 + size])), list(fds)
 
 
-def _child(request: dict[str, object], fds: list[int], listener: socket.socket, conns: list[socket.socket]) -> None:
+def _child(request: dict[str, Any], fds: list[int], listener: socket.socket, conns: list[socket.socket]) -> None:
     """In the forked child: become the launcher's ``flwr-serverapp ARGV``, with its environment and
     streams. Never returns."""
     code = 1
@@ -110,8 +111,8 @@ def _child(request: dict[str, object], fds: list[int], listener: socket.socket, 
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         os.environ.clear()
-        os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})  # type: ignore[call-overload]
-        sys.argv = [LAUNCHER_NAME, *[str(a) for a in request["argv"]]]  # type: ignore[union-attr]
+        os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})
+        sys.argv = [LAUNCHER_NAME, *[str(a) for a in request["argv"]]]
         from flwr.superlink.cli import flwr_serverapp
 
         flwr_serverapp()
@@ -179,14 +180,14 @@ def serve(path: Path) -> None:
                 break
             if pid == 0:
                 break
-            conn = children.pop(pid, None)
-            if conn is not None:
+            child_conn = children.pop(pid, None)
+            if child_conn is not None:
                 code = os.waitstatus_to_exitcode(status)
                 try:
-                    conn.sendall(struct.pack("<i", code if code >= 0 else 128 - code))
+                    child_conn.sendall(struct.pack("<i", code if code >= 0 else 128 - code))
                 except OSError:
                     pass
-                conn.close()
+                child_conn.close()
     listener.close()
     path.unlink(missing_ok=True)
 

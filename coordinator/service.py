@@ -45,7 +45,10 @@ class Principal:
 
 
 class Control(Protocol):
-    fab_hash: str
+    """What the run service asks of Flower's control API (``coordinator.flower_control.FlowerControl``)."""
+
+    @property
+    def fab_hash(self) -> str: ...
 
     def start_run(self, flip_run_id: str) -> int: ...
     def status(self, flower_run_id: int) -> Any: ...

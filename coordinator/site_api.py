@@ -42,7 +42,7 @@ def speaks_for(who: RegisteredSite | None, site: str) -> None:
 
 async def announce(request: Request) -> Response:
     who = calling_site(request)
-    body = await typed_body(request, SiteAnnouncement, "the announcement")
+    body: SiteAnnouncement = await typed_body(request, SiteAnnouncement, "the announcement")
     speaks_for(who, body.site)
     if who is not None and body.node_id is not None and body.node_id != who.node_id:
         raise Refused(f"Flower node {body.node_id} is not the node registered for site {who.name!r}", 403)

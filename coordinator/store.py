@@ -126,7 +126,7 @@ class Store:
         return None if row is None else self._run_dict(row)
 
     def runs(self, project: str | None = None) -> list[dict[str, Any]]:
-        sql, args = "SELECT * FROM runs", ()
+        sql, args = "SELECT * FROM runs", tuple[str, ...]()
         if project is not None:
             sql, args = sql + " WHERE project = ?", (project,)
         rows = self._db.execute(sql + " ORDER BY created", args).fetchall()

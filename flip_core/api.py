@@ -14,7 +14,7 @@ import functools
 import json
 import math
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -254,7 +254,6 @@ Events = Annotated[list[Event], Field(max_length=MAX_EVENTS)]
 
 
 # -- parsing ----------------------------------------------------------------------------------------
-M = TypeVar("M")
 _KINDS = {
     "int_type": "must be a whole number",
     "int_parsing": "must be a whole number",
@@ -327,10 +326,10 @@ def _adapter(model: Any) -> TypeAdapter[Any]:
     return TypeAdapter(model)
 
 
-def parse(model: type[M] | Any, body: bytes | str | Any, what: str) -> M:
+def parse(model: Any, body: bytes | str | Any, what: str) -> Any:
     """``body`` (JSON bytes or text, or already-decoded data) as ``model``; refused with a sentence
     naming the first wrong field (:class:`RequestInvalid`, 400). ``what`` names the body ("the task")."""
-    adapter: TypeAdapter[M] = _adapter(model)
+    adapter = _adapter(model)
     try:
         if isinstance(body, (bytes, str)):
             return adapter.validate_json(body)

@@ -114,6 +114,11 @@ def make_server_cert(folder: Path, name: str, hosts: list[str], *, days: int = 8
     ca = load_ca(folder)
     ca_cert = _read(ca.cert, x509.load_pem_x509_certificate, "a PEM certificate")
     ca_key = _read(ca.key, lambda data: serialization.load_pem_private_key(data, None), "a PEM private key")
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):  # make_ca makes an EC key; any other is not ours
+        raise CertError(f"{ca.key} holds a {type(ca_key).__name__}, not the consortium CA's EC key.")
+    ca_public = ca_cert.public_key()
+    if not isinstance(ca_public, ec.EllipticCurvePublicKey):
+        raise CertError(f"{ca.cert} is not the consortium CA's certificate (not an EC key).")
     start, end = _validity(days)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
@@ -129,7 +134,7 @@ def make_server_cert(folder: Path, name: str, hosts: list[str], *, days: int = 8
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_public), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     server = ServerCert(cert=folder / f"{name}.pem", key=folder / f"{name}.key", ca=ca.cert)
@@ -168,8 +173,8 @@ def load_site_keys(private: Path) -> tuple[ec.EllipticCurvePrivateKey, ec.Ellipt
     key = _read(
         private, lambda data: serialization.load_ssh_private_key(data, None), "an unencrypted OpenSSH private key"
     )
-    _require_ecdsa(key, ec.EllipticCurvePrivateKey, private)
-    return key, key.public_key()
+    ecdsa = _ecdsa_private(key, private)
+    return ecdsa, ecdsa.public_key()
 
 
 def public_key_bytes(public: Path) -> bytes:
@@ -181,8 +186,8 @@ def public_key_bytes(public: Path) -> bytes:
     SuperLink finds the node by comparing them exactly.
     """
     key = _read(public, serialization.load_ssh_public_key, "an OpenSSH public key")
-    _require_ecdsa(key, ec.EllipticCurvePublicKey, public)
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ecdsa = _ecdsa_public(key, public)
+    return ecdsa.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def fingerprint(cert_or_pub: Path) -> str:
@@ -205,12 +210,23 @@ def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
     return now - _CLOCK_SKEW, now + datetime.timedelta(days=days)
 
 
-def _require_ecdsa(key: object, kind: type, path: Path) -> None:
-    if not isinstance(key, kind):
-        raise CertError(
-            f"{path} holds a {type(key).__name__}, but Flower SuperNode authentication needs an "
-            "ECDSA key. Make one with make_site_keys."
-        )
+def _not_ecdsa(key: object, path: Path) -> CertError:
+    return CertError(
+        f"{path} holds a {type(key).__name__}, but Flower SuperNode authentication needs an "
+        "ECDSA key. Make one with make_site_keys."
+    )
+
+
+def _ecdsa_private(key: object, path: Path) -> ec.EllipticCurvePrivateKey:
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise _not_ecdsa(key, path)
+    return key
+
+
+def _ecdsa_public(key: object, path: Path) -> ec.EllipticCurvePublicKey:
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise _not_ecdsa(key, path)
+    return key
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:

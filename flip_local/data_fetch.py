@@ -114,7 +114,7 @@ def file_digest(path: Path, algorithm: str) -> str:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(chunk)
-    return digest.hexdigest()
+    return str(digest.hexdigest())
 
 
 def _problem(remote: RemoteFile, root: Path) -> str | None:

@@ -120,7 +120,7 @@ class FlipClient:
 
         ``dp_epsilon``: the run is differentially private at every site, spending at most this epsilon
         of the project's budget there (each site adds the noise itself, clipping updates to ``dp_clip``)."""
-        spec = parse(
+        spec: TaskSpec = parse(
             TaskSpec,
             {
                 "source": source,

@@ -75,6 +75,11 @@ class FlipMagics(Magics):
             self.client = FlipClient.from_environment()
         return self.client
 
+    def _user_ns(self) -> dict[str, Any]:
+        assert self.shell is not None  # a registered magic always has its shell
+        namespace: dict[str, Any] = self.shell.user_ns
+        return namespace
+
     @line_magic
     @magic_arguments()
     @argument(
@@ -162,7 +167,7 @@ class FlipMagics(Magics):
             dp_epsilon=args.dp_epsilon,
             dp_clip=args.dp_clip,
         )
-        self.shell.user_ns[args.out] = handle
+        self._user_ns()[args.out] = handle
         show_run(handle)
 
     @line_magic
@@ -183,7 +188,7 @@ class FlipMagics(Magics):
         """Follow a run again (e.g. after a kernel restart), from its first event."""
         args = parse_argstring(self.flip_attach, line)
         handle = self._client().attach(args.run_id)
-        self.shell.user_ns[args.out] = handle
+        self._user_ns()[args.out] = handle
         show_run(handle)
 
     @line_magic

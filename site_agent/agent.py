@@ -210,8 +210,12 @@ class SiteAgent:
             log.exception("could not send the reply to Flower run %s", message.metadata.run_id)
 
     def run(self) -> int:
+        def stop(*_: Any) -> None:
+            self.stopping.set()
+            self.doorbell.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: (self.stopping.set(), self.doorbell.set()))
+            signal.signal(sig, stop)
         threading.Thread(target=self.tasks.reap_forever, name="reaper", daemon=True).start()
         threading.Thread(target=self._presence, name="presence", daemon=True).start()
         fleet = threading.Thread(target=self._serve, name="fleet", daemon=True)

@@ -263,7 +263,7 @@ def _start(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {site.name} %(levelname)s %(message)s")
     warm = WARM_SECONDS if args.warm_seconds is None else args.warm_seconds
-    return SiteAgent(site, superlink, coordinator, token, warm_seconds=warm, ca=ca, key=key).run()
+    return SiteAgent(site, str(superlink), str(coordinator), str(token), warm_seconds=warm, ca=ca, key=key).run()
 
 
 if __name__ == "__main__":

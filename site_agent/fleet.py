@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 # not let the same registered key in again before: a site agent that crashed (SIGKILL, power loss)
 # could rejoin only after a minute at Flower's default of 30 s. 10 s is the least the SuperLink accepts.
 HEARTBEAT_SECONDS = 10.0
-fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS
-flower_heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS
+# Flower's module constants (not exported; tests/site_agent/test_fleet_contract.py checks they are read)
+fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS  # type: ignore[attr-defined,assignment]
+flower_heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_SECONDS  # type: ignore[attr-defined,assignment]
 STILL_ONLINE_CODE = 2004  # FLEET_NODE_ACTIVATION_FAILED: the key's node still counts online, or is not registered
 
 
@@ -68,7 +69,7 @@ def _refused(code: int, message: str | None = None, *args: Any, **kwargs: Any) -
     raise FleetRefused(message or f"exit code {code}")
 
 
-fleet_http_connection.flwr_exit = _refused  # only http_request_response's own reference
+fleet_http_connection.flwr_exit = _refused  # type: ignore[attr-defined,assignment]  # http_request_response's own reference
 
 # A message is visible before the hub has finished uploading its objects; Flower's default
 # backoff then sleeps a whole second (PULL_INITIAL_BACKOFF). Retry quickly instead.
@@ -93,7 +94,8 @@ class FleetConnection:
         got = self._receive()
         if got is None:
             return None
-        message, tree = got
+        message: Message = got[0]
+        tree = got[1]
         run_id = message.metadata.run_id
         content_trees = list(tree.children)
         # The message object itself too, though its metadata came with the pull: confirming deletes
@@ -109,6 +111,7 @@ class FleetConnection:
         )
         self._confirm(run_id, message.metadata.message_id)
         if content_trees:
+            # the content tree's root is a RecordDict (Flower types the inflated object as its base class)
             message.content = inflate_object_from_contents(content_trees[0].object_id, contents)  # type: ignore[assignment]
         return message
 
@@ -136,7 +139,7 @@ def release_session(address: str, *, root_certificates: bytes | str, authenticat
     from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
     private_key, public_key = authentication_keys
-    interceptors = [
+    interceptors: list[Any] = [
         RuntimeVersionHttpInterceptor(component_name="SuperNode"),
         NodeAuthHttpInterceptor(private_key, public_key),
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import threading
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ class PrivateRun:
         return noise_multiplier(self.epsilon, self.delta, self.rounds)
 
 
-def private_run(config: dict, delta: float) -> PrivateRun | None:
+def private_run(config: dict[str, Any], delta: float) -> PrivateRun | None:
     """The run's ``dp_*`` settings (None when it does not ask for DP); ValueError says what is wrong."""
     if config.get("dp_epsilon") is None:
         return None
@@ -144,7 +145,7 @@ class Governance:
             self.policy.threshold(request.project),
             metrics=self.policy.metrics(request.project),
         )
-        result, privacy = guarded.result, {}
+        result, privacy = guarded.result, dict[str, Any]()
         run = private_run(request.config, self._delta(request.project))  # admit() has checked it
         if run is not None:
             result, privacy = self._private(request, result, run)
@@ -160,10 +161,10 @@ class Governance:
         )
         return encode_result(result)
 
-    def _private(self, request: StepRequest, result: StepResult, run: PrivateRun) -> tuple[StepResult, dict]:
+    def _private(self, request: StepRequest, result: StepResult, run: PrivateRun) -> tuple[StepResult, dict[str, Any]]:
         """``result`` as a differential-privacy run may release it, charged to the project's ledger first."""
         out = replace(result, train_metrics={}, eval_metrics={}, num_train=0, num_test=0, private=True)
-        privacy: dict = {}
+        privacy: dict[str, Any] = {}
         if out.params:
             z = run.noise_multiplier
             self.ledger.charge(request.project, request.run_id, request.round, z)  # before anything leaves

@@ -192,7 +192,7 @@ def guard(
     return Guarded(result=out, stripped=stripped)
 
 
-def describe_outgoing(result: StepResult) -> dict:
+def describe_outgoing(result: StepResult) -> dict[str, Any]:
     """What leaves, for the audit log: names, shapes and dtypes only, never values."""
     return {
         "status": result.status,
