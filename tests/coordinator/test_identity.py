@@ -118,37 +118,3 @@ def test_the_api_is_served_under_the_hub_proxy_prefix_too(hub_app: TestClient) -
         {"researcher": "alice", "project": "heart"},
     )
     assert who(hub_app, None, "/services/coordinator/api/whoami")[0] == 401
-
-
-def test_headless_tokens_are_added_and_revoked_without_a_restart(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from coordinator.identity import HeadlessTokens
-    from flip_local.cli import main
-
-    path = tmp_path / "coordinator.json"
-    config = CoordinatorConfig(
-        state_dir=tmp_path,
-        host="127.0.0.1",
-        port=0,
-        superlink_control="unused",
-        internal_token="internal",
-        site_token="",
-    )
-    config.dump(path)
-    assert path.stat().st_mode & 0o777 == 0o600
-    notifier = Notifier()
-    manager = RunManager(Store(tmp_path), FakeControl(), notifier.notify, presence_grace=0)
-    app = TestClient(build_app(config, manager, notifier, tokens=HeadlessTokens(path).grants))
-
-    assert main(["token", "add", "ci-pipeline", "--project", "heart", "--config", str(path)]) == 0
-    token = capsys.readouterr().out.rsplit(": ", 1)[1].strip()
-    assert who(app, token) == (200, {"researcher": "ci-pipeline", "project": "heart"})
-    assert main(["token", "list", "--config", str(path)]) == 0
-    assert capsys.readouterr().out.split() == ["heart", "ci-pipeline"]
-    assert main(["token", "revoke", "ci-pipeline", "--project", "heart", "--config", str(path)]) == 0
-    assert "revoked 1 token(s) of ci-pipeline in project heart" in capsys.readouterr().out
-    assert who(app, token)[0] == 401
-    assert main(["token", "revoke", "ci-pipeline", "--project", "heart", "--config", str(path)]) == 1
-    assert main(["token", "add", "x", "--project", "heart", "--config", str(tmp_path / "none.json")]) == 1
-    assert "no coordinator config at" in capsys.readouterr().err

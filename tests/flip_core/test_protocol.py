@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from flip_core.cell import source_hash
 from flip_core.protocol import StepRequest, StepResult, decode_request, decode_result, encode_request, encode_result
 
 
@@ -29,8 +28,3 @@ def test_result_round_trips_through_bytes() -> None:
     res = StepResult(site="A", status="ok", params={"b": np.ones(2)}, train_metrics={"loss": 0.5}, num_train=3)
     back = decode_result(encode_result(res))
     assert back.train_metrics == {"loss": 0.5} and back.num_train == 3 and np.array_equal(back.params["b"], [1, 1])
-
-
-def test_source_hash_ignores_trailing_space_and_line_endings_only() -> None:
-    assert source_hash("a = 1  \r\nb = 2\n\n") == source_hash("a = 1\nb = 2")
-    assert source_hash("a = 1\nb = 2") != source_hash("a = 1\nb = 3")
