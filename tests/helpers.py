@@ -11,6 +11,19 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+# a dataset as a site announces it (metadata only), for the coordinator's unit tests
+HEART = {
+    "name": "heart-disease",
+    "rows": 303,
+    "train_rows": 200,
+    "test_rows": 103,
+    "columns": [],
+    "dtypes": [],
+    "fingerprint": "sha256:x",
+    "format": "uci-heart",
+}
+
+
 def model_bytes() -> bytes:
     """A real (tiny) model as the notebook uploads it: an .npz of its state dict."""
     import numpy as np

@@ -12,20 +12,10 @@ from coordinator.service import RunManager
 from coordinator.store import Store
 
 from fakes import FakeControl
-from helpers import model_bytes
+from helpers import HEART, model_bytes
 
 TOKEN, OTHER = "researcher-token", "other-project-token"
 MODEL = model_bytes()
-HEART = {
-    "name": "heart-disease",
-    "rows": 303,
-    "train_rows": 200,
-    "test_rows": 103,
-    "columns": [],
-    "dtypes": [],
-    "fingerprint": "sha256:x",
-    "format": "uci-heart",
-}
 
 
 @pytest.fixture

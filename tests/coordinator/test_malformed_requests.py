@@ -25,19 +25,9 @@ from coordinator.store import Store
 from flip_core.api import MAX_JSON_BYTES, MAX_SOURCE_CHARS
 
 from fakes import FakeControl
-from helpers import model_bytes
+from helpers import HEART, model_bytes
 
 RESEARCHER, SITE, INTERNAL = "researcher-token", "site-token", "internal-token"
-HEART = {
-    "name": "heart-disease",
-    "rows": 303,
-    "train_rows": 200,
-    "test_rows": 103,
-    "columns": [],
-    "dtypes": [],
-    "fingerprint": "sha256:x",
-    "format": "uci-heart",
-}
 MODEL_LIMIT = 1 << 16
 
 

@@ -11,19 +11,9 @@ from flip_core.errors import RequestInvalid
 from flip_core.util import wait_until
 
 from fakes import FakeControl, FakeFlowerStatus
-from helpers import model_bytes
+from helpers import HEART, model_bytes
 
 ALICE = Principal("alice", "heart")
-HEART = {
-    "name": "heart-disease",
-    "rows": 303,
-    "train_rows": 200,
-    "test_rows": 103,
-    "columns": [],
-    "dtypes": [],
-    "fingerprint": "sha256:x",
-    "format": "uci-heart",
-}
 
 
 @pytest.fixture
