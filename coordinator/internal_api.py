@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from coordinator.app import error, holds, model_body, state, typed_body
 from coordinator.identity import Refused
+from coordinator.web import error, holds, model_body, state, typed_body
 from flip_core.api import Event, Events, Ring
 
 

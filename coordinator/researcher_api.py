@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from coordinator.app import bearer, error, model_body, query_int, state, typed_body
 from coordinator.identity import Caller, Refused, choose_project, static_caller
 from coordinator.service import Principal, TaskRejected
+from coordinator.web import bearer, error, model_body, query_int, state, typed_body
 from flip_core.api import PROJECT_HEADER, TaskSpec
 from flip_core.errors import RequestInvalid
 from flip_core.status import TERMINAL

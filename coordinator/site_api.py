@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from coordinator.app import bearer, holds, state, typed_body
 from coordinator.identity import Refused
 from coordinator.registry import RegisteredSite
+from coordinator.web import bearer, holds, state, typed_body
 from flip_core.api import SITE_NAME, SiteAnnouncement
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,124 @@
+"""What the coordinator's three route groups share: the application's state, reading a bounded body
+into a typed request (``flip_core.api``), an uploaded model's check, and the callers' tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from coordinator.config import CoordinatorConfig, TokenGrant
+from coordinator.identity import HubIdentity
+from coordinator.registry import SiteRegistry
+from coordinator.service import RunManager
+from flip_core.api import MAX_JSON_BYTES, parse
+from flip_core.codec import ModelInvalid, check_model
+from flip_core.errors import RequestInvalid
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    """Wakes every waiting event stream when something new is stored (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def current(self) -> asyncio.Event:
+        if self._event is None:
+            self._loop = asyncio.get_running_loop()
+            self._event = asyncio.Event()
+        return self._event
+
+    def notify(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        if self._event is not None:
+            self._event.set()
+        self._event = asyncio.Event()
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    """What every route reaches through ``request.app.state.flip``."""
+
+    config: CoordinatorConfig
+    manager: RunManager
+    notifier: Notifier
+    identity: HubIdentity | None
+    headless: Callable[[], Mapping[str, TokenGrant]]
+    registry: SiteRegistry
+
+
+def state(request: Request) -> Coordinator:
+    flip: Coordinator = request.app.state.flip
+    return flip
+
+
+def error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def bearer(request: Request) -> str:
+    """The token of ``Authorization: Bearer T`` (or JupyterHub's ``token T``)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() in ("bearer", "token") else ""
+
+
+def holds(request: Request, secret: str) -> bool:
+    token = bearer(request)
+    return bool(token) and bool(secret) and hmac.compare_digest(token, secret)
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request's body, refused (413) once it passes ``limit`` bytes, before it is all read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestInvalid(f"{what} is {declared} bytes, more than the {limit} this route takes", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestInvalid(f"{what} is more than the {limit} bytes this route takes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def typed_body(request: Request, model: Any, what: str) -> Any:
+    """The JSON body as ``model`` (``flip_core.api``), or a refusal whose sentence names the field."""
+    body = await read_body(request, MAX_JSON_BYTES, what)
+    if not body.strip():
+        raise RequestInvalid(f"{what} is empty: send a JSON body")
+    return parse(model, body, what)
+
+
+async def model_body(request: Request) -> bytes:
+    """An uploaded model: bounded, and checked to be an ``.npz`` of numeric arrays before it is stored."""
+    limit = state(request).config.max_model_bytes
+    blob = await read_body(request, limit, "the model")
+    try:
+        check_model(blob, limit)
+    except ModelInvalid as exc:
+        raise RequestInvalid(str(exc), field="body") from None
+    return blob
+
+
+def query_int(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 18:
+        raise RequestInvalid(
+            f"the query parameter {name!r} must be a whole number from 0, not {raw[:40]!r}", field=name
+        )
+    return int(raw)
