@@ -26,7 +26,7 @@ from coordinator.hublink import HubLink
 from coordinator.round_events import global_events, reply_events, round_event, run_event, site_event
 from flip_core.errors import FlipError
 from flip_core.protocol import StepRequest, StepResult
-from flip_core.status import Phase, RunStatus, SiteState, StepStatus
+from flip_core.status import Phase, Presence, RunStatus, SiteState, StepStatus
 from flip_core.util import wait_until
 from flip_core.wire import MESSAGE_TYPE_EVALUATE, MESSAGE_TYPE_TRAIN, content_to_result, request_to_content
 
@@ -227,7 +227,7 @@ class RoundLoop:
     def _gone(self, site: str, status: dict[str, dict[str, Any]]) -> str:
         """Why ``site`` can no longer answer this round ("" while it can)."""
         info = status.get(site)
-        if info is None or info.get("status") != "online":
+        if info is None or info.get("status") != Presence.ONLINE:
             return OFFLINE
         if info.get("node_id") != self.active.get(site):
             return RESTARTED
@@ -281,7 +281,7 @@ class RoundLoop:
         for site in waiting:
             info = status.get(site, {})
             holds = any(d.get("name") == self.dataset for d in info.get("datasets", []))
-            if info.get("status") == "online" and info.get("node_id") is not None and holds:
+            if info.get("status") == Presence.ONLINE and info.get("node_id") is not None and holds:
                 self.active[site] = int(info["node_id"])
                 del self.failed[site]
                 self.emit(

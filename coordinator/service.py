@@ -20,7 +20,7 @@ from coordinator.store import Store
 from flip_core.api import TaskSpec
 from flip_core.cell import source_hash
 from flip_core.errors import Rejected
-from flip_core.status import DISPATCHED, TERMINAL, RunStatus
+from flip_core.status import DISPATCHED, TERMINAL, EventType, Presence, RunStatus
 from flip_core.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class Control(Protocol):
     def logs(self, flower_run_id: int, limit: int = 4000) -> str: ...
 
 
-class Presence:
+class PresenceStreams:
     """Which site agents hold a live presence stream right now (in memory), and their doorbells.
 
     A doorbell is a hint, never data: when the server loop has put a message for a site on the
@@ -106,7 +106,7 @@ class RunManager:
         self.store = store
         self.control = control
         self.notify = notify
-        self.presence = Presence()
+        self.presence = PresenceStreams()
         self.settle_until = time.monotonic() + presence_grace
         self._followers: dict[str, threading.Thread] = {}
 
@@ -115,12 +115,12 @@ class RunManager:
         out = []
         for row in self.store.sites():
             settling = time.monotonic() < self.settle_until
-            online = row["state"] == "online" and (self.presence.online(row["site"]) or settling)
+            online = row["state"] == Presence.ONLINE and (self.presence.online(row["site"]) or settling)
             info = row["info"]
             out.append(
                 {
                     "site": row["site"],
-                    "status": "online" if online else "offline",
+                    "status": Presence.ONLINE if online else Presence.OFFLINE,
                     "node_id": row["node_id"],
                     "version": info.get("version", ""),
                     "datasets": info.get("datasets", []),
@@ -187,7 +187,7 @@ class RunManager:
             names = sorted({d["name"] for s in known for d in s["datasets"]})
             listing = ", ".join(names) if names else "none (no site has registered a dataset)"
             raise TaskRejected(f"unknown dataset {dataset!r}: the datasets that exist are {listing}", 404)
-        online = [s for s in holders if s["status"] == "online" and s["node_id"] is not None]
+        online = [s for s in holders if s["status"] == Presence.ONLINE and s["node_id"] is not None]
         return online, sorted(s["site"] for s in holders if s not in online)
 
     def _validate(self, who: Principal, spec: TaskSpec, model_uploaded: bool = True) -> dict[str, Any]:
@@ -240,25 +240,25 @@ class RunManager:
         if run is None:
             raise TaskRejected(f"no run {run_id!r}", 404)
         if run["status"] in TERMINAL:
-            events = [e for e in events if e.get("type") != "run"]
+            events = [e for e in events if e.get("type") != EventType.RUN]
         self.store.add_events(run_id, events)
         for event in events:
             if event.get("type") == "site" and event.get("status") in DISPATCHED:
                 self.presence.ring(str(event["site"]))  # its message is on the SuperLink now
-            if event.get("type") != "run":
+            if event.get("type") != EventType.RUN:
                 continue
             status = event.get("status")
-            if status == "running":
-                self.store.set_status(run_id, "running")
-            elif status == "completed":
+            if status == RunStatus.RUNNING:
+                self.store.set_status(run_id, RunStatus.RUNNING)
+            elif status == RunStatus.COMPLETED:
                 self.store.update_record(
                     run_id,
                     model_sha256=event.get("model_sha256"),
                     site_info=event.get("site_info", {}),
                     failed_sites=event.get("failed_sites", {}),
                 )
-                self.store.set_status(run_id, "completed")
-            elif status in ("failed", "stopped"):
+                self.store.set_status(run_id, RunStatus.COMPLETED)
+            elif status in (RunStatus.FAILED, RunStatus.STOPPED):
                 self.store.set_status(run_id, str(status), str(event.get("reason", "")))
         self.notify()
 
@@ -274,7 +274,7 @@ class RunManager:
             raise TaskRejected(f"no run {run_id!r}", 404)
         if run["status"] not in TERMINAL and run["flower_run_id"] is not None:
             self.control.stop_run(int(run["flower_run_id"]))
-        self.finish(run_id, "stopped", "stopped by the researcher")
+        self.finish(run_id, RunStatus.STOPPED, "stopped by the researcher")
         return self.view(run_id)
 
     def view(self, run_id: str) -> dict[str, Any]:
@@ -309,7 +309,7 @@ class RunManager:
         """After a coordinator restart: follow every run that had not finished."""
         for run in self.store.unfinished_runs():
             if run["flower_run_id"] is None:
-                self.finish(run["run_id"], "failed", "the coordinator stopped before the run was submitted")
+                self.finish(run["run_id"], RunStatus.FAILED, "the coordinator stopped before the run was submitted")
             else:
                 self.follow(run["run_id"])
 
@@ -328,7 +328,7 @@ class RunManager:
             time.sleep(FOLLOW_SECONDS)
         current = self.store.run(run_id)
         if current is not None and current["status"] not in TERMINAL:
-            kind = "stopped" if status.sub_status == "stopped" else "failed"
+            kind = RunStatus.STOPPED if status.sub_status == "stopped" else RunStatus.FAILED
             self.finish(
                 run_id,
                 kind,

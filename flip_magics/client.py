@@ -22,7 +22,7 @@ from flip_core.api import PROJECT_HEADER, TaskSpec, parse
 from flip_core.codec import pack_arrays, unpack_arrays
 from flip_core.errors import NotConnected, Rejected, RunFailed
 from flip_core.paths import read_connection
-from flip_core.status import TERMINAL
+from flip_core.status import TERMINAL, EventType, RunStatus, SiteState
 from flip_core.versions import package_versions
 from flip_magics.task import PreparedTask, load_weights, prepare
 
@@ -195,7 +195,7 @@ class RunHandle:
         self.reason: str = view.get("reason", "")
         self.round: int = 0
         self.sites: dict[str, dict[str, Any]] = {
-            s: {"site": s, "status": "waiting", "samples": None, "round": None, "detail": ""}
+            s: {"site": s, "status": SiteState.WAITING, "samples": None, "round": None, "detail": ""}
             for s in view.get("sites", [])
         }
         self.events: list[dict[str, Any]] = []
@@ -239,7 +239,7 @@ class RunHandle:
         """Block until the run ends; raise :class:`RunFailed` if it did not complete."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"run {self.run_id} still {self._status} after {timeout} s")
-        if self._status != "completed":
+        if self._status != RunStatus.COMPLETED:
             raise RunFailed(self.run_id, self._status, self.reason)
         return self
 
@@ -288,7 +288,7 @@ class RunHandle:
         kind = event.get("type")
         with self._lock:
             self.events.append(event)
-            if kind == "metrics":
+            if kind == EventType.METRICS:
                 for metric, value in event["metrics"].items():
                     self._rows.append(
                         {
@@ -299,19 +299,19 @@ class RunHandle:
                             "value": float(value),
                         }
                     )
-            elif kind == "site":
+            elif kind == EventType.SITE:
                 row = self.sites.setdefault(event["site"], {"site": event["site"], "samples": None, "detail": ""})
                 row.update(status=event["status"], round=event.get("round"))
                 if "samples" in event:
                     row["samples"] = event["samples"]
                 row["detail"] = event.get("detail", "")
-            elif kind == "round":
+            elif kind == EventType.ROUND:
                 self.round = int(event["round"])
-            elif kind == "run":
+            elif kind == EventType.RUN:
                 self._status = str(event["status"])
                 self.reason = str(event.get("reason", ""))
         self._publish()  # views first, so that a finished wait() finds them final
-        if kind == "run" and self._status in TERMINAL:
+        if kind == EventType.RUN and self._status in TERMINAL:
             self._done.set()
 
     def _publish(self) -> None:

@@ -27,7 +27,7 @@ import requests
 from flip_core import __version__
 from flip_core.certs import SITE_KEYS, load_site_keys
 from flip_core.protocol import StepResult, decode_request, encode_result
-from flip_core.status import StepStatus
+from flip_core.status import Presence, StepStatus
 from flip_core.wire import blob_to_content, content_to_blob
 from site_agent.catalog import SiteConfig
 from site_agent.fleet import FleetRefused, connect, release_session
@@ -76,7 +76,9 @@ class SiteAgent:
         self.node_ready = threading.Event()
         self.doorbell = threading.Event()
         self.governance = Governance(site)  # the site's policy, read once
-        self.tasks = TaskService(site.name, site.root, warm_seconds, on_change=lambda: self._safe_announce("online"))
+        self.tasks = TaskService(
+            site.name, site.root, warm_seconds, on_change=lambda: self._safe_announce(Presence.ONLINE)
+        )
 
     # -- coordinator ----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -87,7 +89,7 @@ class SiteAgent:
             "datasets": [announced(d.summary(), threshold) for d in self.site.datasets.values()],
         }
 
-    def announce(self, state: str = "online") -> None:
+    def announce(self, state: str = Presence.ONLINE) -> None:
         body = {"site": self.site.name, "node_id": self.node_id, "info": self.info(), "state": state}
         response = self.session.post(f"{self.coordinator}/site/announce", json=body, timeout=10, verify=self.verify)
         if response.status_code == 401:
@@ -158,7 +160,7 @@ class SiteAgent:
             if not self.stopping.is_set():
                 self.node_ready.clear()
                 self.node_id = None
-                self._safe_announce("offline")
+                self._safe_announce(Presence.OFFLINE)
                 self.stopping.wait(RESTART_SECONDS)
 
     def _node_file(self) -> Path:
@@ -223,6 +225,6 @@ class SiteAgent:
         self.stopping.wait()
         fleet.join(timeout=5)
         self.tasks.close()
-        self._safe_announce("offline")
+        self._safe_announce(Presence.OFFLINE)
         log.info("site agent %s stopped", self.site.name)
         return self.exit_code
