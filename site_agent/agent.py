@@ -29,6 +29,7 @@ from flip_core.certs import SITE_KEYS, load_site_keys
 from flip_core.protocol import StepResult, decode_request, encode_result
 from flip_core.status import Presence, StepStatus
 from flip_core.wire import blob_to_content, content_to_blob
+from site_agent import isolation
 from site_agent.catalog import SiteConfig
 from site_agent.fleet import FleetRefused, connect, release_session
 from site_agent.governance import Governance
@@ -58,9 +59,11 @@ class SiteAgent:
         *,
         ca: Path | None = None,
         key: Path | None = None,
+        keep_scratch: bool = False,
     ) -> None:
         """``ca`` (the consortium's CA certificate) and ``key`` (this site's registered key pair): TLS to the
-        hub and SuperNode authentication; without them (``--insecure``) plain HTTP, for debugging only."""
+        hub and SuperNode authentication; without them (``--insecure``) plain HTTP, for debugging only.
+        ``keep_scratch``: leave each run's scratch folder behind when it ends (debugging a task)."""
         self.site = site
         self.superlink = superlink
         self.coordinator = coordinator.rstrip("/")
@@ -77,7 +80,11 @@ class SiteAgent:
         self.doorbell = threading.Event()
         self.governance = Governance(site)  # the site's policy, read once
         self.tasks = TaskService(
-            site.name, site.root, warm_seconds, on_change=lambda: self._safe_announce(Presence.ONLINE)
+            site.name,
+            site.root,
+            warm_seconds,
+            on_change=lambda: self._safe_announce(Presence.ONLINE),
+            keep_scratch=keep_scratch,
         )
 
     # -- coordinator ----------------------------------------------------------------
@@ -218,6 +225,7 @@ class SiteAgent:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop)
+        log.info("task processes at this site: %s", isolation.describe(isolation.protections()))
         threading.Thread(target=self.tasks.reap_forever, name="reaper", daemon=True).start()
         threading.Thread(target=self._presence, name="presence", daemon=True).start()
         fleet = threading.Thread(target=self._serve, name="fleet", daemon=True)

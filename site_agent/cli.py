@@ -8,6 +8,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from flip_core.certs import SITE_KEYS as KEYS
 from flip_core.certs import CertError, fingerprint, make_site_keys
@@ -24,7 +25,14 @@ JOINED = "federation.json"  # where `flip-site join` records the federation (its
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flip-site", description="Run and manage a FLIP site (a hospital).")
     sub = parser.add_subparsers(dest="command", required=True)
+    _data_commands(sub)
+    _admin_commands(sub)
+    _federation_commands(sub)
+    return parser
 
+
+def _data_commands(sub: Any) -> None:
+    """The site folder and its datasets: init, dataset add|list."""
     init = sub.add_parser("init", help="create a site directory")
     init.add_argument("dir", type=Path)
     init.add_argument("--name", required=True, help="the site's name, as researchers will see it")
@@ -42,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("dir", type=Path)
     listing.add_argument("--json", action="store_true")
 
+
+def _admin_commands(sub: Any) -> None:
+    """The site admin's word: requests, approve, reject, audit."""
     requests = sub.add_parser("requests", help="list tasks waiting for this site's approval (with their code)")
     requests.add_argument("dir", type=Path)
     requests.add_argument("--json", action="store_true")
@@ -61,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     verify = audit.add_parser("verify", help="check the audit log's hash chain (edited, deleted, reordered records)")
     verify.add_argument("dir", type=Path)
 
+
+def _federation_commands(sub: Any) -> None:
+    """Joining and serving: keygen, join, doctor, start."""
     keygen = sub.add_parser("keygen", help="make this site's key pair (send the .pub file to the hub operator)")
     keygen.add_argument("dir", type=Path)
     keygen.add_argument("--force", action="store_true", help="replace the existing key (it must be registered again)")
@@ -69,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--fleet", required=True, help="HOST:PORT of the hub's fleet address")
     join.add_argument("--ca", required=True, type=Path, help="the consortium's CA certificate (ca.pem)")
     join.add_argument("--token", required=True, help="this site's token, from `flip site register`")
+
+    doctor = sub.add_parser("doctor", help="check this host and site before going live: what protects task code")
+    doctor.add_argument("dir", type=Path)
 
     start = sub.add_parser("start", help="join a federation and serve tasks")
     start.add_argument("dir", type=Path)
@@ -94,7 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep a spare task process (torch loaded, ~300 MB) this long after start or the last "
         "step, so that a new run starts at once (default: 900; 0: never)",
     )
-    return parser
+    start.add_argument(
+        "--keep-scratch",
+        action="store_true",
+        help="keep each run's scratch folder (scratch/run-ID) after the run ends, to debug a task; "
+        "by default it is removed",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +173,35 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _join(args)
     if args.command == "start":
         return _start(args)
+    if args.command == "doctor":
+        return _doctor(args)
     raise AssertionError(args)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """Each protection a task process gets on this host, and the site's own readiness; 1 if one is missing
+    that the agent would refuse to run tasks without."""
+    from site_agent import isolation
+    from site_agent.governance import Governance
+
+    site = load_site(args.dir)
+    Governance(site)  # the policy parses (a PolicyError says where it does not)
+    found = isolation.protections()
+    for p in found:
+        print(f"  {'ok ' if p.holds else 'NO '} {p.name:<8} {p.what}")
+    keys = args.dir / KEYS / f"{site.name}.key"
+    joined = (args.dir / JOINED).exists()
+    print(f"  {'ok ' if keys.exists() else 'NO '} {'keys':<8} this site's key pair ({keys})")
+    print(f"  {'ok ' if joined else 'NO '} {'joined':<8} flip-site join has recorded the federation")
+    held = {p.name: p.holds for p in found}
+    refused = (not held["network"] and not isolation.network_allowed()) or (
+        not held["files"] and not isolation.files_allowed()
+    )
+    print(
+        f"{site.name}: {len(site.datasets)} dataset(s); task processes "
+        + ("would be refused here (see the NO lines above)" if refused else "can run here")
+    )
+    return 1 if refused else 0
 
 
 def _requests(args: argparse.Namespace) -> int:
@@ -263,7 +313,17 @@ def _start(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {site.name} %(levelname)s %(message)s")
     warm = WARM_SECONDS if args.warm_seconds is None else args.warm_seconds
-    return SiteAgent(site, str(superlink), str(coordinator), str(token), warm_seconds=warm, ca=ca, key=key).run()
+    agent = SiteAgent(
+        site,
+        str(superlink),
+        str(coordinator),
+        str(token),
+        warm_seconds=warm,
+        ca=ca,
+        key=key,
+        keep_scratch=args.keep_scratch,
+    )
+    return agent.run()
 
 
 if __name__ == "__main__":

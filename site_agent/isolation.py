@@ -3,10 +3,13 @@
 Called by the task process itself (``site_agent.worker``), in FLIP's own code, before it loads
 a cell: it leaves the host's network for a network namespace of its own (only a loopback
 interface, down); it confines its file access with Landlock to what it needs (Python and its
-libraries, the site's own registered dataset files and splits read-only, its scratch and log
-folders writable; nothing else of the host: not other sites, not the coordinator's files, not
-home folders); and caps its data memory with a hard ``RLIMIT_DATA`` that task code cannot raise
-again. The site agent kills a task process at its time limit from outside.
+libraries, the site's own registered dataset files and splits read-only, the site's scratch folder
+writable; nothing else of the host: not other sites, not the coordinator's files, not home folders,
+not the site's logs), and where the kernel has them, no TCP and no signal or abstract Unix socket
+outside itself; when a run adopts it, a second layer narrows writing to that run's own scratch
+folder; and it caps its data memory with a hard ``RLIMIT_DATA`` that task code cannot raise again.
+The site agent kills a task process at its time limit from outside. :func:`protections` says which
+of these a host gives (``flip-site doctor``).
 
 A network namespace needs root, or unprivileged user namespaces (most distributions; some
 restrict them by policy); Landlock needs Linux 5.13 or later with Landlock enabled. Where
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from flip_core.errors import FlipError
@@ -38,6 +43,8 @@ PR_SET_NO_NEW_PRIVS = 38
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 FS_ALL_V1 = (1 << 13) - 1  # execute … make_sym
 FS_REFER, FS_TRUNCATE = 1 << 13, 1 << 14
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4: handled and never allowed, so no TCP at all
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6: nothing outside the task's own domain
 # what the task may read besides Python, its libraries and its site's data (nothing private of the host)
 SYSTEM_READ = (
     "/usr",
@@ -60,7 +67,7 @@ class IsolationError(FlipError):
 
 def drop_network() -> None:
     """Move this (still single-threaded) process into a network namespace of its own."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = _libc()
     flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
     if libc.unshare(flags) != 0:
         err = ctypes.get_errno()
@@ -68,7 +75,20 @@ def drop_network() -> None:
 
 
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+def _ruleset_attr(abi: int, handled_fs: int) -> tuple[_RulesetAttr, int]:
+    """The ruleset for this kernel's ABI and the size the kernel expects for it."""
+    if abi >= 6:
+        return _RulesetAttr(handled_fs, NET_BIND_TCP | NET_CONNECT_TCP, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL), 24
+    if abi >= 4:
+        return _RulesetAttr(handled_fs, NET_BIND_TCP | NET_CONNECT_TCP, 0), 16
+    return _RulesetAttr(handled_fs, 0, 0), 8
 
 
 class _PathBeneath(ctypes.Structure):
@@ -76,7 +96,10 @@ class _PathBeneath(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
+@functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL:
+    """libc, found once: finding it runs ldconfig and needs a temporary folder, which a confined
+    process (confining itself a second time) no longer reaches."""
     return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -88,15 +111,18 @@ def landlock_abi() -> int:
 
 def confine_files(read: list[Path], write: list[Path]) -> None:
     """From now on this process (and every thread and child it starts) reaches only ``read`` (read and
-    execute) and ``write`` (anything) and what lies beneath them; paths that do not exist are skipped."""
+    execute) and ``write`` (anything) and what lies beneath them; paths that do not exist are skipped.
+    Where the kernel has them (Landlock ABI 4 and 6) it also opens no TCP connection, signals no process
+    and reaches no abstract Unix socket outside its own Landlock domain. Called again, it narrows further
+    (a second layer): access needs every layer's consent."""
     abi = landlock_abi()
     if abi < 1:
         raise IsolationError("cannot confine the task's files (this kernel has no Landlock)")
     handled = FS_ALL_V1 | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0)
     file_rights = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | (FS_TRUNCATE if abi >= 3 else 0)
     libc = _libc()
-    attr = _RulesetAttr(handled)
-    ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    attr, size = _ruleset_attr(abi, handled)
+    ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
     if ruleset < 0:
         raise IsolationError(f"cannot confine the task's files (landlock: {os.strerror(ctypes.get_errno())})")
     try:
@@ -126,16 +152,21 @@ def confine_files(read: list[Path], write: list[Path]) -> None:
 
 
 def python_paths() -> list[Path]:
-    """Where this Python and its libraries live (read-only for the task)."""
-    here = os.path.dirname(os.path.abspath(__file__))  # FLIP's site package (an editable install is not on sys.path)
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, here, *sys.path}
+    """Where this Python and its libraries live (read-only for the task): its prefixes, its import path
+    and FLIP's own packages (an editable install is not on the import path). Not ``sys.path[0]``: that is
+    the folder the process started in (a task process's scratch folder), not part of the installation."""
+    import flip_core
+
+    flip = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(flip_core.__file__))]
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *flip, *sys.path[1:]}
     return sorted({Path(os.path.realpath(p)) for p in roots if p and os.path.exists(p)})
 
 
-def site_paths(site_root: Path, datasets: list[Path]) -> tuple[list[Path], list[Path]]:
+def site_paths(site_root: Path, datasets: list[Path], scratch: Path | None = None) -> tuple[list[Path], list[Path]]:
     """What a task process at this site may read, and write: Python, its libraries, the host's system
     files, its own process in /proc, the site's catalog, splits and registered dataset files (read);
-    the site's scratch and log folders and /dev (write)."""
+    its run's scratch folder (a spare process, not yet a run's: the site's scratch folder) and /dev
+    (write). Never the site's logs: the agent writes them from the task's output."""
     read = [
         *python_paths(),
         *map(Path, SYSTEM_READ),
@@ -144,7 +175,7 @@ def site_paths(site_root: Path, datasets: list[Path]) -> tuple[list[Path], list[
         site_root / "splits",
         *datasets,
     ]
-    return read, [site_root / "scratch", site_root / "logs", *map(Path, SYSTEM_WRITE)]
+    return read, [scratch or site_root / "scratch", *map(Path, SYSTEM_WRITE)]
 
 
 def files_allowed() -> bool:
@@ -179,3 +210,52 @@ def probe() -> str:
         return ""
     lines = done.stderr.strip().splitlines()
     return lines[-1] if lines else f"exit code {done.returncode}"
+
+
+@dataclass(frozen=True)
+class Protection:
+    """One protection of a task process, whether this host gives it, and what it means."""
+
+    name: str
+    holds: bool
+    what: str
+
+
+def protections(probed: str | None = None) -> list[Protection]:
+    """What this host gives a task process (``probed``: :func:`probe`'s answer, tried in a child if not given).
+
+    The list says what FLIP does today; what it does not yet do (a task user, a mount namespace, seccomp,
+    a process limit) is in the site admin's section of the README."""
+    why = probe() if probed is None else probed
+    abi = landlock_abi()
+    isolated = why == ""
+    confined = isolated and abi >= 1
+    return [
+        Protection("network", isolated, "its own network namespace: no route to the hospital or the internet"),
+        Protection(
+            "files",
+            confined,
+            f"Landlock (ABI {abi}): Python, the site's registered data read-only, nothing else of the host",
+        ),
+        Protection(
+            "scratch",
+            confined,
+            "a scratch folder of its own per run, the one place it writes, removed when the run ends",
+        ),
+        Protection(
+            "logs", confined, "its output reaches the site's log through the agent; the log folder is out of its view"
+        ),
+        Protection("tcp", confined and abi >= 4, "no TCP connection or listening socket at all (Landlock ABI 4)"),
+        Protection(
+            "scoped",
+            confined and abi >= 6,
+            "no signal to, and no abstract Unix socket of, any process outside the task (Landlock ABI 6)",
+        ),
+        Protection("memory", True, "a hard data-memory limit per project (memory_limit_mb)"),
+        Protection("time", True, "killed at its time limit per step (time_limit_seconds)"),
+    ]
+
+
+def describe(found: list[Protection]) -> str:
+    """The protections as one line for the agent's log."""
+    return "; ".join(f"{p.name}: {'yes' if p.holds else 'NO'}" for p in found)

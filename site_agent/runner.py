@@ -14,11 +14,11 @@ import hashlib
 import logging
 import math
 import random
-import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
@@ -160,11 +160,23 @@ def _load_params(model: Any, params: dict[str, np.ndarray]) -> None:
 class TaskSession:
     """One run's task at this site, kept warm between steps: cell, data and torch loaded once."""
 
-    def __init__(self, site: SiteConfig, log_dir: Path | None = None) -> None:
+    def __init__(self, site: SiteConfig, log_dir: Path | None = None, *, sink: TextIO | None = None) -> None:
+        """``sink``: where the task's output goes (the task process's stdout, a pipe to the site agent,
+        which keeps the run's log); without one, each run's log is a file in ``log_dir``."""
         self.site = site
         self.log_dir = log_dir or site.root / "logs"
+        self.sink = sink
         self._namespaces: dict[str, dict[str, Any]] = {}
         self._splits: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+
+    @contextlib.contextmanager
+    def _output(self, run_id: str) -> Iterator[TextIO]:
+        if self.sink is not None:
+            yield self.sink
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"run-{run_id}.log", "a") as sink:
+            yield sink
 
     def step(self, request: StepRequest) -> StepResult:
         """Run one step; any failure of the cell comes back as a result with status "error"."""
@@ -173,9 +185,7 @@ class TaskSession:
             return StepResult(site=self.site.name, status=StepStatus.NO_DATASET)
         entry = self.site.datasets[request.dataset]
         result = StepResult(site=self.site.name, status=StepStatus.OK, fingerprint=entry.fingerprint)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"run-{request.run_id}.log"
-        with open(log_path, "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with self._output(request.run_id) as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             print(f"--- round {request.round} phase {request.phase} ---", flush=True)
             try:
                 self._run(request, result)
@@ -188,7 +198,7 @@ class TaskSession:
                 print(f"catalog error: {exc}", file=sink)
                 result.status = StepStatus.ERROR
                 result.error_type, result.error_where = "DatasetUnavailable", str(exc)
-            sys.stdout.flush()
+            sink.flush()
         result.seconds = time.monotonic() - started
         return result
 

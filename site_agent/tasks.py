@@ -10,6 +10,12 @@ site is *warm* (``warm_seconds`` after the agent starts or after its last step) 
 spare task process ready, which has imported torch and nothing else: the next run adopts it,
 and a new spare is started once that run has finished. A cold site (the warm period over, or
 ``warm_seconds`` 0) holds no spare and costs only the agent's own memory.
+
+Each run gets a scratch folder of its own (``scratch/run-ID``), created empty when the run adopts
+its task process, the one place it may write, and removed when the run ends at this site (kept when
+the site admin asks, ``flip-site start --keep-scratch``). A task process's stdout and stderr come to
+the agent through a pipe: the agent appends them to ``logs/task-processes.log`` until a run adopts
+the process, then to ``logs/run-ID.log``; the task itself never sees the log folder.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +34,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import IO
 
 from flip_core.codec import frame_header
 from flip_core.errors import FlipError
@@ -37,7 +46,8 @@ log = logging.getLogger(__name__)
 IDLE_SECONDS = 600.0
 READY = b"ready"
 ISOLATION_REFUSED = 3  # the task process's exit code when it cannot leave the host's network
-LIMITS = b"limits:"  # + JSON {"memory_mb": N}: sent once when a run adopts a task process
+ADOPT = b"adopt:"  # + JSON {"run_id", "scratch", "memory_mb"}: sent once when a run adopts a task process
+RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what a run id must look like to name a folder here
 REAP_SECONDS = 30.0
 
 
@@ -47,6 +57,27 @@ class TimeLimit(FlipError):
         self.seconds = seconds
 
 
+class TaskOutput:
+    """Copies a task process's output (a pipe) to the site's log: the spares' log, then its run's."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        path.touch()
+
+    def switch(self, path: Path) -> None:
+        with self._lock:
+            self.path = path
+            path.touch()
+
+    def copy(self, stream: IO[bytes]) -> None:
+        """Until the process closes its end (call in a thread of its own)."""
+        with stream:
+            for chunk in iter(lambda: stream.read1(1 << 16), b""):  # type: ignore[attr-defined]
+                with self._lock, open(self.path, "ab") as sink:
+                    sink.write(chunk)
+
+
 class Worker:
     """One warm task process and the connection to it."""
 
@@ -54,16 +85,19 @@ class Worker:
         ours, theirs = socket.socketpair()
         for folder in ("logs", "scratch"):
             (site_root / folder).mkdir(parents=True, exist_ok=True)
-        with open(site_root / "logs" / "task-processes.log", "ab") as sink:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "site_agent.worker", str(site_root), "--fd", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()],
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                cwd=site_root / "scratch",  # also its sys.path[0]: nothing else of the agent's folder
-            )  # no PDEATHSIG here: it fires when the spawning *thread* ends; the worker watches its parent
+        self.logs = site_root / "logs"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "site_agent.worker", str(site_root), "--fd", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=site_root / "scratch",  # also its sys.path[0]: nothing else of the agent's folder
+        )  # no PDEATHSIG here: it fires when the spawning *thread* ends; the worker watches its parent
         theirs.close()
+        self.output = TaskOutput(self.logs / "task-processes.log")
+        assert self.process.stdout is not None
+        threading.Thread(target=self.output.copy, args=(self.process.stdout,), name="task-output", daemon=True).start()
         self.conn = Connection(ours.detach())
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
@@ -80,13 +114,16 @@ class Worker:
         with self.lock:
             self._await_ready()
 
-    def limit(self, memory_mb: int) -> None:
-        """Set the run's memory limit in the task process (before its first step)."""
+    def adopt(self, run_id: str, scratch: Path, memory_mb: int | None) -> None:
+        """Make this the task process of ``run_id``: its log, its scratch folder, its memory limit (before its
+        first step)."""
         with self.lock:
             self._await_ready()
-            self.conn.send_bytes(LIMITS + json.dumps({"memory_mb": int(memory_mb)}).encode())
+            self.output.switch(self.logs / f"run-{run_id}.log")
+            settings = {"run_id": run_id, "scratch": str(scratch), "memory_mb": memory_mb}
+            self.conn.send_bytes(ADOPT + json.dumps(settings).encode())
             if self.conn.recv_bytes() != READY:
-                raise OSError("the task process did not take its limits")
+                raise OSError("the task process did not take its run")
 
     def call(self, blob: bytes, seconds: float | None = None) -> bytes:
         """Run one step; at ``seconds`` the task process is killed and :class:`TimeLimit` raised."""
@@ -120,17 +157,30 @@ class TaskService:
     """Runs steps in warm per-run task processes."""
 
     def __init__(
-        self, site_name: str, site_root: Path, warm_seconds: float = 0.0, on_change: Callable[[], None] = lambda: None
+        self,
+        site_name: str,
+        site_root: Path,
+        warm_seconds: float = 0.0,
+        on_change: Callable[[], None] = lambda: None,
+        *,
+        keep_scratch: bool = False,
     ) -> None:
         self.site_name = site_name
         self.site_root = site_root
         self.warm_seconds = warm_seconds
         self.on_change = on_change  # told when the site becomes warm or stops being warm
+        self.keep_scratch = keep_scratch  # the site admin's choice, for debugging a task
         self.workers: dict[str, Worker] = {}
         self.spare: Worker | None = None
         self.last_step = time.monotonic()
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        if not keep_scratch:  # an earlier agent's runs: no task process of theirs outlives it
+            for stale in (site_root / "scratch").glob("run-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def scratch(self, run_id: str) -> Path:
+        return self.site_root / "scratch" / f"run-{run_id}"
 
     def warm_up(self) -> None:
         """Start a spare task process if the site is warm and has none (call off the reply path)."""
@@ -167,6 +217,8 @@ class TaskService:
         ``memory_mb`` (set when the run adopts its process); the encoded result."""
         head = frame_header(blob)
         run_id, phase = str(head["run_id"]), str(head["phase"])
+        if not RUN_ID.match(run_id):
+            return self._failure("BadRequest", "the site agent (the run id is not one)")
         with self._lock:
             self.last_step = time.monotonic()
             worker = self.workers.get(run_id)
@@ -176,58 +228,51 @@ class TaskService:
                 log.info("run %s: task process %s", run_id, worker.process.pid)
         assert worker is not None
         try:
-            if adopted and memory_mb is not None:
-                worker.limit(memory_mb)
+            if adopted:
+                self.scratch(run_id).mkdir(mode=0o700, exist_ok=True)
+                worker.adopt(run_id, self.scratch(run_id), memory_mb)
             reply = worker.call(blob, seconds)
         except TimeLimit as stopped:
-            with self._lock:
-                self.workers.pop(run_id, None)
+            self._drop(run_id)
             log.warning("run %s: the task process was %s", run_id, stopped)
-            threading.Thread(target=self.warm_up, daemon=True).start()
-            return encode_result(
-                StepResult(
-                    site=self.site_name,
-                    status=StepStatus.ERROR,
-                    error_type="TimeLimit",
-                    error_where=f"the task process ({stopped})",
-                )
-            )
+            return self._failure("TimeLimit", f"the task process ({stopped})")
         except (EOFError, OSError):
             code = worker.process.wait()
-            with self._lock:
-                self.workers.pop(run_id, None)
+            self._drop(run_id)
             why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             log.warning("the task process of run %s died (%s)", run_id, why)
-            threading.Thread(target=self.warm_up, daemon=True).start()
             if code == ISOLATION_REFUSED:
-                return encode_result(
-                    StepResult(
-                        site=self.site_name,
-                        status=StepStatus.ERROR,
-                        error_type="TaskIsolation",
-                        error_where="the task process (it could not be isolated: see the "
-                        "site's logs/task-processes.log)",
-                    )
-                )
-            return encode_result(
-                StepResult(
-                    site=self.site_name,
-                    status=StepStatus.ERROR,
-                    error_type="TaskProcessDied",
-                    error_where=f"the task process ({why})",
-                )
-            )
+                where = "the task process (it could not be isolated: see the site's logs/task-processes.log)"
+                return self._failure("TaskIsolation", where)
+            return self._failure("TaskProcessDied", f"the task process ({why})")
         if phase == Phase.EVALUATE or frame_header(reply)["status"] != StepStatus.OK:
             # the run's final step here (its last round, or this site is out of the run after an error):
             # close its process and make a spare ready, off the reply path
             threading.Thread(target=self._retire, args=(run_id,), daemon=True).start()
         return reply
 
+    def _failure(self, error_type: str, where: str) -> bytes:
+        return encode_result(
+            StepResult(site=self.site_name, status=StepStatus.ERROR, error_type=error_type, error_where=where)
+        )
+
+    def _drop(self, run_id: str) -> None:
+        """The run's task process is gone: forget it, clear its scratch, have a spare ready (off this path)."""
+        with self._lock:
+            self.workers.pop(run_id, None)
+        self._clear_scratch(run_id)
+        threading.Thread(target=self.warm_up, daemon=True).start()
+
+    def _clear_scratch(self, run_id: str) -> None:
+        if not self.keep_scratch:
+            shutil.rmtree(self.scratch(run_id), ignore_errors=True)
+
     def _retire(self, run_id: str) -> None:
         with self._lock:
             worker = self.workers.pop(run_id, None)
         if worker is not None:
             worker.close()
+        self._clear_scratch(run_id)
         self.warm_up()  # the next run finds a spare ready
 
     def reap_forever(self) -> None:

@@ -1,9 +1,10 @@
 """The warm task process: one per run at a site, started by the site agent.
 
-It leaves the host's network first (``site_agent.isolation``), loads torch, and once a run
-adopts it, takes the run's memory limit and loads the cell and the site's split once, then
-serves the run's steps, one at a time, over the connection the agent handed it (file
-descriptor ``--fd``). Its stdout and stderr go to the site log, never to the hub.
+It leaves the host's network first (``site_agent.isolation``), confines its files, loads torch,
+and once a run adopts it, takes the run's memory limit and its own scratch folder, loads the cell
+and the site's split once, then serves the run's steps, one at a time, over the connection the
+agent handed it (file descriptor ``--fd``). Its stdout and stderr are a pipe to the agent, which
+writes them to the site's log; the task sees neither the log folder nor the hub.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from flip_core.protocol import decode_request, encode_result
-from site_agent.catalog import load_site
+from site_agent.catalog import SiteConfig, load_site
 from site_agent.isolation import (
     ENV_ALLOW_FILES,
     ENV_ALLOW_NETWORK,
@@ -32,7 +35,7 @@ from site_agent.isolation import (
     site_paths,
 )
 from site_agent.runner import TaskSession
-from site_agent.tasks import ISOLATION_REFUSED, LIMITS, READY
+from site_agent.tasks import ADOPT, ISOLATION_REFUSED, READY
 
 ENV_THREADS = "FLIP_TASK_THREADS"
 PARENT_CHECK_SECONDS = 0.5
@@ -89,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     if not _isolate(drop_network, network_allowed(), ENV_ALLOW_NETWORK, "keeps the host's network"):
         return ISOLATION_REFUSED  # the network first: a new namespace needs a process with one thread
     site = load_site(args.site_dir)
-    os.environ["TMPDIR"] = str(site.root / "scratch")  # the one place task code may write files
     paths = site_paths(site.root, [Path(d.path) for d in site.datasets.values()])
-    if not _isolate(lambda: confine_files(*paths), files_allowed(), ENV_ALLOW_FILES, "can read this host's files"):
+    confined = [False]
+
+    def confine() -> None:
+        confine_files(*paths)
+        confined[0] = True
+
+    if not _isolate(confine, files_allowed(), ENV_ALLOW_FILES, "can read this host's files"):
         return ISOLATION_REFUSED
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _yield_cpu()
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if os.environ.get(ENV_THREADS):
         torch.set_num_threads(int(os.environ[ENV_THREADS]))
-    session = TaskSession(site)
+    session = TaskSession(site, sink=sys.stdout)  # the task's output goes to the agent, which keeps the log
     conn = Connection(args.fd)
     conn.send_bytes(READY)
     while True:
@@ -108,11 +116,32 @@ def main(argv: list[str] | None = None) -> int:
             blob = conn.recv_bytes()
         except EOFError:
             return 0
-        if blob.startswith(LIMITS):  # from the agent when a run adopts this process, before its first step
-            limit_memory(int(json.loads(blob[len(LIMITS) :])["memory_mb"]))
+        if blob.startswith(ADOPT):  # from the agent when a run adopts this process, before its first step
+            if not _adopt(site, json.loads(blob[len(ADOPT) :]), confined[0]):
+                return ISOLATION_REFUSED
             conn.send_bytes(READY)
             continue
         conn.send_bytes(encode_result(session.step(decode_request(blob))))
+
+
+def _adopt(site: SiteConfig, settings: dict[str, Any], confined: bool) -> bool:
+    """Become one run's task process: its memory limit, and its own scratch folder as the one place it
+    may write (a second Landlock layer where the first held: no other run's scratch, no more of the
+    site's scratch folder). False when that layer could not be added."""
+    if settings.get("memory_mb") is not None:
+        limit_memory(int(settings["memory_mb"]))
+    scratch = Path(settings["scratch"])
+    os.chdir(scratch)
+    os.environ["TMPDIR"] = str(scratch)
+    tempfile.tempdir = None  # tempfile reads TMPDIR again
+    if not confined:
+        return True
+    try:
+        confine_files(*site_paths(site.root, [Path(d.path) for d in site.datasets.values()], scratch))
+    except IsolationError as exc:
+        print(f"refusing the run: {exc}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 if __name__ == "__main__":

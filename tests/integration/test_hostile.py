@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flip_core.errors import RunFailed
+from flip_core.util import wait_until
 from flip_local.sites import DEFAULT_PROJECT
 from flip_magics.client import FlipClient, RunHandle
 from site_agent.audit import read_records, verify
@@ -69,7 +70,8 @@ def test_a_cell_cannot_reach_the_network(guarded) -> None:
     source = hostile(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)")
     details, _, _ = failures(client, source, "socket")
     assert set(details) == set(SITES)
-    assert all(re.fullmatch(r"OSError at cell line \d+ in train\(\)", d) for d in details.values()), details
+    # no route in its own network namespace (OSError), and where Landlock has it, no TCP at all (PermissionError)
+    assert all(re.fullmatch(r"(OSError|PermissionError) at cell line \d+ in train\(\)", d) for d in details.values())
     outcomes = [r for r in read_records(sites / "Hungary") if r["kind"] == "outcome"]
     assert any(r["outgoing"]["status"] == "error" for r in outcomes)
 
@@ -151,6 +153,40 @@ def test_parameters_of_the_wrong_shape_are_stripped(guarded) -> None:
     assert details == {s: expected for s in SITES}
     stripped = [r for r in read_records(sites / "Hungary") if r["kind"] == "outcome" and r["stripped"]]
     assert stripped and stripped[-1]["outgoing"]["params"] == {}
+
+
+SNOOP = """import os, pathlib
+refused = []
+for attempt in (lambda: list(pathlib.Path.cwd().parent.iterdir()),  # the site's scratch: other runs' folders
+                lambda: (pathlib.Path.cwd().parent / 'planted').write_text('x'),
+                lambda: list((pathlib.Path.cwd().parents[1] / 'logs').iterdir()),  # the site's logs
+                lambda: (pathlib.Path.cwd().parents[1] / 'logs' / 'task-processes.log').read_text(),
+                lambda: pathlib.Path('/tmp/flip-planted').write_text('x'),  # anywhere else on the host
+                lambda: os.kill(os.getppid(), 0)):  # the site agent (any process outside the task)
+    try:
+        attempt()
+    except PermissionError:
+        refused.append(True)
+    else:
+        refused.append(False)
+(pathlib.Path.cwd() / 'own.txt').write_text('its own scratch is writable')
+if all(refused):
+    raise PermissionError('everything else was refused')"""
+
+
+def test_a_cell_writes_only_its_runs_scratch_and_reads_no_log_nor_other_run(guarded) -> None:
+    client, sites, _ = guarded
+    details, handle, _ = failures(client, hostile(SNOOP), "scratch")
+    raise_line = 1 + next(i for i, line in enumerate(hostile(SNOOP).splitlines()) if "everything else" in line)
+    assert details == {s: f"PermissionError at cell line {raise_line} in train()" for s in SITES}
+    for site in SITES:
+        scratch = sites / site / "scratch"
+        run_scratch = scratch / f"run-{handle.run_id}"
+        assert wait_until(lambda folder=run_scratch: not folder.exists(), 10)  # removed just after its last reply
+        assert not (scratch / "planted").exists()
+        log = (sites / site / "logs" / f"run-{handle.run_id}.log").read_text()
+        assert "PermissionError" in log  # the agent wrote the task's output to the run's log
+    assert not Path("/tmp/flip-planted").exists()
 
 
 def test_after_all_that_every_site_still_serves_and_its_audit_chain_holds(guarded) -> None:
