@@ -21,6 +21,8 @@ COPY flip_local /src/flip_local
 # the kernel spec (kernels/flip/kernel.json), which the wheel installs as share/jupyter/kernels/flip
 COPY kernels /src/kernels
 RUN pip install /src && rm -rf /src
+# libseccomp: the system-call filter of each task process's sandbox (site_agent.sandbox)
+RUN apt-get update && apt-get install -y --no-install-recommends libseccomp2 && rm -rf /var/lib/apt/lists/*
 
 # Not root: tasks run researchers' code. uid 1000 must own the site directory on the host
 # (see deploy/README.md); the data under /data is mounted read-only.

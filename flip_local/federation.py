@@ -253,7 +253,7 @@ class _Launch:
         # four sites share this machine's cores: one torch thread per task process
         env = {**hub.base_env(), "FLIP_HOME": str(self.federation.home), "FLIP_TASK_THREADS": "1"}
         if why := isolation.probe():  # a local development federation still runs; a real site refuses instead
-            env.update({isolation.ENV_ALLOW_NETWORK: "allow", isolation.ENV_ALLOW_FILES: "allow"})
+            env.update({isolation.ENV_ALLOW_SANDBOX: "allow", isolation.ENV_ALLOW_FILES: "allow"})
             print(f"WARNING: task code at the local sites is not isolated from this machine ({why})", file=sys.stderr)
         return env
 

@@ -8,13 +8,15 @@ the network; the agent and the task runner read it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -200,7 +202,7 @@ def fingerprint_file(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def read_table(path: Path, fmt: str) -> pd.DataFrame:
+def read_table(path: Path | IO[bytes], fmt: str) -> pd.DataFrame:
     """Load a table in one of the supported formats."""
     if fmt == "csv":
         return pd.read_csv(path)
@@ -289,19 +291,29 @@ def add_dataset(
     return new
 
 
-def load_split(config: SiteConfig, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The dataset's recorded train and test parts; refuses a file that changed since registration."""
+def load_split(
+    config: SiteConfig, name: str, opener: Callable[[Path], IO[bytes]] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The dataset's recorded train and test parts; refuses a file that changed since registration.
+
+    ``opener`` reads a file (default: by its path); a sandboxed task process reads the files the agent's
+    user opened for it (``site_agent.sandbox.HandedFiles``)."""
     entry = config.dataset(name)
     path = Path(entry.path)
-    if not path.is_file():
-        raise CatalogError(f"dataset {name!r} at site {config.name!r}: its file {path} is gone")
-    if fingerprint_file(path) != entry.fingerprint:
+    read = opener or (lambda p: open(p, "rb"))
+    try:
+        with read(path) as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise CatalogError(f"dataset {name!r} at site {config.name!r}: its file {path} is gone") from None
+    if "sha256:" + hashlib.sha256(data).hexdigest() != entry.fingerprint:
         raise CatalogError(
             f"dataset {name!r} at site {config.name!r} changed since it was registered "
             "(fingerprint differs); register it again with `flip-site dataset add`"
         )
-    split = json.loads((config.root / "splits" / f"{name}.json").read_text())
-    table = read_table(path, entry.format)
+    with read(config.root / "splits" / f"{name}.json") as fh:
+        split = json.loads(fh.read())
+    table = read_table(io.BytesIO(data), entry.format)
     train = table.iloc[split["train"]].reset_index(drop=True)
     test = table.iloc[split["test"]].reset_index(drop=True)
     return train, test

@@ -194,7 +194,7 @@ def _doctor(args: argparse.Namespace) -> int:
     print(f"  {'ok ' if keys.exists() else 'NO '} {'keys':<8} this site's key pair ({keys})")
     print(f"  {'ok ' if joined else 'NO '} {'joined':<8} flip-site join has recorded the federation")
     held = {p.name: p.holds for p in found}
-    refused = (not held["network"] and not isolation.network_allowed()) or (
+    refused = (not (held["sandbox"] and held["seccomp"]) and not isolation.sandbox_allowed()) or (
         not held["files"] and not isolation.files_allowed()
     )
     print(

@@ -1,20 +1,19 @@
-"""What a task process gives up before any task code runs: the network, the host's files, memory.
+"""Landlock and the other limits a task process takes on itself, and what a host gives it.
 
-Called by the task process itself (``site_agent.worker``), in FLIP's own code, before it loads
-a cell: it leaves the host's network for a network namespace of its own (only a loopback
-interface, down); it confines its file access with Landlock to what it needs (Python and its
-libraries, the site's own registered dataset files and splits read-only, the site's scratch folder
-writable; nothing else of the host: not other sites, not the coordinator's files, not home folders,
-not the site's logs), and where the kernel has them, no TCP and no signal or abstract Unix socket
-outside itself; when a run adopts it, a second layer narrows writing to that run's own scratch
+Called by the task process itself (``site_agent.worker``), in FLIP's own code, before it loads a
+cell, after it has entered its sandbox (``site_agent.sandbox``: namespaces, a root of its own, no
+privileges, seccomp): it confines its file access with Landlock to what it needs (Python and its
+libraries, the system files of :data:`SYSTEM_READ`, the site's scratch folder writable; nothing else,
+not even inside its own root), and where the kernel has them, no TCP and no signal or abstract Unix
+socket outside itself; when a run adopts it, a second layer narrows writing to that run's own scratch
 folder; and it caps its data memory with a hard ``RLIMIT_DATA`` that task code cannot raise again.
 The site agent kills a task process at its time limit from outside. :func:`protections` says which
 of these a host gives (``flip-site doctor``).
 
-A network namespace needs root, or unprivileged user namespaces (most distributions; some
-restrict them by policy); Landlock needs Linux 5.13 or later with Landlock enabled. Where
-either is missing the task process refuses to start unless the site agent was started with
-``FLIP_TASK_NETWORK=allow`` or ``FLIP_TASK_FILES=allow``, which it logs as a warning.
+Landlock needs Linux 5.13 or later with Landlock enabled; the sandbox needs root or unprivileged user
+namespaces, and libseccomp. Where one is missing the task process refuses to start unless the site
+agent was started with ``FLIP_TASK_SANDBOX=allow`` or ``FLIP_TASK_FILES=allow``, which it logs as a
+warning.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from flip_core.errors import FlipError
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
-ENV_ALLOW_NETWORK = "FLIP_TASK_NETWORK"
+ENV_ALLOW_SANDBOX = "FLIP_TASK_SANDBOX"
 ENV_ALLOW_FILES = "FLIP_TASK_FILES"
 
 # Landlock (linux/landlock.h); the syscall numbers are the same on x86_64 and aarch64
@@ -45,20 +44,30 @@ FS_ALL_V1 = (1 << 13) - 1  # execute … make_sym
 FS_REFER, FS_TRUNCATE = 1 << 13, 1 << 14
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4: handled and never allowed, so no TCP at all
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6: nothing outside the task's own domain
-# what the task may read besides Python, its libraries and its site's data (nothing private of the host)
+# What a task process reads of the host's system, found by tracing a real training task (the heart
+# cell with torch and pandas, strace -e trace=%file): the dynamic loader's cache and the libraries,
+# time zones, locale data, OpenSSL's configuration, the CPU topology torch sizes its thread pools by.
+# The sandbox (site_agent.sandbox) binds these read-only into the task's own root; Landlock allows them
+# (and the few /proc files of its own) and nothing else. Besides these: Python's prefixes and import
+# path and FLIP's packages (python_paths). The site's data is never among them: it is handed in open.
 SYSTEM_READ = (
     "/usr",
     "/lib",
     "/lib64",
     "/bin",
-    "/etc",
-    "/proc/cpuinfo",
-    "/proc/meminfo",
-    "/proc/stat",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/nsswitch.conf",
+    "/etc/ssl",
+    "/etc/alternatives",
     "/sys/devices/system/cpu",
     "/sys/fs/cgroup",
 )
-SYSTEM_WRITE = ("/dev",)
+# read only through Landlock: the sandbox writes its own passwd and group, and mounts its own /proc
+LANDLOCK_READ = ("/etc/passwd", "/etc/group", "/proc/self", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat")
+SYSTEM_WRITE = ("/dev", "/tmp")  # the device nodes; /tmp is a private tmpfs in the sandbox (a spare's only)
 
 
 class IsolationError(FlipError):
@@ -67,9 +76,9 @@ class IsolationError(FlipError):
 
 def drop_network() -> None:
     """Move this (still single-threaded) process into a network namespace of its own."""
-    libc = _libc()
+    lib = libc()
     flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
-    if libc.unshare(flags) != 0:
+    if lib.unshare(flags) != 0:
         err = ctypes.get_errno()
         raise IsolationError(f"cannot leave the host's network (unshare: {os.strerror(err)})")
 
@@ -97,7 +106,7 @@ class _PathBeneath(ctypes.Structure):
 
 
 @functools.lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
     """libc, found once: finding it runs ldconfig and needs a temporary folder, which a confined
     process (confining itself a second time) no longer reaches."""
     return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -105,7 +114,7 @@ def _libc() -> ctypes.CDLL:
 
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version (0: none)."""
-    version = _libc().syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    version = libc().syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
     return max(int(version), 0)
 
 
@@ -120,9 +129,9 @@ def confine_files(read: list[Path], write: list[Path]) -> None:
         raise IsolationError("cannot confine the task's files (this kernel has no Landlock)")
     handled = FS_ALL_V1 | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0)
     file_rights = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | (FS_TRUNCATE if abi >= 3 else 0)
-    libc = _libc()
+    lib = libc()
     attr, size = _ruleset_attr(abi, handled)
-    ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
+    ruleset = lib.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
     if ruleset < 0:
         raise IsolationError(f"cannot confine the task's files (landlock: {os.strerror(ctypes.get_errno())})")
     try:
@@ -136,16 +145,13 @@ def confine_files(read: list[Path], write: list[Path]) -> None:
                     allowed = rights if os.path.isdir(path) else rights & file_rights
                     rule = _PathBeneath(allowed, fd)
                     if (
-                        libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0)
+                        lib.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0)
                         != 0
                     ):
                         raise IsolationError(f"cannot allow {path} (landlock: {os.strerror(ctypes.get_errno())})")
                 finally:
                     os.close(fd)
-        if (
-            libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-            or libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0
-        ):
+        if lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or lib.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
             raise IsolationError(f"cannot confine the task's files (landlock: {os.strerror(ctypes.get_errno())})")
     finally:
         os.close(ruleset)
@@ -164,18 +170,13 @@ def python_paths() -> list[Path]:
 
 def site_paths(site_root: Path, datasets: list[Path], scratch: Path | None = None) -> tuple[list[Path], list[Path]]:
     """What a task process at this site may read, and write: Python, its libraries, the host's system
-    files, its own process in /proc, the site's catalog, splits and registered dataset files (read);
-    its run's scratch folder (a spare process, not yet a run's: the site's scratch folder) and /dev
-    (write). Never the site's logs: the agent writes them from the task's output."""
-    read = [
-        *python_paths(),
-        *map(Path, SYSTEM_READ),
-        Path(f"/proc/{os.getpid()}"),
-        site_root / "site.toml",
-        site_root / "splits",
-        *datasets,
-    ]
-    return read, [scratch or site_root / "scratch", *map(Path, SYSTEM_WRITE)]
+    files, its own process in /proc (read); its run's scratch folder and /dev (write) — a spare process,
+    not yet a run's: the site's scratch folder and its private /tmp. ``datasets``: files it reads by path
+    (none in the sandbox, where they are handed in open). Never the site's logs: the agent writes them."""
+    read = [*python_paths(), *map(Path, SYSTEM_READ), *map(Path, LANDLOCK_READ), *datasets]
+    if scratch is not None:
+        return read, [scratch, Path("/dev")]
+    return read, [site_root / "scratch", *map(Path, SYSTEM_WRITE)]
 
 
 def files_allowed() -> bool:
@@ -183,9 +184,9 @@ def files_allowed() -> bool:
     return os.environ.get(ENV_ALLOW_FILES, "") == "allow"
 
 
-def network_allowed() -> bool:
-    """The site admin let task processes keep the host's network (a host without namespaces)."""
-    return os.environ.get(ENV_ALLOW_NETWORK, "") == "allow"
+def sandbox_allowed() -> bool:
+    """The site admin let task processes run without their sandbox (a host without namespaces or seccomp)."""
+    return os.environ.get(ENV_ALLOW_SANDBOX, "") == "allow"
 
 
 def limit_memory(megabytes: int) -> None:
@@ -197,19 +198,47 @@ def limit_memory(megabytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
-def probe() -> str:
-    """Why task processes on this host cannot be isolated ("" when they can), tried in a child."""
+_PROBE = """
+import sys, tempfile
+from pathlib import Path
+from site_agent import isolation, sandbox
+scratch = Path(tempfile.mkdtemp(prefix="flip-probe-"))
+scratch.chmod(0o777)
+steps = (
+    ("sandbox", lambda: sandbox.enter(sandbox.Sandbox(
+        read=tuple(map(Path, isolation.SYSTEM_READ)) + tuple(isolation.python_paths()), write=(scratch,),
+        user=sandbox.task_user()))),
+    ("files", lambda: isolation.confine_files(*isolation.site_paths(scratch.parent, [], scratch))),
+    ("seccomp", sandbox.install_seccomp),
+)
+for name, step in steps:
+    try:
+        step()
+        print(name, "ok", flush=True)
+    except Exception as exc:
+        print(name, str(exc).replace(chr(10), " "), flush=True)
+(scratch / "written").write_text("ok")
+print("writes", "ok", flush=True)
+"""
+
+
+def probe_steps() -> dict[str, str]:
+    """Each isolation step tried in a child as a task process takes it: "" where it held, else why not."""
     import subprocess
 
-    code = (
-        "from site_agent.isolation import confine_files, drop_network, python_paths\n"
-        "drop_network()\nconfine_files(python_paths(), [])"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    if done.returncode == 0:
-        return ""
-    lines = done.stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit code {done.returncode}"
+    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=60)
+    said = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    failure = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+    return {
+        step: "" if said.get(step) == "ok" else said.get(step, failure)
+        for step in ("sandbox", "files", "seccomp", "writes")
+    }
+
+
+def probe() -> str:
+    """Why task processes on this host cannot be isolated ("" when they can)."""
+    steps = probe_steps()
+    return next((f"{step}: {why}" for step, why in steps.items() if why), "")
 
 
 @dataclass(frozen=True)
@@ -221,21 +250,28 @@ class Protection:
     what: str
 
 
-def protections(probed: str | None = None) -> list[Protection]:
-    """What this host gives a task process (``probed``: :func:`probe`'s answer, tried in a child if not given).
-
-    The list says what FLIP does today; what it does not yet do (a task user, a mount namespace, seccomp,
-    a process limit) is in the site admin's section of the README."""
-    why = probe() if probed is None else probed
+def protections(steps: dict[str, str] | None = None) -> list[Protection]:
+    """What this host gives a task process (``steps``: :func:`probe_steps`'s answer, tried now if not given)."""
+    found = probe_steps() if steps is None else steps
     abi = landlock_abi()
-    isolated = why == ""
-    confined = isolated and abi >= 1
+    boxed, confined, filtered = not found["sandbox"], not found["files"] and abi >= 1, not found["seccomp"]
+    user = "the task user (FLIP_TASK_USER, default nobody)" if os.geteuid() == 0 else "the agent's own user"
     return [
-        Protection("network", isolated, "its own network namespace: no route to the hospital or the internet"),
+        Protection(
+            "sandbox",
+            boxed,
+            "its own mount, PID, network, IPC and UTS namespaces and a root of its own: "
+            "Python and the system libraries read-only, nothing else of the host (no host sockets)",
+        ),
+        Protection(
+            "user", boxed, f"runs as {user}, with no capabilities and no_new_privs, at most 512 processes and threads"
+        ),
+        Protection("network", boxed, "no route to the hospital or the internet"),
         Protection(
             "files",
             confined,
-            f"Landlock (ABI {abi}): Python, the site's registered data read-only, nothing else of the host",
+            f"Landlock (ABI {abi}) inside that root as well: only Python, the system "
+            "files and its scratch folder; the site's data is handed to it open",
         ),
         Protection(
             "scratch",
@@ -243,7 +279,12 @@ def protections(probed: str | None = None) -> list[Protection]:
             "a scratch folder of its own per run, the one place it writes, removed when the run ends",
         ),
         Protection(
-            "logs", confined, "its output reaches the site's log through the agent; the log folder is out of its view"
+            "logs", True, "its output reaches the site's log through the agent; the log folder is out of its view"
+        ),
+        Protection(
+            "seccomp",
+            filtered,
+            "refuses ptrace, mount, bpf, keyctl, kexec, reboot, module loading, new namespaces and the like",
         ),
         Protection("tcp", confined and abi >= 4, "no TCP connection or listening socket at all (Landlock ABI 4)"),
         Protection(

@@ -16,9 +16,9 @@ import math
 import random
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 import numpy as np
 import pandas as pd
@@ -160,10 +160,19 @@ def _load_params(model: Any, params: dict[str, np.ndarray]) -> None:
 class TaskSession:
     """One run's task at this site, kept warm between steps: cell, data and torch loaded once."""
 
-    def __init__(self, site: SiteConfig, log_dir: Path | None = None, *, sink: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        site: SiteConfig,
+        log_dir: Path | None = None,
+        *,
+        sink: TextIO | None = None,
+        opener: Callable[[Path], IO[bytes]] | None = None,
+    ) -> None:
         """``sink``: where the task's output goes (the task process's stdout, a pipe to the site agent,
-        which keeps the run's log); without one, each run's log is a file in ``log_dir``."""
+        which keeps the run's log); without one, each run's log is a file in ``log_dir``. ``opener``: how the
+        site's files are read (a sandboxed task process reads those handed to it)."""
         self.site = site
+        self.opener = opener
         self.log_dir = log_dir or site.root / "logs"
         self.sink = sink
         self._namespaces: dict[str, dict[str, Any]] = {}
@@ -204,7 +213,7 @@ class TaskSession:
 
     def _split(self, dataset: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         if dataset not in self._splits:
-            self._splits[dataset] = load_split(self.site, dataset)
+            self._splits[dataset] = load_split(self.site, dataset, self.opener)
         return self._splits[dataset]
 
     def _namespace(self, request: StepRequest) -> dict[str, Any]:

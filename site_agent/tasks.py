@@ -40,6 +40,7 @@ from flip_core.codec import frame_header
 from flip_core.errors import FlipError
 from flip_core.protocol import StepResult, encode_result
 from flip_core.status import Phase, StepStatus
+from site_agent.sandbox import task_user
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,16 @@ class TimeLimit(FlipError):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"stopped at its time limit of {seconds:g} s")
         self.seconds = seconds
+
+
+# what of the agent's environment a task process gets: its own settings, locale, thread counts, Python's
+# (a token or a path in the agent's environment stays with the agent)
+TASK_ENV_PREFIXES = ("FLIP_TASK_", "LC_", "OMP_", "MKL_", "OPENBLAS_", "PYTHON")
+TASK_ENV_NAMES = ("PATH", "LANG", "TZ")
+
+
+def task_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in TASK_ENV_NAMES or k.startswith(TASK_ENV_PREFIXES)}
 
 
 class TaskOutput:
@@ -89,6 +100,7 @@ class Worker:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "site_agent.worker", str(site_root), "--fd", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
+            env=task_environment(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -229,7 +241,7 @@ class TaskService:
         assert worker is not None
         try:
             if adopted:
-                self.scratch(run_id).mkdir(mode=0o700, exist_ok=True)
+                self._make_scratch(run_id)
                 worker.adopt(run_id, self.scratch(run_id), memory_mb)
             reply = worker.call(blob, seconds)
         except TimeLimit as stopped:
@@ -250,6 +262,13 @@ class TaskService:
             # close its process and make a spare ready, off the reply path
             threading.Thread(target=self._retire, args=(run_id,), daemon=True).start()
         return reply
+
+    def _make_scratch(self, run_id: str) -> None:
+        """The run's scratch folder, empty, the task's own (the task user's, where the agent is root)."""
+        folder = self.scratch(run_id)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if (user := task_user()) is not None:
+            os.chown(folder, *user)
 
     def _failure(self, error_type: str, where: str) -> bytes:
         return encode_result(

@@ -25,16 +25,27 @@ from flip_core.protocol import decode_request, encode_result
 from site_agent.catalog import SiteConfig, load_site
 from site_agent.isolation import (
     ENV_ALLOW_FILES,
-    ENV_ALLOW_NETWORK,
+    ENV_ALLOW_SANDBOX,
+    SYSTEM_READ,
     IsolationError,
     confine_files,
     drop_network,
     files_allowed,
     limit_memory,
-    network_allowed,
+    python_paths,
+    sandbox_allowed,
     site_paths,
 )
 from site_agent.runner import TaskSession
+from site_agent.sandbox import (
+    HandedFiles,
+    Sandbox,
+    SandboxError,
+    dataset_files,
+    enter,
+    install_seccomp,
+    task_user,
+)
 from site_agent.tasks import ADOPT, ISOLATION_REFUSED, READY
 
 ENV_THREADS = "FLIP_TASK_THREADS"
@@ -45,7 +56,8 @@ TASK_NICE = 19
 
 
 def _watch_parent(parent: int) -> None:
-    """Exit at once when the site agent is gone, even in the middle of a step."""
+    """Without a sandbox: exit at once when the site agent is gone, even in the middle of a step. (In the
+    sandbox the process that waits for this one watches the agent, and this one dies with it.)"""
     while os.getppid() == parent:
         time.sleep(PARENT_CHECK_SECONDS)
     os._exit(1)
@@ -59,28 +71,66 @@ def _yield_cpu() -> None:
     each in its site's session would get 48 equal shares against the SuperLink's one. So the
     task process takes a session of its own and lowers that session's weight too.
     """
-    os.setsid()
+    try:
+        os.setsid()
+    except PermissionError:  # already a session's leader (the sandbox made one)
+        pass
     os.nice(TASK_NICE)
     try:
         Path("/proc/self/autogroup").write_text(str(TASK_NICE))
-    except OSError:  # no autogroup scheduling in this kernel: the nice value alone does it
+    except OSError:  # no autogroup scheduling in this kernel, or not ours to set: the nice value alone does it
         pass
 
 
-def _isolate(step: Callable[[], None], allowed: bool, setting: str, loses: str) -> bool:
-    """Take one isolation step; False when it failed and the site's admin has not allowed going without."""
+def _isolate(step: Callable[[], None], allowed: bool, setting: str, loses: str) -> bool | None:
+    """Take one isolation step: True when it held, False when it failed and the site's admin allows going
+    without (with a warning), None when it failed and the task process must not start."""
     try:
         step()
-    except IsolationError as exc:
+    except (IsolationError, SandboxError) as exc:
         if not allowed:
             print(
                 f"refusing to start: {exc} (a site that cannot do this can start its agent with {setting}=allow)",
                 file=sys.stderr,
                 flush=True,
             )
-            return False
+            return None
         print(f"WARNING: task code {loses}: {exc}", file=sys.stderr, flush=True)
+        return False
     return True
+
+
+def _sandbox(site: SiteConfig) -> Sandbox:
+    """The task's view: the system files and the installation read-only, the site's scratch folder writable."""
+    return Sandbox(
+        read=tuple(map(Path, SYSTEM_READ)) + tuple(python_paths()), write=(site.root / "scratch",), user=task_user()
+    )
+
+
+def _isolated(site: SiteConfig) -> tuple[bool, bool] | None:
+    """Sandbox, Landlock and seccomp, in that order; (sandboxed, confined), or None: refuse to start."""
+    sandboxed = _isolate(
+        lambda: enter(_sandbox(site)),
+        sandbox_allowed(),
+        ENV_ALLOW_SANDBOX,
+        "runs without its sandbox (namespaces, a root of its own, no privileges)",
+    )
+    if sandboxed is None:
+        return None
+    if not sandboxed:  # the host's network at least, where a namespace of its own is possible
+        _isolate(drop_network, True, ENV_ALLOW_SANDBOX, "keeps the host's network")
+    confined = _isolate(
+        lambda: confine_files(*site_paths(site.root, [])),
+        files_allowed(),
+        ENV_ALLOW_FILES,
+        "can read this host's files",
+    )
+    if confined is None:
+        return None
+    filtered = _isolate(install_seccomp, sandbox_allowed(), ENV_ALLOW_SANDBOX, "may make any system call")
+    if filtered is None:
+        return None
+    return sandboxed, confined
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,26 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     args = parser.parse_args(argv)
     parent = os.getppid()
-    if not _isolate(drop_network, network_allowed(), ENV_ALLOW_NETWORK, "keeps the host's network"):
-        return ISOLATION_REFUSED  # the network first: a new namespace needs a process with one thread
-    site = load_site(args.site_dir)
-    paths = site_paths(site.root, [Path(d.path) for d in site.datasets.values()])
-    confined = [False]
-
-    def confine() -> None:
-        confine_files(*paths)
-        confined[0] = True
-
-    if not _isolate(confine, files_allowed(), ENV_ALLOW_FILES, "can read this host's files"):
+    site = load_site(args.site_dir)  # as the agent's user, on the host, before the sandbox
+    handed = HandedFiles.open(dataset_files(site))
+    isolated = _isolated(site)  # from here on, in the sandbox (PID 1 of its own namespace)
+    if isolated is None:
         return ISOLATION_REFUSED
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    sandboxed, confined = isolated
+    os.environ.update(TMPDIR="/tmp" if sandboxed else str(site.root / "scratch"), HOME="/tmp")
+    if not sandboxed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _yield_cpu()
     import torch  # once per run, before the first step
     import torch._dynamo  # noqa: F401 - torch imports it when a cell makes its first optimizer (~3 s): here, not in round 1
 
     if os.environ.get(ENV_THREADS):
         torch.set_num_threads(int(os.environ[ENV_THREADS]))
-    session = TaskSession(site, sink=sys.stdout)  # the task's output goes to the agent, which keeps the log
+    session = TaskSession(site, sink=sys.stdout, opener=handed.opener)  # output to the agent, which keeps the log
+    me = os.getpid()
     conn = Connection(args.fd)
     conn.send_bytes(READY)
     while True:
@@ -117,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         except EOFError:
             return 0
         if blob.startswith(ADOPT):  # from the agent when a run adopts this process, before its first step
-            if not _adopt(site, json.loads(blob[len(ADOPT) :]), confined[0]):
+            if not _adopt(site, json.loads(blob[len(ADOPT) :]), confined):
                 return ISOLATION_REFUSED
             conn.send_bytes(READY)
             continue
-        conn.send_bytes(encode_result(session.step(decode_request(blob))))
+        result = encode_result(session.step(decode_request(blob)))
+        if os.getpid() != me:  # a process the task forked came back here: only the task process answers
+            os._exit(1)
+        conn.send_bytes(result)
 
 
 def _adopt(site: SiteConfig, settings: dict[str, Any], confined: bool) -> bool:
@@ -132,12 +182,12 @@ def _adopt(site: SiteConfig, settings: dict[str, Any], confined: bool) -> bool:
         limit_memory(int(settings["memory_mb"]))
     scratch = Path(settings["scratch"])
     os.chdir(scratch)
-    os.environ["TMPDIR"] = str(scratch)
+    os.environ.update(TMPDIR=str(scratch), HOME=str(scratch))
     tempfile.tempdir = None  # tempfile reads TMPDIR again
     if not confined:
         return True
     try:
-        confine_files(*site_paths(site.root, [Path(d.path) for d in site.datasets.values()], scratch))
+        confine_files(*site_paths(site.root, [], scratch))
     except IsolationError as exc:
         print(f"refusing the run: {exc}", file=sys.stderr, flush=True)
         return False

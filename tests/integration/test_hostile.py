@@ -7,7 +7,9 @@ metrics loss, accuracy and rows may leave.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,13 +17,16 @@ import pytest
 
 from flip_core.errors import RunFailed
 from flip_core.util import wait_until
+from flip_local.federation import status
 from flip_local.sites import DEFAULT_PROJECT
 from flip_magics.client import FlipClient, RunHandle
 from site_agent.audit import read_records, verify
+from site_agent.catalog import load_site
 
 from helpers import TINY_CELL, local_federation
 
 SITES = ("Cleveland", "Hungary")  # two hospitals: what holds at one holds at each
+NPROC = 64  # processes and threads of the task user, at both sites together (a task process has two threads)
 POLICY = {
     "policy": {"disclosure_threshold": 10},
     "projects": {
@@ -40,9 +45,17 @@ POLICY = {
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FlipClient, Path, dict]]:
-    with local_federation(tmp_path_factory.mktemp("flip-hostile"), policy=POLICY, sites=len(SITES)) as connection:
-        client = FlipClient(connection["coordinator_url"], connection["token"])
-        yield client, Path(connection["federation"]) / "sites", connection
+    previous = os.environ.get("FLIP_TASK_NPROC")
+    os.environ["FLIP_TASK_NPROC"] = str(NPROC)  # the sites' agents pass it to their task processes
+    try:
+        with local_federation(tmp_path_factory.mktemp("flip-hostile"), policy=POLICY, sites=len(SITES)) as connection:
+            client = FlipClient(connection["coordinator_url"], connection["token"])
+            yield client, Path(connection["federation"]) / "sites", connection
+    finally:
+        if previous is None:
+            os.environ.pop("FLIP_TASK_NPROC")
+        else:
+            os.environ["FLIP_TASK_NPROC"] = previous
 
 
 def hostile(train_body: str) -> str:
@@ -77,18 +90,21 @@ def test_a_cell_cannot_reach_the_network(guarded) -> None:
 
 
 def test_a_cell_cannot_read_files_outside_its_sites_data(guarded) -> None:
-    client, _, _ = guarded
+    client, sites, connection = guarded
+    home = Path(connection["federation"]).parent
     # the federation's connection file (researcher and site tokens) and another hospital's table
     source = hostile(
-        "import os, pathlib\n"
-        "for path in (pathlib.Path(os.environ['FLIP_HOME']) / 'connection.json',\n"
-        "             pathlib.Path(os.environ['FLIP_HOME']) / 'federation' / 'sites' / 'Hungary' / 'site.toml'):\n"
+        "import pathlib\n"
+        f"for path in (pathlib.Path({str(home)!r}) / 'connection.json',\n"
+        f"             pathlib.Path({str(sites)!r}) / 'Hungary' / 'site.toml'):\n"
         "    if data.site != 'Hungary' or path.name != 'site.toml':\n"
         "        path.read_text()"
     )
     details, _, _ = failures(client, source, "snoop")
     assert set(details) == set(SITES)
-    assert all(re.fullmatch(r"PermissionError at cell line \d+ in train\(\)", d) for d in details.values()), details
+    # not there at all in the task's own root (the sandbox), or refused by Landlock where there is no sandbox
+    pattern = r"(FileNotFoundError|PermissionError) at cell line \d+ in train\(\)"
+    assert all(re.fullmatch(pattern, d) for d in details.values()), details
 
 
 def test_a_cell_that_runs_forever_is_stopped_at_the_time_limit(guarded) -> None:
@@ -156,16 +172,27 @@ def test_parameters_of_the_wrong_shape_are_stripped(guarded) -> None:
 
 
 SNOOP = """import os, pathlib
+try:  # no other process in view (its own PID namespace; Landlock does not even let it list /proc)
+    others = [p for p in os.listdir('/proc') if p.isdigit() and p != '1']
+except PermissionError:
+    others = []
+if others:
+    raise RuntimeError('other processes are visible')
 refused = []
 for attempt in (lambda: list(pathlib.Path.cwd().parent.iterdir()),  # the site's scratch: other runs' folders
                 lambda: (pathlib.Path.cwd().parent / 'planted').write_text('x'),
                 lambda: list((pathlib.Path.cwd().parents[1] / 'logs').iterdir()),  # the site's logs
                 lambda: (pathlib.Path.cwd().parents[1] / 'logs' / 'task-processes.log').read_text(),
+                lambda: (pathlib.Path.cwd().parents[1] / 'keys').iterdir().__next__(),  # the site's keys
+                lambda: pathlib.Path('/etc/shadow').read_text(),
+                lambda: (pathlib.Path.cwd().parents[1] / 'site.toml').read_text(),  # its own catalog and policy
+                lambda: pathlib.Path(OTHER_DATA[data.site]).read_bytes(),  # the other hospital's table
+                lambda: HOST_SOCKET and __import__('socket').socket(1).connect(HOST_SOCKET),  # a host Unix socket
                 lambda: pathlib.Path('/tmp/flip-planted').write_text('x'),  # anywhere else on the host
-                lambda: os.kill(os.getppid(), 0)):  # the site agent (any process outside the task)
+                *(lambda pid=pid: os.kill(pid, 0) for pid in AGENTS)):  # the site agents
     try:
         attempt()
-    except PermissionError:
+    except (PermissionError, FileNotFoundError, ProcessLookupError, ConnectionRefusedError):  # refused, not there
         refused.append(True)
     else:
         refused.append(False)
@@ -174,10 +201,22 @@ if all(refused):
     raise PermissionError('everything else was refused')"""
 
 
-def test_a_cell_writes_only_its_runs_scratch_and_reads_no_log_nor_other_run(guarded) -> None:
-    client, sites, _ = guarded
-    details, handle, _ = failures(client, hostile(SNOOP), "scratch")
-    raise_line = 1 + next(i for i, line in enumerate(hostile(SNOOP).splitlines()) if "everything else" in line)
+def test_a_cell_writes_only_its_runs_scratch_and_sees_nothing_else_of_the_host(guarded, tmp_path) -> None:
+    client, sites, connection = guarded
+    federation = Path(connection["federation"])
+    agents = [p["pid"] for p in status(federation.parent)["processes"] if p["name"].startswith("site-")]
+    data = {site: load_site(sites / site).datasets["heart-disease"].path for site in SITES}
+    other = {site: data[next(s for s in SITES if s != site)] for site in SITES}
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a host service's socket, as Docker's is
+    host_socket = str(tmp_path / "host.sock")
+    listener.bind(host_socket)
+    listener.listen(8)
+    source = hostile(f"AGENTS = {agents!r}\nOTHER_DATA = {other!r}\nHOST_SOCKET = {host_socket!r}\n" + SNOOP)
+    try:
+        details, handle, _ = failures(client, source, "scratch")
+    finally:
+        listener.close()
+    raise_line = 1 + next(i for i, line in enumerate(source.splitlines()) if "everything else" in line)
     assert details == {s: f"PermissionError at cell line {raise_line} in train()" for s in SITES}
     for site in SITES:
         scratch = sites / site / "scratch"
@@ -187,6 +226,33 @@ def test_a_cell_writes_only_its_runs_scratch_and_reads_no_log_nor_other_run(guar
         log = (sites / site / "logs" / f"run-{handle.run_id}.log").read_text()
         assert "PermissionError" in log  # the agent wrote the task's output to the run's log
     assert not Path("/tmp/flip-planted").exists()
+
+
+def test_a_fork_bomb_stops_at_the_process_limit(guarded) -> None:
+    client, _, _ = guarded
+    details, _, _ = failures(client, hostile("import os\nwhile True:\n    os.fork()"), "fork-bomb")
+    assert set(details) == set(SITES)
+    assert all(re.fullmatch(r"BlockingIOError at cell line \d+ in train\(\)", d) for d in details.values()), details
+
+
+def test_calls_a_training_task_never_needs_are_refused(guarded) -> None:
+    client, _, _ = guarded
+    calls = (
+        "import ctypes, errno, os, platform\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "keyctl, bpf = {'x86_64': (250, 321), 'aarch64': (219, 280)}[platform.machine()]\n"
+        "refused = []\n"
+        "for call in (lambda: libc.unshare(0x04000000), lambda: libc.mount(b'none', b'/tmp', b'tmpfs', 0, None),\n"
+        "             lambda: libc.ptrace(0x4206, 0, 0, 0), lambda: libc.syscall(keyctl, 0, 0, 0, 0),\n"
+        "             lambda: libc.syscall(bpf, 0, 0, 0)):\n"
+        "    ctypes.set_errno(0)\n"
+        "    refused.append(call() == -1 and ctypes.get_errno() == errno.EPERM)\n"
+        "if all(refused):\n"
+        "    raise PermissionError('every call was refused')"
+    )
+    details, _, _ = failures(client, hostile(calls), "syscalls")
+    line = 1 + next(i for i, text in enumerate(hostile(calls).splitlines()) if "every call was refused" in text)
+    assert details == {s: f"PermissionError at cell line {line} in train()" for s in SITES}
 
 
 def test_after_all_that_every_site_still_serves_and_its_audit_chain_holds(guarded) -> None:
