@@ -4,8 +4,9 @@ Real processes only: a SuperLink, the coordinator and four site agents (the modu
 ``federation``), and one real kernel (nbclient) that starts a run, is restarted by its kernel
 manager while the run is between rounds, and then attaches to the run again.
 
-The run's cell holds its sites in ``train()`` from round 3 until the test opens a gate (a local
-Unix socket: each site blocks reading from it until the test sends "go"). That is the workload, not
+The run's cell holds its sites in ``train()`` from round 3 until the test opens a gate (a file the
+test puts in each site's scratch folder for the run, the one place of the host a task process sees;
+each site waits for it). That is the workload, not
 synchronisation of the test: it keeps the run provably mid-run (two rounds done,
 the third blocked) across the restart and the attach, and the test opens the gate only once the
 attached view has caught up. Every wait is on an observable condition, with a deadline.
@@ -13,10 +14,8 @@ attached view has caught up. Every wait is on an observable condition, with a de
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,66 +38,31 @@ GATED_CELL = TINY_CELL.replace(
     "def train(model, data, config):\n",
     "def train(model, data, config):\n"
     "    if data.round >= config['hold_from']:\n"
-    "        import socket\n"
-    "        with socket.socket(socket.AF_UNIX) as gate:\n"
-    "            gate.settimeout(300)\n"
-    "            gate.connect(config['gate'])\n"
-    "            if gate.recv(2) != b'go':\n"
-    "                raise TimeoutError('the gate was never opened')\n",
+    "        import os, time\n"
+    "        deadline = time.monotonic() + 300\n"
+    "        while not os.path.exists('gate-open'):  # in its working folder: the run's scratch at this site\n"
+    "            if time.monotonic() > deadline:\n"
+    "                raise TimeoutError('the gate was never opened')\n"
+    "            time.sleep(0.05)\n",
 )
 
 
 class Gate:
-    """A Unix socket the sites' train() connect to and block on until ``open()`` sends them "go".
+    """A file in each site's scratch folder for the run: the sites' train() wait until ``open()`` puts it there."""
 
-    A Unix socket, not TCP: task processes have no network (each its own network namespace)."""
+    def __init__(self, sites: Path) -> None:
+        self.sites = sites
 
-    def __init__(self, path: Path) -> None:
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(str(path))
-        self.listener.listen()
-        self.path = str(path)
-        self.waiting: list[socket.socket] = []
-        self.opened = False
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            with self.lock:
-                if self.opened:
-                    self._release(conn)
-                else:
-                    self.waiting.append(conn)
-
-    @staticmethod
-    def _release(conn: socket.socket) -> None:
-        with conn:
-            conn.sendall(b"go")
-
-    def open(self) -> None:
-        with self.lock:
-            self.opened = True
-            for conn in self.waiting:
-                self._release(conn)
-            self.waiting.clear()
-
-    def close(self) -> None:
-        self.listener.close()
-        with self.lock:
-            for conn in self.waiting:
-                conn.close()
+    def open(self, run_id: str) -> None:
+        folders = [site / "scratch" / f"run-{run_id}" for site in sorted(self.sites.iterdir())]
+        assert folders and all(f.is_dir() for f in folders), f"not every site holds the run's scratch: {folders}"
+        for folder in folders:
+            (folder / "gate-open").write_text("go")
 
 
 @pytest.fixture
-def gate(tmp_path: Path) -> Iterator[Gate]:
-    opened = Gate(tmp_path / "gate.sock")
-    yield opened
-    opened.close()
+def gate(federation: Any) -> Gate:
+    return Gate(federation.home / "federation" / "sites")
 
 
 T = TypeVar("T")
@@ -150,7 +114,7 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
         assert "connected to http://127.0.0.1:" in text, text
         outputs, seconds = kernel.run(
             f"%%flip_train --dataset heart-disease --rounds {ROUNDS} --seed 3 --out run "
-            f"--config gate={gate.path} hold_from={HOLD_FROM}\n" + GATED_CELL
+            f"--config hold_from={HOLD_FROM}\n" + GATED_CELL
         )
         assert seconds < 30, "the training cell must return at once"
         assert any(WIDGET_MIME in o.get("data", {}) for o in outputs), outputs
@@ -211,7 +175,7 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
 
         # -- let the run finish; the attached view follows it live -------------------------------
         opened = time.time()
-        gate.open()
+        gate.open(run_id)
         final = kernel.json(
             "try:\n"
             "    again.wait(300)\n"
