@@ -180,6 +180,7 @@ if others:
     raise RuntimeError('other processes are visible')
 refused = []
 for attempt in (lambda: list(pathlib.Path.cwd().parent.iterdir()),  # the site's scratch: other runs' folders
+                lambda: (pathlib.Path.cwd().parent / 'run-other' / 'notes.txt').read_text(),  # another run's file
                 lambda: (pathlib.Path.cwd().parent / 'planted').write_text('x'),
                 lambda: list((pathlib.Path.cwd().parents[1] / 'logs').iterdir()),  # the site's logs
                 lambda: (pathlib.Path.cwd().parents[1] / 'logs' / 'task-processes.log').read_text(),
@@ -207,6 +208,10 @@ def test_a_cell_writes_only_its_runs_scratch_and_sees_nothing_else_of_the_host(g
     agents = [p["pid"] for p in status(federation.parent)["processes"] if p["name"].startswith("site-")]
     data = {site: load_site(sites / site).datasets["heart-disease"].path for site in SITES}
     other = {site: data[next(s for s in SITES if s != site)] for site in SITES}
+    for site in SITES:  # another run's file at each site, as a run still going would have it
+        other_run = sites / site / "scratch" / "run-other"
+        other_run.mkdir()
+        (other_run / "notes.txt").write_text("another project's rows")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a host service's socket, as Docker's is
     host_socket = str(tmp_path / "host.sock")
     listener.bind(host_socket)
@@ -225,6 +230,9 @@ def test_a_cell_writes_only_its_runs_scratch_and_sees_nothing_else_of_the_host(g
         assert not (scratch / "planted").exists()
         log = (sites / site / "logs" / f"run-{handle.run_id}.log").read_text()
         assert "PermissionError" in log  # the agent wrote the task's output to the run's log
+        assert "another project" not in log  # what the cell tried to read was never there for it to print
+        outcome = [r for r in read_records(sites / site) if r["kind"] == "outcome" and r["run"] == handle.run_id]
+        assert outcome and outcome[-1]["outgoing"]["status"] == "error"  # the audit log records the refusal
     assert not Path("/tmp/flip-planted").exists()
 
 
@@ -240,11 +248,14 @@ def test_calls_a_training_task_never_needs_are_refused(guarded) -> None:
     calls = (
         "import ctypes, errno, os, platform\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "keyctl, bpf = {'x86_64': (250, 321), 'aarch64': (219, 280)}[platform.machine()]\n"
+        "keyctl, bpf, adjtimex, handle = {'x86_64': (250, 321, 159, 304),\n"
+        "                                 'aarch64': (219, 280, 171, 265)}[platform.machine()]\n"
+        "timex = ctypes.create_string_buffer(256)\n"
         "refused = []\n"
         "for call in (lambda: libc.unshare(0x04000000), lambda: libc.mount(b'none', b'/tmp', b'tmpfs', 0, None),\n"
         "             lambda: libc.ptrace(0x4206, 0, 0, 0), lambda: libc.syscall(keyctl, 0, 0, 0, 0),\n"
-        "             lambda: libc.syscall(bpf, 0, 0, 0)):\n"
+        "             lambda: libc.syscall(bpf, 0, 0, 0), lambda: libc.syscall(adjtimex, timex),\n"
+        "             lambda: libc.syscall(handle, -1, 0, 0)):\n"
         "    ctypes.set_errno(0)\n"
         "    refused.append(call() == -1 and ctypes.get_errno() == errno.EPERM)\n"
         "if all(refused):\n"
