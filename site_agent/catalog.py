@@ -16,13 +16,14 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
 import tomli_w
 
 from flip_core.errors import ConfigError
+
+if TYPE_CHECKING:  # numpy and pandas load where tables are read: a task process reads its catalog
+    import pandas as pd  # before its sandbox, while it is still one thread (numpy's BLAS starts threads)
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,8 @@ def fingerprint_file(path: Path) -> str:
 
 def read_table(path: Path | IO[bytes], fmt: str) -> pd.DataFrame:
     """Load a table in one of the supported formats."""
+    import pandas as pd
+
     if fmt == "csv":
         return pd.read_csv(path)
     if fmt == "uci-heart":
@@ -215,6 +218,8 @@ def seeded_split(
     labels: pd.Series | None, n_rows: int, train_fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
     """Row positions of a seeded train/test split, stratified on ``labels`` when given."""
+    import numpy as np
+
     if not 0.0 < train_fraction < 1.0:
         raise CatalogError(f"train fraction must lie strictly between 0 and 1, not {train_fraction}")
     rng = np.random.default_rng(seed)

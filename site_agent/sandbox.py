@@ -253,6 +253,9 @@ def _drop_privileges(box: Sandbox) -> None:
 def enter(box: Sandbox) -> None:
     """Enter the sandbox; returns in it (PID 1 of its namespace), never in the calling process, which waits
     and exits with the sandboxed one's code. Call while this process has one thread."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:  # namespaces (a user namespace above all) need a process with one thread
+        raise SandboxError(f"the task process has {threads} threads before its sandbox (it must have one)")
     try:
         _seccomp()  # loaded now, while the host's ldconfig is still at hand
     except SandboxError:

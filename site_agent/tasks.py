@@ -41,13 +41,11 @@ from flip_core.errors import FlipError
 from flip_core.protocol import StepResult, encode_result
 from flip_core.status import Phase, StepStatus
 from site_agent.sandbox import task_user
+from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY
 
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 600.0
-READY = b"ready"
-ISOLATION_REFUSED = 3  # the task process's exit code when it cannot leave the host's network
-ADOPT = b"adopt:"  # + JSON {"run_id", "scratch", "memory_mb"}: sent once when a run adopts a task process
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what a run id must look like to name a folder here
 REAP_SECONDS = 30.0
 

@@ -21,7 +21,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from flip_core.protocol import decode_request, encode_result
 from site_agent.catalog import SiteConfig, load_site
 from site_agent.isolation import (
     ENV_ALLOW_FILES,
@@ -36,7 +35,6 @@ from site_agent.isolation import (
     sandbox_allowed,
     site_paths,
 )
-from site_agent.runner import TaskSession
 from site_agent.sandbox import (
     HandedFiles,
     Sandbox,
@@ -46,7 +44,7 @@ from site_agent.sandbox import (
     install_seccomp,
     task_user,
 )
-from site_agent.tasks import ADOPT, ISOLATION_REFUSED, READY
+from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY
 
 ENV_THREADS = "FLIP_TASK_THREADS"
 PARENT_CHECK_SECONDS = 0.5
@@ -149,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     if not sandboxed:
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _yield_cpu()
+    # what loads numpy (whose BLAS starts threads) only now, in the sandbox: it was entered with one thread
     import torch  # once per run, before the first step
     import torch._dynamo  # noqa: F401 - torch imports it when a cell makes its first optimizer (~3 s): here, not in round 1
+
+    from flip_core.protocol import decode_request, encode_result
+    from site_agent.runner import TaskSession
 
     if os.environ.get(ENV_THREADS):
         torch.set_num_threads(int(os.environ[ENV_THREADS]))

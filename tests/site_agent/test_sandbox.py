@@ -23,18 +23,20 @@ from pathlib import Path
 from site_agent import isolation, sandbox
 scratch = Path({scratch!r})
 box = sandbox.Sandbox(read=tuple(map(Path, isolation.SYSTEM_READ)) + tuple(isolation.python_paths()),
-                      write=(scratch,), user=sandbox.task_user(), nproc={nproc})
+                      write=(scratch,), user={user}, nproc={nproc})
 handed = sandbox.HandedFiles.open([Path(p) for p in {handed!r}])
 sandbox.enter(box)
 """
 
 
-def sandboxed(tmp_path: Path, body: str, *, handed: tuple[str, ...] = (), nproc: int = 64) -> dict[str, object]:
+def sandboxed(
+    tmp_path: Path, body: str, *, handed: tuple[str, ...] = (), nproc: int = 64, user: str = "sandbox.task_user()"
+) -> dict[str, object]:
     """Run ``body`` in a sandboxed child; the JSON object it prints last."""
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
     scratch.chmod(0o777)
-    code = ENTER.format(scratch=str(scratch), handed=list(handed), nproc=nproc) + body
+    code = ENTER.format(scratch=str(scratch), handed=list(handed), nproc=nproc, user=user) + body
     done = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -61,6 +63,26 @@ print(json.dumps({"pid": os.getpid(), "uid": os.getuid(), "procs": [p for p in o
         assert said["uid"] != 0  # the task user
     assert said["caps"] == said["bounding"] == "0000000000000000" and said["no_new_privs"] == "1"
     assert said["host"] == "flip-task"
+
+
+def test_an_agent_that_is_not_root_builds_it_in_a_user_namespace_and_keeps_no_capability(tmp_path: Path) -> None:
+    # user=None is the path of an unprivileged agent (the site container's): its own user namespace, whose
+    # capabilities it drops; run here by root, it takes the same steps
+    said = sandboxed(
+        tmp_path,
+        """
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+(scratch / "own").write_text("ok")
+uid_map = Path("/proc/self/uid_map").read_text().split()
+print(json.dumps({"pid": os.getpid(), "caps": status["CapEff"].strip(), "bounding": status["CapBnd"].strip(),
+                  "no_new_privs": status["NoNewPrivs"].strip(), "uid_map": uid_map,
+                  "shadow": os.path.exists("/etc/shadow")}))
+""",
+        user="None",
+    )
+    assert said["pid"] == 1 and said["caps"] == said["bounding"] == "0000000000000000"
+    assert said["no_new_privs"] == "1" and said["shadow"] is False
+    assert said["uid_map"] == ["0", str(os.getuid()), "1"]  # one user: the agent's own
 
 
 def test_nothing_private_of_the_host_is_there(tmp_path: Path) -> None:
@@ -221,7 +243,7 @@ def test_the_sandboxed_process_dies_with_the_process_that_waits_for_it(tmp_path:
     scratch.mkdir()
     scratch.chmod(0o777)
     marker = scratch / "alive"
-    code = ENTER.format(scratch=str(scratch), handed=[], nproc=64) + (
+    code = ENTER.format(scratch=str(scratch), handed=[], nproc=64, user="sandbox.task_user()") + (
         f"import time\nPath({str(marker)!r}).write_text(str(os.getpid()))\nwhile True:\n    time.sleep(0.05)\n"
     )
     outer = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
@@ -235,3 +257,20 @@ def test_the_sandboxed_process_dies_with_the_process_that_waits_for_it(tmp_path:
     finally:
         if outer.poll() is None:
             outer.kill()
+
+
+def test_a_process_with_threads_is_told_it_cannot_enter() -> None:
+    code = (
+        "import threading, time\nfrom pathlib import Path\nfrom site_agent import sandbox\n"
+        "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
+        "try:\n    sandbox.enter(sandbox.Sandbox(read=(), write=()))\n"
+        "except sandbox.SandboxError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.stdout.strip() == "the task process has 2 threads before its sandbox (it must have one)", done.stderr
