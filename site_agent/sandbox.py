@@ -32,8 +32,6 @@ import resource
 import select
 import signal
 import sys
-import tempfile
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +62,7 @@ ENV_NPROC = "FLIP_TASK_NPROC"
 DEFAULT_NPROC = 1024  # processes and threads of the task user (torch starts a few threads per core and loader)
 
 WAIT_SECONDS = 0.5  # how often the waiting process looks for the site agent
+NEW_ROOT = "/tmp"  # the new root is mounted over it, in the task's own mount namespace only
 DEVICES = ("null", "zero", "full", "random", "urandom")
 
 
@@ -134,50 +133,52 @@ def _unshare(box: Sandbox) -> None:
         _write_map("/proc/self/gid_map", f"0 {gid} 1")
 
 
-def _wait_for(child: int, scratch_root: str, agent: int) -> None:
+def _wait_for(child: int, agent: int) -> None:
     """The original process: wait for the sandboxed child and end with its exit code; if the site agent goes
     first, end the child (which dies with this process, PR_SET_PDEATHSIG)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: os.kill(child, signal.SIGKILL))
-    while True:
-        done, status = os.waitpid(child, os.WNOHANG)
-        if done:
-            break
+    ended = os.pidfd_open(child)  # readable once the child has ended
+    while not select.select([ended], [], [], WAIT_SECONDS)[0]:
         if os.getppid() != agent:  # the agent is gone: so is its task
             os.kill(child, signal.SIGKILL)
-        time.sleep(WAIT_SECONDS)
-    try:
-        os.rmdir(scratch_root)
-    except OSError:
-        pass
+    _, status = os.waitpid(child, 0)
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
-def _place(source: Path, root: str) -> str:
-    """Create the mount point for ``source`` inside ``root`` (its parents as plain folders); its path."""
-    target = root + str(source)
-    if source.is_symlink():
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if not os.path.lexists(target):
-            os.symlink(os.readlink(source), target)
-        return ""
-    if source.is_dir():
-        os.makedirs(target, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        open(target, "a").close()
-    return target
+@dataclass(frozen=True)
+class _Source:
+    """A path to bind into the root, held open: the root is built over ``/tmp``, which hides what lies there."""
+
+    path: Path
+    writable: bool
+    kind: str  # "dir", "file" or "link"
+    fd: int = -1
+    link: str = ""
+
+    @classmethod
+    def of(cls, path: Path, writable: bool) -> _Source | None:
+        if not os.path.lexists(path):
+            return None
+        if path.is_symlink():
+            return cls(path, writable, "link", link=os.readlink(path))
+        return cls(path, writable, "dir" if path.is_dir() else "file", os.open(path, os.O_PATH | os.O_CLOEXEC))
 
 
-def _bind(sources: Iterable[Path], root: str, *, writable: bool) -> None:
-    for source in sorted(set(sources), key=lambda p: len(p.parts)):  # parents before their children
-        if not os.path.lexists(source):
+def _bind(sources: list[_Source], root: str) -> None:
+    for source in sorted(sources, key=lambda s: len(s.path.parts)):  # parents before their children
+        target = root + str(source.path)
+        os.makedirs(target if source.kind == "dir" else os.path.dirname(target), exist_ok=True)
+        if source.kind == "link":  # recreated as such (/lib -> usr/lib)
+            if not os.path.lexists(target):
+                os.symlink(source.link, target)
             continue
-        target = _place(source, root)
-        if not target:  # a symlink, recreated as such
-            continue
-        _mount(str(source), target, None, MS_BIND | MS_REC)
-        _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (0 if writable else MS_RDONLY))
+        if source.kind == "file":
+            open(target, "a").close()
+        _mount(f"/proc/self/fd/{source.fd}", target, None, MS_BIND | MS_REC)
+        flags = MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (0 if source.writable else MS_RDONLY)
+        _mount(None, target, None, flags)
+        os.close(source.fd)
 
 
 def _devices_and_proc(root: str) -> None:
@@ -212,13 +213,17 @@ def _pivot(root: str) -> None:
     _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def _build_root(box: Sandbox, root: str) -> None:
+def _build_root(box: Sandbox) -> None:
+    """The new root: a tmpfs mounted over ``/tmp`` in this mount namespace only (so nothing is made on the
+    host), the sources bound into it through descriptors opened before it hid them."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host, nor back
+    found = [_Source.of(p, False) for p in set(box.read)] + [_Source.of(p, True) for p in set(box.write)]
+    sources = [s for s in found if s is not None]
+    root = NEW_ROOT
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m")
     os.makedirs(root + "/tmp")  # private: a spare's temporary files (a run writes to its scratch)
     _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
-    _bind(box.read, root, writable=False)
-    _bind(box.write, root, writable=True)
+    _bind(sources, root)
     _devices_and_proc(root)
     _accounts(root, box.user)
     _pivot(root)
@@ -261,16 +266,15 @@ def enter(box: Sandbox) -> None:
     except SandboxError:
         pass  # install_seccomp says so, where the site's policy decides
     os.setsid()  # the agent stops a task by its process group: this one's
-    root = tempfile.mkdtemp(prefix="flip-task-root-")  # an empty mount point, on the host's side
     agent = os.getppid()
     _unshare(box)
     alive_r, alive_w = os.pipe()  # the child reads EOF here once the waiting process is gone
     child = os.fork()
     if child != 0:
         os.close(alive_r)
-        _wait_for(child, root, agent)
+        _wait_for(child, agent)
     os.close(alive_w)
-    _build_root(box, root)
+    _build_root(box)
     _drop_privileges(box)
     # after the change of user, which clears it: die with the waiting process, and check it is still there
     _check(libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "die with the waiting process")

@@ -147,7 +147,7 @@ class Worker:
             return self.conn.recv_bytes()
 
     def kill(self) -> None:
-        """SIGKILL the task process and whatever it started (its own session)."""
+        """SIGKILL the task process and whatever it started (its own session; the sandboxed child dies with it)."""
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
