@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,20 @@ sandbox.enter(box)
 """
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def python(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``code`` in a child Python started in the checkout (so it imports this FLIP)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def last_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert done.returncode == 0, done.stderr
+    said: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return said
+
+
 def sandboxed(
     tmp_path: Path, body: str, *, handed: tuple[str, ...] = (), nproc: int = 64, user: str = "sandbox.task_user()"
 ) -> dict[str, object]:
@@ -37,15 +52,7 @@ def sandboxed(
     scratch.mkdir(exist_ok=True)
     scratch.chmod(0o777)
     code = ENTER.format(scratch=str(scratch), handed=list(handed), nproc=nproc, user=user) + body
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return last_json(python(code, 120))
 
 
 def test_the_sandboxed_process_is_pid_1_unprivileged_and_sees_only_itself(tmp_path: Path) -> None:
@@ -216,16 +223,7 @@ print(json.dumps(out))
 @pytest.mark.skipif(os.geteuid() != 0, reason="only as root does each call class succeed without the filter")
 def test_each_refused_call_class_is_refused_by_the_filter_and_not_before() -> None:
     def run(setup: str) -> dict[str, str]:
-        code = "import json, os\n" + REFUSED_CALLS.format(setup=setup)
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+        return last_json(python("import json, os\n" + REFUSED_CALLS.format(setup=setup)))
 
     free, filtered = run(""), run("sandbox.install_seccomp()")
     assert set(REFUSED) == {"tracing", "mounts", "namespaces", "kernel", "keys", "clock", "handles"}
@@ -246,7 +244,7 @@ def test_the_sandboxed_process_dies_with_the_process_that_waits_for_it(tmp_path:
     code = ENTER.format(scratch=str(scratch), handed=[], nproc=64, user="sandbox.task_user()") + (
         f"import time\nPath({str(marker)!r}).write_text(str(os.getpid()))\nwhile True:\n    time.sleep(0.05)\n"
     )
-    outer = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2])
+    outer = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     try:
         assert wait_until(marker.exists, 60), "the sandboxed child did not start"
         children = [int(p) for p in Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()]
@@ -266,11 +264,5 @@ def test_a_process_with_threads_is_told_it_cannot_enter() -> None:
         "try:\n    sandbox.enter(sandbox.Sandbox(read=(), write=()))\n"
         "except sandbox.SandboxError as exc:\n    print(exc)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).resolve().parents[2],
-    )
+    done = python(code)
     assert done.stdout.strip() == "the task process has 2 threads before its sandbox (it must have one)", done.stderr
