@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Mount
 from coordinator import internal_api, researcher_api, site_api
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.identity import HubIdentity
+from coordinator.queries import QueryDesk
 from coordinator.registry import SiteRegistry
 from coordinator.service import RunManager
 from coordinator.web import Coordinator, Notifier, error
@@ -75,6 +76,12 @@ def build_app(
         exception_handlers={Rejected: _refused, json.JSONDecodeError: _broken_json, Exception: _bug},
     )
     app.state.flip = Coordinator(
-        config, manager, notifier, identity, tokens or (lambda: config.tokens), SiteRegistry(config.registry_path)
+        config,
+        manager,
+        notifier,
+        identity,
+        tokens or (lambda: config.tokens),
+        SiteRegistry(config.registry_path),
+        QueryDesk(manager),
     )
     return app

@@ -31,6 +31,7 @@ from coordinator.fab import FAB_DIR
 log = logging.getLogger(__name__)
 
 RUN_ID_KEY = "flip-run-id"
+QUERY_LINE_RUN_ID = "query-line"  # the flip-run-id of the query line's run (coordinator.query_line)
 
 
 @dataclass(frozen=True)

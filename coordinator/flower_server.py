@@ -21,8 +21,10 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.aggregate import make_strategy
+from coordinator.flower_control import QUERY_LINE_RUN_ID
 from coordinator.flower_tuning import tuned_grid_pulls
 from coordinator.hublink import HubLink
+from coordinator.query_line import QueryLine
 from coordinator.round_events import global_events, reply_events, round_event, run_event, site_event
 from flip_core.errors import FlipError
 from flip_core.protocol import StepRequest, StepResult
@@ -358,6 +360,10 @@ class RoundLoop:
 def main(grid: Grid, context: Context) -> None:
     run_id = str(context.run_config["flip-run-id"])
     hub = HubLink.from_env()
+    if run_id == QUERY_LINE_RUN_ID:  # not a training run: the line that carries federated queries
+        with tuned_grid_pulls(lambda: False, initial_backoff=0.005, backoff_cap=0.05):
+            QueryLine(grid, hub, int(context.run_id)).serve()
+        return
     try:
         task = hub.task(run_id)
         loop = RoundLoop(grid, hub, task)

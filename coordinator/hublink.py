@@ -78,6 +78,17 @@ class HubLink:
         """Ring these sites' doorbells: a message for them is on the SuperLink (asked again, no new event)."""
         self._request("POST", "/internal/ring", json={"sites": sites})
 
+    def next_query(self, line: int, wait: float) -> dict[str, Any] | None:
+        """The query line's next query, or None when none came within ``wait`` seconds."""
+        response = self._request("GET", f"/internal/queries/next?line={line}&wait={int(wait)}", timeout=wait + 30)
+        if response.status_code == 204:
+            return None
+        work: dict[str, Any] = response.json()
+        return work
+
+    def query_replies(self, query_id: str, replies: list[dict[str, Any]]) -> None:
+        self._request("POST", f"/internal/queries/{query_id}/replies", json=replies)
+
     def put_model(self, run_id: str, params: dict[str, np.ndarray]) -> str:
         response = self._request("PUT", f"/internal/runs/{run_id}/model", data=pack_arrays(params), timeout=300)
         return str(response.json()["sha256"])

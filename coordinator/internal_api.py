@@ -1,18 +1,22 @@
 """``/internal``: the routes of FLIP's ServerApp on the hub host (the internal token only).
 
 The round loop reads its run's task and initial model here, streams the run's events, rings the
-sites whose message is waiting on the SuperLink, and stores the final model.
+sites whose message is waiting on the SuperLink, and stores the final model. The query line takes
+researchers' queries here and hands back the sites' replies.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from coordinator.identity import Refused
-from coordinator.web import error, holds, model_body, state, typed_body
-from flip_core.api import Event, Events, Ring
+from coordinator.web import error, holds, model_body, query_int, state, typed_body
+from flip_core.api import Event, Events, QueryReplies, Ring
+from flip_core.errors import RequestInvalid
 
 
 def _internal(request: Request) -> None:
@@ -67,6 +71,24 @@ async def ring(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
+async def next_query(request: Request) -> Response:
+    """The query line's next query (200), or nothing within ``wait`` seconds (204)."""
+    _internal(request)
+    raw = request.query_params.get("line", "")
+    if not raw.isdigit() or len(raw) > 20:  # a Flower run id: unsigned 64-bit
+        raise RequestInvalid(f"the query parameter 'line' must be a Flower run id, not {raw[:40]!r}", field="line")
+    line, wait = int(raw), min(query_int(request, "wait", 10), 30)
+    found = await asyncio.to_thread(state(request).queries.next, line, float(wait))
+    return Response(status_code=204) if found is None else JSONResponse(found)
+
+
+async def query_replies(request: Request) -> Response:
+    _internal(request)
+    body: QueryReplies = await typed_body(request, QueryReplies, "the replies")
+    state(request).queries.answer(request.path_params["query_id"], [r.model_dump(mode="json") for r in body])
+    return JSONResponse({"ok": True})
+
+
 def routes() -> list[BaseRoute]:
     return [
         Route("/internal/runs/{run_id}/task", task),
@@ -75,4 +97,6 @@ def routes() -> list[BaseRoute]:
         Route("/internal/runs/{run_id}/events", events, methods=["POST"]),
         Route("/internal/sites", sites),
         Route("/internal/ring", ring, methods=["POST"]),
+        Route("/internal/queries/next", next_query),
+        Route("/internal/queries/{query_id}/replies", query_replies, methods=["POST"]),
     ]

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.identity import HubIdentity
+from coordinator.queries import QueryDesk
 from coordinator.registry import SiteRegistry
 from coordinator.service import RunManager
 from flip_core.api import MAX_JSON_BYTES, parse
@@ -58,6 +59,7 @@ class Coordinator:
     identity: HubIdentity | None
     headless: Callable[[], Mapping[str, TokenGrant]]
     registry: SiteRegistry
+    queries: QueryDesk
 
 
 def state(request: Request) -> Coordinator:

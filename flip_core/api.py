@@ -30,7 +30,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from flip_core.errors import RequestInvalid
-from flip_core.status import MetricPhase, Presence, RunStatus, SiteState
+from flip_core.query import MAX_BINS, MAX_COLUMNS, MAX_QUERY_CHARS, QueryKind
+from flip_core.status import MetricPhase, Presence, RunStatus, SiteState, StepStatus
 
 PROJECT_HEADER = "X-FLIP-Project"  # a researcher in several projects names the one a request is for
 
@@ -175,6 +176,63 @@ class TaskSpec(Body):
         }
 
 
+MAX_THRESHOLD = 1_000_000
+
+
+class QuerySpec(Body):
+    """``POST /api/queries``: one statistic over the rows of a dataset that match a filter, at chosen sites.
+
+    Whether the dataset exists, its columns and whether the sites are online is the coordinator's to
+    say; what may leave is each site's."""
+
+    dataset: Name
+    kind: Annotated[QueryKind, Lax]
+    columns: Annotated[list[Name], Field(max_length=MAX_COLUMNS)] = Field(default_factory=list)
+    where: Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)] = ""
+    bins: int = 10
+    range: tuple[float, float] | None = None
+    sites: Annotated[list[SiteName], Field(min_length=1, max_length=MAX_SITES)] | None = None
+    threshold: int | None = None  # the project's own threshold: raises each site's, never lowers it
+    text: Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)] = ""  # as the researcher wrote it
+
+    @field_validator("bins")
+    @classmethod
+    def _bins(cls, bins: int) -> int:
+        if not 1 <= bins <= MAX_BINS:
+            raise _refuse(f"--bins must be between 1 and {MAX_BINS}, not {bins}")
+        return bins
+
+    @field_validator("range")
+    @classmethod
+    def _range(cls, bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise _refuse(f"--range must be two numbers, the lower first, not {bounds[0]:g} {bounds[1]:g}")
+        return bounds
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, threshold: int | None) -> int | None:
+        if threshold is not None and not 1 <= threshold <= MAX_THRESHOLD:
+            raise _refuse(f"--threshold must be a whole number from 1 to {MAX_THRESHOLD}, not {threshold}")
+        return threshold
+
+    @model_validator(mode="after")
+    def _shape(self) -> QuerySpec:
+        n, kind = len(self.columns), self.kind
+        wrong = {
+            QueryKind.COUNT: (n > 3, "count by takes at most three columns"),
+            QueryKind.STATS: (n < 1, "stats needs at least one column"),
+            QueryKind.HIST: (n != 1, "hist takes exactly one column"),
+            QueryKind.CROSSTAB: (n != 2, "crosstab takes exactly two columns"),
+            QueryKind.MISSING: (False, ""),
+        }[kind]
+        if wrong[0]:
+            raise _refuse(f"{wrong[1]}, not {n}")
+        if len(set(self.columns)) != n:
+            raise _refuse("a column is named twice")
+        return self
+
+
 # -- site agents ------------------------------------------------------------------------------------
 class DatasetAnnouncement(Body):
     """A dataset as a site announces it: metadata only, counts under its threshold withheld (None)."""
@@ -209,6 +267,21 @@ class Ring(Body):
     """``POST /internal/ring``: sites whose message is on the SuperLink again."""
 
     sites: Annotated[list[SiteName], Field(max_length=MAX_SITES)]
+
+
+class QueryReplyBody(Body):
+    """One site's reply to a query, as the query line hands it back (``flip_core.query.QueryReply``)."""
+
+    site: SiteName
+    status: Annotated[StepStatus, Lax]
+    reason: Text = ""
+    threshold: Count = 0
+    table: Annotated[dict[Name, Any], Field(max_length=100)] = Field(default_factory=dict)
+    version: Annotated[str, StringConstraints(max_length=40)] = ""
+    seconds: Annotated[float, Field(ge=0)] = 0.0
+
+
+QueryReplies = Annotated[list[QueryReplyBody], Field(max_length=MAX_SITES)]
 
 
 class RunEvent(Body):
@@ -343,6 +416,7 @@ def parse(model: Any, body: bytes | str | Any, what: str) -> Any:
 __all__ = [
     "MAX_JSON_BYTES",
     "PROJECT_HEADER",
+    "MAX_THRESHOLD",
     "SITE_NAME",
     "Body",
     "DatasetAnnouncement",
@@ -354,6 +428,9 @@ __all__ = [
     "RunEvent",
     "SiteAnnouncement",
     "SiteEvent",
+    "QueryReplies",
+    "QueryReplyBody",
+    "QuerySpec",
     "SiteInfo",
     "TaskSpec",
     "parse",

@@ -38,13 +38,19 @@ def heart_site_names(count: int = len(HEART_SITES)) -> list[str]:
 
 
 def local_policy(auto_approve: bool = True, project: str = DEFAULT_PROJECT) -> dict[str, Any]:
-    """The local federation's site policy: ``project`` approved for anyone on any dataset,
-    the disclosure threshold at its default, and code auto-approved (development) unless
+    """The local federation's site policy: ``project`` approved for anyone on any dataset, for
+    training and queries, the disclosure threshold at its default, and code auto-approved (development) unless
     ``auto_approve`` is False, when each site's admin must approve it (`flip-site approve`)."""
     return {
         "policy": {"disclosure_threshold": DEFAULT_THRESHOLD},
         "projects": {
-            project: {"approved": True, "researchers": ["*"], "datasets": ["*"], "auto_approve": auto_approve}
+            project: {
+                "approved": True,
+                "researchers": ["*"],
+                "datasets": ["*"],
+                "tasks": ["train", "query"],
+                "auto_approve": auto_approve,
+            }
         },
     }
 

@@ -18,12 +18,14 @@ from typing import Any
 import pandas as pd
 import requests
 
-from flip_core.api import PROJECT_HEADER, TaskSpec, parse
+from flip_core.api import PROJECT_HEADER, QuerySpec, TaskSpec, parse
 from flip_core.codec import pack_arrays, unpack_arrays
 from flip_core.errors import NotConnected, Rejected, RunFailed
+from flip_core.filters import parse as parse_filter
 from flip_core.paths import read_connection
 from flip_core.status import TERMINAL, EventType, RunStatus, SiteState
 from flip_core.versions import package_versions
+from flip_magics.queries import QueryResult, result_from
 from flip_magics.task import PreparedTask, load_weights, prepare
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,42 @@ class FlipClient:
 
     def stop(self, run_id: str) -> dict[str, Any]:
         return self._call("POST", f"/api/runs/{run_id}/stop").json()  # type: ignore[no-any-return]
+
+    # -- queries --------------------------------------------------------------------
+    def query(
+        self,
+        dataset: str,
+        kind: str = "count",
+        columns: list[str] | tuple[str, ...] = (),
+        where: str = "",
+        *,
+        bins: int = 10,
+        range: tuple[float, float] | None = None,  # noqa: A002 - the option's own name (--range)
+        sites: list[str] | None = None,
+        threshold: int | None = None,
+        text: str = "",
+    ) -> QueryResult:
+        """One federated statistic (``count``, ``stats``, ``hist``, ``crosstab``, ``missing``) over the rows of
+        ``dataset`` that match ``where``, at every online site holding it (or ``sites``): each site's
+        released table and the pooled one. What each site releases is its own policy's to decide."""
+        spec: QuerySpec = parse(
+            QuerySpec,
+            {
+                "dataset": dataset,
+                "kind": kind,
+                "columns": list(columns),
+                "where": where,
+                "bins": bins,
+                "range": None if range is None else (float(range[0]), float(range[1])),
+                "sites": sites,
+                "threshold": threshold,
+                "text": text,
+            },
+            "the query",
+        )
+        parse_filter(where)  # a malformed filter: told here, before anything is sent
+        answer = self._call("POST", "/api/queries", json=spec.model_dump(mode="json"), timeout=120).json()
+        return result_from(answer)
 
     # -- training -------------------------------------------------------------------
     def train(

@@ -8,12 +8,13 @@ from typing import Any
 
 import pandas as pd
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
 from flip_core.errors import FlipError, NotConnected
 from flip_magics.client import FlipClient, RunHandle
+from flip_magics.queries import STATISTIC_HELP, QueryResult, parse_statistic
 from flip_magics.widgets import RunWidget
 
 DEFAULT_OUT = "flip_run"
@@ -169,6 +170,37 @@ class FlipMagics(Magics):
         )
         self._user_ns()[args.out] = handle
         show_run(handle)
+
+    @line_cell_magic
+    @magic_arguments()
+    @argument("dataset", help="dataset name, as %%flip_sites lists it")
+    @argument("statistic", nargs="+", help=STATISTIC_HELP)
+    @argument("--where", default="", help='the cohort: e.g. "age > 50 and sex = 1" (in %%%%flip_query: the cell)')
+    @argument("--bins", type=int, default=10, help="hist: the number of bins")
+    @argument("--range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="hist: the bins' range")
+    @argument("--sites", nargs="+", default=None, help="ask only these sites (default: every online site)")
+    @argument("--threshold", type=int, default=None, help="this query's disclosure threshold (raises the sites')")
+    @argument("--out", default="flip_query", help="variable that receives the result (default: flip_query)")
+    @_friendly
+    def flip_query(self, line: str, cell: str | None = None) -> QueryResult:
+        """A federated statistic over the rows of a dataset that match a filter; each site releases what it may."""
+        args = parse_argstring(self.flip_query, line)
+        kind, columns = parse_statistic(args.statistic)
+        where = " ".join(cell.split()) if cell is not None and cell.strip() else args.where
+        text = f"{args.dataset} {' '.join(args.statistic)}" + (f" where {where}" if where else "")
+        result = self._client().query(
+            args.dataset,
+            kind,
+            columns,
+            where,
+            bins=args.bins,
+            range=None if args.range is None else (args.range[0], args.range[1]),
+            sites=args.sites,
+            threshold=args.threshold,
+            text=text,
+        )
+        self._user_ns()[args.out] = result
+        return result
 
     @line_magic
     @_friendly

@@ -10,7 +10,9 @@ time, never a message.
 
 Each message is one step of a run. The site's policy decides first (``site_agent.governance``):
 only an allowed step reaches the run's warm task process (``site_agent.tasks``), and only what
-the output guard lets through goes back; both are written to the site's audit log.
+the output guard lets through goes back; both are written to the site's audit log. A message of
+type "query" is a federated query, answered by the agent itself under the site's disclosure
+control (``site_agent.queries``): no researcher code runs for it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import requests
 from flip_core import __version__
 from flip_core.certs import SITE_KEYS, load_site_keys
 from flip_core.protocol import StepResult, decode_request, encode_result
+from flip_core.query import MESSAGE_TYPE_QUERY, QueryReply, encode_reply
 from flip_core.status import Presence, StepStatus
 from flip_core.wire import blob_to_content, content_to_blob
 from site_agent import isolation
@@ -38,6 +41,8 @@ from site_agent.tasks import TaskService
 
 if TYPE_CHECKING:
     from flwr.app import Message
+
+    from site_agent.queries import QueryService
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,8 @@ class SiteAgent:
         self.node_ready = threading.Event()
         self.doorbell = threading.Event()
         self.governance = Governance(site)  # the site's policy, read once
+        self._query_service: QueryService | None = None
+        self._queries_lock = threading.Lock()
         self.tasks = TaskService(
             site.name,
             site.root,
@@ -145,7 +152,10 @@ class SiteAgent:
                         self.doorbell.wait(IDLE_POLL_SECONDS)
                         self.doorbell.clear()
                         while not self.stopping.is_set() and (message := link.receive()) is not None:
-                            threading.Thread(target=self._handle, args=(link, message), daemon=True).start()
+                            if message.metadata.message_type == MESSAGE_TYPE_QUERY and self._query_service:
+                                self._handle(link, message)  # milliseconds: replying first beats pulling again
+                            else:
+                                threading.Thread(target=self._handle, args=(link, message), daemon=True).start()
             except FleetRefused as refused:
                 refused_since = refused_since or time.monotonic()
                 if time.monotonic() - refused_since > REFUSED_SECONDS:
@@ -193,30 +203,45 @@ class SiteAgent:
 
     def _handle(self, link: Any, message: Message) -> None:
         started = time.monotonic()
+        query = message.metadata.message_type == MESSAGE_TYPE_QUERY
         try:
             blob = content_to_blob(message.content)
-            request = decode_request(blob)
-            answer = self.governance.admit(request)  # policy first: no task code runs unless it allows
-            if answer is not None:
-                result = encode_result(answer)
-            else:
-                seconds, memory_mb = self.governance.limits(request)
-                produced = self.tasks.step(blob, seconds, memory_mb)  # isolated, killed at its time limit
-                result = self.governance.release(request, produced)  # the output guard, audited
+            result = self._queries().answer(blob) if query else self._step(blob)
         except Exception as exc:  # noqa: BLE001 - the hub gets a type, the site log the details
-            log.exception("could not run a step of Flower run %s", message.metadata.run_id)
-            result = encode_result(
-                StepResult(
-                    site=self.site.name,
-                    status=StepStatus.ERROR,
-                    error_type=type(exc).__name__,
-                    error_where="the site agent",
+            log.exception("could not answer a message of Flower run %s", message.metadata.run_id)
+            where = "the site agent"
+            result = (
+                encode_reply(QueryReply(self.site.name, StepStatus.ERROR, f"{where} failed ({type(exc).__name__})"))
+                if query
+                else encode_result(
+                    StepResult(
+                        site=self.site.name, status=StepStatus.ERROR, error_type=type(exc).__name__, error_where=where
+                    )
                 )
             )
         try:
             link.reply(message, blob_to_content(result), time.monotonic() - started)
         except Exception:  # noqa: BLE001 - the hub's liveness check reports the missing reply
             log.exception("could not send the reply to Flower run %s", message.metadata.run_id)
+
+    def _step(self, blob: bytes) -> bytes:
+        """One step of a training run: the policy, the task process, the output guard."""
+        request = decode_request(blob)
+        answer = self.governance.admit(request)  # policy first: no task code runs unless it allows
+        if answer is not None:
+            return encode_result(answer)
+        seconds, memory_mb = self.governance.limits(request)
+        produced = self.tasks.step(blob, seconds, memory_mb)  # isolated, killed at its time limit
+        return self.governance.release(request, produced)  # the output guard, audited
+
+    def _queries(self) -> QueryService:
+        """The query service, made at the first query (it loads pandas, which training steps never need here)."""
+        with self._queries_lock:
+            if self._query_service is None:
+                from site_agent.queries import QueryService
+
+                self._query_service = QueryService(self.site, self.governance)
+            return self._query_service
 
     def run(self) -> int:
         def stop(*_: Any) -> None:

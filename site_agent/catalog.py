@@ -296,16 +296,10 @@ def add_dataset(
     return new
 
 
-def load_split(
-    config: SiteConfig, name: str, opener: Callable[[Path], IO[bytes]] | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The dataset's recorded train and test parts; refuses a file that changed since registration.
-
-    ``opener`` reads a file (default: by its path); a sandboxed task process reads the files the agent's
-    user opened for it (``site_agent.sandbox.HandedFiles``)."""
+def _verified_bytes(config: SiteConfig, name: str, read: Callable[[Path], IO[bytes]]) -> bytes:
+    """The dataset file's bytes; refused when the file changed since registration."""
     entry = config.dataset(name)
     path = Path(entry.path)
-    read = opener or (lambda p: open(p, "rb"))
     try:
         with read(path) as fh:
             data = fh.read()
@@ -316,6 +310,25 @@ def load_split(
             f"dataset {name!r} at site {config.name!r} changed since it was registered "
             "(fingerprint differs); register it again with `flip-site dataset add`"
         )
+    return data
+
+
+def load_table(config: SiteConfig, name: str) -> pd.DataFrame:
+    """The whole registered table (rows in file order), for queries; refuses a file that changed."""
+    data = _verified_bytes(config, name, lambda p: open(p, "rb"))
+    return read_table(io.BytesIO(data), config.dataset(name).format)
+
+
+def load_split(
+    config: SiteConfig, name: str, opener: Callable[[Path], IO[bytes]] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The dataset's recorded train and test parts; refuses a file that changed since registration.
+
+    ``opener`` reads a file (default: by its path); a sandboxed task process reads the files the agent's
+    user opened for it (``site_agent.sandbox.HandedFiles``)."""
+    entry = config.dataset(name)
+    read = opener or (lambda p: open(p, "rb"))
+    data = _verified_bytes(config, name, read)
     with read(config.root / "splits" / f"{name}.json") as fh:
         split = json.loads(fh.read())
     table = read_table(io.BytesIO(data), entry.format)

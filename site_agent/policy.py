@@ -15,7 +15,8 @@ the network or looks at data: the agent gathers the facts, this module decides.
     approved = true
     researchers = ["alice", "bob"]   # or ["*"]: anyone the hub lets into the project
     datasets = ["heart-disease"]     # or ["*"]: any dataset registered here
-    tasks = ["train"]
+    tasks = ["train", "query"]        # "query": federated statistics (%flip_query), no code runs
+    query_columns = ["*"]            # the columns a query of this project may name or filter on
     metrics = ["loss", "accuracy"]   # the metric names that may leave (default ["*"]: any plain name, at most 20)
     auto_approve = false             # true: code runs without an admin's approval (development)
     disclosure_threshold = 10
@@ -35,7 +36,8 @@ from typing import Any
 from flip_core.errors import ConfigError
 
 DEFAULT_THRESHOLD = 10
-TASK_KINDS = ("train",)
+TASK_KINDS = ("train", "query")
+DEFAULT_TASKS = ("train",)
 ANY = "*"
 
 ALLOW, PENDING, REFUSE = "allow", "pending", "refuse"
@@ -51,7 +53,8 @@ class ProjectPolicy:
     approved: bool = False
     researchers: tuple[str, ...] = ()
     datasets: tuple[str, ...] = ()
-    tasks: tuple[str, ...] = TASK_KINDS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    query_columns: tuple[str, ...] = (ANY,)
     metrics: tuple[str, ...] = (ANY,)
     auto_approve: bool = False
     disclosure_threshold: int = DEFAULT_THRESHOLD
@@ -177,7 +180,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
         unknown = set(body) - _PROJECT_KEYS
         if unknown:
             raise PolicyError(f"{where} has unknown setting(s): {', '.join(sorted(unknown))}")
-        tasks = _names(f"{where} tasks", body.get("tasks", list(TASK_KINDS)))
+        tasks = _names(f"{where} tasks", body.get("tasks", list(DEFAULT_TASKS)))
         if bad := sorted(set(tasks) - set(TASK_KINDS)):
             raise PolicyError(f"{where} tasks: unknown kind(s) {', '.join(bad)} (known: {', '.join(TASK_KINDS)})")
         threshold = int(
@@ -193,6 +196,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
             datasets=_names(f"{where} datasets", body.get("datasets", [])),
             tasks=tasks,
             metrics=_names(f"{where} metrics", body.get("metrics", [ANY])),
+            query_columns=_names(f"{where} query_columns", body.get("query_columns", [ANY])),
             auto_approve=_flag(f"{where} auto_approve", body.get("auto_approve", False)),
             disclosure_threshold=threshold,
             dp_required=_flag(f"{where} dp_required", body.get("dp_required", False)),
@@ -204,6 +208,18 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
             ),
         )
     return SitePolicy(site=site, projects=projects, disclosure_threshold=floor)
+
+
+def query_columns_refused(policy: SitePolicy, project: str, names: tuple[str, ...]) -> str:
+    """The sentence refusing a query that names columns ``project`` may not query here ("" when it may)."""
+    found = policy.project(project)
+    allowed = found.query_columns if found else ()
+    if ANY in allowed or not (barred := sorted(set(names) - set(allowed))):
+        return ""
+    return (
+        f"project {project!r} may not query column(s) {', '.join(barred)} at {policy.site} "
+        f"(it may query: {', '.join(allowed) or 'none'})"
+    )
 
 
 def decide(policy: SitePolicy, task: TaskFacts, approval: Approval = Approval(), budget: Budget = Budget()) -> Decision:
@@ -239,6 +255,8 @@ def decide(policy: SitePolicy, task: TaskFacts, approval: Approval = Approval(),
             f"epsilon {budget.spent:.3g} of {project.max_epsilon:g} spent; this task "
             f"(--dp-epsilon {task.dp_epsilon:g}) would bring it to {budget.after:.3g}",
         )
+    if task.kind == "query":  # no code of the researcher's runs: no approval to wait for
+        return Decision(ALLOW)
     if approval.state == "rejected":
         why = f": {approval.reason}" if approval.reason else ""
         return Decision(REFUSE, f"{site} rejected this code ({task.source_hash[:19]}){why}")

@@ -103,3 +103,13 @@ def test_tuned_pulls_give_up_when_told_a_site_is_gone_and_flowers_own_pull_is_ba
         else:
             raise AssertionError("the pull did not give up")
     assert http_grid.pull_objects is flowers
+
+
+def test_the_query_line_sends_flowers_own_query_message_type() -> None:
+    from flwr.app import MessageType
+    from flwr.app.metadata import validate_message_type
+
+    from flip_core.query import MESSAGE_TYPE_QUERY
+
+    assert MessageType.QUERY == MESSAGE_TYPE_QUERY
+    assert validate_message_type(MESSAGE_TYPE_QUERY)

@@ -222,6 +222,44 @@ def test_a_malformed_task_is_refused_with_a_sentence_naming_the_field(
     assert len(manager.store.runs()) == before  # nothing was created
 
 
+QUERY = {"dataset": "heart-disease", "kind": "count"}  # the announced HEART has no columns: any column is unknown
+BAD_QUERY_FIELDS: dict[str, list[Any]] = {
+    "dataset": [1, None, [], "", "d" * 201, "heart"],
+    "kind": [1, None, "mean", "COUNT", []],
+    "columns": ["sex", [1], [""], ["c"] * 21, ["age"], ["sex", "sex"]],
+    "where": [1, [], "x" * 4001, "age > ", "lower(age) > 1", "t.age > 1", "__class__ = 1", "(select 1) = 1", "a=1"],
+    "bins": ["10", 0, 101, 1.5, True, None],
+    "range": [[1], [2, 1], "1 2", [1, "2"], [None, 1], [1, 2, 3]],
+    "sites": [[], "VA", ["a b"], ["Nowhere"], [1]],
+    "threshold": [0, -1, "10", 10**7, True, 1.5],
+    "text": [1, "t" * 4001],
+    "surplus": [1],
+}
+
+
+def query_cases() -> Iterator[Any]:
+    for field, values in BAD_QUERY_FIELDS.items():
+        for i, value in enumerate(values):
+            body = {**QUERY, field: value}
+            if field == "range":
+                body.update(kind="hist", columns=["age"])
+            yield pytest.param(field, json.dumps(body).encode(), id=f"{field}-{i}")
+    for i, raw in enumerate(BAD_BODIES):
+        yield pytest.param("", raw, id=f"body-{i}")
+
+
+@pytest.mark.parametrize(("field", "body"), list(query_cases()))
+def test_a_malformed_query_is_refused_with_a_sentence_and_never_reaches_a_site(
+    coordinator: tuple[TestClient, RunManager, str, str], field: str, body: bytes
+) -> None:
+    client, manager, _, _ = coordinator
+    response = client.post(
+        "/api/queries", headers={**auth(RESEARCHER), "Content-Type": "application/json"}, content=body
+    )
+    assert_sentence(response)
+    assert "query-line" not in manager.control.started  # type: ignore[attr-defined]  # no query line was started
+
+
 @pytest.mark.parametrize("name", list(BAD_MODELS))
 @pytest.mark.parametrize(
     ("route", "method", "token"), [("/api/models", "POST", RESEARCHER), ("/internal/runs/RUN/model", "PUT", INTERNAL)]

@@ -128,3 +128,24 @@ def test_thresholds_never_go_below_the_sites() -> None:
 def test_a_bad_policy_is_refused_with_where_and_why(raw, message) -> None:
     with pytest.raises(PolicyError, match=message):
         parse_policy("VA", raw)
+
+
+def test_queries_are_their_own_kind_allowed_only_where_the_project_lists_them() -> None:
+    refused = decide(policy(), task(kind="query", source_hash=""))
+    assert refused.verdict == REFUSE and "query tasks are not allowed for project 'heart' at VA" in refused.reason
+    allowed = decide(policy(tasks=["train", "query"]), task(kind="query", source_hash=""))
+    assert allowed.verdict == ALLOW  # no code runs for a query: no approval to wait for
+    other = decide(policy(tasks=["query"], researchers=["bob"]), task(kind="query", source_hash=""))
+    assert other.verdict == REFUSE and "researcher 'alice'" in other.reason
+
+
+def test_a_site_can_restrict_the_columns_a_project_may_query() -> None:
+    from site_agent.policy import query_columns_refused
+
+    narrow = policy(tasks=["query"], query_columns=["age", "sex"])
+    assert query_columns_refused(narrow, "heart", ("age",)) == ""
+    sentence = query_columns_refused(narrow, "heart", ("age", "chol", "thal"))
+    assert sentence == "project 'heart' may not query column(s) chol, thal at VA (it may query: age, sex)"
+    assert query_columns_refused(policy(), "heart", ("chol",)) == ""  # the default: any column
+    with pytest.raises(PolicyError, match="query_columns"):
+        policy(query_columns="age")

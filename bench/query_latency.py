@@ -1,0 +1,65 @@
+"""Warm round trip of a federated query over the four hospitals: ``count by sex`` and ``stats``.
+
+A local federation (TLS, the four UCI heart-disease sites), the notebook's plain client. The first
+query starts the hub's query line (one long-lived Flower run); the figures are the queries after
+it: from ``client.query(...)`` to the pooled DataFrame, through the coordinator, the query line,
+the SuperLink and every site's disclosure control. Prints the median and the spread.
+
+    python -m bench.query_latency [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import machine
+from flip_local.federation import down, up
+from flip_magics.client import FlipClient
+
+
+def timed(call: object, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()  # type: ignore[operator]
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="flip-bench-") as tmp:
+        home = Path(tmp)
+        connection = up(home)
+        try:
+            client = FlipClient(connection["coordinator_url"], connection["token"])
+            started = time.perf_counter()
+            client.query("heart-disease", "count", ["sex"])
+            cold = time.perf_counter() - started
+            queries = {
+                "count by sex": lambda: client.query("heart-disease", "count", ["sex"]),
+                "stats age trestbps chol thalach": lambda: client.query(
+                    "heart-disease", "stats", ["age", "trestbps", "chol", "thalach"]
+                ),
+                "count by sex where age > 50": lambda: client.query("heart-disease", "count", ["sex"], "age > 50"),
+            }
+            print(f"machine: {machine()}")
+            print(f"first query (starts the query line): {cold:.2f} s")
+            for name, call in queries.items():
+                seconds = timed(call, args.repeats)
+                print(
+                    f"{name:34s} median {statistics.median(seconds) * 1000:6.1f} ms  "
+                    f"min {min(seconds) * 1000:6.1f}  max {max(seconds) * 1000:6.1f}  ({args.repeats} queries, 4 sites)"
+                )
+        finally:
+            down(home)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The site's answers to federated queries: policy first, then the filter, the ledger, the statistic.
+
+No researcher code runs for a query: the agent itself reads its table, turns the filter's text
+into a row mask (``site_agent.filtering``, never evaluated), refuses a cohort too close to one it
+already answered (``site_agent.query_ledger``), computes the statistic under the disclosure
+threshold (``site_agent.statistics``) and writes what it released, or why it refused, to the
+audit log before the reply leaves. The threshold is the site's for the project, raised (never
+lowered) by the one the query asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from flip_core.errors import FlipError
+from flip_core.filters import parse as parse_filter
+from flip_core.query import QueryReply, QueryRequest, decode_query, encode_reply
+from flip_core.status import StepStatus
+from site_agent.catalog import SiteConfig, load_table
+from site_agent.filtering import mask
+from site_agent.governance import Governance
+from site_agent.policy import TaskFacts, decide, query_columns_refused
+from site_agent.query_ledger import QueryLedger
+from site_agent.statistics import answer
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+class QueryService:
+    """Answers the query messages that reach this site (thread-safe: each message has its own thread)."""
+
+    def __init__(self, site: SiteConfig, governance: Governance) -> None:
+        self.site = site
+        self.governance = governance
+        self.ledger = QueryLedger(site.root)
+        self._tables: dict[str, tuple[tuple[int, int], pd.DataFrame]] = {}
+        self._lock = threading.Lock()
+
+    def answer(self, blob: bytes) -> bytes:
+        started = time.monotonic()
+        request = decode_query(blob)
+        reply = self.reply(request)
+        reply.seconds = time.monotonic() - started
+        self.governance.audit.append(
+            "query",
+            query=request.query_id,
+            project=request.project,
+            researcher=request.researcher,
+            dataset=request.dataset,
+            text=request.text,
+            statistic=str(request.kind),
+            columns=list(request.columns),
+            where=request.where,
+            verdict=str(reply.status),
+            reason=reply.reason,
+            threshold=reply.threshold,
+            released=reply.table,
+        )
+        return encode_reply(reply)
+
+    def reply(self, request: QueryRequest) -> QueryReply:
+        """What this site releases for ``request``: its answer, or a refusal in a sentence."""
+        name, policy = self.site.name, self.governance.policy
+        facts = TaskFacts(request.project, request.researcher, request.dataset, source_hash="", kind="query")
+        decision = decide(policy, facts)
+        if not decision.allowed:
+            return QueryReply(name, StepStatus.REFUSED, decision.reason)
+        if request.dataset not in self.site.datasets:
+            return QueryReply(name, StepStatus.NO_DATASET, f"{name} does not hold {request.dataset!r}")
+        threshold = max(policy.threshold(request.project), request.threshold)
+        try:
+            table = self._table(request.dataset)
+            cohort = parse_filter(request.where, [str(c) for c in table.columns])
+            named = tuple(sorted(set(request.columns) | set(cohort.columns())))
+            if barred := query_columns_refused(policy, request.project, named):
+                return QueryReply(name, StepStatus.REFUSED, barred, threshold)
+            rows = mask(cohort, table)
+            fingerprint = self.ledger.cohort(np.flatnonzero(rows), len(table), request.text or request.where)
+            released = fingerprint.size >= threshold
+            near = released and self.ledger.too_close(
+                request.project, request.dataset, fingerprint, len(table), threshold
+            )
+            if near:
+                return QueryReply(name, StepStatus.REFUSED, _too_close(name, threshold, near.text), threshold)
+            table_out = answer(request, table, rows, threshold)
+        except FlipError as exc:
+            return QueryReply(name, StepStatus.REFUSED, f"{name}: {exc}", threshold)
+        if released:
+            self.ledger.record(request.project, request.dataset, fingerprint)
+        return QueryReply(name, StepStatus.OK, threshold=threshold, table=table_out)
+
+    def _table(self, dataset: str) -> pd.DataFrame:
+        """The dataset's whole table, read once, and again (checked against its fingerprint) when its file changes."""
+        stat = Path(self.site.dataset(dataset).path).stat()
+        key = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            cached = self._tables.get(dataset)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        table = load_table(self.site, dataset)
+        with self._lock:
+            self._tables[dataset] = (key, table)
+        return table
+
+
+def _too_close(site: str, threshold: int, earlier: str) -> str:
+    return (
+        f"{site} refused this query: its cohort differs by fewer than {threshold} rows from one already "
+        f"answered for this project ({earlier[:120]!r}); two answers that close could reveal single patients"
+    )

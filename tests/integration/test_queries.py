@@ -1,0 +1,168 @@
+"""Federated queries through the real federation: the notebook's client, the coordinator, the query line
+(a Flower run), four hospital site agents. The ground truth is pandas over the four shared files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from flip_core.errors import Rejected
+from flip_local.sites import HEART_SITES
+from site_agent.catalog import read_table
+
+from helpers import shared_data
+
+pytestmark = pytest.mark.integration
+DATASET = "heart-disease"
+THRESHOLD = 10
+
+
+@pytest.fixture(scope="module")
+def tables() -> dict[str, pd.DataFrame]:
+    return {site: read_table(shared_data() / DATASET / f, "uci-heart") for site, f in HEART_SITES.items()}
+
+
+@pytest.fixture(scope="module")
+def pooled_truth(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(tables.values(), ignore_index=True)
+
+
+def _cells(frame: pd.DataFrame, by: list[str]) -> dict[tuple[str, ...], object]:
+    return {tuple(str(row[c]) for c in by): row["count"] for _, row in frame.iterrows()}
+
+
+def _label(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else format(value, "g")
+
+
+def test_count_by_sex_is_exact_pooled_and_withholds_small_cells(federation, tables, pooled_truth) -> None:
+    result = federation.client().query(DATASET, "count", ["sex"])
+    assert result.refused == {}
+    pooled = _cells(result.pooled, ["sex"])
+    for sex, count in pooled_truth.groupby("sex").size().items():
+        at_sites = result.sites[result.sites.sex == _label(sex)]["count"]
+        assert pd.isna(pooled[(_label(sex),)]) if at_sites.isna().any() else pooled[(_label(sex),)] == count
+    for site, table in tables.items():
+        mine = result.sites[result.sites.site == site]
+        for sex, count in table.groupby("sex").size().items():
+            got = mine[mine.sex == _label(sex)]["count"].iloc[0]
+            assert pd.isna(got) if count < THRESHOLD or site == "VA" else got == count
+        assert result.totals[site] == len(table)
+    # VA has 6 women: withheld, and so its 194 men (its released total minus them would give the 6)
+    assert result.sites[result.sites.site == "VA"]["count"].isna().all()
+    assert result.totals["pooled"] == len(pooled_truth)
+
+
+def test_stats_pooled_mean_and_std_are_exact(federation, pooled_truth) -> None:
+    where = "age > 50"
+    result = federation.client().query(DATASET, "stats", ["age", "trestbps", "thalach"], where)
+    cohort = pooled_truth[pooled_truth.age > 50]
+    for column in ("age", "trestbps", "thalach"):
+        row = result.pooled.set_index("column").loc[column]
+        values = cohort[column].dropna()
+        assert int(row["n"]) == len(values)
+        assert row["mean"] == pytest.approx(values.mean(), rel=1e-9)
+        assert row["std"] == pytest.approx(values.std(ddof=1), rel=1e-9)
+        assert row["p50"] == pytest.approx(values.median(), rel=0.05)  # merged sketches: approximate, and said so
+    assert any("approximate" in note for note in result.notes)
+
+
+def test_crosstab_withholds_small_cells_and_their_complements(federation, tables) -> None:
+    result = federation.client().query(DATASET, "crosstab", ["sex", "cp"])
+    swiss = result.sites[result.sites.site == "Switzerland"]
+    truth = tables["Switzerland"].groupby(["sex", "cp"]).size()
+    small = [k for k, v in truth.items() if v < THRESHOLD]
+    assert small, "the Switzerland table has small sex x cp cells"
+    for sex, cp in small:
+        assert pd.isna(swiss[(swiss.sex == _label(sex)) & (swiss.cp == _label(cp))]["count"].iloc[0])
+    grid = result.wide()
+    assert grid.shape == (2, 4)
+    # a pooled cell where any site withheld its own is withheld too (pooled minus the others would reveal it)
+    for (sex, cp), cell in _cells(result.pooled, ["sex", "cp"]).items():
+        site_cells = result.sites[(result.sites.sex == sex) & (result.sites.cp == cp)]["count"]
+        assert pd.isna(cell) == bool(site_cells.isna().any())
+
+
+def test_a_cohort_one_patient_from_an_answered_one_is_refused(federation, tables) -> None:
+    client = federation.client()
+    first = client.query(DATASET, "count", where="age > 45")
+    assert first.refused == {}
+    patient = tables["Cleveland"].query("age > 45").iloc[0]
+    one_out = (
+        f"age > 45 and not (age = {patient.age:g} and trestbps = {patient.trestbps:g} and chol = {patient.chol:g})"
+    )
+    second = client.query(DATASET, "count", where=one_out)
+    assert "Cleveland" in second.refused
+    assert "differs by fewer than 10 rows" in second.refused["Cleveland"]
+    assert set(second.sites.site) == {"Hungary", "Switzerland", "VA"}  # the same cohort there as before: answered
+
+
+def test_a_filter_that_isolates_one_patient_releases_nothing(federation, tables) -> None:
+    patient = tables["VA"].iloc[3]
+    where = f"age = {patient.age:g} and trestbps = {patient.trestbps:g} and thalach = {patient.thalach:g}"
+    result = federation.client().query(DATASET, "stats", ["age"], where, sites=["VA"])
+    row = result.sites.iloc[0]
+    assert pd.isna(row["n"]) and np.isnan(row["mean"]) and np.isnan(row["p50"])
+    assert pd.isna(result.pooled.iloc[0]["n"])
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ("agee > 50", "unknown column 'agee'"),
+        ("t.age > 50", "table"),
+        ("lower(age) > 1", "function"),
+        ("__class__ > 1", "__class__"),
+        ("age > (select 1)", "subquer"),
+        ("age + 1 > 2", "not allowed"),
+        ("age > 50; drop table x", "not valid"),
+    ],
+)
+def test_hostile_filters_are_refused_in_a_sentence(federation, where, says) -> None:
+    with pytest.raises(Rejected) as refused:  # in the kernel (RequestInvalid) or by the coordinator, with its status
+        federation.client().query(DATASET, "count", where=where)
+    assert says in str(refused.value)
+
+
+def test_the_coordinator_refuses_what_the_client_would_have(federation) -> None:
+    """Sent past the client: a 1 MB filter, an unknown column, a function call; each a 4xx sentence."""
+    conn = federation.connection
+    post = lambda body: requests.post(  # noqa: E731
+        conn["coordinator_url"] + "/api/queries",
+        json=body,
+        headers={"Authorization": f"Bearer {conn['token']}"},
+        timeout=30,
+    )
+    huge = post({"dataset": DATASET, "kind": "count", "where": "age > 1 or " * 100_000})
+    assert huge.status_code in (400, 413) and "too long" in huge.json()["error"]
+    unknown = post({"dataset": DATASET, "kind": "stats", "columns": ["weight"]})
+    assert unknown.status_code == 404 and "age, sex" in unknown.json()["error"]
+    call = post({"dataset": DATASET, "kind": "count", "where": "exec('import os') = 1"})
+    assert call.status_code == 400 and "function" in call.json()["error"]
+    with pytest.raises(Rejected, match="unknown dataset"):
+        federation.client().query("heart", "count")
+
+
+def test_hist_and_missing_and_the_audit_record(federation, pooled_truth) -> None:
+    client = federation.client()
+    hist = client.query(DATASET, "hist", ["thalach"], bins=5, range=(60, 210))
+    counts = dict(zip(hist.pooled["thalach"], hist.pooled["count"], strict=True))
+    inside = pooled_truth.thalach[(pooled_truth.thalach >= 120) & (pooled_truth.thalach < 150)]
+    assert counts["[120, 150)"] == len(inside) or pd.isna(counts["[120, 150)"])
+    missing = client.query(DATASET, "missing", ["chol", "ca"])
+    swiss = missing.sites[(missing.sites.site == "Switzerland") & (missing.sites.column == "ca")]
+    assert set(swiss.state) == {"missing", "present"}
+    records = [json.loads(line) for line in _audit(federation.home, "Hungary").read_text().splitlines()]
+    queries = [r for r in records if r["kind"] == "query"]
+    assert queries and queries[-1]["text"].startswith(DATASET) and queries[-1]["verdict"] == "ok"
+    assert queries[-1]["released"]["dims"] == ["column", "state"]
+
+
+def _audit(home: Path, site: str) -> Path:
+    return home / "federation" / "sites" / site / "audit" / "audit.jsonl"
