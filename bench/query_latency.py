@@ -3,7 +3,8 @@
 A local federation (TLS, the four UCI heart-disease sites), the notebook's plain client. The first
 query starts the hub's query line (one long-lived Flower run); the figures are the queries after
 it: from ``client.query(...)`` to the pooled DataFrame, through the coordinator, the query line,
-the SuperLink and every site's disclosure control. Prints the median and the spread.
+the SuperLink and every site's disclosure control. Prints the median and the spread, and the
+SuperLink's CPU per query (every Flower object is a call of its own: the round trip waits for it).
 
     python -m bench.query_latency [--repeats 20]
 """
@@ -16,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine
-from flip_local.federation import down, up
+from bench.common import cpu_seconds, machine
+from flip_core.util import wait_until
+from flip_local.federation import down, status, up
 from flip_magics.client import FlipClient
 
 
@@ -39,6 +41,10 @@ def main() -> None:
         connection = up(home)
         try:
             client = FlipClient(connection["coordinator_url"], connection["token"])
+            # a quiet federation: the sites have loaded their spare task processes (torch), as a minute after `flip up`
+            if not wait_until(lambda: all(s["warm"] for s in client.sites()), 180, 0.2):
+                raise RuntimeError("the sites did not warm up within 180 s")
+            superlink = next(p["pid"] for p in status(home)["processes"] if p["name"] == "superlink")
             started = time.perf_counter()
             client.query("heart-disease", "count", ["sex"])
             cold = time.perf_counter() - started
@@ -52,10 +58,13 @@ def main() -> None:
             print(f"machine: {machine()}")
             print(f"first query (starts the query line): {cold:.2f} s")
             for name, call in queries.items():
+                cpu = cpu_seconds(superlink)
                 seconds = timed(call, args.repeats)
+                cpu = (cpu_seconds(superlink) - cpu) / args.repeats
                 print(
                     f"{name:34s} median {statistics.median(seconds) * 1000:6.1f} ms  "
-                    f"min {min(seconds) * 1000:6.1f}  max {max(seconds) * 1000:6.1f}  ({args.repeats} queries, 4 sites)"
+                    f"min {min(seconds) * 1000:6.1f}  max {max(seconds) * 1000:6.1f}  "
+                    f"SuperLink CPU {cpu * 1000:5.0f} ms/query  ({args.repeats} queries, 4 sites)"
                 )
         finally:
             down(home)

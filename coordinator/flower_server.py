@@ -119,6 +119,7 @@ class RoundLoop:
             phase=phase,
             config=self.config,
             params=params,
+            cohort=(t.get("cohort") or {}).get("name", ""),
         )
 
     # -- one exchange --------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 from coordinator.flower_control import QUERY_LINE_RUN_ID
 from coordinator.pooling import pool
 from coordinator.service import Principal, RunManager, TaskRejected
-from flip_core.api import QuerySpec
+from flip_core.api import CohortSpec, QuerySpec
 from flip_core.filters import parse as parse_filter
 from flip_core.query import QueryKind, QueryRequest
 from flip_core.status import Presence, StepStatus
@@ -131,6 +131,29 @@ class QueryDesk:
             low, high = _range_of(self.exchange(probe, targets), spec.columns[0])
         step = (high - low) / spec.bins
         return tuple(float(low + i * step) for i in range(spec.bins)) + (float(high),)
+
+    def freeze(self, who: Principal, spec: CohortSpec) -> dict[str, Any]:
+        """Freeze cohort ``spec.name`` at each site holding the dataset; what they released, and the book's entry."""
+        as_query = QuerySpec(dataset=spec.dataset, kind=QueryKind.COHORT, where=spec.where, sites=spec.sites)
+        targets, columns, offline = self._targets(as_query)
+        where = parse_filter(spec.where, columns)
+        request = QueryRequest(
+            query_id=secrets.token_hex(6),
+            project=who.project,
+            researcher=who.researcher,
+            dataset=spec.dataset,
+            kind=QueryKind.COHORT,
+            where=where.text,
+            text=f"cohort {spec.name}: {spec.dataset}" + (f" where {where.text}" if where.text else ""),
+            cohort=spec.name,
+        )
+        view = answer_view(request, self.exchange(request, targets), offline)
+        frozen = {
+            site: {"rows": r["table"].get("total"), "hash": r["table"]["hash"]} for site, r in view["sites"].items()
+        }
+        if frozen:
+            view["cohort"] = self.manager.cohorts.put(who.project, spec.name, spec.dataset, where.text, frozen)
+        return view
 
     # -- the line -----------------------------------------------------------------------
     def exchange(self, request: QueryRequest, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -264,5 +287,7 @@ def answer_view(request: QueryRequest, replies: list[dict[str, Any]], offline: l
         "text": request.text,
         "sites": {site: {"threshold": r.get("threshold"), "table": r["table"]} for site, r in sorted(answered.items())},
         "refused": dict(sorted(refused.items())),
-        "pooled": pool(request.kind, tables) if tables else None,
+        "pooled": pool(QueryKind.COUNT if request.kind == QueryKind.COHORT else request.kind, tables)
+        if tables
+        else None,
     }

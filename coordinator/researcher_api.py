@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 from coordinator.identity import Caller, Refused, choose_project, static_caller
 from coordinator.service import Principal, TaskRejected
 from coordinator.web import bearer, error, model_body, query_int, state, typed_body
-from flip_core.api import PROJECT_HEADER, QuerySpec, TaskSpec
+from flip_core.api import PROJECT_HEADER, CohortSpec, QuerySpec, TaskSpec
 from flip_core.errors import RequestInvalid
 from flip_core.status import TERMINAL
 
@@ -100,6 +100,12 @@ async def query(request: Request) -> Response:
     return JSONResponse(await asyncio.to_thread(state(request).queries.ask, who, spec))
 
 
+async def cohort(request: Request) -> Response:
+    who = await caller(request)
+    spec: CohortSpec = await typed_body(request, CohortSpec, "the cohort")
+    return JSONResponse(await asyncio.to_thread(state(request).queries.freeze, who, spec))
+
+
 async def list_runs(request: Request) -> Response:
     who, manager = await caller(request), state(request).manager
     runs = [manager.view(r["run_id"]) for r in manager.store.runs(project=who.project)]
@@ -166,6 +172,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/runs/check", check_task, methods=["POST"]),
         Route("/api/runs", list_runs, methods=["GET"]),
         Route("/api/queries", query, methods=["POST"]),
+        Route("/api/cohorts", cohort, methods=["POST"]),
         Route("/api/runs/{run_id}", get_run),
         Route("/api/runs/{run_id}/stop", stop_run, methods=["POST"]),
         Route("/api/runs/{run_id}/model", get_model),

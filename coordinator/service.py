@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from coordinator.aggregate import STRATEGIES
+from coordinator.cohorts import CohortBook
 from coordinator.store import Store
 from flip_core.api import TaskSpec
 from flip_core.cell import source_hash
@@ -107,6 +108,7 @@ class RunManager:
         self.control = control
         self.notify = notify
         self.presence = PresenceStreams()
+        self.cohorts = CohortBook(store.root)
         self.settle_until = time.monotonic() + presence_grace
         self._followers: dict[str, threading.Thread] = {}
 
@@ -160,6 +162,7 @@ class RunManager:
             "hub_packages": package_versions("flip", "flwr", "numpy"),
             "client_packages": dict(spec.client_packages),
             "site_datasets": {s["site"]: s["dataset"] for s in task["sites"]},
+            "cohort": task["cohort"],
         }
         self.store.create_run(run_id, task, record)
         self.store.add_events(run_id, [{"type": "run", "status": RunStatus.SUBMITTED, "sites": record["sites"]}])
@@ -193,6 +196,10 @@ class RunManager:
     def _validate(self, who: Principal, spec: TaskSpec, model_uploaded: bool = True) -> dict[str, Any]:
         """What the federation says of a well-formed task (``flip_core.api.TaskSpec`` checked its form)."""
         online, offline = self._holders(spec.dataset)
+        cohort = self._cohort(who, spec)
+        if cohort is not None:  # only the sites that froze it take part
+            offline = sorted({*offline, *(s for s in cohort["sites"] if s not in {o["site"] for o in online})})
+            online = [s for s in online if s["site"] in cohort["sites"]]
         min_sites = len(online) if spec.min_sites is None else spec.min_sites
         if len(online) < max(min_sites, 1):
             gone = f" ({', '.join(offline)} offline)" if offline else ""
@@ -224,6 +231,7 @@ class RunManager:
             "config": config,
             "initial_model": initial,
             "round_timeout": spec.round_timeout,
+            "cohort": cohort,
             "sites": [
                 {
                     "site": s["site"],
@@ -233,6 +241,22 @@ class RunManager:
                 for s in sorted(online, key=lambda s: s["site"])
             ],
         }
+
+    def _cohort(self, who: Principal, spec: TaskSpec) -> dict[str, Any] | None:
+        """The cohort a task trains on, as the hub's book has it (None: the whole table)."""
+        if spec.cohort is None:
+            return None
+        cohort = self.cohorts.get(who.project, spec.cohort)
+        if cohort is None:
+            known = ", ".join(self.cohorts.names(who.project)) or "none yet"
+            raise TaskRejected(
+                f"no cohort {spec.cohort!r} in project {who.project!r} (its cohorts: {known}); make it with "
+                "%flip_cohort NAME --dataset D --where ...",
+                404,
+            )
+        if cohort["dataset"] != spec.dataset:
+            raise TaskRejected(f"cohort {spec.cohort!r} is of dataset {cohort['dataset']!r}, not {spec.dataset!r}")
+        return {"name": cohort["name"], "where": cohort["where"], "sites": cohort["sites"]}
 
     # -- events and state -----------------------------------------------------------
     def ingest(self, run_id: str, events: list[dict[str, Any]]) -> None:

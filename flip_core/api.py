@@ -65,7 +65,14 @@ def _sha256(digest: str) -> str:
     return digest
 
 
+def _cohort_name(name: str) -> str:
+    if not SITE_NAME.match(name):
+        raise _refuse(f"{name[:70]!r} is not a cohort name (letters, digits, '.', '_' and '-', at most 64)")
+    return name
+
+
 Name = Annotated[str, StringConstraints(min_length=1, max_length=NAME_CHARS)]
+CohortName = Annotated[str, AfterValidator(_cohort_name)]
 Text = Annotated[str, StringConstraints(max_length=TEXT_CHARS)]
 SiteName = Annotated[str, AfterValidator(_site_name)]
 Sha256 = Annotated[str, AfterValidator(_sha256)]
@@ -102,6 +109,7 @@ class TaskSpec(Body):
     dp_epsilon: float | None = None
     dp_clip: float | None = None
     initial_model: Sha256 | None = None  # the uploaded model's SHA-256 (not yet known to /api/runs/check)
+    cohort: CohortName | None = None  # train on the rows this cohort froze at each site (%flip_cohort)
     client_packages: Annotated[dict[Name, Name], Field(max_length=100)] = Field(default_factory=dict)
 
     @field_validator("source")
@@ -225,12 +233,22 @@ class QuerySpec(Body):
             QueryKind.HIST: (n != 1, "hist takes exactly one column"),
             QueryKind.CROSSTAB: (n != 2, "crosstab takes exactly two columns"),
             QueryKind.MISSING: (False, ""),
+            QueryKind.COHORT: (n > 0, "a cohort takes no columns"),
         }[kind]
         if wrong[0]:
             raise _refuse(f"{wrong[1]}, not {n}")
         if len(set(self.columns)) != n:
             raise _refuse("a column is named twice")
         return self
+
+
+class CohortSpec(Body):
+    """``POST /api/cohorts``: freeze, at each site, the rows of a dataset that match a filter, under a name."""
+
+    name: CohortName
+    dataset: Name
+    where: Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)] = ""
+    sites: Annotated[list[SiteName], Field(min_length=1, max_length=MAX_SITES)] | None = None
 
 
 # -- site agents ------------------------------------------------------------------------------------
@@ -419,6 +437,7 @@ __all__ = [
     "MAX_THRESHOLD",
     "SITE_NAME",
     "Body",
+    "CohortSpec",
     "DatasetAnnouncement",
     "Event",
     "Events",

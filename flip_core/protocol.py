@@ -33,6 +33,7 @@ class StepRequest:
     phase: Phase
     config: dict[str, Any]
     params: dict[str, np.ndarray]
+    cohort: str = ""  # train on the rows frozen at each site under this name (``%flip_cohort``), not the whole table
 
 
 @dataclass

@@ -46,6 +46,7 @@ class QueryKind(StrEnum):
     HIST = "hist"  # a histogram of one numeric column over shared edges
     CROSSTAB = "crosstab"  # counts by two columns
     MISSING = "missing"  # how many rows lack a value, per column
+    COHORT = "cohort"  # freeze the matching rows at each site under a name, for training (their count leaves)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class QueryRequest:
     edges: tuple[float, ...] = ()  # hist: the bin edges every site uses (values outside count as below/above)
     threshold: int = 0  # the project's asked threshold: raises the site's, never lowers it
     text: str = ""  # the query as the researcher wrote it (for the site's audit log)
+    cohort: str = ""  # COHORT: the name the matching rows are frozen under, per project
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import requests
 
-from flip_core.api import PROJECT_HEADER, QuerySpec, TaskSpec, parse
+from flip_core.api import PROJECT_HEADER, CohortSpec, QuerySpec, TaskSpec, parse
 from flip_core.codec import pack_arrays, unpack_arrays
 from flip_core.errors import NotConnected, Rejected, RunFailed
 from flip_core.filters import parse as parse_filter
@@ -138,6 +138,17 @@ class FlipClient:
         answer = self._call("POST", "/api/queries", json=spec.model_dump(mode="json"), timeout=120).json()
         return result_from(answer)
 
+    def cohort(self, name: str, dataset: str, where: str = "", *, sites: list[str] | None = None) -> QueryResult:
+        """Freeze, at each site holding ``dataset``, the rows matching ``where`` as cohort ``name`` of this
+        project, for ``train(..., cohort=name)``: each site's count (withheld where small) and the cohort's
+        hash there. Made again with the same definition, it is the same cohort."""
+        spec: CohortSpec = parse(
+            CohortSpec, {"name": name, "dataset": dataset, "where": where, "sites": sites}, "the cohort"
+        )
+        parse_filter(where)
+        answer = self._call("POST", "/api/cohorts", json=spec.model_dump(mode="json"), timeout=120).json()
+        return result_from(answer)
+
     # -- training -------------------------------------------------------------------
     def train(
         self,
@@ -153,11 +164,13 @@ class FlipClient:
         round_timeout: float | None = None,
         dp_epsilon: float | None = None,
         dp_clip: float | None = None,
+        cohort: str | None = None,
     ) -> RunHandle:
         """Check the cell locally, submit it, and return a handle that follows the run.
 
         ``dp_epsilon``: the run is differentially private at every site, spending at most this epsilon
-        of the project's budget there (each site adds the noise itself, clipping updates to ``dp_clip``)."""
+        of the project's budget there (each site adds the noise itself, clipping updates to ``dp_clip``).
+        ``cohort``: train on the rows that cohort froze at each site (:meth:`cohort`), not the whole table."""
         spec: TaskSpec = parse(
             TaskSpec,
             {
@@ -172,6 +185,7 @@ class FlipClient:
                 "round_timeout": round_timeout,
                 "dp_epsilon": dp_epsilon,
                 "dp_clip": dp_clip,
+                "cohort": cohort,
             },
             "the task",
         )  # a wrong option: told here, before anything is sent

@@ -147,6 +147,7 @@ class FlipMagics(Magics):
     @argument(
         "--dp-clip", type=float, default=None, help="differential privacy: L2 clip of each site's update (default 1.0)"
     )
+    @argument("--cohort", default=None, help="train on the rows of this cohort (%%flip_cohort), not the whole table")
     @argument("--seed", type=int, default=0)
     @argument("--name", default=None, help="a name for the run")
     @argument("--out", default=DEFAULT_OUT, help=f"variable that receives the run (default: {DEFAULT_OUT})")
@@ -167,6 +168,7 @@ class FlipMagics(Magics):
             round_timeout=args.round_timeout,
             dp_epsilon=args.dp_epsilon,
             dp_clip=args.dp_clip,
+            cohort=args.cohort,
         )
         self._user_ns()[args.out] = handle
         show_run(handle)
@@ -199,6 +201,22 @@ class FlipMagics(Magics):
             threshold=args.threshold,
             text=text,
         )
+        self._user_ns()[args.out] = result
+        return result
+
+    @line_cell_magic
+    @magic_arguments()
+    @argument("name", help="the cohort's name, for %%%%flip_train --cohort NAME")
+    @argument("--dataset", required=True, help="dataset name, as %%flip_sites lists it")
+    @argument("--where", default="", help='which rows: e.g. "age > 50" (in %%%%flip_cohort: the cell)')
+    @argument("--sites", nargs="+", default=None, help="freeze it only at these sites (default: every online site)")
+    @argument("--out", default="flip_cohort", help="variable that receives the result (default: flip_cohort)")
+    @_friendly
+    def flip_cohort(self, line: str, cell: str | None = None) -> QueryResult:
+        """Freeze the rows of a dataset that match a filter, at each site, as a named cohort to train on."""
+        args = parse_argstring(self.flip_cohort, line)
+        where = " ".join(cell.split()) if cell is not None and cell.strip() else args.where
+        result = self._client().cohort(args.name, args.dataset, where, sites=args.sites)
         self._user_ns()[args.out] = result
         return result
 

@@ -39,6 +39,7 @@ class QueryResult:
     notes: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     mock: bool = False
+    cohort: dict[str, Any] | None = None  # a cohort's entry in the hub's book: its sites, counts and hashes
 
     def wide(self, pooled: bool = True) -> pd.DataFrame:
         """A crosstab (or a count by two columns) as a grid: the first column down, the second across."""
@@ -113,7 +114,12 @@ def _stats_frame(table: dict[str, Any]) -> pd.DataFrame:
 
 
 def frame(kind: QueryKind, table: dict[str, Any]) -> pd.DataFrame:
-    return _stats_frame(table) if kind == QueryKind.STATS else _count_frame(table)
+    if kind == QueryKind.STATS:
+        return _stats_frame(table)
+    counted = _count_frame(table)
+    if kind == QueryKind.COHORT and "hash" in table:
+        counted["hash"] = table["hash"]
+    return counted
 
 
 def result_from(answer: dict[str, Any], mock: bool = False) -> QueryResult:
@@ -139,6 +145,7 @@ def result_from(answer: dict[str, Any], mock: bool = False) -> QueryResult:
         notes=notes(kind, answer),
         raw=answer,
         mock=mock,
+        cohort=answer.get("cohort"),
     )
 
 

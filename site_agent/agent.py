@@ -33,7 +33,8 @@ from flip_core.query import MESSAGE_TYPE_QUERY, QueryReply, encode_reply
 from flip_core.status import Presence, StepStatus
 from flip_core.wire import blob_to_content, content_to_blob
 from site_agent import isolation
-from site_agent.catalog import SiteConfig
+from site_agent.catalog import CatalogError, SiteConfig
+from site_agent.cohorts import CohortRefused, CohortStore
 from site_agent.fleet import FleetRefused, connect, release_session
 from site_agent.governance import Governance
 from site_agent.guard import announced
@@ -84,6 +85,7 @@ class SiteAgent:
         self.node_ready = threading.Event()
         self.doorbell = threading.Event()
         self.governance = Governance(site)  # the site's policy, read once
+        self.cohorts = CohortStore(site.root)
         self._query_service: QueryService | None = None
         self._queries_lock = threading.Lock()
         self.tasks = TaskService(
@@ -231,7 +233,17 @@ class SiteAgent:
         if answer is not None:
             return encode_result(answer)
         seconds, memory_mb = self.governance.limits(request)
-        produced = self.tasks.step(blob, seconds, memory_mb)  # isolated, killed at its time limit
+        rows = None
+        if request.cohort:  # the rows frozen under that name here: the task process is handed them, not the file
+            try:
+                entry = self.site.dataset(request.dataset)
+                rows = self.cohorts.rows_for(request.project, request.cohort, request.dataset, entry.fingerprint)
+            except (CohortRefused, CatalogError) as exc:
+                refused = StepResult(
+                    site=self.site.name, status=StepStatus.REFUSED, error_where=f"{self.site.name}: {exc}"
+                )
+                return encode_result(refused)
+        produced = self.tasks.step(blob, seconds, memory_mb, cohort=rows)  # isolated, killed at its time limit
         return self.governance.release(request, produced)  # the output guard, audited
 
     def _queries(self) -> QueryService:
@@ -240,7 +252,7 @@ class SiteAgent:
             if self._query_service is None:
                 from site_agent.queries import QueryService
 
-                self._query_service = QueryService(self.site, self.governance)
+                self._query_service = QueryService(self.site, self.governance, self.cohorts)
             return self._query_service
 
     def run(self) -> int:

@@ -239,6 +239,14 @@ def seeded_split(
     return sorted(train), sorted(test)
 
 
+def _labels(table: pd.DataFrame, fmt: str, stratify: str | None) -> pd.Series | None:
+    """What a split is stratified on (the UCI heart table's target: disease present)."""
+    if stratify is None:
+        return None
+    labels = table[stratify]
+    return labels > 0 if fmt == "uci-heart" and stratify == "num" else labels
+
+
 def add_dataset(
     config: SiteConfig,
     name: str,
@@ -259,14 +267,9 @@ def add_dataset(
     table = read_table(path, fmt)
     if fmt == "uci-heart" and stratify is None:
         stratify = "num"
-    labels = None
-    if stratify is not None:
-        if stratify not in table.columns:
-            raise CatalogError(f"cannot stratify on {stratify!r}: the table has no such column")
-        labels = table[stratify]
-        if fmt == "uci-heart" and stratify == "num":
-            labels = labels > 0  # the UCI target: heart disease present
-    train, test = seeded_split(labels, len(table), train_fraction, split_seed)
+    if stratify is not None and stratify not in table.columns:
+        raise CatalogError(f"cannot stratify on {stratify!r}: the table has no such column")
+    train, test = seeded_split(_labels(table, fmt, stratify), len(table), train_fraction, split_seed)
     split = {
         "dataset": name,
         "seed": split_seed,
@@ -320,18 +323,37 @@ def load_table(config: SiteConfig, name: str) -> pd.DataFrame:
 
 
 def load_split(
-    config: SiteConfig, name: str, opener: Callable[[Path], IO[bytes]] | None = None
+    config: SiteConfig,
+    name: str,
+    opener: Callable[[Path], IO[bytes]] | None = None,
+    rows: list[int] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The dataset's recorded train and test parts; refuses a file that changed since registration.
 
     ``opener`` reads a file (default: by its path); a sandboxed task process reads the files the agent's
-    user opened for it (``site_agent.sandbox.HandedFiles``)."""
+    user opened for it (``site_agent.sandbox.HandedFiles``). ``rows``: a cohort's row positions; its rows
+    are split as the dataset was (its fraction, seed and stratification, applied to the cohort's rows in
+    file order), so that training on a cohort is training on a copy of the table holding only those rows."""
     entry = config.dataset(name)
     read = opener or (lambda p: open(p, "rb"))
     data = _verified_bytes(config, name, read)
-    with read(config.root / "splits" / f"{name}.json") as fh:
-        split = json.loads(fh.read())
     table = read_table(io.BytesIO(data), entry.format)
+    if rows is not None:
+        if rows and not 0 <= min(rows) <= max(rows) < len(table):
+            raise CatalogError(f"the cohort names rows that dataset {name!r} at site {config.name!r} does not have")
+        table = table.iloc[sorted(rows)].reset_index(drop=True)
+        split = dict(
+            zip(
+                ("train", "test"),
+                seeded_split(
+                    _labels(table, entry.format, entry.stratify), len(table), entry.train_fraction, entry.split_seed
+                ),
+                strict=True,
+            )
+        )
+    else:
+        with read(config.root / "splits" / f"{name}.json") as fh:
+            split = json.loads(fh.read())
     train = table.iloc[split["train"]].reset_index(drop=True)
     test = table.iloc[split["test"]].reset_index(drop=True)
     return train, test

@@ -3,9 +3,9 @@
 No researcher code runs for a query: the agent itself reads its table, turns the filter's text
 into a row mask (``site_agent.filtering``, never evaluated), refuses a cohort too close to one it
 already answered (``site_agent.query_ledger``), computes the statistic under the disclosure
-threshold (``site_agent.statistics``) and writes what it released, or why it refused, to the
-audit log before the reply leaves. The threshold is the site's for the project, raised (never
-lowered) by the one the query asks for.
+threshold (``site_agent.statistics``) or freezes the rows as a named cohort (``site_agent.cohorts``),
+and writes what it released, or why it refused, to the audit log before the reply leaves. The
+threshold is the site's for the project, raised (never lowered) by the one the query asks for.
 """
 
 from __future__ import annotations
@@ -13,16 +13,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flip_core.errors import FlipError
 from flip_core.filters import parse as parse_filter
-from flip_core.query import QueryReply, QueryRequest, decode_query, encode_reply
+from flip_core.query import QueryKind, QueryReply, QueryRequest, decode_query, encode_reply
 from flip_core.status import StepStatus
 from site_agent.catalog import SiteConfig, load_table
+from site_agent.cohorts import CohortRefused, CohortStore
 from site_agent.filtering import mask
 from site_agent.governance import Governance
 from site_agent.policy import TaskFacts, decide, query_columns_refused
@@ -38,9 +40,10 @@ log = logging.getLogger(__name__)
 class QueryService:
     """Answers the query messages that reach this site (thread-safe: each message has its own thread)."""
 
-    def __init__(self, site: SiteConfig, governance: Governance) -> None:
+    def __init__(self, site: SiteConfig, governance: Governance, cohorts: CohortStore) -> None:
         self.site = site
         self.governance = governance
+        self.cohorts = cohorts
         self.ledger = QueryLedger(site.root)
         self._tables: dict[str, tuple[tuple[int, int], pd.DataFrame]] = {}
         self._lock = threading.Lock()
@@ -91,12 +94,34 @@ class QueryService:
             )
             if near:
                 return QueryReply(name, StepStatus.REFUSED, _too_close(name, threshold, near.text), threshold)
-            table_out = answer(request, table, rows, threshold)
+            if request.kind == QueryKind.COHORT:
+                table_out = self._freeze(request, table, rows, threshold)
+            else:
+                table_out = answer(request, table, rows, threshold)
         except FlipError as exc:
             return QueryReply(name, StepStatus.REFUSED, f"{name}: {exc}", threshold)
         if released:
             self.ledger.record(request.project, request.dataset, fingerprint)
         return QueryReply(name, StepStatus.OK, threshold=threshold, table=table_out)
+
+    def _freeze(self, request: QueryRequest, table: pd.DataFrame, rows: np.ndarray, threshold: int) -> dict[str, Any]:
+        """Freeze the cohort's rows here under its name; what leaves is their count and the cohort's hash."""
+        size = int(rows.sum())
+        if size < threshold:
+            raise CohortRefused(
+                f"cohort {request.cohort!r} would hold fewer than {threshold} rows here, too few to count or train on"
+            )
+        entry = self.site.dataset(request.dataset)
+        cohort = self.cohorts.freeze(
+            request.project,
+            request.cohort,
+            request.dataset,
+            request.where,
+            entry.fingerprint,
+            np.flatnonzero(rows).tolist(),
+        )
+        counted = answer(replace(request, kind=QueryKind.COUNT, columns=()), table, rows, threshold)
+        return {**counted, "cohort": cohort.name, "hash": cohort.hash}
 
     def _table(self, dataset: str) -> pd.DataFrame:
         """The dataset's whole table, read once, and again (checked against its fingerprint) when its file changes."""

@@ -76,6 +76,24 @@ def closest(new: Cohort, answered: list[Cohort], threshold: int) -> Cohort | Non
     return None
 
 
+def site_key(site_dir: Path) -> bytes:
+    """The site's own secret for keyed hashes of rows (made once, 0600; it never leaves the site)."""
+    folder = Path(site_dir) / LEDGER_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / KEY_FILE
+    if not path.exists():
+        tmp = folder / f"{KEY_FILE}.{os.getpid()}.{threading.get_ident()}"
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # whole or not at all; a key made a moment ago elsewhere wins
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_bytes()
+
+
 def _encode(sketch: np.ndarray) -> str:
     return base64.b64encode(zlib.compress(sketch.astype("<u4").tobytes())).decode()
 
@@ -89,20 +107,11 @@ class QueryLedger:
 
     def __init__(self, site_dir: Path) -> None:
         self.dir = Path(site_dir) / LEDGER_DIR
-        self.dir.mkdir(mode=0o700, exist_ok=True)
-        self.key = self._key()
+        self.key = site_key(site_dir)
         self._lock = threading.Lock()
         self._buckets: dict[int, np.ndarray] = {}
         self._answered: dict[tuple[str, str], list[Cohort]] = {}
         self._load()
-
-    def _key(self) -> bytes:
-        path = self.dir / KEY_FILE
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(secrets.token_bytes(32))
-        return path.read_bytes()
 
     def _load(self) -> None:
         path = self.dir / LEDGER_FILE

@@ -177,6 +177,7 @@ class TaskSession:
         self.sink = sink
         self._namespaces: dict[str, dict[str, Any]] = {}
         self._splits: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+        self.cohort: list[int] | None = None  # the run's cohort (its rows), handed over when the run adopts us
 
     @contextlib.contextmanager
     def _output(self, run_id: str) -> Iterator[TextIO]:
@@ -211,10 +212,13 @@ class TaskSession:
         result.seconds = time.monotonic() - started
         return result
 
-    def _split(self, dataset: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-        if dataset not in self._splits:
-            self._splits[dataset] = load_split(self.site, dataset, self.opener)
-        return self._splits[dataset]
+    def _split(self, dataset: str, cohort: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+        key = f"{dataset}\0{cohort}"
+        if key not in self._splits:
+            if cohort and self.cohort is None:
+                raise CatalogError(f"the rows of cohort {cohort!r} did not reach this task process")
+            self._splits[key] = load_split(self.site, dataset, self.opener, rows=self.cohort if cohort else None)
+        return self._splits[key]
 
     def _namespace(self, request: StepRequest) -> dict[str, Any]:
         if request.source_hash not in self._namespaces:
@@ -222,7 +226,7 @@ class TaskSession:
         return self._namespaces[request.source_hash]
 
     def _run(self, request: StepRequest, result: StepResult) -> None:
-        train_df, test_df = self._split(request.dataset)
+        train_df, test_df = self._split(request.dataset, request.cohort)
         result.num_train, result.num_test = len(train_df), len(test_df)
         namespace = self._namespace(request)
         seed_everything(step_seed(request.seed, request.round, self.site.name))

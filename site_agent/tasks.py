@@ -124,13 +124,13 @@ class Worker:
         with self.lock:
             self._await_ready()
 
-    def adopt(self, run_id: str, scratch: Path, memory_mb: int | None) -> None:
-        """Make this the task process of ``run_id``: its log, its scratch folder, its memory limit (before its
-        first step)."""
+    def adopt(self, run_id: str, scratch: Path, memory_mb: int | None, cohort: list[int] | None = None) -> None:
+        """Make this the task process of ``run_id``: its log, its scratch folder, its memory limit, the rows of
+        its cohort if it trains on one (before its first step)."""
         with self.lock:
             self._await_ready()
             self.output.switch(self.logs / f"run-{run_id}.log")
-            settings = {"run_id": run_id, "scratch": str(scratch), "memory_mb": memory_mb}
+            settings = {"run_id": run_id, "scratch": str(scratch), "memory_mb": memory_mb, "cohort": cohort}
             self.conn.send_bytes(ADOPT + json.dumps(settings).encode())
             if self.conn.recv_bytes() != READY:
                 raise OSError("the task process did not take its run")
@@ -222,9 +222,12 @@ class TaskService:
             return spare
         return Worker(self.site_root)
 
-    def step(self, blob: bytes, seconds: float | None = None, memory_mb: int | None = None) -> bytes:
+    def step(
+        self, blob: bytes, seconds: float | None = None, memory_mb: int | None = None, cohort: list[int] | None = None
+    ) -> bytes:
         """Run one encoded step in its run's task process, within ``seconds`` (killed after) and
-        ``memory_mb`` (set when the run adopts its process); the encoded result."""
+        ``memory_mb`` (set when the run adopts its process, with ``cohort``: the rows it trains on);
+        the encoded result."""
         head = frame_header(blob)
         run_id, phase = str(head["run_id"]), str(head["phase"])
         if not RUN_ID.match(run_id):
@@ -240,7 +243,7 @@ class TaskService:
         try:
             if adopted:
                 self._make_scratch(run_id)
-                worker.adopt(run_id, self.scratch(run_id), memory_mb)
+                worker.adopt(run_id, self.scratch(run_id), memory_mb, cohort)
             reply = worker.call(blob, seconds)
         except TimeLimit as stopped:
             self._drop(run_id)

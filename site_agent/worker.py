@@ -166,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         except EOFError:
             return 0
         if blob.startswith(ADOPT):  # from the agent when a run adopts this process, before its first step
-            if not _adopt(site, json.loads(blob[len(ADOPT) :]), confined):
+            settings = json.loads(blob[len(ADOPT) :])
+            if not _adopt(site, settings, confined):
                 return ISOLATION_REFUSED
+            session.cohort = settings.get("cohort")
             conn.send_bytes(READY)
             continue
         result = encode_result(session.step(decode_request(blob)))

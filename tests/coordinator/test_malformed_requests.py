@@ -107,6 +107,7 @@ BAD_TASK_FIELDS: dict[str, list[Any]] = {
     "dp_clip": ["1", True, [], -1, 0],
     "initial_model": [1, True, [], "abc", "Z" * 64, "a" * 63],
     "client_packages": [[], "x", {"torch": 1}, {"": "1"}],
+    "cohort": [1, True, [], "", "a b", "none-such"],
     "surplus": [1, "rounds"],  # a field the task does not have
 }
 FLAGS = {
@@ -258,6 +259,37 @@ def test_a_malformed_query_is_refused_with_a_sentence_and_never_reaches_a_site(
     )
     assert_sentence(response)
     assert "query-line" not in manager.control.started  # type: ignore[attr-defined]  # no query line was started
+
+
+COHORT = {"name": "over50", "dataset": "heart-disease"}
+BAD_COHORT_FIELDS: dict[str, list[Any]] = {
+    "name": [1, None, "", "a b", "../x", "n" * 65],
+    "dataset": [1, None, "", "heart"],
+    "where": [1, "x" * 4001, "lower(age) > 1", "age > "],
+    "sites": [[], "VA", ["Nowhere"]],
+    "surplus": [1],
+}
+
+
+def cohort_cases() -> Iterator[Any]:
+    for field, values in BAD_COHORT_FIELDS.items():
+        for i, value in enumerate(values):
+            yield pytest.param(json.dumps({**COHORT, field: value}).encode(), id=f"{field}-{i}")
+    for i, raw in enumerate(BAD_BODIES):
+        yield pytest.param(raw, id=f"body-{i}")
+
+
+@pytest.mark.parametrize("body", list(cohort_cases()))
+def test_a_malformed_cohort_is_refused_with_a_sentence_and_nothing_is_frozen(
+    coordinator: tuple[TestClient, RunManager, str, str], body: bytes
+) -> None:
+    client, manager, _, _ = coordinator
+    response = client.post(
+        "/api/cohorts", headers={**auth(RESEARCHER), "Content-Type": "application/json"}, content=body
+    )
+    assert_sentence(response)
+    assert manager.cohorts.names("heart") == []
+    assert "query-line" not in manager.control.started  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("name", list(BAD_MODELS))

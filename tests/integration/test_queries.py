@@ -13,10 +13,12 @@ import pytest
 import requests
 
 from flip_core.errors import Rejected
-from flip_local.sites import HEART_SITES
-from site_agent.catalog import read_table
+from flip_core.util import wait_until
+from flip_local.federation import restart
+from flip_local.sites import HEART_SITES, HEART_SPLIT
+from site_agent.catalog import add_dataset, load_site, read_table
 
-from helpers import shared_data
+from helpers import TINY_CELL, shared_data
 
 pytestmark = pytest.mark.integration
 DATASET = "heart-disease"
@@ -166,3 +168,45 @@ def test_hist_and_missing_and_the_audit_record(federation, pooled_truth) -> None
 
 def _audit(home: Path, site: str) -> Path:
     return home / "federation" / "sites" / site / "audit" / "audit.jsonl"
+
+
+def test_a_cohort_trains_exactly_as_a_prefiltered_copy_of_each_table(federation, tables) -> None:
+    """Freeze age > 50 at each site; train on it; then register each site's table filtered by hand as a
+    dataset of its own (same split settings), restart the agents, train on that: the same model."""
+    client = federation.client()
+    made = client.cohort("over50", DATASET, "age > 50")
+    assert made.refused == {} and sorted(made.cohort["sites"]) == sorted(HEART_SITES)
+    for site, table in tables.items():
+        assert made.totals[site] == int((table.age > 50).sum())
+        assert made.cohort["sites"][site]["hash"].startswith("hmac-sha256:")
+    assert client.cohort("over50", DATASET, "age > 50").cohort["sites"] == made.cohort["sites"]  # made again: the same
+    redefined = client.cohort("over50", DATASET, "age > 60")
+    assert redefined.sites.empty and "already exists with another definition" in redefined.refused["Cleveland"]
+    with pytest.raises(Rejected, match="no cohort 'over40'"):
+        client.train(TINY_CELL, dataset=DATASET, cohort="over40")
+
+    on_cohort = client.train(TINY_CELL, dataset=DATASET, cohort="over50", rounds=2, seed=7, name="cohort")
+    on_cohort.wait(timeout=300)
+    assert on_cohort.record["cohort"]["name"] == "over50" and on_cohort.record["cohort"]["where"] == "age > 50"
+    assert on_cohort.record["cohort"]["sites"] == made.cohort["sites"]
+
+    for site, table in tables.items():
+        site_dir = federation.home / "federation" / "sites" / site
+        copy = site_dir / "over50.data"
+        table[table.age > 50].to_csv(copy, header=False, index=False, na_rep="?")
+        add_dataset(load_site(site_dir), "heart-over50", copy, "uci-heart", **HEART_SPLIT)
+        restart(f"site-{site}", federation.home)
+
+    def copies_online() -> bool:
+        sites = client.sites()
+        return all(s["status"] == "online" and "heart-over50" in {d["name"] for d in s["datasets"]} for s in sites)
+
+    assert wait_until(copies_online, 120, 0.2)
+    on_copy = client.train(TINY_CELL, dataset="heart-over50", rounds=2, seed=7, name="copy")
+    on_copy.wait(timeout=300)
+    cohort_model, copy_model = client.model_params(on_cohort.run_id), client.model_params(on_copy.run_id)
+    assert cohort_model.keys() == copy_model.keys()
+    for name in cohort_model:
+        np.testing.assert_array_equal(cohort_model[name], copy_model[name])
+    trained = on_cohort.history.query("phase == 'train' and metric == 'loss'")
+    assert len(trained) >= 8  # four sites, two rounds: the comparison is of a real run
