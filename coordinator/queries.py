@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from coordinator.flower_control import QUERY_LINE_RUN_ID
-from coordinator.pooling import pool
+from coordinator.pooling import PoolingError, pool
 from coordinator.service import Principal, RunManager, TaskRejected
 from flip_core.api import CohortSpec, QuerySpec
 from flip_core.filters import parse as parse_filter
@@ -287,7 +287,14 @@ def answer_view(request: QueryRequest, replies: list[dict[str, Any]], offline: l
         "text": request.text,
         "sites": {site: {"threshold": r.get("threshold"), "table": r["table"]} for site, r in sorted(answered.items())},
         "refused": dict(sorted(refused.items())),
-        "pooled": pool(QueryKind.COUNT if request.kind == QueryKind.COHORT else request.kind, tables)
-        if tables
-        else None,
+        "pooled": _pooled(request.kind, tables),
     }
+
+
+def _pooled(kind: QueryKind, tables: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    if not tables or kind == QueryKind.MOCK:  # mocks are per site: nothing to pool
+        return None
+    try:
+        return pool(QueryKind.COUNT if kind == QueryKind.COHORT else kind, tables)
+    except PoolingError as exc:  # sites that disagree on a table's shape: say so, not a 500
+        raise TaskRejected(str(exc), 502) from exc

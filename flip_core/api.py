@@ -234,6 +234,10 @@ class QuerySpec(Body):
             QueryKind.CROSSTAB: (n != 2, "crosstab takes exactly two columns"),
             QueryKind.MISSING: (False, ""),
             QueryKind.COHORT: (n > 0, "a cohort takes no columns"),
+            QueryKind.MOCK: (
+                n > 0 or bool(self.where.strip()),
+                "a mock is of the whole dataset: no columns, no filter",
+            ),
         }[kind]
         if wrong[0]:
             raise _refuse(f"{wrong[1]}, not {n}")

@@ -49,3 +49,21 @@ __all__ = [
     "normalise_source",
     "source_hash",
 ]
+
+
+def step_seed(seed: int, round_: int, site: str) -> int:
+    """The seed of one step of a run at one site (the run's seed, the round and the site, hashed)."""
+    digest = hashlib.sha256(f"{seed}:{round_}:{site}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators before a step (torch is imported here, when it is used)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -18,6 +18,9 @@ What a site releases is one of two shapes:
   pooled quantiles); any of them ``None`` when withheld. ``n`` and ``missing`` are released together
   when ``n`` reaches the threshold (exact pooling needs ``n``, and ``n`` with the cohort's size gives
   ``missing`` anyway), so a small count of missing values can leave here, unlike in ``missing``.
+
+A ``mock`` answer is a synthetic table instead: ``columns``, ``dtypes`` and ``rows`` (lists, ``None``
+for a missing value), made at the site from coarse per-column marginals (``site_agent.mock``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class QueryKind(StrEnum):
     CROSSTAB = "crosstab"  # counts by two columns
     MISSING = "missing"  # how many rows lack a value, per column
     COHORT = "cohort"  # freeze the matching rows at each site under a name, for training (their count leaves)
+    MOCK = "mock"  # the site's synthetic mock of the dataset, made there under its disclosure rules (no real row)
 
 
 @dataclass(frozen=True)

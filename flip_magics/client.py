@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import requests
 
@@ -149,6 +150,55 @@ class FlipClient:
         answer = self._call("POST", "/api/cohorts", json=spec.model_dump(mode="json"), timeout=120).json()
         return result_from(answer)
 
+    def datasets(self) -> pd.DataFrame:
+        """Every dataset's schema and size at every online site holding it: one row per site and column, with
+        its type, the dataset's rows and the column's missing values (withheld, <NA>, where small)."""
+        rows: list[dict[str, Any]] = []
+        sites = [s for s in self.sites() if s["status"] == "online"]
+        for dataset in sorted({d["name"] for s in sites for d in s["datasets"]}):
+            missing = self.query(dataset, "missing", text=f"{dataset} missing (the catalog)")
+            counted = {(r.site, r.column, r.state): r["count"] for _, r in missing.sites.iterrows()}
+            for site in sites:
+                entry = next((d for d in site["datasets"] if d["name"] == dataset), None)
+                if entry is None:
+                    continue
+                for column, dtype in zip(entry["columns"], entry["dtypes"], strict=False):
+                    rows.append(
+                        {
+                            "site": site["site"],
+                            "dataset": dataset,
+                            "rows": entry.get("rows"),
+                            "column": column,
+                            "dtype": dtype,
+                            "missing": counted.get((site["site"], column, "missing"), pd.NA),
+                        }
+                    )
+        frame = pd.DataFrame(rows, columns=["site", "dataset", "rows", "column", "dtype", "missing"])
+        for name in ("rows", "missing"):
+            frame[name] = pd.array(frame[name].tolist(), dtype="Int64")
+        return frame
+
+    def mock(self, dataset: str, *, sites: list[str] | None = None) -> Mocks:
+        """Each site's synthetic mock of ``dataset`` (made there under its disclosure rules: per-column
+        marginals, no real row), as DataFrames by site. For developing a cell, never for results."""
+        spec: QuerySpec = parse(QuerySpec, {"dataset": dataset, "kind": "mock", "sites": sites}, "the query")
+        answer = self._call("POST", "/api/queries", json=spec.model_dump(mode="json"), timeout=120).json()
+        mocks = Mocks(dataset, answer.get("refused", {}))
+        for site, reply in answer["sites"].items():
+            table = reply["table"]
+            frame = pd.DataFrame(table["rows"], columns=table["columns"])
+            for column, dtype in zip(table["columns"], table["dtypes"], strict=True):
+                try:
+                    frame[column] = frame[column].astype(dtype)
+                except (TypeError, ValueError):
+                    pass  # a whole-number column with missing values stays float
+            mocks[site] = frame
+        if not mocks:
+            raise Rejected(
+                f"no site sent a mock of {dataset!r}: " + "; ".join(f"{s}: {w}" for s, w in mocks.refused.items())
+            )
+        return mocks
+
     # -- training -------------------------------------------------------------------
     def train(
         self,
@@ -165,12 +215,14 @@ class FlipClient:
         dp_epsilon: float | None = None,
         dp_clip: float | None = None,
         cohort: str | None = None,
+        mock: bool = False,
     ) -> RunHandle:
         """Check the cell locally, submit it, and return a handle that follows the run.
 
         ``dp_epsilon``: the run is differentially private at every site, spending at most this epsilon
         of the project's budget there (each site adds the noise itself, clipping updates to ``dp_clip``).
-        ``cohort``: train on the rows that cohort froze at each site (:meth:`cohort`), not the whole table."""
+        ``cohort``: train on the rows that cohort froze at each site (:meth:`cohort`), not the whole table.
+        ``mock``: run the cell here, in this kernel, against every site's mock (:meth:`mock`), nothing submitted."""
         spec: TaskSpec = parse(
             TaskSpec,
             {
@@ -189,6 +241,8 @@ class FlipClient:
             },
             "the task",
         )  # a wrong option: told here, before anything is sent
+        if mock:
+            return self._mock_run(spec, prepare(source, seed=seed))
         self._call("POST", "/api/runs/check", json=spec.model_dump(mode="json"))  # a wrong dataset: before local work
         task = prepare(source, seed=seed)
         sha = self._call(
@@ -199,6 +253,23 @@ class FlipClient:
         )
         view = self._call("POST", "/api/runs", json=spec.model_dump(mode="json")).json()
         return RunHandle(self, view, task)
+
+    def _mock_run(self, spec: TaskSpec, task: PreparedTask) -> RunHandle:
+        from flip_magics.mock_run import MockRun  # it builds on RunHandle, below
+
+        holders = [d for s in self.sites() for d in s["datasets"] if d["name"] == spec.dataset]
+        fractions = [d["train_rows"] / d["rows"] for d in holders if d.get("rows") and d.get("train_rows")]
+        return MockRun(
+            self,
+            task,
+            dict(self.mock(spec.dataset)),
+            dataset=spec.dataset,
+            name=spec.name or "run",
+            rounds=spec.rounds,
+            seed=spec.seed,
+            config={**spec.config},
+            train_fraction=float(np.median(fractions)) if fractions else 0.8,
+        )
 
     def attach(self, run_id: str) -> RunHandle:
         """Follow an existing run (e.g. after a kernel restart), replaying its history."""
@@ -227,6 +298,19 @@ class FlipClient:
 
     def model_params(self, run_id: str) -> dict[str, Any]:
         return unpack_arrays(self._call("GET", f"/api/runs/{run_id}/model", timeout=300).content)
+
+
+class Mocks(dict[str, pd.DataFrame]):
+    """The sites' mocks of one dataset, by site; ``refused``: the sites that sent none, and why."""
+
+    def __init__(self, dataset: str, refused: dict[str, str]) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.refused = dict(refused)
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{site}: {len(frame)} rows" for site, frame in self.items())
+        return f"MOCK data of {self.dataset} (synthetic, not for results): {sizes}"
 
 
 class RunHandle:

@@ -108,9 +108,13 @@ class FlipMagics(Magics):
         print(f"connected to {client.url} as {who['researcher']} (project {who['project']})")
 
     @line_magic
+    @magic_arguments()
+    @argument("--datasets", action="store_true", help="each dataset's columns, types and missing values at each site")
     @_friendly
     def flip_sites(self, line: str) -> pd.DataFrame:
         """The federation's sites and their datasets."""
+        if parse_argstring(self.flip_sites, line).datasets:
+            return self._client().datasets()
         rows = []
         for site in self._client().sites():
             datasets = site["datasets"] or [{"name": "", "rows": None}]
@@ -148,6 +152,9 @@ class FlipMagics(Magics):
         "--dp-clip", type=float, default=None, help="differential privacy: L2 clip of each site's update (default 1.0)"
     )
     @argument("--cohort", default=None, help="train on the rows of this cohort (%%flip_cohort), not the whole table")
+    @argument(
+        "--mock", action="store_true", help="run the cell here against every site's synthetic mock (nothing is sent)"
+    )
     @argument("--seed", type=int, default=0)
     @argument("--name", default=None, help="a name for the run")
     @argument("--out", default=DEFAULT_OUT, help=f"variable that receives the run (default: {DEFAULT_OUT})")
@@ -169,6 +176,7 @@ class FlipMagics(Magics):
             dp_epsilon=args.dp_epsilon,
             dp_clip=args.dp_clip,
             cohort=args.cohort,
+            mock=args.mock,
         )
         self._user_ns()[args.out] = handle
         show_run(handle)

@@ -10,6 +10,7 @@ threshold is the site's for the project, raised (never lowered) by the one the q
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ from site_agent.catalog import SiteConfig, load_table
 from site_agent.cohorts import CohortRefused, CohortStore
 from site_agent.filtering import mask
 from site_agent.governance import Governance
+from site_agent.mock import make_mock
 from site_agent.policy import TaskFacts, decide, query_columns_refused
 from site_agent.query_ledger import QueryLedger
 from site_agent.statistics import answer
@@ -66,7 +68,7 @@ class QueryService:
             verdict=str(reply.status),
             reason=reply.reason,
             threshold=reply.threshold,
-            released=reply.table,
+            released=_released(request, reply.table),
         )
         return encode_reply(reply)
 
@@ -82,6 +84,8 @@ class QueryService:
         threshold = max(policy.threshold(request.project), request.threshold)
         try:
             table = self._table(request.dataset)
+            if request.kind == QueryKind.MOCK:
+                return QueryReply(name, StepStatus.OK, threshold=threshold, table=self._mock(request, table, threshold))
             cohort = parse_filter(request.where, [str(c) for c in table.columns])
             named = tuple(sorted(set(request.columns) | set(cohort.columns())))
             if barred := query_columns_refused(policy, request.project, named):
@@ -123,6 +127,14 @@ class QueryService:
         counted = answer(replace(request, kind=QueryKind.COUNT, columns=()), table, rows, threshold)
         return {**counted, "cohort": cohort.name, "hash": cohort.hash}
 
+    def _mock(self, request: QueryRequest, table: pd.DataFrame, threshold: int) -> dict[str, Any]:
+        """The dataset's mock, made here under this threshold: the same one every time for the same file."""
+        entry = self.site.dataset(request.dataset)
+        seed = int.from_bytes(hashlib.sha256(f"{self.site.name}|{entry.fingerprint}|{threshold}".encode()).digest()[:8])
+        mock = make_mock(table, threshold, seed)
+        rows = mock.astype(object).where(mock.notna(), None).to_numpy().tolist()
+        return {"columns": [str(c) for c in mock.columns], "dtypes": [str(t) for t in mock.dtypes], "rows": rows}
+
     def _table(self, dataset: str) -> pd.DataFrame:
         """The dataset's whole table, read once, and again (checked against its fingerprint) when its file changes."""
         stat = Path(self.site.dataset(dataset).path).stat()
@@ -142,3 +154,10 @@ def _too_close(site: str, threshold: int, earlier: str) -> str:
         f"{site} refused this query: its cohort differs by fewer than {threshold} rows from one already "
         f"answered for this project ({earlier[:120]!r}); two answers that close could reveal single patients"
     )
+
+
+def _released(request: QueryRequest, table: dict[str, Any]) -> dict[str, Any]:
+    """What left, for the audit log: the released table itself, or a mock's shape (its rows are synthetic)."""
+    if request.kind == QueryKind.MOCK and "rows" in table:
+        return {"mock_rows": len(table["rows"]), "columns": table["columns"]}
+    return table

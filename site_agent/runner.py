@@ -10,10 +10,8 @@ messages to and from :class:`StepRequest` / :class:`StepResult`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import random
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -23,7 +21,7 @@ from typing import IO, Any, TextIO
 import numpy as np
 import pandas as pd
 
-from flip_core.cell import CELL_FILENAME, cell_line, missing_functions
+from flip_core.cell import CELL_FILENAME, cell_line, missing_functions, seed_everything, step_seed
 from flip_core.errors import FlipError
 from flip_core.protocol import StepRequest, StepResult
 from flip_core.status import Phase, StepStatus
@@ -79,19 +77,6 @@ class StepFailed(FlipError):
 
     def _args(self) -> tuple[Any, ...]:
         return (self.error_type, self.line, self.where)
-
-
-def step_seed(seed: int, round_: int, site: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{round_}:{site}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _error_type(exc: BaseException) -> str:

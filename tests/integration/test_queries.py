@@ -170,6 +170,38 @@ def _audit(home: Path, site: str) -> Path:
     return home / "federation" / "sites" / site / "audit" / "audit.jsonl"
 
 
+def test_mocks_hold_no_real_row_and_a_mock_run_says_mock_and_sends_nothing(federation, tables) -> None:
+    client = federation.client()
+    mocks = client.mock(DATASET)
+    assert sorted(mocks) == sorted(HEART_SITES)
+    for site, mock in mocks.items():
+        real = tables[site]
+        assert list(mock.columns) == list(real.columns) and len(mock) % 10 == 0
+        assert mock.merge(real.drop_duplicates(), how="inner").empty  # no row of the mock is a real row
+    assert set(mocks["VA"].sex.dropna()) == {1}  # VA's 6 women are under the threshold: no woman in its mock
+    runs_before = len(client.runs())
+    run = client.train(TINY_CELL, dataset=DATASET, rounds=2, seed=3, mock=True, name="dry")
+    run.wait(timeout=120)
+    assert run.name == "MOCK dry" and run.record["mock"] is True and "MOCK" in repr(run)
+    assert set(run.history.site) == {*HEART_SITES, "global"} and set(run.history["round"]) == {0, 1, 2}
+    assert run.model is not None and len(client.runs()) == runs_before  # nothing was submitted
+    failing = client.train(
+        TINY_CELL.replace("X, y = _xy(data.train)", "X, y = _xy(data.train.drop(columns='age'))"),
+        dataset=DATASET,
+        mock=True,
+    )
+    with pytest.raises(Exception, match="MOCK run failed: KeyError at cell line"):
+        failing.wait(timeout=120)
+
+
+def test_the_catalog_lists_each_sites_columns_and_withholds_small_missing_counts(federation, tables) -> None:
+    frame = federation.client().datasets().set_index(["site", "column"])
+    assert len(frame) == 4 * 14
+    assert frame.loc[("Hungary", "chol"), "missing"] == int(tables["Hungary"].chol.isna().sum())  # 23
+    assert pd.isna(frame.loc[("Cleveland", "ca"), "missing"])  # 4 missing: under the threshold, withheld
+    assert frame.loc[("VA", "age"), "rows"] == 200
+
+
 def test_a_cohort_trains_exactly_as_a_prefiltered_copy_of_each_table(federation, tables) -> None:
     """Freeze age > 50 at each site; train on it; then register each site's table filtered by hand as a
     dataset of its own (same split settings), restart the agents, train on that: the same model."""
