@@ -1,7 +1,7 @@
 """FLIP's notebook side: ``%load_ext flip_magics``.
 
-The magics (``%flip_connect``, ``%flip_sites``, ``%%flip_train``, ``%flip_runs``,
-``%flip_attach``, ``%flip_stop``) are thin shells over :class:`flip_magics.client.FlipClient`,
+The magics (``%flip_connect``, ``%flip_sites``, ``%flip_query``, ``%flip_cohort``, ``%%flip_train``,
+``%flip_runs``, ``%flip_attach``, ``%flip_stop``) are thin shells over :class:`flip_magics.client.FlipClient`,
 which works without IPython too. The names below are the public surface a notebook or script
 imports (``from flip_magics import FlipClient, RunFailed, data_dir``); they load on first use,
 so ``%load_ext`` stays quick.
@@ -34,7 +34,17 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(_PUBLIC[name]), name)
 
 
+def _figure_png(figure: Any) -> bytes:
+    from flip_magics.figures import png
+
+    return png(figure)
+
+
 def load_ipython_extension(ipython: Any) -> None:
     from flip_magics.magics import FlipMagics
 
     ipython.register_magics(FlipMagics)
+    # a query's figure (matplotlib's Figure, never pyplot) shows inline and stays in papermill's output,
+    # whatever matplotlib backend the kernel has; matplotlib itself loads only when a figure is shown
+    formatter = ipython.display_formatter.formatters["image/png"]
+    formatter.for_type_by_name("matplotlib.figure", "Figure", _figure_png)

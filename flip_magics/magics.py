@@ -50,6 +50,14 @@ def parse_config(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def unquoted(text: str) -> str:
+    """An option's value as meant: IPython's argument splitting keeps the quotes around ``--where "age > 50"``."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and text[0] not in text[1:-1]:
+        return text[1:-1]
+    return text
+
+
 def show_run(handle: RunHandle) -> RunWidget:
     widget = RunWidget(handle.name, handle.run_id, handle.rounds)
 
@@ -196,7 +204,7 @@ class FlipMagics(Magics):
         """A federated statistic over the rows of a dataset that match a filter; each site releases what it may."""
         args = parse_argstring(self.flip_query, line)
         kind, columns = parse_statistic(args.statistic)
-        where = " ".join(cell.split()) if cell is not None and cell.strip() else args.where
+        where = " ".join(cell.split()) if cell is not None and cell.strip() else unquoted(args.where)
         text = f"{args.dataset} {' '.join(args.statistic)}" + (f" where {where}" if where else "")
         result = self._client().query(
             args.dataset,
@@ -223,7 +231,7 @@ class FlipMagics(Magics):
     def flip_cohort(self, line: str, cell: str | None = None) -> QueryResult:
         """Freeze the rows of a dataset that match a filter, at each site, as a named cohort to train on."""
         args = parse_argstring(self.flip_cohort, line)
-        where = " ".join(cell.split()) if cell is not None and cell.strip() else args.where
+        where = " ".join(cell.split()) if cell is not None and cell.strip() else unquoted(args.where)
         result = self._client().cohort(args.name, args.dataset, where, sites=args.sites)
         self._user_ns()[args.out] = result
         return result

@@ -11,11 +11,14 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from flip_core.errors import RequestInvalid
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 from flip_core.query import QUANTILE_NAMES, QueryKind
 
 STAT_FIELDS = ("n", "missing", "mean", "std")
@@ -60,6 +63,13 @@ class QueryResult:
     def title(self) -> str:
         where = f" where {self.where}" if self.where else ""
         return f"{'MOCK ' if self.mock else ''}{self.kind} over {self.dataset}{where}"
+
+    def plot(self, pooled: bool | None = None) -> Figure:
+        """This answer as a matplotlib figure (``flip_magics.figures``): bars by site, overlaid histograms, a
+        crosstab heat map, quantile glyphs; withheld values marked, never drawn as zero."""
+        from flip_magics.figures import plot
+
+        return plot(self, pooled=pooled)
 
     def __repr__(self) -> str:
         lines = [self.title(), "pooled:", self.pooled.to_string(index=False)]

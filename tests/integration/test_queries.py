@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pandas as pd
+import papermill
 import pytest
 import requests
 
@@ -18,7 +20,7 @@ from flip_local.federation import restart
 from flip_local.sites import HEART_SITES, HEART_SPLIT
 from site_agent.catalog import add_dataset, load_site, read_table
 
-from helpers import TINY_CELL, shared_data
+from helpers import REPO, TINY_CELL, shared_data
 
 pytestmark = pytest.mark.integration
 DATASET = "heart-disease"
@@ -242,3 +244,29 @@ def test_a_cohort_trains_exactly_as_a_prefiltered_copy_of_each_table(federation,
         np.testing.assert_array_equal(cohort_model[name], copy_model[name])
     trained = on_cohort.history.query("phase == 'train' and metric == 'loss'")
     assert len(trained) >= 8  # four sites, two rounds: the comparison is of a real run
+
+
+def test_the_cohort_notebook_runs_headless_under_papermill(federation, tables, pooled_truth, tmp_path) -> None:
+    out = tmp_path / "cohort.ipynb"
+    papermill.execute_notebook(
+        str(REPO / "notebooks" / "00_cohort_heart.ipynb"),
+        str(out),
+        parameters={"rounds": 2, "output_dir": str(tmp_path)},
+        progress_bar=False,
+        cwd=str(tmp_path),
+    )
+    summary = json.loads((tmp_path / "cohort_summary.json").read_text())
+    assert summary["sites_by_sex"]["Cleveland/0"] == 97 and summary["sites_by_sex"]["VA/0"] is None
+    assert summary["pooled_by_sex"] == {"0": None, "1": None}  # VA withheld both: so is the pooled table
+    assert summary["age_pooled"]["mean"] == pytest.approx(pooled_truth.age.mean(), rel=1e-9)
+    assert summary["cohort_rows"] == {site: int((t.age > 50).sum()) for site, t in tables.items()}
+    cohort = pooled_truth[pooled_truth.age > 50]
+    for column, (mean, std) in summary["standardisation"].items():
+        assert mean == pytest.approx(cohort[column].mean(), rel=1e-9)
+        assert std == pytest.approx(cohort[column].std(ddof=1), rel=1e-9)
+    assert summary["dry_run"] == {"status": "completed", "name": "MOCK cohort-heart", "mock": True}
+    assert summary["run_cohort"] == "over50" and set(summary["site_accuracy"]) == set(HEART_SITES)
+    executed = nbformat.read(out, as_version=4)
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the figures stay in the output
+    assert any("MOCK" in str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
