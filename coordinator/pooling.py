@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from flip_core.errors import FlipError
-from flip_core.query import MISSING_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind
+from flip_core.query import QUANTILE_NAMES, QUANTILES, QueryKind, level_key
 
 ORDERED_KINDS = (QueryKind.HIST, QueryKind.MISSING)  # levels kept in the sites' order, not sorted
 STAT_FIELDS = ("n", "missing", "mean", "std", "sketch")
@@ -50,17 +50,6 @@ def pool(kind: QueryKind, tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
             f"a site's answer is not a {kind.value} table that can be pooled ({type(error).__name__}: {error}); "
             "check that every site runs the same FLIP version"
         ) from error
-
-
-def level_key(label: str) -> tuple[int, float, str]:
-    """Where a label sorts: numbers numerically, then text, then the missing level (as the sites sort)."""
-    if label == MISSING_LEVEL:
-        return (2, 0.0, "")
-    try:
-        number = float(label)
-    except ValueError:
-        return (1, 0.0, label)
-    return (1, 0.0, label) if math.isnan(number) else (0, number, label)
 
 
 def _sum(counts: list[Any]) -> int | None:

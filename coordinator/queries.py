@@ -72,12 +72,10 @@ class QueryDesk:
         edges: tuple[float, ...] = ()
         if spec.kind == QueryKind.HIST:
             edges = self._edges(who, spec, targets, where.text)
-        request = QueryRequest(
-            query_id=secrets.token_hex(6),
-            project=who.project,
-            researcher=who.researcher,
-            dataset=spec.dataset,
-            kind=spec.kind,
+        request = _request(
+            who,
+            spec.dataset,
+            spec.kind,
             columns=tuple(spec.columns),
             where=where.text,
             edges=edges,
@@ -117,12 +115,10 @@ class QueryDesk:
         if spec.range is not None:
             low, high = spec.range
         else:
-            probe = QueryRequest(
-                query_id=secrets.token_hex(6),
-                project=who.project,
-                researcher=who.researcher,
-                dataset=spec.dataset,
-                kind=QueryKind.STATS,
+            probe = _request(
+                who,
+                spec.dataset,
+                QueryKind.STATS,
                 columns=tuple(spec.columns),
                 where=where,
                 threshold=spec.threshold or 0,
@@ -137,16 +133,8 @@ class QueryDesk:
         as_query = QuerySpec(dataset=spec.dataset, kind=QueryKind.COHORT, where=spec.where, sites=spec.sites)
         targets, columns, offline = self._targets(as_query)
         where = parse_filter(spec.where, columns)
-        request = QueryRequest(
-            query_id=secrets.token_hex(6),
-            project=who.project,
-            researcher=who.researcher,
-            dataset=spec.dataset,
-            kind=QueryKind.COHORT,
-            where=where.text,
-            text=f"cohort {spec.name}: {spec.dataset}" + (f" where {where.text}" if where.text else ""),
-            cohort=spec.name,
-        )
+        text = f"cohort {spec.name}: {spec.dataset}" + (f" where {where.text}" if where.text else "")
+        request = _request(who, spec.dataset, QueryKind.COHORT, where=where.text, text=text, cohort=spec.name)
         view = answer_view(request, self.exchange(request, targets), offline)
         frozen = {
             site: {"rows": r["table"].get("total"), "hash": r["table"]["hash"]} for site, r in view["sites"].items()
@@ -242,6 +230,11 @@ class QueryDesk:
         if pending is not None:
             pending.replies = replies
             pending.done.set()
+
+
+def _request(who: Principal, dataset: str, kind: QueryKind, **fields: Any) -> QueryRequest:
+    """A query as every site gets it, under a fresh id, in the caller's name and project."""
+    return QueryRequest(secrets.token_hex(6), who.project, who.researcher, dataset, kind, **fields)
 
 
 def describe(spec: QuerySpec) -> str:

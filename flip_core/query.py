@@ -26,6 +26,7 @@ for a missing value), made at the site from coarse per-column marginals (``site_
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -41,6 +42,18 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 QUANTILE_NAMES = ("p5", "p25", "p50", "p75", "p95")
 MISSING_LEVEL = "(missing)"
 OTHER_LEVEL = "(other)"
+
+
+def level_key(label: str) -> tuple[int, float, str]:
+    """Where a level's label sorts, at the sites and in pooling alike: numbers numerically, then text, then
+    ``MISSING_LEVEL``."""
+    if label == MISSING_LEVEL:
+        return (2, 0.0, "")
+    try:
+        number = float(label)
+    except ValueError:
+        return (1, 0.0, label)
+    return (1, 0.0, label) if math.isnan(number) else (0, number, label)
 
 
 class QueryKind(StrEnum):
@@ -121,4 +134,5 @@ __all__ = [
     "decode_reply",
     "encode_query",
     "encode_reply",
+    "level_key",
 ]

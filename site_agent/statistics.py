@@ -29,7 +29,16 @@ import numpy as np
 import pandas as pd
 
 from flip_core.errors import FlipError
-from flip_core.query import MAX_BINS, MAX_COLUMNS, MISSING_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind, QueryRequest
+from flip_core.query import (
+    MAX_BINS,
+    MAX_COLUMNS,
+    MISSING_LEVEL,
+    QUANTILE_NAMES,
+    QUANTILES,
+    QueryKind,
+    QueryRequest,
+    level_key,
+)
 from site_agent.disclosure import line_is_safe, line_sets, protect
 
 MAX_LEVELS = 40  # distinct values a column may have to be counted by
@@ -89,17 +98,6 @@ def level_label(value: Any) -> str:
             return str(int(number))
         return repr(number)
     return str(value)
-
-
-def level_key(label: str) -> tuple[int, float, str]:
-    """Where a label sorts: numbers numerically, then text, then the missing level."""
-    if label == MISSING_LEVEL:
-        return (2, 0.0, "")
-    try:
-        number = float(label)
-    except ValueError:
-        return (1, 0.0, label)
-    return (1, 0.0, label) if math.isnan(number) else (0, number, label)
 
 
 def _check_columns(request: QueryRequest, table: pd.DataFrame) -> list[str]:

@@ -37,6 +37,18 @@ def shared_data() -> Path:
     return Path(os.environ.get("FLIP_DATA_DIR") or REPO.parent / "shared" / "data")
 
 
+def heart_tables(names: tuple[str, ...] = ("cleveland", "hungarian", "switzerland", "va")) -> dict[str, Any]:
+    """The real UCI heart-disease tables as pandas reads them at the sites, by file name."""
+    import pytest
+
+    from site_agent.catalog import read_table
+
+    paths = {name: shared_data() / "heart-disease" / f"processed.{name}.data" for name in names}
+    if absent := [str(p) for p in paths.values() if not p.is_file()]:
+        pytest.fail(f"the UCI heart-disease tables are missing ({', '.join(absent)}); set FLIP_DATA_DIR")
+    return {name: read_table(path, "uci-heart") for name, path in paths.items()}
+
+
 @contextlib.contextmanager
 def local_federation(home: Path, **options: Any) -> Iterator[dict[str, Any]]:
     """``flip up`` under ``home`` with ``options`` (real processes), FLIP_HOME pointing there meanwhile

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from coordinator.pooling import PoolingError, pool
-from flip_core.paths import data_dir
 from flip_core.query import MISSING_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind, QueryRequest
-from site_agent.catalog import read_table
 from site_agent.statistics import answer
+
+from helpers import heart_tables
 
 SITES = ("cleveland", "hungarian", "switzerland", "va")
 T = 10
@@ -23,12 +23,7 @@ Cohort = Callable[[pd.DataFrame], np.ndarray]
 
 @pytest.fixture(scope="module")
 def heart() -> dict[str, pd.DataFrame]:
-    folder = data_dir() / "heart-disease"
-    paths = {site: folder / f"processed.{site}.data" for site in SITES}
-    absent = [str(p) for p in paths.values() if not p.is_file()]
-    if absent:
-        pytest.fail(f"the UCI heart-disease tables are missing ({', '.join(absent)}); set FLIP_DATA_DIR")
-    return {site: read_table(path, "uci-heart") for site, path in paths.items()}
+    return heart_tables(SITES)
 
 
 def everyone(table: pd.DataFrame) -> np.ndarray:

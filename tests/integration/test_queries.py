@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import nbformat
@@ -202,6 +205,18 @@ def test_the_catalog_lists_each_sites_columns_and_withholds_small_missing_counts
     assert frame.loc[("Hungary", "chol"), "missing"] == int(tables["Hungary"].chol.isna().sum())  # 23
     assert pd.isna(frame.loc[("Cleveland", "ca"), "missing"])  # 4 missing: under the threshold, withheld
     assert frame.loc[("VA", "age"), "rows"] == 200
+
+
+def test_a_site_that_dies_is_named_within_seconds_and_the_others_answer(federation) -> None:
+    client = federation.client()
+    os.killpg(federation.pid("site-VA"), signal.SIGKILL)
+    started = time.monotonic()
+    result = client.query(DATASET, "count", ["sex"])
+    print(f"answered {time.monotonic() - started:.1f} s after VA was killed: {result.refused}")
+    assert "offline" in result.refused["VA"]
+    assert set(result.sites.site) == {"Cleveland", "Hungary", "Switzerland"}
+    restart("site-VA", federation.home)
+    assert wait_until(lambda: {s["site"]: s["status"] for s in client.sites()}["VA"] == "online", 120, 0.2)
 
 
 def test_a_cohort_trains_exactly_as_a_prefiltered_copy_of_each_table(federation, tables) -> None:

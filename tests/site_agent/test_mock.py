@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from flip_core.errors import FlipError
-from flip_core.paths import data_dir
-from site_agent.catalog import read_table
 from site_agent.mock import MockRefused, describe_mock, make_mock
+
+from helpers import heart_tables
 
 SITES = ("cleveland", "hungarian", "switzerland", "va")
 T = 10
@@ -19,12 +19,7 @@ ROWS = {"cleveland": 300, "hungarian": 290, "switzerland": 120, "va": 200}  # 30
 
 @pytest.fixture(scope="module")
 def heart() -> dict[str, pd.DataFrame]:
-    folder = data_dir() / "heart-disease"
-    paths = {site: folder / f"processed.{site}.data" for site in SITES}
-    absent = [str(p) for p in paths.values() if not p.is_file()]
-    if absent:
-        pytest.fail(f"the UCI heart-disease tables are missing ({', '.join(absent)}); set FLIP_DATA_DIR")
-    return {site: read_table(path, "uci-heart") for site, path in paths.items()}
+    return heart_tables(SITES)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flip_core.paths import data_dir
 from flip_core.query import MAX_BINS, MISSING_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind, QueryRequest
-from site_agent.catalog import read_table
 from site_agent.disclosure import line_is_safe, line_sets
 from site_agent.statistics import QueryRefused, answer
+
+from helpers import heart_tables
 
 SITES = ("cleveland", "hungarian", "switzerland", "va")
 T = 10
@@ -25,12 +25,7 @@ CATEGORICAL = ("sex", "cp", "fbs", "restecg", "exang", "slope", "ca", "thal", "n
 
 @pytest.fixture(scope="module")
 def heart() -> dict[str, pd.DataFrame]:
-    folder = data_dir() / "heart-disease"
-    paths = {site: folder / f"processed.{site}.data" for site in SITES}
-    absent = [str(p) for p in paths.values() if not p.is_file()]
-    if absent:
-        pytest.fail(f"the UCI heart-disease tables are missing ({', '.join(absent)}); set FLIP_DATA_DIR")
-    return {site: read_table(path, "uci-heart") for site, path in paths.items()}
+    return heart_tables(SITES)
 
 
 def ask(
