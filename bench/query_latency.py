@@ -6,18 +6,22 @@ it: from ``client.query(...)`` to the pooled DataFrame, through the coordinator,
 the SuperLink and every site's disclosure control. Prints the median and the spread, and the
 SuperLink's CPU per query (every Flower object is a call of its own: the round trip waits for it).
 
-    python -m bench.query_latency [--repeats 20]
+    python -m bench.query_latency [--repeats 20] [--calls]
+
+``--calls``: the SuperLink logs every API call (DEBUG), and the calls per query are counted by route
+(the logging costs the SuperLink some CPU of its own: time the queries without it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import cpu_seconds, machine
+from bench.common import count_calls, cpu_seconds, machine
 from flip_core.util import wait_until
 from flip_local.federation import down, status, up
 from flip_magics.client import FlipClient
@@ -35,7 +39,10 @@ def timed(call: object, repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--calls", action="store_true", help="count the SuperLink's API calls per query")
     args = parser.parse_args()
+    if args.calls:
+        os.environ["FLIP_SUPERLINK_LOG_LEVEL"] = "DEBUG"
     with tempfile.TemporaryDirectory(prefix="flip-bench-") as tmp:
         home = Path(tmp)
         connection = up(home)
@@ -44,7 +51,8 @@ def main() -> None:
             # a quiet federation: the sites have loaded their spare task processes (torch), as a minute after `flip up`
             if not wait_until(lambda: all(s["warm"] for s in client.sites()), 180, 0.2):
                 raise RuntimeError("the sites did not warm up within 180 s")
-            superlink = next(p["pid"] for p in status(home)["processes"] if p["name"] == "superlink")
+            superlink_process = next(p for p in status(home)["processes"] if p["name"] == "superlink")
+            superlink, superlink_log = superlink_process["pid"], Path(superlink_process["log"])
             started = time.perf_counter()
             client.query("heart-disease", "count", ["sex"])
             cold = time.perf_counter() - started
@@ -58,9 +66,13 @@ def main() -> None:
             print(f"machine: {machine()}")
             print(f"first query (starts the query line): {cold:.2f} s")
             for name, call in queries.items():
-                cpu = cpu_seconds(superlink)
+                cpu, offset = cpu_seconds(superlink), superlink_log.stat().st_size
                 seconds = timed(call, args.repeats)
                 cpu = (cpu_seconds(superlink) - cpu) / args.repeats
+                if args.calls:
+                    calls, routes = count_calls(superlink_log, offset)
+                    top = ", ".join(f"{route} {n / args.repeats:.1f}" for route, n in sorted(routes.items()))
+                    print(f"{name}: {calls / args.repeats:.1f} SuperLink calls per query ({top})")
                 print(
                     f"{name:34s} median {statistics.median(seconds) * 1000:6.1f} ms  "
                     f"min {min(seconds) * 1000:6.1f}  max {max(seconds) * 1000:6.1f}  "
