@@ -5,7 +5,8 @@ plus a column of unique random tokens, and reaches the hub only through a captur
 with a certificate from the consortium's CA and keeps every byte, both ways). Its admin must approve each task's
 code. Three runs go through it:
 a training run whose cell also prints rows (to the site's log), a failing run whose cell raises with a
-row in its message, and a run the site's admin rejects. Then neither the bytes the site sent or
+row in its message, and a run the site's admin rejects; then federated queries (one counting by the token
+column, one isolating a patient), a cohort and a mock. Then neither the bytes the site sent or
 received, nor the coordinator's database and model files, nor anything the notebook was shown hold any
 token, while the site's own log does (so the search would have found one).
 """
@@ -124,6 +125,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                             "approved": True,
                             "researchers": ["*"],
                             "datasets": ["*"],
+                            "tasks": ["train", "query"],
                             "auto_approve": False,
                         }
                     }
@@ -189,6 +191,27 @@ def answer_when_asked(handle: RunHandle, site_dir: Path, *answer: str) -> None:
     flip_site(answer[0], site_dir, code_hash, *answer[1:])
 
 
+def queries_at_the_planted_site(client: FlipClient) -> list[str]:
+    """Federated queries, a cohort and a mock at the planted site: what the notebook is shown of them."""
+    va = read_table(shared_data() / "heart-disease" / "processed.va.data", "uci-heart")
+    one = va.iloc[3]
+    isolating = f"age = {one.age:g} and trestbps = {one.trestbps:g} and thalach = {one.thalach:g}"
+    ask = {"sites": ["Planted"]}
+    results = [
+        client.query("heart-disease", "count", ["token"], **ask),  # a level per patient: refused
+        client.query("heart-disease", "stats", ["token"], **ask),  # text: refused
+        client.query("heart-disease", "count", ["sex"], isolating, **ask),  # one patient: withheld
+        client.query("heart-disease", "crosstab", ["sex", "cp"], **ask),
+        client.query("heart-disease", "missing", **ask),
+        client.cohort("planted-over50", "heart-disease", "age > 50", **ask),
+    ]
+    assert "distinct values" in results[0].refused["Planted"] and "Planted" in results[1].refused
+    assert results[2].totals["Planted"] is None and results[3].totals["Planted"] == len(va)
+    mock = client.mock("heart-disease", **ask)["Planted"]
+    assert mock["token"].isna().all()  # no token reaches its threshold of rows: none is in the mock
+    return [repr(r.raw) for r in results] + [mock.to_csv()]
+
+
 def test_no_planted_token_leaves_the_site(planted: dict[str, Any]) -> None:
     client, site_dir = planted["client"], planted["site_dir"]
     seen: list[str] = []  # everything the notebook was shown
@@ -214,6 +237,8 @@ def test_no_planted_token_leaves_the_site(planted: dict[str, Any]) -> None:
         rejected.wait(180)
     assert "Planted: refused by the site" in str(refused.value)
     seen += [str(refused.value), repr(rejected.events), repr(client.run(rejected.run_id)), repr(client.sites())]
+
+    seen += queries_at_the_planted_site(client)
 
     tokens = [t.encode() for t in planted["tokens"]]
     capture = planted["capture"]
