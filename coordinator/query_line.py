@@ -56,7 +56,12 @@ class QueryLine:
                 continue
             request = decode_query(json.dumps(work["request"]).encode())
             replies = self.ask(request, work["targets"])
-            self.hub.query_replies(request.query_id, replies)
+            try:
+                self.hub.query_replies(request.query_id, replies)
+            except requests.HTTPError as exc:  # the replies were refused (too large, say): tell the researcher so
+                status = exc.response.status_code if exc.response is not None else "no status"
+                why = f"the site's reply could not be handed to the coordinator (HTTP {status})"
+                self.hub.query_replies(request.query_id, [_failed(r["site"], why) for r in replies])
 
     def ask(self, request: QueryRequest, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Send ``request`` to each target site and gather what each one released."""

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MOCK_MAX_ROWS = 2000  # enough to develop a cell against; what travels stays small whatever the table's size
+
 
 class QueryService:
     """Answers the query messages that reach this site (thread-safe: each message has its own thread)."""
@@ -131,7 +133,7 @@ class QueryService:
         """The dataset's mock, made here under this threshold: the same one every time for the same file."""
         entry = self.site.dataset(request.dataset)
         seed = int.from_bytes(hashlib.sha256(f"{self.site.name}|{entry.fingerprint}|{threshold}".encode()).digest()[:8])
-        mock = make_mock(table, threshold, seed)
+        mock = make_mock(table, threshold, seed).head(MOCK_MAX_ROWS)  # rows are drawn independently: any are a sample
         rows = mock.astype(object).where(mock.notna(), None).to_numpy().tolist()
         return {"columns": [str(c) for c in mock.columns], "dtypes": [str(t) for t in mock.dtypes], "rows": rows}
 
