@@ -51,11 +51,22 @@ def parse_config(pairs: list[str]) -> dict[str, Any]:
 
 
 def unquoted(text: str) -> str:
-    """An option's value as meant: IPython's argument splitting keeps the quotes around ``--where "age > 50"``."""
+    """An option's value as meant: IPython's argument splitting keeps the quotes of ``--where "age > 50"``."""
     text = text.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and text[0] not in text[1:-1]:
         return text[1:-1]
     return text
+
+
+def parse_args(magic: Any, line: str) -> Any:
+    """``line`` parsed by ``magic``'s ``@argument``s, each text value unquoted (``--name "my run"`` is ``my run``)."""
+    args = parse_argstring(magic, line)
+    for name, value in vars(args).items():
+        if isinstance(value, str):
+            setattr(args, name, unquoted(value))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            setattr(args, name, [unquoted(v) for v in value])
+    return args
 
 
 def show_run(handle: RunHandle) -> RunWidget:
@@ -102,7 +113,7 @@ class FlipMagics(Magics):
     @_friendly
     def flip_connect(self, line: str) -> None:
         """Connect this notebook to a FLIP coordinator."""
-        args = parse_argstring(self.flip_connect, line)
+        args = parse_args(self.flip_connect, line)
         if args.url is None:
             client = FlipClient.from_environment(args.project)
             if args.token:
@@ -121,7 +132,7 @@ class FlipMagics(Magics):
     @_friendly
     def flip_sites(self, line: str) -> pd.DataFrame:
         """The federation's sites and their datasets."""
-        if parse_argstring(self.flip_sites, line).datasets:
+        if parse_args(self.flip_sites, line).datasets:
             return self._client().datasets()
         rows = []
         for site in self._client().sites():
@@ -170,7 +181,7 @@ class FlipMagics(Magics):
     @_friendly
     def flip_train(self, line: str, cell: str) -> None:
         """Train the cell's model across the sites holding --dataset; returns at once."""
-        args = parse_argstring(self.flip_train, line)
+        args = parse_args(self.flip_train, line)
         handle = self._client().train(
             cell,
             dataset=args.dataset,
@@ -202,9 +213,9 @@ class FlipMagics(Magics):
     @_friendly
     def flip_query(self, line: str, cell: str | None = None) -> QueryResult:
         """A federated statistic over the rows of a dataset that match a filter; each site releases what it may."""
-        args = parse_argstring(self.flip_query, line)
+        args = parse_args(self.flip_query, line)
         kind, columns = parse_statistic(args.statistic)
-        where = " ".join(cell.split()) if cell is not None and cell.strip() else unquoted(args.where)
+        where = " ".join(cell.split()) if cell is not None and cell.strip() else args.where
         text = f"{args.dataset} {' '.join(args.statistic)}" + (f" where {where}" if where else "")
         result = self._client().query(
             args.dataset,
@@ -230,8 +241,8 @@ class FlipMagics(Magics):
     @_friendly
     def flip_cohort(self, line: str, cell: str | None = None) -> QueryResult:
         """Freeze the rows of a dataset that match a filter, at each site, as a named cohort to train on."""
-        args = parse_argstring(self.flip_cohort, line)
-        where = " ".join(cell.split()) if cell is not None and cell.strip() else unquoted(args.where)
+        args = parse_args(self.flip_cohort, line)
+        where = " ".join(cell.split()) if cell is not None and cell.strip() else args.where
         result = self._client().cohort(args.name, args.dataset, where, sites=args.sites)
         self._user_ns()[args.out] = result
         return result
@@ -252,7 +263,7 @@ class FlipMagics(Magics):
     @_friendly
     def flip_attach(self, line: str) -> None:
         """Follow a run again (e.g. after a kernel restart), from its first event."""
-        args = parse_argstring(self.flip_attach, line)
+        args = parse_args(self.flip_attach, line)
         handle = self._client().attach(args.run_id)
         self._user_ns()[args.out] = handle
         show_run(handle)
@@ -263,6 +274,6 @@ class FlipMagics(Magics):
     @_friendly
     def flip_stop(self, line: str) -> None:
         """Stop a run."""
-        args = parse_argstring(self.flip_stop, line)
+        args = parse_args(self.flip_stop, line)
         view = self._client().stop(args.run_id)
         print(f"run {view['run_id']}: {view['status']}")
