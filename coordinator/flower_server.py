@@ -362,7 +362,7 @@ def main(grid: Grid, context: Context) -> None:
     run_id = str(context.run_config["flip-run-id"])
     hub = HubLink.from_env()
     if run_id == QUERY_LINE_RUN_ID:  # not a training run: the line that carries federated queries
-        with tuned_grid_pulls(lambda: False, initial_backoff=0.005, backoff_cap=0.05):
+        with tuned_grid_pulls(lambda: False):
             QueryLine(grid, hub, int(context.run_id)).serve()
         return
     try:

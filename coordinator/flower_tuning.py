@@ -25,7 +25,6 @@ SLICE_SECONDS = 1.0
 MAX_SECONDS = 600.0
 
 _should_abort: Callable[[], bool] = lambda: False  # noqa: E731
-_backoff = (INITIAL_BACKOFF, BACKOFF_CAP)
 
 
 def _pull_objects(object_ids: list[str], pull_object_fn: Callable[[str], bytes], **_: Any) -> dict[str, bytes]:
@@ -36,8 +35,8 @@ def _pull_objects(object_ids: list[str], pull_object_fn: Callable[[str], bytes],
                 object_ids,
                 pull_object_fn,
                 max_time=SLICE_SECONDS,
-                initial_backoff=_backoff[0],
-                backoff_cap=_backoff[1],
+                initial_backoff=INITIAL_BACKOFF,
+                backoff_cap=BACKOFF_CAP,
             )
         except ObjectPullError:
             if time.monotonic() >= deadline or _should_abort():
@@ -45,18 +44,14 @@ def _pull_objects(object_ids: list[str], pull_object_fn: Callable[[str], bytes],
 
 
 @contextlib.contextmanager
-def tuned_grid_pulls(
-    should_abort: Callable[[], bool], initial_backoff: float = INITIAL_BACKOFF, backoff_cap: float = BACKOFF_CAP
-) -> Iterator[None]:
+def tuned_grid_pulls(should_abort: Callable[[], bool]) -> Iterator[None]:
     """Within this block the ServerApp pulls reply objects FLIP's way; ``should_abort()`` is asked
-    between slices, and an object not there yet is asked for again after ``initial_backoff`` seconds,
-    growing to ``backoff_cap`` (the query line, whose replies are small and quick, asks sooner).
-    Flower's own ``pull_objects`` is back in place afterwards."""
-    global _should_abort, _backoff
-    original, previous = http_grid.pull_objects, (_should_abort, _backoff)  # type: ignore[attr-defined]
-    _should_abort, _backoff = should_abort, (initial_backoff, backoff_cap)
+    between slices. Flower's own ``pull_objects`` is back in place afterwards."""
+    global _should_abort
+    original, previous_abort = http_grid.pull_objects, _should_abort  # type: ignore[attr-defined]
+    _should_abort = should_abort
     http_grid.pull_objects = _pull_objects  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        http_grid.pull_objects, (_should_abort, _backoff) = original, previous  # type: ignore[attr-defined]
+        http_grid.pull_objects, _should_abort = original, previous_abort  # type: ignore[attr-defined]

@@ -16,17 +16,16 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from flip_core.errors import FlipError
+from site_agent.catalog import CatalogError, check_name
 from site_agent.query_ledger import site_key
 
 COHORT_DIR = "cohorts"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class CohortRefused(FlipError):
@@ -58,9 +57,10 @@ class CohortStore:
         self._lock = threading.Lock()
 
     def _path(self, project: str, name: str) -> Path:
-        if not NAME.match(name) or not NAME.match(project):
-            raise CohortRefused(f"{name!r} is not a cohort name (letters, digits, '.', '_' and '-', at most 64)")
-        return self.dir / project / f"{name}.json"
+        try:  # the catalog's rule for names: nothing that reaches out of the cohorts folder
+            return self.dir / check_name("project", project) / f"{check_name('cohort', name)}.json"
+        except CatalogError as exc:
+            raise CohortRefused(str(exc)) from None
 
     def freeze(self, project: str, name: str, dataset: str, where: str, fingerprint: str, rows: list[int]) -> Cohort:
         """The cohort ``name`` of ``project``: made now, or the one made before with the same definition."""

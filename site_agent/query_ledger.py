@@ -110,6 +110,7 @@ class QueryLedger:
         self.key = site_key(site_dir)
         self._lock = threading.Lock()
         self._buckets: dict[int, np.ndarray] = {}
+        self._whole: dict[int, Cohort] = {}  # the whole table's fingerprint, by its number of rows
         self._answered: dict[tuple[str, str], list[Cohort]] = {}
         self._load()
 
@@ -132,7 +133,12 @@ class QueryLedger:
 
     def too_close(self, project: str, dataset: str, new: Cohort, n_rows: int, threshold: int) -> Cohort | None:
         """The answered cohort (or the whole table) that ``new`` is too close to, if any."""
-        whole = self.cohort(np.arange(n_rows), n_rows, "the whole table (its size is announced)")
+        with self._lock:
+            whole = self._whole.get(n_rows)
+        if whole is None:
+            whole = self.cohort(np.arange(n_rows), n_rows, "the whole table (its size is announced)")
+            with self._lock:
+                self._whole[n_rows] = whole
         with self._lock:
             answered = [whole, *self._answered.get((project, dataset), [])]
         return closest(new, answered, threshold)

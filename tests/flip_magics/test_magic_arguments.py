@@ -6,9 +6,9 @@ from typing import Any
 
 from IPython.testing.globalipapp import get_ipython, start_ipython
 
-SHELL = start_ipython() or get_ipython()  # the test shell, started once for the module
-
 from flip_magics.magics import FlipMagics
+
+SHELL = start_ipython() or get_ipython()  # the test shell, started once for the module
 
 
 class RecordingClient:

@@ -166,8 +166,8 @@ for _ in range(200):
         refused = True
         break
     if pid == 0:
-        import time
-        time.sleep(30)
+        import signal
+        signal.pause()  # alive until its namespace ends
         os._exit(0)
     children.append(pid)
 print(json.dumps({"started": len(children), "refused": refused}))
@@ -242,7 +242,7 @@ def test_the_sandboxed_process_dies_with_the_process_that_waits_for_it(tmp_path:
     scratch.chmod(0o777)
     marker = scratch / "alive"
     code = ENTER.format(scratch=str(scratch), handed=[], nproc=64, user="sandbox.task_user()") + (
-        f"import time\nPath({str(marker)!r}).write_text(str(os.getpid()))\nwhile True:\n    time.sleep(0.05)\n"
+        f"import signal\nPath({str(marker)!r}).write_text(str(os.getpid()))\nwhile True:\n    signal.pause()\n"
     )
     outer = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     try:
