@@ -9,16 +9,22 @@ client API (``FlipClient.train``) against one local federation of the four hospi
 
 Per size it prints the parameter count, the model's bytes (float32), the median seconds per
 round, the median overhead per round (round minus the slowest site's compute in that round),
-the median time to copy the same number of bytes once over a loopback TCP socket on this
-machine (measured in the same run, before the federation starts) and overhead / copy. A round
-moves the model to every site and back through the SuperLink, so it holds several such copies.
+the floor: nine times the median time to copy the same number of bytes once over a loopback TCP
+socket on this machine (measured in the same run, before the federation starts; a round moves the
+model nine times through the hub: out once, to four sites, four replies back), overhead / floor,
+and the peak resident memory of one site (its agent and task processes) and of the hub (SuperLink,
+its ServerApp, coordinator, fleet front), sampled every 50 ms while the size's run lasts.
 
-    python -m bench.model_size [--sizes 1M,25M,100M] [--rounds 3]
+``--stages`` also prints, per size, where the time went: every process of the federation appends the
+wall and CPU seconds of each stage it passes (``flip_core.trace``) and the table sums them per stage.
+
+    python -m bench.model_size [--sizes 1M,25M,100M] [--rounds 3] [--stages]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import socket
@@ -28,13 +34,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.common import HEART_COMMON, machine, median
 from flip_core.errors import NotConnected, Rejected, RunFailed
-from flip_local.federation import down, up
+from flip_core.trace import ENV_STAGE_LOG
+from flip_local.federation import Federation, down, up
 from flip_magics.client import FlipClient
 
 INPUTS = 13
 COPIES = 5  # loopback copies per size (median)
+FLOOR_COPIES = 9  # the global model out to the hub's side once, to four sites, four replies back
+SAMPLE_SECONDS = 0.05
 
 # The quickstart's preprocessing and evaluate() (bench.common.HEART_COMMON) with an MLP of width __HIDDEN__.
 MLP_CODE = (
@@ -135,6 +146,47 @@ def per_round(events: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
     return out
 
 
+class MemoryPeaks:
+    """Peak resident memory of each site (agent + its children) and of the hub (every other process of the
+    federation + children), sampled in a thread while the block runs."""
+
+    def __init__(self, home: Path) -> None:
+        state = Federation(home).state() or {}
+        self.roots = {p["name"]: int(p["pid"]) for p in state.get("processes", [])}
+        self.site_peak = 0
+        self.hub_peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _tree_rss(pid: int) -> int:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            sites = [self._tree_rss(pid) for name, pid in self.roots.items() if name.startswith("site-")]
+            hub = sum(self._tree_rss(pid) for name, pid in self.roots.items() if not name.startswith("site-"))
+            self.site_peak = max(self.site_peak, max(sites, default=0))
+            self.hub_peak = max(self.hub_peak, hub)
+
+    def __enter__(self) -> MemoryPeaks:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_size(client: FlipClient, target: int, rounds: int, timeout: float) -> dict[str, Any]:
     hidden = hidden_for(target)
     params = mlp_params(hidden)
@@ -155,11 +207,32 @@ def run_size(client: FlipClient, target: int, rounds: int, timeout: float) -> di
     return result
 
 
+def read_stages(path: Path, offset: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, cpu) seconds of each stage logged after byte ``offset`` (``flip_core.trace``), by stage."""
+    stages: dict[str, list[tuple[float, float]]] = {}
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for line in fh.read().decode().splitlines():
+            name, wall, cpu, _ = line.split("\t")
+            stages.setdefault(name, []).append((float(wall), float(cpu)))
+    return stages
+
+
+def print_stages(result: dict[str, Any], rounds: int) -> None:
+    print(f"  stages of the {result['params']:,}-parameter run ({rounds} rounds, prepare and final evaluation too):")
+    print(f"    {'stage':<28} {'count':>5} {'median wall s':>13} {'total wall s':>12} {'total cpu s':>11}")
+    for name, samples in result["stages"].items():
+        walls = [w for w, _ in samples]
+        cpus = [c for _, c in samples]
+        print(f"    {name:<28} {len(samples):>5} {median(walls):>13.3f} {sum(walls):>12.2f} {sum(cpus):>11.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1M,25M,100M", help="target parameter counts, e.g. 1M,25M,100M")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for one size's run")
+    parser.add_argument("--stages", action="store_true", help="print the seconds each stage of a step took")
     args = parser.parse_args()
     targets = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
 
@@ -168,11 +241,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flip-model-size-") as tmp:
         home = Path(tmp)
         os.environ["FLIP_HOME"] = str(home)
+        stage_log = home / "stages.tsv"
+        if args.stages:
+            os.environ[ENV_STAGE_LOG] = str(stage_log)
         try:
             connection = up(home)
             client = FlipClient(connection["coordinator_url"], connection["token"], timeout=600)
             for target in targets:
-                results.append(run_size(client, target, args.rounds, args.timeout))
+                offset = stage_log.stat().st_size if stage_log.exists() else 0
+                with MemoryPeaks(home) as peaks:
+                    results.append(run_size(client, target, args.rounds, args.timeout))
+                results[-1].update(site_peak=peaks.site_peak, hub_peak=peaks.hub_peak)
+                if args.stages and stage_log.exists():
+                    results[-1]["stages"] = read_stages(stage_log, offset)
         finally:
             down(home)
 
@@ -183,25 +264,28 @@ def main() -> None:
         f"{connection['started_seconds']:.1f} s"
     )
     print(
-        "loopback copy: one copy of the model's float32 bytes over 127.0.0.1 TCP, median of "
-        f"{COPIES}; a round moves the model to each of the 4 sites and back"
+        f"floor: {FLOOR_COPIES} x one copy of the model's float32 bytes over 127.0.0.1 TCP (median of "
+        f"{COPIES}); a round moves the model out once, to each of the 4 sites and 4 replies back"
     )
     header = (
         f"{'params':>12} {'hidden':>6} {'MB':>8} {'s/round':>8} {'overhead':>9} {'compute':>8} "
-        f"{'loopback s':>10} {'overhead/loopback':>17}"
+        f"{'floor s':>8} {'overhead/floor':>14} {'site peak MB':>12} {'hub peak MB':>11}"
     )
     print(header)
     for r in results:
-        copy = median(copies[r["target"]])
+        floor = FLOOR_COPIES * median(copies[r["target"]])
         lead = f"{r['params']:>12,} {r['hidden']:>6} {r['bytes'] / 1e6:>8.1f}"
         if "error" in r:
-            print(f"{lead}  failed: {r['error']}  (loopback {copy:.4f} s)")
+            print(f"{lead}  failed: {r['error']}  (floor {floor:.4f} s)")
             continue
         overhead = median(r["overhead"])
         print(
             f"{lead} {median(r['rounds']):>8.2f} {overhead:>9.2f} {median(r['compute']):>8.2f} "
-            f"{copy:>10.4f} {overhead / copy:>17.1f}"
+            f"{floor:>8.3f} {overhead / floor:>14.1f} {r['site_peak'] / 1e6:>12.0f} {r['hub_peak'] / 1e6:>11.0f}"
         )
+    for r in results:
+        if "stages" in r:
+            print_stages(r, args.rounds)
     for r in results:
         if "error" not in r:
             print(

@@ -50,33 +50,71 @@ def _cast_back(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
-def weighted_mean(updates: list[Update]) -> Params:
-    """Example-count-weighted mean of each array, computed in float64.
+CHUNK = 1 << 20  # elements of an array folded in at a time: float64 temporaries stay small (8 MB)
 
-    Each result keeps the dtype of the first update's array (integer arrays are rounded).
-    Raises ValueError for an empty list, a negative or non-finite weight, a total weight
-    of 0, or updates whose array names or shapes differ.
+
+class RunningMean:
+    """The example-weighted mean of updates folded in one at a time, as replies arrive (float64 sums).
+
+    The round loop adds each site's update when its reply comes and then lets the reply go, so the hub
+    holds one float64 sum per array, not every site's copy of the model. Each array is folded in chunks
+    of ``CHUNK`` elements, so no full-size temporary is made. The mean keeps the dtype of the first
+    update's array (integer arrays are rounded). ``add`` raises ValueError for a negative or
+    non-finite weight or an update whose array names or shapes differ from the first; ``mean`` for no
+    updates or a total weight of 0.
     """
-    if not updates:
-        raise ValueError("Cannot aggregate an empty list of updates.")
-    for i, (_, weight) in enumerate(updates):
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"Update {i} has weight {weight!r}; weights must be finite and >= 0.")
-    total = float(sum(weight for _, weight in updates))
-    if total == 0:
-        raise ValueError("The total weight of the updates is 0, so there is nothing to average.")
-    first = updates[0][0]
-    for i, (params, _) in enumerate(updates[1:], start=1):
-        _check_same_layout(first, params, f"update {i}")
 
-    result: Params = {}
-    for key, ref in first.items():
-        acc = np.zeros(np.shape(ref), dtype=np.float64)
-        for params, weight in updates:
-            if weight:
-                acc += np.asarray(params[key], dtype=np.float64) * (weight / total)
-        result[key] = _cast_back(acc, np.asarray(ref).dtype)
-    return result
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.dtypes: dict[str, np.dtype] = {}
+        self.layout: Params | None = None
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, params: Params, weight: float) -> None:
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"Update {self.count} has weight {weight!r}; weights must be finite and >= 0.")
+        if self.layout is None:  # shapes only: the first reply's bytes are not kept
+            self.layout = {k: _shape_only(v) for k, v in params.items()}
+            self.dtypes = {k: np.asarray(v).dtype for k, v in params.items()}
+            self.sums = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in params.items()}
+        else:
+            _check_same_layout(self.layout, params, f"update {self.count}")
+        self.count += 1
+        if not weight:
+            return
+        self.total += float(weight)
+        for key, acc in self.sums.items():
+            flat, values = acc.reshape(-1), np.asarray(params[key]).reshape(-1)
+            for start in range(0, flat.size, CHUNK):
+                part = values[start : start + CHUNK].astype(np.float64)
+                part *= weight
+                flat[start : start + CHUNK] += part
+
+    def mean(self) -> Params:
+        if not self.count:
+            raise ValueError("Cannot aggregate an empty list of updates.")
+        if self.total == 0:
+            raise ValueError("The total weight of the updates is 0, so there is nothing to average.")
+        result: Params = {}
+        for key, acc in self.sums.items():
+            acc /= self.total  # in place: the sums are not used again
+            result[key] = _cast_back(acc, self.dtypes[key])
+        self.sums = {}
+        return result
+
+
+def _shape_only(array: np.ndarray) -> np.ndarray:
+    """A zero-strided stand-in with ``array``'s shape: the layout check needs shapes, not the bytes."""
+    return np.broadcast_to(np.zeros((), dtype=np.asarray(array).dtype), np.shape(array))
+
+
+def weighted_mean(updates: list[Update]) -> Params:
+    """Example-count-weighted mean of each array, computed in float64 (:class:`RunningMean` over ``updates``)."""
+    running = RunningMean()
+    for params, weight in updates:
+        running.add(params, weight)
+    return running.mean()
 
 
 def weighted_metrics(results: list[tuple[dict[str, float], int]]) -> dict[str, float]:
@@ -118,7 +156,10 @@ class Strategy:
 
     def aggregate(self, current: Params, updates: list[Update]) -> Params:
         """Return the new global parameters from ``current`` and the site updates."""
-        mean = weighted_mean(updates)
+        return self.step(current, weighted_mean(updates))
+
+    def step(self, current: Params, mean: Params) -> Params:
+        """The new global parameters from ``current`` and the updates' weighted ``mean`` (:class:`RunningMean`)."""
         _check_same_layout(mean, current, "the current global parameters", "the updates")
         return mean
 
@@ -166,8 +207,7 @@ class _Adaptive(Strategy):
     def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def aggregate(self, current: Params, updates: list[Update]) -> Params:
-        mean = weighted_mean(updates)
+    def step(self, current: Params, mean: Params) -> Params:
         _check_same_layout(mean, current, "the current global parameters", "the updates")
         new: Params = {}
         for key, avg in mean.items():

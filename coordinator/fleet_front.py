@@ -48,6 +48,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from urllib.parse import quote
 
+import httpcore._async.http11
 import httpx
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -72,6 +73,10 @@ _COORDINATOR_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=120.0, pool=3
 # on the other side (so a reused connection is never one the upstream is closing).
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0)
 
+
+# httpcore reads an upstream answer 64 KiB at a time, and each read is one trip through the relay (an ASGI
+# message, a TLS record batch): a 400 MB model would be 6,000 of them. Read up to 1 MiB at a time instead.
+httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
 # Answers up to this size with a Content-Length are relayed whole; longer ones, and those without
 # a length (the presence stream), are streamed chunk by chunk as they arrive.

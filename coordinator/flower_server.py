@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.aggregate import make_strategy
+from coordinator.aggregate import RunningMean, make_strategy
 from coordinator.flower_control import QUERY_LINE_RUN_ID
 from coordinator.flower_tuning import tuned_grid_pulls
 from coordinator.hublink import HubLink
@@ -29,8 +30,15 @@ from coordinator.round_events import global_events, reply_events, round_event, r
 from flip_core.errors import FlipError
 from flip_core.protocol import StepRequest, StepResult
 from flip_core.status import Phase, Presence, RunStatus, SiteState, StepStatus
+from flip_core.trace import stage
 from flip_core.util import wait_until
-from flip_core.wire import MESSAGE_TYPE_EVALUATE, MESSAGE_TYPE_TRAIN, content_to_result, request_to_content
+from flip_core.wire import (
+    MESSAGE_TYPE_EVALUATE,
+    MESSAGE_TYPE_TRAIN,
+    content_to_result,
+    payload_size,
+    request_to_content,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,7 @@ class Reply:
     failure: str = ""
     late: bool = False  # missed the round timeout: sits this round out, stays in the run
     pending: bool = False  # the site's admin has not yet approved the task's code: asked again later
+    sent_bytes: int = 0  # the reply's payload, as the site sent it
 
 
 def describe_failure(result: StepResult) -> str:
@@ -97,6 +106,9 @@ class RoundLoop:
         self.dataset = task["dataset"]
         self.first_reply_seconds: float | None = None
         self.awaiting: set[str] = set()  # sites whose admin has yet to approve the task's code
+        self.published: set[str] = set()  # the payload of the step now out (flip_core.bulk), dropped when replaced
+        self.step_bytes = 0  # the payload of the step now out, as each site receives it
+        self.running = RunningMean()  # this round's updates, folded in as each reply arrives (then let go)
 
     def a_waited_site_is_gone(self) -> bool:
         """Asked while Flower pulls a reply: stop waiting if a site we wait for went offline."""
@@ -141,9 +153,11 @@ class RoundLoop:
         self, round_: int, phase: Phase, params: dict[str, np.ndarray], only: list[str] | None
     ) -> tuple[dict[str, str], list[Reply]]:
         """Push one message per site; the sites' message ids (pending) and the sites Flower refused."""
-        content = request_to_content(self.request(round_, phase, params))
         message_type = MESSAGE_TYPE_TRAIN if phase == Phase.FIT else MESSAGE_TYPE_EVALUATE
         sites = sorted(self.active if only is None else set(only) & set(self.active))
+        with stage("hub encode+sha+publish"):
+            content = request_to_content(self.request(round_, phase, params), self._publisher(sites))
+        self.step_bytes = payload_size(content)
         messages = [
             Message(content, dst_node_id=self.active[s], message_type=message_type, group_id=str(round_)) for s in sites
         ]
@@ -159,6 +173,26 @@ class RoundLoop:
             Reply(site, None, "Flower refused the message") for mid, site in zip(ids, sites, strict=True) if not mid
         ]
         return pending, refused
+
+    def _publisher(self, sites: list[str]) -> Callable[[bytes | bytearray, str], None]:
+        """Publish a large step once for all its sites; the previous step's payload is dropped then."""
+
+        def publish(blob: bytes | bytearray, sha: str) -> None:
+            self.hub.publish(blob, sha, sites)
+            for old in self.published - {sha}:
+                self.hub.unpublish(old)
+            self.published = {sha}
+
+        return publish
+
+    def unpublish(self) -> None:
+        """Drop the payload still published (the run is over: no site needs it)."""
+        for old in self.published:
+            try:
+                self.hub.unpublish(old)
+            except FlipError as exc:
+                log.warning("could not drop payload %s from the hub: %s", old[:12], exc)
+        self.published = set()
 
     def _gather(
         self, round_: int, phase: Phase, pending: dict[str, str], started: float, deadline: float | None
@@ -220,12 +254,16 @@ class RoundLoop:
                 return Reply(site, None, OFFLINE)
             reason = msg.error.reason if msg.error is not None else "no reason given"
             return Reply(site, None, f"the site's Flower node reported an error ({(reason or '')[:200]})")
-        result = content_to_result(msg.content)
+        try:
+            with stage("hub take+verify+decode"):
+                result = content_to_result(msg.content, lambda sha, size: self.hub.take(site, sha, size))
+        except FlipError as exc:  # its payload could not be fetched, or is not the one its message names
+            return Reply(site, None, f"the site's reply could not be read: {exc}")
         if result.status == StepStatus.PENDING:
             return Reply(site, result, pending=True)
         if result.status != StepStatus.OK:
             return Reply(site, result, describe_failure(result))
-        return Reply(site, result)
+        return Reply(site, result, sent_bytes=payload_size(msg.content))
 
     def _gone(self, site: str, status: dict[str, dict[str, Any]]) -> str:
         """Why ``site`` can no longer answer this round ("" while it can)."""
@@ -273,7 +311,11 @@ class RoundLoop:
             "train_rows": result.num_train,
             "test_rows": result.num_test,
         }
-        self.emit(*reply_events(reply.site, round_, phase, result))
+        traffic = {"received_bytes": self.step_bytes, "sent_bytes": reply.sent_bytes}
+        self.emit(*reply_events(reply.site, round_, phase, result, traffic))
+        if phase == Phase.FIT:
+            self.running.add(result.params, result.num_train)
+            result.params = {}  # folded in: the hub keeps one running sum, not each site's model
 
     def readmit(self, round_: int) -> None:
         """Sites that went offline and are back (a new Flower node, still holding the dataset) rejoin."""
@@ -344,11 +386,12 @@ class RoundLoop:
         for round_ in range(1, rounds + 1):
             started = time.monotonic()
             self.readmit(round_)
+            self.running = RunningMean()
             good = self.exchange(round_, Phase.FIT, params)
             self.check_quorum(round_, good)
             self.global_metrics(round_, Phase.FIT, good, eval_round=round_ - 1)
-            updates = [(r.result.params, r.result.num_train) for r in good if r.result]
-            params = self.strategy.aggregate(params, updates)
+            with stage("hub aggregate"):
+                params = self.strategy.step(params, self.running.mean())
             self.emit(round_event(round_, len(good), time.monotonic() - started))
         self.readmit(rounds)
         good = self.exchange(rounds, Phase.EVALUATE, params)
@@ -369,7 +412,10 @@ def main(grid: Grid, context: Context) -> None:
         task = hub.task(run_id)
         loop = RoundLoop(grid, hub, task)
         with tuned_grid_pulls(loop.a_waited_site_is_gone):
-            params = loop.run(hub.model(task["initial_model"]))
+            try:
+                params = loop.run(hub.model(task["initial_model"]))
+            finally:
+                loop.unpublish()
         sha = hub.put_model(run_id, params)
         ended = run_event(RunStatus.COMPLETED, model_sha256=sha, site_info=loop.site_info, failed_sites=loop.failed)
         hub.events(run_id, [ended])

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import requests
 
+from flip_core.bulk import BulkClient
 from flip_core.codec import pack_arrays, unpack_arrays
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class HubLink:
         self.url = url.rstrip("/")
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
+        self.bulk = BulkClient(self.url, token)
 
     @classmethod
     def from_env(cls) -> HubLink:
@@ -92,3 +94,17 @@ class HubLink:
     def put_model(self, run_id: str, params: dict[str, np.ndarray]) -> str:
         response = self._request("PUT", f"/internal/runs/{run_id}/model", data=pack_arrays(params), timeout=300)
         return str(response.json()["sha256"])
+
+    # -- bulk payloads (flip_core.bulk): what is too large for a Flower message ------------------
+    def publish(self, blob: bytes | bytearray, sha: str, readers: list[str]) -> None:
+        """Make a step's payload fetchable by these sites (``GET /site/blobs/SHA``)."""
+        self.bulk.put(f"/internal/blobs/{sha}?readers={','.join(readers)}", blob)
+
+    def take(self, site: str, sha: str, size: int) -> bytearray:
+        """A site's reply payload, deleted from the hub once read."""
+        blob = self.bulk.get(f"/internal/blobs/{site}/{sha}", size)
+        self.bulk.delete(f"/internal/blobs/{site}/{sha}")
+        return blob
+
+    def unpublish(self, sha: str) -> None:
+        self.bulk.delete(f"/internal/blobs/_hub/{sha}")

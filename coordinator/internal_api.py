@@ -13,8 +13,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from coordinator.blobs import HUB
 from coordinator.identity import Refused
-from coordinator.web import error, holds, model_body, query_int, state, typed_body
+from coordinator.web import error, holds, model_body, payload_response, query_int, receive_payload, state, typed_body
 from flip_core.api import Event, Events, QueryReplies, Ring
 from flip_core.errors import RequestInvalid
 
@@ -89,6 +90,23 @@ async def query_replies(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
+async def publish_payload(request: Request) -> Response:
+    """The round loop publishes a step's payload for the sites named in ``readers`` (comma-separated)."""
+    _internal(request)
+    readers = frozenset(r for r in request.query_params.get("readers", "").split(",") if r)
+    blob = await receive_payload(request, HUB, readers)
+    return JSONResponse({"sha256": blob.sha256, "size": blob.size})
+
+
+async def payload(request: Request) -> Response:
+    """A payload a site uploaded (owner: its name) or the hub published; DELETE drops it once read."""
+    _internal(request)
+    owner, sha = request.path_params["owner"], request.path_params["sha"]
+    if request.method == "DELETE":
+        return JSONResponse({"deleted": state(request).blobs.delete(owner, sha)})
+    return payload_response(state(request).blobs.find(owner, sha))
+
+
 def routes() -> list[BaseRoute]:
     return [
         Route("/internal/runs/{run_id}/task", task),
@@ -96,6 +114,8 @@ def routes() -> list[BaseRoute]:
         Route("/internal/runs/{run_id}/model", put_model, methods=["PUT"]),
         Route("/internal/runs/{run_id}/events", events, methods=["POST"]),
         Route("/internal/sites", sites),
+        Route("/internal/blobs/{sha}", publish_payload, methods=["PUT"]),
+        Route("/internal/blobs/{owner}/{sha}", payload, methods=["GET", "DELETE"]),
         Route("/internal/ring", ring, methods=["POST"]),
         Route("/internal/queries/next", next_query),
         Route("/internal/queries/{query_id}/replies", query_replies, methods=["POST"]),

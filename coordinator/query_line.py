@@ -20,6 +20,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from coordinator.hublink import HubLink
+from flip_core.errors import FlipError
 from flip_core.query import MESSAGE_TYPE_QUERY, QueryReply, QueryRequest, decode_query, decode_reply, encode_query
 from flip_core.status import Presence, StepStatus
 from flip_core.wire import blob_to_content, content_to_blob
@@ -65,8 +66,8 @@ class QueryLine:
 
     def ask(self, request: QueryRequest, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Send ``request`` to each target site and gather what each one released."""
-        content = blob_to_content(encode_query(request))
         sites = [t["site"] for t in targets]
+        content = blob_to_content(encode_query(request), lambda blob, sha: self.hub.publish(blob, sha, sites))
         messages = [Message(content, dst_node_id=int(t["node_id"]), message_type=MESSAGE_TYPE_QUERY) for t in targets]
         ids = list(self.grid.push_messages(messages))
         if len(ids) != len(sites):
@@ -86,7 +87,7 @@ class QueryLine:
             for msg in self.grid.pull_messages(list(pending)):
                 site = pending.pop(msg.metadata.reply_to_message_id, None)
                 if site is not None:
-                    replies.append(_reply(site, msg))
+                    replies.append(_reply(site, msg, self.hub))
                     arrived += 1
             poll = POLL_MIN_SECONDS if arrived else min(poll * POLL_GROWTH, POLL_MAX_SECONDS)
             now = time.monotonic()
@@ -108,13 +109,13 @@ def _failed(site: str, reason: str) -> dict[str, Any]:
     return {"site": site, "status": StepStatus.ERROR, "reason": reason}
 
 
-def _reply(site: str, msg: Message) -> dict[str, Any]:
+def _reply(site: str, msg: Message, hub: HubLink) -> dict[str, Any]:
     if msg.has_error():
         reason = msg.error.reason if msg.error is not None else "no reason given"
         return _failed(site, f"the site's Flower node reported an error ({(reason or '')[:200]})")
     try:
-        reply: QueryReply = decode_reply(content_to_blob(msg.content))
-    except (ValueError, TypeError, KeyError) as exc:
+        reply: QueryReply = decode_reply(content_to_blob(msg.content, lambda sha, size: hub.take(site, sha, size)))
+    except (ValueError, TypeError, KeyError, FlipError) as exc:
         return _failed(site, f"the site's reply could not be read ({type(exc).__name__})")
     if reply.site != site:
         return _failed(site, f"the reply came from node of {site!r} but names {reply.site!r}")

@@ -52,14 +52,18 @@ def _counts(result: StepResult, phase: Phase) -> dict[str, Any]:
     return counts
 
 
-def reply_events(site: str, round_: int, phase: Phase, result: StepResult) -> list[Event]:
-    """What one good reply tells the notebook: the site's row, then its own metrics."""
+def reply_events(
+    site: str, round_: int, phase: Phase, result: StepResult, traffic: dict[str, int] | None = None
+) -> list[Event]:
+    """What one good reply tells the notebook: the site's row (with ``traffic``: the bytes it received and
+    sent for this step), then its own metrics."""
     seconds = round(result.seconds, 3)
+    moved = traffic or {}
     if phase == Phase.PREPARE:  # the initial model evaluated: round 0
-        ready = site_event(site, SiteState.READY, round_, **_counts(result, phase), seconds=seconds)
+        ready = site_event(site, SiteState.READY, round_, **_counts(result, phase), seconds=seconds, **moved)
         evaluated = [metrics_event(site, 0, MetricPhase.EVALUATE, result.eval_metrics, result.num_test)]
         return [ready, *(evaluated if result.eval_metrics else [])]
-    events = [site_event(site, SiteState.DONE, round_, **_counts(result, phase), seconds=seconds)]
+    events = [site_event(site, SiteState.DONE, round_, **_counts(result, phase), seconds=seconds, **moved)]
     if result.private and result.params:
         spent = {"epsilon": result.dp_epsilon, "project_epsilon": result.dp_project_epsilon}
         events.append(metrics_event(site, round_, MetricPhase.PRIVACY, spent))
@@ -75,7 +79,7 @@ def global_events(round_: int, phase: Phase, results: list[StepResult], eval_rou
     """The round's aggregated metrics: weighted by each site's rows; the run's epsilon is its weakest site's."""
     evals = [(r.eval_metrics, r.num_test) for r in results if r.eval_metrics]
     trains = [(r.train_metrics, r.num_train) for r in results if r.train_metrics]
-    private = [r.dp_epsilon for r in results if r.private and r.params]
+    private = [r.dp_epsilon for r in results if r.private]  # a fit step's: its parameters are folded in by now
     events = []
     if evals:
         events.append(

@@ -16,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from coordinator.blobs import HUB
 from coordinator.identity import Refused
 from coordinator.registry import RegisteredSite
-from coordinator.web import bearer, holds, state, typed_body
+from coordinator.web import bearer, holds, payload_response, receive_payload, state, typed_body
 from flip_core.api import SITE_NAME, SiteAnnouncement
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,30 @@ async def presence(request: Request) -> Response:
     return StreamingResponse(beats(), media_type="text/plain")
 
 
+def _payload_site(request: Request, who: RegisteredSite | None) -> str:
+    """The site a payload call is for: the token's own, or (the shared token) the ``site`` it names."""
+    if who is not None:
+        return who.name
+    site = request.query_params.get("site", "")
+    if not SITE_NAME.match(site):
+        raise Refused("with the federation's shared token, a payload call names its site (?site=NAME)", 400)
+    return site
+
+
+async def payload(request: Request) -> Response:
+    """GET: a payload the round loop published to this site. PUT: this site's reply payload, for the round loop."""
+    who = calling_site(request)
+    site = _payload_site(request, who)
+    blobs = state(request).blobs
+    if request.method == "GET":
+        return payload_response(blobs.find(HUB, request.path_params["sha"], reader=site))
+    blob = await receive_payload(request, site, frozenset({HUB}))
+    return JSONResponse({"sha256": blob.sha256, "size": blob.size})
+
+
 def routes() -> list[BaseRoute]:
     return [
         Route("/site/announce", announce, methods=["POST"]),
         Route("/site/presence/{site}", presence),
+        Route("/site/blobs/{sha}", payload, methods=["GET", "PUT"]),
     ]

@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
+from coordinator.blobs import Blob, BlobStore
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.identity import HubIdentity
 from coordinator.queries import QueryDesk
@@ -60,11 +61,35 @@ class Coordinator:
     headless: Callable[[], Mapping[str, TokenGrant]]
     registry: SiteRegistry
     queries: QueryDesk
+    blobs: BlobStore
 
 
 def state(request: Request) -> Coordinator:
     flip: Coordinator = request.app.state.flip
     return flip
+
+
+PAYLOAD_CHUNK = 4 << 20  # bytes read from disk and written to the socket at a time
+
+
+def payload_response(blob: Blob) -> StreamingResponse:
+    """A stored bulk payload as the answer, with its length, in large chunks read off the event loop."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        with open(blob.path, "rb") as source:
+            while chunk := await asyncio.to_thread(source.read, PAYLOAD_CHUNK):
+                yield chunk
+
+    response = StreamingResponse(chunks(), media_type="application/octet-stream")
+    response.headers["content-length"] = str(blob.size)
+    return response
+
+
+async def receive_payload(request: Request, owner: str, readers: frozenset[str]) -> Blob:
+    """Store the request's body as the payload its path names (``sha``), streamed and checked as it comes."""
+    length = request.headers.get("content-length")
+    size = int(length) if length is not None and length.isdigit() else None
+    return await state(request).blobs.receive(owner, request.path_params["sha"], size, request.stream(), readers)
 
 
 def error(message: str, status: int) -> JSONResponse:

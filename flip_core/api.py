@@ -326,6 +326,8 @@ class SiteEvent(Body):
     detail: Text = ""
     samples: Count | None = None
     seconds: Annotated[float, Field(ge=0)] | None = None
+    received_bytes: Count | None = None  # the step's payload the site received this round (the model)
+    sent_bytes: Count | None = None  # the reply's payload the site sent back
 
 
 class MetricsEvent(Body):

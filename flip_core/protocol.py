@@ -64,7 +64,7 @@ def encode_request(request: StepRequest) -> bytes:
     return encode_frame(head, request.params)
 
 
-def decode_request(blob: bytes) -> StepRequest:
+def decode_request(blob: bytes | bytearray) -> StepRequest:
     head, arrays = decode_frame(blob)
     head["phase"] = Phase(head["phase"])
     return StepRequest(params=arrays, **head)
@@ -75,7 +75,7 @@ def encode_result(result: StepResult) -> bytes:
     return encode_frame(head, result.params)
 
 
-def decode_result(blob: bytes) -> StepResult:
+def decode_result(blob: bytes | bytearray) -> StepResult:
     head, arrays = decode_frame(blob)
     head["status"] = StepStatus(head["status"])
     return StepResult(params=arrays, **head)

@@ -100,7 +100,7 @@ def encode_query(request: QueryRequest) -> bytes:
     return json.dumps(asdict(request)).encode()
 
 
-def decode_query(blob: bytes) -> QueryRequest:
+def decode_query(blob: bytes | bytearray) -> QueryRequest:
     head = json.loads(blob)
     head["kind"] = QueryKind(head["kind"])
     head["columns"] = tuple(head["columns"])
@@ -112,7 +112,7 @@ def encode_reply(reply: QueryReply) -> bytes:
     return json.dumps(asdict(reply), allow_nan=False).encode()
 
 
-def decode_reply(blob: bytes) -> QueryReply:
+def decode_reply(blob: bytes | bytearray) -> QueryReply:
     head = json.loads(blob)
     head["status"] = StepStatus(head["status"])
     return QueryReply(**head)

@@ -264,15 +264,32 @@ def _cell(value: object) -> str:
     return "—" if value is None else escape(str(value))
 
 
+def format_bytes(count: object) -> str:
+    """``123456789`` as ``123.5 MB`` (decimal units, as network figures are given); "—" when unknown."""
+    if not isinstance(count, int) or isinstance(count, bool):
+        return "—"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def _traffic(row: dict[str, object]) -> str:
+    if row.get("received_bytes") is None and row.get("sent_bytes") is None:
+        return "—"
+    return f"↓ {format_bytes(row.get('received_bytes'))} · ↑ {format_bytes(row.get('sent_bytes'))}"
+
+
 def render_site_table(rows: list[dict[str, object]]) -> str:
-    """Render per-site state as an HTML table (Site, Status, Samples, Round, Detail)."""
+    """Render per-site state as an HTML table (Site, Status, Samples, Round, Traffic, Detail); Traffic is the
+    bytes the site received (the model) and sent (its update) in its latest step."""
     th = 'style="text-align:left;padding:2px 10px;border-bottom:1px solid #d0d7de"'
     td = 'style="padding:2px 10px"'
     out = ['<table class="flip-sites" style="border-collapse:collapse;font-size:0.9em">', "<thead><tr>"]
-    out.extend(f"<th {th}>{h}</th>" for h in ("Site", "Status", "Samples", "Round", "Detail"))
+    out.extend(f"<th {th}>{h}</th>" for h in ("Site", "Status", "Samples", "Round", "Traffic", "Detail"))
     out.append("</tr></thead><tbody>")
     if not rows:
-        out.append(f'<tr><td {td} colspan="5"><i>no sites yet</i></td></tr>')
+        out.append(f'<tr><td {td} colspan="6"><i>no sites yet</i></td></tr>')
     for row in rows:
         status = str(row.get("status", ""))
         detail = str(row.get("detail") or "")
@@ -285,6 +302,7 @@ def render_site_table(rows: list[dict[str, object]]) -> str:
             f"<td {td}>{_badge(status, _STATUS_COLOURS.get(status, '#6e7781'))}</td>"
             f"<td {td}>{_cell(row.get('samples'))}</td>"
             f"<td {td}>{_cell(row.get('round'))}</td>"
+            f"<td {td}>{escape(_traffic(row))}</td>"
             f"<td {td}>{detail_html}</td></tr>"
         )
     out.append("</tbody></table>")

@@ -297,7 +297,8 @@ class FlipClient:
                     data = []
 
     def model_params(self, run_id: str) -> dict[str, Any]:
-        return unpack_arrays(self._call("GET", f"/api/runs/{run_id}/model", timeout=300).content)
+        # a bytearray: the arrays are writable views of it (the researcher may change them), not read-only
+        return unpack_arrays(bytearray(self._call("GET", f"/api/runs/{run_id}/model", timeout=300).content))
 
 
 class Mocks(dict[str, pd.DataFrame]):
@@ -440,6 +441,9 @@ class RunHandle:
                 row.update(status=event["status"], round=event.get("round"))
                 if "samples" in event:
                     row["samples"] = event["samples"]
+                for moved in ("received_bytes", "sent_bytes"):  # this round's payloads, down and up
+                    if moved in event:
+                        row[moved] = event[moved]
                 row["detail"] = event.get("detail", "")
             elif kind == EventType.ROUND:
                 self.round = int(event["round"])

@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from flip_core import __version__
+from flip_core.bulk import BulkClient
 from flip_core.certs import SITE_KEYS, load_site_keys
 from flip_core.protocol import StepResult, decode_request, encode_result
 from flip_core.query import MESSAGE_TYPE_QUERY, QueryReply, encode_reply
 from flip_core.status import Presence, StepStatus
+from flip_core.trace import stage
 from flip_core.wire import blob_to_content, content_to_blob
 from site_agent import isolation
 from site_agent.catalog import CatalogError, SiteConfig
@@ -79,6 +81,7 @@ class SiteAgent:
         self.keys = None if key is None else load_site_keys(key)
         # per call: requests lets REQUESTS_CA_BUNDLE override a session's own verify setting
         self.verify: str | bool = self.ca or True
+        self.bulk = BulkClient(self.coordinator, token, self.ca)  # payloads too large for a Flower message
         self.node_id: int | None = None
         self.stopping = threading.Event()
         self.exit_code = 0
@@ -207,7 +210,8 @@ class SiteAgent:
         started = time.monotonic()
         query = message.metadata.message_type == MESSAGE_TYPE_QUERY
         try:
-            blob = content_to_blob(message.content)
+            with stage("site fetch+verify"):
+                blob = content_to_blob(message.content, self._fetch)
             result = self._queries().answer(blob) if query else self._step(blob)
         except Exception as exc:  # noqa: BLE001 - the hub gets a type, the site log the details
             log.exception("could not answer a message of Flower run %s", message.metadata.run_id)
@@ -222,14 +226,26 @@ class SiteAgent:
                 )
             )
         try:
-            link.reply(message, blob_to_content(result), time.monotonic() - started)
+            with stage("site sha+upload"):
+                content = blob_to_content(result, self._publish)
+            with stage("site flower reply"):
+                link.reply(message, content, time.monotonic() - started)
         except Exception:  # noqa: BLE001 - the hub's liveness check reports the missing reply
             log.exception("could not send the reply to Flower run %s", message.metadata.run_id)
 
-    def _step(self, blob: bytes) -> bytes:
+    def _fetch(self, sha: str, size: int) -> bytearray:
+        """A step's payload, published by the hub for this site (checked against its hash by the caller)."""
+        return self.bulk.get(f"/site/blobs/{sha}?site={self.site.name}", size)
+
+    def _publish(self, blob: bytes | bytearray, sha: str) -> None:
+        """This site's reply payload, for the hub's round loop only (sent after the output guard passed it)."""
+        self.bulk.put(f"/site/blobs/{sha}?site={self.site.name}", blob)
+
+    def _step(self, blob: bytes | bytearray) -> bytes | bytearray:
         """One step of a training run: the policy, the task process, the output guard."""
-        request = decode_request(blob)
-        answer = self.governance.admit(request)  # policy first: no task code runs unless it allows
+        with stage("site decode+admit"):
+            request = decode_request(blob)
+            answer = self.governance.admit(request)  # policy first: no task code runs unless it allows
         if answer is not None:
             return encode_result(answer)
         seconds, memory_mb = self.governance.limits(request)
@@ -243,8 +259,10 @@ class SiteAgent:
                     site=self.site.name, status=StepStatus.REFUSED, error_where=f"{self.site.name}: {exc}"
                 )
                 return encode_result(refused)
-        produced = self.tasks.step(blob, seconds, memory_mb, cohort=rows)  # isolated, killed at its time limit
-        return self.governance.release(request, produced)  # the output guard, audited
+        with stage("site task step"):
+            produced = self.tasks.step(blob, seconds, memory_mb, cohort=rows)  # isolated, killed at its time limit
+        with stage("site release"):
+            return self.governance.release(request, produced)  # the output guard, audited
 
     def _queries(self) -> QueryService:
         """The query service, made at the first query (it loads pandas, which training steps never need here)."""

@@ -52,7 +52,7 @@ class QueryService:
         self._tables: dict[str, tuple[tuple[int, int], pd.DataFrame]] = {}
         self._lock = threading.Lock()
 
-    def answer(self, blob: bytes) -> bytes:
+    def answer(self, blob: bytes | bytearray) -> bytes:
         started = time.monotonic()
         request = decode_query(blob)
         reply = self.reply(request)

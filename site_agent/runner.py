@@ -127,7 +127,8 @@ def _scalar_metrics(value: Any, where: str) -> dict[str, float]:
 
 
 def _state_arrays(model: Any) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    # views of the model's tensors, not copies: the model is not used again after its step
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
 def _load_params(model: Any, params: dict[str, np.ndarray]) -> None:
@@ -139,7 +140,9 @@ def _load_params(model: Any, params: dict[str, np.ndarray]) -> None:
     for name, array in params.items():
         if tuple(own[name].shape) != tuple(array.shape):
             raise StepFailed("ModelMismatch", 0, f"build_model() (shape of {name!r} differs)")
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
+    # the step's arrays are writable views of the buffer it came in (site_agent.task_messages.STEP): no copy
+    # before load_state_dict's own; a read-only array (a step decoded from bytes) is copied first
+    model.load_state_dict({k: torch.from_numpy(v if v.flags.writeable else np.array(v)) for k, v in params.items()})
 
 
 class TaskSession:

@@ -41,7 +41,7 @@ from flip_core.errors import FlipError
 from flip_core.protocol import StepResult, encode_result
 from flip_core.status import Phase, StepStatus
 from site_agent.sandbox import task_user
-from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY
+from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY, STEP
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,12 @@ class Worker:
             if self.conn.recv_bytes() != READY:
                 raise OSError("the task process did not take its run")
 
-    def call(self, blob: bytes, seconds: float | None = None) -> bytes:
+    def call(self, blob: bytes | bytearray, seconds: float | None = None) -> bytes:
         """Run one step; at ``seconds`` the task process is killed and :class:`TimeLimit` raised."""
         with self.lock:
             self._await_ready()
             self.last_used = time.monotonic()
+            self.conn.send_bytes(STEP + str(len(blob)).encode())
             self.conn.send_bytes(blob)
             if seconds is not None and not self.conn.poll(seconds):
                 self.kill()
@@ -223,7 +224,11 @@ class TaskService:
         return Worker(self.site_root)
 
     def step(
-        self, blob: bytes, seconds: float | None = None, memory_mb: int | None = None, cohort: list[int] | None = None
+        self,
+        blob: bytes | bytearray,
+        seconds: float | None = None,
+        memory_mb: int | None = None,
+        cohort: list[int] | None = None,
     ) -> bytes:
         """Run one encoded step in its run's task process, within ``seconds`` (killed after) and
         ``memory_mb`` (set when the run adopts its process, with ``cohort``: the rows it trains on);

@@ -44,7 +44,7 @@ from site_agent.sandbox import (
     install_seccomp,
     task_user,
 )
-from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY
+from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY, STEP
 
 ENV_THREADS = "FLIP_TASK_THREADS"
 PARENT_CHECK_SECONDS = 0.5
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     conn.send_bytes(READY)
     while True:
         try:
-            blob = conn.recv_bytes()
+            blob: bytes | bytearray = conn.recv_bytes()
         except EOFError:
             return 0
         if blob.startswith(ADOPT):  # from the agent when a run adopts this process, before its first step
@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             session.cohort = settings.get("cohort")
             conn.send_bytes(READY)
             continue
+        if blob.startswith(STEP):  # the step follows, read into a buffer of its own (writable, never copied again)
+            step = bytearray(int(blob[len(STEP) :]))
+            conn.recv_bytes_into(step)
+            blob = step
         result = encode_result(session.step(decode_request(blob)))
         if os.getpid() != me:  # a process the task forked came back here: only the task process answers
             os._exit(1)

@@ -428,3 +428,28 @@ def test_no_value_in_any_field_makes_a_server_error(
         assert response.status_code < 500, (route, field, value, response.text[:300])
         if response.status_code >= 400:
             assert_sentence(response)
+
+
+BAD_PAYLOAD_CALLS = [
+    ("PUT", "/site/blobs/abc?site=VA", b"x", 404, "not a SHA-256"),
+    ("PUT", f"/site/blobs/{'A' * 64}?site=VA", b"x", 404, "not a SHA-256"),
+    ("PUT", f"/site/blobs/{'a' * 64}", b"x", 400, "names its site"),  # the shared token must say which site
+    ("PUT", f"/site/blobs/{'a' * 64}?site=a%20b", b"x", 400, "names its site"),
+    ("PUT", f"/site/blobs/{'a' * 64}?site=VA", b"x", 400, "SHA-256 is not the one"),
+    ("PUT", f"/site/blobs/{'a' * 64}?site=VA", b"x" * (MODEL_LIMIT + (1 << 20) + 1), 413, "more than the"),
+    ("GET", f"/site/blobs/{'a' * 64}?site=VA", b"", 404, "no such payload"),
+    ("GET", f"/internal/blobs/VA/{'a' * 64}", b"", 404, "no such payload"),
+    ("PUT", "/internal/blobs/zz", b"x", 404, "not a SHA-256"),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status,said", BAD_PAYLOAD_CALLS)
+def test_a_malformed_payload_call_is_refused_with_a_sentence_and_nothing_stored(
+    coordinator: tuple[TestClient, RunManager, str, str], method: str, path: str, body: bytes, status: int, said: str
+) -> None:
+    client = coordinator[0]
+    token = INTERNAL if path.startswith("/internal") else SITE
+    response = client.request(method, path, content=body or None, headers=auth(token))
+    assert response.status_code == status and said in response.json()["error"], response.text
+    store = client.app.state.flip.blobs  # type: ignore[attr-defined]
+    assert store.held() == 0

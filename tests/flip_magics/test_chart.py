@@ -135,12 +135,19 @@ def _table_rows(html: str) -> list[ET.Element]:
 def test_render_site_table_columns_and_missing_values() -> None:
     html = render_site_table(
         [
-            {"site": "a", "status": "training", "samples": 120, "round": 3, "detail": ""},
+            {
+                "site": "a",
+                "status": "training",
+                "samples": 120,
+                "round": 3,
+                "detail": "",
+                "received_bytes": 400_000_123,
+            },
             {"site": "b", "status": "waiting", "samples": None, "round": None, "detail": ""},
         ]
     )
     root = ET.fromstring(html)
-    assert [th.text for th in root.iter("th")] == ["Site", "Status", "Samples", "Round", "Detail"]
+    assert [th.text for th in root.iter("th")] == ["Site", "Status", "Samples", "Round", "Traffic", "Detail"]
     rows = _table_rows(html)
     assert len(rows) == 2
     cells = [td for td in rows[0].findall("td")]
@@ -148,6 +155,7 @@ def test_render_site_table_columns_and_missing_values() -> None:
     badge = cells[1].find("span")
     assert badge is not None and badge.text == "training" and "background" in (badge.get("style") or "")
     assert rows[1].findall("td")[2].text == "—"
+    assert cells[4].text == "↓ 400.0 MB · ↑ —" and rows[1].findall("td")[4].text == "—"
 
 
 def test_render_site_table_escapes_and_shows_failed_detail_in_red() -> None:
@@ -161,10 +169,10 @@ def test_render_site_table_escapes_and_shows_failed_detail_in_red() -> None:
     rows = _table_rows(html)
     cells = rows[0].findall("td")
     assert cells[0].text == "<script>x</script>"
-    red = cells[4].find("span")
+    red = cells[5].find("span")
     assert red is not None and red.text == "boom <&> 'q'"
     assert "color:#cf222e" in (red.get("style") or "")
-    assert rows[1].findall("td")[4].find("span") is None  # non-failed detail is plain
+    assert rows[1].findall("td")[5].find("span") is None  # non-failed detail is plain
     assert rows[1].findall("td")[1].find("span").text == "we<ird"  # type: ignore[union-attr]
 
 
