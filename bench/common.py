@@ -97,3 +97,15 @@ def train(model, data, config):
 
 """
 )
+
+
+def default_front() -> str:
+    """The fleet front the benchmarks put sites behind: nginx where it is installed (the faster one,
+    ``bench.model_size --front``), else FLIP's own."""
+    from coordinator.nginx_front import nginx_binary
+
+    try:
+        nginx_binary()
+    except FileNotFoundError:
+        return "python"
+    return "nginx"

@@ -18,7 +18,7 @@ its ServerApp, coordinator, fleet front), sampled every 50 ms while the size's r
 ``--stages`` also prints, per size, where the time went: every process of the federation appends the
 wall and CPU seconds of each stage it passes (``flip_core.trace``) and the table sums them per stage.
 
-    python -m bench.model_size [--sizes 1M,25M,100M] [--rounds 3] [--stages]
+    python -m bench.model_size [--sizes 1M,25M,100M] [--rounds 3] [--stages] [--front python|nginx]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 
 import psutil
 
-from bench.common import HEART_COMMON, machine, median
+from bench.common import HEART_COMMON, default_front, machine, median
 from flip_core.errors import NotConnected, Rejected, RunFailed
 from flip_core.trace import ENV_STAGE_LOG
 from flip_local.federation import Federation, down, up
@@ -148,7 +148,8 @@ def per_round(events: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
 
 class MemoryPeaks:
     """Peak resident memory of each site (agent + its children) and of the hub (every other process of the
-    federation + children), sampled in a thread while the block runs."""
+    federation + children), sampled in a thread while the block runs; and the CPU seconds each process
+    group used meanwhile (``cpu``: site agents, task processes, and each hub process with its children)."""
 
     def __init__(self, home: Path) -> None:
         state = Federation(home).state() or {}
@@ -156,6 +157,8 @@ class MemoryPeaks:
         self.site_peak = 0
         self.hub_peak = 0
         self._stop = threading.Event()
+        self.cpu: dict[str, float] = {}
+        self._seen: dict[int, tuple[str, float]] = {}  # pid -> (group, cpu seconds when first or last seen)
 
     @staticmethod
     def _tree_rss(pid: int) -> int:
@@ -170,14 +173,40 @@ class MemoryPeaks:
                 total += proc.memory_info().rss
         return total
 
+    def _group(self, root: str, proc: psutil.Process, is_root: bool) -> str:
+        if root.startswith("site-"):
+            return "site agents" if is_root else "task processes"
+        return root if is_root else f"{root} (children)"
+
+    def _cpu(self, count: bool = True) -> None:
+        """Fold in the CPU seconds every process of the federation used since it was last seen (a process
+        first seen now counts from its start; ``count=False`` only notes where each one stands)."""
+        for name, pid in self.roots.items():
+            try:
+                root = psutil.Process(pid)
+                procs = [(root, True)] + [(c, False) for c in root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for proc, is_root in procs:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    now = times.user + times.system
+                    group = self._group(name, proc, is_root)
+                    before = self._seen.get(proc.pid, (group, 0.0))[1]
+                    self._seen[proc.pid] = (group, now)
+                    if count:
+                        self.cpu[group] = self.cpu.get(group, 0.0) + max(0.0, now - before)
+
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
+            self._cpu()
             sites = [self._tree_rss(pid) for name, pid in self.roots.items() if name.startswith("site-")]
             hub = sum(self._tree_rss(pid) for name, pid in self.roots.items() if not name.startswith("site-"))
             self.site_peak = max(self.site_peak, max(sites, default=0))
             self.hub_peak = max(self.hub_peak, hub)
 
     def __enter__(self) -> MemoryPeaks:
+        self._cpu(count=False)
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -185,6 +214,7 @@ class MemoryPeaks:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._cpu()
 
 
 def run_size(client: FlipClient, target: int, rounds: int, timeout: float) -> dict[str, Any]:
@@ -232,6 +262,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1M,25M,100M", help="target parameter counts, e.g. 1M,25M,100M")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for one size's run")
+    parser.add_argument(
+        "--front", choices=["python", "nginx"], default=default_front(), help="the fleet front sites reach"
+    )
     parser.add_argument("--stages", action="store_true", help="print the seconds each stage of a step took")
     args = parser.parse_args()
     targets = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -245,19 +278,19 @@ def main() -> None:
         if args.stages:
             os.environ[ENV_STAGE_LOG] = str(stage_log)
         try:
-            connection = up(home)
+            connection = up(home, front=args.front)
             client = FlipClient(connection["coordinator_url"], connection["token"], timeout=600)
             for target in targets:
                 offset = stage_log.stat().st_size if stage_log.exists() else 0
                 with MemoryPeaks(home) as peaks:
                     results.append(run_size(client, target, args.rounds, args.timeout))
-                results[-1].update(site_peak=peaks.site_peak, hub_peak=peaks.hub_peak)
+                results[-1].update(site_peak=peaks.site_peak, hub_peak=peaks.hub_peak, cpu=peaks.cpu)
                 if args.stages and stage_log.exists():
                     results[-1]["stages"] = read_stages(stage_log, offset)
         finally:
             down(home)
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; fleet front: {args.front}")
     print(
         f"model: MLP 13 -> h -> h -> 1 over the heart-disease features, 4 sites, {args.rounds} rounds, "
         "one SGD step on 8 rows per round; federation cold start "
@@ -284,6 +317,9 @@ def main() -> None:
             f"{floor:>8.3f} {overhead / floor:>14.1f} {r['site_peak'] / 1e6:>12.0f} {r['hub_peak'] / 1e6:>11.0f}"
         )
     for r in results:
+        if "cpu" in r and "error" not in r:
+            spent = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["cpu"].items(), key=lambda kv: -kv[1]) if v >= 0.05)
+            print(f"  CPU seconds during the {r['params']:,}-parameter run ({r['wall']:.1f} s wall): {spent}")
         if "stages" in r:
             print_stages(r, args.rounds)
     for r in results:

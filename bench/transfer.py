@@ -11,7 +11,7 @@ step for an MLP of ``--size`` parameters and times, median of ``--repeat``:
 - the site agent's hand-off to its task process and back (a pipe, as ``site_agent.tasks`` does);
 - one loopback TCP copy of the same bytes, the floor's unit.
 
-    python -m bench.transfer [--size 25M] [--repeat 3]
+    python -m bench.transfer [--size 25M] [--repeat 3] [--front python|nginx]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench.common import machine, median
+from bench.common import default_front, machine, median
 from bench.model_size import hidden_for, loopback_copy_seconds, mlp_params, parse_size
 from flip_core.bulk import BulkClient, digest
 from flip_core.protocol import StepRequest, decode_request, encode_request
@@ -81,6 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="25M", help="parameters of the model (e.g. 25M, 100M)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--front", choices=["python", "nginx"], default=default_front(), help="the fleet front sites reach"
+    )
     args = parser.parse_args()
     hidden = hidden_for(parse_size(args.size))
     rng = np.random.default_rng(0)
@@ -113,7 +116,7 @@ def main() -> None:
         home = Path(tmp)
         os.environ["FLIP_HOME"] = str(home)
         try:
-            connection = up(home, sites=1, warm=False)
+            connection = up(home, sites=1, warm=False, front=args.front)
             federation = Path(connection["federation"])
             config = json.loads((federation / "coordinator.json").read_text())
             hub = BulkClient(connection["coordinator_url"], config["internal_token"])
@@ -146,7 +149,7 @@ def main() -> None:
         finally:
             down(home)
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; fleet front: {args.front}")
     print(
         f"one training step of an MLP of {mlp_params(hidden):,} parameters: {size / 1e6:.1f} MB, "
         f"median of {args.repeat}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
 from coordinator.hublink import ENV_TOKEN, ENV_URL
+from coordinator.nginx_front import NginxFront, nginx_binary
 from coordinator.serverapp_zygote import ENV_SOCKET as ZYGOTE_SOCKET_ENV
 from coordinator.serverapp_zygote import write_launcher
 
@@ -69,6 +70,7 @@ class HubSide:
     listen: str = "127.0.0.1"
     front_port: int = 0
     database: str = IN_MEMORY
+    front_kind: str = "python"  # the fleet front: FLIP's own (coordinator.fleet_front) or "nginx" (nginx_front)
 
     @property
     def superlink(self) -> str:
@@ -154,6 +156,8 @@ class HubSide:
         """The fleet front, with TLS (none for an insecure federation: sites reach the SuperLink)."""
         if self.pki is None:
             return []
+        if self.front_kind == "nginx":
+            return [self._nginx_front()]
         return [
             ProcessSpec(
                 "fleet-front",
@@ -179,6 +183,20 @@ class HubSide:
                 self.base_env(),
             )
         ]
+
+    def _nginx_front(self) -> ProcessSpec:
+        assert self.pki is not None
+        host = "127.0.0.1" if self.listen in ("127.0.0.1", "localhost") else self.listen
+        conf = NginxFront(
+            listen=f"{host}:{self.front_port}",
+            superlink=self.superlink,
+            coordinator=f"127.0.0.1:{self.config.port}",
+            certfile=str(self.pki / "superlink.pem"),
+            keyfile=str(self.pki / "superlink.key"),
+            superlink_ca=str(self.pki / "ca.pem"),
+            state=str(self.root / "nginx"),
+        ).write(self.root / "nginx.conf")
+        return ProcessSpec("fleet-front", [nginx_binary(), "-c", str(conf), "-g", "daemon off;"], self.base_env())
 
     def processes(self, *, coordinator: bool = True) -> list[ProcessSpec]:
         """Every hub process in start order (``coordinator=False``: something else starts it, e.g. JupyterHub)."""

@@ -78,6 +78,7 @@ def serve(
     coordinator_listen: str = "127.0.0.1",
     coordinator_port: int = 8900,
     hub_names: list[str] | None = None,
+    front: str = "python",
 ) -> int:
     state = state.resolve()
     config = prepare(
@@ -92,6 +93,7 @@ def serve(
         listen=listen,
         front_port=fleet_port,
         database=str(state / "superlink.db"),
+        front_kind=front,
     )
 
     def stop_signal(signum: int, frame: Any) -> None:

@@ -56,6 +56,12 @@ def _local_commands(sub: Any) -> None:
         help="a name or address sites use to reach this hub (in its TLS certificate; repeatable)",
     )
     up.add_argument(
+        "--front",
+        choices=["python", "nginx"],
+        default="python",
+        help="the fleet front: FLIP's own (default) or nginx with the same allow list (apt-get install nginx-light)",
+    )
+    up.add_argument(
         "--insecure",
         action="store_true",
         help="plain HTTP between hub and sites and no node authentication: for debugging only",
@@ -95,6 +101,12 @@ def _hub_side_commands(sub: Any) -> None:
     )
     serve.add_argument("--listen", default="0.0.0.0", help="the fleet front's address (the sites' one entry)")
     serve.add_argument("--fleet-port", type=int, default=9092)
+    serve.add_argument(
+        "--front",
+        choices=["python", "nginx"],
+        default="python",
+        help="the fleet front: FLIP's own (default) or nginx with the same allow list (nginx-light installed)",
+    )
     serve.add_argument(
         "--coordinator-listen",
         default="127.0.0.1",
@@ -177,6 +189,7 @@ def _serve(args: argparse.Namespace) -> int:
         coordinator_listen=args.coordinator_listen,
         coordinator_port=args.coordinator_port,
         hub_names=[n for n in args.hub_name if n],
+        front=args.front,
     )
 
 
@@ -222,6 +235,7 @@ def _up(args: argparse.Namespace) -> int:
         secure=not args.insecure,
         listen=args.listen,
         hub_names=tuple(args.hub_name),
+        front=args.front,
     )
     print(f"FLIP federation up in {connection['started_seconds']} s")
     print(f"  coordinator  {connection['coordinator_url']}")

@@ -65,6 +65,7 @@ class Options:
     listen: str = "127.0.0.1"
     hub_names: tuple[str, ...] = ()
     hub: HubOptions | None = None
+    front: str = "python"
 
     @property
     def project(self) -> str:
@@ -83,6 +84,7 @@ def up(
     listen: str = "127.0.0.1",
     hub_names: tuple[str, ...] = (),
     hub: HubOptions | None = None,
+    front: str = "python",
 ) -> dict[str, Any]:
     """Start the local federation (``sites`` site agents) and return the connection it wrote.
 
@@ -97,14 +99,28 @@ def up(
     on other hosts), and ``hub_names`` the names or addresses they use for it (in its certificate).
     The SuperLink and the coordinator always listen on the hub's loopback only.
 
+    ``front``: the fleet front sites reach: FLIP's own (``python``, ``coordinator.fleet_front``) or ``nginx``
+    (``coordinator.nginx_front``, the same allow list; Debian's ``nginx-light``).
+
     ``warm``: each site keeps a spare task process (torch loaded) so that a run starts at once;
     without it a site costs only its agent's memory and a run first starts its task processes.
     """
     federation = Federation(home or flip_home())
     if federation.running():
         raise FederationError(f"a local federation is already running under {federation.root}; `flip down` first")
+    if front not in ("python", "nginx"):
+        raise FederationError(f"the fleet front is 'python' or 'nginx', not {front!r}")
     options = Options(
-        data, sites, warm, auto_approve, policy, secure, listen, hub_names, hub.chosen() if hub is not None else None
+        data,
+        sites,
+        warm,
+        auto_approve,
+        policy,
+        secure,
+        listen,
+        hub_names,
+        hub.chosen() if hub is not None else None,
+        front,
     )
     launch = _Launch(federation, options)
     try:
@@ -186,6 +202,7 @@ class _Launch:
             pki if o.secure else None,
             listen=o.listen,
             front_port=free_port(),
+            front_kind=o.front,
         ), token
 
     def spawn(self, spec: ProcessSpec) -> None:

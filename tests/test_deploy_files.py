@@ -288,3 +288,26 @@ def test_site_image_starts_the_joined_agent_from_its_volume() -> None:
     assert ("VOLUME", "/site") in steps
     assert steps[-1] == ("CMD", '["flip-site", "start", "/site"]')
     assert not [args for kind, args in steps if kind == "EXPOSE"]
+
+
+def test_the_nginx_fleet_front_example_is_what_flip_serve_renders() -> None:
+    """deploy/nginx-fleet-front.conf is the renderer's output for the example addresses (no drift), and it
+    serves only the fleet API (POST), the site routes and /health, with the Python front's sentence."""
+    from coordinator.fleet_front import FORBIDDEN
+    from coordinator.nginx_front import NginxFront
+
+    shipped = (DEPLOY / "nginx-fleet-front.conf").read_text()
+    rendered = NginxFront(
+        listen="0.0.0.0:9092",
+        superlink="127.0.0.1:9091",
+        coordinator="127.0.0.1:8900",
+        certfile="/var/lib/flip/pki/superlink.pem",
+        keyfile="/var/lib/flip/pki/superlink.key",
+        superlink_ca="/var/lib/flip/pki/ca.pem",
+        state="/var/lib/flip/nginx",
+    ).render()
+    assert shipped.split("\n", 2)[2] == rendered  # after its two lines of explanation
+    locations = re.findall(r"location ([^{]+)\{", rendered)
+    assert [loc.strip() for loc in locations] == ["= /health", "/v1/fleet/", "/site/", "/", "@forbidden"]
+    assert "limit_except POST" in rendered and "proxy_request_buffering off" in rendered
+    assert FORBIDDEN.strip() in rendered

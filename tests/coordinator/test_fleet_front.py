@@ -563,3 +563,16 @@ def test_tls_front_and_tls_superlink(
     finally:
         served.stop()
         upstream.stop()
+
+
+def test_the_front_reads_its_upstreams_in_large_pieces() -> None:
+    """Contract: httpcore's HTTP/1.1 connection reads ``READ_NUM_BYTES`` per socket read (an internal the front
+    raises to 1 MiB so that a large payload is a few hundred relay trips, not thousands)."""
+    import inspect
+
+    import httpcore._async.http11 as http11
+
+    from coordinator.fleet_front import UPSTREAM_READ_BYTES
+
+    assert http11.AsyncHTTP11Connection.READ_NUM_BYTES == UPSTREAM_READ_BYTES
+    assert "self.READ_NUM_BYTES" in inspect.getsource(http11.AsyncHTTP11Connection._receive_event)

@@ -17,7 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.flower_server import OFFLINE, RoundLoop, RunAborted
 from flip_core.codec import frame_header as header
-from flip_core.protocol import StepResult
+from flip_core.protocol import StepResult, decode_request
 from flip_core.status import Phase
 from flip_core.wire import content_to_blob, result_to_content
 
@@ -28,9 +28,14 @@ class FakeGrid:
     """Answers every message at once, except fit steps for the sites in ``silent`` (stragglers)."""
 
     def __init__(
-        self, silent: set[str], pending: dict[str, int] | None = None, refusing: dict[str, str] | None = None
+        self,
+        silent: set[str],
+        pending: dict[str, int] | None = None,
+        refusing: dict[str, str] | None = None,
+        hub: FakeHub | None = None,
     ) -> None:
         self.silent = silent
+        self.hub = hub  # where large payloads go (its fake store), for steps and replies above the inline limit
         self.pending = dict(pending or {})  # site: how many prepare asks it answers "pending" (awaiting approval)
         self.refusing = dict(refusing or {})  # site: its policy's refusal
         self.outbox: dict[str, Message] = {}
@@ -43,7 +48,9 @@ class FakeGrid:
             self.count += 1
             mid = f"m{self.count}"
             ids.append(mid)
-            phase = header(content_to_blob(msg.content))["phase"]
+            step = content_to_blob(msg.content, None if self.hub is None else self.hub.fetch)
+            phase = header(step)["phase"]
+            width = int(decode_request(step).params["w"].size)
             if phase != Phase.PREPARE and site in self.silent:
                 continue
             if phase == Phase.PREPARE and self.pending.get(site, 0) > 0:
@@ -61,7 +68,7 @@ class FakeGrid:
             result = StepResult(
                 site=site,
                 status="ok",
-                params={"w": np.ones(2)} if phase == "fit" else {},
+                params={"w": np.ones(width)} if phase == "fit" else {},
                 train_metrics={"loss": 0.5} if phase == "fit" else {},
                 eval_metrics={"accuracy": 0.75},
                 num_train=10,
@@ -82,7 +89,8 @@ class FakeGrid:
             ttl=60,
             message_type=msg.metadata.message_type,
         )
-        self.outbox[mid] = make_message(meta, result_to_content(result))
+        publish = None if self.hub is None else (lambda blob, sha: self.hub.uploaded.__setitem__((site, sha), blob))  # type: ignore[union-attr]
+        self.outbox[mid] = make_message(meta, result_to_content(result, publish))
 
     def pull_messages(self, ids: list[str]) -> list[Message]:
         return [self.outbox.pop(mid) for mid in ids if mid in self.outbox]
@@ -92,6 +100,22 @@ class FakeHub:
     def __init__(self, nodes: dict[str, int]) -> None:
         self.nodes = dict(nodes)
         self.log: list[dict[str, Any]] = []
+        self.published: dict[str, bytes] = {}  # a fake payload store: what the round loop published ...
+        self.uploaded: dict[tuple[str, str], bytes] = {}  # ... and what each site uploaded
+        self.tamper: set[str] = set()  # sites whose uploaded payload changes on the way
+
+    def publish(self, blob: bytes, sha: str, readers: list[str]) -> None:
+        self.published[sha] = bytes(blob)
+
+    def unpublish(self, sha: str) -> None:
+        self.published.pop(sha, None)
+
+    def fetch(self, sha: str, size: int) -> bytes:
+        return self.published[sha]
+
+    def take(self, site: str, sha: str, size: int) -> bytes:
+        blob = self.uploaded.pop((site, sha))
+        return blob[:-1] + bytes([blob[-1] ^ 1]) if site in self.tamper else blob
 
     def sites(self) -> dict[str, dict[str, Any]]:
         return {
@@ -191,3 +215,21 @@ def test_a_site_that_refuses_says_why_and_the_run_stops_below_min_sites() -> Non
     assert [(e["site"], e["detail"]) for e in failed] == [
         ("C", "refused by the site: project 'p' is not approved at C")
     ]
+
+
+def test_large_models_travel_beside_their_messages_and_a_tampered_reply_fails_only_its_site() -> None:
+    hub = FakeHub(SITES)
+    hub.tamper = {"C"}
+    big = {"w": np.zeros(300_000)}  # 2.4 MB: above the inline limit
+    rounds = loop(FakeGrid(silent=set(), hub=hub), hub, min_sites=3)
+    params = rounds.run(big)
+    assert np.array_equal(params["w"], np.ones(300_000))  # the three untouched sites' mean
+    failed = [(e["site"], e["detail"]) for e in hub.log if e.get("status") == "failed"]
+    assert [site for site, _ in failed] == ["C"]
+    assert failed[0][1].startswith("the site's reply could not be read: payload ") and "arrived altered" in failed[0][1]
+    done = [e for e in hub.log if e.get("status") == "done" and e["round"] == 1]
+    assert {e["site"] for e in done} == {"A", "B", "D"}
+    assert all(e["received_bytes"] > 2_400_000 and e["sent_bytes"] > 2_400_000 for e in done)
+    assert not hub.uploaded and len(hub.published) == 1  # every reply taken; only the last step's payload is out
+    rounds.unpublish()  # what the ServerApp does when the run ends
+    assert not hub.published

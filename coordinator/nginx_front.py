@@ -1,0 +1,138 @@
+"""The fleet front as an nginx configuration: the same allow list as ``coordinator.fleet_front``, in C.
+
+Hub operators put a real reverse proxy in front of such services. This renders one for nginx (Debian's
+``nginx-light`` has every module it needs) that serves exactly what the Python front serves on the
+site-facing address, with TLS:
+
+- ``POST /v1/fleet/<name>`` to the SuperLink (over TLS, checked against the consortium's CA), another
+  method there gets 403;
+- any method on ``/site/<...>`` to the coordinator (the presence stream stays open, unbuffered);
+- ``GET /health`` answered here with ``ok``;
+- anything else, a request target with an encoded slash, backslash or dot, or a path with dot segments,
+  403 and the same sentence.
+
+Bodies are streamed both ways (``proxy_request_buffering off``, ``proxy_buffering off``): a 400 MB model
+is never held whole by the front. Request targets are passed on as sent, and the SuperNode
+authentication headers with them. ``flip up --front nginx`` runs it for a local federation
+(``coordinator.hubside``); ``deploy/nginx-fleet-front.conf`` is the same file rendered for a hub host.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.fleet_front import FORBIDDEN
+
+NGINX = "nginx"
+
+TEMPLATE = """\
+# FLIP's fleet front for nginx: the only hub address that hospital sites reach.
+# Rendered by coordinator/nginx_front.py; run with `nginx -c THIS_FILE -g 'daemon off;'`.
+worker_processes {workers};
+pid {pid};
+error_log {error_log} warn;
+events {{ worker_connections 1024; }}
+
+http {{
+    access_log off;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    server_tokens off;
+    client_max_body_size {max_body};
+    proxy_http_version 1.1;
+    proxy_request_buffering off;
+    proxy_buffering off;
+    proxy_set_header Connection "";
+    proxy_set_header Host $http_host;
+    proxy_connect_timeout 5s;
+    proxy_send_timeout 120s;
+
+    upstream flip_superlink {{ server {superlink}; keepalive 32; }}
+    upstream flip_coordinator {{ server {coordinator}; keepalive 32; }}
+
+    server {{
+        listen {listen} ssl;
+        ssl_certificate {certfile};
+        ssl_certificate_key {keyfile};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        default_type text/plain;
+
+        # an encoded slash, backslash or dot, or a dot segment: the upstream could route elsewhere
+        if ($request_uri ~* "(%2f|%5c|%2e|/\\.\\.?(/|$|\\?))") {{ return 403 "{forbidden}"; }}
+
+        location = /health {{
+            limit_except GET {{ deny all; }}
+            return 200 "ok";
+        }}
+        location /v1/fleet/ {{
+            limit_except POST {{ deny all; }}
+            proxy_pass https://flip_superlink;
+            proxy_ssl_trusted_certificate {superlink_ca};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;  # a name in the hub certificate (nginx matches names, not IP addresses)
+            proxy_read_timeout 120s;
+        }}
+        location /site/ {{
+            proxy_pass http://flip_coordinator;
+            proxy_read_timeout 1d;  # the presence stream stays open while the site is online
+        }}
+        location / {{ return 403 "{forbidden}"; }}
+        error_page 403 @forbidden;
+        location @forbidden {{ return 403 "{forbidden}"; }}
+    }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class NginxFront:
+    """What the rendered configuration needs: addresses, certificates and a folder for nginx's own files."""
+
+    listen: str  # HOST:PORT sites reach
+    superlink: str  # HOST:PORT of the SuperLink (TLS)
+    coordinator: str  # HOST:PORT of the coordinator (plain HTTP on the hub's loopback)
+    certfile: str
+    keyfile: str
+    superlink_ca: str
+    state: str  # nginx's pid, error log and temporary folders go here
+    max_body: str = "5g"
+    workers: str = "auto"
+
+    def render(self) -> str:
+        return TEMPLATE.format(
+            workers=self.workers,
+            pid=f"{self.state}/nginx.pid",
+            error_log=f"{self.state}/nginx-error.log",
+            temp=f"{self.state}/nginx-temp",
+            max_body=self.max_body,
+            superlink=self.superlink,
+            coordinator=self.coordinator,
+            listen=self.listen,
+            certfile=self.certfile,
+            keyfile=self.keyfile,
+            superlink_ca=self.superlink_ca,
+            forbidden=FORBIDDEN.replace("\n", "\\n"),
+        )
+
+    def write(self, path: Path) -> Path:
+        (Path(self.state) / "nginx-temp").mkdir(parents=True, exist_ok=True)
+        path.write_text(self.render())
+        return path
+
+
+def nginx_binary() -> str:
+    """The nginx executable, or a sentence saying how to get one."""
+    found = shutil.which(NGINX) or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
+    )
+    if found is None:
+        raise FileNotFoundError("nginx is not installed: `apt-get install nginx-light` (or use the Python front)")
+    return found
+
+
+__all__ = ["NGINX", "TEMPLATE", "NginxFront", "nginx_binary"]

@@ -1,0 +1,85 @@
+"""The nginx fleet front (``flip up --front nginx``, ``coordinator.nginx_front``): the same allow list as FLIP's
+own front, and a federation behind it trains, with a model large enough to travel beside its messages."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from flip_magics.client import FlipClient
+
+from helpers import local_federation
+
+FRONT = "this address serves only Flower's fleet API and FLIP's site routes"
+
+# Linear(600, 600): 360,600 parameters, 1.4 MB, above the inline limit: the model travels beside its messages.
+CELL = """
+import torch
+
+def build_model():
+    model = torch.nn.Linear(600, 600)
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(360000, dtype=torch.float32).reshape(600, 600) % 97 / 5)
+        model.bias.zero_()
+    return model
+
+def train(model, data, config):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    return {"loss": 0.0}
+
+def evaluate(model, data, config):
+    return {"rows": len(data.test)}
+"""
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with local_federation(tmp_path_factory.mktemp("flip-nginx"), sites=2, warm=False, front="nginx") as connection:
+        yield connection
+
+
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/v1/fleet/pull-messages"),  # the fleet API takes POST only
+        ("POST", "/v1/control/list-runs"),
+        ("POST", "/v1/runtime/pull-messages"),
+        ("GET", "/api/sites"),
+        ("GET", "/internal/sites"),
+        ("GET", "/docs"),
+        ("GET", "/site/%2e%2e/internal/sites"),
+        ("GET", "/site/..%2Finternal/sites"),
+        ("POST", "/v1/fleet%2F..%2Fcontrol/list-runs"),
+    ],
+)
+def test_only_the_fleet_api_and_site_routes_pass(federation: dict[str, Any], method: str, path: str) -> None:
+    answer = requests.request(method, f"https://{federation['superlink']}{path}", verify=federation["ca"], timeout=10)
+    assert answer.status_code == 403 and FRONT in answer.text
+
+
+def test_health_answers_and_a_site_route_reaches_the_coordinator(federation: dict[str, Any]) -> None:
+    base = f"https://{federation['superlink']}"
+    assert requests.get(f"{base}/health", verify=federation["ca"], timeout=10).text == "ok"
+    unknown = requests.get(
+        f"{base}/site/presence/VA", headers={"Authorization": "Bearer nope"}, verify=federation["ca"], timeout=10
+    )
+    assert unknown.status_code == 401 and "not registered" in unknown.json()["error"]
+
+
+def test_a_large_model_trains_behind_nginx_bit_for_bit(federation: dict[str, Any]) -> None:
+    client = FlipClient(federation["coordinator_url"], federation["token"], timeout=120)
+    handle = client.train(CELL, dataset="heart-disease", rounds=2, seed=0)
+    handle.wait(180)
+    assert handle.status == "completed", handle.reason
+    got = client.model_params(handle.run_id)
+    weight = (np.arange(360000, dtype=np.float32).reshape(600, 600) % np.float32(97)) / np.float32(5)
+    expected = weight.astype(np.float32) * np.float32(4.0)  # doubled at every site, twice
+    assert hashlib.sha256(got["weight"].tobytes()).digest() == hashlib.sha256(expected.tobytes()).digest()
+    assert not got["bias"].any()
