@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Mount
 
 from coordinator import internal_api, researcher_api, site_api
 from coordinator.blobs import BLOB_HEADROOM, BlobStore
+from coordinator.blobs import FOLDER as BLOBS
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.identity import HubIdentity
 from coordinator.queries import QueryDesk
@@ -84,6 +85,6 @@ def build_app(
         tokens or (lambda: config.tokens),
         SiteRegistry(config.registry_path),
         QueryDesk(manager),
-        BlobStore(config.state_dir / "blobs", config.max_model_bytes + BLOB_HEADROOM),
+        BlobStore(config.state_dir / BLOBS, config.max_model_bytes + BLOB_HEADROOM),
     )
     return app

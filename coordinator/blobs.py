@@ -28,6 +28,9 @@ from pathlib import Path
 
 from coordinator.identity import Refused
 
+FOLDER = "blobs"  # under the coordinator's state folder
+ACCEL_HEADER = "x-flip-accel"  # set by the nginx front on site routes: it serves a payload's file itself
+ACCEL_PREFIX = "/_flip_payloads/"  # nginx's internal location for them (X-Accel-Redirect)
 HUB = "_hub"  # the owner of what the round loop publishes (no site name starts with "_")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 SITE_QUOTA = 8  # payloads one site may hold on the hub at once (a round needs one)
@@ -151,4 +154,4 @@ def _write(out: object, hasher: object, chunks: list[bytes]) -> None:
         out.write(chunk)  # type: ignore[attr-defined]
 
 
-__all__ = ["BLOB_HEADROOM", "HUB", "SITE_QUOTA", "Blob", "BlobStore"]
+__all__ = ["ACCEL_HEADER", "ACCEL_PREFIX", "BLOB_HEADROOM", "FOLDER", "HUB", "SITE_QUOTA", "Blob", "BlobStore"]

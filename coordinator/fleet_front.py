@@ -123,7 +123,8 @@ class _Upstream:
 
 
 def _request_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The site's headers less hop-by-hop ones, ``host`` and ``expect`` (uvicorn lower-cases names)."""
+    """The site's headers less hop-by-hop ones, ``host``, ``expect`` and ``x-flip-accel`` (which only the nginx
+    front sets, for the coordinator; uvicorn lower-cases names)."""
     named: set[bytes] = set()
     for key, value in raw:
         if key == b"connection":
@@ -131,7 +132,7 @@ def _request_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     return [
         (key, value)
         for key, value in raw
-        if key not in _HOP_BY_HOP and not key.startswith(b"proxy-") and key not in named
+        if key not in _HOP_BY_HOP and not key.startswith(b"proxy-") and key not in named and key != b"x-flip-accel"
     ]
 
 

@@ -109,6 +109,7 @@ class RoundLoop:
         self.published: set[str] = set()  # the payload of the step now out (flip_core.bulk), dropped when replaced
         self.step_bytes = 0  # the payload of the step now out, as each site receives it
         self.running = RunningMean()  # this round's updates, folded in as each reply arrives (then let go)
+        self.traffic: dict[str, list[dict[str, Any]]] = {}  # each site's bytes, step by step, for the run record
 
     def a_waited_site_is_gone(self) -> bool:
         """Asked while Flower pulls a reply: stop waiting if a site we wait for went offline."""
@@ -312,6 +313,7 @@ class RoundLoop:
             "test_rows": result.num_test,
         }
         traffic = {"received_bytes": self.step_bytes, "sent_bytes": reply.sent_bytes}
+        self.traffic.setdefault(reply.site, []).append({"round": round_, "phase": phase, **traffic})
         self.emit(*reply_events(reply.site, round_, phase, result, traffic))
         if phase == Phase.FIT:
             self.running.add(result.params, result.num_train)
@@ -417,7 +419,13 @@ def main(grid: Grid, context: Context) -> None:
             finally:
                 loop.unpublish()
         sha = hub.put_model(run_id, params)
-        ended = run_event(RunStatus.COMPLETED, model_sha256=sha, site_info=loop.site_info, failed_sites=loop.failed)
+        ended = run_event(
+            RunStatus.COMPLETED,
+            model_sha256=sha,
+            site_info=loop.site_info,
+            failed_sites=loop.failed,
+            traffic=loop.traffic,
+        )
         hub.events(run_id, [ended])
     except RunAborted as aborted:
         hub.events(run_id, [run_event(RunStatus.FAILED, reason=str(aborted))])

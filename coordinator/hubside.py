@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.blobs import FOLDER as BLOBS
 from coordinator.config import CoordinatorConfig
 from coordinator.hublink import ENV_TOKEN, ENV_URL
 from coordinator.nginx_front import NginxFront, nginx_binary
@@ -195,6 +196,8 @@ class HubSide:
             keyfile=str(self.pki / "superlink.key"),
             superlink_ca=str(self.pki / "ca.pem"),
             state=str(self.root / "nginx"),
+            payloads=str(self.config.state_dir / BLOBS),
+            user="root" if os.geteuid() == 0 else None,
         ).write(self.root / "nginx.conf")
         return ProcessSpec("fleet-front", [nginx_binary(), "-c", str(conf), "-g", "daemon off;"], self.base_env())
 

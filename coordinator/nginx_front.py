@@ -12,7 +12,10 @@ site-facing address, with TLS:
   403 and the same sentence.
 
 Bodies are streamed both ways (``proxy_request_buffering off``, ``proxy_buffering off``): a 400 MB model
-is never held whole by the front. Request targets are passed on as sent, and the SuperNode
+is never held whole by the front. A payload a site fetches (``GET /site/blobs/SHA``) is authorised by the
+coordinator, which answers with the file's place only (``X-Accel-Redirect``, because this front says it is
+nginx in ``x-flip-accel``); nginx then sends the file itself, so the coordinator does not pump the bytes.
+Request targets are passed on as sent, and the SuperNode
 authentication headers with them. ``flip up --front nginx`` runs it for a local federation
 (``coordinator.hubside``); ``deploy/nginx-fleet-front.conf`` is the same file rendered for a hub host.
 """
@@ -23,6 +26,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.blobs import ACCEL_HEADER, ACCEL_PREFIX
 from coordinator.fleet_front import FORBIDDEN
 
 NGINX = "nginx"
@@ -30,7 +34,7 @@ NGINX = "nginx"
 TEMPLATE = """\
 # FLIP's fleet front for nginx: the only hub address that hospital sites reach.
 # Rendered by coordinator/nginx_front.py; run with `nginx -c THIS_FILE -g 'daemon off;'`.
-worker_processes {workers};
+{user}worker_processes {workers};
 pid {pid};
 error_log {error_log} warn;
 events {{ worker_connections 1024; }}
@@ -80,6 +84,14 @@ http {{
         location /site/ {{
             proxy_pass http://flip_coordinator;
             proxy_read_timeout 1d;  # the presence stream stays open while the site is online
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header {accel_header} 1;  # the coordinator answers a payload with its file's place ...
+        }}
+        location {accel_prefix} {{
+            internal;  # ... and nginx sends the file (X-Accel-Redirect); no request reaches this directly
+            alias {payloads}/;
+            default_type application/octet-stream;
         }}
         location / {{ return 403 "{forbidden}"; }}
         error_page 403 @forbidden;
@@ -100,11 +112,17 @@ class NginxFront:
     keyfile: str
     superlink_ca: str
     state: str  # nginx's pid, error log and temporary folders go here
+    payloads: str = ""  # the coordinator's payload folder (coordinator.blobs), which nginx serves itself
+    user: str | None = None  # the user nginx's workers run as ("root" when started as root: the state is private)
     max_body: str = "5g"
     workers: str = "auto"
 
     def render(self) -> str:
         return TEMPLATE.format(
+            user=f"user {self.user};\n" if self.user else "",
+            accel_header=ACCEL_HEADER,
+            accel_prefix=ACCEL_PREFIX,
+            payloads=self.payloads,
             workers=self.workers,
             pid=f"{self.state}/nginx.pid",
             error_log=f"{self.state}/nginx-error.log",

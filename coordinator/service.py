@@ -280,6 +280,7 @@ class RunManager:
                     model_sha256=event.get("model_sha256"),
                     site_info=event.get("site_info", {}),
                     failed_sites=event.get("failed_sites", {}),
+                    traffic=event.get("traffic", {}),
                 )
                 self.store.set_status(run_id, RunStatus.COMPLETED)
             elif status in (RunStatus.FAILED, RunStatus.STOPPED):

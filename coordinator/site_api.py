@@ -94,7 +94,7 @@ async def payload(request: Request) -> Response:
     site = _payload_site(request, who)
     blobs = state(request).blobs
     if request.method == "GET":
-        return payload_response(blobs.find(HUB, request.path_params["sha"], reader=site))
+        return payload_response(blobs.find(HUB, request.path_params["sha"], reader=site), request)
     blob = await receive_payload(request, site, frozenset({HUB}))
     return JSONResponse({"sha256": blob.sha256, "size": blob.size})
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from coordinator.blobs import Blob, BlobStore
+from coordinator.blobs import ACCEL_HEADER, ACCEL_PREFIX, Blob, BlobStore
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.identity import HubIdentity
 from coordinator.queries import QueryDesk
@@ -72,8 +72,12 @@ def state(request: Request) -> Coordinator:
 PAYLOAD_CHUNK = 4 << 20  # bytes read from disk and written to the socket at a time
 
 
-def payload_response(blob: Blob) -> StreamingResponse:
-    """A stored bulk payload as the answer, with its length, in large chunks read off the event loop."""
+def payload_response(blob: Blob, request: Request | None = None) -> Response:
+    """A stored bulk payload as the answer, with its length, in large chunks read off the event loop; or, to
+    the nginx front (which says so in ``ACCEL_HEADER``), only where the file is: nginx sends it itself."""
+    if request is not None and request.headers.get(ACCEL_HEADER) == "1":
+        where = f"{ACCEL_PREFIX}{blob.owner}/{blob.sha256}"
+        return Response(headers={"X-Accel-Redirect": where}, media_type="application/octet-stream")
 
     async def chunks() -> AsyncIterator[bytes]:
         with open(blob.path, "rb") as source:

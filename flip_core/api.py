@@ -31,7 +31,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from flip_core.errors import RequestInvalid
 from flip_core.query import MAX_BINS, MAX_COLUMNS, MAX_QUERY_CHARS, QueryKind
-from flip_core.status import MetricPhase, Presence, RunStatus, SiteState, StepStatus
+from flip_core.status import MetricPhase, Phase, Presence, RunStatus, SiteState, StepStatus
 
 PROJECT_HEADER = "X-FLIP-Project"  # a researcher in several projects names the one a request is for
 
@@ -306,6 +306,15 @@ class QueryReplyBody(Body):
 QueryReplies = Annotated[list[QueryReplyBody], Field(max_length=MAX_SITES)]
 
 
+class StepTraffic(Body):
+    """The payloads one site received (the model) and sent (its update or answer) in one step of a run."""
+
+    round: Count
+    phase: Annotated[Phase, Lax]
+    received_bytes: Count
+    sent_bytes: Count
+
+
 class RunEvent(Body):
     type: Literal["run"]
     status: Annotated[RunStatus, Lax]
@@ -316,6 +325,10 @@ class RunEvent(Body):
         None
     )
     failed_sites: Annotated[dict[SiteName, Text], Field(max_length=MAX_SITES)] | None = None
+    traffic: (
+        Annotated[dict[SiteName, Annotated[list[StepTraffic], Field(max_length=100_000)]], Field(max_length=MAX_SITES)]
+        | None
+    ) = None  # every step's bytes per site, kept in the run record
 
 
 class SiteEvent(Body):

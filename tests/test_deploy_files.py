@@ -305,9 +305,18 @@ def test_the_nginx_fleet_front_example_is_what_flip_serve_renders() -> None:
         keyfile="/var/lib/flip/pki/superlink.key",
         superlink_ca="/var/lib/flip/pki/ca.pem",
         state="/var/lib/flip/nginx",
+        payloads="/var/lib/flip/coordinator/blobs",
     ).render()
     assert shipped.split("\n", 2)[2] == rendered  # after its two lines of explanation
     locations = re.findall(r"location ([^{]+)\{", rendered)
-    assert [loc.strip() for loc in locations] == ["= /health", "/v1/fleet/", "/site/", "/", "@forbidden"]
+    assert [loc.strip() for loc in locations] == [
+        "= /health",
+        "/v1/fleet/",
+        "/site/",
+        "/_flip_payloads/",
+        "/",
+        "@forbidden",
+    ]
+    assert re.search(r"location /_flip_payloads/ \{\s*internal;", rendered)  # never reached from outside
     assert "limit_except POST" in rendered and "proxy_request_buffering off" in rendered
     assert FORBIDDEN.strip() in rendered

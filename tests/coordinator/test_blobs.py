@@ -112,3 +112,14 @@ def test_old_payloads_are_swept_and_a_restarted_store_still_knows_its_readers(tm
     assert again.find(HUB, sha(blob), reader="VA").size == len(blob)
     assert store.sweep(now=time.time() + MAX_AGE_SECONDS + 60) == 1
     assert store.held() == 0
+
+
+def test_to_the_nginx_front_the_coordinator_names_the_file_and_sends_no_bytes(hub) -> None:
+    client, site = hub
+    blob = os.urandom(50_000)
+    client.put(f"/internal/blobs/{sha(blob)}?readers=VA", content=blob, headers=INTERNAL)
+    told = client.get(f"/site/blobs/{sha(blob)}", headers={**site["VA"], "x-flip-accel": "1"})
+    assert told.status_code == 200 and told.content == b""
+    assert told.headers["x-accel-redirect"] == f"/_flip_payloads/{HUB}/{sha(blob)}"
+    refused = client.get(f"/site/blobs/{sha(blob)}", headers={**site["Hungary"], "x-flip-accel": "1"})
+    assert refused.status_code == 404 and "x-accel-redirect" not in refused.headers  # authorised first

@@ -225,3 +225,8 @@ def test_models_of_three_sizes_in_a_row_come_back_bit_for_bit(federation) -> Non
         # each site's row says what it moved: the model down at every step, its update up after training
         assert len(done) == 8 and all(e["received_bytes"] > 4 * n * n for e in done)
         assert sorted(e["site"] for e in done if e["sent_bytes"] > 4 * n * n) == sorted({e["site"] for e in done})
+        traffic = handle.record["traffic"]  # the run record keeps every step's bytes per site
+        assert len(traffic) == 4 and all(
+            [s["phase"] for s in steps] == ["prepare", "fit", "evaluate"] for steps in traffic.values()
+        )
+        assert all(steps[1]["received_bytes"] > 4 * n * n < steps[1]["sent_bytes"] for steps in traffic.values())
