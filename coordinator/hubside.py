@@ -199,7 +199,9 @@ class HubSide:
             payloads=str(self.config.state_dir / BLOBS),
             user="root" if os.geteuid() == 0 else None,
         ).write(self.root / "nginx.conf")
-        return ProcessSpec("fleet-front", [nginx_binary(), "-c", str(conf), "-g", "daemon off;"], self.base_env())
+        errors = str(self.root / "nginx" / "nginx-error.log")  # -e: not the system log (another user cannot open it)
+        command = [nginx_binary(), "-c", str(conf), "-e", errors, "-g", "daemon off;"]
+        return ProcessSpec("fleet-front", command, self.base_env())
 
     def processes(self, *, coordinator: bool = True) -> list[ProcessSpec]:
         """Every hub process in start order (``coordinator=False``: something else starts it, e.g. JupyterHub)."""

@@ -12,6 +12,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 # multi-GB CUDA torch. The project's own pin (torch==2.13.0) is then already satisfied.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
+# nginx, for FLIP_FLEET_FRONT=nginx: the fleet front with the same allow list, which also sends the
+# payload files of large models itself (coordinator/nginx_front.py); it runs as this image's user.
+RUN apt-get update && apt-get install -y --no-install-recommends nginx-light && rm -rf /var/lib/apt/lists/*
+
 COPY pyproject.toml README.md /src/
 COPY flip_core /src/flip_core
 COPY flip_magics /src/flip_magics
@@ -39,4 +43,5 @@ EXPOSE 9092 8900
 # Shell form for $FLIP_HUB_NAME (the hub's public DNS name, put in the fleet certificate);
 # exec so that flip serve is PID 1 and gets docker's SIGTERM.
 CMD exec flip serve --state /var/lib/flip --listen 0.0.0.0 --fleet-port 9092 \
-    --coordinator-listen 0.0.0.0 --coordinator-port 8900 --hub-name "$FLIP_HUB_NAME"
+    --coordinator-listen 0.0.0.0 --coordinator-port 8900 --hub-name "$FLIP_HUB_NAME" \
+    --front "${FLIP_FLEET_FRONT:-python}"
