@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import requests
 
-from flip_core.bulk import BulkClient
+from flip_core.bulk import BulkClient, BulkUnreachable
 from flip_core.codec import pack_arrays, unpack_arrays
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 ENV_URL = "FLIP_COORDINATOR_URL"
 ENV_TOKEN = "FLIP_INTERNAL_TOKEN"
 RETRY_SECONDS = 120.0  # how long the server loop waits for a restarting coordinator
+T = TypeVar("T")
 
 
 class HubLink:
@@ -96,15 +98,29 @@ class HubLink:
         return str(response.json()["sha256"])
 
     # -- bulk payloads (flip_core.bulk): what is too large for a Flower message ------------------
+    def _bulk(self, call: Callable[[], T]) -> T:
+        """A payload call, tried again while the coordinator is unreachable (it may be restarting)."""
+        deadline = time.monotonic() + RETRY_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except BulkUnreachable:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("the coordinator at %s is unreachable for a payload; retrying", self.url)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     def publish(self, blob: bytes | bytearray, sha: str, readers: list[str]) -> None:
         """Make a step's payload fetchable by these sites (``GET /site/blobs/SHA``)."""
-        self.bulk.put(f"/internal/blobs/{sha}?readers={','.join(readers)}", blob)
+        self._bulk(lambda: self.bulk.put(f"/internal/blobs/{sha}?readers={','.join(readers)}", blob))
 
     def take(self, site: str, sha: str, size: int) -> bytearray:
         """A site's reply payload, deleted from the hub once read."""
-        blob = self.bulk.get(f"/internal/blobs/{site}/{sha}", size)
-        self.bulk.delete(f"/internal/blobs/{site}/{sha}")
+        blob = self._bulk(lambda: self.bulk.get(f"/internal/blobs/{site}/{sha}", size))
+        self._bulk(lambda: self.bulk.delete(f"/internal/blobs/{site}/{sha}"))
         return blob
 
     def unpublish(self, sha: str) -> None:
-        self.bulk.delete(f"/internal/blobs/_hub/{sha}")
+        self._bulk(lambda: self.bulk.delete(f"/internal/blobs/_hub/{sha}"))

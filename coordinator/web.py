@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from coordinator.blobs import ACCEL_HEADER, ACCEL_PREFIX, Blob, BlobStore
 from coordinator.config import CoordinatorConfig, TokenGrant
-from coordinator.identity import HubIdentity
+from coordinator.identity import HubIdentity, Refused
 from coordinator.queries import QueryDesk
 from coordinator.registry import SiteRegistry
 from coordinator.service import RunManager
@@ -93,7 +93,10 @@ async def receive_payload(request: Request, owner: str, readers: frozenset[str])
     """Store the request's body as the payload its path names (``sha``), streamed and checked as it comes."""
     length = request.headers.get("content-length")
     size = int(length) if length is not None and length.isdigit() else None
-    return await state(request).blobs.receive(owner, request.path_params["sha"], size, request.stream(), readers)
+    try:
+        return await state(request).blobs.receive(owner, request.path_params["sha"], size, request.stream(), readers)
+    except ClientDisconnect:  # the sender went away mid-upload: nothing was kept, and nobody is left to tell
+        raise Refused("the upload broke off before its last byte: nothing was stored", 400) from None
 
 
 def error(message: str, status: int) -> JSONResponse:

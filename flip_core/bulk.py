@@ -32,6 +32,10 @@ class BulkError(FlipError):
     """A payload could not be moved, or the bytes that came are not the ones its reference names."""
 
 
+class BulkUnreachable(BulkError):
+    """The other end could not be reached, or the connection broke: trying again may work."""
+
+
 def digest(blob: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(blob).hexdigest()
 
@@ -77,7 +81,7 @@ class BulkClient:
             if response.status >= 300:
                 raise BulkError(f"PUT {path} was refused ({response.status}): {_sentence(answer)}")
         except (OSError, http.client.HTTPException) as exc:
-            raise BulkError(f"PUT {path} failed: {type(exc).__name__}: {exc}") from None
+            raise BulkUnreachable(f"PUT {path} failed: {type(exc).__name__}: {exc}") from None
         finally:
             conn.close()
 
@@ -98,10 +102,10 @@ class BulkClient:
             while got < size:
                 n = response.readinto(view[got : min(size, got + READ_CHUNK)])
                 if not n:
-                    raise BulkError(f"GET {path} broke off after {got} of {size} bytes")
+                    raise BulkUnreachable(f"GET {path} broke off after {got} of {size} bytes")
                 got += n
         except (OSError, http.client.HTTPException) as exc:
-            raise BulkError(f"GET {path} failed: {type(exc).__name__}: {exc}") from None
+            raise BulkUnreachable(f"GET {path} failed: {type(exc).__name__}: {exc}") from None
         finally:
             conn.close()
         return buffer
@@ -112,7 +116,7 @@ class BulkClient:
             conn.request("DELETE", self._path(path), headers=self._headers())
             conn.getresponse().read()
         except (OSError, http.client.HTTPException) as exc:
-            raise BulkError(f"DELETE {path} failed: {type(exc).__name__}: {exc}") from None
+            raise BulkUnreachable(f"DELETE {path} failed: {type(exc).__name__}: {exc}") from None
         finally:
             conn.close()
 
@@ -129,4 +133,4 @@ def _sentence(answer: bytes) -> str:
     return text[:300] or "no reason given"
 
 
-__all__ = ["BulkClient", "BulkError", "digest", "verified"]
+__all__ = ["BulkClient", "BulkError", "BulkUnreachable", "digest", "verified"]

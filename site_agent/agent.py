@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from flip_core import __version__
-from flip_core.bulk import BulkClient
+from flip_core.bulk import BulkClient, BulkError
 from flip_core.certs import SITE_KEYS, load_site_keys
 from flip_core.protocol import StepResult, decode_request, encode_result
 from flip_core.query import MESSAGE_TYPE_QUERY, QueryReply, encode_reply
@@ -43,7 +43,7 @@ from site_agent.guard import announced
 from site_agent.tasks import TaskService
 
 if TYPE_CHECKING:
-    from flwr.app import Message
+    from flwr.app import Message, RecordDict
 
     from site_agent.queries import QueryService
 
@@ -227,11 +227,30 @@ class SiteAgent:
             )
         try:
             with stage("site sha+upload"):
-                content = blob_to_content(result, self._publish)
+                content = self._reply_content(result, query)
             with stage("site flower reply"):
                 link.reply(message, content, time.monotonic() - started)
         except Exception:  # noqa: BLE001 - the hub's liveness check reports the missing reply
             log.exception("could not send the reply to Flower run %s", message.metadata.run_id)
+
+    def _reply_content(self, result: bytes | bytearray, query: bool) -> RecordDict:
+        """The reply's content; when its payload cannot be handed to the hub, a small reply saying so instead
+        (the round loop then marks this site failed at once, rather than waiting for an answer)."""
+        try:
+            return blob_to_content(result, self._publish)
+        except BulkError as exc:
+            log.error("the hub did not take this site's reply payload: %s", exc)
+            why = "the site agent (the hub did not take its reply's payload)"
+            failed = (
+                encode_reply(QueryReply(self.site.name, StepStatus.ERROR, why))
+                if query
+                else encode_result(
+                    StepResult(
+                        site=self.site.name, status=StepStatus.ERROR, error_type="PayloadRefused", error_where=why
+                    )
+                )
+            )
+            return blob_to_content(failed)
 
     def _fetch(self, sha: str, size: int) -> bytearray:
         """A step's payload, published by the hub for this site (checked against its hash by the caller)."""
