@@ -333,13 +333,27 @@ def check_model(blob: bytes, max_bytes: int | None = None) -> int:
     return len(infos)
 
 
-def encode_frame(head: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+def encode_frame(head: dict[str, Any], arrays: dict[str, np.ndarray], reserve: int = 0) -> bytes:
     """A JSON header and an archive of arrays, as one byte string: the header's length (8 bytes, little
-    endian), the header, the archive, written in one piece (each array's bytes copied once)."""
-    text = json.dumps(head).encode()
+    endian), the header, the archive, written in one piece (each array's bytes copied once).
+
+    ``reserve``: spaces after the JSON (still valid JSON), room for :func:`rewrite_header` to put a longer
+    header in place later without copying the archive."""
+    text = json.dumps(head).encode() + b" " * reserve
     prefix = _LENGTH.pack(len(text)) + text
     pieces = _archive_pieces(arrays, len(prefix))
     return prefix + _savez(arrays) if pieces is None else b"".join([prefix, *pieces])
+
+
+def rewrite_header(frame: bytearray, head: dict[str, Any]) -> bool:
+    """Replace a frame's header in place (the archive untouched, nothing copied); False when ``head`` does
+    not fit the room the frame has for its header (:func:`encode_frame`'s ``reserve``)."""
+    (size,) = _LENGTH.unpack_from(frame)
+    text = json.dumps(head).encode()
+    if len(text) > size:
+        return False
+    frame[_LENGTH.size : _LENGTH.size + size] = text + b" " * (size - len(text))
+    return True
 
 
 def frame_header(blob: bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -365,6 +379,7 @@ __all__ = [
     "decode_frame",
     "encode_frame",
     "frame_header",
+    "rewrite_header",
     "pack_arrays",
     "unpack_arrays",
 ]

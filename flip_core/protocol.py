@@ -8,13 +8,13 @@ nothing executable travels.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from flip_core import VERSION
-from flip_core.codec import decode_frame, encode_frame
+from flip_core.codec import decode_frame, encode_frame, rewrite_header
 from flip_core.status import Phase, StepStatus
 
 
@@ -70,9 +70,21 @@ def decode_request(blob: bytes | bytearray) -> StepRequest:
     return StepRequest(params=arrays, **head)
 
 
-def encode_result(result: StepResult) -> bytes:
-    head = {k: v for k, v in asdict(result).items() if k != "params"}
-    return encode_frame(head, result.params)
+def encode_result(result: StepResult, reserve: int = 0) -> bytes:
+    """``reserve``: room after the header for :func:`reheader_result` (the task process leaves it, so that the
+    site's output guard can set its fields without copying the parameters)."""
+    head = {k: v for k, v in asdict(_without_params(result)).items() if k != "params"}
+    return encode_frame(head, result.params, reserve)
+
+
+def reheader_result(frame: bytearray, result: StepResult) -> bool:
+    """Write ``result``'s fields (not its parameters: the frame's own stay) into ``frame``'s header in place;
+    False when they do not fit, and the caller encodes the result afresh."""
+    return rewrite_header(frame, {k: v for k, v in asdict(_without_params(result)).items() if k != "params"})
+
+
+def _without_params(result: StepResult) -> StepResult:
+    return replace(result, params={})
 
 
 def decode_result(blob: bytes | bytearray) -> StepResult:
@@ -81,4 +93,12 @@ def decode_result(blob: bytes | bytearray) -> StepResult:
     return StepResult(params=arrays, **head)
 
 
-__all__ = ["StepRequest", "StepResult", "decode_request", "decode_result", "encode_request", "encode_result"]
+__all__ = [
+    "StepRequest",
+    "StepResult",
+    "decode_request",
+    "decode_result",
+    "encode_request",
+    "encode_result",
+    "reheader_result",
+]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from flip_core.cell import source_hash
-from flip_core.protocol import StepRequest, StepResult, decode_result, encode_result
+from flip_core.protocol import StepRequest, StepResult, decode_result, encode_result, reheader_result
 from flip_core.status import Phase, StepStatus
 from site_agent.approvals import ApprovalStore
 from site_agent.audit import AuditLog
@@ -137,10 +137,14 @@ class Governance:
         assert project is not None, "admit() refuses a project the site does not know"
         return project.time_limit_seconds, project.memory_limit_mb
 
-    def release(self, request: StepRequest, produced: bytes) -> bytes:
-        """What may leave the site of ``produced`` (the task process's result), audited."""
+    def release(self, request: StepRequest, produced: bytes | bytearray) -> bytes | bytearray:
+        """What may leave the site of ``produced`` (the task process's result), audited.
+
+        When the guard let the parameters through as they came and no noise is added, the guarded fields
+        are written into ``produced``'s header in place and the parameters are not encoded again."""
+        decoded = decode_result(produced)
         guarded = guard(
-            decode_result(produced),
+            decoded,
             Declared.from_params(request.params),
             self.policy.threshold(request.project),
             metrics=self.policy.metrics(request.project),
@@ -159,6 +163,11 @@ class Governance:
             stripped=guarded.stripped,
             **privacy,
         )
+        same = result.params.keys() == decoded.params.keys() and all(
+            result.params[k] is decoded.params[k] for k in result.params
+        )
+        if same and isinstance(produced, bytearray) and reheader_result(produced, result):
+            return produced
         return encode_result(result)
 
     def _private(self, request: StepRequest, result: StepResult, run: PrivateRun) -> tuple[StepResult, dict[str, Any]]:

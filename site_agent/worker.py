@@ -44,7 +44,7 @@ from site_agent.sandbox import (
     install_seccomp,
     task_user,
 )
-from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY, STEP
+from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY, RESULT_RESERVE, STEP
 
 ENV_THREADS = "FLIP_TASK_THREADS"
 PARENT_CHECK_SECONDS = 0.5
@@ -176,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             step = bytearray(int(blob[len(STEP) :]))
             conn.recv_bytes_into(step)
             blob = step
-        result = encode_result(session.step(decode_request(blob)))
+        result = encode_result(session.step(decode_request(blob)), reserve=RESULT_RESERVE)
         if os.getpid() != me:  # a process the task forked came back here: only the task process answers
             os._exit(1)
+        conn.send_bytes(STEP + str(len(result)).encode())  # its length first: the agent reads it into a buffer
         conn.send_bytes(result)
 
 

@@ -240,3 +240,16 @@ def test_an_archive_that_would_need_zip64_is_left_to_numpy(monkeypatch: pytest.M
         assert archive.infolist()[0].extract_version == 45  # np.savez's, which always marks members ZIP64
     _same(unpack_arrays(blob), arrays)
     _same(decode_frame(encode_frame({"round": 1}, arrays))[1], arrays)
+
+
+def test_a_frames_header_is_rewritten_in_place_only_within_its_room() -> None:
+    from flip_core.codec import decode_frame, encode_frame, rewrite_header
+
+    arrays = {"w": np.arange(12, dtype=np.float32)}
+    frame = bytearray(encode_frame({"status": "ok"}, arrays, reserve=64))
+    assert rewrite_header(frame, {"status": "ok", "withheld": "1 metric withheld"})
+    head, back = decode_frame(frame)
+    assert head == {"status": "ok", "withheld": "1 metric withheld"} and np.array_equal(back["w"], arrays["w"])
+    tight = bytearray(encode_frame({"status": "ok"}, arrays))
+    assert not rewrite_header(tight, {"status": "ok", "withheld": "longer than the room"})
+    assert decode_frame(tight)[0] == {"status": "ok"}  # untouched

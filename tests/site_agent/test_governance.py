@@ -191,3 +191,28 @@ def test_privacy_figures_from_the_task_process_are_ignored(site) -> None:
     out = decode_result(gate.release(request(), encode_result(forged)))  # a run without DP
     assert (out.private, out.dp_epsilon) == (False, 0.0)
     assert np.allclose(out.params["weight"], 1.0)
+
+
+def test_guarded_fields_are_written_in_place_when_the_parameters_leave_as_they_came(site) -> None:
+    """The task process leaves room after its header; when the guard keeps the parameters, the site rewrites
+    only the header (the forged privacy figures reset, a withheld metric said), never the parameters."""
+    from site_agent.task_messages import RESULT_RESERVE
+
+    gate = private(site, max_epsilon=5.0)  # a project that allows DP, in a run without it
+    forged = StepResult(
+        site="VA",
+        status="ok",
+        num_train=150,
+        private=True,
+        dp_epsilon=0.001,
+        params={"weight": np.full((1, 2), 7.0, np.float32), "bias": np.ones(1, np.float32)},
+    )
+    produced = bytearray(encode_result(forged, reserve=RESULT_RESERVE))
+    archive = bytes(produced[-200:])
+    released = gate.release(request(), produced)
+    assert released is produced and bytes(released[-200:]) == archive  # the same buffer, parameters untouched
+    out = decode_result(released)
+    assert (out.private, out.dp_epsilon, out.status) == (False, 0.0, "ok")
+    assert np.array_equal(out.params["weight"], np.full((1, 2), 7.0, np.float32))
+    no_room = bytearray(encode_result(forged))  # a frame without room for a longer header: encoded afresh
+    assert decode_result(gate.release(request(), no_room)).dp_epsilon == 0.0
