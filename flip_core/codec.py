@@ -345,6 +345,34 @@ def encode_frame(head: dict[str, Any], arrays: dict[str, np.ndarray], reserve: i
     return prefix + _savez(arrays) if pieces is None else b"".join([prefix, *pieces])
 
 
+def archive_is_canonical(frame: bytes | bytearray, arrays: dict[str, np.ndarray]) -> bool:
+    """Whether the archive in ``frame`` (after its header) is byte for byte what this codec writes for
+    ``arrays`` and nothing else: no byte hidden in padding, extra fields, a comment or after the end. A site
+    checks this before it lets a task process's own bytes leave (``site_agent.governance``)."""
+    view = _byte_view(frame)
+    (size,) = _LENGTH.unpack_from(view)
+    start = _LENGTH.size + size
+    pieces = _archive_pieces(arrays, start)
+    if pieces is None:
+        return False
+    offset = start
+    whole = np.frombuffer(view, dtype=np.uint8)
+    for piece in pieces:
+        length = len(piece) if isinstance(piece, bytes) else piece.nbytes
+        if offset + length > len(whole):
+            return False
+        if isinstance(piece, bytes):
+            if view[offset : offset + length] != piece:
+                return False
+        else:  # an array's bytes: the decoded array is a view of the frame right here, or its equal
+            theirs = np.frombuffer(piece, dtype=np.uint8)
+            here = whole[offset : offset + length]
+            if theirs.ctypes.data != here.ctypes.data and not np.array_equal(theirs, here):
+                return False
+        offset += length
+    return bool(offset == len(whole))
+
+
 def rewrite_header(frame: bytearray, head: dict[str, Any]) -> bool:
     """Replace a frame's header in place (the archive untouched, nothing copied); False when ``head`` does
     not fit the room the frame has for its header (:func:`encode_frame`'s ``reserve``)."""
@@ -379,6 +407,7 @@ __all__ = [
     "decode_frame",
     "encode_frame",
     "frame_header",
+    "archive_is_canonical",
     "rewrite_header",
     "pack_arrays",
     "unpack_arrays",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from flip_core.cell import source_hash
+from flip_core.codec import archive_is_canonical
 from flip_core.protocol import StepRequest, StepResult, decode_result, encode_result, reheader_result
 from flip_core.status import Phase, StepStatus
 from site_agent.approvals import ApprovalStore
@@ -166,7 +167,14 @@ class Governance:
         same = result.params.keys() == decoded.params.keys() and all(
             result.params[k] is decoded.params[k] for k in result.params
         )
-        if same and isinstance(produced, bytearray) and reheader_result(produced, result):
+        # the task process wrote these bytes: they leave only if they are exactly the canonical encoding of the
+        # parameters the guard passed (nothing hidden beside them), else the result is encoded afresh here
+        if (
+            same
+            and isinstance(produced, bytearray)
+            and archive_is_canonical(produced, result.params)
+            and reheader_result(produced, result)
+        ):
             return produced
         return encode_result(result)
 

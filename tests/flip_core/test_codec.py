@@ -253,3 +253,17 @@ def test_a_frames_header_is_rewritten_in_place_only_within_its_room() -> None:
     tight = bytearray(encode_frame({"status": "ok"}, arrays))
     assert not rewrite_header(tight, {"status": "ok", "withheld": "longer than the room"})
     assert decode_frame(tight)[0] == {"status": "ok"}  # untouched
+
+
+def test_only_the_codecs_own_bytes_count_as_canonical() -> None:
+    from flip_core.codec import archive_is_canonical, decode_frame, encode_frame
+
+    arrays = {"w": np.arange(100, dtype=np.float32), "b": np.ones(3)}
+    frame = bytearray(encode_frame({"status": "ok"}, arrays, reserve=16))
+    _, decoded = decode_frame(frame)
+    assert archive_is_canonical(frame, decoded)
+    assert not archive_is_canonical(frame + b"x", decode_frame(frame + b"x")[1])  # a byte after the end
+    padded = bytearray(frame)
+    first = padded.index(b"w.npy") + len(b"w.npy") + 4  # inside the alignment padding of the first member
+    padded[first] ^= 0xFF
+    assert not archive_is_canonical(padded, decode_frame(padded)[1])

@@ -216,3 +216,6 @@ def test_guarded_fields_are_written_in_place_when_the_parameters_leave_as_they_c
     assert np.array_equal(out.params["weight"], np.full((1, 2), 7.0, np.float32))
     no_room = bytearray(encode_result(forged))  # a frame without room for a longer header: encoded afresh
     assert decode_result(gate.release(request(), no_room)).dp_epsilon == 0.0
+    hiding = bytearray(encode_result(forged, reserve=RESULT_RESERVE)) + b"a patient's name"  # bytes after the archive
+    leaving = gate.release(request(), hiding)
+    assert leaving is not hiding and b"patient" not in leaving  # encoded afresh: what is hidden stays
