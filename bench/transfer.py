@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from bench.common import default_front, machine, median
 from bench.model_size import hidden_for, loopback_copy_seconds, mlp_params, parse_size
 from flip_core.bulk import BulkClient, digest
 from flip_core.protocol import StepRequest, decode_request, encode_request
 from flip_core.status import Phase
-from flip_local.federation import down, up
+from flip_local.federation import Federation, down, up
 
 
 def step(params: dict[str, np.ndarray]) -> StepRequest:
@@ -67,14 +66,13 @@ def flower_objects(blob: bytes) -> int:
     return sum(len(obj.deflate()) for obj in objects.values())
 
 
-def site_token(federation: Path) -> tuple[str, str]:
-    """(name, token) of the federation's first site, read from its agent's command line."""
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if "start" in cmd and any(str(federation) in c for c in cmd) and any(c.startswith("--token=") for c in cmd):
-            site = Path(cmd[cmd.index("start") + 1]).name
-            return site, next(c for c in cmd if c.startswith("--token="))[len("--token=") :]
-    raise RuntimeError("no site agent found")
+def site_token(home: Path) -> tuple[str, str]:
+    """(name, token) of the federation's first site, from the command line ``flip up`` started it with."""
+    state = Federation(home).state() or {}
+    agent = next(p for p in state.get("processes", []) if p["name"].startswith("site-"))
+    return agent["name"][len("site-") :], next(a for a in agent["command"] if a.startswith("--token="))[
+        len("--token=") :
+    ]
 
 
 def main() -> None:
@@ -120,32 +118,19 @@ def main() -> None:
             federation = Path(connection["federation"])
             config = json.loads((federation / "coordinator.json").read_text())
             hub = BulkClient(connection["coordinator_url"], config["internal_token"])
-            name, token = site_token(federation)
+            name, token = site_token(home)
+            publish, take = f"/internal/blobs/{sha}?readers={name}", f"/internal/blobs/{name}/{sha}"
             site = BulkClient(f"https://{connection['superlink']}", token, connection["ca"])
-            rows.append(
-                (
-                    "publish: round loop -> coordinator (loopback HTTP)",
-                    timed(lambda: hub.put(f"/internal/blobs/{sha}?readers={name}", blob), args.repeat)[0],
-                )
-            )
-            rows.append(
-                (
-                    "fetch: coordinator -> fleet front (TLS) -> site",
-                    timed(lambda: site.get(f"/site/blobs/{sha}", size), args.repeat)[0],
-                )
-            )
-            rows.append(
-                (
-                    "upload: site -> fleet front (TLS) -> coordinator",
-                    timed(lambda: site.put(f"/site/blobs/{sha}", blob), args.repeat)[0],
-                )
-            )
-            rows.append(
+            legs: list[tuple[str, Callable[[], Any]]] = [
+                ("publish: round loop -> coordinator (loopback HTTP)", lambda: hub.put(publish, blob)),
+                ("fetch: coordinator -> fleet front (TLS) -> site", lambda: site.get(f"/site/blobs/{sha}", size)),
+                ("upload: site -> fleet front (TLS) -> coordinator", lambda: site.put(f"/site/blobs/{sha}", blob)),
                 (
                     "take: coordinator -> round loop (loopback HTTP)",
-                    timed(lambda: hub.get(f"/internal/blobs/{name}/{sha}", size), args.repeat)[0],
-                )
-            )
+                    lambda: hub.get(take, size),
+                ),
+            ]
+            rows += [(what, timed(leg, args.repeat)[0]) for what, leg in legs]
         finally:
             down(home)
 

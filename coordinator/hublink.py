@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 import requests
 
+from coordinator.blobs import HUB
 from flip_core.bulk import BulkClient, BulkUnreachable
 from flip_core.codec import pack_arrays, unpack_arrays
 
@@ -45,23 +46,28 @@ class HubLink:
             )
         return cls(url, token)
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """One call, retried while the coordinator is unreachable (it may be restarting)."""
+    def _retrying(self, call: Callable[[], T], unreachable: type[Exception]) -> T:
+        """``call()``, tried again while it raises ``unreachable`` (the coordinator may be restarting)."""
         deadline = time.monotonic() + RETRY_SECONDS
         delay = 0.1
-        timeout = kwargs.pop("timeout", 30)
         while True:
             try:
-                response = self.session.request(method, self.url + path, timeout=timeout, **kwargs)
-            except requests.ConnectionError:
+                return call()
+            except unreachable:
                 if time.monotonic() >= deadline:
                     raise
                 log.warning("the coordinator at %s is unreachable; retrying", self.url)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                continue
-            response.raise_for_status()
-            return response
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One call, retried while the coordinator is unreachable (it may be restarting)."""
+        timeout = kwargs.pop("timeout", 30)
+        response = self._retrying(
+            lambda: self.session.request(method, self.url + path, timeout=timeout, **kwargs), requests.ConnectionError
+        )
+        response.raise_for_status()
+        return response
 
     def _get(self, path: str) -> requests.Response:
         return self._request("GET", path)
@@ -99,18 +105,8 @@ class HubLink:
 
     # -- bulk payloads (flip_core.bulk): what is too large for a Flower message ------------------
     def _bulk(self, call: Callable[[], T]) -> T:
-        """A payload call, tried again while the coordinator is unreachable (it may be restarting)."""
-        deadline = time.monotonic() + RETRY_SECONDS
-        delay = 0.1
-        while True:
-            try:
-                return call()
-            except BulkUnreachable:
-                if time.monotonic() >= deadline:
-                    raise
-                log.warning("the coordinator at %s is unreachable for a payload; retrying", self.url)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        """A payload call, tried again while the coordinator is unreachable (a refusal is an answer: not)."""
+        return self._retrying(call, BulkUnreachable)
 
     def publish(self, blob: bytes | bytearray, sha: str, readers: list[str]) -> None:
         """Make a step's payload fetchable by these sites (``GET /site/blobs/SHA``)."""
@@ -123,4 +119,4 @@ class HubLink:
         return blob
 
     def unpublish(self, sha: str) -> None:
-        self._bulk(lambda: self.bulk.delete(f"/internal/blobs/_hub/{sha}"))
+        self._bulk(lambda: self.bulk.delete(f"/internal/blobs/{HUB}/{sha}"))

@@ -187,9 +187,8 @@ class HubSide:
 
     def _nginx_front(self) -> ProcessSpec:
         assert self.pki is not None
-        host = "127.0.0.1" if self.listen in ("127.0.0.1", "localhost") else self.listen
         conf = NginxFront(
-            listen=f"{host}:{self.front_port}",
+            listen=f"{self.listen}:{self.front_port}",
             superlink=self.superlink,
             coordinator=f"127.0.0.1:{self.config.port}",
             certfile=str(self.pki / "superlink.pem"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -124,8 +125,6 @@ class BulkClient:
 def _sentence(answer: bytes) -> str:
     text = answer.decode("utf-8", "replace").strip()
     if text.startswith("{") and '"error"' in text:
-        import json
-
         try:
             return str(json.loads(text)["error"])
         except (ValueError, KeyError, TypeError):

@@ -73,18 +73,18 @@ def decode_request(blob: bytes | bytearray) -> StepRequest:
 def encode_result(result: StepResult, reserve: int = 0) -> bytes:
     """``reserve``: room after the header for :func:`reheader_result` (the task process leaves it, so that the
     site's output guard can set its fields without copying the parameters)."""
-    head = {k: v for k, v in asdict(_without_params(result)).items() if k != "params"}
-    return encode_frame(head, result.params, reserve)
+    return encode_frame(_result_head(result), result.params, reserve)
 
 
 def reheader_result(frame: bytearray, result: StepResult) -> bool:
     """Write ``result``'s fields (not its parameters: the frame's own stay) into ``frame``'s header in place;
     False when they do not fit, and the caller encodes the result afresh."""
-    return rewrite_header(frame, {k: v for k, v in asdict(_without_params(result)).items() if k != "params"})
+    return rewrite_header(frame, _result_head(result))
 
 
-def _without_params(result: StepResult) -> StepResult:
-    return replace(result, params={})
+def _result_head(result: StepResult) -> dict[str, Any]:
+    """Every field but the parameters (taken out first: ``asdict`` would deep-copy the arrays)."""
+    return {k: v for k, v in asdict(replace(result, params={})).items() if k != "params"}
 
 
 def decode_result(blob: bytes | bytearray) -> StepResult:

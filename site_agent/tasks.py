@@ -41,7 +41,7 @@ from flip_core.errors import FlipError
 from flip_core.protocol import StepResult, encode_result
 from flip_core.status import Phase, StepStatus
 from site_agent.sandbox import task_user
-from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY, STEP
+from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY, STEP, receive_sized, send_sized
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +140,14 @@ class Worker:
         with self.lock:
             self._await_ready()
             self.last_used = time.monotonic()
-            self.conn.send_bytes(STEP + str(len(blob)).encode())
-            self.conn.send_bytes(blob)
+            send_sized(self.conn, blob)
             if seconds is not None and not self.conn.poll(seconds):
                 self.kill()
                 raise TimeLimit(seconds)
             told = self.conn.recv_bytes()
-            if not told.startswith(STEP):  # a result sent whole (no length first)
-                return told
-            # into a buffer of its own: the output guard can then rewrite the header in place (no copy)
-            reply = bytearray(int(told[len(STEP) :]))
-            self.conn.recv_bytes_into(reply)
-            return reply
+            if not told.startswith(STEP):  # not the worker's framing (task code writing to the channel itself):
+                return told  # handed on as the result, which the output guard refuses unless it is one
+            return receive_sized(self.conn, told)
 
     def kill(self) -> None:
         """SIGKILL the task process and whatever it started (its own session; the sandboxed child dies with it)."""

@@ -44,7 +44,7 @@ from site_agent.sandbox import (
     install_seccomp,
     task_user,
 )
-from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY, RESULT_RESERVE, STEP
+from site_agent.task_messages import ADOPT, ISOLATION_REFUSED, READY, RESULT_RESERVE, STEP, receive_sized, send_sized
 
 ENV_THREADS = "FLIP_TASK_THREADS"
 PARENT_CHECK_SECONDS = 0.5
@@ -173,14 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             conn.send_bytes(READY)
             continue
         if blob.startswith(STEP):  # the step follows, read into a buffer of its own (writable, never copied again)
-            step = bytearray(int(blob[len(STEP) :]))
-            conn.recv_bytes_into(step)
-            blob = step
+            blob = receive_sized(conn, blob)
         result = encode_result(session.step(decode_request(blob)), reserve=RESULT_RESERVE)
         if os.getpid() != me:  # a process the task forked came back here: only the task process answers
             os._exit(1)
-        conn.send_bytes(STEP + str(len(result)).encode())  # its length first: the agent reads it into a buffer
-        conn.send_bytes(result)
+        send_sized(conn, result)
 
 
 def _adopt(site: SiteConfig, settings: dict[str, Any], confined: bool) -> bool:

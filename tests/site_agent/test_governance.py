@@ -178,35 +178,32 @@ def test_a_private_run_releases_only_noised_parameters_and_charges_the_projects_
     )
 
 
-def test_privacy_figures_from_the_task_process_are_ignored(site) -> None:
-    gate = private(site, max_epsilon=5.0)
-    forged = StepResult(
+def forged_privacy(weight: float) -> StepResult:
+    """A result whose task process claims privacy figures that only the site agent may set."""
+    return StepResult(
         site="VA",
         status="ok",
         num_train=150,
         private=True,
         dp_epsilon=0.001,
-        params={"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)},
+        params={"weight": np.full((1, 2), weight, np.float32), "bias": np.ones(1, np.float32)},
     )
-    out = decode_result(gate.release(request(), encode_result(forged)))  # a run without DP
+
+
+def test_privacy_figures_from_the_task_process_are_ignored(site) -> None:
+    gate = private(site, max_epsilon=5.0)
+    out = decode_result(gate.release(request(), encode_result(forged_privacy(1.0))))  # a run without DP
     assert (out.private, out.dp_epsilon) == (False, 0.0)
     assert np.allclose(out.params["weight"], 1.0)
 
 
 def test_guarded_fields_are_written_in_place_when_the_parameters_leave_as_they_came(site) -> None:
     """The task process leaves room after its header; when the guard keeps the parameters, the site rewrites
-    only the header (the forged privacy figures reset, a withheld metric said), never the parameters."""
+    only the header (here: the forged privacy figures reset), never the parameters."""
     from site_agent.task_messages import RESULT_RESERVE
 
     gate = private(site, max_epsilon=5.0)  # a project that allows DP, in a run without it
-    forged = StepResult(
-        site="VA",
-        status="ok",
-        num_train=150,
-        private=True,
-        dp_epsilon=0.001,
-        params={"weight": np.full((1, 2), 7.0, np.float32), "bias": np.ones(1, np.float32)},
-    )
+    forged = forged_privacy(7.0)
     produced = bytearray(encode_result(forged, reserve=RESULT_RESERVE))
     archive = bytes(produced[-200:])
     released = gate.release(request(), produced)
