@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.identity import Refused
+from flip_core.api import SITE_NAME
 
 FOLDER = "blobs"  # under the coordinator's state folder
 ACCEL_HEADER = "x-flip-accel"  # set by the nginx front on site routes: it serves a payload's file itself
@@ -66,6 +67,8 @@ class BlobStore:
     def _path(self, owner: str, sha256: str) -> Path:
         if not SHA256.fullmatch(sha256):
             raise Refused(f"{sha256[:70]!r} is not a SHA-256 (64 lowercase hex digits)", 404)
+        if owner != HUB and not SITE_NAME.match(owner):  # never a path outside the store ("..", "a/b")
+            raise Refused(f"{owner[:70]!r} is not a site name", 404)
         return self.root / owner / sha256
 
     async def receive(

@@ -440,6 +440,8 @@ BAD_PAYLOAD_CALLS = [
     ("GET", f"/site/blobs/{'a' * 64}?site=VA", b"", 404, "no such payload"),
     ("GET", f"/internal/blobs/VA/{'a' * 64}", b"", 404, "no such payload"),
     ("PUT", "/internal/blobs/zz", b"x", 404, "not a SHA-256"),
+    ("GET", f"/internal/blobs/..%2E/{'a' * 64}", b"", 404, "not a site name"),
+    ("DELETE", f"/internal/blobs/.hidden/{'a' * 64}", b"", 404, "not a site name"),
 ]
 
 
