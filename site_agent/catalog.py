@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # numpy and pandas load where tables are read: a task process
 log = logging.getLogger(__name__)
 
 SITE_FILE = "site.toml"
-FORMATS = ("csv", "uci-heart")
+FORMATS = ("csv", "uci-heart", "images")  # images: a manifest over image files (site_agent.image_datasets)
+TABLE_FORMATS = ("csv", "uci-heart")
 UCI_HEART_COLUMNS = (
     "age",
     "sex",
@@ -51,6 +52,23 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class CatalogError(ConfigError):
     """A site directory or dataset registration problem, stated as a sentence."""
 
+    public = ""  # what the researcher may read of it (fixed text; the sentence itself stays in the site's log)
+
+
+class ImagesChanged(CatalogError):
+    """An imaging dataset's file is not what was registered (or is gone)."""
+
+    public = "the site's dataset (a file changed since it was registered: the site's admin must register it again)"
+
+
+class ImagesUnreadable(CatalogError):
+    """The task user cannot read an imaging dataset's files."""
+
+    public = "the site's dataset (its image files cannot be read by the site's task user)"
+
+
+PUBLIC_DATASET_ERRORS = (ImagesChanged.public, ImagesUnreadable.public)
+
 
 @dataclass(frozen=True)
 class DatasetEntry:
@@ -68,10 +86,16 @@ class DatasetEntry:
     split_seed: int
     train_fraction: float
     stratify: str | None = None
+    source: str = ""  # an imaging dataset's manifest (``path`` is then the site's index of it)
+    inclusion: dict[str, Any] | None = None  # an imaging dataset's inclusion report (site_agent.images)
+
+    @property
+    def is_images(self) -> bool:
+        return self.format == "images"
 
     def summary(self) -> dict[str, Any]:
         """What the site announces about this dataset (metadata only, never rows)."""
-        return {
+        summary = {
             "name": self.name,
             "format": self.format,
             "rows": self.rows,
@@ -81,6 +105,9 @@ class DatasetEntry:
             "dtypes": list(self.dtypes),
             "fingerprint": self.fingerprint,
         }
+        if self.inclusion is not None:
+            summary["inclusion"] = self.inclusion
+        return summary
 
 
 @dataclass(frozen=True)
@@ -118,7 +145,7 @@ def init_site(root: Path, name: str) -> SiteConfig:
     for sub in ("splits", "logs", "scratch"):
         (root / sub).mkdir(exist_ok=True)
     config = SiteConfig(root=root, name=name)
-    _write(config)
+    write_site(config)
     return config
 
 
@@ -144,11 +171,13 @@ def load_site(root: Path) -> SiteConfig:
             split_seed=int(d["split_seed"]),
             train_fraction=float(d["train_fraction"]),
             stratify=d.get("stratify") or None,
+            source=d.get("source", ""),
+            inclusion=d.get("inclusion"),
         )
     return SiteConfig(root=root, name=raw["site"]["name"], datasets=datasets)
 
 
-def _write(config: SiteConfig) -> None:
+def write_site(config: SiteConfig) -> None:
     """Write site.toml: the catalog from ``config``; every other table (the site's policy) kept as it was."""
     path = config.root / SITE_FILE
     kept = (
@@ -172,6 +201,10 @@ def _write(config: SiteConfig) -> None:
         }
         if d.stratify:
             entry["stratify"] = d.stratify
+        if d.source:
+            entry["source"] = d.source
+        if d.inclusion is not None:
+            entry["inclusion"] = d.inclusion
         doc["datasets"][name] = entry
     doc.update(kept)
     tmp = config.root / (SITE_FILE + ".tmp")
@@ -211,6 +244,10 @@ def read_table(path: Path | IO[bytes], fmt: str) -> pd.DataFrame:
         return pd.read_csv(path)
     if fmt == "uci-heart":
         return pd.read_csv(path, header=None, names=list(UCI_HEART_COLUMNS), na_values="?")
+    if fmt == "images":
+        from site_agent.image_datasets import as_table
+
+        return as_table(json.loads(path.read() if not isinstance(path, Path) else path.read_bytes()))
     raise CatalogError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
 
 
@@ -262,8 +299,8 @@ def add_dataset(
     path = Path(path).resolve()
     if not path.is_file():
         raise CatalogError(f"no such file: {path}")
-    if fmt not in FORMATS:
-        raise CatalogError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt not in TABLE_FORMATS:
+        raise CatalogError(f"unknown table format {fmt!r}: use one of {', '.join(TABLE_FORMATS)}, or --format images")
     table = read_table(path, fmt)
     if fmt == "uci-heart" and stratify is None:
         stratify = "num"
@@ -295,11 +332,11 @@ def add_dataset(
         stratify=stratify,
     )
     new = SiteConfig(root=config.root, name=config.name, datasets={**config.datasets, name: entry})
-    _write(new)
+    write_site(new)
     return new
 
 
-def _verified_bytes(config: SiteConfig, name: str, read: Callable[[Path], IO[bytes]]) -> bytes:
+def verified_bytes(config: SiteConfig, name: str, read: Callable[[Path], IO[bytes]]) -> bytes:
     """The dataset file's bytes; refused when the file changed since registration."""
     entry = config.dataset(name)
     path = Path(entry.path)
@@ -318,7 +355,7 @@ def _verified_bytes(config: SiteConfig, name: str, read: Callable[[Path], IO[byt
 
 def load_table(config: SiteConfig, name: str) -> pd.DataFrame:
     """The whole registered table (rows in file order), for queries; refuses a file that changed."""
-    data = _verified_bytes(config, name, lambda p: open(p, "rb"))
+    data = verified_bytes(config, name, lambda p: open(p, "rb"))
     return read_table(io.BytesIO(data), config.dataset(name).format)
 
 
@@ -336,7 +373,7 @@ def load_split(
     file order), so that training on a cohort is training on a copy of the table holding only those rows."""
     entry = config.dataset(name)
     read = opener or (lambda p: open(p, "rb"))
-    data = _verified_bytes(config, name, read)
+    data = verified_bytes(config, name, read)
     table = read_table(io.BytesIO(data), entry.format)
     if rows is not None:
         if rows and not 0 <= min(rows) <= max(rows) < len(table):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from site_agent.audit import AuditError, AuditLog, read_records
 from site_agent.audit import show as audit_show
 from site_agent.audit import verify as audit_verify
 from site_agent.catalog import FORMATS, CatalogError, add_dataset, init_site, load_site
+from site_agent.image_datasets import add_image_dataset
 from site_agent.policy import PolicyError
 
 JOINED = "federation.json"  # where `flip-site join` records the federation (its token: owner-only)
@@ -38,14 +40,28 @@ def _data_commands(sub: Any) -> None:
     init.add_argument("--name", required=True, help="the site's name, as researchers will see it")
 
     dataset = sub.add_parser("dataset", help="register and list datasets").add_subparsers(dest="action", required=True)
-    add = dataset.add_parser("add", help="register a table held at this site")
+    add = dataset.add_parser(
+        "add", help="register a table, or a manifest of images (--format images), held at this site"
+    )
     add.add_argument("dir", type=Path)
     add.add_argument("name")
-    add.add_argument("path", type=Path)
+    add.add_argument("path", type=Path, help="the table, or the images' manifest (a CSV: one row per case)")
     add.add_argument("--format", required=True, choices=FORMATS)
     add.add_argument("--train-fraction", type=float, default=0.8, help="share of rows in the train split")
     add.add_argument("--split-seed", type=int, default=0, help="seed of the recorded train/test split")
-    add.add_argument("--stratify", default=None, help="column to stratify the split on")
+    add.add_argument("--stratify", default=None, help="column to stratify the split on (tables)")
+    images = add.add_argument_group("images (a manifest's columns; the others are the cases' clinical variables)")
+    images.add_argument("--image-column", default="image", help="the image file or DICOM series folder")
+    images.add_argument("--label-column", default=None, help="a class or value (default: a column named label)")
+    images.add_argument("--mask-column", default=None, help="a segmentation file, instead of a label")
+    images.add_argument(
+        "--patient-column", default="patient_id", help="the patient id (the split keeps each patient on one side)"
+    )
+    images.add_argument(
+        "--skip-bad-files",
+        action="store_true",
+        help="exclude cases whose file is missing or unreadable, counted in the inclusion report (default: refuse)",
+    )
     listing = dataset.add_parser("list", help="show registered datasets")
     listing.add_argument("dir", type=Path)
     listing.add_argument("--json", action="store_true")
@@ -112,6 +128,12 @@ def _federation_commands(sub: Any) -> None:
         "step, so that a new run starts at once (default: 900; 0: never)",
     )
     start.add_argument(
+        "--device",
+        default="auto",
+        help="where tasks run: auto (the first GPU if the host has one, else the CPU), cpu, cuda or cuda:N; "
+        "the site's choice, over the researcher's (default: auto)",
+    )
+    start.add_argument(
         "--keep-scratch",
         action="store_true",
         help="keep each run's scratch folder (scratch/run-ID) after the run ends, to debug a task; "
@@ -132,6 +154,32 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "init":
         site = init_site(args.dir, args.name)
         print(f"site {site.name!r} created in {site.root}")
+        return 0
+    if args.command == "dataset" and args.action == "add" and args.format == "images":
+        site = add_image_dataset(
+            load_site(args.dir),
+            args.name,
+            args.path,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            mask_column=args.mask_column,
+            patient_column=args.patient_column,
+            skip_bad_files=args.skip_bad_files,
+            train_fraction=args.train_fraction,
+            split_seed=args.split_seed,
+        )
+        entry = site.datasets[args.name]
+        report = entry.inclusion or {}
+        excluded = report.get("excluded") or {}
+        print(
+            f"dataset {entry.name!r}: {report.get('cases')} cases in the manifest, {entry.rows} included "
+            f"({entry.train_rows} train / {entry.test_rows} test, {report.get('patients')} patients), "
+            f"{entry.fingerprint[:19]}…"
+        )
+        for reason, count in sorted(excluded.items()):
+            print(f"  excluded: {count} ({reason})")
+        if report.get("patients_with_several_cases"):
+            print(f"  {report['patients_with_several_cases']} patients have more than one case (kept on one side)")
         return 0
     if args.command == "dataset" and args.action == "add":
         site = add_dataset(
@@ -272,6 +320,8 @@ def _join(args: argparse.Namespace) -> int:
 def _start(args: argparse.Namespace) -> int:
     from flip_core.paths import read_connection
     from site_agent.agent import WARM_SECONDS, SiteAgent
+    from site_agent.devices import ENV_DEVICE, DeviceError
+    from site_agent.devices import resolve as resolve_device
 
     site = load_site(args.dir)
     joined = json.loads((args.dir / JOINED).read_text()) if (args.dir / JOINED).exists() else {}
@@ -311,6 +361,12 @@ def _start(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as exc:
+        print(f"flip-site: {exc}", file=sys.stderr)
+        return 2
+    os.environ[ENV_DEVICE] = device  # handed to the task processes (FLIP_TASK_*)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {site.name} %(levelname)s %(message)s")
     warm = WARM_SECONDS if args.warm_seconds is None else args.warm_seconds
     agent = SiteAgent(
@@ -322,6 +378,7 @@ def _start(args: argparse.Namespace) -> int:
         ca=ca,
         key=key,
         keep_scratch=args.keep_scratch,
+        device=device,
     )
     return agent.run()
 

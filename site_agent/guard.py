@@ -20,6 +20,7 @@ import numpy as np
 
 from flip_core.protocol import StepResult
 from flip_core.status import StepStatus
+from site_agent.catalog import PUBLIC_DATASET_ERRORS
 
 MAX_METRICS = 20
 ANY_METRIC = "*"
@@ -81,6 +82,8 @@ def _matches(pattern: re.Pattern[str], text: object) -> bool:
 def _fixed_place(where: object) -> bool:
     """Whether ``where`` is one of the runner's fixed places (or this guard's own suppression note)."""
     if _matches(SUPPRESSED_WHERE, where):
+        return True
+    if where in PUBLIC_DATASET_ERRORS:
         return True
     return isinstance(where, str) and any(where == p or where.startswith(p + " (") for p in ERROR_PLACES)
 
@@ -206,8 +209,45 @@ def describe_outgoing(result: StepResult) -> dict[str, Any]:
 
 
 def announced(summary: dict[str, Any], threshold: int) -> dict[str, Any]:
-    """A dataset's summary as the site announces it: row counts under the threshold withheld (None)."""
-    return {
+    """A dataset's summary as the site announces it: row counts under the threshold withheld (None), and an
+    imaging dataset's inclusion report under the same control (:func:`announced_inclusion`)."""
+    out = {
         k: (None if k in ("rows", "train_rows", "test_rows") and isinstance(v, int) and 0 < v < threshold else v)
         for k, v in summary.items()
+    }
+    if isinstance(summary.get("inclusion"), dict):
+        out["inclusion"] = announced_inclusion(summary["inclusion"], threshold)
+    return out
+
+
+def announced_inclusion(report: dict[str, Any], threshold: int) -> dict[str, Any]:
+    """An inclusion report as it may leave the site: the included count and each exclusion reason's count are
+    one table whose total (the manifest's cases) is released, so small cells are withheld with their
+    complements (``site_agent.disclosure.protect``); the other counts withheld below the threshold; the
+    image kinds' counts only where the included count is released, and under the same rule (their sum is it)."""
+    from site_agent.disclosure import protect
+
+    def small(v: Any) -> Any:
+        return None if isinstance(v, int) and 0 < v < threshold else v
+
+    reasons = sorted(report.get("excluded") or {})
+    total = int(report.get("cases") or 0)
+    cells = np.array([int(report.get("included") or 0), *(int(report["excluded"][r]) for r in reasons)])
+    withheld = np.ones(cells.size, bool) if total < threshold else protect(cells, [np.arange(cells.size)], threshold)
+    kinds = report.get("kinds") or {}
+    names = sorted(kinds)
+    kind_counts = np.array([int(kinds[k]) for k in names])
+    kinds_withheld = (
+        np.ones(len(names), bool)
+        if withheld[0] or not names
+        else protect(kind_counts, [np.arange(len(names))], threshold)
+    )
+    return {
+        "cases": small(total) if total else total,
+        "included": None if withheld[0] else int(cells[0]),
+        "excluded": {r: (None if withheld[i + 1] else int(cells[i + 1])) for i, r in enumerate(reasons)},
+        "patients": small(report.get("patients")),
+        "patients_with_several_cases": small(report.get("patients_with_several_cases")),
+        "kinds": {k: (None if kinds_withheld[i] else int(kind_counts[i])) for i, k in enumerate(names)},
+        "warnings": small(report.get("warnings")),
     }
