@@ -311,6 +311,7 @@ class RoundLoop:
             "fingerprint": result.fingerprint,
             "train_rows": result.num_train,
             "test_rows": result.num_test,
+            "device": result.device,
         }
         traffic = {"received_bytes": self.step_bytes, "sent_bytes": reply.sent_bytes}
         self.traffic.setdefault(reply.site, []).append({"round": round_, "phase": phase, **traffic})

@@ -52,13 +52,26 @@ def _counts(result: StepResult, phase: Phase) -> dict[str, Any]:
     return counts
 
 
+def _device(result: StepResult) -> dict[str, Any]:
+    """Where the step ran, and on a GPU its peak memory and time (nothing from a site that does not say)."""
+    if not result.device:
+        return {}
+    if not result.device.startswith("cuda"):
+        return {"device": result.device}
+    return {
+        "device": result.device,
+        "gpu_peak_bytes": result.gpu_peak_bytes,
+        "gpu_seconds": round(result.gpu_seconds, 3),
+    }
+
+
 def reply_events(
     site: str, round_: int, phase: Phase, result: StepResult, traffic: dict[str, int] | None = None
 ) -> list[Event]:
     """What one good reply tells the notebook: the site's row (with ``traffic``: the bytes it received and
     sent for this step), then its own metrics."""
     seconds = round(result.seconds, 3)
-    moved = traffic or {}
+    moved: dict[str, Any] = {**(traffic or {}), **_device(result)}
     if phase == Phase.PREPARE:  # the initial model evaluated: round 0
         ready = site_event(site, SiteState.READY, round_, **_counts(result, phase), seconds=seconds, **moved)
         evaluated = [metrics_event(site, 0, MetricPhase.EVALUATE, result.eval_metrics, result.num_test)]

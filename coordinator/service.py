@@ -128,6 +128,7 @@ class RunManager:
                     "datasets": info.get("datasets", []),
                     "last_seen": row["last_seen"],
                     "warm": bool(info.get("warm", False)) and online,
+                    "device": info.get("device", ""),
                 }
             )
         return out

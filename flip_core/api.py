@@ -256,6 +256,19 @@ class CohortSpec(Body):
 
 
 # -- site agents ------------------------------------------------------------------------------------
+class InclusionReport(Body):
+    """An imaging dataset's cases: how many the manifest lists, how many are usable, how many were left out for
+    each reason; counts under the site's threshold (and their complements) withheld (None)."""
+
+    cases: Count | None = None
+    included: Count | None = None
+    excluded: Annotated[dict[Name, Count | None], Field(max_length=100)] = Field(default_factory=dict)
+    patients: Count | None = None
+    patients_with_several_cases: Count | None = None
+    kinds: Annotated[dict[Name, Count | None], Field(max_length=20)] = Field(default_factory=dict)
+    warnings: Count | None = None
+
+
 class DatasetAnnouncement(Body):
     """A dataset as a site announces it: metadata only, counts under its threshold withheld (None)."""
 
@@ -267,11 +280,13 @@ class DatasetAnnouncement(Body):
     columns: Annotated[list[Name], Field(max_length=10_000)] = Field(default_factory=list)
     dtypes: Annotated[list[Name], Field(max_length=10_000)] = Field(default_factory=list)
     fingerprint: Annotated[str, StringConstraints(max_length=100)] = ""
+    inclusion: InclusionReport | None = None  # an imaging dataset's
 
 
 class SiteInfo(Body):
     version: Annotated[str, StringConstraints(max_length=40)] = ""
     warm: bool = False  # a spare task process is loaded and waiting
+    device: Annotated[str, StringConstraints(max_length=40)] = ""  # where its tasks run: "cpu", "cuda:0"
     datasets: Annotated[list[DatasetAnnouncement], Field(max_length=1000)] = Field(default_factory=list)
 
 
@@ -341,6 +356,9 @@ class SiteEvent(Body):
     seconds: Annotated[float, Field(ge=0)] | None = None
     received_bytes: Count | None = None  # the step's payload the site received this round (the model)
     sent_bytes: Count | None = None  # the reply's payload the site sent back
+    device: Annotated[str, StringConstraints(max_length=40)] | None = None  # where the step ran
+    gpu_peak_bytes: Count | None = None  # on a GPU: peak memory torch allocated in the step
+    gpu_seconds: Annotated[float, Field(ge=0)] | None = None  # on a GPU: the step's wall seconds, queue drained
 
 
 class MetricsEvent(Body):

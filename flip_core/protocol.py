@@ -57,6 +57,9 @@ class StepResult:
     dp_epsilon: float = 0.0  # this run's epsilon spent at this site so far
     dp_project_epsilon: float = 0.0  # the project's epsilon spent at this site, all runs
     withheld: str = ""  # what the site's policy kept back, in fixed sentences the researcher may read
+    device: str = ""  # where the step ran, the site's choice ("cpu", "cuda:0")
+    gpu_peak_bytes: int = 0  # peak GPU memory torch allocated during the step (0 on a CPU)
+    gpu_seconds: float = 0.0  # the step's cell calls on the GPU, wall seconds with its queue drained
 
 
 def encode_request(request: StepRequest) -> bytes:

@@ -68,11 +68,13 @@ class SiteAgent:
         ca: Path | None = None,
         key: Path | None = None,
         keep_scratch: bool = False,
+        device: str = "cpu",
     ) -> None:
         """``ca`` (the consortium's CA certificate) and ``key`` (this site's registered key pair): TLS to the
         hub and SuperNode authentication; without them (``--insecure``) plain HTTP, for debugging only.
         ``keep_scratch``: leave each run's scratch folder behind when it ends (debugging a task)."""
         self.site = site
+        self.device = device  # where its tasks run (site_agent.devices), announced
         self.superlink = superlink
         self.coordinator = coordinator.rstrip("/")
         self.session = requests.Session()
@@ -105,6 +107,7 @@ class SiteAgent:
         return {
             "version": __version__,
             "warm": self.tasks.warm,
+            "device": self.device,
             "datasets": [announced(d.summary(), threshold) for d in self.site.datasets.values()],
         }
 

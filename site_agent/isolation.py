@@ -172,7 +172,8 @@ def site_paths(site_root: Path, datasets: list[Path], scratch: Path | None = Non
     """What a task process at this site may read, and write: Python, its libraries, the host's system
     files, its own process in /proc (read); its run's scratch folder and /dev (write) — a spare process,
     not yet a run's: the site's scratch folder and its private /tmp. ``datasets``: files it reads by path
-    (none in the sandbox, where they are handed in open). Never the site's logs: the agent writes them."""
+    (tables are handed in open; a cell's image readers open the registered image files by path). Never the site's
+    logs: the agent writes them."""
     read = [*python_paths(), *map(Path, SYSTEM_READ), *map(Path, LANDLOCK_READ), *datasets]
     if scratch is not None:
         return read, [scratch, Path("/dev")]

@@ -25,32 +25,56 @@ from flip_core.cell import CELL_FILENAME, cell_line, missing_functions, seed_eve
 from flip_core.errors import FlipError
 from flip_core.protocol import StepRequest, StepResult
 from flip_core.status import Phase, StepStatus
-from site_agent.catalog import CatalogError, SiteConfig, load_split
+from site_agent.catalog import CatalogError, ImagesChanged, SiteConfig, load_split
+from site_agent.image_datasets import load_cases
 
 log = logging.getLogger(__name__)
 
 
+Part = pd.DataFrame | list[dict[str, Any]]  # a table's rows, or an imaging dataset's cases
+
+
 class TaskData:
-    """What the cell's functions receive as ``data``: this site's split, never more."""
+    """What the cell's functions receive as ``data``: this site's split, never more.
+
+    ``train`` and ``test`` are tables (``pandas.DataFrame``) for a table, and lists of dictionaries for an
+    imaging dataset (``{"image": path, "label": ..., "patient_id": ..., clinical columns...}``, what MONAI's
+    dictionary transforms take). ``device`` is the site's choice (``flip-site start --device``), also in
+    ``config["device"]``."""
 
     def __init__(
         self,
-        train: pd.DataFrame,
-        test: pd.DataFrame,
+        train: Part,
+        test: Part,
         *,
         site: str,
         dataset: str,
         round_: int,
         global_params: dict[str, np.ndarray],
         proximal_mu: float,
+        device: str = "cpu",
+        cache: Callable[[str, Any], Any] | None = None,
     ) -> None:
         self.train = train
         self.test = test
         self.site = site
         self.dataset = dataset
         self.round = round_
+        self.device = device
         self._global = global_params
+        self._cache = cache
         self.proximal_mu = proximal_mu
+
+    def cached(self, part: str, transform: Any = None) -> Any:
+        """The MONAI dataset of this site's ``"train"`` or ``"test"`` cases under ``transform``, decoded once per
+        run: a ``monai.data.CacheDataset`` that the warm task process keeps across the run's rounds, so later
+        rounds read no file (the transforms up to the first random one are cached; random ones run at each use).
+        Define ``transform`` once, at the cell's top level: a new transform object makes a new cache."""
+        if part not in ("train", "test"):
+            raise ValueError(f"part must be 'train' or 'test', not {part!r}")
+        if self._cache is None:
+            raise RuntimeError("this data has no cache (a table's rows need none)")
+        return self._cache(part, transform)
 
     def proximal_term(self, model: Any) -> Any:
         """FedProx's ``mu/2 * ||w - w_global||^2`` for ``model`` (0 unless the run uses fedprox)."""
@@ -155,6 +179,8 @@ class TaskSession:
         *,
         sink: TextIO | None = None,
         opener: Callable[[Path], IO[bytes]] | None = None,
+        device: str = "cpu",
+        unusable: str = "",
     ) -> None:
         """``sink``: where the task's output goes (the task process's stdout, a pipe to the site agent,
         which keeps the run's log); without one, each run's log is a file in ``log_dir``. ``opener``: how the
@@ -164,8 +190,11 @@ class TaskSession:
         self.log_dir = log_dir or site.root / "logs"
         self.sink = sink
         self._namespaces: dict[str, dict[str, Any]] = {}
-        self._splits: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+        self._splits: dict[str, tuple[Part, Part]] = {}
+        self._datasets: dict[str, tuple[Any, Any]] = {}  # (transform, CacheDataset) per dataset, cohort and part
         self.cohort: list[int] | None = None  # the run's cohort (its rows), handed over when the run adopts us
+        self.device = device
+        self.unusable = unusable  # why this process cannot use the site's device (every step fails saying so)
 
     @contextlib.contextmanager
     def _output(self, run_id: str) -> Iterator[TextIO]:
@@ -182,6 +211,10 @@ class TaskSession:
         if request.dataset not in self.site.datasets:
             return StepResult(site=self.site.name, status=StepStatus.NO_DATASET)
         entry = self.site.datasets[request.dataset]
+        if self.unusable:
+            return StepResult(
+                site=self.site.name, status=StepStatus.ERROR, error_type="DeviceUnavailable", error_where=self.unusable
+            )
         result = StepResult(site=self.site.name, status=StepStatus.OK, fingerprint=entry.fingerprint)
         with self._output(request.run_id) as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             print(f"--- round {request.round} phase {request.phase} ---", flush=True)
@@ -195,18 +228,42 @@ class TaskSession:
             except CatalogError as exc:
                 print(f"catalog error: {exc}", file=sink)
                 result.status = StepStatus.ERROR
-                result.error_type, result.error_where = "DatasetUnavailable", str(exc)
+                result.error_type = "DatasetChanged" if isinstance(exc, ImagesChanged) else "DatasetUnavailable"
+                result.error_where = exc.public or str(exc)
             sink.flush()
         result.seconds = time.monotonic() - started
         return result
 
-    def _split(self, dataset: str, cohort: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def _split(self, dataset: str, cohort: str) -> tuple[Part, Part]:
         key = f"{dataset}\0{cohort}"
         if key not in self._splits:
             if cohort and self.cohort is None:
                 raise CatalogError(f"the rows of cohort {cohort!r} did not reach this task process")
-            self._splits[key] = load_split(self.site, dataset, self.opener, rows=self.cohort if cohort else None)
+            rows = self.cohort if cohort else None
+            load = load_cases if self.site.dataset(dataset).is_images else load_split
+            self._splits[key] = load(self.site, dataset, self.opener, rows=rows)
         return self._splits[key]
+
+    def _cached(self, dataset: str, cohort: str) -> Callable[[str, Any], Any]:
+        """``TaskData.cached`` for this dataset and cohort: one CacheDataset per part, kept while the
+        transform it was made with is the one asked for."""
+
+        def cached(part: str, transform: Any) -> Any:
+            key = f"{dataset}\0{cohort}\0{part}"
+            held = self._datasets.get(key)
+            if held is None or held[0] is not transform:
+                from monai.data.dataset import CacheDataset
+
+                train, test = self._split(dataset, cohort)
+                chosen = train if part == "train" else test
+                cases = [dict(c) for c in chosen if isinstance(c, dict)]
+                held = self._datasets[key] = (
+                    transform,
+                    CacheDataset(data=cases, transform=transform, cache_rate=1.0, num_workers=0, progress=False),
+                )
+            return held[1]
+
+        return cached
 
     def _namespace(self, request: StepRequest) -> dict[str, Any]:
         if request.source_hash not in self._namespaces:
@@ -219,15 +276,31 @@ class TaskSession:
         namespace = self._namespace(request)
         seed_everything(step_seed(request.seed, request.round, self.site.name))
         data = TaskData(
-            train_df.copy(),
-            test_df.copy(),
+            _copy(train_df),
+            _copy(test_df),
             site=self.site.name,
             dataset=request.dataset,
             round_=request.round,
             global_params=request.params,
             proximal_mu=float(request.config.get("proximal_mu", 0.0)),
+            device=self.device,
+            cache=self._cached(request.dataset, request.cohort) if isinstance(train_df, list) else None,
         )
-        config = dict(request.config)
+        config = {**request.config, "device": self.device}  # the site's choice, over the researcher's
+        result.device = self.device
+        with gpu_use(self.device) as gpu:
+            self._cell_calls(request, result, namespace, data, config, len(train_df))
+        result.gpu_peak_bytes, result.gpu_seconds = gpu.peak_bytes, gpu.seconds
+
+    def _cell_calls(
+        self,
+        request: StepRequest,
+        result: StepResult,
+        namespace: dict[str, Any],
+        data: TaskData,
+        config: dict[str, Any],
+        train_rows: int,
+    ) -> None:
         with _guarded("build_model()"):
             model = namespace["build_model"]()
         _load_params(model, request.params)
@@ -242,9 +315,40 @@ class TaskSession:
         metrics = _scalar_metrics(trained, "train()")
         # the cell may weight its update by fewer examples than its split holds, never by more or by none
         reported = int(metrics.pop("num_examples", result.num_train))
-        result.num_train = reported if 1 <= reported <= len(train_df) else len(train_df)
+        result.num_train = reported if 1 <= reported <= train_rows else train_rows
         result.train_metrics = metrics
         result.params = _state_arrays(model)
+
+
+def _copy(part: Part) -> Part:
+    """The cell's own copy of its rows or cases (what it changes is gone at the next step)."""
+    return [dict(case) for case in part] if isinstance(part, list) else part.copy()
+
+
+class GpuUse:
+    """A step's use of the site's GPU: peak memory allocated by torch, and wall seconds with the GPU's queue
+    drained at the end (zero on a CPU)."""
+
+    peak_bytes: int = 0
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def gpu_use(device: str) -> Iterator[GpuUse]:
+    use = GpuUse()
+    if not device.startswith("cuda"):
+        yield use
+        return
+    import torch
+
+    torch.cuda.reset_peak_memory_stats(device)
+    started = time.monotonic()
+    try:
+        yield use
+    finally:
+        torch.cuda.synchronize(device)
+        use.seconds = time.monotonic() - started
+        use.peak_bytes = int(torch.cuda.max_memory_allocated(device))
 
 
 def run_step(site: SiteConfig, request: StepRequest) -> StepResult:

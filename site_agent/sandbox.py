@@ -81,6 +81,7 @@ class Sandbox:
     user: tuple[int, int] | None = None
     nproc: int = field(default_factory=lambda: int(os.environ.get(ENV_NPROC) or DEFAULT_NPROC))
     hostname: str = "flip-task"
+    devices: tuple[str, ...] = ()  # device nodes beside DEVICES (a GPU site's, site_agent.devices.device_nodes)
 
 
 def task_user() -> tuple[int, int] | None:
@@ -181,12 +182,12 @@ def _bind(sources: list[_Source], root: str) -> None:
         os.close(source.fd)
 
 
-def _devices_and_proc(root: str) -> None:
+def _devices_and_proc(root: str, extra: tuple[str, ...] = ()) -> None:
     os.makedirs(root + "/dev", exist_ok=True)
-    for name in DEVICES:
-        target = f"{root}/dev/{name}"
+    for node in (*(f"/dev/{name}" for name in DEVICES), *extra):
+        target = root + node
         open(target, "a").close()
-        _mount(f"/dev/{name}", target, None, MS_BIND)
+        _mount(node, target, None, MS_BIND)
     os.makedirs(root + "/dev/shm", exist_ok=True)
     _mount("tmpfs", root + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=256m")
     os.makedirs(root + "/proc", exist_ok=True)
@@ -224,7 +225,7 @@ def _build_root(box: Sandbox) -> None:
     os.makedirs(root + "/tmp")  # private: a spare's temporary files (a run writes to its scratch)
     _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
     _bind(sources, root)
-    _devices_and_proc(root)
+    _devices_and_proc(root, box.devices)
     _accounts(root, box.user)
     _pivot(root)
     _check(libc().sethostname(box.hostname.encode(), len(box.hostname)), "name the host")
@@ -368,6 +369,22 @@ def install_seccomp() -> None:
 def dataset_files(site: SiteConfig) -> list[Path]:
     """What a task reads of the site: each registered dataset's file and its recorded split."""
     return [p for d in site.datasets.values() for p in (Path(d.path), site.root / "splits" / f"{d.name}.json")]
+
+
+def image_files(site: SiteConfig) -> list[Path]:
+    """The files (and DICOM series folders) of the site's imaging datasets' registered cases: bound read-only
+    into the sandbox at their own paths, and the only ones of the site's images there (a cell's MONAI readers
+    open them by path). Read from each dataset's index, as the agent's user, before the sandbox."""
+    from site_agent.image_datasets import case_files, read_index
+
+    files: set[Path] = set()
+    for entry in site.datasets.values():
+        if entry.is_images:
+            try:
+                files.update(Path(path) for path, _ in case_files(read_index(Path(entry.path))))
+            except (OSError, ValueError) as exc:  # the task says so when a run uses it (its fingerprint check)
+                print(f"WARNING: the index of dataset {entry.name!r} cannot be read ({exc})", file=sys.stderr)
+    return sorted(files)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from site_agent.catalog import SiteConfig, load_site
+from site_agent.devices import DeviceError, check_with_torch, device_nodes, task_device
 from site_agent.isolation import (
     ENV_ALLOW_FILES,
     ENV_ALLOW_SANDBOX,
@@ -41,6 +43,7 @@ from site_agent.sandbox import (
     SandboxError,
     dataset_files,
     enter,
+    image_files,
     install_seccomp,
     task_user,
 )
@@ -98,17 +101,29 @@ def _isolate(step: Callable[[], None], allowed: bool, setting: str, loses: str) 
     return True
 
 
-def _sandbox(site: SiteConfig) -> Sandbox:
-    """The task's view: the system files and the installation read-only, the site's scratch folder writable."""
+def _sandbox(site: SiteConfig, images: list[Path]) -> Sandbox:
+    """The task's view: the system files, the installation and the registered image files read-only, the site's
+    scratch folder writable, the site's GPU if it chose one."""
     return Sandbox(
-        read=tuple(map(Path, SYSTEM_READ)) + tuple(python_paths()), write=(site.root / "scratch",), user=task_user()
+        read=tuple(map(Path, SYSTEM_READ)) + tuple(python_paths()) + tuple(images),
+        write=(site.root / "scratch",),
+        user=task_user(),
+        devices=device_nodes(task_device()),
     )
 
 
-def _isolated(site: SiteConfig) -> tuple[bool, bool] | None:
+def _more_files() -> None:
+    """Room for a descriptor per bound image file while the sandbox is built (the soft limit raised to the hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _isolated(site: SiteConfig, images: list[Path]) -> tuple[bool, bool] | None:
     """Sandbox, Landlock and seccomp, in that order; (sandboxed, confined), or None: refuse to start."""
+    _more_files()
     sandboxed = _isolate(
-        lambda: enter(_sandbox(site)),
+        lambda: enter(_sandbox(site, images)),
         sandbox_allowed(),
         ENV_ALLOW_SANDBOX,
         "runs without its sandbox (namespaces, a root of its own, no privileges)",
@@ -118,7 +133,7 @@ def _isolated(site: SiteConfig) -> tuple[bool, bool] | None:
     if not sandboxed:  # the host's network at least, where a namespace of its own is possible
         _isolate(drop_network, True, ENV_ALLOW_SANDBOX, "keeps the host's network")
     confined = _isolate(
-        lambda: confine_files(*site_paths(site.root, [])),
+        lambda: confine_files(*site_paths(site.root, images)),
         files_allowed(),
         ENV_ALLOW_FILES,
         "can read this host's files",
@@ -139,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parent = os.getppid()
     site = load_site(args.site_dir)  # as the agent's user, on the host, before the sandbox
     handed = HandedFiles.open(dataset_files(site))
-    isolated = _isolated(site)  # from here on, in the sandbox (PID 1 of its own namespace)
+    images = image_files(site)
+    isolated = _isolated(site, images)  # from here on, in the sandbox (PID 1 of its own namespace)
     if isolated is None:
         return ISOLATION_REFUSED
     sandboxed, confined = isolated
@@ -156,7 +172,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if os.environ.get(ENV_THREADS):
         torch.set_num_threads(int(os.environ[ENV_THREADS]))
-    session = TaskSession(site, sink=sys.stdout, opener=handed.opener)  # output to the agent, which keeps the log
+    device = task_device()
+    try:
+        check_with_torch(device)
+        unusable = ""
+    except DeviceError as exc:
+        print(f"WARNING: {exc}", file=sys.stderr, flush=True)
+        unusable = str(exc)
+    # output to the agent, which keeps the log
+    session = TaskSession(site, sink=sys.stdout, opener=handed.opener, device=device, unusable=unusable)
     me = os.getpid()
     conn = Connection(args.fd)
     conn.send_bytes(READY)
@@ -167,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if blob.startswith(ADOPT):  # from the agent when a run adopts this process, before its first step
             settings = json.loads(blob[len(ADOPT) :])
-            if not _adopt(site, settings, confined):
+            if not _adopt(site, settings, confined, images):
                 return ISOLATION_REFUSED
             session.cohort = settings.get("cohort")
             conn.send_bytes(READY)
@@ -180,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         send_sized(conn, result)
 
 
-def _adopt(site: SiteConfig, settings: dict[str, Any], confined: bool) -> bool:
+def _adopt(site: SiteConfig, settings: dict[str, Any], confined: bool, images: list[Path]) -> bool:
     """Become one run's task process: its memory limit, and its own scratch folder as the one place it
     may write (a second Landlock layer where the first held: no other run's scratch, no more of the
     site's scratch folder). False when that layer could not be added."""
@@ -193,7 +217,7 @@ def _adopt(site: SiteConfig, settings: dict[str, Any], confined: bool) -> bool:
     if not confined:
         return True
     try:
-        confine_files(*site_paths(site.root, [], scratch))
+        confine_files(*site_paths(site.root, images, scratch))
     except IsolationError as exc:
         print(f"refusing the run: {exc}", file=sys.stderr, flush=True)
         return False
