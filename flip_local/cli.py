@@ -26,7 +26,15 @@ def _parser() -> argparse.ArgumentParser:
 def _local_commands(sub: Any) -> None:
     """The local federation: up, hub, down, restart, status, demo."""
     up = sub.add_parser("up", help="start a local federation (SuperLink, coordinator, four hospital sites)")
-    up.add_argument("--data", type=Path, default=None, help="folder holding the heart-disease files")
+    up.add_argument(
+        "--data", type=Path, default=None, help="folder holding the demo's files (heart-disease, or BreastMNIST.npz)"
+    )
+    up.add_argument(
+        "--demo",
+        choices=("heart", "imaging"),
+        default="heart",
+        help="the sites' data: the four heart-disease hospitals, or BreastMNIST's images over three sites",
+    )
     up.add_argument(
         "--sites",
         type=int,
@@ -236,6 +244,7 @@ def _up(args: argparse.Namespace) -> int:
         listen=args.listen,
         hub_names=tuple(args.hub_name),
         front=args.front,
+        demo=args.demo,
     )
     print(f"FLIP federation up in {connection['started_seconds']} s")
     print(f"  coordinator  {connection['coordinator_url']}")

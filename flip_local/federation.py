@@ -40,8 +40,10 @@ from flip_core.util import free_port, wait_until
 from flip_local import hub as local_hub
 from flip_local.hub import HUB_PROJECT, HubOptions
 from flip_local.processes import Federation, alive, spawn, stop, tail
-from flip_local.sites import DEFAULT_PROJECT, heart_site_names, prepare_heart_sites
+from flip_local.sites import DEFAULT_PROJECT, prepare_heart_sites, prepare_imaging_demo_sites
 from site_agent import isolation
+
+DEMOS = ("heart", "imaging")
 
 READY_SECONDS = 90.0
 
@@ -66,6 +68,7 @@ class Options:
     hub_names: tuple[str, ...] = ()
     hub: HubOptions | None = None
     front: str = "python"
+    demo: str = "heart"  # the sites' data: the four heart-disease hospitals, or BreastMNIST over three sites
 
     @property
     def project(self) -> str:
@@ -85,6 +88,7 @@ def up(
     hub_names: tuple[str, ...] = (),
     hub: HubOptions | None = None,
     front: str = "python",
+    demo: str = "heart",
 ) -> dict[str, Any]:
     """Start the local federation (``sites`` site agents) and return the connection it wrote.
 
@@ -104,12 +108,18 @@ def up(
 
     ``warm``: each site keeps a spare task process (torch loaded) so that a run starts at once;
     without it a site costs only its agent's memory and a run first starts its task processes.
+
+    ``demo``: ``heart`` (the four hospitals of the heart-disease study, ``sites`` of them) or ``imaging``
+    (BreastMNIST's images spread over three sites with a seeded non-IID split, ``flip_local.imaging_demo``,
+    registered as the imaging dataset ``breastmnist``).
     """
     federation = Federation(home or flip_home())
     if federation.running():
         raise FederationError(f"a local federation is already running under {federation.root}; `flip down` first")
     if front not in ("python", "nginx"):
         raise FederationError(f"the fleet front is 'python' or 'nginx', not {front!r}")
+    if demo not in DEMOS:
+        raise FederationError(f"the demo data is one of {', '.join(DEMOS)}, not {demo!r}")
     options = Options(
         data,
         sites,
@@ -121,6 +131,7 @@ def up(
         hub_names,
         hub.chosen() if hub is not None else None,
         front,
+        demo,
     )
     launch = _Launch(federation, options)
     try:
@@ -154,16 +165,21 @@ class _Launch:
             shutil.rmtree(self.root)
         self.logs.mkdir(parents=True)
         o = self.options
-        site_dirs = prepare_heart_sites(
-            self.root, o.data, o.sites, auto_approve=o.auto_approve, policy=o.policy, project=o.project
-        )
+        if o.demo == "imaging":
+            site_dirs = prepare_imaging_demo_sites(
+                self.root, o.data, auto_approve=o.auto_approve, policy=o.policy, project=o.project
+            )
+        else:
+            site_dirs = prepare_heart_sites(
+                self.root, o.data, o.sites, auto_approve=o.auto_approve, policy=o.policy, project=o.project
+            )
         hub, token = self.hub_side()
         self.start_hub(hub)
         self.wait("the coordinator", lambda: _answers(f"{hub.coordinator_url}/api/health"))
         self.start_sites(hub, site_dirs)
         self.wait(
             "every site",
-            lambda: _sites_online(hub.coordinator_url, token, heart_site_names(o.sites)),
+            lambda: _sites_online(hub.coordinator_url, token, [d.name for d in site_dirs]),
             "not every site came online",
         )
         if o.hub is not None:

@@ -10,7 +10,8 @@ from typing import Any
 
 from flip_core.errors import FlipError
 from flip_core.paths import data_dir
-from site_agent.catalog import add_dataset, init_site, write_policy
+from site_agent.catalog import CatalogError, add_dataset, init_site, write_policy
+from site_agent.image_datasets import add_image_dataset
 from site_agent.policy import DEFAULT_THRESHOLD
 
 HEART_SITES = {
@@ -87,3 +88,38 @@ def prepare_heart_sites(
         write_policy(site, policy or local_policy(auto_approve, project))
         dirs.append(site_dir)
     return dirs
+
+
+def prepare_imaging_demo_sites(
+    root: Path,
+    source: Path | None = None,
+    *,
+    auto_approve: bool = True,
+    policy: dict[str, Any] | None = None,
+    project: str = DEFAULT_PROJECT,
+) -> list[Path]:
+    """The imaging demo's three sites: each holds its share of BreastMNIST's public images (a seeded non-IID
+    split, :mod:`flip_local.imaging_demo`) as PNG files under a manifest, registered as the imaging dataset
+    ``breastmnist`` (split by patient, seeded), under the local federation's policy or ``policy``.
+    ``source``: BreastMNIST's ``.npz`` or the folder holding it (default: the data folder's ``breastmnist``)."""
+    from flip_local.imaging_demo import IMAGING_DATASET, prepare_imaging_sites
+
+    manifests = prepare_imaging_sites(root, source)
+    dirs = []
+    for name, manifest in manifests.items():
+        site_dir = root / "sites" / name
+        if site_dir.exists():
+            shutil.rmtree(site_dir)
+        site = init_site(site_dir, name)
+        try:
+            site = add_image_dataset(
+                site, IMAGING_DATASET, manifest, label_column="label", train_fraction=0.8, split_seed=IMAGING_SPLIT_SEED
+            )
+        except CatalogError as exc:
+            raise SitesError(f"the imaging demo's site {name} could not register its images: {exc}") from None
+        write_policy(site, policy or local_policy(auto_approve, project))
+        dirs.append(site_dir)
+    return dirs
+
+
+IMAGING_SPLIT_SEED = 7  # each demo site's 80/20 split of its cases, by patient

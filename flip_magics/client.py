@@ -27,6 +27,7 @@ from flip_core.paths import read_connection
 from flip_core.status import TERMINAL, EventType, RunStatus, SiteState
 from flip_core.versions import package_versions
 from flip_magics.queries import QueryResult, result_from
+from flip_magics.site_tables import inclusion_table, site_table
 from flip_magics.task import PreparedTask, load_weights, prepare
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,14 @@ class FlipClient:
 
     def sites(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/sites").json()  # type: ignore[no-any-return]
+
+    def site_table(self) -> pd.DataFrame:
+        """One row per site and dataset: its status, whether a task process is ready, its device, the rows."""
+        return site_table(self.sites())
+
+    def inclusion(self) -> pd.DataFrame:
+        """Each imaging dataset's inclusion report at each site (:func:`flip_magics.site_tables.inclusion_table`)."""
+        return inclusion_table(self.sites())
 
     def runs(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/runs").json()  # type: ignore[no-any-return]

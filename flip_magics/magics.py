@@ -132,22 +132,13 @@ class FlipMagics(Magics):
     @_friendly
     def flip_sites(self, line: str) -> pd.DataFrame:
         """The federation's sites and their datasets."""
+        client = self._client()
         if parse_args(self.flip_sites, line).datasets:
-            return self._client().datasets()
-        rows = []
-        for site in self._client().sites():
-            datasets = site["datasets"] or [{"name": "", "rows": None}]
-            for d in datasets:
-                rows.append(
-                    {
-                        "site": site["site"],
-                        "status": site["status"],
-                        "warm": site.get("warm", False),
-                        "dataset": d["name"],
-                        "rows": d["rows"],
-                    }
-                )
-        return pd.DataFrame(rows, columns=["site", "status", "warm", "dataset", "rows"])
+            inclusion = client.inclusion()
+            if len(inclusion):  # imaging datasets: how many cases each site can use, and why not the others
+                display(inclusion)
+            return client.datasets()
+        return client.site_table()
 
     @cell_magic
     @magic_arguments()

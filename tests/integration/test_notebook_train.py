@@ -73,6 +73,7 @@ def test_sites_are_listed_with_their_datasets(kernel: Kernel) -> None:
         (s, "online", "heart-disease") for s in ("Cleveland", "Hungary", "Switzerland", "VA")
     }
     assert {r["site"]: r["rows"] for r in rows} == {"Cleveland": 303, "Hungary": 294, "Switzerland": 123, "VA": 200}
+    assert {r["device"] for r in rows} == {"cpu"}  # each site's choice (`--device auto`, no GPU here)
 
 
 def test_syntax_error_is_reported_before_anything_is_submitted(kernel: Kernel, federation: Any) -> None:
