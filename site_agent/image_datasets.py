@@ -42,6 +42,7 @@ IMAGE_KEY, LABEL_KEY, PATIENT_KEY = "image", "label", "patient_id"
 # the columns a query sees beside the clinical ones: what registration measured of each image
 SHAPE_COLUMNS = ("image_dim_0", "image_dim_1", "image_dim_2")
 SPACING_COLUMNS = ("spacing_0", "spacing_1", "spacing_2")
+INTENSITY_COLUMNS = ("intensity_mean", "intensity_std", "intensity_p1", "intensity_p99")
 
 
 def index_path(root: Path, name: str) -> Path:
@@ -171,7 +172,8 @@ def read_index(path: Path, read: Callable[[Path], IO[bytes]] | None = None) -> d
 
 def as_table(index: dict[str, Any]) -> pd.DataFrame:
     """The included cases as a table for queries and cohorts (never paths): patient id, label (a class or
-    value; a mask is not a column), the clinical columns, and each image's dimensions and spacing."""
+    value; a mask is not a column), the clinical columns, and each image's dimensions, spacing and intensities
+    (mean, standard deviation, 1st and 99th percentiles, as registration measured them)."""
     import pandas as pd
 
     rows = []
@@ -186,9 +188,12 @@ def as_table(index: dict[str, Any]) -> pd.DataFrame:
             row[column] = shape[i] if i < len(shape) else None
         for i, column in enumerate(SPACING_COLUMNS):
             row[column] = spacing[i] if i < len(spacing) else None
+        intensity = info.get("intensity") or {}
+        for column in INTENSITY_COLUMNS:
+            row[column] = intensity.get(column.removeprefix("intensity_"))
         rows.append(row)
     columns = [PATIENT_KEY, *([LABEL_KEY] if "label" in (rows[0] if rows else {}) else []), *index["columns"]]
-    return pd.DataFrame(rows, columns=[*columns, *SHAPE_COLUMNS, *SPACING_COLUMNS])
+    return pd.DataFrame(rows, columns=[*columns, *SHAPE_COLUMNS, *SPACING_COLUMNS, *INTENSITY_COLUMNS])
 
 
 def add_image_dataset(
@@ -232,10 +237,11 @@ def add_image_dataset(
     (config.root / "splits").mkdir(exist_ok=True)
     (config.root / "splits" / f"{name}.json").write_text(json.dumps(split))
     label = "label" if index["label_column"] is not None or index["mask_column"] is not None else None
-    table = as_table(index)  # what queries see: the clinical columns' types, as for a table
-    types = {str(c): str(t) for c, t in table.dtypes.items()}
-    columns = ("image", *((label,) if label else ()), "patient_id", *index["columns"])
-    dtypes = tuple("path" if c == "image" or (c == "label" and index["mask_column"]) else types[c] for c in columns)
+    # the cell's keys that are files (never a query's column), then what queries see: the cases' table
+    table = as_table(index)
+    files = ("image", *(("label",) if index["mask_column"] is not None else ()))
+    columns = (*files, *(str(c) for c in table.columns))
+    dtypes = (*("path" for _ in files), *(str(t) for t in table.dtypes))
     entry = DatasetEntry(
         name=name,
         path=str(path),

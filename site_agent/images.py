@@ -56,6 +56,7 @@ class ImageInfo:
     fingerprint: str
     files: int
     warning: str | None = None
+    intensity: dict[str, float] | None = None  # mean, std, p1, p99 of its values (:func:`intensity_summary`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +69,7 @@ class ImageInfo:
             "fingerprint": self.fingerprint,
             "files": self.files,
             "warning": self.warning,
+            "intensity": self.intensity,
         }
 
     @classmethod
@@ -83,6 +85,7 @@ class ImageInfo:
             fingerprint=str(d["fingerprint"]),
             files=int(d["files"]),
             warning=d.get("warning"),
+            intensity=d.get("intensity"),
         )
 
 
@@ -199,7 +202,33 @@ def read_image_info(path: Path) -> ImageInfo:
         fingerprint=fingerprint_of(path),
         files=decoded.files,
         warning=decoded.warning,
+        intensity=intensity_summary(decoded.array),
     )
+
+
+INTENSITY_SAMPLE = 1 << 20  # values the percentiles are taken over (an even stride through a larger image)
+
+
+def intensity_summary(array: NDArray[Any]) -> dict[str, float] | None:
+    """An image's values in four numbers (what queries see of its intensities, per case): mean and standard
+    deviation over every value, 1st and 99th percentiles over at most a million of them; None when it has none
+    that are finite (or its values are not numbers: an RGB PNG is summarised over all its channels)."""
+    import numpy as np
+
+    if array.size == 0 or not np.issubdtype(array.dtype, np.number):
+        return None
+    values = array.reshape(-1)
+    step = max(1, values.size // INTENSITY_SAMPLE)
+    sample = values[::step].astype(np.float64)
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return None
+    p1, p99 = np.percentile(sample, [1, 99])
+    mean = float(np.mean(values, dtype=np.float64))
+    std = float(np.std(values, dtype=np.float64))
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        mean, std = float(sample.mean()), float(sample.std())
+    return {"mean": round(mean, 6), "std": round(std, 6), "p1": round(float(p1), 6), "p99": round(float(p99), 6)}
 
 
 def load_array(path: Path) -> NDArray[Any]:

@@ -259,3 +259,23 @@ def test_the_breastmnist_notebook_runs_headless_under_papermill(imaging, tmp_pat
     assert 0.5 < summary["central"]["holdout_auc"] <= 1.0
     executed = nbformat.read(out, as_version=4)
     assert "widgets" in executed.metadata
+
+
+def test_image_sizes_spacings_and_label_counts_are_queried_like_any_column(imaging) -> None:
+    """The query path sees an imaging dataset as its cases' table: label, clinical columns, and each image's
+    dimensions and spacing as registration measured them (never a path), under the same disclosure rules."""
+    client: FlipClient = imaging["client"]
+    labels = client.query("breastmnist", "count", ["label"])
+    pooled = labels.pooled.set_index("label")["count"]
+    assert int(pooled["0"]) + int(pooled["1"]) == 624 and int(pooled["0"]) == 168  # malignant: train+val 147+21
+    sizes = client.query("breastmnist", "stats", ["image_dim_0", "image_dim_1"])
+    assert set(sizes.pooled["mean"].round(6)) == {28.0}
+    # each case's mean intensity (8-bit ultrasound), as registration measured it: a histogram over the cases
+    intensity = client.query("breastmnist", "hist", ["intensity_mean"], bins=4, range=(0, 256))
+    assert intensity.pooled["count"].fillna(0).sum() <= 624 and intensity.totals["pooled"] == 624
+    wait_for_dataset(client, FIRST, "scans")
+    spacing = client.query("scans", "stats", ["spacing_0", "age"], sites=[FIRST])
+    assert spacing.sites.set_index("column").loc["age", "n"] == 25
+    index = json.loads((imaging["site_dir"] / "images" / "scans.json").read_text())
+    answer = json.dumps(spacing.raw)
+    assert not any(case["image"] in answer for case in index["cases"])  # what left holds no file's path

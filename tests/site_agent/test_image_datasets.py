@@ -46,7 +46,8 @@ def test_a_registered_manifest_is_indexed_split_by_patient_and_read_back(tmp_pat
     site = add_image_dataset(site, "scans", manifest_of(tmp_path / "data"), train_fraction=0.5, split_seed=3)
     entry = load_site(tmp_path / "site").datasets["scans"]
     assert (entry.format, entry.rows, entry.train_rows + entry.test_rows) == ("images", 12, 12)
-    assert entry.columns == ("image", "label", "patient_id", "age") and entry.dtypes[0] == "path"
+    assert entry.columns[:4] == ("image", "patient_id", "label", "age") and entry.dtypes[0] == "path"
+    assert {"image_dim_0", "spacing_0", "intensity_mean"} <= set(entry.columns)  # what its queries may name
     assert entry.inclusion == {
         "cases": 12,
         "included": 12,
@@ -61,6 +62,13 @@ def test_a_registered_manifest_is_indexed_split_by_patient_and_read_back(tmp_pat
     assert set(train[0]) == {"image", "label", "patient_id", "age"} and Path(train[0]["image"]).is_file()
     table = load_table(site, "scans")  # what queries see: no paths, the measured sizes
     assert "image" not in table.columns and {"age", "image_dim_0", "spacing_0"} <= set(table.columns)
+    ct = table[table.image_dim_0 == 128].iloc[0]  # CT_small.dcm: 128 x 128, HU values
+    import numpy as np
+    import pydicom
+
+    pixels = pydicom.dcmread(samples()[0]).pixel_array.astype(np.float64)
+    assert ct.intensity_mean == pytest.approx(pixels.mean(), abs=1e-5)
+    assert ct.intensity_p99 == pytest.approx(np.percentile(pixels, 99), abs=1e-5)
     assert len(table) == 12
 
 
