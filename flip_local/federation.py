@@ -69,6 +69,7 @@ class Options:
     hub: HubOptions | None = None
     front: str = "python"
     demo: str = "heart"  # the sites' data: the four heart-disease hospitals, or BreastMNIST over three sites
+    site_dirs: tuple[Path, ...] = ()  # site folders made beforehand (flip-site init, dataset add), not a demo's
 
     @property
     def project(self) -> str:
@@ -89,6 +90,7 @@ def up(
     hub: HubOptions | None = None,
     front: str = "python",
     demo: str = "heart",
+    site_dirs: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
     """Start the local federation (``sites`` site agents) and return the connection it wrote.
 
@@ -111,7 +113,8 @@ def up(
 
     ``demo``: ``heart`` (the four hospitals of the heart-disease study, ``sites`` of them) or ``imaging``
     (BreastMNIST's images spread over three sites with a seeded non-IID split, ``flip_local.imaging_demo``,
-    registered as the imaging dataset ``breastmnist``).
+    registered as the imaging dataset ``breastmnist``). ``site_dirs``: start these site folders instead (each
+    made with ``flip-site init`` and ``dataset add``; a benchmark's or a test's own data), under their own policy.
     """
     federation = Federation(home or flip_home())
     if federation.running():
@@ -132,6 +135,7 @@ def up(
         hub.chosen() if hub is not None else None,
         front,
         demo,
+        tuple(Path(d).resolve() for d in site_dirs),
     )
     launch = _Launch(federation, options)
     try:
@@ -165,7 +169,9 @@ class _Launch:
             shutil.rmtree(self.root)
         self.logs.mkdir(parents=True)
         o = self.options
-        if o.demo == "imaging":
+        if o.site_dirs:
+            site_dirs = list(o.site_dirs)
+        elif o.demo == "imaging":
             site_dirs = prepare_imaging_demo_sites(
                 self.root, o.data, auto_approve=o.auto_approve, policy=o.policy, project=o.project
             )
