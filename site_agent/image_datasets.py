@@ -193,7 +193,10 @@ def as_table(index: dict[str, Any]) -> pd.DataFrame:
             row[column] = intensity.get(column.removeprefix("intensity_"))
         rows.append(row)
     columns = [PATIENT_KEY, *([LABEL_KEY] if "label" in (rows[0] if rows else {}) else []), *index["columns"]]
-    return pd.DataFrame(rows, columns=[*columns, *SHAPE_COLUMNS, *SPACING_COLUMNS, *INTENSITY_COLUMNS])
+    measured = [*SHAPE_COLUMNS, *SPACING_COLUMNS, *INTENSITY_COLUMNS]
+    table = pd.DataFrame(rows, columns=[*columns, *measured])
+    table[measured] = table[measured].astype("float64")  # numbers, missing where an image has no such axis
+    return table
 
 
 def add_image_dataset(
