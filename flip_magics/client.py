@@ -267,6 +267,11 @@ class FlipClient:
         from flip_magics.mock_run import MockRun  # it builds on RunHandle, below
 
         holders = [d for s in self.sites() for d in s["datasets"] if d["name"] == spec.dataset]
+        if any(d.get("format") == "images" for d in holders):
+            raise Rejected(
+                f"--mock is not available for the imaging dataset {spec.dataset!r} yet: a site's mock is a table of "
+                "its cases' synthetic values, and the cell reads image files"
+            )
         fractions = [d["train_rows"] / d["rows"] for d in holders if d.get("rows") and d.get("train_rows")]
         return MockRun(
             self,

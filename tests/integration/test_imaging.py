@@ -21,7 +21,7 @@ import nbformat
 import papermill
 import pytest
 
-from flip_core.errors import RunFailed
+from flip_core.errors import Rejected, RunFailed
 from flip_core.util import wait_until
 from flip_local.federation import Federation, restart
 from flip_magics.client import FlipClient
@@ -279,3 +279,9 @@ def test_image_sizes_spacings_and_label_counts_are_queried_like_any_column(imagi
     index = json.loads((imaging["site_dir"] / "images" / "scans.json").read_text())
     answer = json.dumps(spacing.raw)
     assert not any(case["image"] in answer for case in index["cases"])  # what left holds no file's path
+
+
+def test_a_mock_run_of_an_imaging_dataset_is_refused_in_a_sentence(imaging) -> None:
+    client: FlipClient = imaging["client"]
+    with pytest.raises(Rejected, match="--mock is not available for the imaging dataset 'breastmnist'"):
+        client.train(CACHE_CELL, dataset="breastmnist", mock=True)
