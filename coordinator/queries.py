@@ -71,6 +71,12 @@ class QueryDesk:
             )
         edges: tuple[float, ...] = ()
         if spec.kind == QueryKind.HIST:
+            if spec.range is None and spec.columns[0] in self._voxel_columns(spec):
+                raise TaskRejected(
+                    f"a histogram of {spec.columns[0]!r} (the images' voxels) needs --range LO HI; the pooled stats "
+                    "of intensity_p1 and intensity_p99 (each image's percentiles) are a good place to start",
+                    400,
+                )
             edges = self._edges(who, spec, targets, where.text)
         request = _request(
             who,
@@ -109,6 +115,16 @@ class QueryDesk:
             columns += [c for c in entry.get("columns", []) if c not in columns]
         targets = [{"site": s["site"], "node_id": int(s["node_id"])} for s in sorted(online, key=lambda s: s["site"])]
         return targets, columns, offline
+
+    def _voxel_columns(self, spec: QuerySpec) -> set[str]:
+        """The dataset's columns whose values are an image's voxels (announced with dtype "voxels")."""
+        voxels: set[str] = set()
+        for site in self.manager.sites():
+            for entry in site["datasets"]:
+                if entry["name"] == spec.dataset:
+                    pairs = zip(entry.get("columns", []), entry.get("dtypes", []), strict=False)
+                    voxels.update(c for c, dtype in pairs if dtype == "voxels")
+        return voxels
 
     def _edges(self, who: Principal, spec: QuerySpec, targets: list[dict[str, Any]], where: str) -> tuple[float, ...]:
         """A histogram's shared bin edges: ``--range``, or the pooled p5..p95 of the column (asked first)."""

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 FORMAT = "images"
+INTENSITY, VOXELS_DTYPE = "intensity", "voxels"  # the column of an image's voxels (site_agent.image_statistics)
 INDEX_FOLDER = "images"
 IMAGE_KEY, LABEL_KEY, PATIENT_KEY = "image", "label", "patient_id"
 # the columns a query sees beside the clinical ones: what registration measured of each image
@@ -243,8 +244,8 @@ def add_image_dataset(
     # the cell's keys that are files (never a query's column), then what queries see: the cases' table
     table = as_table(index)
     files = ("image", *(("label",) if index["mask_column"] is not None else ()))
-    columns = (*files, *(str(c) for c in table.columns))
-    dtypes = (*("path" for _ in files), *(str(t) for t in table.dtypes))
+    columns = (*files, *(str(c) for c in table.columns), INTENSITY)  # intensity: the voxels, for `hist intensity`
+    dtypes = (*("path" for _ in files), *(str(t) for t in table.dtypes), VOXELS_DTYPE)
     entry = DatasetEntry(
         name=name,
         path=str(path),

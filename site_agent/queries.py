@@ -11,6 +11,7 @@ threshold is the site's for the project, raised (never lowered) by the one the q
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -24,14 +25,17 @@ from flip_core.errors import FlipError
 from flip_core.filters import parse as parse_filter
 from flip_core.query import QueryKind, QueryReply, QueryRequest, decode_query, encode_reply
 from flip_core.status import StepStatus
-from site_agent.catalog import SiteConfig, load_table
+from site_agent.catalog import SiteConfig, load_table, verified_bytes
 from site_agent.cohorts import CohortRefused, CohortStore
 from site_agent.filtering import mask
 from site_agent.governance import Governance
+from site_agent.image_datasets import INTENSITY, verify_cases
+from site_agent.image_statistics import voxel_histogram
+from site_agent.images import ImageError
 from site_agent.mock import make_mock
 from site_agent.policy import TaskFacts, decide, query_columns_refused
 from site_agent.query_ledger import QueryLedger
-from site_agent.statistics import answer
+from site_agent.statistics import QueryRefused, answer
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,6 +106,8 @@ class QueryService:
                 return QueryReply(name, StepStatus.REFUSED, _too_close(name, threshold, near.text), threshold)
             if request.kind == QueryKind.COHORT:
                 table_out = self._freeze(request, table, rows, threshold)
+            elif request.kind == QueryKind.HIST and request.columns == (INTENSITY,) and self._is_images(request):
+                table_out = voxel_histogram(self._images(request.dataset, rows), request.edges, threshold)
             else:
                 table_out = answer(request, table, rows, threshold)
         except FlipError as exc:
@@ -136,6 +142,19 @@ class QueryService:
         mock = make_mock(table, threshold, seed).head(MOCK_MAX_ROWS)  # rows are drawn independently: any are a sample
         rows = mock.astype(object).where(mock.notna(), None).to_numpy().tolist()
         return {"columns": [str(c) for c in mock.columns], "dtypes": [str(t) for t in mock.dtypes], "rows": rows}
+
+    def _is_images(self, request: QueryRequest) -> bool:
+        return self.site.dataset(request.dataset).is_images
+
+    def _images(self, dataset: str, rows: np.ndarray) -> list[Path]:
+        """The image files of the matching cases, each checked against its registered fingerprint first."""
+        index = json.loads(verified_bytes(self.site, dataset, lambda p: open(p, "rb")))
+        positions = np.flatnonzero(rows).tolist()
+        try:
+            verify_cases(index, positions)
+        except ImageError as exc:
+            raise QueryRefused(f"an image of dataset {dataset!r} changed since it was registered ({exc})") from None
+        return [Path(index["cases"][i]["image"]) for i in positions]
 
     def _table(self, dataset: str) -> pd.DataFrame:
         """The dataset's whole table, read once, and again (checked against its fingerprint) when its file changes."""

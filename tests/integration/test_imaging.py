@@ -74,6 +74,7 @@ def imaging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         (images / "stray.png").write_bytes((images.parent / "manifest.csv").read_bytes())
         restart(f"site-{FIRST}", home)  # the agent reads its catalog when it starts
         client = FlipClient(connection["coordinator_url"], connection["token"], timeout=120)
+        wait_for_dataset(client, FIRST, "scans")  # back, with its new dataset
         yield {**connection, "home": home, "root": root, "site_dir": site_dir, "client": client}
 
 
@@ -285,3 +286,16 @@ def test_a_mock_run_of_an_imaging_dataset_is_refused_in_a_sentence(imaging) -> N
     client: FlipClient = imaging["client"]
     with pytest.raises(Rejected, match="--mock is not available for the imaging dataset 'breastmnist'"):
         client.train(CACHE_CELL, dataset="breastmnist", mock=True)
+
+
+def test_a_histogram_of_the_images_voxels_is_pooled_over_the_sites(imaging) -> None:
+    client: FlipClient = imaging["client"]
+    voxels = client.query("breastmnist", "hist", ["intensity"], bins=4, range=(0, 256))
+    cells = voxels.pooled.set_index("intensity")["count"]
+    inside = [label for label in cells.index if label.startswith("[")]
+    assert len(inside) == 4 and cells[inside].notna().sum() >= 3
+    # every 8-bit pixel lies in range: the empty below/above cells are withheld (a true zero looks like a small
+    # count), and with them the bin behind the fewest cases, as for any histogram; the total is every pixel
+    assert voxels.totals["pooled"] == 624 * 28 * 28 and cells[inside].fillna(0).sum() <= 624 * 28 * 28
+    with pytest.raises(Rejected, match="needs --range LO HI"):
+        client.query("breastmnist", "hist", ["intensity"], bins=4)
