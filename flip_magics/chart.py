@@ -280,16 +280,28 @@ def _traffic(row: dict[str, object]) -> str:
     return f"↓ {format_bytes(row.get('received_bytes'))} · ↑ {format_bytes(row.get('sent_bytes'))}"
 
 
+def _device(row: dict[str, object]) -> str:
+    device = str(row.get("device") or "")
+    if not device:
+        return "—"
+    if not device.startswith("cuda") or row.get("gpu_peak_bytes") is None:
+        return device
+    seconds = row.get("gpu_seconds")
+    gpu_time = f"{seconds:.1f} s" if isinstance(seconds, int | float) else "—"
+    return f"{device} · {format_bytes(row.get('gpu_peak_bytes'))} peak · {gpu_time}"
+
+
 def render_site_table(rows: list[dict[str, object]]) -> str:
-    """Render per-site state as an HTML table (Site, Status, Samples, Round, Traffic, Detail); Traffic is the
-    bytes the site received (the model) and sent (its update) in its latest step."""
+    """Render per-site state as an HTML table (Site, Status, Samples, Round, Device, Traffic, Detail); Device is
+    where the site ran its latest step (on a GPU: its peak memory and GPU seconds), Traffic the bytes the site
+    received (the model) and sent (its update) in its latest step."""
     th = 'style="text-align:left;padding:2px 10px;border-bottom:1px solid #d0d7de"'
     td = 'style="padding:2px 10px"'
     out = ['<table class="flip-sites" style="border-collapse:collapse;font-size:0.9em">', "<thead><tr>"]
-    out.extend(f"<th {th}>{h}</th>" for h in ("Site", "Status", "Samples", "Round", "Traffic", "Detail"))
+    out.extend(f"<th {th}>{h}</th>" for h in ("Site", "Status", "Samples", "Round", "Device", "Traffic", "Detail"))
     out.append("</tr></thead><tbody>")
     if not rows:
-        out.append(f'<tr><td {td} colspan="6"><i>no sites yet</i></td></tr>')
+        out.append(f'<tr><td {td} colspan="7"><i>no sites yet</i></td></tr>')
     for row in rows:
         status = str(row.get("status", ""))
         detail = str(row.get("detail") or "")
@@ -302,6 +314,7 @@ def render_site_table(rows: list[dict[str, object]]) -> str:
             f"<td {td}>{_badge(status, _STATUS_COLOURS.get(status, '#6e7781'))}</td>"
             f"<td {td}>{_cell(row.get('samples'))}</td>"
             f"<td {td}>{_cell(row.get('round'))}</td>"
+            f"<td {td}>{escape(_device(row))}</td>"
             f"<td {td}>{escape(_traffic(row))}</td>"
             f"<td {td}>{detail_html}</td></tr>"
         )

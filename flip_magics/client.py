@@ -33,6 +33,9 @@ from flip_magics.task import PreparedTask, load_weights, prepare
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["round", "site", "phase", "metric", "value"]
+STEP_DEVICE = ("device", "gpu_peak_bytes", "gpu_seconds")  # where a site's step ran (GPU memory and time on one)
+STEP_DONE = (SiteState.READY, SiteState.DONE)
+STEP_COLUMNS = ["round", "site", "status", "samples", "seconds", *STEP_DEVICE, "received_bytes", "sent_bytes"]
 RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)
 ENV_API_URL = "FLIP_API_URL"  # the coordinator's researcher API: the hub sets it for every user's server
 ENV_HUB_TOKEN = "JUPYTERHUB_API_TOKEN"  # the user's own hub token, in every kernel of their server
@@ -373,6 +376,15 @@ class RunHandle:
         return frame.sort_values(["round", "site", "phase", "metric"], kind="stable").reset_index(drop=True)
 
     @property
+    def steps(self) -> pd.DataFrame:
+        """Every site's every step as it finished: round (0: the initial model's evaluation), samples, seconds,
+        where it ran (device; on a GPU its peak memory in bytes and GPU seconds) and the bytes it moved."""
+        with self._lock:
+            done = [e for e in self.events if e.get("type") == EventType.SITE and e.get("status") in STEP_DONE]
+        frame = pd.DataFrame([{c: e.get(c) for c in STEP_COLUMNS} for e in done], columns=STEP_COLUMNS)
+        return frame.sort_values(["round", "site"], kind="stable").reset_index(drop=True)
+
+    @property
     def record(self) -> dict[str, Any]:
         return self.client.run(self.run_id)["record"]  # type: ignore[no-any-return]
 
@@ -455,9 +467,9 @@ class RunHandle:
                 row.update(status=event["status"], round=event.get("round"))
                 if "samples" in event:
                     row["samples"] = event["samples"]
-                for moved in ("received_bytes", "sent_bytes"):  # this round's payloads, down and up
-                    if moved in event:
-                        row[moved] = event[moved]
+                for field in ("received_bytes", "sent_bytes", *STEP_DEVICE):  # this round's payloads, its device
+                    if field in event:
+                        row[field] = event[field]
                 row["detail"] = event.get("detail", "")
             elif kind == EventType.ROUND:
                 self.round = int(event["round"])

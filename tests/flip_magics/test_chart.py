@@ -142,12 +142,16 @@ def test_render_site_table_columns_and_missing_values() -> None:
                 "round": 3,
                 "detail": "",
                 "received_bytes": 400_000_123,
+                "device": "cuda:0",
+                "gpu_peak_bytes": 1_500_000_000,
+                "gpu_seconds": 3.25,
             },
-            {"site": "b", "status": "waiting", "samples": None, "round": None, "detail": ""},
+            {"site": "b", "status": "waiting", "samples": None, "round": None, "detail": "", "device": "cpu"},
         ]
     )
     root = ET.fromstring(html)
-    assert [th.text for th in root.iter("th")] == ["Site", "Status", "Samples", "Round", "Traffic", "Detail"]
+    headers = ["Site", "Status", "Samples", "Round", "Device", "Traffic", "Detail"]
+    assert [th.text for th in root.iter("th")] == headers
     rows = _table_rows(html)
     assert len(rows) == 2
     cells = [td for td in rows[0].findall("td")]
@@ -155,7 +159,8 @@ def test_render_site_table_columns_and_missing_values() -> None:
     badge = cells[1].find("span")
     assert badge is not None and badge.text == "training" and "background" in (badge.get("style") or "")
     assert rows[1].findall("td")[2].text == "—"
-    assert cells[4].text == "↓ 400.0 MB · ↑ —" and rows[1].findall("td")[4].text == "—"
+    assert cells[4].text == "cuda:0 · 1.5 GB peak · 3.2 s" and rows[1].findall("td")[4].text == "cpu"
+    assert cells[5].text == "↓ 400.0 MB · ↑ —" and rows[1].findall("td")[5].text == "—"
 
 
 def test_render_site_table_escapes_and_shows_failed_detail_in_red() -> None:
@@ -169,10 +174,10 @@ def test_render_site_table_escapes_and_shows_failed_detail_in_red() -> None:
     rows = _table_rows(html)
     cells = rows[0].findall("td")
     assert cells[0].text == "<script>x</script>"
-    red = cells[5].find("span")
+    red = cells[6].find("span")
     assert red is not None and red.text == "boom <&> 'q'"
     assert "color:#cf222e" in (red.get("style") or "")
-    assert rows[1].findall("td")[5].find("span") is None  # non-failed detail is plain
+    assert rows[1].findall("td")[6].find("span") is None  # non-failed detail is plain
     assert rows[1].findall("td")[1].find("span").text == "we<ird"  # type: ignore[union-attr]
 
 

@@ -147,6 +147,9 @@ def test_dicom_and_nifti_come_back_through_a_task_with_their_clinical_column(ima
     assert {"dicom", "nifti"} <= kinds or {"dicom-series", "nifti"} <= kinds, kinds
     done = [e for e in run.events if e["type"] == "site" and e.get("status") == "done"]
     assert done and all(e["device"] == "cpu" for e in done)  # each round's row says where the step ran
+    steps = run.steps  # and the run keeps every site's every step
+    assert set(steps.device) == {"cpu"} and sorted(set(steps["round"])) == [0, 1]
+    assert steps.gpu_peak_bytes.isna().all()  # no GPU here: nothing claimed
 
 
 def _size(shape: list[int]) -> int:
