@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from flip_core.query import MAX_BINS
 from site_agent.disclosure import line_is_safe, protect
 from site_agent.image_datasets import INTENSITY
 from site_agent.images import load_array
-from site_agent.statistics import QueryRefused, level_label
+from site_agent.statistics import bin_labels, hist_edges
 
 
 def voxel_histogram(
@@ -32,18 +31,9 @@ def voxel_histogram(
     load: Callable[[Path], np.ndarray] = load_array,
 ) -> dict[str, Any]:
     """The released count table of the voxels of ``images`` (one per matching case) over ``edges``."""
-    bounds = np.asarray(edges, dtype=np.float64)
-    bins, n = bounds.size - 1, len(images)
-    if bins < 1 or bins > MAX_BINS:
-        raise QueryRefused(f"a hist takes 2 to {MAX_BINS + 1} bin edges (1 to {MAX_BINS} bins), not {bounds.size}")
-    if not np.isfinite(bounds).all() or not (np.diff(bounds) > 0).all():
-        raise QueryRefused("a hist's bin edges must be finite numbers in increasing order; fix the edges")
-    allowed = max(1, n // max(threshold, 1))
-    if bins > allowed:
-        raise QueryRefused(
-            f"{bins} bins are more than this cohort allows at this site: at most {allowed} "
-            f"(one bin for every {threshold} cases); ask for fewer, wider bins"
-        )
+    n = len(images)
+    bounds = hist_edges(edges, n, threshold, "cases")
+    bins = bounds.size - 1
     counts = np.zeros(bins + 2, dtype=np.int64)
     cases = np.zeros(bins + 2, dtype=np.int64)  # how many cases have voxels in each cell
     for path in images:
@@ -57,10 +47,7 @@ def voxel_histogram(
     whole = np.arange(counts.size, dtype=np.intp)
     withheld = np.ones(counts.size, dtype=bool) if n < threshold else protect(cases, [whole], threshold)
     total_safe = n >= threshold and line_is_safe(cases, withheld, whole, threshold)
-    text = [level_label(float(e)) for e in bounds]
-    labels = [f"below {text[0]}"]
-    labels += [f"[{text[i]}, {text[i + 1]})" for i in range(bins - 1)] + [f"[{text[-2]}, {text[-1]}]"]
-    labels += [f"above {text[-1]}"]
+    labels = bin_labels(bounds)
     return {
         "dims": [INTENSITY],
         "levels": [labels],

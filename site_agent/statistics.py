@@ -189,12 +189,10 @@ def _released(
     }
 
 
-def _histogram(
-    name: str, edges: tuple[float, ...], table: pd.DataFrame, rows: np.ndarray, threshold: int
-) -> dict[str, Any]:
-    """A histogram over shared edges: below the first edge, each bin, above the last edge, missing."""
+def hist_edges(edges: tuple[float, ...], n: int, threshold: int, unit: str) -> np.ndarray:
+    """A histogram's shared edges, checked: 1 to MAX_BINS bins, finite and increasing, and at most one bin for
+    every ``threshold`` of the cohort's ``n`` (rows, or cases)."""
     bounds = np.asarray(edges, dtype=np.float64)
-    n = int(rows.sum())
     bins = bounds.size - 1
     if bins < 1 or bins > MAX_BINS:
         raise QueryRefused(f"a hist takes 2 to {MAX_BINS + 1} bin edges (1 to {MAX_BINS} bins), not {bounds.size}")
@@ -204,8 +202,25 @@ def _histogram(
     if bins > allowed:
         raise QueryRefused(
             f"{bins} bins are more than this cohort allows at this site: at most {allowed} "
-            f"(one bin for every {threshold} rows); ask for fewer, wider bins"
+            f"(one bin for every {threshold} {unit}); ask for fewer, wider bins"
         )
+    return bounds
+
+
+def bin_labels(bounds: np.ndarray) -> list[str]:
+    """A histogram's levels over ``bounds``: below the first edge, each bin (the last one closed), above."""
+    text = [level_label(float(e)) for e in bounds]
+    labels = [f"below {text[0]}"]
+    labels += [f"[{text[i]}, {text[i + 1]})" for i in range(len(text) - 2)] + [f"[{text[-2]}, {text[-1]}]"]
+    return [*labels, f"above {text[-1]}"]
+
+
+def _histogram(
+    name: str, edges: tuple[float, ...], table: pd.DataFrame, rows: np.ndarray, threshold: int
+) -> dict[str, Any]:
+    """A histogram over shared edges: below the first edge, each bin, above the last edge, missing."""
+    n = int(rows.sum())
+    bounds = hist_edges(edges, n, threshold, "rows")
     values = _floats(table[name])[rows]
     missing = np.isnan(values)
     present = values[~missing]
@@ -214,10 +229,7 @@ def _histogram(
     counts = np.concatenate(
         [[(present < bounds[0]).sum()], in_bins, [(present > bounds[-1]).sum(), missing.sum()]]
     ).astype(np.int64)
-    text = [level_label(float(e)) for e in bounds]
-    labels = [f"below {text[0]}"]
-    labels += [f"[{text[i]}, {text[i + 1]})" for i in range(bins - 1)] + [f"[{text[-2]}, {text[-1]}]"]
-    labels += [f"above {text[-1]}", MISSING_LEVEL]
+    labels = [*bin_labels(bounds), MISSING_LEVEL]
     whole = np.arange(counts.size, dtype=np.intp)
     released = _released([name], [labels], counts, [whole], n, threshold)
     released["edges"] = [float(e) for e in bounds]
