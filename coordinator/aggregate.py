@@ -50,28 +50,36 @@ def _cast_back(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
+ORDERED_BYTES = 64 << 20  # updates up to this much in all are folded in the sites' order, not as they arrive
 CHUNK = 1 << 20  # elements of an array folded in at a time: float64 temporaries stay small (8 MB)
 
 
 class RunningMean:
-    """The example-weighted mean of updates folded in one at a time, as replies arrive (float64 sums).
+    """The example-weighted mean of updates folded in as replies arrive (float64 sums).
 
-    The round loop adds each site's update when its reply comes and then lets the reply go, so the hub
-    holds one float64 sum per array, not every site's copy of the model. Each array is folded in chunks
-    of ``CHUNK`` elements, so no full-size temporary is made. The mean keeps the dtype of the first
-    update's array (integer arrays are rounded). ``add`` raises ValueError for a negative or
-    non-finite weight or an update whose array names or shapes differ from the first; ``mean`` for no
-    updates or a total weight of 0.
+    Float sums depend on their order, so replies are folded in the order of their keys (the sites' names)
+    while they are small: up to ``ORDERED_BYTES`` of updates wait for :meth:`mean`, which folds them sorted,
+    and a rerun that gets the same replies in another order gets the same bits. Beyond that the hub folds each
+    update as it comes and then lets the reply go, holding one float64 sum per array rather than every site's
+    copy of the model; ``ordered`` then turns False (the run record says so: such a mean may differ in its last
+    bits between runs). Each array is folded in chunks of ``CHUNK`` elements, so no full-size temporary is
+    made. The mean keeps the dtype of the first update's array (integer arrays are rounded). ``add`` raises
+    ValueError for a negative or non-finite weight or an update whose array names or shapes differ from the
+    first; ``mean`` for no updates or a total weight of 0.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ordered_bytes: int | None = None) -> None:
         self.sums: dict[str, np.ndarray] = {}
         self.dtypes: dict[str, np.dtype] = {}
         self.layout: Params | None = None
         self.total = 0.0
         self.count = 0
+        self.limit = ORDERED_BYTES if ordered_bytes is None else ordered_bytes
+        self.waiting: list[tuple[str, int, Params, float]] = []  # (key, arrival, update, weight)
+        self.waiting_bytes = 0
+        self.ordered = True
 
-    def add(self, params: Params, weight: float) -> None:
+    def add(self, params: Params, weight: float, key: str = "") -> None:
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"Update {self.count} has weight {weight!r}; weights must be finite and >= 0.")
         if self.layout is None:  # shapes only: the first reply's bytes are not kept
@@ -84,6 +92,21 @@ class RunningMean:
         if not weight:
             return
         self.total += float(weight)
+        size = sum(np.asarray(v).nbytes for v in params.values())
+        if self.ordered and self.waiting_bytes + size <= self.limit:
+            self.waiting.append((key, self.count, params, float(weight)))
+            self.waiting_bytes += size
+            return
+        self.ordered = False  # too large to hold: from now on in arrival order
+        self._fold_waiting()
+        self._fold(params, weight)
+
+    def _fold_waiting(self) -> None:
+        for _, _, params, weight in sorted(self.waiting, key=lambda w: (w[0], w[1])):
+            self._fold(params, weight)
+        self.waiting, self.waiting_bytes = [], 0
+
+    def _fold(self, params: Params, weight: float) -> None:
         for key, acc in self.sums.items():
             flat, values = acc.reshape(-1), np.asarray(params[key]).reshape(-1)
             for start in range(0, flat.size, CHUNK):
@@ -92,6 +115,7 @@ class RunningMean:
                 flat[start : start + CHUNK] += part
 
     def mean(self) -> Params:
+        self._fold_waiting()
         if not self.count:
             raise ValueError("Cannot aggregate an empty list of updates.")
         if self.total == 0:

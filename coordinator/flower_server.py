@@ -110,6 +110,7 @@ class RoundLoop:
         self.step_bytes = 0  # the payload of the step now out, as each site receives it
         self.running = RunningMean()  # this round's updates, folded in as each reply arrives (then let go)
         self.traffic: dict[str, list[dict[str, Any]]] = {}  # each site's bytes, step by step, for the run record
+        self.ordered = True  # every round's updates were folded in the sites' order (RunningMean.ordered)
 
     def a_waited_site_is_gone(self) -> bool:
         """Asked while Flower pulls a reply: stop waiting if a site we wait for went offline."""
@@ -317,7 +318,7 @@ class RoundLoop:
         self.traffic.setdefault(reply.site, []).append({"round": round_, "phase": phase, **traffic})
         self.emit(*reply_events(reply.site, round_, phase, result, traffic))
         if phase == Phase.FIT:
-            self.running.add(result.params, result.num_train)
+            self.running.add(result.params, result.num_train, reply.site)
             result.params = {}  # folded in: the hub keeps one running sum, not each site's model
 
     def readmit(self, round_: int) -> None:
@@ -395,6 +396,7 @@ class RoundLoop:
             self.global_metrics(round_, Phase.FIT, good, eval_round=round_ - 1)
             with stage("hub aggregate"):
                 params = self.strategy.step(params, self.running.mean())
+            self.ordered = self.ordered and self.running.ordered
             self.emit(round_event(round_, len(good), time.monotonic() - started))
         self.readmit(rounds)
         good = self.exchange(rounds, Phase.EVALUATE, params)
@@ -426,6 +428,7 @@ def main(grid: Grid, context: Context) -> None:
             site_info=loop.site_info,
             failed_sites=loop.failed,
             traffic=loop.traffic,
+            aggregation_ordered=loop.ordered,
         )
         hub.events(run_id, [ended])
     except RunAborted as aborted:

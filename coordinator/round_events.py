@@ -89,7 +89,9 @@ def reply_events(
 
 
 def global_events(round_: int, phase: Phase, results: list[StepResult], eval_round: int) -> list[Event]:
-    """The round's aggregated metrics: weighted by each site's rows; the run's epsilon is its weakest site's."""
+    """The round's aggregated metrics: weighted by each site's rows; the run's epsilon is its weakest site's.
+    Summed in the sites' order, not as their replies came, so that a rerun's metrics match to the bit."""
+    results = sorted(results, key=lambda r: r.site)
     evals = [(r.eval_metrics, r.num_test) for r in results if r.eval_metrics]
     trains = [(r.train_metrics, r.num_train) for r in results if r.train_metrics]
     private = [r.dp_epsilon for r in results if r.private]  # a fit step's: its parameters are folded in by now

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from coordinator import records
 from coordinator.aggregate import STRATEGIES
 from coordinator.cohorts import CohortBook
 from coordinator.store import Store
@@ -22,7 +23,7 @@ from flip_core.api import TaskSpec
 from flip_core.cell import source_hash
 from flip_core.errors import Rejected
 from flip_core.status import DISPATCHED, TERMINAL, EventType, Presence, RunStatus
-from flip_core.versions import package_versions
+from flip_core.versions import RECORDED_PACKAGES, environment_hash, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ class RunManager:
                     "last_seen": row["last_seen"],
                     "warm": bool(info.get("warm", False)) and online,
                     "device": info.get("device", ""),
+                    "packages": info.get("packages", {}),
+                    "environment": info.get("environment") or "",
                 }
             )
         return out
@@ -160,10 +163,16 @@ class RunManager:
             "initial_model_sha256": task["initial_model"],
             "fab_sha256": self.control.fab_hash,
             "created": time.time(),
-            "hub_packages": package_versions("flip", "flwr", "numpy"),
+            "hub_packages": package_versions(*RECORDED_PACKAGES),
+            "hub_environment": environment_hash(),
             "client_packages": dict(spec.client_packages),
+            "client_environment": spec.client_environment or "",
+            "site_packages": records.site_environments(task["sites"]),
             "site_datasets": {s["site"]: s["dataset"] for s in task["sites"]},
             "cohort": task["cohort"],
+            "notebook": spec.notebook.model_dump(mode="json") if spec.notebook else None,
+            "seed_rule": records.SEED_RULE,
+            "step_seeds": records.step_seeds(task["seed"], task["rounds"], [s["site"] for s in task["sites"]]),
         }
         self.store.create_run(run_id, task, record)
         self.store.add_events(run_id, [{"type": "run", "status": RunStatus.SUBMITTED, "sites": record["sites"]}])
@@ -238,6 +247,8 @@ class RunManager:
                     "site": s["site"],
                     "node_id": s["node_id"],
                     "dataset": next(d for d in s["datasets"] if d["name"] == spec.dataset),
+                    "packages": s.get("packages", {}),
+                    "environment": s.get("environment", ""),
                 }
                 for s in sorted(online, key=lambda s: s["site"])
             ],
@@ -282,9 +293,12 @@ class RunManager:
                     site_info=event.get("site_info", {}),
                     failed_sites=event.get("failed_sites", {}),
                     traffic=event.get("traffic", {}),
+                    aggregation_ordered=event.get("aggregation_ordered"),
+                    **records.ended(self.store.events(run_id)),
                 )
                 self.store.set_status(run_id, RunStatus.COMPLETED)
             elif status in (RunStatus.FAILED, RunStatus.STOPPED):
+                self.store.update_record(run_id, **records.ended(self.store.events(run_id)))
                 self.store.set_status(run_id, str(status), str(event.get("reason", "")))
         self.notify()
 
@@ -292,6 +306,7 @@ class RunManager:
         """End a run from the coordinator's side (stop, Flower failure), with its event."""
         if self.store.set_status(run_id, status, reason):
             self.store.add_events(run_id, [{"type": "run", "status": status, "reason": reason}])
+            self.store.update_record(run_id, **records.ended(self.store.events(run_id)))
             self.notify()
 
     def stop(self, run_id: str) -> dict[str, Any]:

@@ -10,8 +10,6 @@ FLIP's own.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -22,14 +20,12 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import PydanticCustomError
 
-from flip_core.errors import RequestInvalid
+from flip_core.parsing import parse, sentence
 from flip_core.query import MAX_BINS, MAX_COLUMNS, MAX_QUERY_CHARS, QueryKind
 from flip_core.status import MetricPhase, Phase, Presence, RunStatus, SiteState, StepStatus
 
@@ -65,6 +61,12 @@ def _sha256(digest: str) -> str:
     return digest
 
 
+def _environment_hash(digest: str) -> str:
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise _refuse(f"{digest[:70]!r} is not an environment's hash ('sha256:' and 64 lower-case hex digits)")
+    return digest
+
+
 def _cohort_name(name: str) -> str:
     if not SITE_NAME.match(name):
         raise _refuse(f"{name[:70]!r} is not a cohort name (letters, digits, '.', '_' and '-', at most 64)")
@@ -76,6 +78,7 @@ CohortName = Annotated[str, AfterValidator(_cohort_name)]
 Text = Annotated[str, StringConstraints(max_length=TEXT_CHARS)]
 SiteName = Annotated[str, AfterValidator(_site_name)]
 Sha256 = Annotated[str, AfterValidator(_sha256)]
+EnvironmentHash = Annotated[str, AfterValidator(_environment_hash)]
 Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
 NodeId = Annotated[int, Field(ge=0, le=2**64 - 1)]  # Flower's node ids are unsigned 64-bit
 ConfigValue = bool | int | float | Annotated[str, StringConstraints(max_length=TEXT_CHARS)]
@@ -90,6 +93,18 @@ class Body(BaseModel):
 
 
 # -- researchers ------------------------------------------------------------------------------------
+class NotebookInfo(Body):
+    """The notebook a task's cell came from, as ``flip run`` executed it: enough to run it again."""
+
+    path: Annotated[str, StringConstraints(max_length=4096)] = ""
+    sha256: Annotated[str, StringConstraints(max_length=100)] = ""  # of the notebook file as it was executed
+    parameters: Annotated[dict[ConfigKey, ConfigValue], Field(max_length=MAX_CONFIG_ENTRIES)] = Field(
+        default_factory=dict
+    )
+    execution: Annotated[str, StringConstraints(max_length=100)] = ""  # one `flip run`: its runs share it
+    cell: int = Field(default=0, ge=0, le=100_000)  # the task's place among the execution's tasks (1, 2, ...)
+
+
 class TaskSpec(Body):
     """``POST /api/runs`` and ``POST /api/runs/check``: a ``%%flip_train`` cell and its options.
 
@@ -111,6 +126,8 @@ class TaskSpec(Body):
     initial_model: Sha256 | None = None  # the uploaded model's SHA-256 (not yet known to /api/runs/check)
     cohort: CohortName | None = None  # train on the rows this cohort froze at each site (%flip_cohort)
     client_packages: Annotated[dict[Name, Name], Field(max_length=100)] = Field(default_factory=dict)
+    client_environment: EnvironmentHash | None = None  # the notebook kernel's installed package set, hashed
+    notebook: NotebookInfo | None = None  # set when the cell ran under `flip run`
 
     @field_validator("source")
     @classmethod
@@ -287,6 +304,8 @@ class SiteInfo(Body):
     version: Annotated[str, StringConstraints(max_length=40)] = ""
     warm: bool = False  # a spare task process is loaded and waiting
     device: Annotated[str, StringConstraints(max_length=40)] = ""  # where its tasks run: "cpu", "cuda:0"
+    packages: Annotated[dict[Name, Name], Field(max_length=100)] = Field(default_factory=dict)  # for run records
+    environment: EnvironmentHash | None = None  # the site's installed package set, hashed
     datasets: Annotated[list[DatasetAnnouncement], Field(max_length=1000)] = Field(default_factory=list)
 
 
@@ -344,6 +363,7 @@ class RunEvent(Body):
         Annotated[dict[SiteName, Annotated[list[StepTraffic], Field(max_length=100_000)]], Field(max_length=MAX_SITES)]
         | None
     ) = None  # every step's bytes per site, kept in the run record
+    aggregation_ordered: bool | None = None  # every round's updates summed in the sites' order (bit-repeatable)
 
 
 class SiteEvent(Body):
@@ -381,93 +401,6 @@ Event = Annotated[RunEvent | SiteEvent | MetricsEvent | RoundEvent, Field(discri
 Events = Annotated[list[Event], Field(max_length=MAX_EVENTS)]
 
 
-# -- parsing ----------------------------------------------------------------------------------------
-_KINDS = {
-    "int_type": "must be a whole number",
-    "int_parsing": "must be a whole number",
-    "int_from_float": "must be a whole number",
-    "float_type": "must be a number",
-    "float_parsing": "must be a number",
-    "finite_number": "must be a finite number",
-    "string_type": "must be text",
-    "bool_type": "must be true or false",
-    "dict_type": "must be an object",
-    "list_type": "must be a list",
-    "model_type": "must be an object",
-    "model_attributes_type": "must be an object",
-    "missing": "is required",
-    "extra_forbidden": "is not a field of this request",
-    "string_too_short": "must not be empty",
-    "enum": "is not one of the allowed values",
-    "literal_error": "is not one of the allowed values",
-    "union_tag_invalid": "is not a known kind",
-    "union_tag_not_found": "needs a 'type'",
-    "none_required": "must be empty",
-}
-
-
-def _where(loc: tuple[int | str, ...]) -> str:
-    path = ".".join(str(part) for part in loc if not str(part).startswith(("function-", "tagged-union")))
-    return f"field '{path}'" if path else "the body"
-
-
-def _shown(value: Any) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def sentence(error: ErrorDetails, what: str) -> str:
-    """One pydantic error as FLIP says it: what is wrong, where, and (briefly) what was sent."""
-    kind, where = error["type"], _where(error["loc"])
-    if kind == "flip":  # FLIP's own sentence; where it is not the task's own (naming its option), say where
-        return (
-            str(error["msg"])
-            if str(error["msg"]).startswith("--") or what == "the task" and where in ("the body", "field 'source'")
-            else f"{what}: {where}: {error['msg']}"
-        )
-    if kind == "json_invalid":
-        return f"{what} is not valid JSON ({error.get('ctx', {}).get('error', 'malformed')})"
-    ctx = error.get("ctx", {})
-    if kind in ("string_too_long", "too_long"):
-        return f"{what}: {where} is too long (at most {ctx.get('max_length')})"
-    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-        bound = {
-            "greater_than_equal": "at least",
-            "less_than_equal": "at most",
-            "greater_than": "above",
-            "less_than": "below",
-        }[kind]
-        limit = next(iter(ctx.values()), "")
-        return f"{what}: {where} must be {bound} {limit}, not {_shown(error.get('input'))}"
-    if kind in ("dict_type", "model_type", "model_attributes_type", "list_type") and where == "the body":
-        return f"{what} must be a JSON {'list' if kind == 'list_type' else 'object'}, not {_shown(error.get('input'))}"
-    reason = _KINDS.get(kind, str(error["msg"]).lower())
-    got = "" if kind in ("missing", "extra_forbidden") else f", not {_shown(error.get('input'))}"
-    return f"{what}: {where} {reason}{got}"
-
-
-@functools.cache
-def _adapter(model: Any) -> TypeAdapter[Any]:
-    return TypeAdapter(model)
-
-
-def parse(model: Any, body: bytes | str | Any, what: str) -> Any:
-    """``body`` (JSON bytes or text, or already-decoded data) as ``model``; refused with a sentence
-    naming the first wrong field (:class:`RequestInvalid`, 400). ``what`` names the body ("the task")."""
-    adapter = _adapter(model)
-    try:
-        if isinstance(body, (bytes, str)):
-            return adapter.validate_json(body)
-        return adapter.validate_python(body)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        field = _where(first["loc"]).removeprefix("field '").removesuffix("'")
-        raise RequestInvalid(sentence(first, what), field="" if field == "the body" else field) from None
-
-
 __all__ = [
     "MAX_JSON_BYTES",
     "PROJECT_HEADER",
@@ -488,6 +421,7 @@ __all__ = [
     "QueryReplyBody",
     "QuerySpec",
     "SiteInfo",
+    "NotebookInfo",
     "TaskSpec",
     "parse",
     "sentence",

@@ -33,6 +33,7 @@ from flip_core.protocol import StepResult, decode_request, encode_result
 from flip_core.query import MESSAGE_TYPE_QUERY, QueryReply, encode_reply
 from flip_core.status import Presence, StepStatus
 from flip_core.trace import stage
+from flip_core.versions import RECORDED_PACKAGES, environment_hash, package_versions
 from flip_core.wire import blob_to_content, content_to_blob
 from site_agent import isolation
 from site_agent.catalog import CatalogError, SiteConfig
@@ -108,6 +109,8 @@ class SiteAgent:
             "version": __version__,
             "warm": self.tasks.warm,
             "device": self.device,
+            "packages": package_versions(*RECORDED_PACKAGES),  # for run records: what a rerun must match
+            "environment": environment_hash(),
             "datasets": [announced(d.summary(), threshold) for d in self.site.datasets.values()],
         }
 
