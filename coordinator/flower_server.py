@@ -313,6 +313,7 @@ class RoundLoop:
             "train_rows": result.num_train,
             "test_rows": result.num_test,
             "device": result.device,
+            "threads": result.threads,
         }
         traffic = {"received_bytes": self.step_bytes, "sent_bytes": reply.sent_bytes}
         self.traffic.setdefault(reply.site, []).append({"round": round_, "phase": phase, **traffic})

@@ -60,6 +60,7 @@ class StepResult:
     device: str = ""  # where the step ran, the site's choice ("cpu", "cuda:0")
     gpu_peak_bytes: int = 0  # peak GPU memory torch allocated during the step (0 on a CPU)
     gpu_seconds: float = 0.0  # the step's cell calls on the GPU, wall seconds with its queue drained
+    threads: int = 0  # torch's CPU threads in the step (a float reduction's bits can depend on how many)
 
 
 def encode_request(request: StepRequest) -> bytes:

@@ -20,6 +20,11 @@ class Comparison:
     rows: list[dict[str, Any]] = field(default_factory=list)  # every metric of either run, side by side
     changes: list[str] = field(default_factory=list)  # the inputs that differ, in sentences
     notes: list[str] = field(default_factory=list)  # what may break bit-identity although no input changed
+    models: tuple[str | None, str | None] = (None, None)  # each run's final model checksum
+
+    @property
+    def same_model(self) -> bool:
+        return self.models[0] is not None and self.models[0] == self.models[1]
 
     @property
     def differing(self) -> list[dict[str, Any]]:
@@ -27,8 +32,10 @@ class Comparison:
 
     @property
     def identical(self) -> bool:
-        """Every metric of both runs is present in both and equal to the bit (and both released some)."""
-        return bool(self.rows) and not self.differing
+        """Every metric of both runs is present in both and equal to the bit (and both released some), and where
+        both runs ended with a model, the models are the same bits."""
+        models_differ = None not in self.models and not self.same_model
+        return bool(self.rows) and not self.differing and not models_differ
 
     def summary(self) -> str:
         """A few lines for a terminal: the verdict, the changed inputs, the notes."""
@@ -37,6 +44,9 @@ class Comparison:
         else:
             head = f"runs {self.run_a} and {self.run_b}: {len(self.differing)} of {len(self.rows)} metrics differ"
         lines = [head]
+        if None not in self.models:
+            lines.append(f"final models: {'the same' if self.same_model else 'different'} (sha256 "
+                         f"{str(self.models[0])[:12]}… and {str(self.models[1])[:12]}…)")  # fmt: skip
         if self.changes:
             lines.append("inputs that changed:")
             lines += [f"  - {c}" for c in self.changes]
@@ -51,6 +61,20 @@ def metric_values(record: dict[str, Any]) -> dict[Key, float]:
     for row in record.get("history") or []:
         values[(int(row["round"]), str(row["site"]), str(row["phase"]), str(row["metric"]))] = float(row["value"])
     return values
+
+
+def final_metrics(history: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per series (``global`` or a site) and ``"phase metric"``, the value of the last round."""
+    last: dict[tuple[str, str], tuple[int, float]] = {}
+    for row in history:
+        series, key = str(row.get("site", "global")), f"{row.get('phase', '')} {row.get('metric', '')}".strip()
+        round_ = int(row.get("round") or 0)
+        if (series, key) not in last or round_ >= last[series, key][0]:
+            last[series, key] = (round_, float(row.get("value", float("nan"))))
+    out: dict[str, dict[str, float]] = {}
+    for (series, key), (_, value) in sorted(last.items()):
+        out.setdefault(series, {})[key] = value
+    return out
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
@@ -71,6 +95,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
                 "difference": None if x is None or y is None else y - x,
             }
         )
+    out.models = (a.get("model_sha256"), b.get("model_sha256"))
     out.changes = changed_inputs(a, b)
     out.notes = _notes(a) + [n for n in _notes(b) if n not in _notes(a)]
     return out
@@ -122,6 +147,7 @@ def _site_view(record: dict[str, Any], site: str) -> dict[str, Any]:
         "fingerprint": used.get("fingerprint") or announced.get("fingerprint", ""),
         "rows": (used.get("train_rows"), used.get("test_rows")),
         "device": used.get("device", ""),
+        "threads": used.get("threads"),
         "version": used.get("version", ""),
         "packages": environment.get("packages") or {},
         "environment": environment.get("hash", ""),
@@ -138,6 +164,7 @@ def _sites(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         if x["fingerprint"] == y["fingerprint"]:
             out += _diff(f"site {site}'s train/test rows", x["rows"], y["rows"])
         out += _diff(f"site {site}'s device", x["device"], y["device"])
+        out += _diff(f"site {site}'s torch threads", x["threads"], y["threads"])
         out += _diff(f"site {site}'s FLIP version", x["version"], y["version"])
         out += _dict_diff(f"site {site}'s", x["packages"], y["packages"])
         out += _diff(f"site {site}'s installed package set", x["environment"], y["environment"])
@@ -165,4 +192,4 @@ def _notes(record: dict[str, Any]) -> list[str]:
     return notes
 
 
-__all__ = ["Comparison", "changed_inputs", "compare", "metric_values"]
+__all__ = ["Comparison", "changed_inputs", "compare", "final_metrics", "metric_values"]

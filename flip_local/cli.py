@@ -1,6 +1,7 @@
 """``flip``: the command line of a hub operator and of a researcher on one machine: the local federation
 (``up``, ``down``, ``status``, ``restart``, ``hub``, ``demo``), the hub side of a real one (``serve``,
-``certs``, ``site register``, ``token``), the public data sets and the FLIP kernel."""
+``certs``, ``site register``, ``token``), the public data sets and the FLIP kernel, and recorded runs
+(``run``, ``rerun``, ``runs``, ``show``, ``compare``, ``export``: ``flip_local.run_commands``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flip_local import run_commands
+
 FLAMBY = {"FedAvg": 0.685, "Pooled": 0.735}
 
 
@@ -20,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     _local_commands(sub)
     _hub_side_commands(sub)
     _tool_commands(sub)
+    run_commands.add_parsers(sub)
     return parser
 
 
@@ -355,29 +359,24 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import papermill
-
     from flip_core.paths import flip_home
     from flip_local.federation import Federation, down, up
+    from flip_local.notebook_runs import run_notebook
+    from flip_magics.client import FlipClient
 
     repo = Path(__file__).resolve().parents[1]
     notebook = repo / "notebooks" / "01_quickstart_heart.ipynb"
     out_dir = (args.out or repo / "runs" / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     ours = not Federation(flip_home()).running()
     if ours:
         print("starting a local federation: SuperLink, coordinator, Cleveland, Hungary, Switzerland, VA …", flush=True)
         print(f"federation up in {up()['started_seconds']} s", flush=True)
     else:
         print(f"using the federation already running under {flip_home()}", flush=True)
-    print(f"running {notebook.name} with papermill …", flush=True)
-    parameters: dict[str, object] = {"output_dir": str(out_dir)}
-    if args.rounds:
-        parameters["rounds"] = args.rounds
+    print(f"running {notebook.name} with papermill (flip run) …", flush=True)
+    parameters: dict[str, object] = {"rounds": args.rounds} if args.rounds else {}
     try:
-        papermill.execute_notebook(
-            str(notebook), str(out_dir / notebook.name), parameters=parameters, progress_bar=False, cwd=str(out_dir)
-        )
+        execution = run_notebook(notebook, parameters, out_dir, client=FlipClient.from_environment(), progress=False)
     finally:
         if ours:
             down()
@@ -393,7 +392,9 @@ def _demo(args: argparse.Namespace) -> int:
         f"mean per-site test accuracy: {summary['mean_accuracy']:.3f} "
         f"(FLamby FedAvg {FLAMBY['FedAvg']}, pooled {FLAMBY['Pooled']})"
     )
-    print(f"executed notebook: {out_dir / notebook.name}")
+    print(f"executed notebook: {execution.executed}")
+    print(f"run record:        {out_dir / 'records' / (summary['run_id'] + '.json')}")
+    print(f"exported model:    {out_dir / 'model'} (flip export RUN_ID DIR; `python load.py --check` inside)")
     print(f"summary:           {out_dir / 'summary.json'}")
     return 0
 
@@ -411,6 +412,7 @@ _COMMANDS = {
     "certs": _certs,
     "kernel": _kernel,
     "site": _register,
+    **run_commands.COMMANDS,
 }
 
 

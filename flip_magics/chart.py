@@ -1,10 +1,17 @@
 """Pure HTML/SVG renderers for the FLIP run widget.
 
-Everything here returns plain strings: a self-contained SVG line chart of
-per-round metrics, an HTML table of site states and a one-line run header.
+Everything here returns plain strings: a self-contained SVG of per-round
+metrics (a panel per metric, each site's curve beside the global one), an
+HTML table of the final metrics, one of site states and a one-line run header.
 No IPython or ipywidgets imports, no JavaScript, no external CSS; all user
 supplied text is escaped with :func:`html.escape`.  Output is deterministic
 for identical input.
+
+Chart structure: ``<g class="legend">``, then per metric a
+``<g class="panel" data-metric=...>`` holding a ``text.panel-title``,
+``g.axes``, ``g.yticks``, ``g.xticks`` and per series a
+``<g class="series" data-series=... data-metric=...>`` with one polyline
+(same data attributes) and a circle per point.
 """
 
 from __future__ import annotations
@@ -13,7 +20,16 @@ import math
 from dataclasses import dataclass
 from html import escape
 
-__all__ = ["render_chart", "render_site_table", "render_header", "PALETTE", "EMPTY_CHART_TEXT"]
+__all__ = [
+    "render_chart",
+    "render_summary",
+    "render_site_table",
+    "render_header",
+    "Point",
+    "PALETTE",
+    "EMPTY_CHART_TEXT",
+    "GLOBAL",
+]
 
 PALETTE: tuple[str, ...] = (
     "#1f77b4",
@@ -28,6 +44,8 @@ PALETTE: tuple[str, ...] = (
     "#17becf",
 )
 EMPTY_CHART_TEXT = "waiting for the first round…"
+GLOBAL = "global"  # the series name of the aggregated (server-side) metrics
+GLOBAL_COLOUR = "#24292f"
 
 _STATUS_COLOURS: dict[str, str] = {
     "waiting": "#6e7781",
@@ -129,15 +147,6 @@ class _Plot:
         return self.top + self.height
 
 
-def _finite_series(points: list[tuple[str, float, float]]) -> dict[str, list[tuple[float, float]]]:
-    series: dict[str, list[tuple[float, float]]] = {}
-    for name, x, y in points:
-        xf, yf = float(x), float(y)
-        if math.isfinite(xf) and math.isfinite(yf):
-            series.setdefault(str(name), []).append((xf, yf))
-    return series
-
-
 def _axes(plot: _Plot) -> str:
     left, top, axis_y = plot.left, plot.top, plot.axis_y
     return (
@@ -161,7 +170,38 @@ def _y_ticks(plot: _Plot, ticks: list[float], step: float) -> str:
     return "".join(parts)
 
 
-def _x_ticks(plot: _Plot, height: int) -> str:
+Point = tuple[str, str, float, float]  # (metric, series, round, value); series is "global" or a site
+_Series = dict[str, list[tuple[float, float]]]
+
+
+def _metric_key(metric: str) -> tuple[int, str]:
+    """Evaluate metrics first, then fit/train ones, then the rest; alphabetical within each."""
+    phase = metric.split(" ", 1)[0]
+    return ({"evaluate": 0, "fit": 1, "train": 1}.get(phase, 2), metric)
+
+
+def _series_key(name: str) -> tuple[bool, str]:
+    return (name != GLOBAL, name)
+
+
+def _by_metric(points: list[Point]) -> dict[str, _Series]:
+    """Finite points per metric and series, metrics in panel order."""
+    out: dict[str, _Series] = {}
+    for metric, series, x, y in points:
+        xf, yf = float(x), float(y)
+        if math.isfinite(xf) and math.isfinite(yf):
+            out.setdefault(str(metric), {}).setdefault(str(series), []).append((xf, yf))
+    return {m: out[m] for m in sorted(out, key=_metric_key)}
+
+
+def _colours(metrics: dict[str, _Series]) -> dict[str, str]:
+    """Global is dark; each site gets a palette colour by its place among all sites."""
+    names = {s for series in metrics.values() for s in series}
+    colours = {GLOBAL: GLOBAL_COLOUR} if GLOBAL in names else {}
+    return colours | {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted(names - {GLOBAL}))}
+
+
+def _x_ticks(plot: _Plot) -> str:
     parts, axis_y = ['<g class="xticks">'], plot.axis_y
     for t in _int_ticks(int(plot.x_lo), int(plot.x_hi)):
         tx = plot.sx(t)
@@ -170,87 +210,150 @@ def _x_ticks(plot: _Plot, height: int) -> str:
             f'<text x="{_fmt(tx)}" y="{_fmt(axis_y + 15)}" text-anchor="middle">{t}</text>'
         )
     parts.append(
-        f'<text x="{_fmt(plot.left + plot.width / 2)}" y="{_fmt(height - 4)}" text-anchor="middle">round</text></g>'
+        f'<text x="{_fmt(plot.left + plot.width / 2)}" y="{_fmt(axis_y + 28)}" text-anchor="middle">round</text></g>'
     )
     return "".join(parts)
 
 
-def _lines(plot: _Plot, series: dict[str, list[tuple[float, float]]]) -> str:
+def _curves(plot: _Plot, metric: str, series: _Series, colours: dict[str, str]) -> str:
+    """One group per series: a polyline and a dot per point; sites first so global is drawn on top."""
     parts = []
-    for i, (name, pts) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        pts_sorted = sorted(pts, key=lambda p: p[0])
-        coords = " ".join(f"{_fmt(plot.sx(x))},{_fmt(plot.sy(y))}" for x, y in pts_sorted)
-        parts.append(f'<g class="series" data-series="{escape(name)}">')
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for x, y in pts_sorted:
-            parts.append(f'<circle cx="{_fmt(plot.sx(x))}" cy="{_fmt(plot.sy(y))}" r="2.5" fill="{colour}"/>')
+    for name in sorted(series, key=lambda s: (s == GLOBAL, s)):
+        pts = sorted(series[name])
+        stroke, radius = ("2.5", "2.6") if name == GLOBAL else ("1.3", "1.8")
+        coords = " ".join(f"{_fmt(plot.sx(x))},{_fmt(plot.sy(y))}" for x, y in pts)
+        attrs = f'data-series="{escape(name)}" data-metric="{escape(metric)}"'
+        parts.append(f'<g class="series" {attrs}>')
+        parts.append(
+            f'<polyline points="{coords}" fill="none" stroke="{colours[name]}" stroke-width="{stroke}" {attrs}/>'
+        )
+        parts.extend(
+            f'<circle cx="{_fmt(plot.sx(x))}" cy="{_fmt(plot.sy(y))}" r="{radius}" fill="{colours[name]}"/>'
+            for x, y in pts
+        )
         parts.append("</g>")
     return "".join(parts)
 
 
-def _legend(plot: _Plot, names: list[str]) -> str:
-    parts, lx = ['<g class="legend">'], plot.left + plot.width + 12
-    for i, name in enumerate(names):
-        ly = plot.top + 6 + i * 16
-        label = name if len(name) <= 16 else name[:15] + "…"
-        parts.append(
-            f'<rect x="{_fmt(lx)}" y="{_fmt(ly - 5)}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>'
-            f'<text x="{_fmt(lx + 14)}" y="{_fmt(ly + 4)}">{escape(label)}</text>'
-        )
-    parts.append("</g>")
-    return "".join(parts)
-
-
-def render_chart(
-    points: list[tuple[str, float, float]],
-    *,
-    width: int = 560,
-    height: int = 260,
-    title: str = "",
+def _panel(
+    metric: str, series: _Series, colours: dict[str, str], box: tuple[float, float, float, float], xr: tuple[int, int]
 ) -> str:
-    """Render ``(series, round, value)`` points as a self-contained SVG line chart."""
-    series = _finite_series(points)
-    parts: list[str] = [_svg_open(width, height)]
-    if title:
-        parts.append(
-            f'<text x="{_fmt(width / 2)}" y="14" text-anchor="middle" '
-            f'font-size="13" font-weight="bold">{escape(title)}</text>'
-        )
-    if not series:
-        parts.append(
-            f'<text x="{_fmt(width / 2)}" y="{_fmt(height / 2)}" text-anchor="middle" '
-            f'fill="#6e7781">{escape(EMPTY_CHART_TEXT)}</text></svg>'
-        )
-        return "".join(parts)
-
-    left, right, top, bottom = 52.0, 120.0, 24.0 if title else 12.0, 34.0
-    xs = [x for pts in series.values() for x, _ in pts]
+    """One metric's panel inside ``box`` (left, top, width, height), x range ``xr`` shared by all panels."""
+    left, top, width, height = box
     ys = [y for pts in series.values() for _, y in pts]
+    ticks = _nice_ticks(min(ys), max(ys))
+    # min/max guard against float noise in the tolerant floor/ceil of _nice_ticks
+    y_lo, y_hi = min(ticks[0], min(ys)), max(ticks[-1], max(ys))
+    plot = _Plot(left + 50, top + 22, max(width - 64, 10.0), max(height - 58, 10.0), xr[0], xr[1], y_lo, y_hi)
+    return "".join(
+        [
+            f'<g class="panel" data-metric="{escape(metric)}">',
+            f'<text class="panel-title" x="{_fmt(left + width / 2)}" y="{_fmt(top + 13)}" text-anchor="middle" '
+            f'font-size="12" font-weight="bold">{escape(metric)}</text>',
+            _axes(plot),
+            _y_ticks(plot, ticks, ticks[1] - ticks[0]),
+            _x_ticks(plot),
+            _curves(plot, metric, series, colours),
+            "</g>",
+        ]
+    )
+
+
+def _legend(names: list[str], colours: dict[str, str], width: int, top: float) -> tuple[str, float]:
+    """Swatches in rows across the top (global first); returns the SVG and the height used."""
+    parts, x, y = ['<g class="legend">'], 12.0, top + 6
+    for name in names:
+        label = name if len(name) <= 18 else name[:17] + "…"
+        size = 20 + 6.5 * len(label)
+        if x > 12 and x + size > width - 8:
+            x, y = 12.0, y + 16
+        stroke = "2.5" if name == GLOBAL else "1.3"
+        parts.append(
+            f'<line x1="{_fmt(x)}" y1="{_fmt(y)}" x2="{_fmt(x + 14)}" y2="{_fmt(y)}" '
+            f'stroke="{colours[name]}" stroke-width="{stroke}"/>'
+            f'<text x="{_fmt(x + 18)}" y="{_fmt(y + 4)}">{escape(label)}</text>'
+        )
+        x += size + 12
+    parts.append("</g>")
+    return "".join(parts), y - top + 12
+
+
+def _empty(width: int, height: int, heading: str) -> str:
+    return (
+        f'{_svg_open(width, height)}{heading}<text x="{_fmt(width / 2)}" y="{_fmt(height / 2)}" '
+        f'text-anchor="middle" fill="#6e7781">{escape(EMPTY_CHART_TEXT)}</text></svg>'
+    )
+
+
+def render_chart(points: list[Point], *, width: int = 640, panel_height: int = 190, title: str = "") -> str:
+    """Render ``(metric, series, round, value)`` points as one SVG: a panel per metric, a shared legend."""
+    metrics = _by_metric(points)
+    heading = (
+        f'<text x="{_fmt(width / 2)}" y="15" text-anchor="middle" font-size="13" font-weight="bold">'
+        f"{escape(title)}</text>"
+        if title
+        else ""
+    )
+    if not metrics:
+        return _empty(width, panel_height, heading)
+    colours = _colours(metrics)
+    legend, legend_height = _legend(sorted(colours, key=_series_key), colours, width, 22.0 if title else 4.0)
+    xs = [x for series in metrics.values() for pts in series.values() for x, _ in pts]
     x_lo, x_hi = math.floor(min(xs)), math.ceil(max(xs))
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
-    yticks = _nice_ticks(min(ys), max(ys))
-    # min/max guard against float noise in the tolerant floor/ceil of _nice_ticks
-    plot = _Plot(
-        left,
-        top,
-        max(width - left - right, 10.0),
-        max(height - top - bottom, 10.0),
-        x_lo,
-        x_hi,
-        min(yticks[0], min(ys)),
-        max(yticks[-1], max(ys)),
-    )
-    parts += [
-        _axes(plot),
-        _y_ticks(plot, yticks, yticks[1] - yticks[0]),
-        _x_ticks(plot, height),
-        _lines(plot, series),
-        _legend(plot, list(series)),
-        "</svg>",
+    columns = 1 if len(metrics) == 1 else 2
+    panel_width = width / columns
+    first = (22.0 if title else 4.0) + legend_height + 4
+    rows = math.ceil(len(metrics) / columns)
+    height = int(math.ceil(first + rows * panel_height + 4))
+    panels = [
+        _panel(
+            metric,
+            series,
+            colours,
+            ((i % columns) * panel_width, first + (i // columns) * panel_height, panel_width, panel_height),
+            (x_lo, x_hi),
+        )
+        for i, (metric, series) in enumerate(metrics.items())
     ]
-    return "".join(parts)
+    return f"{_svg_open(width, height)}{heading}{legend}{''.join(panels)}</svg>"
+
+
+def _last_values(metrics: dict[str, _Series]) -> dict[str, dict[str, float]]:
+    """Per series (global first, then sites) and metric: the value at the last round with a finite value."""
+    table: dict[str, dict[str, float]] = {}
+    for metric, series in metrics.items():
+        for name, pts in series.items():
+            # the latest round wins; of two values for one round, the one given last
+            _, (_, value) = max(enumerate(pts), key=lambda ip: (ip[1][0], ip[0]))
+            table.setdefault(name, {})[metric] = value
+    return {name: table[name] for name in sorted(table, key=_series_key)}
+
+
+def render_summary(points: list[Point], rounds: int | None = None) -> str:
+    """Render the final value of each series (rows, global first) and metric (columns) as an HTML table."""
+    metrics = _by_metric(points)
+    table = _last_values(metrics)
+    if rounds is None:
+        seen = [float(p[2]) for p in points if math.isfinite(float(p[2]))]
+        rounds = int(max(seen)) if seen else 0
+    th = 'style="text-align:left;padding:2px 10px;border-bottom:1px solid #d0d7de"'
+    td = 'style="padding:2px 10px"'
+    out = [
+        '<table class="flip-summary" style="border-collapse:collapse;font-size:0.9em">',
+        f'<caption style="text-align:left;font-weight:bold">final metrics (round {int(rounds)})</caption>',
+        f"<thead><tr><th {th}>Series</th>",
+        *(f"<th {th}>{escape(m)}</th>" for m in metrics),
+        "</tr></thead><tbody>",
+    ]
+    if not table:
+        out.append(f"<tr><td {td}><i>no metrics yet</i></td></tr>")
+    for name, values in table.items():
+        cells = "".join(f"<td {td}>{values[m]:.4g}</td>" if m in values else f"<td {td}>—</td>" for m in metrics)
+        out.append(f'<tr data-series="{escape(name)}"><td {td}>{escape(name)}</td>{cells}</tr>')
+    out.append("</tbody></table>")
+    return "".join(out)
 
 
 def _badge(text: str, colour: str) -> str:

@@ -10,10 +10,13 @@ import pandas as pd
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import display
+from IPython.display import Image, display
 
 from flip_core.errors import FlipError, NotConnected
+from flip_core.records import compare
 from flip_magics.client import FlipClient, RunHandle
+from flip_magics.compare_view import comparison_figure, comparison_frame
+from flip_magics.figures import png
 from flip_magics.queries import STATISTIC_HELP, QueryResult, parse_statistic
 from flip_magics.widgets import RunWidget
 
@@ -70,6 +73,10 @@ def parse_args(magic: Any, line: str) -> Any:
 
 
 def show_run(handle: RunHandle) -> RunWidget:
+    """The live widget; when the run ends it is replaced by a static copy of itself (an SVG chart, the final
+    metrics and the sites' table), which papermill, nbconvert and a code host's viewer keep and show. The copy is
+    sent from the follower thread (a live frontend) and again from the thread that waits for the run: papermill
+    keeps only what arrives from the cell it is executing."""
     widget = RunWidget(handle.name, handle.run_id, handle.rounds)
 
     def refresh(h: RunHandle) -> None:
@@ -82,7 +89,13 @@ def show_run(handle: RunHandle) -> RunWidget:
         )
 
     handle.subscribe(refresh)
-    display(widget)
+    shown = display(widget, display_id=True)
+
+    def leave_static(h: RunHandle) -> None:
+        refresh(h)
+        shown.update(widget.static_bundle(), raw=True)
+
+    handle.when_ended(leave_static)
     return widget
 
 
@@ -246,6 +259,20 @@ class FlipMagics(Magics):
         frame = pd.DataFrame(self._client().runs(), columns=columns)
         frame["created"] = pd.to_datetime(frame["created"], unit="s")
         return frame
+
+    @line_magic
+    @magic_arguments()
+    @argument("run_a")
+    @argument("run_b")
+    @_friendly
+    def flip_compare(self, line: str) -> pd.DataFrame:
+        """Two runs side by side: the inputs that changed, a figure of their metrics, every metric in a table."""
+        args = parse_args(self.flip_compare, line)
+        client = self._client()
+        comparison = compare(client.run(args.run_a)["record"], client.run(args.run_b)["record"])
+        print(comparison.summary())
+        display(Image(png(comparison_figure(comparison))))
+        return comparison_frame(comparison)
 
     @line_magic
     @magic_arguments()

@@ -14,12 +14,14 @@ from __future__ import annotations
 import secrets
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from flip_core.cell import cell_line, seed_everything, step_seed
+from flip_core.errors import Rejected
 from flip_core.status import EventType, MetricPhase, RunStatus, SiteState
 from flip_magics.client import FlipClient, RunHandle
 from flip_magics.task import PreparedTask, load_weights
@@ -113,6 +115,9 @@ class MockRun(RunHandle):
         if self._model is None:
             self._model = load_weights(self._task, self._params)
         return self._model
+
+    def save(self, directory: str | Path, example: Any = None) -> Path:
+        raise Rejected(f"run {self.run_id} is a mock: its model learned synthetic data, so it is not exported")
 
     def __repr__(self) -> str:
         return f"<FLIP MOCK run {self.run_id} {self.name!r}: {self.status}, round {self.round}/{self.rounds}>"

@@ -287,7 +287,7 @@ class TaskSession:
             cache=self._cached(request.dataset, request.cohort) if isinstance(train_df, list) else None,
         )
         config = {**request.config, "device": self.device}  # the site's choice, over the researcher's
-        result.device = self.device
+        result.device, result.threads = self.device, _torch_threads()
         with gpu_use(self.device) as gpu:
             self._cell_calls(request, result, namespace, data, config, len(train_df))
         result.gpu_peak_bytes, result.gpu_seconds = gpu.peak_bytes, gpu.seconds
@@ -318,6 +318,12 @@ class TaskSession:
         result.num_train = reported if 1 <= reported <= train_rows else train_rows
         result.train_metrics = metrics
         result.params = _state_arrays(model)
+
+
+def _torch_threads() -> int:
+    import torch  # loaded by the step's cell calls anyway
+
+    return int(torch.get_num_threads())
 
 
 def _copy(part: Part) -> Part:

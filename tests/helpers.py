@@ -33,6 +33,35 @@ def model_bytes() -> bytes:
     return pack_arrays({"weight": np.zeros((1, 3), dtype=np.float32), "bias": np.zeros(1, dtype=np.float32)})
 
 
+def flip(*args: Any, timeout: float = 600) -> Any:
+    """The real ``flip`` command of this environment (FLIP_HOME names the test's federation, as set)."""
+    import subprocess
+    import sys
+
+    command = [str(Path(sys.executable).parent / "flip"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def flip_run(notebook: str, out: Path, **parameters: Any) -> dict[str, Any]:
+    """``flip run notebooks/NOTEBOOK -p ...`` into ``out``; its execution.json (the run failing the test)."""
+    import json
+
+    pairs = [str(x) for name, value in parameters.items() for x in ("-p", name, value)]
+    done = flip("run", REPO / "notebooks" / notebook, *pairs, "--out", out, "--no-progress")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    execution: dict[str, Any] = json.loads((out / "execution.json").read_text())
+    return execution
+
+
+def static_figures(notebook: Path) -> list[str]:
+    """The SVG charts the runs' widgets left in an executed notebook's outputs (kept without a live frontend)."""
+    import nbformat
+
+    executed = nbformat.read(notebook, as_version=4)
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    return [o["data"]["image/svg+xml"] for o in outputs if "image/svg+xml" in o.get("data", {})]
+
+
 def shared_data() -> Path:
     return Path(os.environ.get("FLIP_DATA_DIR") or REPO.parent / "shared" / "data")
 

@@ -105,5 +105,12 @@ def test_notes_say_what_breaks_bit_identity_although_no_input_changed() -> None:
     assert "as they arrived" in notes
 
 
+def test_different_final_models_are_not_identical_even_with_equal_metrics() -> None:
+    same = compare(record("aaa", model_sha256="1" * 64), record("bbb", model_sha256="1" * 64))
+    assert same.identical and same.same_model and "final models: the same" in same.summary()
+    other = compare(record("aaa", model_sha256="1" * 64), record("bbb", model_sha256="2" * 64))
+    assert not other.identical and not other.same_model and "final models: different" in other.summary()
+
+
 def test_runs_without_metrics_are_not_identical() -> None:
     assert not compare(record("aaa", history=[]), record("bbb", history=[])).identical

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import threading
+import xml.etree.ElementTree as ET
 
 import ipywidgets
 
-from flip_magics.chart import render_chart, render_header, render_site_table
+from flip_magics.chart import render_chart, render_header, render_site_table, render_summary
 from flip_magics.widgets import RunWidget
 
-POINTS = [("loss", 1, 0.9), ("loss", 2, 0.5)]
+POINTS: list[tuple[str, str, float, float]] = [
+    ("fit loss", "a", 1, 0.9),
+    ("fit loss", "a", 2, 0.5),
+    ("evaluate loss", "global", 1, 0.8),
+    ("evaluate loss", "global", 2, 0.4),
+    ("evaluate loss", "a", 2, 0.45),
+]
 SITES: list[dict[str, object]] = [
     {"site": "a", "status": "training", "samples": 10, "round": 2, "detail": ""},
 ]
@@ -43,9 +50,11 @@ def test_run_widget_update_sets_values() -> None:
     w = RunWidget("fedavg", "abc123", 15)
     w.update(status="running", round_=2, points=POINTS, sites=SITES, message="hi <x>")
     assert w.header.value == render_header("fedavg", "abc123", "running", 2, 15, "hi <x>")
-    assert w.chart.value == render_chart(POINTS, title="metrics")
+    assert w.chart.value == render_chart(POINTS)
     assert w.table.value == render_site_table(SITES)
-    assert "<polyline" in w.chart.value
+    root = ET.fromstring(w.chart.value)
+    panels = root.findall("{http://www.w3.org/2000/svg}g[@class='panel']")
+    assert [p.get("data-metric") for p in panels] == ["evaluate loss", "fit loss"]
 
 
 def test_run_widget_update_skips_unchanged_assignments() -> None:
@@ -92,3 +101,28 @@ def test_run_widget_repr_mimebundle_delegates_to_box() -> None:
     assert bundle is not None
     view = bundle["application/vnd.jupyter.widget-view+json"]
     assert view["model_id"] == w.box.model_id
+
+
+def test_run_widget_static_bundle_holds_the_last_state() -> None:
+    w = RunWidget("fedavg", "abc123", 2)
+    w.update(status="completed", round_=2, points=POINTS, sites=SITES)
+    bundle = w.static_bundle()
+    assert set(bundle) == {"text/html", "image/svg+xml", "text/plain"}
+    svg = bundle["image/svg+xml"]
+    assert svg == render_chart(POINTS) and ET.fromstring(svg).tag == "{http://www.w3.org/2000/svg}svg"
+    html = bundle["text/html"]
+    header = render_header("fedavg", "abc123", "completed", 2, 2)
+    summary, table = render_summary(POINTS), render_site_table(SITES)
+    assert html.index(header) < html.index(svg) < html.index(summary) < html.index(table)
+    assert "final metrics (round 2)" in html and ">0.4<" in html  # global's last evaluate loss
+    assert ET.fromstring(html).tag == "div"  # one well-formed fragment
+    assert bundle["text/plain"] == "<FLIP run abc123 'fedavg': completed>"
+    assert "<script" not in html
+
+
+def test_run_widget_static_bundle_before_any_metric() -> None:
+    w = RunWidget("fedavg", "abc123", 2)
+    bundle = w.static_bundle()
+    assert "waiting for the first round" in bundle["image/svg+xml"]
+    assert "final metrics" not in bundle["text/html"]
+    assert bundle["text/plain"] == "<FLIP run abc123 'fedavg': pending>"

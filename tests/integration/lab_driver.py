@@ -15,10 +15,11 @@ server URL). Every wait is a Playwright wait with a timeout; nothing sleeps.
     screenshot(page, tmp_path / "lab.png")
 
 The run widget (flip_magics/widgets.py, flip_magics/chart.py) is three ``ipywidgets.HTML`` in a
-VBox: ``div.flip-header``, an SVG chart (``g.xticks``: a tick line and its label per round
-number; ``g.series[data-series=NAME]``: one ``circle`` per plotted round) and ``table.flip-sites``
+VBox (and, once the run ends, a static copy of them in the same output): ``div.flip-header``, an SVG
+chart with a ``g.panel[data-metric=M]`` per metric (its own ``g.xticks``: a tick line and its label per
+round number; ``g.series[data-series=NAME]``: one ``circle`` per plotted round) and ``table.flip-sites``
 (one ``tr.flip-site-<status>`` per site). The readers below look at the last run widget on the
-page (the most recent run) and map each circle's ``cx`` back to a round number through the
+page (the most recent run) and map each circle's ``cx`` back to a round number through its panel's
 ticks, so :func:`chart_rounds` is the highest round that has a point, not a count of ticks
 (the x axis is padded when only one round is drawn).
 """
@@ -72,25 +73,28 @@ _WIDGET_JS = r"""
   if (!box) return out;
   const svg = box.querySelector('svg');
   if (svg) {
-    const ticks = [];
-    const xt = svg.querySelector('g.xticks');
-    if (xt) {
-      const lines = xt.querySelectorAll('line');
-      const labels = [...xt.querySelectorAll('text')].filter(t => /^-?\d+$/.test(t.textContent.trim()));
-      for (let i = 0; i < Math.min(lines.length, labels.length); i++)
-        ticks.push([parseFloat(lines[i].getAttribute('x1')), parseInt(labels[i].textContent.trim(), 10)]);
-    }
-    for (const g of svg.querySelectorAll('g.series')) {
-      const xs = [...g.querySelectorAll('circle')].map(c => parseFloat(c.getAttribute('cx')));
-      let rounds;
-      if (ticks.length >= 2) {
-        const [[x0, r0], [x1, r1]] = [ticks[0], ticks[ticks.length - 1]];
-        rounds = xs.map(x => Math.round(r0 + (x - x0) * (r1 - r0) / (x1 - x0)));
-      } else {  // no usable ticks: number the distinct x positions 1..n
-        const uniq = [...new Set(xs)].sort((a, b) => a - b);
-        rounds = xs.map(x => uniq.indexOf(x) + 1);
+    // one panel per metric, each with its own round axis: a series is keyed "metric series"
+    for (const panel of svg.querySelectorAll('g.panel')) {
+      const ticks = [];
+      const xt = panel.querySelector('g.xticks');
+      if (xt) {
+        const lines = xt.querySelectorAll('line');
+        const labels = [...xt.querySelectorAll('text')].filter(t => /^-?\d+$/.test(t.textContent.trim()));
+        for (let i = 0; i < Math.min(lines.length, labels.length); i++)
+          ticks.push([parseFloat(lines[i].getAttribute('x1')), parseInt(labels[i].textContent.trim(), 10)]);
       }
-      out.series[g.getAttribute('data-series')] = rounds;
+      for (const g of panel.querySelectorAll('g.series')) {
+        const xs = [...g.querySelectorAll('circle')].map(c => parseFloat(c.getAttribute('cx')));
+        let rounds;
+        if (ticks.length >= 2) {
+          const [[x0, r0], [x1, r1]] = [ticks[0], ticks[ticks.length - 1]];
+          rounds = xs.map(x => Math.round(r0 + (x - x0) * (r1 - r0) / (x1 - x0)));
+        } else {  // no usable ticks: number the distinct x positions 1..n
+          const uniq = [...new Set(xs)].sort((a, b) => a - b);
+          rounds = xs.map(x => uniq.indexOf(x) + 1);
+        }
+        out.series[g.getAttribute('data-metric') + ' ' + g.getAttribute('data-series')] = rounds;
+      }
     }
   }
   const table = box.querySelector('table.flip-sites');
@@ -282,7 +286,7 @@ def header_text(page: Page) -> str:
 
 
 def chart_series(page: Page) -> dict[str, list[int]]:
-    """Per series (``'evaluate accuracy'``, ``'fit loss'``, ...) the rounds that have a point."""
+    """Per metric and series (``'evaluate accuracy global'``, ``'train loss VA'``, ...) the rounds with a point."""
     w = run_widget(page)
     return dict(w["series"]) if w else {}
 

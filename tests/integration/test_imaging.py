@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
-import papermill
 import pytest
 
 from flip_core.errors import Rejected, RunFailed
@@ -26,7 +25,7 @@ from flip_core.util import wait_until
 from flip_local.federation import Federation, restart
 from flip_magics.client import FlipClient
 
-from helpers import local_federation
+from helpers import flip_run, local_federation, static_figures
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -248,15 +247,13 @@ def test_round_two_reads_no_file_and_the_sandbox_holds_only_the_registered_image
         assert first["manifest_visible"] == 0.0 and first["stray_visible"] == 0.0
 
 
-def test_the_breastmnist_notebook_runs_headless_under_papermill(imaging, tmp_path: Path) -> None:
-    out = tmp_path / "imaging.ipynb"
-    papermill.execute_notebook(
-        str(REPO / "notebooks" / "02_imaging_breastmnist.ipynb"),
-        str(out),
-        parameters={"rounds": 3, "central_epochs": 3, "output_dir": str(tmp_path)},
-        progress_bar=False,
-        cwd=str(tmp_path),
-    )
+def test_the_breastmnist_notebook_runs_headless_under_flip_run(imaging, tmp_path: Path) -> None:
+    execution = flip_run("02_imaging_breastmnist.ipynb", tmp_path, rounds=3, central_epochs=3)
+    out = tmp_path / "02_imaging_breastmnist.ipynb"
+    assert len(execution["runs"]) == 1 and static_figures(out), "the executed notebook shows its run"
+    record = json.loads((tmp_path / "records" / f"{execution['runs'][0]}.json").read_text())
+    assert record["notebook"]["parameters"] == {"rounds": 3, "central_epochs": 3}
+    assert "monai" in record["site_packages"]["Ultrasound-A"]["packages"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["site_auc"]) == {"Ultrasound-A", "Ultrasound-B", "Ultrasound-C"}
     assert 0.5 < summary["federated"]["holdout_auc"] <= 1.0

@@ -9,17 +9,28 @@ runs headless under papermill.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import nbformat
-import papermill
 import pytest
 from nbclient import NotebookClient
 
-from helpers import REPO, TINY_CELL
+from flip_core.paths import data_dir
+from flip_core.util import wait_until
+from flip_local import cli
+from flip_local.federation import Federation, restart
+from flip_local.sites import HEART_SITES, HEART_SPLIT
+from site_agent.catalog import add_dataset, load_site
+
+from helpers import TINY_CELL, flip, flip_run, static_figures
+
+SITES = sorted(HEART_SITES)
+BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.integration
 
@@ -137,21 +148,132 @@ def test_attach_replays_a_finished_run(kernel: Kernel) -> None:
     assert statuses.count("completed") >= 2
 
 
-def test_quickstart_notebook_runs_headless_under_papermill(federation: Any, tmp_path: Path) -> None:
-    out = tmp_path / "quickstart.ipynb"
-    papermill.execute_notebook(
-        str(REPO / "notebooks" / "01_quickstart_heart.ipynb"),
-        str(out),
-        parameters={"rounds": 3, "output_dir": str(tmp_path)},
-        progress_bar=False,
-        cwd=str(tmp_path),
-    )
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["site_accuracy"]) == {"Cleveland", "Hungary", "Switzerland", "VA"}
+@pytest.fixture(scope="module")
+def quickstart(federation: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The quickstart notebook executed by `flip run` (3 rounds), as the tests below rerun and export it."""
+    out = tmp_path_factory.mktemp("quickstart") / "first"
+    (run_id,) = flip_run("01_quickstart_heart.ipynb", out, rounds=3)["runs"]
+    return {"out": out, "run_id": run_id, "record": json.loads((out / "records" / f"{run_id}.json").read_text())}
+
+
+def test_flip_run_executes_the_quickstart_and_keeps_a_record_that_explains_it(quickstart: dict[str, Any]) -> None:
+    out, record = quickstart["out"], quickstart["record"]
+    summary = json.loads((out / "summary.json").read_text())  # the notebook's output_dir: the run's folder
+    assert set(summary["site_accuracy"]) == set(SITES)
     assert summary["mean_accuracy"] >= 0.65, summary
     assert summary["flamby"]["fedavg"] == pytest.approx(0.685, abs=0.001)
-    executed = nbformat.read(out, as_version=4)
-    assert "widgets" in executed.metadata, "the live widget's final state is saved in the notebook"
+    assert json.loads((out / "parameters.json").read_text())["rounds"] == 3
+    notebook = record["notebook"]
+    assert notebook["path"].endswith("01_quickstart_heart.ipynb") and notebook["parameters"] == {"rounds": 3}
+    assert len(notebook["sha256"]) == 64 and notebook["cell"] == 1
+    assert record["source_hash"].startswith("sha256:") and record["seed"] == 42
+    for role in ("hub_packages", "client_packages"):
+        assert {"flip", "flwr", "torch", "monai"} <= set(record[role]), record[role]
+    assert record["hub_environment"].startswith("sha256:") and record["client_environment"].startswith("sha256:")
+    assert set(record["site_packages"]) == set(SITES)
+    for site, env in record["site_packages"].items():
+        assert env["packages"]["torch"].startswith("2.13.0") and env["hash"].startswith("sha256:"), site
+        assert record["site_info"][site]["device"] == "cpu" and record["site_info"][site]["fingerprint"]
+        seeds = record["step_seeds"][site]
+        assert len(seeds) == 4 and len(set(seeds)) == 4  # rounds 0..3: no two steps shuffle alike
+    assert len({tuple(s) for s in record["step_seeds"].values()}) == len(SITES)  # nor two sites
+    final = [r for r in record["history"] if r["round"] == 3 and r["phase"] == "evaluate" and r["metric"] == "accuracy"]
+    assert {r["site"] for r in final} == {*SITES, "global"}
+    assert record["aggregation_ordered"] is True and len(record["model_sha256"]) == 64
+    assert record["finished"] >= record["started"] >= record["created"] and record["researcher"]
+    assert static_figures(out / "01_quickstart_heart.ipynb"), "the executed notebook shows its run without a frontend"
+
+
+def rerun(capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, str]:
+    """``flip rerun ARGS`` in this process (the command's own code, without a second interpreter's start)."""
+    code = cli.main(["rerun", *map(str, args), "--no-progress"])
+    return code, capsys.readouterr().out
+
+
+def test_flip_rerun_matches_every_metric_and_a_changed_seed_is_named(quickstart: dict[str, Any], capsys) -> None:
+    code, out = rerun(capsys, quickstart["run_id"], "--out", quickstart["out"].parent / "again")
+    assert code == 0, out
+    comparison = json.loads((quickstart["out"].parent / "again" / "comparison.json").read_text())
+    assert comparison["identical"] and comparison["changes"] == [], comparison["changes"]
+    assert comparison["same_model"], "the same seeds, code, sites and data give the same model, bit for bit"
+    assert len(comparison["rows"]) > 40 and all(r["equal"] for r in comparison["rows"])
+    assert "metrics identical" in out
+    code, out = rerun(capsys, quickstart["run_id"], "-p", "seed", "7", "--out", quickstart["out"].parent / "seed7")
+    assert code == 3, out
+    assert "the seed changed (42 → 7)" in out and "metrics differ" in out, out
+
+
+def test_flip_compare_shows_two_runs_as_a_table_and_a_figure(kernel: Kernel, quickstart: dict[str, Any]) -> None:
+    (seven,) = json.loads((quickstart["out"].parent / "seed7" / "execution.json").read_text())["runs"]
+    outputs, _ = kernel.run(f"_c = %flip_compare {quickstart['run_id']} {seven}\nprint(len(_c), int(_c.equal.sum()))")
+    printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "the seed changed (42 → 7)" in printed, outputs
+    rows, equal = map(int, printed.strip().splitlines()[-1].split())
+    assert rows > 40 and equal < rows  # every metric of either run, most of them different
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the figure of both runs' curves"
+
+
+def test_a_rerun_names_the_site_whose_dataset_changed(
+    federation: Any, quickstart: dict[str, Any], tmp_path, capsys
+) -> None:
+    site_dir = Federation(federation.home).root / "sites" / "Switzerland"
+    original = data_dir() / "heart-disease" / HEART_SITES["Switzerland"]
+    changed = tmp_path / HEART_SITES["Switzerland"]
+    changed.write_text("".join(original.read_text().splitlines(keepends=True)[:-1]))  # one patient fewer
+    client = federation.client()
+
+    def reregister(path: Path) -> str:
+        add_dataset(load_site(site_dir), "heart-disease", path, "uci-heart", **HEART_SPLIT)
+        restart("site-Switzerland", federation.home)  # the agent reads its catalog when it starts
+        wanted = load_site(site_dir).datasets["heart-disease"].fingerprint
+        assert wait_until(lambda: announced_fingerprint(client, "Switzerland") == wanted, 60, 0.1)
+        return wanted
+
+    before = announced_fingerprint(client, "Switzerland")
+    try:
+        assert reregister(changed) != before
+        code, out = rerun(capsys, quickstart["run_id"], "--out", tmp_path / "rerun")
+        assert code == 3, out
+        assert "site Switzerland's dataset fingerprint changed" in out, out
+        changes = json.loads((tmp_path / "rerun" / "comparison.json").read_text())["changes"]
+        assert [c for c in changes if "fingerprint" in c] == [c for c in changes if "Switzerland" in c]
+    finally:
+        assert reregister(original) == before  # the other tests' federation as it was
+
+
+def announced_fingerprint(client: Any, site: str) -> str | None:
+    entry = next((s for s in client.sites() if s["site"] == site), None)
+    if entry is None or entry["status"] != "online":
+        return None
+    return next((d["fingerprint"] for d in entry["datasets"] if d["name"] == "heart-disease"), None)
+
+
+def test_an_exported_model_loads_from_its_folder_alone_and_passes_its_probe(quickstart: dict[str, Any]) -> None:
+    folder = quickstart["out"] / "model"  # the quickstart's last cell: result.save(output_dir/model)
+    assert (folder / "models" / "model.safetensors").is_file()
+    blocked = "import sys; [sys.modules.__setitem__(m, None) for m in ('flip_core', 'flip_magics', 'site_agent')]; "
+    loaded = subprocess.run(
+        [sys.executable, "-c", blocked + "from load import load_model, check; m = load_model(); print(check())"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert loaded.returncode == 0 and "True" in loaded.stdout, loaded.stderr[-2000:]
+    card = json.loads((folder / "configs" / "metadata.json").read_text())["flip"]
+    assert sorted(s["site"] for s in card["sites"]) == sorted(SITES) and card["rounds"] == 3
+    record = quickstart["record"]
+    final = {r["site"]: r["value"] for r in record["history"] if r["round"] == 3 and r["metric"] == "accuracy"}
+    assert card["not_for_clinical_use"] is True and card["run_id"] == quickstart["run_id"]
+    text = json.dumps(card["final_metrics"])
+    assert all(repr(value)[:6] in text or str(value)[:6] in text for value in final.values()), (final, text)
+    again = quickstart["out"].parent / "exported"
+    done = flip("export", quickstart["run_id"], again)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "probe check" in done.stdout
+    assert (again / "models" / "model.safetensors").read_bytes() == (
+        folder / "models" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_a_rerun_with_the_same_seed_gives_the_same_model(federation: Any) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pandas as pd
-import papermill
 import pytest
 import requests
 
@@ -23,7 +22,7 @@ from flip_local.federation import restart
 from flip_local.sites import HEART_SITES, HEART_SPLIT
 from site_agent.catalog import add_dataset, load_site, read_table
 
-from helpers import REPO, TINY_CELL, shared_data
+from helpers import TINY_CELL, flip_run, shared_data, static_figures
 
 pytestmark = pytest.mark.integration
 DATASET = "heart-disease"
@@ -261,15 +260,10 @@ def test_a_cohort_trains_exactly_as_a_prefiltered_copy_of_each_table(federation,
     assert len(trained) >= 8  # four sites, two rounds: the comparison is of a real run
 
 
-def test_the_cohort_notebook_runs_headless_under_papermill(federation, tables, pooled_truth, tmp_path) -> None:
-    out = tmp_path / "cohort.ipynb"
-    papermill.execute_notebook(
-        str(REPO / "notebooks" / "00_cohort_heart.ipynb"),
-        str(out),
-        parameters={"rounds": 2, "output_dir": str(tmp_path)},
-        progress_bar=False,
-        cwd=str(tmp_path),
-    )
+def test_the_cohort_notebook_runs_headless_under_flip_run(federation, tables, pooled_truth, tmp_path) -> None:
+    execution = flip_run("00_cohort_heart.ipynb", tmp_path, rounds=2)
+    out = tmp_path / "00_cohort_heart.ipynb"
+    assert len(execution["runs"]) == 1 and static_figures(out), "the executed notebook shows its run"
     summary = json.loads((tmp_path / "cohort_summary.json").read_text())
     assert summary["sites_by_sex"]["Cleveland/0"] == 97 and summary["sites_by_sex"]["VA/0"] is None
     assert summary["pooled_by_sex"] == {"0": None, "1": None}  # VA withheld both: so is the pooled table
