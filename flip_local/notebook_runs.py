@@ -125,9 +125,9 @@ def run_notebook(
     except PapermillExecutionError as exc:
         first = (exc.source or "").strip().splitlines()[:1]
         run.error = (
-            f"cell {exc.cell_index} of {notebook.name} (In [{exc.exec_count}]"
+            f"cell {exc.cell_index + 1} of {notebook.name} (In [{exc.exec_count}]"
             + (f": {first[0][:80]!r}" if first else "")
-            + f") raised {exc.ename}: {exc.evalue}"
+            + f") failed: {_reason(run.executed, exc)}"
         )
     finally:
         run.runs = [line for line in log.read_text().split() if line]
@@ -135,6 +135,24 @@ def run_notebook(
     if run.error:
         raise NotebookFailed(run.error + f"; the executed notebook is {run.executed}")
     return run
+
+
+def _reason(executed: Path, exc: Any) -> str:
+    """What the failing cell said: its error, or (a magic's UsageError is printed, not raised as an error output)
+    the last line it wrote to stderr."""
+    if exc.evalue:
+        return f"{exc.ename}: {exc.evalue}"
+    try:
+        cells = json.loads(executed.read_text())["cells"]
+    except (OSError, ValueError, KeyError):  # no executed copy: say what papermill said
+        cells = []
+    for cell in cells:
+        source = "".join(cell.get("source", ""))
+        if cell.get("cell_type") == "code" and source == exc.source:
+            text = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o.get("name") == "stderr")
+            if lines := text.strip().splitlines():
+                return lines[-1]
+    return str(exc.ename or "an error")
 
 
 def _collect(run: Execution, client: FlipClient, started: float) -> None:

@@ -76,3 +76,19 @@ def test_flip_show_prints_what_ran_on_what_and_what_came_out() -> None:
     assert "VA" in text and "train 130, test 70, cpu" in text and "torch 2.13.0" in text and "1.5 MB moved" in text
     assert "evaluate accuracy 0.75" in text
     assert json.dumps(record)  # a record is plain JSON
+
+
+def test_a_hub_and_a_headless_token_reach_the_notebooks_kernel_through_its_environment(monkeypatch) -> None:
+    from flip_local import run_commands
+    from flip_magics.client import ENV_API_TOKEN, ENV_API_URL, FlipClient
+
+    for name in (ENV_API_URL, ENV_API_TOKEN, "JUPYTERHUB_API_TOKEN"):
+        monkeypatch.setenv(name, "")  # recorded, so that what _client sets is undone after the test
+        monkeypatch.delenv(name)
+    args = _parser().parse_args(["runs", "--url", "https://hub.example:8900", "--token", "tok"])
+    client = run_commands._client(args)
+    assert client.url == "https://hub.example:8900" and client.token == "tok"
+    kernel_side = FlipClient.from_environment()  # what the kernel that flip run starts finds
+    assert (kernel_side.url, kernel_side.token) == ("https://hub.example:8900", "tok")
+    with pytest.raises(Exception, match="--url needs --token"):
+        run_commands._client(_parser().parse_args(["runs", "--url", "https://hub.example:8900"]))

@@ -203,6 +203,23 @@ def test_flip_rerun_matches_every_metric_and_a_changed_seed_is_named(quickstart:
     assert "the seed changed (42 → 7)" in out and "metrics differ" in out, out
 
 
+def test_flip_run_of_a_notebook_whose_cell_fails_exits_naming_the_cell_and_the_reason(federation, tmp_path) -> None:
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_code_cell("%load_ext flip_magics\n%flip_connect"),
+        nbformat.v4.new_code_cell("%%flip_train --dataset heart-disease\ndef build_model(:\n    pass"),
+        nbformat.v4.new_code_cell("print('never')"),
+    ]
+    nbformat.write(notebook, tmp_path / "broken.ipynb")
+    done = flip("run", tmp_path / "broken.ipynb", "--out", tmp_path / "out", "--no-progress")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cell 2 of broken.ipynb" in done.stderr, done.stderr
+    assert "failed: UsageError: syntax error in the cell at line 1" in done.stderr, done.stderr
+    assert "Nothing was submitted" in done.stderr and "Traceback" not in done.stderr
+    execution = json.loads((tmp_path / "out" / "execution.json").read_text())
+    assert execution["status"] == "failed" and execution["runs"] == [] and (tmp_path / "out" / "broken.ipynb").is_file()
+
+
 def test_flip_compare_shows_two_runs_as_a_table_and_a_figure(kernel: Kernel, quickstart: dict[str, Any]) -> None:
     (seven,) = json.loads((quickstart["out"].parent / "seed7" / "execution.json").read_text())["runs"]
     outputs, _ = kernel.run(f"_c = %flip_compare {quickstart['run_id']} {seven}\nprint(len(_c), int(_c.equal.sum()))")
