@@ -67,7 +67,9 @@ def test_a_private_run_shows_its_epsilon_per_round_and_the_budget_runs_out(feder
     first, second = spent["value"].tolist()
     assert 0 < first < second <= 2.0 and second > 1.9  # the whole run spends (almost exactly) what it asked
     assert set(history.phase) == {"privacy"}  # no loss, accuracy or count computed on a site's data left
-    assert {label for label, _, _ in handle.chart_points()} == {"privacy epsilon"}  # the notebook's live chart
+    labels = {label for label, *_ in handle.chart_points()}  # the notebook's live chart: privacy panels only
+    assert labels == {"privacy epsilon", "privacy project_epsilon"}, labels
+    assert handle.record["epsilon_spent"]["global"] == second  # the run record keeps what was spent
     assert {k: handle.record["config"][k] for k in ("dp_epsilon", "dp_clip", "dp_rounds")} == {
         "dp_epsilon": 2.0,
         "dp_clip": 0.5,
