@@ -43,11 +43,11 @@ from flip_core.errors import NotConnected, Rejected, RunFailed
 from flip_local.federation import Federation, down, up
 from flip_local.sites import local_policy
 from flip_magics.client import FlipClient
-from site_agent.catalog import init_site, load_site, write_policy
-from site_agent.image_datasets import add_image_dataset, load_cases
-from site_agent.policy import DEFAULT_THRESHOLD
-from site_agent.runner import load_cell
-from site_agent.worker import ENV_THREADS, TASK_NICE, _yield_cpu
+from site_agent.data.catalog import init_site, load_site, write_policy
+from site_agent.data.image_datasets import add_image_dataset, load_cases
+from site_agent.governance.policy import DEFAULT_THRESHOLD
+from site_agent.tasks.runner import load_cell
+from site_agent.tasks.worker import ENV_THREADS, TASK_NICE, _yield_cpu
 
 SITES = ("Synth-A", "Synth-B")
 DATASET = "synth3d"
@@ -269,7 +269,7 @@ def federated_run(home: Path, site_dirs: list[Path], args: argparse.Namespace) -
 
 
 class LocalData:
-    """Stands in for the site's ``TaskData`` (``site_agent.runner``) outside the federation: the site's train and
+    """Stands in for the site's ``TaskData`` (``site_agent.tasks.runner``) outside the federation: the site's train and
     test cases, its device, and ``cached(part, transform)``, one ``monai.data.CacheDataset`` per part kept while
     its transform is the one asked for, as a site's warm task process keeps it across a run's rounds."""
 
@@ -330,7 +330,7 @@ def site_steps(site_dir: Path, rounds: int, epochs: int, device: str) -> list[fl
 
 
 def baseline_process(site_dir: str, rounds: int, epochs: int, device: str, threads: int) -> list[float]:
-    """:func:`site_steps` in a child process set up as a site's task process is (``site_agent.worker``): its own
+    """:func:`site_steps` in a child process set up as a site's task process is (``site_agent.tasks.worker``): its own
     session at nice TASK_NICE (the same share of the CPU against anything else running), ``torch._dynamo`` imported
     before the first step, and the task processes' torch thread count (0: torch's default)."""
     _yield_cpu()
@@ -485,7 +485,7 @@ def main() -> None:
             site = load_site(d)
             entry = site.dataset(DATASET)
             splits[site.name] = (entry.train_rows, entry.test_rows)
-            if entry.train_rows < DEFAULT_THRESHOLD:  # site_agent.guard would withhold its parameters
+            if entry.train_rows < DEFAULT_THRESHOLD:  # site_agent.disclosure.guard would withhold its parameters
                 raise SystemExit(
                     f"site {site.name} has {entry.train_rows} train volumes; a site sends no model trained on fewer "
                     f"than {DEFAULT_THRESHOLD} (its disclosure threshold): use more --volumes"

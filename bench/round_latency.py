@@ -29,7 +29,8 @@ from flip_core.util import wait_until
 from flip_local.federation import down, status, up
 from flip_local.sites import prepare_heart_sites
 from flip_magics.client import FlipClient
-from site_agent.catalog import load_site, load_split
+from site_agent.data.catalog import load_site
+from site_agent.data.formats import load_split
 
 
 def site_csvs(root: Path) -> dict[str, tuple[Path, Path]]:

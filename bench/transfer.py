@@ -8,7 +8,7 @@ step for an MLP of ``--size`` parameters and times, median of ``--repeat``:
   and ids, every chunk deflated), before a single HTTP call;
 - the bulk path's HTTP legs: the round loop publishing to the coordinator (loopback), a site fetching
   through the fleet front (TLS), a site uploading through the front, the round loop taking a reply;
-- the site agent's hand-off to its task process and back (a pipe, as ``site_agent.tasks`` does);
+- the site agent's hand-off to its task process and back (a pipe, as ``site_agent.tasks.service`` does);
 - one loopback TCP copy of the same bytes, the floor's unit.
 
     python -m bench.transfer [--size 25M] [--repeat 3] [--front python|nginx]

@@ -8,11 +8,11 @@ server loop has put a message for this site on the SuperLink; the agent then pul
 Without a ring it still polls the fleet API every ``IDLE_POLL_SECONDS``, so a lost ring costs
 time, never a message.
 
-Each message is one step of a run. The site's policy decides first (``site_agent.governance``):
-only an allowed step reaches the run's warm task process (``site_agent.tasks``), and only what
+Each message is one step of a run. The site's policy decides first (``site_agent.governance.gate``):
+only an allowed step reaches the run's warm task process (``site_agent.tasks.service``), and only what
 the output guard lets through goes back; both are written to the site's audit log. A message of
 type "query" is a federated query, answered by the agent itself under the site's disclosure
-control (``site_agent.queries``): no researcher code runs for it.
+control (``site_agent.queries.service``): no researcher code runs for it.
 """
 
 from __future__ import annotations
@@ -35,18 +35,19 @@ from flip_core.status import Presence, StepStatus
 from flip_core.trace import stage
 from flip_core.versions import RECORDED_PACKAGES, environment_hash, package_versions
 from flip_core.wire import blob_to_content, content_to_blob
-from site_agent import isolation
-from site_agent.catalog import CatalogError, SiteConfig
-from site_agent.cohorts import CohortRefused, CohortStore
+from site_agent.data.catalog import CatalogError, SiteConfig
+from site_agent.disclosure.guard import announced
+from site_agent.exits import SiteExit
 from site_agent.fleet import FleetRefused, connect, release_session
-from site_agent.governance import Governance
-from site_agent.guard import announced
-from site_agent.tasks import TaskService
+from site_agent.governance.gate import Governance
+from site_agent.queries.cohorts import CohortRefused, CohortStore
+from site_agent.sandbox import isolation
+from site_agent.tasks.service import TaskService
 
 if TYPE_CHECKING:
     from flwr.app import Message, RecordDict
 
-    from site_agent.queries import QueryService
+    from site_agent.queries.service import QueryService
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class SiteAgent:
         hub and SuperNode authentication; without them (``--insecure``) plain HTTP, for debugging only.
         ``keep_scratch``: leave each run's scratch folder behind when it ends (debugging a task)."""
         self.site = site
-        self.device = device  # where its tasks run (site_agent.devices), announced
+        self.device = device  # where its tasks run (site_agent.tasks.devices), announced
         self.superlink = superlink
         self.coordinator = coordinator.rstrip("/")
         self.session = requests.Session()
@@ -87,7 +88,7 @@ class SiteAgent:
         self.bulk = BulkClient(self.coordinator, token, self.ca)  # payloads too large for a Flower message
         self.node_id: int | None = None
         self.stopping = threading.Event()
-        self.exit_code = 0
+        self.exit_code: int = SiteExit.OK
         self.node_ready = threading.Event()
         self.doorbell = threading.Event()
         self.governance = Governance(site)  # the site's policy, read once
@@ -177,7 +178,7 @@ class SiteAgent:
                         str(refused).replace("\n", " "),
                         self.site.name,
                     )
-                    self.exit_code = 3
+                    self.exit_code = SiteExit.HUB_REFUSED
                     self.stopping.set()
                     return
                 if refused.still_online and self._release_previous_session():
@@ -293,7 +294,7 @@ class SiteAgent:
         """The query service, made at the first query (it loads pandas, which training steps never need here)."""
         with self._queries_lock:
             if self._query_service is None:
-                from site_agent.queries import QueryService
+                from site_agent.queries.service import QueryService
 
                 self._query_service = QueryService(self.site, self.governance, self.cohorts)
             return self._query_service

@@ -8,24 +8,33 @@ import logging
 import os
 import shutil
 import sys
+from argparse import SUPPRESS
 from pathlib import Path
 from typing import Any
 
 from flip_core.certs import SITE_KEYS as KEYS
 from flip_core.certs import CertError, fingerprint, make_site_keys
-from site_agent.approvals import APPROVED, REJECTED, ApprovalError, ApprovalStore
-from site_agent.audit import AuditError, AuditLog, read_records
-from site_agent.audit import show as audit_show
-from site_agent.audit import verify as audit_verify
-from site_agent.catalog import FORMATS, CatalogError, add_dataset, init_site, load_site
-from site_agent.image_datasets import add_image_dataset
-from site_agent.policy import PolicyError
+from flip_core.exits import help_epilog
+from site_agent.data.catalog import CatalogError, init_site, load_site
+from site_agent.data.formats import FORMATS, add_dataset
+from site_agent.exits import SiteExit
+from site_agent.governance.approvals import APPROVED, REJECTED, ApprovalError, ApprovalStore
+from site_agent.governance.audit import AuditError, AuditLog, read_records
+from site_agent.governance.audit import show as audit_show
+from site_agent.governance.audit import verify as audit_verify
+from site_agent.governance.policy import PolicyError
 
+FORMAT_OPTIONS = ("stratify", "image_column", "label_column", "mask_column", "patient_column", "skip_bad_files")
 JOINED = "federation.json"  # where `flip-site join` records the federation (its token: owner-only)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flip-site", description="Run and manage a FLIP site (a hospital).")
+    parser = argparse.ArgumentParser(
+        prog="flip-site",
+        description="Run and manage a FLIP site (a hospital).",
+        epilog=help_epilog(SiteExit),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _data_commands(sub)
     _admin_commands(sub)
@@ -46,20 +55,24 @@ def _data_commands(sub: Any) -> None:
     add.add_argument("dir", type=Path)
     add.add_argument("name")
     add.add_argument("path", type=Path, help="the table, or the images' manifest (a CSV: one row per case)")
-    add.add_argument("--format", required=True, choices=FORMATS)
+    add.add_argument("--format", required=True, choices=FORMATS.names())
     add.add_argument("--train-fraction", type=float, default=0.8, help="share of rows in the train split")
     add.add_argument("--split-seed", type=int, default=0, help="seed of the recorded train/test split")
-    add.add_argument("--stratify", default=None, help="column to stratify the split on (tables)")
+    # the format's own options: only those given reach it, and a format refuses one that is not its own
+    add.add_argument("--stratify", default=SUPPRESS, help="column to stratify the split on (tables)")
     images = add.add_argument_group("images (a manifest's columns; the others are the cases' clinical variables)")
-    images.add_argument("--image-column", default="image", help="the image file or DICOM series folder")
-    images.add_argument("--label-column", default=None, help="a class or value (default: a column named label)")
-    images.add_argument("--mask-column", default=None, help="a segmentation file, instead of a label")
+    images.add_argument("--image-column", default=SUPPRESS, help="the image file or DICOM series folder (image)")
+    images.add_argument("--label-column", default=SUPPRESS, help="a class or value (default: a column named label)")
+    images.add_argument("--mask-column", default=SUPPRESS, help="a segmentation file, instead of a label")
     images.add_argument(
-        "--patient-column", default="patient_id", help="the patient id (the split keeps each patient on one side)"
+        "--patient-column",
+        default=SUPPRESS,
+        help="the patient id (the split keeps each patient on one side; default: patient_id)",
     )
     images.add_argument(
         "--skip-bad-files",
         action="store_true",
+        default=SUPPRESS,
         help="exclude cases whose file is missing or unreadable, counted in the inclusion report (default: refuse)",
     )
     listing = dataset.add_parser("list", help="show registered datasets")
@@ -144,93 +157,74 @@ def _federation_commands(sub: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        return _COMMANDS[args.command](args)
     except (CatalogError, PolicyError, ApprovalError, AuditError, CertError) as exc:
         print(f"flip-site: {exc}", file=sys.stderr)
-        return 2
+        return SiteExit.REFUSED
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "init":
-        site = init_site(args.dir, args.name)
-        print(f"site {site.name!r} created in {site.root}")
-        return 0
-    if args.command == "dataset" and args.action == "add" and args.format == "images":
-        site = add_image_dataset(
-            load_site(args.dir),
-            args.name,
-            args.path,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            mask_column=args.mask_column,
-            patient_column=args.patient_column,
-            skip_bad_files=args.skip_bad_files,
-            train_fraction=args.train_fraction,
-            split_seed=args.split_seed,
-        )
-        entry = site.datasets[args.name]
-        report = entry.inclusion or {}
-        excluded = report.get("excluded") or {}
-        print(
-            f"dataset {entry.name!r}: {report.get('cases')} cases in the manifest, {entry.rows} included "
-            f"({entry.train_rows} train / {entry.test_rows} test, {report.get('patients')} patients), "
-            f"{entry.fingerprint[:19]}…"
-        )
-        for reason, count in sorted(excluded.items()):
-            print(f"  excluded: {count} ({reason})")
-        if report.get("patients_with_several_cases"):
-            print(f"  {report['patients_with_several_cases']} patients have more than one case (kept on one side)")
-        return 0
-    if args.command == "dataset" and args.action == "add":
-        site = add_dataset(
-            load_site(args.dir),
-            args.name,
-            args.path,
-            args.format,
-            train_fraction=args.train_fraction,
-            split_seed=args.split_seed,
-            stratify=args.stratify,
-        )
-        entry = site.datasets[args.name]
+def _init(args: argparse.Namespace) -> int:
+    site = init_site(args.dir, args.name)
+    print(f"site {site.name!r} created in {site.root}")
+    return SiteExit.OK
+
+
+def _dataset(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        return _list_datasets(args)
+    options = {key: getattr(args, key) for key in FORMAT_OPTIONS if hasattr(args, key)}  # only those given
+    site = add_dataset(
+        load_site(args.dir),
+        args.name,
+        args.path,
+        args.format,
+        train_fraction=args.train_fraction,
+        split_seed=args.split_seed,
+        **options,
+    )
+    entry = site.datasets[args.name]
+    if entry.inclusion is None:
         print(
             f"dataset {entry.name!r}: {entry.rows} rows ({entry.train_rows} train / {entry.test_rows} test), "
             f"{len(entry.columns)} columns, {entry.fingerprint[:19]}…"
         )
-        return 0
-    if args.command == "dataset" and args.action == "list":
-        site = load_site(args.dir)
-        if args.json:
-            print(json.dumps([d.summary() for d in site.datasets.values()], indent=2))
-        else:
-            for d in site.datasets.values():
-                print(f"{d.name}\t{d.format}\t{d.rows} rows\t{d.fingerprint[:19]}…")
-        return 0
-    if args.command == "requests":
-        return _requests(args)
-    if args.command in ("approve", "reject"):
-        return _answer(args)
-    if args.command == "audit":
-        return _audit(args)
-    if args.command == "keygen":
-        site = load_site(args.dir)
-        keys = make_site_keys(args.dir / KEYS, site.name, force=args.force)
-        print(f"{site.name}'s key pair: {keys.private} (stays here) and {keys.public} ({fingerprint(keys.public)})")
-        print(f"send {keys.public} to the hub operator, who runs: flip site register {site.name} {keys.public.name}")
-        return 0
-    if args.command == "join":
-        return _join(args)
-    if args.command == "start":
-        return _start(args)
-    if args.command == "doctor":
-        return _doctor(args)
-    raise AssertionError(args)
+        return SiteExit.OK
+    report = entry.inclusion
+    print(
+        f"dataset {entry.name!r}: {report.get('cases')} cases in the manifest, {entry.rows} included "
+        f"({entry.train_rows} train / {entry.test_rows} test, {report.get('patients')} patients), "
+        f"{entry.fingerprint[:19]}…"
+    )
+    for reason, count in sorted((report.get("excluded") or {}).items()):
+        print(f"  excluded: {count} ({reason})")
+    if report.get("patients_with_several_cases"):
+        print(f"  {report['patients_with_several_cases']} patients have more than one case (kept on one side)")
+    return SiteExit.OK
+
+
+def _list_datasets(args: argparse.Namespace) -> int:
+    site = load_site(args.dir)
+    if args.json:
+        print(json.dumps([d.summary() for d in site.datasets.values()], indent=2))
+    else:
+        for d in site.datasets.values():
+            print(f"{d.name}\t{d.format}\t{d.rows} rows\t{d.fingerprint[:19]}…")
+    return SiteExit.OK
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    site = load_site(args.dir)
+    keys = make_site_keys(args.dir / KEYS, site.name, force=args.force)
+    print(f"{site.name}'s key pair: {keys.private} (stays here) and {keys.public} ({fingerprint(keys.public)})")
+    print(f"send {keys.public} to the hub operator, who runs: flip site register {site.name} {keys.public.name}")
+    return SiteExit.OK
 
 
 def _doctor(args: argparse.Namespace) -> int:
     """Each protection a task process gets on this host, and the site's own readiness; 1 if one is missing
     that the agent would refuse to run tasks without."""
-    from site_agent import isolation
-    from site_agent.governance import Governance
+    from site_agent.governance.gate import Governance
+    from site_agent.sandbox import isolation
 
     site = load_site(args.dir)
     Governance(site)  # the policy parses (a PolicyError says where it does not)
@@ -249,7 +243,7 @@ def _doctor(args: argparse.Namespace) -> int:
         f"{site.name}: {len(site.datasets)} dataset(s); task processes "
         + ("would be refused here (see the NO lines above)" if refused else "can run here")
     )
-    return 1 if refused else 0
+    return SiteExit.PROBLEMS if refused else SiteExit.OK
 
 
 def _requests(args: argparse.Namespace) -> int:
@@ -257,7 +251,7 @@ def _requests(args: argparse.Namespace) -> int:
     waiting = ApprovalStore(site.root).pending()
     if args.json:
         print(json.dumps(waiting, indent=2))
-        return 0
+        return SiteExit.OK
     if not waiting:
         print(f"no task is waiting for approval at {site.name}")
     for request in waiting:
@@ -266,7 +260,7 @@ def _requests(args: argparse.Namespace) -> int:
             f"dataset {request['dataset']}, first asked {request['requested']} (run {request['run_id']})"
         )
         print("  " + "\n  ".join(request["source"].rstrip("\n").split("\n")) + "\n")
-    return 0
+    return SiteExit.OK
 
 
 def _answer(args: argparse.Namespace) -> int:
@@ -281,7 +275,7 @@ def _answer(args: argparse.Namespace) -> int:
         f"{state} {record['hash']} for project {record['project']} at {site.name}"
         + (f" (reason: {record['reason']})" if state == REJECTED else "")
     )
-    return 0
+    return SiteExit.OK
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -289,7 +283,7 @@ def _audit(args: argparse.Namespace) -> int:
     if args.action == "show":
         for line in audit_show(site.root, args.last):
             print(line)
-        return 0
+        return SiteExit.OK
     problems = audit_verify(site.root)
     for problem in problems:
         print(problem)
@@ -298,7 +292,7 @@ def _audit(args: argparse.Namespace) -> int:
         f"audit log of {site.name}: "
         + (f"intact ({count} records)" if not problems else f"{len(problems)} problem(s) found")
     )
-    return 0 if not problems else 1
+    return SiteExit.OK if not problems else SiteExit.PROBLEMS
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -306,7 +300,7 @@ def _join(args: argparse.Namespace) -> int:
     keys = args.dir / KEYS
     if not (keys / f"{site.name}.key").exists():
         print(f"flip-site: {site.name} has no key pair yet: run `flip-site keygen {args.dir}` first", file=sys.stderr)
-        return 2
+        return SiteExit.REFUSED
     shutil.copyfile(args.ca, keys / "ca.pem")
     path = args.dir / JOINED
     path.write_text(
@@ -314,14 +308,14 @@ def _join(args: argparse.Namespace) -> int:
     )
     path.chmod(0o600)
     print(f"{site.name} joins the federation at {args.fleet}; start it with: flip-site start {args.dir}")
-    return 0
+    return SiteExit.OK
 
 
 def _start(args: argparse.Namespace) -> int:
     from flip_core.paths import read_connection
     from site_agent.agent import WARM_SECONDS, SiteAgent
-    from site_agent.devices import ENV_DEVICE, DeviceError
-    from site_agent.devices import resolve as resolve_device
+    from site_agent.tasks.devices import ENV_DEVICE, DeviceError
+    from site_agent.tasks.devices import resolve as resolve_device
 
     site = load_site(args.dir)
     joined = json.loads((args.dir / JOINED).read_text()) if (args.dir / JOINED).exists() else {}
@@ -339,7 +333,7 @@ def _start(args: argparse.Namespace) -> int:
             f"flip-site: this site has joined no federation (flip-site join); give {', '.join(missing)}",
             file=sys.stderr,
         )
-        return 2
+        return SiteExit.REFUSED
     ca = args.ca or (args.dir / KEYS / "ca.pem" if joined else None)
     key = args.dir / KEYS / f"{site.name}.key"
     if args.insecure:
@@ -360,12 +354,12 @@ def _start(args: argparse.Namespace) -> int:
             + "; --insecure only for debugging",
             file=sys.stderr,
         )
-        return 2
+        return SiteExit.REFUSED
     try:
         device = resolve_device(args.device)
     except DeviceError as exc:
         print(f"flip-site: {exc}", file=sys.stderr)
-        return 2
+        return SiteExit.REFUSED
     os.environ[ENV_DEVICE] = device  # handed to the task processes (FLIP_TASK_*)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {site.name} %(levelname)s %(message)s")
     warm = WARM_SECONDS if args.warm_seconds is None else args.warm_seconds
@@ -381,6 +375,20 @@ def _start(args: argparse.Namespace) -> int:
         device=device,
     )
     return agent.run()
+
+
+_COMMANDS = {
+    "init": _init,
+    "dataset": _dataset,
+    "requests": _requests,
+    "approve": _answer,
+    "reject": _answer,
+    "audit": _audit,
+    "keygen": _keygen,
+    "join": _join,
+    "start": _start,
+    "doctor": _doctor,
+}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""Tables held in one file: the ``csv`` and ``uci-heart`` dataset formats.
+
+Registration reads the whole table, records its schema, row count and fingerprint, and a seeded
+train/test split of its rows (stratified when asked; the UCI heart table on its target, disease
+present). A query and a task read the file again, refused when its bytes are not those registered.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from site_agent.data.catalog import (
+    CatalogError,
+    DatasetEntry,
+    DatasetFormat,
+    Opener,
+    Part,
+    SiteConfig,
+    fingerprint_file,
+    format_options,
+    open_file,
+    read_split,
+    recorded_files,
+    seeded_split,
+    verified_bytes,
+    write_split,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+UCI_HEART_COLUMNS = (
+    "age",
+    "sex",
+    "cp",
+    "trestbps",
+    "chol",
+    "fbs",
+    "restecg",
+    "thalach",
+    "exang",
+    "oldpeak",
+    "slope",
+    "ca",
+    "thal",
+    "num",
+)
+TABLE_OPTIONS: dict[str, Any] = {"train_fraction": 0.8, "split_seed": 0, "stratify": None}
+
+
+def _read_csv(source: Path | IO[bytes]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.read_csv(source)
+
+
+def _read_uci_heart(source: Path | IO[bytes]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.read_csv(source, header=None, names=list(UCI_HEART_COLUMNS), na_values="?")
+
+
+class TableFormat(DatasetFormat):
+    """A table in one file, parsed by ``reader``; ``target``: the column a split is stratified on by default,
+    and how its values become classes."""
+
+    def __init__(
+        self,
+        name: str,
+        reader: Callable[[Path | IO[bytes]], pd.DataFrame],
+        target: tuple[str, Callable[[pd.Series], pd.Series]] | None = None,
+    ) -> None:
+        self.name = name
+        self.read = reader
+        self.target = target
+
+    def _labels(self, table: pd.DataFrame, stratify: str | None) -> pd.Series | None:
+        """What a split is stratified on (the UCI heart table's target: disease present)."""
+        if stratify is None:
+            return None
+        labels = table[stratify]
+        if self.target is not None and stratify == self.target[0]:
+            return self.target[1](labels)
+        return labels
+
+    def register(self, config: SiteConfig, name: str, source: str | Path, **options: Any) -> DatasetEntry:
+        """Record schema, row count, fingerprint and a seeded split (``train_fraction``, ``split_seed``,
+        ``stratify``: a column; the format's target by default)."""
+        settings = format_options(self.name, options, TABLE_OPTIONS)
+        train_fraction, split_seed, stratify = settings["train_fraction"], settings["split_seed"], settings["stratify"]
+        path = Path(source).resolve()
+        if not path.is_file():
+            raise CatalogError(f"no such file: {path}")
+        table = self.read(path)
+        if stratify is None and self.target is not None:
+            stratify = self.target[0]
+        if stratify is not None and stratify not in table.columns:
+            raise CatalogError(f"cannot stratify on {stratify!r}: the table has no such column")
+        train, test = seeded_split(self._labels(table, stratify), len(table), train_fraction, split_seed)
+        write_split(
+            config.root,
+            name,
+            {
+                "dataset": name,
+                "seed": split_seed,
+                "train_fraction": train_fraction,
+                "stratify": stratify,
+                "train": train,
+                "test": test,
+            },
+        )
+        return DatasetEntry(
+            name=name,
+            path=str(path),
+            format=self.name,
+            fingerprint=fingerprint_file(path),
+            rows=len(table),
+            columns=tuple(str(c) for c in table.columns),
+            dtypes=tuple(str(t) for t in table.dtypes),
+            train_rows=len(train),
+            test_rows=len(test),
+            split_seed=split_seed,
+            train_fraction=train_fraction,
+            stratify=stratify,
+        )
+
+    def table(self, config: SiteConfig, entry: DatasetEntry) -> pd.DataFrame:
+        """The whole registered table (rows in file order); refuses a file that changed."""
+        return self.read(io.BytesIO(verified_bytes(config, entry.name, open_file)))
+
+    def task_data(
+        self, config: SiteConfig, entry: DatasetEntry, read: Opener, rows: list[int] | None = None
+    ) -> tuple[Part, Part]:
+        """The recorded train and test parts; ``rows``: a cohort's row positions, split as the dataset was (its
+        fraction, seed and stratification, applied to the cohort's rows in file order), so that training on a
+        cohort is training on a copy of the table holding only those rows."""
+        name = entry.name
+        table = self.read(io.BytesIO(verified_bytes(config, name, read)))
+        if rows is not None:
+            if rows and not 0 <= min(rows) <= max(rows) < len(table):
+                raise CatalogError(f"the cohort names rows that dataset {name!r} at site {config.name!r} does not have")
+            table = table.iloc[sorted(rows)].reset_index(drop=True)
+            labels = self._labels(table, entry.stratify)
+            split = dict(
+                zip(
+                    ("train", "test"),
+                    seeded_split(labels, len(table), entry.train_fraction, entry.split_seed),
+                    strict=True,
+                )
+            )
+        else:
+            split = read_split(config.root, name, read)
+        train = table.iloc[split["train"]].reset_index(drop=True)
+        test = table.iloc[split["test"]].reset_index(drop=True)
+        return train, test
+
+    def handed_files(self, config: SiteConfig, entry: DatasetEntry) -> list[Path]:
+        return recorded_files(config, entry)
+
+
+CSV = TableFormat("csv", _read_csv)
+UCI_HEART = TableFormat("uci-heart", _read_uci_heart, target=("num", lambda num: num > 0))

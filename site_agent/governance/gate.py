@@ -1,0 +1,206 @@
+"""The site's word on every step: policy before it runs, the output guard after, the audit of both.
+
+The site agent (trusted FLIP code) calls :meth:`Governance.admit` with a decoded step before
+any of the task's code runs, and :meth:`Governance.release` with what the task process
+produced before anything goes back to the hub. Decisions come from ``site_agent.governance.policy``
+(pure), code approvals from ``site_agent.governance.approvals``, the guard from ``site_agent.disclosure.guard``;
+each decision and each outcome is a record in the site's audit log.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from flip_core.cell import source_hash
+from flip_core.codec import archive_is_canonical
+from flip_core.protocol import StepRequest, StepResult, decode_result, encode_result, reheader_result
+from flip_core.status import Phase, StepStatus
+from site_agent.data.catalog import SiteConfig, read_site_toml
+from site_agent.disclosure.guard import Declared, describe_outgoing, guard
+from site_agent.disclosure.privacy import DEFAULT_DELTA, PrivacyLedger, noise_multiplier, privatise
+from site_agent.governance.approvals import ApprovalStore
+from site_agent.governance.audit import AuditLog
+from site_agent.governance.policy import (
+    ALLOW,
+    PENDING,
+    REFUSE,
+    Budget,
+    Decision,
+    SitePolicy,
+    TaskFacts,
+    decide,
+    parse_policy,
+)
+
+DP_WITHHELD = "metrics and row counts withheld: a differential-privacy run releases only noised parameters"
+
+
+@dataclass(frozen=True)
+class PrivateRun:
+    """A run's differential-privacy request as this site will honour it."""
+
+    epsilon: float
+    clip: float
+    rounds: int
+    delta: float
+
+    @property
+    def noise_multiplier(self) -> float:
+        return noise_multiplier(self.epsilon, self.delta, self.rounds)
+
+
+def private_run(config: dict[str, Any], delta: float) -> PrivateRun | None:
+    """The run's ``dp_*`` settings (None when it does not ask for DP); ValueError says what is wrong."""
+    if config.get("dp_epsilon") is None:
+        return None
+    try:
+        run = PrivateRun(
+            float(config["dp_epsilon"]), float(config.get("dp_clip", 1.0)), int(config.get("dp_rounds", 1)), delta
+        )
+    except (TypeError, ValueError):
+        raise ValueError("its differential-privacy settings are not numbers") from None
+    if not (0 < run.epsilon < float("inf") and 0 < run.clip < float("inf") and run.rounds >= 1):
+        raise ValueError("its differential-privacy settings are out of range")
+    run.noise_multiplier  # noqa: B018 - raises ValueError for an epsilon too small to reach
+    return run
+
+
+class Governance:
+    def __init__(self, site: SiteConfig, policy: SitePolicy | None = None) -> None:
+        self.site = site
+        self.policy = policy or parse_policy(site.name, read_site_toml(site.root))
+        self.approvals = ApprovalStore(site.root)
+        self.audit = AuditLog(site.root)
+        self.ledger = PrivacyLedger(site.root)
+        self._decided: set[tuple[str, str]] = set()  # (run, verdict) already in the audit log
+        self._lock = threading.Lock()
+
+    def admit(self, request: StepRequest) -> StepResult | None:
+        """None when the step may run; otherwise the result the hub gets instead ("refused" or "pending").
+
+        The first decision of each kind per run is audited (a task waiting for approval asks again
+        and again: one record says so)."""
+        code_hash = source_hash(request.source)  # the site hashes the source itself: a claimed hash proves nothing
+        epsilon_asked = request.config.get("dp_epsilon")
+        facts = TaskFacts(
+            project=request.project,
+            researcher=request.researcher,
+            dataset=request.dataset,
+            source_hash=code_hash,
+            dp_epsilon=None if epsilon_asked is None else float(epsilon_asked),
+        )
+        try:
+            budget = self._budget(request)
+        except ValueError as exc:
+            decision = Decision(REFUSE, f"{self.site.name} cannot run this task with differential privacy: {exc}")
+        else:
+            decision = decide(self.policy, facts, self.approvals.approval(facts.project, code_hash), budget)
+        if decision.verdict == PENDING:
+            self.approvals.request(
+                project=facts.project,
+                researcher=facts.researcher,
+                dataset=facts.dataset,
+                source=request.source,
+                source_hash=code_hash,
+                run_id=request.run_id,
+            )
+        with self._lock:
+            first = (request.run_id, decision.verdict) not in self._decided
+            self._decided.add((request.run_id, decision.verdict))
+        if first:
+            self.audit.append(
+                "decision",
+                run=request.run_id,
+                project=facts.project,
+                researcher=facts.researcher,
+                dataset=facts.dataset,
+                code_hash=code_hash,
+                verdict=decision.verdict,
+                reason=decision.reason,
+            )
+        if decision.verdict == ALLOW:
+            return None
+        status = StepStatus.PENDING if decision.verdict == PENDING else StepStatus.REFUSED
+        return StepResult(site=self.site.name, status=status, error_where=decision.reason)
+
+    def _delta(self, project: str) -> float:
+        found = self.policy.project(project)
+        return found.dp_delta if found else DEFAULT_DELTA
+
+    def _budget(self, request: StepRequest) -> Budget:
+        """The project's epsilon here now and after this step's releases (all of the run's, when it starts)."""
+        run = private_run(request.config, self._delta(request.project))
+        project = self.policy.project(request.project)
+        if run is None or project is None or project.max_epsilon is None:
+            return Budget()
+        count = run.rounds if request.phase == Phase.PREPARE else 1 if request.phase == Phase.FIT else 0
+        spend = self.ledger.spend(request.project, run.delta, run.noise_multiplier, count)
+        return Budget(spend.spent, spend.after)
+
+    def limits(self, request: StepRequest) -> tuple[float, int]:
+        """The step's time limit (seconds) and the run's memory limit (MB) under this site's policy."""
+        project = self.policy.project(request.project)
+        assert project is not None, "admit() refuses a project the site does not know"
+        return project.time_limit_seconds, project.memory_limit_mb
+
+    def release(self, request: StepRequest, produced: bytes | bytearray) -> bytes | bytearray:
+        """What may leave the site of ``produced`` (the task process's result), audited.
+
+        When the guard let the parameters through as they came and no noise is added, the guarded fields
+        are written into ``produced``'s header in place and the parameters are not encoded again."""
+        decoded = decode_result(produced)
+        guarded = guard(
+            decoded,
+            Declared.from_params(request.params),
+            self.policy.threshold(request.project),
+            metrics=self.policy.metrics(request.project),
+        )
+        result, privacy = guarded.result, dict[str, Any]()
+        run = private_run(request.config, self._delta(request.project))  # admit() has checked it
+        if run is not None:
+            result, privacy = self._private(request, result, run)
+            guarded.stripped.append(DP_WITHHELD)
+        self.audit.append(
+            "outcome",
+            run=request.run_id,
+            round=request.round,
+            phase=request.phase,
+            outgoing=describe_outgoing(result),
+            stripped=guarded.stripped,
+            **privacy,
+        )
+        same = result.params.keys() == decoded.params.keys() and all(
+            result.params[k] is decoded.params[k] for k in result.params
+        )
+        # the task process wrote these bytes: they leave only if they are exactly the canonical encoding of the
+        # parameters the guard passed (nothing hidden beside them), else the result is encoded afresh here
+        if (
+            same
+            and isinstance(produced, bytearray)
+            and archive_is_canonical(produced, result.params)
+            and reheader_result(produced, result)
+        ):
+            return produced
+        return encode_result(result)
+
+    def _private(self, request: StepRequest, result: StepResult, run: PrivateRun) -> tuple[StepResult, dict[str, Any]]:
+        """``result`` as a differential-privacy run may release it, charged to the project's ledger first."""
+        out = replace(result, train_metrics={}, eval_metrics={}, num_train=0, num_test=0, private=True)
+        privacy: dict[str, Any] = {}
+        if out.params:
+            z = run.noise_multiplier
+            self.ledger.charge(request.project, request.run_id, request.round, z)  # before anything leaves
+            rng = np.random.default_rng(secrets.randbits(128))  # never the run's seed: the hub knows it
+            out.params = privatise(out.params, request.params, run.clip, z, rng)
+            out.num_train = 1  # each site's update counts the same: its size is not released
+            privacy = {"dp": {"noise_multiplier": z, "clip": run.clip, "delta": run.delta}}
+        out.dp_epsilon = self.ledger.run_spent(request.project, request.run_id, run.delta)
+        out.dp_project_epsilon = self.ledger.spend(request.project, run.delta).spent
+        if privacy:
+            privacy["dp"].update(run_epsilon=out.dp_epsilon, project_epsilon=out.dp_project_epsilon)
+        return out, privacy

@@ -1,0 +1,265 @@
+"""The site admin's policy: parsed once from ``site.toml``, then pure decisions over tasks.
+
+Default deny. A task runs at this site only if its project is approved here, its researcher
+and dataset are allowed for that project, its kind is allowed, it meets the project's
+differential-privacy demands and budget, and its code (by hash of the normalised source) is
+approved or the project auto-approves for development. Nothing here reads files, talks to
+the network or looks at data: the agent gathers the facts, this module decides.
+
+``site.toml`` (beside ``[site]`` and ``[datasets.*]``, which ``site_agent.data.catalog`` owns)::
+
+    [policy]
+    disclosure_threshold = 10        # the least any project may use
+
+    [projects.heart]
+    approved = true
+    researchers = ["alice", "bob"]   # or ["*"]: anyone the hub lets into the project
+    datasets = ["heart-disease"]     # or ["*"]: any dataset registered here
+    tasks = ["train", "query"]        # "query": federated statistics (%flip_query), no code runs
+    query_columns = ["*"]            # the columns a query of this project may name or filter on
+    metrics = ["loss", "accuracy"]   # the metric names that may leave (default ["*"]: any plain name, at most 20)
+    auto_approve = false             # true: code runs without an admin's approval (development)
+    disclosure_threshold = 10
+    dp_required = false
+    max_epsilon = 8.0                # privacy budget of this project at this site (all its runs together)
+    dp_delta = 1e-5                  # the delta at which this site accounts epsilon
+    time_limit_seconds = 3600        # per step
+    memory_limit_mb = 4096
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from flip_core.errors import ConfigError
+
+DEFAULT_THRESHOLD = 10
+TASK_KINDS = ("train", "query")
+DEFAULT_TASKS = ("train",)
+ANY = "*"
+
+ALLOW, PENDING, REFUSE = "allow", "pending", "refuse"
+
+
+class PolicyError(ConfigError):
+    """``site.toml``'s policy cannot be read; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ProjectPolicy:
+    name: str
+    approved: bool = False
+    researchers: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    query_columns: tuple[str, ...] = (ANY,)
+    metrics: tuple[str, ...] = (ANY,)
+    auto_approve: bool = False
+    disclosure_threshold: int = DEFAULT_THRESHOLD
+    dp_required: bool = False
+    max_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    time_limit_seconds: float = 3600.0
+    memory_limit_mb: int = 4096
+
+    def allows(self, names: tuple[str, ...], name: str) -> bool:
+        return ANY in names or name in names
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    site: str
+    projects: dict[str, ProjectPolicy] = field(default_factory=dict)
+    disclosure_threshold: int = DEFAULT_THRESHOLD
+
+    def project(self, name: str) -> ProjectPolicy | None:
+        return self.projects.get(name)
+
+    def metrics(self, project: str) -> tuple[str, ...]:
+        """The metric names ``project`` may send from this site (``("*",)``: any plain name)."""
+        found = self.projects.get(project)
+        return found.metrics if found else ()
+
+    def threshold(self, project: str) -> int:
+        """The disclosure threshold for ``project`` (the site's, for a project it does not know)."""
+        found = self.projects.get(project)
+        return max(self.disclosure_threshold, found.disclosure_threshold if found else 0)
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """What a task says about itself (carried with every step) and what the site knows of it."""
+
+    project: str
+    researcher: str
+    dataset: str
+    source_hash: str
+    kind: str = "train"
+    dp_epsilon: float | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A project's epsilon at this site: spent so far, and after the task's releases (the accountant's figures)."""
+
+    spent: float = 0.0
+    after: float = 0.0
+
+
+@dataclass(frozen=True)
+class Approval:
+    """The admin's word on one (project, code hash): "approved", "rejected" or "" (none yet)."""
+
+    state: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: str  # ALLOW, PENDING or REFUSE
+    reason: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict == ALLOW
+
+
+_PROJECT_KEYS = {f for f in ProjectPolicy.__dataclass_fields__ if f != "name"}
+
+
+def _names(where: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise PolicyError(f'{where} must be a list of names, e.g. ["alice"] or ["*"]')
+    return tuple(value)
+
+
+def _number(where: str, value: Any, *, integer: bool = False, least: float = 0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise PolicyError(f"{where} must be {'a whole number' if integer else 'a number'}")
+    if not math.isfinite(value) or value < least:
+        raise PolicyError(f"{where} must be at least {least:g}")
+    return value
+
+
+def _flag(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyError(f"{where} must be true or false")
+    return value
+
+
+def _delta(where: str, value: Any) -> float:
+    number = _number(where, value)
+    if not 0 < number < 1:
+        raise PolicyError(f"{where} must be between 0 and 1 (e.g. 1e-5)")
+    return number
+
+
+def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
+    """The policy in a parsed ``site.toml``; a site without one refuses every task."""
+    section = raw.get("policy", {})
+    if not isinstance(section, dict):
+        raise PolicyError("[policy] must be a table")
+    unknown = set(section) - {"disclosure_threshold"}
+    if unknown:
+        raise PolicyError(f"[policy] has unknown setting(s): {', '.join(sorted(unknown))}")
+    floor = int(
+        _number(
+            "[policy] disclosure_threshold",
+            section.get("disclosure_threshold", DEFAULT_THRESHOLD),
+            integer=True,
+            least=1,
+        )
+    )
+    projects: dict[str, ProjectPolicy] = {}
+    for name, body in (raw.get("projects") or {}).items():
+        where = f"[projects.{name}]"
+        if not isinstance(body, dict):
+            raise PolicyError(f"{where} must be a table")
+        unknown = set(body) - _PROJECT_KEYS
+        if unknown:
+            raise PolicyError(f"{where} has unknown setting(s): {', '.join(sorted(unknown))}")
+        tasks = _names(f"{where} tasks", body.get("tasks", list(DEFAULT_TASKS)))
+        if bad := sorted(set(tasks) - set(TASK_KINDS)):
+            raise PolicyError(f"{where} tasks: unknown kind(s) {', '.join(bad)} (known: {', '.join(TASK_KINDS)})")
+        threshold = int(
+            _number(f"{where} disclosure_threshold", body.get("disclosure_threshold", floor), integer=True, least=1)
+        )
+        if threshold < floor:
+            raise PolicyError(f"{where} disclosure_threshold {threshold} is below the site's {floor}")
+        epsilon = body.get("max_epsilon")
+        projects[name] = ProjectPolicy(
+            name=name,
+            approved=_flag(f"{where} approved", body.get("approved", False)),
+            researchers=_names(f"{where} researchers", body.get("researchers", [])),
+            datasets=_names(f"{where} datasets", body.get("datasets", [])),
+            tasks=tasks,
+            metrics=_names(f"{where} metrics", body.get("metrics", [ANY])),
+            query_columns=_names(f"{where} query_columns", body.get("query_columns", [ANY])),
+            auto_approve=_flag(f"{where} auto_approve", body.get("auto_approve", False)),
+            disclosure_threshold=threshold,
+            dp_required=_flag(f"{where} dp_required", body.get("dp_required", False)),
+            max_epsilon=None if epsilon is None else _number(f"{where} max_epsilon", epsilon),
+            dp_delta=_delta(f"{where} dp_delta", body.get("dp_delta", 1e-5)),
+            time_limit_seconds=_number(f"{where} time_limit_seconds", body.get("time_limit_seconds", 3600.0), least=1),
+            memory_limit_mb=int(
+                _number(f"{where} memory_limit_mb", body.get("memory_limit_mb", 4096), integer=True, least=64)
+            ),
+        )
+    return SitePolicy(site=site, projects=projects, disclosure_threshold=floor)
+
+
+def query_columns_refused(policy: SitePolicy, project: str, names: tuple[str, ...]) -> str:
+    """The sentence refusing a query that names columns ``project`` may not query here ("" when it may)."""
+    found = policy.project(project)
+    allowed = found.query_columns if found else ()
+    if ANY in allowed or not (barred := sorted(set(names) - set(allowed))):
+        return ""
+    return (
+        f"project {project!r} may not query column(s) {', '.join(barred)} at {policy.site} "
+        f"(it may query: {', '.join(allowed) or 'none'})"
+    )
+
+
+def decide(policy: SitePolicy, task: TaskFacts, approval: Approval = Approval(), budget: Budget = Budget()) -> Decision:
+    """May ``task`` run here now? Refusals say why in a sentence the researcher may read."""
+    site = policy.site
+    project = policy.project(task.project)
+    if project is None or not project.approved:
+        return Decision(REFUSE, f"project {task.project!r} is not approved at {site}")
+    if not project.allows(project.researchers, task.researcher):
+        return Decision(
+            REFUSE, f"researcher {task.researcher!r} may not run tasks of project {task.project!r} at {site}"
+        )
+    if not project.allows(project.datasets, task.dataset):
+        return Decision(REFUSE, f"project {task.project!r} may not use dataset {task.dataset!r} at {site}")
+    if task.kind not in project.tasks:
+        return Decision(REFUSE, f"{task.kind} tasks are not allowed for project {task.project!r} at {site}")
+    if project.dp_required and task.dp_epsilon is None:
+        return Decision(
+            REFUSE,
+            f"{site} requires differential privacy for project {task.project!r} "
+            f"(set --dp-epsilon, at most {project.max_epsilon:g})"
+            if project.max_epsilon is not None
+            else f"{site} requires differential privacy for project {task.project!r} (set --dp-epsilon)",
+        )
+    if (
+        task.dp_epsilon is not None
+        and project.max_epsilon is not None
+        and budget.after > project.max_epsilon * (1 + 1e-9)
+    ):
+        return Decision(
+            REFUSE,
+            f"the privacy budget of project {task.project!r} at {site} is exhausted: "
+            f"epsilon {budget.spent:.3g} of {project.max_epsilon:g} spent; this task "
+            f"(--dp-epsilon {task.dp_epsilon:g}) would bring it to {budget.after:.3g}",
+        )
+    if task.kind == "query":  # no code of the researcher's runs: no approval to wait for
+        return Decision(ALLOW)
+    if approval.state == "rejected":
+        why = f": {approval.reason}" if approval.reason else ""
+        return Decision(REFUSE, f"{site} rejected this code ({task.source_hash[:19]}){why}")
+    if approval.state == "approved" or project.auto_approve:
+        return Decision(ALLOW)
+    return Decision(PENDING, f"waiting for approval at {site}")

@@ -1,0 +1,187 @@
+"""The site's answers to federated queries: policy first, then the filter, the ledger, the statistic.
+
+No researcher code runs for a query: the agent itself reads its table (as the dataset's format
+says, ``site_agent.data.formats``), turns the filter's text into a row mask
+(``site_agent.queries.filtering``, never evaluated), refuses a cohort too close to one it already
+answered (``site_agent.queries.ledger``), computes the statistic under the disclosure threshold
+(``site_agent.queries.statistics``) or freezes the rows as a named cohort
+(``site_agent.queries.cohorts``), and writes what it released, or why it refused, to the audit log
+before the reply leaves. The threshold is the site's for the project, raised (never lowered) by the
+one the query asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from flip_core.errors import FlipError
+from flip_core.filters import parse as parse_filter
+from flip_core.query import QueryKind, QueryReply, QueryRequest, decode_query, encode_reply
+from flip_core.status import StepStatus
+from site_agent.data.catalog import SiteConfig, open_file, verified_bytes
+from site_agent.data.formats import load_table
+from site_agent.data.image_datasets import IMAGES, INTENSITY, verify_cases
+from site_agent.data.readers import ImageError
+from site_agent.governance.gate import Governance
+from site_agent.governance.policy import TaskFacts, decide, query_columns_refused
+from site_agent.queries.cohorts import CohortRefused, CohortStore
+from site_agent.queries.filtering import mask
+from site_agent.queries.image_statistics import voxel_histogram
+from site_agent.queries.ledger import QueryLedger
+from site_agent.queries.mock import make_mock
+from site_agent.queries.statistics import QueryRefused, answer
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+MOCK_MAX_ROWS = 2000  # enough to develop a cell against; what travels stays small whatever the table's size
+
+
+class QueryService:
+    """Answers the query messages that reach this site (thread-safe: each message has its own thread)."""
+
+    def __init__(self, site: SiteConfig, governance: Governance, cohorts: CohortStore) -> None:
+        self.site = site
+        self.governance = governance
+        self.cohorts = cohorts
+        self.ledger = QueryLedger(site.root)
+        self._tables: dict[str, tuple[tuple[int, int], pd.DataFrame]] = {}
+        self._lock = threading.Lock()
+
+    def answer(self, blob: bytes | bytearray) -> bytes:
+        started = time.monotonic()
+        request = decode_query(blob)
+        reply = self.reply(request)
+        reply.seconds = time.monotonic() - started
+        self.governance.audit.append(
+            "query",
+            query=request.query_id,
+            project=request.project,
+            researcher=request.researcher,
+            dataset=request.dataset,
+            text=request.text,
+            statistic=str(request.kind),
+            columns=list(request.columns),
+            where=request.where,
+            verdict=str(reply.status),
+            reason=reply.reason,
+            threshold=reply.threshold,
+            released=_released(request, reply.table),
+        )
+        return encode_reply(reply)
+
+    def reply(self, request: QueryRequest) -> QueryReply:
+        """What this site releases for ``request``: its answer, or a refusal in a sentence."""
+        name, policy = self.site.name, self.governance.policy
+        facts = TaskFacts(request.project, request.researcher, request.dataset, source_hash="", kind="query")
+        decision = decide(policy, facts)
+        if not decision.allowed:
+            return QueryReply(name, StepStatus.REFUSED, decision.reason)
+        if request.dataset not in self.site.datasets:
+            return QueryReply(name, StepStatus.NO_DATASET, f"{name} does not hold {request.dataset!r}")
+        threshold = max(policy.threshold(request.project), request.threshold)
+        try:
+            table = self._table(request.dataset)
+            if request.kind == QueryKind.MOCK:
+                return QueryReply(name, StepStatus.OK, threshold=threshold, table=self._mock(request, table, threshold))
+            cohort = parse_filter(request.where, [str(c) for c in table.columns])
+            named = tuple(sorted(set(request.columns) | set(cohort.columns())))
+            if barred := query_columns_refused(policy, request.project, named):
+                return QueryReply(name, StepStatus.REFUSED, barred, threshold)
+            rows = mask(cohort, table)
+            fingerprint = self.ledger.cohort(np.flatnonzero(rows), len(table), request.text or request.where)
+            released = fingerprint.size >= threshold
+            near = released and self.ledger.too_close(
+                request.project, request.dataset, fingerprint, len(table), threshold
+            )
+            if near:
+                return QueryReply(name, StepStatus.REFUSED, _too_close(name, threshold, near.text), threshold)
+            if request.kind == QueryKind.COHORT:
+                table_out = self._freeze(request, table, rows, threshold)
+            elif request.kind == QueryKind.HIST and request.columns == (INTENSITY,) and self._is_images(request):
+                table_out = voxel_histogram(self._images(request.dataset, rows), request.edges, threshold)
+            else:
+                table_out = answer(request, table, rows, threshold)
+        except FlipError as exc:
+            return QueryReply(name, StepStatus.REFUSED, f"{name}: {exc}", threshold)
+        if released:
+            self.ledger.record(request.project, request.dataset, fingerprint)
+        return QueryReply(name, StepStatus.OK, threshold=threshold, table=table_out)
+
+    def _freeze(self, request: QueryRequest, table: pd.DataFrame, rows: np.ndarray, threshold: int) -> dict[str, Any]:
+        """Freeze the cohort's rows here under its name; what leaves is their count and the cohort's hash."""
+        size = int(rows.sum())
+        if size < threshold:
+            raise CohortRefused(
+                f"cohort {request.cohort!r} would hold fewer than {threshold} rows here, too few to count or train on"
+            )
+        entry = self.site.dataset(request.dataset)
+        cohort = self.cohorts.freeze(
+            request.project,
+            request.cohort,
+            request.dataset,
+            request.where,
+            entry.fingerprint,
+            np.flatnonzero(rows).tolist(),
+        )
+        counted = answer(replace(request, kind=QueryKind.COUNT, columns=()), table, rows, threshold)
+        return {**counted, "cohort": cohort.name, "hash": cohort.hash}
+
+    def _mock(self, request: QueryRequest, table: pd.DataFrame, threshold: int) -> dict[str, Any]:
+        """The dataset's mock, made here under this threshold: the same one every time for the same file."""
+        entry = self.site.dataset(request.dataset)
+        seed = int.from_bytes(hashlib.sha256(f"{self.site.name}|{entry.fingerprint}|{threshold}".encode()).digest()[:8])
+        mock = make_mock(table, threshold, seed).head(MOCK_MAX_ROWS)  # rows are drawn independently: any are a sample
+        rows = mock.astype(object).where(mock.notna(), None).to_numpy().tolist()
+        return {"columns": [str(c) for c in mock.columns], "dtypes": [str(t) for t in mock.dtypes], "rows": rows}
+
+    def _is_images(self, request: QueryRequest) -> bool:
+        return self.site.dataset(request.dataset).format == IMAGES.name
+
+    def _images(self, dataset: str, rows: np.ndarray) -> list[Path]:
+        """The image files of the matching cases, each checked against its registered fingerprint first."""
+        index = json.loads(verified_bytes(self.site, dataset, open_file))
+        positions = np.flatnonzero(rows).tolist()
+        try:
+            verify_cases(index, positions)
+        except ImageError as exc:
+            raise QueryRefused(f"an image of dataset {dataset!r} changed since it was registered ({exc})") from None
+        return [Path(index["cases"][i]["image"]) for i in positions]
+
+    def _table(self, dataset: str) -> pd.DataFrame:
+        """The dataset's whole table, read once, and again (checked against its fingerprint) when its file changes."""
+        stat = Path(self.site.dataset(dataset).path).stat()
+        key = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            cached = self._tables.get(dataset)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        table = load_table(self.site, dataset)
+        with self._lock:
+            self._tables[dataset] = (key, table)
+        return table
+
+
+def _too_close(site: str, threshold: int, earlier: str) -> str:
+    return (
+        f"{site} refused this query: its cohort differs by fewer than {threshold} rows from one already "
+        f"answered for this project ({earlier[:120]!r}); two answers that close could reveal single patients"
+    )
+
+
+def _released(request: QueryRequest, table: dict[str, Any]) -> dict[str, Any]:
+    """What left, for the audit log: the released table itself, or a mock's shape (its rows are synthetic)."""
+    if request.kind == QueryKind.MOCK and "rows" in table:
+        return {"mock_rows": len(table["rows"]), "columns": table["columns"]}
+    return table
