@@ -21,14 +21,16 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.aggregate import RunningMean, make_strategy
 from coordinator.flower_control import QUERY_LINE_RUN_ID
 from coordinator.flower_tuning import tuned_grid_pulls
 from coordinator.hublink import HubLink
 from coordinator.query_line import QueryLine
 from coordinator.round_events import global_events, reply_events, round_event, run_event, site_event
+from flip_core.aggregation import RunningMean, make_strategy
+from flip_core.cell import failed_step
 from flip_core.errors import FlipError
 from flip_core.protocol import StepRequest, StepResult
+from flip_core.runs import Task
 from flip_core.status import Phase, Presence, RunStatus, SiteState, StepStatus
 from flip_core.trace import stage
 from flip_core.util import wait_until
@@ -76,34 +78,33 @@ class Reply:
 
 
 def describe_failure(result: StepResult) -> str:
+    """What the researcher is told of a site's step that did not succeed (a failed cell: :func:`failed_step`)."""
     if result.status == StepStatus.NO_DATASET:
         return "the site does not hold this dataset"
     if result.status == StepStatus.REFUSED:
         return f"refused by the site: {result.error_where}"
     if result.status == StepStatus.SUPPRESSED:
         return f"withheld by the site's disclosure control ({result.error_where})"
-    where = f" in {result.error_where}" if result.error_where else ""
-    line = f" at cell line {result.error_line}" if result.error_line else ""
-    return f"{result.error_type}{line}{where}"
+    return failed_step(result.error_type, result.error_line, result.error_where)
 
 
 class RoundLoop:
     """One run's rounds. Talks to Flower through ``grid`` and to the hub through ``hub``."""
 
-    def __init__(self, grid: Grid, hub: HubLink, task: dict[str, Any]) -> None:
+    def __init__(self, grid: Grid, hub: HubLink, task: Task) -> None:
         self.grid = grid
         self.hub = hub
         self.task = task
-        self.run_id: str = task["run_id"]
-        self.active: dict[str, int] = {s["site"]: int(s["node_id"]) for s in task["sites"]}
+        self.run_id = task.run_id
+        self.active: dict[str, int] = {s.site: s.node_id for s in task.sites}
         self.failed: dict[str, str] = {}
-        self.strategy = make_strategy(task["strategy"], task.get("strategy_options", {}))
-        self.config = {**task.get("config", {}), **self.strategy.client_config()}
+        self.strategy = make_strategy(task.strategy, dict(task.strategy_options))
+        self.config = {**task.config, **self.strategy.client_config()}
         self.site_info: dict[str, dict[str, Any]] = {}
         self.waiting_for: set[str] = set()
-        self.round_timeout: float | None = task.get("round_timeout")
+        self.round_timeout = task.round_timeout
         self.stale: set[str] = set()  # ids of messages whose replies came too late: drained, ignored
-        self.dataset = task["dataset"]
+        self.dataset = task.dataset
         self.first_reply_seconds: float | None = None
         self.awaiting: set[str] = set()  # sites whose admin has yet to approve the task's code
         self.published: set[str] = set()  # the payload of the step now out (flip_core.bulk), dropped when replaced
@@ -123,17 +124,17 @@ class RoundLoop:
         t = self.task
         return StepRequest(
             run_id=self.run_id,
-            source=t["source"],
-            source_hash=t["source_hash"],
-            dataset=t["dataset"],
-            project=t["project"],
-            researcher=t["researcher"],
-            seed=int(t["seed"]),
+            source=t.source,
+            source_hash=t.source_hash,
+            dataset=t.dataset,
+            project=t.project,
+            researcher=t.researcher,
+            seed=t.seed,
             round=round_,
             phase=phase,
             config=self.config,
             params=params,
-            cohort=(t.get("cohort") or {}).get("name", ""),
+            cohort=t.cohort.name if t.cohort else "",
         )
 
     # -- one exchange --------------------------------------------------------------
@@ -342,7 +343,7 @@ class RoundLoop:
 
     def check_quorum(self, round_: int, good: list[Reply] | None = None) -> None:
         """Stop the run with a sentence if too few sites remain, or (``good``) too few replied in time."""
-        need = int(self.task["min_sites"])
+        need = self.task.min_sites
         if good is not None and len(good) < need and len(self.active) >= need:
             late = sorted(set(self.active) - {r.site for r in good})
             raise RunAborted(
@@ -379,7 +380,7 @@ class RoundLoop:
 
     # -- the run ---------------------------------------------------------------------
     def run(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rounds = int(self.task["rounds"])
+        rounds = self.task.rounds
         self.emit(
             run_event(RunStatus.RUNNING, sites=sorted(self.active)),
             *(site_event(s, SiteState.WAITING, 0) for s in sorted(self.active)),
@@ -419,7 +420,7 @@ def main(grid: Grid, context: Context) -> None:
         loop = RoundLoop(grid, hub, task)
         with tuned_grid_pulls(loop.a_waited_site_is_gone):
             try:
-                params = loop.run(hub.model(task["initial_model"]))
+                params = loop.run(hub.model(task.initial_model))
             finally:
                 loop.unpublish()
         sha = hub.put_model(run_id, params)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.aggregate import weighted_metrics
+from flip_core.aggregation import weighted_metrics
 from flip_core.protocol import StepResult
 from flip_core.status import EventType, MetricPhase, Phase, RunStatus, SiteState
 

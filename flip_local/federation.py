@@ -41,7 +41,7 @@ from flip_local import hub as local_hub
 from flip_local.hub import HUB_PROJECT, HubOptions
 from flip_local.processes import Federation, alive, spawn, stop, tail
 from flip_local.sites import DEFAULT_PROJECT, prepare_heart_sites, prepare_imaging_demo_sites
-from site_agent import isolation
+from site_agent.sandbox import isolation
 
 DEMOS = ("heart", "imaging")
 

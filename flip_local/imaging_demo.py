@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from flip_core.paths import data_dir
-from flip_local.sites import SitesError
+from flip_local.errors import SitesError
 
 # demo sites: a split of one public dataset, not real hospitals
 IMAGING_SITES = ("Ultrasound-A", "Ultrasound-B", "Ultrasound-C")
@@ -174,7 +174,7 @@ def prepare_imaging_sites(root: Path, source: Path | None = None, *, seed: int =
     """Write each demo site's case folder, ``root/imaging/<site>/``: the official train and val images spread over
     :data:`IMAGING_SITES` by :func:`site_assignment`. The official test images go to no site (they are
     :func:`public_holdout`). Only the files are written; registering them is the site's
-    (``site_agent.catalog.add_image_dataset``). Returns ``{site: manifest path}``."""
+    (``site_agent.data.image_datasets.add_image_dataset``). Returns ``{site: manifest path}``."""
     images, labels, ids = _pool(load_breastmnist(source))
     assignment = site_assignment(labels, len(IMAGING_SITES), seed)
     manifests = {}

@@ -8,11 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flip_core.errors import FlipError
 from flip_core.paths import data_dir
-from site_agent.catalog import CatalogError, add_dataset, init_site, write_policy
-from site_agent.image_datasets import add_image_dataset
-from site_agent.policy import DEFAULT_THRESHOLD
+from flip_local.errors import SitesError
+from site_agent.data.catalog import CatalogError, init_site, write_policy
+from site_agent.data.formats import add_dataset
+from site_agent.data.image_datasets import add_image_dataset
+from site_agent.governance.policy import DEFAULT_THRESHOLD
 
 HEART_SITES = {
     "Cleveland": "processed.cleveland.data",
@@ -23,10 +24,6 @@ HEART_SITES = {
 # FLamby's Fed-Heart-Disease split: 66 % train, seed 43, stratified on the label.
 HEART_SPLIT = {"train_fraction": 0.66, "split_seed": 43}
 DEFAULT_PROJECT = "default"
-
-
-class SitesError(FlipError):
-    """The local sites could not be prepared (their data is missing)."""
 
 
 def heart_site_names(count: int = len(HEART_SITES)) -> list[str]:

@@ -16,7 +16,7 @@ from flip_core import __version__
 
 _PUBLIC = {
     "FlipClient": "flip_magics.client",
-    "RunHandle": "flip_magics.client",
+    "RunHandle": "flip_magics.run_handle",
     "FlipError": "flip_core.errors",
     "NotConnected": "flip_core.errors",
     "Rejected": "flip_core.errors",

@@ -1,32 +1,34 @@
-"""The plain client API behind the magics: connect, list sites, train, follow, attach, stop.
+"""The plain client API behind the magics: connect, list sites, query, train, follow, attach, stop.
 
-No IPython here. A :class:`RunHandle` follows its run's event stream (server-sent events)
-in a background thread, reconnecting by itself, and keeps the run's state: per-site status,
-metric history, final model.
+No IPython here. It asks the coordinator through a :class:`flip_magics.connection.Connection`. A
+:class:`RunHandle` follows its run's event stream (server-sent events) in a background thread,
+reconnecting by itself, and keeps the run's state: per-site status, metric history, final model;
+a :class:`flip_magics.mock_run.MockRun` runs the cell here instead, on the sites' mocks.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import requests
 
-from flip_core.api import PROJECT_HEADER, CohortSpec, QuerySpec, TaskSpec, parse
-from flip_core.codec import pack_arrays, unpack_arrays
+from flip_core.aggregation import strategy_for
+from flip_core.api import CohortSpec, QuerySpec, TaskSpec, parse
+from flip_core.codec import pack_arrays
 from flip_core.errors import NotConnected, Rejected
 from flip_core.filters import parse as parse_filter
 from flip_core.paths import read_connection
+from flip_magics.connection import Connection
+from flip_magics.mock_run import MockRun
 from flip_magics.provenance import log_run, task_provenance
 from flip_magics.queries import QueryResult, result_from
 from flip_magics.run_handle import TERMINAL, RunHandle
 from flip_magics.site_tables import inclusion_table, site_table
-from flip_magics.task import PreparedTask, prepare
+from flip_magics.task import prepare
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,27 @@ class FlipClient:
 
     def __init__(self, url: str, token: str, *, project: str | None = None, timeout: float = 30.0) -> None:
         """``project``: the FLIP project to act in (a hub user in several); by default the caller's only one."""
-        self.url = url.rstrip("/")
-        self.token = token
-        self.project = project
-        self.timeout = timeout
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {token}"
-        if project:
-            self.session.headers[PROJECT_HEADER] = project
+        self.connection = Connection(url, token, project=project, timeout=timeout)
+
+    @property
+    def url(self) -> str:
+        """The coordinator's URL (no trailing slash)."""
+        return self.connection.url
+
+    @property
+    def token(self) -> str:
+        """The token this client acts with (a hub token or a headless one)."""
+        return self.connection.token
+
+    @property
+    def project(self) -> str | None:
+        """The FLIP project this client acts in (None: the caller's only one)."""
+        return self.connection.project
+
+    @property
+    def session(self) -> requests.Session:
+        """The authenticated HTTP session (its headers carry the token and the project)."""
+        return self.connection.session
 
     @classmethod
     def from_environment(cls, project: str | None = None) -> FlipClient:
@@ -67,31 +82,11 @@ class FlipClient:
             )
         return cls(connection["coordinator_url"], connection["token"], project=project)
 
-    # -- HTTP -----------------------------------------------------------------------
-    def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        try:
-            response = self.session.request(
-                method, self.url + path, timeout=kwargs.pop("timeout", self.timeout), **kwargs
-            )
-        except requests.ConnectionError:
-            raise NotConnected(f"cannot reach the FLIP coordinator at {self.url}") from None
-        except requests.Timeout:
-            raise NotConnected(f"the FLIP coordinator at {self.url} did not answer in time") from None
-        if not response.ok:
-            try:
-                message = response.json()["error"]
-            except (ValueError, KeyError):
-                message = f"HTTP {response.status_code}: {response.text[:200]}"
-            if response.status_code == 401:
-                raise NotConnected(f"the coordinator at {self.url} refused this token: {message}")
-            raise Rejected(message, response.status_code)
-        return response
-
     def whoami(self) -> dict[str, str]:
-        return self._call("GET", "/api/whoami").json()  # type: ignore[no-any-return]
+        return self.connection.call("GET", "/api/whoami").json()  # type: ignore[no-any-return]
 
     def sites(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/api/sites").json()  # type: ignore[no-any-return]
+        return self.connection.call("GET", "/api/sites").json()  # type: ignore[no-any-return]
 
     def site_table(self) -> pd.DataFrame:
         """One row per site and dataset: its status, whether a task process is ready, its device, the rows."""
@@ -102,13 +97,13 @@ class FlipClient:
         return inclusion_table(self.sites())
 
     def runs(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/api/runs").json()  # type: ignore[no-any-return]
+        return self.connection.call("GET", "/api/runs").json()  # type: ignore[no-any-return]
 
     def run(self, run_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/api/runs/{run_id}").json()  # type: ignore[no-any-return]
+        return self.connection.run(run_id)
 
     def stop(self, run_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/api/runs/{run_id}/stop").json()  # type: ignore[no-any-return]
+        return self.connection.call("POST", f"/api/runs/{run_id}/stop").json()  # type: ignore[no-any-return]
 
     # -- queries --------------------------------------------------------------------
     def query(
@@ -143,7 +138,7 @@ class FlipClient:
             "the query",
         )
         parse_filter(where)  # a malformed filter: told here, before anything is sent
-        answer = self._call("POST", "/api/queries", json=spec.model_dump(mode="json"), timeout=120).json()
+        answer = self.connection.call("POST", "/api/queries", json=spec.model_dump(mode="json"), timeout=120).json()
         return result_from(answer)
 
     def cohort(self, name: str, dataset: str, where: str = "", *, sites: list[str] | None = None) -> QueryResult:
@@ -154,7 +149,7 @@ class FlipClient:
             CohortSpec, {"name": name, "dataset": dataset, "where": where, "sites": sites}, "the cohort"
         )
         parse_filter(where)
-        answer = self._call("POST", "/api/cohorts", json=spec.model_dump(mode="json"), timeout=120).json()
+        answer = self.connection.call("POST", "/api/cohorts", json=spec.model_dump(mode="json"), timeout=120).json()
         return result_from(answer)
 
     def datasets(self) -> pd.DataFrame:
@@ -189,7 +184,7 @@ class FlipClient:
         """Each site's synthetic mock of ``dataset`` (made there under its disclosure rules: per-column
         marginals, no real row), as DataFrames by site. For developing a cell, never for results."""
         spec: QuerySpec = parse(QuerySpec, {"dataset": dataset, "kind": "mock", "sites": sites}, "the query")
-        answer = self._call("POST", "/api/queries", json=spec.model_dump(mode="json"), timeout=120).json()
+        answer = self.connection.call("POST", "/api/queries", json=spec.model_dump(mode="json"), timeout=120).json()
         mocks = Mocks(dataset, answer.get("refused", {}))
         for site, reply in answer["sites"].items():
             table = reply["table"]
@@ -249,20 +244,23 @@ class FlipClient:
             "the task",
         )  # a wrong option: told here, before anything is sent
         if mock:
-            return self._mock_run(spec, prepare(source, seed=seed))
-        self._call("POST", "/api/runs/check", json=spec.model_dump(mode="json"))  # a wrong dataset: before local work
+            return self._mock_run(spec)
+        body = spec.model_dump(mode="json")
+        self.connection.call("POST", "/api/runs/check", json=body)  # a wrong dataset: before local work
         task = prepare(source, seed=seed)
-        sha = self._call(
+        sha = self.connection.call(
             "POST", "/api/models", data=pack_arrays(task.initial), headers={"Content-Type": "application/octet-stream"}
         ).json()["sha256"]
         spec = parse(TaskSpec, {**spec.model_dump(mode="json"), "initial_model": sha, **task_provenance()}, "the task")
-        view = self._call("POST", "/api/runs", json=spec.model_dump(mode="json")).json()
+        view = self.connection.call("POST", "/api/runs", json=spec.model_dump(mode="json")).json()
         log_run(view["run_id"])
-        return RunHandle(self, view, task)
+        return RunHandle(self.connection, view, task)
 
-    def _mock_run(self, spec: TaskSpec, task: PreparedTask) -> RunHandle:
-        from flip_magics.mock_run import MockRun  # it builds on RunHandle, below
-
+    def _mock_run(self, spec: TaskSpec) -> RunHandle:
+        """The cell run here on every site's mock, with the strategy the hub would use (built first: a wrong
+        strategy or option is told before anything else)."""
+        strategy = strategy_for(spec.strategy, spec.config)
+        task = prepare(spec.source, seed=spec.seed)
         holders = [d for s in self.sites() for d in s["datasets"] if d["name"] == spec.dataset]
         if any(d.get("format") == "images" for d in holders):
             raise Rejected(
@@ -271,7 +269,7 @@ class FlipClient:
             )
         fractions = [d["train_rows"] / d["rows"] for d in holders if d.get("rows") and d.get("train_rows")]
         return MockRun(
-            self,
+            self.connection,
             task,
             dict(self.mock(spec.dataset)),
             dataset=spec.dataset,
@@ -279,37 +277,17 @@ class FlipClient:
             rounds=spec.rounds,
             seed=spec.seed,
             config={**spec.config},
+            strategy=strategy,
             train_fraction=float(np.median(fractions)) if fractions else 0.8,
         )
 
     def attach(self, run_id: str) -> RunHandle:
         """Follow an existing run (e.g. after a kernel restart), replaying its history."""
-        return RunHandle(self, self.run(run_id), None)
+        return RunHandle(self.connection, self.run(run_id), None)
 
-    def _events(self, run_id: str, after: int) -> Iterator[dict[str, Any]]:
-        """One connection's worth of server-sent events."""
-        response = self._call(
-            "GET",
-            f"/api/runs/{run_id}/events",
-            params={"after": after},
-            stream=True,
-            timeout=(5, 30),
-            headers={"Accept": "text/event-stream"},
-        )
-        with response:
-            data: list[str] = []
-            for line in response.iter_lines(decode_unicode=True):
-                if line is None:
-                    continue
-                if line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif line == "" and data:
-                    yield json.loads("\n".join(data))
-                    data = []
-
-    def model_params(self, run_id: str) -> dict[str, Any]:
-        # a bytearray: the arrays are writable views of it (the researcher may change them), not read-only
-        return unpack_arrays(bytearray(self._call("GET", f"/api/runs/{run_id}/model", timeout=300).content))
+    def model_params(self, run_id: str) -> dict[str, np.ndarray]:
+        """The final model of run ``run_id`` as arrays by name."""
+        return self.connection.model_params(run_id)
 
 
 class Mocks(dict[str, pd.DataFrame]):

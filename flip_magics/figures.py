@@ -1,4 +1,5 @@
-"""A federated query's answer (a :class:`flip_magics.queries.QueryResult`) as a matplotlib figure.
+"""A federated query's answer (a :class:`flip_magics.queries.QueryResult`, read as an :class:`Answer`) as a
+matplotlib figure.
 
 Pure plotting, no IPython: :func:`plot` builds a fresh :class:`matplotlib.figure.Figure` (never
 pyplot's global state), so nothing leaks between calls and it renders headless (Agg, papermill).
@@ -11,11 +12,11 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from itertools import product
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,10 +30,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from flip_core.query import MISSING_LEVEL, QUANTILE_NAMES, QueryKind
 
-if TYPE_CHECKING:
-    from flip_magics.queries import QueryResult
-
-__all__ = ["MAX_SITE_PANELS", "WITHHELD_CAPTION", "WITHHELD_LABEL", "plot", "png"]
+__all__ = ["MAX_SITE_PANELS", "WITHHELD_CAPTION", "WITHHELD_LABEL", "Answer", "plot", "png"]
 
 Floats = npt.NDArray[np.float64]
 
@@ -49,6 +47,31 @@ HEAT_PANEL_COLUMNS = 4
 MAX_ANNOTATED_CELLS = 400  # heat-map cells (all panels together) beyond which numbers are unreadable and slow
 
 
+class Answer(Protocol):
+    """What a figure reads of a query's answer (``flip_magics.queries.QueryResult`` is one): its kind, the per-site
+    and pooled frames, the coordinator's answer as it came (``raw``), the sites that did not answer, its title."""
+
+    @property
+    def kind(self) -> QueryKind: ...
+
+    @property
+    def sites(self) -> pd.DataFrame: ...
+
+    @property
+    def pooled(self) -> pd.DataFrame: ...
+
+    @property
+    def raw(self) -> Mapping[str, Any]: ...
+
+    @property
+    def refused(self) -> Mapping[str, str]: ...
+
+    @property
+    def mock(self) -> bool: ...
+
+    def title(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class _Series:
     """One site's (or the pooled) values over the levels, C order; NaN where withheld."""
@@ -58,7 +81,7 @@ class _Series:
     values: Floats
 
 
-def plot(result: QueryResult, pooled: bool | None = None) -> Figure:
+def plot(result: Answer, pooled: bool | None = None) -> Figure:
     """``result`` as a figure: bars, step histograms, heat maps or quantile glyphs, by its kind.
 
     ``pooled`` draws the pooled table instead of each site's; ``None`` means the kind's default
@@ -91,7 +114,7 @@ def png(figure: Figure, dpi: float = 100.0) -> bytes:
 # -- reading the result ------------------------------------------------------------------
 
 
-def _sites(result: QueryResult) -> list[str]:
+def _sites(result: Answer) -> list[str]:
     if result.sites.empty or "site" not in result.sites.columns:
         return []
     return list(dict.fromkeys(str(s) for s in result.sites["site"]))
@@ -101,7 +124,7 @@ def _colour(index: int) -> str:
     return f"C{index % 10}"
 
 
-def _layout(result: QueryResult) -> tuple[list[str], list[list[str]]]:
+def _layout(result: Answer) -> tuple[list[str], list[list[str]]]:
     """The count table's dims and each dim's levels (the pooled table's, else the first site's)."""
     tables = [result.raw.get("pooled")] + [s.get("table") for s in (result.raw.get("sites") or {}).values()]
     for table in tables:
@@ -127,7 +150,7 @@ def _grid(frame: pd.DataFrame, dims: list[str], levels: list[list[str]]) -> Floa
     return grid
 
 
-def _series(result: QueryResult, pooled: bool, dims: list[str], levels: list[list[str]]) -> list[_Series]:
+def _series(result: Answer, pooled: bool, dims: list[str], levels: list[list[str]]) -> list[_Series]:
     if pooled:
         return [_Series("pooled", POOLED_COLOUR, _grid(result.pooled, dims, levels))]
     sites = result.sites
@@ -150,7 +173,7 @@ def _shown(value: float) -> str:
 
 
 def _bars(
-    result: QueryResult, pooled: bool, kind: QueryKind, dims: list[str], levels: list[list[str]]
+    result: Answer, pooled: bool, kind: QueryKind, dims: list[str], levels: list[list[str]]
 ) -> tuple[Figure, list[str]]:
     fig = _figure()
     ax = fig.add_subplot()
@@ -216,14 +239,14 @@ def _legend(ax: Axes, withheld: bool, extra: Sequence[Any] = ()) -> None:
 # -- hist -----------------------------------------------------------------------------------
 
 
-def _hist_edges(result: QueryResult, site: str | None = None) -> list[float]:
+def _hist_edges(result: Answer, site: str | None = None) -> list[float]:
     raw = result.raw
     table = (raw.get("sites") or {}).get(site, {}).get("table") if site else raw.get("pooled")
     edges = (table or {}).get("edges") or (raw.get("pooled") or {}).get("edges") or []
     return [float(e) for e in edges]
 
 
-def _hist(result: QueryResult, pooled: bool, dims: list[str], levels: list[list[str]]) -> tuple[Figure, list[str]]:
+def _hist(result: Answer, pooled: bool, dims: list[str], levels: list[list[str]]) -> tuple[Figure, list[str]]:
     """Step histograms over the interior bins; below, above and missing go in the legend."""
     fig = _figure()
     ax = fig.add_subplot()
@@ -252,7 +275,7 @@ def _hist(result: QueryResult, pooled: bool, dims: list[str], levels: list[list[
 # -- heat maps: crosstab, count by two columns ---------------------------------------------------
 
 
-def _heat_maps(result: QueryResult, pooled: bool, dims: list[str], levels: list[list[str]]) -> tuple[Figure, list[str]]:
+def _heat_maps(result: Answer, pooled: bool, dims: list[str], levels: list[list[str]]) -> tuple[Figure, list[str]]:
     panels = _series(result, pooled, dims, levels)
     captions = []
     if len(panels) > MAX_SITE_PANELS:
@@ -302,7 +325,7 @@ def _heat_map(ax: Axes, grid: Floats, levels: list[list[str]], norm: Normalize, 
 # -- stats: quantile glyphs ----------------------------------------------------------------------
 
 
-def _stats(result: QueryResult, pooled: bool) -> tuple[Figure, list[str]]:
+def _stats(result: Answer, pooled: bool) -> tuple[Figure, list[str]]:
     frame = result.pooled if pooled else result.sites
     columns = list(dict.fromkeys(str(c) for c in frame["column"]))
     ncols = min(len(columns), STATS_PANEL_COLUMNS)
@@ -328,7 +351,7 @@ def _stats(result: QueryResult, pooled: bool) -> tuple[Figure, list[str]]:
     return fig, captions + ([WITHHELD_CAPTION] if withheld else [])
 
 
-def _stats_panel(ax: Axes, result: QueryResult, column: str, names: list[str]) -> bool:
+def _stats_panel(ax: Axes, result: Answer, column: str, names: list[str]) -> bool:
     """One column's glyphs: each named site's, then the pooled one; True where any was withheld."""
     rows = [_stat_row(result.sites, column, site) for site in names]
     rows.append(_stat_row(result.pooled, column, None))
@@ -396,7 +419,7 @@ def _nothing_caption(pooled: bool) -> str:
     return "no pooled table: no site released an answer" if pooled else "no site released an answer"
 
 
-def _finish(fig: Figure, result: QueryResult, captions: list[str]) -> Figure:
+def _finish(fig: Figure, result: Answer, captions: list[str]) -> Figure:
     """The title, the caption lines under the plot, the mock watermark; the layout leaves room for them."""
     fig.suptitle(result.title(), fontsize=11)
     lines = list(captions)

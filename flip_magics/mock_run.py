@@ -1,12 +1,13 @@
 """``%%flip_train --mock``: the cell run in the researcher's own kernel against every site's mock.
 
-Each site makes a synthetic mock of its dataset under its own disclosure rules (``site_agent.mock``:
+Each site makes a synthetic mock of its dataset under its own disclosure rules (``site_agent.queries.mock``:
 per-column marginals, no real row); ``FlipClient.mock`` fetches them. A :class:`MockRun` then runs
 the cell's rounds here, site by site, as the sites would (the same seeds per step, the dataset's
-train fraction, FedAvg weighted by rows), and feeds the same events to the same widget and result
-object as a federated run: so a cell that fails on the mock fails here in seconds, before any site
-is asked. Every name, title and record says MOCK; its numbers say nothing about the real data.
-No IPython here.
+train fraction, the run's strategy with its options and FedProx's proximal term, each update weighted
+by its rows), aggregates and weighs metrics with the hub's own functions (``flip_core.aggregation``),
+and feeds the same events to the same widget and result object as a federated run: so a cell that
+fails on the mock fails here in seconds, before any site is asked. Every name, title and record says
+MOCK; its numbers say nothing about the real data. No IPython here.
 """
 
 from __future__ import annotations
@@ -20,26 +21,41 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flip_core.cell import cell_line, seed_everything, step_seed
+from flip_core.aggregation import Strategy, Update, weighted_metrics
+from flip_core.cell import cell_line, failed_step, proximal_term, seed_everything, step_seed
 from flip_core.errors import Rejected
+from flip_core.runs import RunRecord
 from flip_core.status import EventType, MetricPhase, RunStatus, SiteState
-from flip_magics.client import FlipClient, RunHandle
+from flip_magics.connection import Connection
+from flip_magics.run_handle import RunHandle
 from flip_magics.task import PreparedTask, load_weights
 
 GLOBAL = "global"
+Metrics = list[tuple[dict[str, float], int]]  # each site's metrics and the rows they were measured on
 
 
 class MockData:
-    """What the cell's functions receive as ``data`` in a mock run: one site's mock, split."""
+    """What the cell's functions receive as ``data`` in a mock run: one site's mock, split, and the round's
+    global parameters (for FedProx's :meth:`proximal_term`, as at a site)."""
 
-    def __init__(self, train: pd.DataFrame, test: pd.DataFrame, site: str, dataset: str, round_: int) -> None:
+    def __init__(
+        self,
+        train: pd.DataFrame,
+        test: pd.DataFrame,
+        site: str,
+        dataset: str,
+        round_: int,
+        *,
+        global_params: dict[str, np.ndarray],
+        proximal_mu: float,
+    ) -> None:
         self.train, self.test, self.site, self.dataset, self.round = train, test, site, dataset, round_
-        self.proximal_mu = 0.0
+        self._global = global_params
+        self.proximal_mu = proximal_mu
 
     def proximal_term(self, model: Any) -> Any:
-        import torch
-
-        return torch.zeros(())
+        """FedProx's ``mu/2 * ||w - w_global||^2`` for ``model`` (0 unless the run uses fedprox)."""
+        return proximal_term(model, self._global, self.proximal_mu)
 
 
 def mock_split(mock: pd.DataFrame, train_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -50,12 +66,6 @@ def mock_split(mock: pd.DataFrame, train_fraction: float, seed: int) -> tuple[pd
     )
 
 
-def _weighted(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
-    total = sum(n for _, n in parts) or 1
-    names = sorted({k for metrics, _ in parts for k in metrics})
-    return {k: sum(m.get(k, 0.0) * n for m, n in parts) / total for k in names}
-
-
 def _scalars(value: Any, where: str) -> dict[str, float]:
     if not isinstance(value, dict):
         raise TypeError(f"{where} must return a dict of metrics, not {type(value).__name__}")
@@ -63,11 +73,14 @@ def _scalars(value: Any, where: str) -> dict[str, float]:
 
 
 class MockRun(RunHandle):
-    """A run of the cell over the sites' mocks, in this kernel; the same interface as :class:`RunHandle`."""
+    """A run of the cell over the sites' mocks, in this kernel; the same interface as :class:`RunHandle`.
+
+    ``strategy`` aggregates the sites' updates, as the hub's would (``flip_core.aggregation.strategy_for``);
+    the cell's ``config`` is the run's with what the strategy tells the sites (FedProx's ``proximal_mu``)."""
 
     def __init__(
         self,
-        client: FlipClient,
+        connection: Connection,
         task: PreparedTask,
         mocks: dict[str, pd.DataFrame],
         *,
@@ -76,10 +89,14 @@ class MockRun(RunHandle):
         rounds: int,
         seed: int,
         config: dict[str, Any],
+        strategy: Strategy,
         train_fraction: float,
     ) -> None:
-        self._mocks, self._seed, self._config, self._fraction = mocks, seed, config, train_fraction
+        self._mocks, self._seed, self._fraction = mocks, seed, train_fraction
+        self.strategy = strategy
+        self._config = {**config, **strategy.client_config()}  # as the hub sends it to the sites
         self._params: dict[str, np.ndarray] = dict(task.initial)
+        self._step = ("", "")  # the site and the function of the cell being run, for the sentence if it fails
         self._started = time.time()
         view = {
             "run_id": "mock-" + secrets.token_hex(3),
@@ -89,24 +106,26 @@ class MockRun(RunHandle):
             "status": RunStatus.SUBMITTED,
             "sites": sorted(mocks),
         }
-        super().__init__(client, view, task)  # its thread runs _follow: the rounds, here
+        super().__init__(connection, view, task)  # its thread runs _follow: the rounds, here
 
     @property
-    def record(self) -> dict[str, Any]:
+    def record(self) -> RunRecord:
+        """The mock run's record: what ran over which sites' mocks (``mock`` true), never a hub's."""
         assert self._task is not None
-        return {
-            "mock": True,
-            "name": self.name,
-            "dataset": self.dataset,
-            "rounds": self.rounds,
-            "seed": self._seed,
-            "source_hash": self._task.source_hash,
-            "sites": sorted(self._mocks),
-            "mock_rows": {site: len(frame) for site, frame in self._mocks.items()},
-            "status": self.status,
-            "reason": self.reason,
-            "created": self._started,
-        }
+        return RunRecord(
+            run_id=self.run_id,
+            mock=True,
+            name=self.name,
+            dataset=self.dataset,
+            rounds=self.rounds,
+            seed=self._seed,
+            source_hash=self._task.source_hash,
+            sites=sorted(self._mocks),
+            mock_rows={site: len(frame) for site, frame in self._mocks.items()},
+            status=self.status,
+            reason=self.reason,
+            created=self._started,
+        )
 
     @property
     def model(self) -> Any:
@@ -126,14 +145,13 @@ class MockRun(RunHandle):
     def _follow(self) -> None:
         sites = sorted(self._mocks)
         self._apply({"type": EventType.RUN, "status": RunStatus.RUNNING, "sites": sites})
-        site = ""
         try:
             evals = []
             for site in sites:
                 metrics, n = self._evaluate(site, 0, self._params)
                 evals.append((metrics, n))
                 self._apply(_metrics(0, site, MetricPhase.EVALUATE, metrics, n))
-            self._apply(_metrics(0, GLOBAL, MetricPhase.EVALUATE, _weighted(evals), sum(n for _, n in evals)))
+            self._global(0, MetricPhase.EVALUATE, evals)
             for round_ in range(1, self.rounds + 1):
                 self._round(round_, sites)
             for site in sites:
@@ -141,15 +159,17 @@ class MockRun(RunHandle):
                 self._apply(_metrics(self.rounds, site, MetricPhase.EVALUATE, metrics, n))
         except Exception as exc:  # noqa: BLE001 - the researcher's cell: its failure is the run's result
             traceback.print_exc()
-            where = f"{type(exc).__name__} at cell line {cell_line(exc)} on the MOCK of {site}"
+            site, function = self._step
+            failed = failed_step(type(exc).__name__, cell_line(exc), f"{function} on the MOCK of {site}")
             self._apply({"type": EventType.SITE, "site": site, "status": SiteState.FAILED, "round": self.round})
-            self._apply({"type": EventType.RUN, "status": RunStatus.FAILED, "reason": f"MOCK run failed: {where}"})
+            self._apply({"type": EventType.RUN, "status": RunStatus.FAILED, "reason": f"MOCK run failed: {failed}"})
             return
         self._apply({"type": EventType.RUN, "status": RunStatus.COMPLETED})
 
     def _round(self, round_: int, sites: list[str]) -> None:
         started = time.monotonic()
-        updates, trains = [], []
+        updates: list[Update] = []
+        trains: Metrics = []
         for site in sites:
             self._apply({"type": EventType.SITE, "site": site, "status": SiteState.TRAINING, "round": round_})
             params, metrics, n = self._train(site, round_)
@@ -157,39 +177,44 @@ class MockRun(RunHandle):
             trains.append((metrics, n))
             self._apply(_metrics(round_, site, MetricPhase.TRAIN, metrics, n))
             self._apply({"type": EventType.SITE, "site": site, "status": SiteState.DONE, "round": round_, "samples": n})
-        total = sum(n for _, n in updates) or 1
-        self._params = {  # FedAvg: weighted by each site's rows
-            k: np.sum([p[k].astype(np.float64) * (n / total) for p, n in updates], axis=0).astype(v.dtype)
-            for k, v in self._params.items()
-        }
-        self._apply(_metrics(round_, GLOBAL, MetricPhase.TRAIN, _weighted(trains), total))
+        self._params = self.strategy.aggregate(self._params, updates)  # in the sites' order, as the hub folds them
+        self._global(round_, MetricPhase.TRAIN, trains)
         seconds = time.monotonic() - started
         self._apply({"type": EventType.ROUND, "round": round_, "sites": len(sites), "seconds": seconds})
 
-    def _data(self, site: str, round_: int) -> MockData:
-        train, test = mock_split(self._mocks[site], self._fraction, self._seed)
-        return MockData(train, test, site, self.dataset, round_)
+    def _global(self, round_: int, phase: MetricPhase, parts: Metrics) -> None:
+        """The round's global metrics, as the hub weighs them: each over the sites that reported it."""
+        if reported := [(metrics, n) for metrics, n in parts if metrics]:
+            samples = sum(n for _, n in reported)
+            self._apply(_metrics(round_, GLOBAL, phase, weighted_metrics(reported), samples))
 
-    def _model_at(self, params: dict[str, np.ndarray]) -> Any:
+    def _data(self, site: str, round_: int, params: dict[str, np.ndarray]) -> MockData:
+        train, test = mock_split(self._mocks[site], self._fraction, self._seed)
+        mu = float(self._config.get("proximal_mu", 0.0))
+        return MockData(train, test, site, self.dataset, round_, global_params=params, proximal_mu=mu)
+
+    def _cell(self, function: str, data: MockData, params: dict[str, np.ndarray]) -> tuple[Any, dict[str, float]]:
+        """The cell's ``function`` on ``data``'s site, seeded as that site's step is (before its model is built
+        holding ``params``): the model after it and its metrics as numbers."""
         assert self._task is not None
-        return load_weights(self._task, params)
+        self._step = (data.site, "build_model()")
+        seed_everything(step_seed(self._seed, data.round, data.site))
+        model = load_weights(self._task, params)
+        self._step = (data.site, f"{function}()")
+        metrics = self._task.namespace[function](model, data, dict(self._config))
+        return model, _scalars(metrics, f"{function}()")
 
     def _evaluate(self, site: str, round_: int, params: dict[str, np.ndarray]) -> tuple[dict[str, float], int]:
-        assert self._task is not None
-        data = self._data(site, round_)
-        seed_everything(step_seed(self._seed, round_, site))
-        metrics = self._task.namespace["evaluate"](self._model_at(params), data, dict(self._config))
-        return _scalars(metrics, "evaluate()"), len(data.test)
+        data = self._data(site, round_, params)
+        return self._cell("evaluate", data, params)[1], len(data.test)
 
     def _train(self, site: str, round_: int) -> tuple[dict[str, np.ndarray], dict[str, float], int]:
-        assert self._task is not None
-        data = self._data(site, round_)
-        seed_everything(step_seed(self._seed, round_, site))
-        model = self._model_at(self._params)
-        metrics = _scalars(self._task.namespace["train"](model, data, dict(self._config)), "train()")
-        n = int(metrics.pop("num_examples", len(data.train)))
+        data = self._data(site, round_, self._params)
+        model, metrics = self._cell("train", data, self._params)
+        # the cell may weight its update by fewer examples than its split holds, never by more or by none
+        reported, rows = int(metrics.pop("num_examples", len(data.train))), len(data.train)
         params = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-        return params, metrics, max(1, min(n, len(data.train)))
+        return params, metrics, reported if 1 <= reported <= rows else rows
 
 
 def _metrics(round_: int, site: str, phase: str, metrics: dict[str, float], samples: int) -> dict[str, Any]:

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from flip_core.errors import RequestInvalid
+from flip_core.query import QUANTILE_NAMES, QueryKind
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-from flip_core.query import QUANTILE_NAMES, QueryKind
 
 STAT_FIELDS = ("n", "missing", "mean", "std")
 

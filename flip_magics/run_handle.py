@@ -10,16 +10,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from flip_core.errors import RunFailed
+from flip_core.runs import RunRecord, record_of
 from flip_core.status import TERMINAL, EventType, RunStatus, SiteState
+from flip_magics.connection import Connection
 from flip_magics.task import PreparedTask, load_weights, prepare
-
-if TYPE_CHECKING:
-    from flip_magics.client import FlipClient
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +30,10 @@ RECONNECT_SECONDS = (0.2, 0.5, 1.0, 2.0)
 
 
 class RunHandle:
-    """A run as the notebook sees it; updated live from the event stream."""
+    """A run as the notebook sees it; updated live from the event stream, read through ``connection``."""
 
-    def __init__(self, client: FlipClient, view: dict[str, Any], task: PreparedTask | None) -> None:
-        self.client = client
+    def __init__(self, connection: Connection, view: dict[str, Any], task: PreparedTask | None) -> None:
+        self.connection = connection
         self.run_id: str = view["run_id"]
         self.name: str = view["name"]
         self.rounds: int = int(view["rounds"])
@@ -85,17 +84,18 @@ class RunHandle:
         return frame.sort_values(["round", "site"], kind="stable").reset_index(drop=True)
 
     @property
-    def record(self) -> dict[str, Any]:
-        return self.client.run(self.run_id)["record"]  # type: ignore[no-any-return]
+    def record(self) -> RunRecord:
+        """The run's record as the hub keeps it (``record.model_sha256``; ``record["model_sha256"]`` reads it too)."""
+        return record_of(self.connection.run(self.run_id))
 
     @property
     def model(self) -> Any:
         """The global model with its final weights (waits for the run to end)."""
         self.wait()
         if self._model is None:
-            task = self._task or prepare(self.client.run(self.run_id)["source"])
+            task = self._task or prepare(self.connection.run(self.run_id)["source"])
             self._task = task
-            self._model = load_weights(task, self.client.model_params(self.run_id))
+            self._model = load_weights(task, self.connection.model_params(self.run_id))
         return self._model
 
     def save(self, directory: str | Path, example: Any = None) -> Path:
@@ -110,7 +110,7 @@ class RunHandle:
 
     @property
     def source(self) -> str:
-        return self._task.source if self._task else str(self.client.run(self.run_id)["source"])
+        return self._task.source if self._task else str(self.connection.run(self.run_id)["source"])
 
     def when_ended(self, callback: Callable[[RunHandle], None]) -> None:
         """Call ``callback(handle)`` once the run has ended: from the follower thread, and again from the thread
@@ -152,7 +152,7 @@ class RunHandle:
         after, attempt = 0, 0
         while not self._done.is_set():
             try:
-                for event in self.client._events(self.run_id, after):
+                for event in self.connection.events(self.run_id, after):
                     attempt = 0
                     if self.connection_note:
                         self.connection_note = ""

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from flip_core.cell import CELL_FILENAME, SIGNATURES, cell_line, missing_functions, source_hash
+from flip_core.cell import CELL_FILENAME, SIGNATURES, cell_line, failed_step, missing_functions, source_hash
 from flip_core.errors import TaskInvalid
 
 
@@ -38,10 +38,8 @@ def prepare(source: str, seed: int = 0) -> PreparedTask:
     try:
         exec(code, namespace)  # noqa: S102 - the researcher's own cell, in their own kernel
     except Exception as exc:  # noqa: BLE001
-        raise TaskInvalid(
-            f"the cell raised {type(exc).__name__} at line {cell_line(exc)} while defining its functions: "
-            f"{exc}. Nothing was submitted."
-        ) from None
+        failed = failed_step(type(exc).__name__, cell_line(exc), "the cell")
+        raise TaskInvalid(f"{failed}, while defining its functions: {exc}. Nothing was submitted.") from None
     if missing := missing_functions(namespace):
         raise TaskInvalid(
             f"the cell does not define {', '.join(missing)}; a %%flip_train cell defines {SIGNATURES}. "
@@ -53,9 +51,8 @@ def prepare(source: str, seed: int = 0) -> PreparedTask:
     try:
         model = namespace["build_model"]()
     except Exception as exc:  # noqa: BLE001
-        raise TaskInvalid(
-            f"build_model() raised {type(exc).__name__} at line {cell_line(exc)}: {exc}. Nothing was submitted."
-        ) from None
+        failed = failed_step(type(exc).__name__, cell_line(exc), "build_model()")
+        raise TaskInvalid(f"{failed}: {exc}. Nothing was submitted.") from None
     if not isinstance(model, torch.nn.Module):
         raise TaskInvalid(f"build_model() must return a torch.nn.Module, not {type(model).__name__}")
     initial = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from flip_core.paths import data_dir
+from flip_local.errors import SitesError
 from flip_local.imaging_demo import (
     IMAGING_SITES,
     MIN_PER_CLASS,
@@ -22,7 +23,6 @@ from flip_local.imaging_demo import (
     site_assignment,
     write_case_folder,
 )
-from flip_local.sites import SitesError
 
 SPLIT_SIZES = {"train": 546, "val": 78, "test": 156}
 

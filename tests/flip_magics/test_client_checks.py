@@ -27,3 +27,18 @@ def test_a_wrong_option_is_refused_in_the_kernel_without_reaching_the_coordinato
     nowhere = FlipClient(f"http://127.0.0.1:{free_port()}", "token")  # nothing listens there
     with pytest.raises(RequestInvalid, match=said):
         nowhere.train(CELL, dataset="heart-disease", **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"strategy": "fedsgd"}, "unknown strategy 'fedsgd': use one of"),
+        ({"strategy": "fedyogi", "config": {"server_lr": "fast"}}, "--config server_lr must be a number"),
+    ],
+)
+def test_a_mock_run_refuses_the_strategy_the_hub_would_refuse_before_anything_is_asked(
+    options: dict[str, object], said: str
+) -> None:
+    nowhere = FlipClient(f"http://127.0.0.1:{free_port()}", "token")  # nothing listens there
+    with pytest.raises(RequestInvalid, match=said):
+        nowhere.train(CELL, dataset="heart-disease", mock=True, **options)  # type: ignore[arg-type]

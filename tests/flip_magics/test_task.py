@@ -33,6 +33,17 @@ def test_build_model_must_return_a_torch_module() -> None:
         prepare(source)
 
 
+def test_a_cell_that_fails_while_it_is_prepared_is_told_as_a_failed_step_with_its_message() -> None:
+    source = TINY_CELL.replace("    return torch.nn.Linear(3, 1)", "    return torch.nn.Linear(3, 1 // 0)")
+    line = source.splitlines().index("    return torch.nn.Linear(3, 1 // 0)") + 1
+    with pytest.raises(TaskInvalid) as raised:
+        prepare(source)
+    said = f"ZeroDivisionError at cell line {line} in build_model(): integer division or modulo by zero."
+    assert str(raised.value) == f"{said} Nothing was submitted."
+    with pytest.raises(TaskInvalid, match="NameError at cell line 1 in the cell, while defining its functions"):
+        prepare("undefined_name\n" + TINY_CELL)
+
+
 def test_load_weights_gives_a_model_holding_them() -> None:
     task = prepare(TINY_CELL)
     model = load_weights(task, {"weight": np.ones((1, 3), np.float32), "bias": np.zeros(1, np.float32)})

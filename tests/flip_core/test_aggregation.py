@@ -1,4 +1,4 @@
-"""Behaviour tests for coordinator.aggregate (weighted mean, strategies, metrics)."""
+"""Behaviour tests for flip_core.aggregation (weighted mean, strategies, metrics, a run's strategy)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from coordinator.aggregate import (
+from flip_core.aggregation import (
     STRATEGIES,
     FedAdam,
     FedYogi,
     make_strategy,
+    strategy_for,
+    strategy_options,
     weighted_mean,
     weighted_metrics,
 )
+from flip_core.errors import RequestInvalid
 
 
 def _params(w, b, steps=0):
@@ -185,3 +188,26 @@ def test_weighted_metrics_empty_and_negative():
     assert weighted_metrics([]) == {}
     with pytest.raises(ValueError, match="weight"):
         weighted_metrics([({"a": 1.0}, -2)])
+
+
+def test_a_runs_strategy_is_built_from_its_name_and_the_options_its_config_sets():
+    yogi = strategy_for("FedYogi", {"server_lr": 0.5, "tau": 1, "lr": 0.1, "note": "x"})
+    assert isinstance(yogi, FedYogi) and yogi.options == {"server_lr": 0.5, "tau": 1.0}
+    assert (yogi.eta, yogi.tau, yogi.beta1) == (0.5, 1.0, 0.9)
+    assert strategy_options({"proximal_mu": 2, "beta1": 0.5, "epochs": 3}) == {"beta1": 0.5, "proximal_mu": 2.0}
+    assert strategy_for("fedprox", {}).client_config() == {"proximal_mu": 0.01}
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "said"),
+    [
+        ("fedsgd", {}, "unknown strategy 'fedsgd': use one of fedadam, fedavg, fedprox, fedyogi"),
+        ("fedadam", {"server_lr": "fast"}, "--config server_lr must be a number, not 'fast'"),
+        ("fedadam", {"beta1": True}, "--config beta1 must be a number, not True"),
+        ("fedprox", {"proximal_mu": -1}, "--config proximal_mu must be a finite number >= 0, not -1.0"),
+    ],
+)
+def test_a_wrong_strategy_or_option_is_refused_in_a_sentence(name, config, said):
+    with pytest.raises(RequestInvalid) as refused:
+        strategy_for(name, config)
+    assert str(refused.value).startswith(said)

@@ -1,4 +1,5 @@
-"""Server-side aggregation of site updates: FedAvg, FedProx, FedAdam and FedYogi.
+"""The strategies' arithmetic, shared by the hub's round loop and the notebook's mock run: FedAvg, FedProx,
+FedAdam and FedYogi, the example-weighted mean of the sites' updates and of their metrics.
 
 Pure numpy, no I/O. Model parameters are ``dict[str, np.ndarray]`` ordered like a
 torch ``state_dict``; a site update is ``(parameters, example_count)``.
@@ -11,19 +12,26 @@ as Flower's ``FedAdam`` / ``FedYogi`` strategies implement it (no bias correctio
     v = beta2 * v + (1 - beta2) * delta**2                          # Adam
     v = v - (1 - beta2) * delta**2 * sign(v - delta**2)             # Yogi
     new = current + eta * m / (sqrt(v) + tau)
+
+A run names its strategy (``--strategy``) and may set the options it reads in its ``--config``
+(:data:`STRATEGY_OPTIONS`); :func:`strategy_for` builds it from those, as the hub and the mock run both do.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+
+from flip_core.errors import RequestInvalid
 
 Params = dict[str, np.ndarray]
 Update = tuple[Params, int]
 
 STRATEGIES = {"fedavg", "fedprox", "fedadam", "fedyogi"}
+STRATEGY_OPTIONS = ("server_lr", "beta1", "beta2", "tau", "proximal_mu")  # --config keys the strategy reads
 
 
 def _check_same_layout(
@@ -191,9 +199,6 @@ class Strategy:
         return f"{type(self).__name__}({self.options!r})"
 
 
-ServerOptimizer = Strategy
-
-
 class FedAvg(Strategy):
     """Federated averaging (McMahan et al. 2017): the example-weighted mean."""
 
@@ -286,3 +291,42 @@ def make_strategy(name: str, options: dict[str, float] | None = None) -> Strateg
     if cls is None:
         raise ValueError(f"Unknown strategy {name!r}; valid strategies are: {', '.join(sorted(STRATEGIES))}.")
     return cls(options)
+
+
+def strategy_options(config: Mapping[str, Any]) -> dict[str, float]:
+    """The options a strategy reads from a run's ``--config`` (:data:`STRATEGY_OPTIONS`), as numbers; one that is
+    not a number is refused (:class:`RequestInvalid`) in a sentence naming it."""
+    if wrong := [k for k in STRATEGY_OPTIONS if k in config and isinstance(config[k], (bool, str))]:
+        raise RequestInvalid(f"--config {wrong[0]} must be a number, not {config[wrong[0]]!r}", "config")
+    return {k: float(config[k]) for k in STRATEGY_OPTIONS if k in config}
+
+
+def strategy_for(name: str, config: Mapping[str, Any]) -> Strategy:
+    """The strategy a run names (``--strategy``, case-insensitive) with the options its ``--config`` sets, as the
+    hub runs it; an unknown strategy or a wrong option is refused (:class:`RequestInvalid`) in a sentence."""
+    strategy = name.lower()
+    if strategy not in STRATEGIES:
+        raise RequestInvalid(f"unknown strategy {strategy!r}: use one of {', '.join(sorted(STRATEGIES))}", "strategy")
+    try:
+        return make_strategy(strategy, strategy_options(config))
+    except ValueError as exc:
+        raise RequestInvalid(f"--config {exc}", "config") from None
+
+
+__all__ = [
+    "STRATEGIES",
+    "STRATEGY_OPTIONS",
+    "FedAdam",
+    "FedAvg",
+    "FedProx",
+    "FedYogi",
+    "Params",
+    "RunningMean",
+    "Strategy",
+    "Update",
+    "make_strategy",
+    "strategy_for",
+    "strategy_options",
+    "weighted_mean",
+    "weighted_metrics",
+]
