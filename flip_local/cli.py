@@ -12,13 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flip_core.exits import help_epilog
 from flip_local import run_commands
+from flip_local.exits import FlipExit
 
 FLAMBY = {"FedAvg": 0.685, "Pooled": 0.735}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flip", description="FLIP: federated research from Jupyter.")
+    parser = argparse.ArgumentParser(
+        prog="flip",
+        description="FLIP: federated research from Jupyter.",
+        epilog=help_epilog(FlipExit),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _local_commands(sub)
     _hub_side_commands(sub)
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except FlipError as exc:
         print(f"flip: {exc}", file=sys.stderr)
-        return 1
+        return FlipExit.FAILED
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -210,21 +217,21 @@ def _down(args: argparse.Namespace) -> int:
 
     stopped = down()
     print("stopped: " + ", ".join(stopped) if stopped else "no local federation was running")
-    return 0
+    return FlipExit.OK
 
 
 def _restart(args: argparse.Namespace) -> int:
     from flip_local.federation import restart
 
     print(f"{args.name} restarted (pid {restart(args.name)})")
-    return 0
+    return FlipExit.OK
 
 
 def _kernel(args: argparse.Namespace) -> int:
     from flip_magics.kernelspec import DISPLAY_NAME, install
 
     print(f"{DISPLAY_NAME} installed in {install(user=args.user, prefix=args.prefix)}")
-    return 0
+    return FlipExit.OK
 
 
 def _local_config(given: Path | None) -> Path:
@@ -260,7 +267,7 @@ def _up(args: argparse.Namespace) -> int:
     if connection["secure"]:
         print(f"  CA           {connection['ca']}  (a new site: flip-site keygen, flip site register, flip-site join)")
     print(f"  connection   {connection_path()}  (notebooks: %load_ext flip_magics, %flip_connect)")
-    return 0
+    return FlipExit.OK
 
 
 def _hub(args: argparse.Namespace) -> int:
@@ -277,7 +284,7 @@ def _hub(args: argparse.Namespace) -> int:
         print(f"    log in as {user:<6} password {hub['password']}   groups: {', '.join(groups) or 'none'}")
     print(f"  notebooks    {notebooks}  (copied into each user's home)" if options.notebooks else "")
     print("  stop with    flip down")
-    return 0
+    return FlipExit.OK
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -288,7 +295,7 @@ def _certs(args: argparse.Namespace) -> int:
     print(f"consortium CA   {ca.cert}  ({fingerprint(ca.cert)}; its key {ca.key} signs certificates: keep it offline)")
     print(f"hub certificate {server.cert} and {server.key} for {', '.join(args.host)}")
     print(f"sites get {ca.cert} (flip-site join --ca)")
-    return 0
+    return FlipExit.OK
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -298,7 +305,7 @@ def _register(args: argparse.Namespace) -> int:
     print(f"site {args.name} registered: Flower node {node_id}")
     print(f"its token (shown once; send it to the site with the CA certificate): {token}")
     print(f"the site runs: flip-site join DIR --fleet HUB:PORT --ca ca.pem --token {token}")
-    return 0
+    return FlipExit.OK
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -316,11 +323,11 @@ def _token(args: argparse.Namespace) -> int:
     elif args.action == "revoke":
         count = revoke_tokens(path, args.researcher, args.project)
         print(f"revoked {count} token(s) of {args.researcher} in project {args.project}")
-        return 0 if count else 1
+        return FlipExit.OK if count else FlipExit.FAILED
     else:
         for grant in sorted(set(CoordinatorConfig.load(path).tokens.values()), key=lambda g: (g.project, g.researcher)):
             print(f"{grant.project:<16} {grant.researcher}")
-    return 0
+    return FlipExit.OK
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -329,17 +336,17 @@ def _status(args: argparse.Namespace) -> int:
     info = status()
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0 if info["running"] else 1
+        return FlipExit.OK if info["running"] else FlipExit.FAILED
     if not info["running"]:
         print("no local federation is running (`flip up` starts one)")
-        return 1
+        return FlipExit.FAILED
     print(f"coordinator  {info['coordinator_url']}\nsites join   {info['superlink']}")
     for site in info["sites"]:
         datasets = ", ".join(f"{d['name']} ({d['rows']} rows)" for d in site["datasets"])
         print(f"  {site['site']:<14} {site['status']:<8} {datasets}")
     if "error" in info:
         print(info["error"])
-    return 0
+    return FlipExit.OK
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -351,11 +358,11 @@ def _data(args: argparse.Namespace) -> int:
         for problem in problems:
             print(problem)
         print(f"{args.name}: {'OK' if not problems else 'problems found'} in {data_dir()}")
-        return 0 if not problems else 1
+        return FlipExit.OK if not problems else FlipExit.FAILED
     paths = fetch(args.name, args.dest or data_dir())
     for path in paths:
         print(path)
-    return 0
+    return FlipExit.OK
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -396,7 +403,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"run record:        {out_dir / 'records' / (summary['run_id'] + '.json')}")
     print(f"exported model:    {out_dir / 'model'} (flip export RUN_ID DIR; `python load.py --check` inside)")
     print(f"summary:           {out_dir / 'summary.json'}")
-    return 0
+    return FlipExit.OK
 
 
 _COMMANDS = {

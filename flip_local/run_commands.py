@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from flip_core.records import compare
-
-EXIT_DIFFERENT = 3  # `flip rerun`, `flip compare`: the runs' metrics differ
+from flip_core.runs import record_of
+from flip_local.exits import FlipExit
 
 
 def add_parsers(sub: Any) -> None:
@@ -80,9 +80,10 @@ def _run(args: argparse.Namespace) -> int:
     parameters = {name: parse_value(value) for name, value in args.parameter}
     execution = run_notebook(args.notebook, parameters, args.out, client=_client(args), progress=not args.no_progress)
     print(f"executed notebook: {execution.executed}")
-    for run_id, record in execution.records.items():
-        print(f"run {run_id}: {record.get('status', '?')}  {execution.out / 'records' / (run_id + '.json')}")
-    return 0
+    for run_id in execution.runs:
+        record = execution.records.get(run_id)
+        print(f"run {run_id}: {record.status if record else '?'}  {execution.out / 'records' / (run_id + '.json')}")
+    return FlipExit.OK
 
 
 def _rerun(args: argparse.Namespace) -> int:
@@ -93,14 +94,14 @@ def _rerun(args: argparse.Namespace) -> int:
     print(comparison.summary())
     print(f"executed notebook: {execution.executed}")
     print(f"comparison:        {execution.out / 'comparison.json'}")
-    return 0 if comparison.identical else EXIT_DIFFERENT
+    return FlipExit.OK if comparison.identical else FlipExit.DIFFERENT
 
 
 def _runs(args: argparse.Namespace) -> int:
     runs = _client(args).runs()
     if args.json:
         print(json.dumps(runs, indent=2))
-        return 0
+        return FlipExit.OK
     print(f"{'run':<11} {'status':<10} {'name':<24} {'dataset':<16} {'rounds':>6}  {'researcher':<12} created")
     for r in sorted(runs, key=lambda r: r["created"]):
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
@@ -108,20 +109,20 @@ def _runs(args: argparse.Namespace) -> int:
             f"{r['run_id']:<11} {r['status']:<10} {r['name'][:24]:<24} {r['dataset'][:16]:<16} {r['rounds']:>6}  "
             f"{r['researcher'][:12]:<12} {created}"
         )
-    return 0
+    return FlipExit.OK
 
 
 def _show(args: argparse.Namespace) -> int:
     from flip_local.record_text import describe
 
-    view = _client(args).run(args.run_id)
-    print(json.dumps(view["record"], indent=2) if args.json else describe(view["record"]))
-    return 0
+    record = record_of(_client(args).run(args.run_id))
+    print(json.dumps(record.as_dict(), indent=2) if args.json else describe(record))
+    return FlipExit.OK
 
 
 def _compare(args: argparse.Namespace) -> int:
     client = _client(args)
-    comparison = compare(client.run(args.run_a)["record"], client.run(args.run_b)["record"])
+    comparison = compare(record_of(client.run(args.run_a)), record_of(client.run(args.run_b)))
     print(comparison.summary())
     for row in comparison.differing[:20]:
         print(
@@ -129,7 +130,7 @@ def _compare(args: argparse.Namespace) -> int:
         )
     if len(comparison.differing) > 20:
         print(f"  … and {len(comparison.differing) - 20} more")
-    return 0 if comparison.identical else EXIT_DIFFERENT
+    return FlipExit.OK if comparison.identical else FlipExit.DIFFERENT
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -140,14 +141,15 @@ def _export(args: argparse.Namespace) -> int:
     view = client.run(args.run_id)
     if view["status"] != "completed":
         print(f"flip: run {args.run_id} is {view['status']}: only a completed run has a model", file=sys.stderr)
-        return 1
-    task = prepare(view["source"], seed=int(view["record"].get("seed", 0)))
+        return FlipExit.FAILED
+    record = record_of(view)
+    task = prepare(view["source"], seed=record.seed)
     model = load_weights(task, client.model_params(args.run_id))
-    folder = export_model(args.dir, model=model, source=view["source"], record=view["record"])
+    folder = export_model(args.dir, model=model, source=view["source"], record=record)
     check = verify_export(folder)
     print(f"exported run {args.run_id} to {folder}")
     print(f"probe check: the folder alone gives the run's output (largest difference {check['max_abs_diff']})")
-    return 0
+    return FlipExit.OK
 
 
 COMMANDS = {
@@ -159,4 +161,4 @@ COMMANDS = {
     "export": _export,
 }
 
-__all__ = ["COMMANDS", "EXIT_DIFFERENT", "add_parsers"]
+__all__ = ["COMMANDS", "add_parsers"]
