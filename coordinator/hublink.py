@@ -19,6 +19,8 @@ import requests
 from coordinator.blobs import HUB
 from flip_core.bulk import BulkClient, BulkUnreachable
 from flip_core.codec import pack_arrays, unpack_arrays
+from flip_core.parsing import parse
+from flip_core.runs import Task
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,10 @@ class HubLink:
     def _get(self, path: str) -> requests.Response:
         return self._request("GET", path)
 
-    def task(self, run_id: str) -> dict[str, Any]:
-        return self._get(f"/internal/runs/{run_id}/task").json()  # type: ignore[no-any-return]
+    def task(self, run_id: str) -> Task:
+        """The run's task as the coordinator validated it (a malformed one refused in a sentence naming the field)."""
+        task: Task = parse(Task, self._get(f"/internal/runs/{run_id}/task").content, "the run's task")
+        return task
 
     def model(self, sha: str) -> dict[str, np.ndarray]:
         return unpack_arrays(self._get(f"/internal/models/{sha}").content)

@@ -30,7 +30,7 @@ async def task(request: Request) -> Response:
     run = state(request).manager.store.run(request.path_params["run_id"])
     if run is None:
         return error("no such run", 404)
-    return JSONResponse(run["task"])
+    return Response(run.task.model_dump_json(exclude_unset=True), media_type="application/json")
 
 
 async def model(request: Request) -> Response:

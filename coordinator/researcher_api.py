@@ -21,6 +21,7 @@ from coordinator.service import Principal, TaskRejected
 from coordinator.web import bearer, error, model_body, query_int, state, typed_body
 from flip_core.api import PROJECT_HEADER, CohortSpec, QuerySpec, TaskSpec
 from flip_core.errors import RequestInvalid
+from flip_core.runs import record_of
 from flip_core.status import TERMINAL
 
 KEEPALIVE_SECONDS = 10.0
@@ -108,7 +109,7 @@ async def cohort(request: Request) -> Response:
 
 async def list_runs(request: Request) -> Response:
     who, manager = await caller(request), state(request).manager
-    runs = [manager.view(r["run_id"]) for r in manager.store.runs(project=who.project)]
+    runs = [manager.view(r.run_id) for r in manager.store.runs(project=who.project)]
     return JSONResponse([{k: v for k, v in r.items() if k not in ("source", "record")} for r in runs])
 
 
@@ -123,7 +124,7 @@ async def stop_run(request: Request) -> Response:
 
 async def get_model(request: Request) -> Response:
     view = own_run(request, await caller(request))
-    sha = view["record"].get("model_sha256")
+    sha = record_of(view).model_sha256
     if not sha:
         return error(f"run {view['run_id']} has no final model ({view['status']})", 404)
     return FileResponse(state(request).manager.store.model_path(sha), media_type="application/octet-stream")
@@ -150,7 +151,7 @@ async def _stream(request: Request, run_id: str, after: int) -> AsyncIterator[st
     while True:
         wake = flip.notifier.current()
         run = flip.manager.store.run(run_id)
-        finished = run is None or run["status"] in TERMINAL
+        finished = run is None or run.status in TERMINAL
         for event in flip.manager.store.events(run_id, after):
             after = event["seq"]
             yield f"id: {after}\ndata: {json.dumps(event)}\n\n"

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from coordinator import records
-from coordinator.aggregate import STRATEGIES
 from coordinator.cohorts import CohortBook
-from coordinator.store import Store
+from coordinator.store import Store, StoredRun
+from flip_core.aggregation import strategy_for
 from flip_core.api import TaskSpec
 from flip_core.cell import source_hash
 from flip_core.errors import Rejected
+from flip_core.runs import AnnouncedDataset, CohortRef, Task, TaskSite
 from flip_core.status import DISPATCHED, TERMINAL, EventType, Presence, RunStatus
-from flip_core.versions import RECORDED_PACKAGES, environment_hash, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ FOLLOW_SECONDS = 1.0
 # After a coordinator (re)start, sites need a moment to reopen their presence streams: until
 # then a site whose last word was "online" counts as online.
 PRESENCE_GRACE_SECONDS = 5.0
-STRATEGY_OPTIONS = ("server_lr", "beta1", "beta2", "tau", "proximal_mu")  # --config keys the strategy reads
 
 
 class TaskRejected(Rejected):
@@ -142,40 +141,11 @@ class RunManager:
 
     # -- submission -----------------------------------------------------------------
     def create_run(self, who: Principal, spec: TaskSpec) -> dict[str, Any]:
-        task = self._validate(who, spec)
         run_id = secrets.token_hex(5)
-        task["run_id"] = run_id
-        record = {
-            "run_id": run_id,
-            "name": task["name"],
-            "project": who.project,
-            "researcher": who.researcher,
-            "dataset": task["dataset"],
-            "rounds": task["rounds"],
-            "strategy": task["strategy"],
-            "strategy_options": task["strategy_options"],
-            "min_sites": task["min_sites"],
-            "round_timeout": task["round_timeout"],
-            "seed": task["seed"],
-            "config": task["config"],
-            "source_hash": task["source_hash"],
-            "sites": [s["site"] for s in task["sites"]],
-            "initial_model_sha256": task["initial_model"],
-            "fab_sha256": self.control.fab_hash,
-            "created": time.time(),
-            "hub_packages": package_versions(*RECORDED_PACKAGES),
-            "hub_environment": environment_hash(),
-            "client_packages": dict(spec.client_packages),
-            "client_environment": spec.client_environment or "",
-            "site_packages": records.site_environments(task["sites"]),
-            "site_datasets": {s["site"]: s["dataset"] for s in task["sites"]},
-            "cohort": task["cohort"],
-            "notebook": spec.notebook.model_dump(mode="json") if spec.notebook else None,
-            "seed_rule": records.SEED_RULE,
-            "step_seeds": records.step_seeds(task["seed"], task["rounds"], [s["site"] for s in task["sites"]]),
-        }
+        task = self._validate(who, spec).model_copy(update={"run_id": run_id})
+        record = records.begun(task, spec, self.control.fab_hash)
         self.store.create_run(run_id, task, record)
-        self.store.add_events(run_id, [{"type": "run", "status": RunStatus.SUBMITTED, "sites": record["sites"]}])
+        self.store.add_events(run_id, [{"type": "run", "status": RunStatus.SUBMITTED, "sites": record.sites}])
         try:
             flower_run_id = self.control.start_run(run_id)
         except Exception as exc:  # noqa: BLE001 - any failure to reach Flower ends the run clearly
@@ -190,7 +160,7 @@ class RunManager:
     def check(self, who: Principal, spec: TaskSpec) -> dict[str, Any]:
         """Everything ``create_run`` would refuse, before the notebook builds and uploads the model."""
         task = self._validate(who, spec, model_uploaded=False)
-        return {"ok": True, "sites": [s["site"] for s in task["sites"]], "min_sites": task["min_sites"]}
+        return {"ok": True, "sites": [s.site for s in task.sites], "min_sites": task.min_sites}
 
     def _holders(self, dataset: str) -> tuple[list[dict[str, Any]], list[str]]:
         """The online sites holding ``dataset`` and the offline ones; refused when none holds it."""
@@ -203,58 +173,55 @@ class RunManager:
         online = [s for s in holders if s["status"] == Presence.ONLINE and s["node_id"] is not None]
         return online, sorted(s["site"] for s in holders if s not in online)
 
-    def _validate(self, who: Principal, spec: TaskSpec, model_uploaded: bool = True) -> dict[str, Any]:
+    def _validate(self, who: Principal, spec: TaskSpec, model_uploaded: bool = True) -> Task:
         """What the federation says of a well-formed task (``flip_core.api.TaskSpec`` checked its form)."""
         online, offline = self._holders(spec.dataset)
         cohort = self._cohort(who, spec)
         if cohort is not None:  # only the sites that froze it take part
-            offline = sorted({*offline, *(s for s in cohort["sites"] if s not in {o["site"] for o in online})})
-            online = [s for s in online if s["site"] in cohort["sites"]]
+            offline = sorted({*offline, *(s for s in cohort.sites if s not in {o["site"] for o in online})})
+            online = [s for s in online if s["site"] in cohort.sites]
         min_sites = len(online) if spec.min_sites is None else spec.min_sites
         if len(online) < max(min_sites, 1):
             gone = f" ({', '.join(offline)} offline)" if offline else ""
             raise TaskRejected(
                 f"--min-sites is {min_sites} but only {len(online)} online site(s) hold {spec.dataset!r}{gone}", 409
             )
-        strategy = spec.strategy.lower()
-        if strategy not in STRATEGIES:
-            raise TaskRejected(f"unknown strategy {strategy!r}: use one of {', '.join(sorted(STRATEGIES))}")
         config = {**spec.config, **spec.private_config()}
-        if wrong := [k for k in STRATEGY_OPTIONS if k in config and (isinstance(config[k], (bool, str)))]:
-            raise TaskRejected(f"--config {wrong[0]} must be a number, not {config[wrong[0]]!r}")
-        strategy_options = {k: float(config[k]) for k in STRATEGY_OPTIONS if k in config}
+        strategy = strategy_for(spec.strategy, config)  # the strategy the round loop builds, refused here if wrong
         initial = spec.initial_model or ""
         if model_uploaded and not (initial and self.store.model_path(initial).exists()):
             raise TaskRejected("the initial model was not uploaded (POST /api/models first)")
-        return {
-            "name": spec.name or "run",
-            "project": who.project,
-            "researcher": who.researcher,
-            "source": spec.source,
-            "source_hash": source_hash(spec.source),
-            "dataset": spec.dataset,
-            "rounds": spec.rounds,
-            "strategy": strategy,
-            "strategy_options": strategy_options,
-            "min_sites": min_sites,
-            "seed": spec.seed,
-            "config": config,
-            "initial_model": initial,
-            "round_timeout": spec.round_timeout,
-            "cohort": cohort,
-            "sites": [
-                {
-                    "site": s["site"],
-                    "node_id": s["node_id"],
-                    "dataset": next(d for d in s["datasets"] if d["name"] == spec.dataset),
-                    "packages": s.get("packages", {}),
-                    "environment": s.get("environment", ""),
-                }
+        return Task(
+            name=spec.name or "run",
+            project=who.project,
+            researcher=who.researcher,
+            source=spec.source,
+            source_hash=source_hash(spec.source),
+            dataset=spec.dataset,
+            rounds=spec.rounds,
+            strategy=strategy.name,
+            strategy_options=strategy.options,
+            min_sites=min_sites,
+            seed=spec.seed,
+            config=config,
+            initial_model=initial,
+            round_timeout=spec.round_timeout,
+            cohort=cohort,
+            sites=[
+                TaskSite(
+                    site=s["site"],
+                    node_id=s["node_id"],
+                    dataset=AnnouncedDataset.model_validate(
+                        next(d for d in s["datasets"] if d["name"] == spec.dataset)
+                    ),
+                    packages=s.get("packages", {}),
+                    environment=s.get("environment", ""),
+                )
                 for s in sorted(online, key=lambda s: s["site"])
             ],
-        }
+        )
 
-    def _cohort(self, who: Principal, spec: TaskSpec) -> dict[str, Any] | None:
+    def _cohort(self, who: Principal, spec: TaskSpec) -> CohortRef | None:
         """The cohort a task trains on, as the hub's book has it (None: the whole table)."""
         if spec.cohort is None:
             return None
@@ -268,14 +235,11 @@ class RunManager:
             )
         if cohort["dataset"] != spec.dataset:
             raise TaskRejected(f"cohort {spec.cohort!r} is of dataset {cohort['dataset']!r}, not {spec.dataset!r}")
-        return {"name": cohort["name"], "where": cohort["where"], "sites": cohort["sites"]}
+        return CohortRef.model_validate({"name": cohort["name"], "where": cohort["where"], "sites": cohort["sites"]})
 
     # -- events and state -----------------------------------------------------------
     def ingest(self, run_id: str, events: list[dict[str, Any]]) -> None:
-        run = self.store.run(run_id)
-        if run is None:
-            raise TaskRejected(f"no run {run_id!r}", 404)
-        if run["status"] in TERMINAL:
+        if self._stored(run_id).status in TERMINAL:
             events = [e for e in events if e.get("type") != EventType.RUN]
         self.store.add_events(run_id, events)
         for event in events:
@@ -310,34 +274,37 @@ class RunManager:
             self.notify()
 
     def stop(self, run_id: str) -> dict[str, Any]:
-        run = self.store.run(run_id)
-        if run is None:
-            raise TaskRejected(f"no run {run_id!r}", 404)
-        if run["status"] not in TERMINAL and run["flower_run_id"] is not None:
-            self.control.stop_run(int(run["flower_run_id"]))
+        run = self._stored(run_id)
+        if run.status not in TERMINAL and run.flower_run_id is not None:
+            self.control.stop_run(run.flower_run_id)
         self.finish(run_id, RunStatus.STOPPED, "stopped by the researcher")
         return self.view(run_id)
 
-    def view(self, run_id: str) -> dict[str, Any]:
+    def _stored(self, run_id: str) -> StoredRun:
         run = self.store.run(run_id)
         if run is None:
             raise TaskRejected(f"no run {run_id!r}", 404)
-        record = {**run["record"], "status": run["status"], "reason": run["reason"], "finished": run["finished"]}
+        return run
+
+    def view(self, run_id: str) -> dict[str, Any]:
+        """A run as ``GET /api/runs/ID`` answers it: its row, its cell's source, and its record with its status."""
+        run = self._stored(run_id)
+        record = run.record.updated(status=run.status, reason=run.reason, finished=run.finished)
         return {
             "run_id": run_id,
-            "name": run["name"],
-            "status": run["status"],
-            "reason": run["reason"],
-            "dataset": run["dataset"],
-            "project": run["project"],
-            "researcher": run["researcher"],
-            "rounds": run["task"]["rounds"],
-            "strategy": run["task"]["strategy"],
-            "sites": record.get("sites", []),
-            "created": run["created"],
-            "finished": run["finished"],
-            "source": run["task"]["source"],
-            "record": record,
+            "name": run.name,
+            "status": run.status,
+            "reason": run.reason,
+            "dataset": run.dataset,
+            "project": run.project,
+            "researcher": run.researcher,
+            "rounds": run.task.rounds,
+            "strategy": run.task.strategy,
+            "sites": list(record.sites),
+            "created": run.created,
+            "finished": run.finished,
+            "source": run.task.source,
+            "record": record.as_dict(),
         }
 
     # -- following Flower -----------------------------------------------------------
@@ -349,15 +316,15 @@ class RunManager:
     def resume(self) -> None:
         """After a coordinator restart: follow every run that had not finished."""
         for run in self.store.unfinished_runs():
-            if run["flower_run_id"] is None:
-                self.finish(run["run_id"], RunStatus.FAILED, "the coordinator stopped before the run was submitted")
+            if run.flower_run_id is None:
+                self.finish(run.run_id, RunStatus.FAILED, "the coordinator stopped before the run was submitted")
             else:
-                self.follow(run["run_id"])
+                self.follow(run.run_id)
 
     def _follow(self, run_id: str) -> None:
         run = self.store.run(run_id)
-        assert run is not None and run["flower_run_id"] is not None
-        flower_run_id = int(run["flower_run_id"])
+        assert run is not None and run.flower_run_id is not None
+        flower_run_id = run.flower_run_id
         while True:
             try:
                 status = self.control.status(flower_run_id)
@@ -368,7 +335,7 @@ class RunManager:
                 break
             time.sleep(FOLLOW_SECONDS)
         current = self.store.run(run_id)
-        if current is not None and current["status"] not in TERMINAL:
+        if current is not None and current.status not in TERMINAL:
             kind = RunStatus.STOPPED if status.sub_status == "stopped" else RunStatus.FAILED
             self.finish(
                 run_id,

@@ -11,9 +11,11 @@ import json
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flip_core.runs import RunRecord, Task
 from flip_core.status import TERMINAL
 
 _SCHEMA = """
@@ -48,6 +50,24 @@ CREATE TABLE IF NOT EXISTS sites (
 """
 
 
+@dataclass(frozen=True)
+class StoredRun:
+    """A run as the store keeps it: its row, its task and its record (the record without its status)."""
+
+    run_id: str
+    flower_run_id: int | None  # Flower's ids are unsigned 64-bit: kept as text in SQLite
+    name: str
+    project: str
+    researcher: str
+    dataset: str
+    status: str
+    reason: str
+    created: float
+    finished: float | None
+    task: Task
+    record: RunRecord
+
+
 class Store:
     """SQLite for runs, events and sites; ``models/`` for parameter files (npz, by SHA-256)."""
 
@@ -77,20 +97,20 @@ class Store:
         return self.root / "models" / f"{sha}.npz"
 
     # -- runs -----------------------------------------------------------------------
-    def create_run(self, run_id: str, task: dict[str, Any], record: dict[str, Any]) -> None:
+    def create_run(self, run_id: str, task: Task, record: RunRecord) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT INTO runs (run_id, name, project, researcher, dataset, status, created, task, record)"
                 " VALUES (?, ?, ?, ?, ?, 'submitted', ?, ?, ?)",
                 (
                     run_id,
-                    task["name"],
-                    task["project"],
-                    task["researcher"],
-                    task["dataset"],
+                    task.name,
+                    task.project,
+                    task.researcher,
+                    task.dataset,
                     time.time(),
-                    json.dumps(task),
-                    json.dumps(record),
+                    task.model_dump_json(exclude_unset=True),
+                    json.dumps(record.as_dict()),
                 ),
             )
             self._db.commit()
@@ -115,37 +135,46 @@ class Store:
             return True
 
     def update_record(self, run_id: str, **fields: Any) -> None:
+        """Set ``fields`` of a run's record (``RunRecord.updated``: typed as when a record is read)."""
         with self._lock:
             row = self._db.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            record = {**json.loads(row["record"]), **fields}
-            self._db.execute("UPDATE runs SET record = ? WHERE run_id = ?", (json.dumps(record), run_id))
+            record = RunRecord.model_validate_json(row["record"]).updated(**fields)
+            self._db.execute("UPDATE runs SET record = ? WHERE run_id = ?", (json.dumps(record.as_dict()), run_id))
             self._db.commit()
 
-    def run(self, run_id: str) -> dict[str, Any] | None:
+    def run(self, run_id: str) -> StoredRun | None:
         row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return None if row is None else self._run_dict(row)
+        return None if row is None else self._stored(row)
 
-    def runs(self, project: str | None = None) -> list[dict[str, Any]]:
+    def runs(self, project: str | None = None) -> list[StoredRun]:
         sql, args = "SELECT * FROM runs", tuple[str, ...]()
         if project is not None:
             sql, args = sql + " WHERE project = ?", (project,)
         rows = self._db.execute(sql + " ORDER BY created", args).fetchall()
-        return [self._run_dict(r) for r in rows]
+        return [self._stored(r) for r in rows]
 
-    def unfinished_runs(self) -> list[dict[str, Any]]:
+    def unfinished_runs(self) -> list[StoredRun]:
         rows = self._db.execute(
             f"SELECT * FROM runs WHERE status NOT IN ({', '.join('?' * len(TERMINAL))})", tuple(TERMINAL)
         ).fetchall()
-        return [self._run_dict(r) for r in rows]
+        return [self._stored(r) for r in rows]
 
     @staticmethod
-    def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
-        out = dict(row)
-        if out["flower_run_id"] is not None:  # Flower's ids are unsigned 64-bit: kept as text
-            out["flower_run_id"] = int(out["flower_run_id"])
-        out["task"] = json.loads(out["task"])
-        out["record"] = json.loads(out["record"])
-        return out
+    def _stored(row: sqlite3.Row) -> StoredRun:
+        return StoredRun(
+            run_id=row["run_id"],
+            flower_run_id=None if row["flower_run_id"] is None else int(row["flower_run_id"]),
+            name=row["name"],
+            project=row["project"],
+            researcher=row["researcher"],
+            dataset=row["dataset"],
+            status=row["status"],
+            reason=row["reason"],
+            created=row["created"],
+            finished=row["finished"],
+            task=Task.model_validate_json(row["task"]),
+            record=RunRecord.model_validate_json(row["record"]),
+        )
 
     # -- events ---------------------------------------------------------------------
     def add_events(self, run_id: str, events: list[dict[str, Any]]) -> int:

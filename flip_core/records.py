@@ -7,8 +7,11 @@ when no input changed (a GPU, differential privacy's fresh noise, a model summed
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from flip_core.runs import MetricRow, RunRecord, SiteUse
 
 Key = tuple[int, str, str, str]  # round, site (or "global"), phase, metric
 
@@ -56,30 +59,27 @@ class Comparison:
         return "\n".join(lines)
 
 
-def metric_values(record: dict[str, Any]) -> dict[Key, float]:
-    values: dict[Key, float] = {}
-    for row in record.get("history") or []:
-        values[(int(row["round"]), str(row["site"]), str(row["phase"]), str(row["metric"]))] = float(row["value"])
-    return values
+def metric_values(record: RunRecord) -> dict[Key, float]:
+    """Every metric of a record by (round, site, phase, metric); a metric released twice keeps its last value."""
+    return {(row.round, row.site, row.phase, row.metric): row.value for row in record.history}
 
 
-def final_metrics(history: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def final_metrics(history: list[MetricRow]) -> dict[str, dict[str, float]]:
     """Per series (``global`` or a site) and ``"phase metric"``, the value of the last round."""
     last: dict[tuple[str, str], tuple[int, float]] = {}
     for row in history:
-        series, key = str(row.get("site", "global")), f"{row.get('phase', '')} {row.get('metric', '')}".strip()
-        round_ = int(row.get("round") or 0)
-        if (series, key) not in last or round_ >= last[series, key][0]:
-            last[series, key] = (round_, float(row.get("value", float("nan"))))
+        series, key = row.site, f"{row.phase} {row.metric}".strip()
+        if (series, key) not in last or row.round >= last[series, key][0]:
+            last[series, key] = (row.round, row.value)
     out: dict[str, dict[str, float]] = {}
     for (series, key), (_, value) in sorted(last.items()):
         out.setdefault(series, {})[key] = value
     return out
 
 
-def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
+def compare(a: RunRecord, b: RunRecord) -> Comparison:
     """Record ``a`` beside record ``b``: each metric (equal only when bit-identical) and what changed."""
-    out = Comparison(str(a.get("run_id", "A")), str(b.get("run_id", "B")))
+    out = Comparison(a.run_id, b.run_id)
     va, vb = metric_values(a), metric_values(b)
     for key in sorted(set(va) | set(vb), key=lambda k: (k[0], k[1] != "global", k[1], k[2], k[3])):
         x, y = va.get(key), vb.get(key)
@@ -95,7 +95,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
                 "difference": None if x is None or y is None else y - x,
             }
         )
-    out.models = (a.get("model_sha256"), b.get("model_sha256"))
+    out.models = (a.model_sha256, b.model_sha256)
     out.changes = changed_inputs(a, b)
     out.notes = _notes(a) + [n for n in _notes(b) if n not in _notes(a)]
     return out
@@ -110,54 +110,53 @@ def _diff(label: str, x: Any, y: Any) -> list[str]:
     return [] if x == y else [f"{label} changed ({_short(x)} → {_short(y)})"]
 
 
-def _dict_diff(label: str, x: dict[str, Any] | None, y: dict[str, Any] | None) -> list[str]:
+def _dict_diff(label: str, x: Mapping[str, Any] | None, y: Mapping[str, Any] | None) -> list[str]:
     x, y = x or {}, y or {}
     return [s for k in sorted(set(x) | set(y)) for s in _diff(f"{label} {k}", x.get(k, "absent"), y.get(k, "absent"))]
 
 
-def changed_inputs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+def changed_inputs(a: RunRecord, b: RunRecord) -> list[str]:
     """The recorded inputs of two runs that differ, each in a sentence that names it (and the site)."""
-    out = _diff("the seed", a.get("seed"), b.get("seed"))
-    out += _diff("the cell's code hash", a.get("source_hash"), b.get("source_hash"))
-    for label in ("dataset", "rounds", "strategy"):
-        out += _diff(f"the {label}", a.get(label), b.get(label))
-    out += _dict_diff("the strategy option", a.get("strategy_options"), b.get("strategy_options"))
-    out += _dict_diff("--config", a.get("config"), b.get("config"))
-    out += _diff("the cohort", (a.get("cohort") or {}).get("where"), (b.get("cohort") or {}).get("where"))
-    na, nb = a.get("notebook") or {}, b.get("notebook") or {}
-    out += _diff("the notebook file", na.get("sha256"), nb.get("sha256"))
-    out += _dict_diff("the notebook parameter", na.get("parameters"), nb.get("parameters"))
-    out += _dict_diff("the hub's", a.get("hub_packages"), b.get("hub_packages"))
-    out += _diff("the hub's installed package set", a.get("hub_environment"), b.get("hub_environment"))
-    out += _dict_diff("the notebook kernel's", a.get("client_packages"), b.get("client_packages"))
-    out += _diff(
-        "the notebook kernel's installed package set", a.get("client_environment"), b.get("client_environment")
-    )
+    out = _diff("the seed", a.seed, b.seed)
+    out += _diff("the cell's code hash", a.source_hash, b.source_hash)
+    out += _diff("the dataset", a.dataset, b.dataset)
+    out += _diff("the rounds", a.rounds, b.rounds)
+    out += _diff("the strategy", a.strategy, b.strategy)
+    out += _dict_diff("the strategy option", a.strategy_options, b.strategy_options)
+    out += _dict_diff("--config", a.config, b.config)
+    out += _diff("the cohort", a.cohort.where if a.cohort else None, b.cohort.where if b.cohort else None)
+    na, nb = a.notebook, b.notebook
+    out += _diff("the notebook file", na.sha256 if na else None, nb.sha256 if nb else None)
+    out += _dict_diff("the notebook parameter", na.parameters if na else None, nb.parameters if nb else None)
+    out += _dict_diff("the hub's", a.hub_packages, b.hub_packages)
+    out += _diff("the hub's installed package set", a.hub_environment, b.hub_environment)
+    out += _dict_diff("the notebook kernel's", a.client_packages, b.client_packages)
+    out += _diff("the notebook kernel's installed package set", a.client_environment, b.client_environment)
     out += _sites(a, b)
     if not out:
-        out += _diff("the initial model", a.get("initial_model_sha256"), b.get("initial_model_sha256"))
+        out += _diff("the initial model", a.initial_model_sha256, b.initial_model_sha256)
     return out
 
 
-def _site_view(record: dict[str, Any], site: str) -> dict[str, Any]:
-    announced = (record.get("site_datasets") or {}).get(site) or {}
-    used = (record.get("site_info") or {}).get(site) or {}
-    environment = (record.get("site_packages") or {}).get(site) or {}
+def _site_view(record: RunRecord, site: str) -> dict[str, Any]:
+    announced = record.site_datasets.get(site)
+    used = record.site_info.get(site) or SiteUse()
+    environment = record.site_packages.get(site)
     return {
-        "fingerprint": used.get("fingerprint") or announced.get("fingerprint", ""),
-        "rows": (used.get("train_rows"), used.get("test_rows")),
-        "device": used.get("device", ""),
-        "threads": used.get("threads"),
-        "version": used.get("version", ""),
-        "packages": environment.get("packages") or {},
-        "environment": environment.get("hash", ""),
+        "fingerprint": used.fingerprint or (announced.fingerprint if announced else ""),
+        "rows": (used.train_rows, used.test_rows),
+        "device": used.device,
+        "threads": used.threads,
+        "version": used.version,
+        "packages": environment.packages if environment else {},
+        "environment": environment.hash if environment else "",
     }
 
 
-def _sites(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    sa, sb = list(a.get("sites") or []), list(b.get("sites") or [])
-    out = [f"site {s} took part in {a.get('run_id')} but not in {b.get('run_id')}" for s in sa if s not in sb]
-    out += [f"site {s} took part in {b.get('run_id')} but not in {a.get('run_id')}" for s in sb if s not in sa]
+def _sites(a: RunRecord, b: RunRecord) -> list[str]:
+    sa, sb = a.sites, b.sites
+    out = [f"site {s} took part in {a.run_id} but not in {b.run_id}" for s in sa if s not in sb]
+    out += [f"site {s} took part in {b.run_id} but not in {a.run_id}" for s in sb if s not in sa]
     for site in (s for s in sa if s in sb):
         x, y = _site_view(a, site), _site_view(b, site)
         out += _diff(f"site {site}'s dataset fingerprint", x["fingerprint"], y["fingerprint"])
@@ -171,24 +170,24 @@ def _sites(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return out
 
 
-def _notes(record: dict[str, Any]) -> list[str]:
-    run = record.get("run_id", "?")
+def _notes(record: RunRecord) -> list[str]:
+    run = record.run_id
     notes = []
-    if (record.get("config") or {}).get("dp_epsilon") is not None:
+    if record.config.get("dp_epsilon") is not None:
         notes.append(
             f"run {run} is differentially private: each site draws fresh noise every run (never from the seed), "
             "so its metrics differ from run to run"
         )
-    for site, info in sorted((record.get("site_info") or {}).items()):
-        if str((info or {}).get("device", "")).startswith("cuda"):
-            notes.append(f"run {run}: site {site} trained on a GPU ({info['device']}), whose kernels need not repeat")
-    if record.get("aggregation_ordered") is False:
+    for site, info in sorted(record.site_info.items()):
+        if info.device.startswith("cuda"):
+            notes.append(f"run {run}: site {site} trained on a GPU ({info.device}), whose kernels need not repeat")
+    if record.aggregation_ordered is False:
         notes.append(
             f"run {run}: the hub summed the sites' updates as they arrived (a model over 64 MiB), so its last bits "
             "depend on the order of the replies"
         )
-    if record.get("status") not in (None, "completed"):
-        notes.append(f"run {run} did not complete ({record.get('status')})")
+    if record.status not in ("", "completed"):
+        notes.append(f"run {run} did not complete ({record.status})")
     return notes
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from flip_core.errors import FlipError
 from flip_core.records import Comparison, compare
+from flip_core.runs import RunRecord, record_of
 from flip_magics.client import FlipClient
 from flip_magics.provenance import ENV_NOTEBOOK, ENV_RUN_LOG
 
@@ -37,7 +38,8 @@ class Execution:
     sha256: str
     parameters: dict[str, Any]
     runs: list[str] = field(default_factory=list)
-    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    records: dict[str, RunRecord] = field(default_factory=dict)
+    unread: dict[str, str] = field(default_factory=dict)  # runs whose record could not be read, and why
     error: str = ""
 
     @property
@@ -160,11 +162,13 @@ def _collect(run: Execution, client: FlipClient, started: float) -> None:
     records.mkdir(exist_ok=True)
     for run_id in run.runs:
         try:
-            record = client.run(run_id)["record"]
+            record = record_of(client.run(run_id))
         except FlipError as exc:  # the run's record stays on the hub; say so rather than fail the whole command
-            record = {"run_id": run_id, "error": str(exc)}
+            run.unread[run_id] = str(exc)
+            (records / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, "error": str(exc)}, indent=2))
+            continue
         run.records[run_id] = record
-        (records / f"{run_id}.json").write_text(json.dumps(record, indent=2, default=str))
+        (records / f"{run_id}.json").write_text(json.dumps(record.as_dict(), indent=2))
     (run.out / "parameters.json").write_text(json.dumps(_jsonable(run.parameters), indent=2))
     summary = {
         "execution": run.execution,
@@ -186,24 +190,26 @@ def rerun(
 ) -> tuple[Comparison, Execution]:
     """Execute the notebook that made ``run_id`` again with its parameters (``overrides`` changed), and compare
     the matching new run (the same place among the execution's tasks) with the old one."""
-    old = client.run(run_id)["record"]
-    notebook = old.get("notebook") or {}
-    if not notebook.get("path"):
+    old = record_of(client.run(run_id))
+    notebook = old.notebook
+    if notebook is None or not notebook.path:
         raise NotebookFailed(
             f"run {run_id} was not made by `flip run` (its record names no notebook): run its notebook with "
             "`flip run NOTEBOOK` to make a run that can be rerun"
         )
-    path = Path(notebook["path"])
+    path = Path(notebook.path)
     if not path.is_file():
         raise NotebookFailed(f"run {run_id}'s notebook {path} is not there any more")
-    parameters = dict(notebook.get("parameters") or {})
-    execution = run_notebook(path, {**parameters, **overrides}, out, client=client, progress=progress)
-    cell = int(notebook.get("cell") or 1)
+    execution = run_notebook(path, {**notebook.parameters, **overrides}, out, client=client, progress=progress)
+    cell = notebook.cell or 1
     if len(execution.runs) < cell:
         raise NotebookFailed(
             f"the rerun made {len(execution.runs)} federated run(s), so there is no run {cell} to set beside {run_id}"
         )
-    new = execution.records[execution.runs[cell - 1]]
+    new_id = execution.runs[cell - 1]
+    if new_id not in execution.records:
+        raise NotebookFailed(f"the record of run {new_id}, the rerun, could not be read: {execution.unread[new_id]}")
+    new = execution.records[new_id]
     comparison = compare(old, new)
     (execution.out / "comparison.json").write_text(
         json.dumps({"identical": comparison.identical, "same_model": comparison.same_model,

@@ -27,6 +27,7 @@ from flip_core import __version__
 from flip_core.cell import normalise_source, source_hash
 from flip_core.errors import FlipError
 from flip_core.records import final_metrics
+from flip_core.runs import RunRecord
 from flip_core.versions import package_versions
 
 MONAI_SCHEMA = (
@@ -101,7 +102,7 @@ def export_model(
     *,
     model: torch.nn.Module,
     source: str,
-    record: dict[str, Any],
+    record: RunRecord,
     example: torch.Tensor | None = None,
 ) -> Path:
     """Write ``model`` (built by ``source``'s ``build_model()``, with its final weights) and its model card into
@@ -112,7 +113,7 @@ def export_model(
     imports = _check_source(source, record)
     weights = _weights(model)
     probe_in, probe_out = _probe(model, example)
-    run_id = str(record.get("run_id") or "")
+    run_id = record.run_id
     for sub in ("models", "scripts", "configs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     # one metadata key: safetensors writes a map's keys in any order, and the file's bytes must not vary
@@ -165,7 +166,7 @@ def verify_export(directory: str | Path) -> dict[str, Any]:
     return result
 
 
-def _check_source(source: str, record: dict[str, Any]) -> set[str]:
+def _check_source(source: str, record: RunRecord) -> set[str]:
     """The top-level modules the cell imports; refuses a source that is not the run's cell or has no build_model."""
     try:
         tree = ast.parse(source)
@@ -173,9 +174,8 @@ def _check_source(source: str, record: dict[str, Any]) -> set[str]:
         raise ExportFailed(f"the cell source has a syntax error at line {exc.lineno}; pass the run's cell.") from exc
     if not any(isinstance(node, ast.FunctionDef) and node.name == "build_model" for node in tree.body):
         raise ExportFailed("the cell source defines no build_model(); pass the %%flip_train cell the run trained.")
-    expected = record.get("source_hash")
-    if expected and expected != source_hash(source):
-        raise ExportFailed(f"the cell source is not the one run {record.get('run_id')} trained (its hash differs).")
+    if record.source_hash and record.source_hash != source_hash(source):
+        raise ExportFailed(f"the cell source is not the one run {record.run_id} trained (its hash differs).")
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -265,50 +265,52 @@ def _iso(timestamp: Any) -> str | None:
     return datetime.fromtimestamp(float(timestamp), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _flip_block(record: dict[str, Any], weights_hash: str) -> dict[str, Any]:
+def _site_block(record: RunRecord, site: str) -> dict[str, Any]:
+    """What the model card says of one site: its split, its device, its data's fingerprint (None where unknown)."""
+    used = record.site_info.get(site)
+    return {
+        "site": site,
+        "train_rows": used.train_rows if used else None,
+        "test_rows": used.test_rows if used else None,
+        "device": used.device if used else None,
+        "dataset_fingerprint": used.fingerprint if used else None,
+    }
+
+
+def _flip_block(record: RunRecord, weights_hash: str) -> dict[str, Any]:
     """The run's provenance, from its record."""
-    info: dict[str, dict[str, Any]] = record.get("site_info") or {}
-    sites = list(record.get("sites") or info)
-    config: dict[str, Any] = record.get("config") or {}
+    sites = list(record.sites or record.site_info)
+    config = dict(record.config)
     epsilon, clip = config.get("dp_epsilon"), config.get("dp_clip")
-    metrics = final_metrics(list(record.get("history") or []))
+    metrics = final_metrics(record.history)
     order = {name: i for i, name in enumerate(["global", *sites])}
     return {
-        "run_id": record.get("run_id"),
-        "name": record.get("name"),
-        "project": record.get("project"),
-        "researcher": record.get("researcher"),
-        "dataset": record.get("dataset"),
-        "sites": [
-            {
-                "site": site,
-                "train_rows": info.get(site, {}).get("train_rows"),
-                "test_rows": info.get(site, {}).get("test_rows"),
-                "device": info.get(site, {}).get("device"),
-                "dataset_fingerprint": info.get(site, {}).get("fingerprint"),
-            }
-            for site in sites
-        ],
-        "rounds": record.get("rounds"),
-        "strategy": record.get("strategy"),
-        "strategy_options": record.get("strategy_options") or {},
-        "seed": record.get("seed"),
+        "run_id": record.run_id,
+        "name": record.name,
+        "project": record.project,
+        "researcher": record.researcher,
+        "dataset": record.dataset,
+        "sites": [_site_block(record, site) for site in sites],
+        "rounds": record.rounds,
+        "strategy": record.strategy,
+        "strategy_options": dict(record.strategy_options),
+        "seed": record.seed,
         "config": config,
         "final_metrics": dict(sorted(metrics.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))),
         "privacy": {"differential_privacy": epsilon is not None, "epsilon": epsilon, "clip": clip},
-        "source_hash": record.get("source_hash"),
-        "model_sha256": record.get("model_sha256"),
+        "source_hash": record.source_hash,
+        "model_sha256": record.model_sha256,
         "weights_sha256": weights_hash,
-        "created": _iso(record.get("created")),
-        "finished": _iso(record.get("finished")),
-        "hub_packages": record.get("hub_packages") or {},
+        "created": _iso(record.created),
+        "finished": _iso(record.finished),
+        "hub_packages": dict(record.hub_packages),
         "exported_by": f"flip {__version__}",
         "not_for_clinical_use": True,
     }
 
 
 def _metadata(
-    record: dict[str, Any], probe_in: torch.Tensor, probe_out: torch.Tensor, weights_hash: str, *, uses_monai: bool
+    record: RunRecord, probe_in: torch.Tensor, probe_out: torch.Tensor, weights_hash: str, *, uses_monai: bool
 ) -> dict[str, Any]:
     """``configs/metadata.json``: MONAI's bundle metadata fields and the ``flip`` block."""
     flip = _flip_block(record, weights_hash)

@@ -14,6 +14,7 @@ from IPython.display import Image, display
 
 from flip_core.errors import FlipError, NotConnected
 from flip_core.records import compare
+from flip_core.runs import record_of
 from flip_magics.client import FlipClient, RunHandle
 from flip_magics.compare_view import comparison_figure, comparison_frame
 from flip_magics.figures import png
@@ -269,7 +270,7 @@ class FlipMagics(Magics):
         """Two runs side by side: the inputs that changed, a figure of their metrics, every metric in a table."""
         args = parse_args(self.flip_compare, line)
         client = self._client()
-        comparison = compare(client.run(args.run_a)["record"], client.run(args.run_b)["record"])
+        comparison = compare(record_of(client.run(args.run_a)), record_of(client.run(args.run_b)))
         print(comparison.summary())
         display(Image(png(comparison_figure(comparison))))
         return comparison_frame(comparison)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 
 from coordinator import records
-from coordinator.aggregate import RunningMean
 from coordinator.service import Principal, RunManager
 from coordinator.store import Store
+from flip_core.aggregation import RunningMean
 from flip_core.api import TaskSpec, parse
 from flip_core.cell import step_seed
+from flip_core.runs import MetricRow
 
 from fakes import FakeControl
 from helpers import HEART, model_bytes
+
+ALICE = Principal("alice", "heart")
 
 
 def test_step_seeds_differ_by_round_and_site_and_follow_the_rule() -> None:
@@ -33,7 +38,7 @@ def test_history_and_epsilon_are_read_from_the_events() -> None:
     ]
     ended = records.ended(events)
     assert ended["started"] == 5.0 and ended["epsilon_spent"] == {"VA": 0.9}
-    assert ended["history"][0] == {"round": 1, "site": "VA", "phase": "evaluate", "metric": "accuracy", "value": 0.5}
+    assert ended["history"][0] == MetricRow(round=1, site="VA", phase="evaluate", metric="accuracy", value=0.5)
 
 
 def test_a_completed_runs_record_holds_environments_seeds_notebook_and_metrics(tmp_path: Path) -> None:
@@ -64,6 +69,62 @@ def test_a_completed_runs_record_holds_environments_seeds_notebook_and_metrics(t
     assert record["step_seeds"]["VA"] == [step_seed(5, r, "VA") for r in range(3)]
     assert record["history"] == [{"round": 2, "site": "global", "phase": "evaluate", "metric": "loss", "value": 0.3}]
     assert record["aggregation_ordered"] is True and record["started"] is not None
+
+
+# The keys of a record as the previous version wrote them: at creation, once Flower took the run, when any run
+# ended, when a run completed; and what GET /api/runs/ID adds.
+CREATED = {
+    "run_id", "name", "project", "researcher", "dataset", "rounds", "strategy", "strategy_options", "min_sites",
+    "round_timeout", "seed", "config", "source_hash", "sites", "initial_model_sha256", "fab_sha256", "created",
+    "hub_packages", "hub_environment", "client_packages", "client_environment", "site_packages", "site_datasets",
+    "cohort", "notebook", "seed_rule", "step_seeds", "flower_run_id",
+}  # fmt: skip
+ENDED = {"history", "epsilon_spent", "started"}
+COMPLETED = {"model_sha256", "site_info", "failed_sites", "traffic", "aggregation_ordered"}
+VIEWED = {"status", "reason", "finished"}
+
+
+def _manager(tmp_path: Path) -> RunManager:
+    manager = RunManager(Store(tmp_path), FakeControl(), notify=lambda: None, presence_grace=0)
+    manager.announce("VA", 10, {"datasets": [HEART]}, "online")
+    manager.presence.hold("VA")
+    return manager
+
+
+def test_a_records_json_has_the_keys_the_previous_version_wrote_at_each_stage(tmp_path: Path) -> None:
+    manager = _manager(tmp_path)
+    body = {"source": "x", "dataset": "heart-disease", "initial_model": manager.store.put_model(model_bytes())}
+    first, second = (manager.create_run(ALICE, parse(TaskSpec, body, "the task"))["run_id"] for _ in range(2))
+    assert set(manager.view(first)["record"]) == CREATED | VIEWED
+    assert manager.view(first)["record"]["notebook"] is None and manager.view(first)["record"]["cohort"] is None
+    manager.ingest(first, [{"type": "run", "status": "completed", "model_sha256": "c" * 64}])
+    assert set(manager.view(first)["record"]) == CREATED | ENDED | COMPLETED | VIEWED
+    manager.stop(second)
+    assert set(manager.view(second)["record"]) == CREATED | ENDED | VIEWED
+
+
+def test_a_run_the_previous_version_stored_is_read_and_viewed_as_it_was(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    site = {"site": "VA", "node_id": 10, "dataset": HEART, "packages": {}, "environment": ""}
+    task = {"name": "q", "project": "heart", "researcher": "alice", "source": "x", "source_hash": "sha256:1",
+            "dataset": "heart-disease", "rounds": 2, "strategy": "fedavg", "strategy_options": {}, "min_sites": 1,
+            "seed": 0, "config": {"lr": 0.1}, "initial_model": "a" * 64, "round_timeout": None, "cohort": None,
+            "sites": [site], "run_id": "old"}  # fmt: skip
+    record = {key: task[key] for key in ("name", "project", "researcher", "dataset", "rounds", "strategy", "seed")}
+    record |= {"run_id": "old", "config": {"lr": 0.1}, "source_hash": "sha256:1", "sites": ["VA"], "created": 1.0}
+    record |= {"site_datasets": {"VA": HEART}, "model_sha256": "c" * 64, "site_info": {"VA": {"train_rows": 9}}}
+    with sqlite3.connect(tmp_path / "coordinator.sqlite") as db:
+        db.execute(
+            "INSERT INTO runs (run_id, name, project, researcher, dataset, status, created, finished, task, record)"
+            " VALUES ('old', 'q', 'heart', 'alice', 'heart-disease', 'completed', 1.0, 2.0, ?, ?)",
+            (json.dumps(task), json.dumps(record)),
+        )
+    stored = store.run("old")
+    assert stored is not None and stored.task.sites[0].dataset.rows == 303 and stored.record.site_info["VA"].train_rows
+    view = RunManager(store, FakeControl(), notify=lambda: None).view("old")
+    assert view["record"] == {**record, "status": "completed", "reason": "", "finished": 2.0}
+    assert (view["rounds"], view["source"], view["sites"]) == (2, "x", ["VA"])
+    assert json.loads(stored.task.model_dump_json(exclude_unset=True)) == task  # the ServerApp is handed the same task
 
 
 def _update(seed: int) -> dict[str, np.ndarray]:

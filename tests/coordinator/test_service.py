@@ -53,8 +53,8 @@ def test_run_goes_to_online_holders_and_records_identity(manager: RunManager) ->
     assert view["sites"] == ["Cleveland", "Hungary", "VA"]
     assert view["record"]["researcher"] == "alice" and view["record"]["project"] == "heart"
     assert view["record"]["source_hash"].startswith("sha256:")
-    task = manager.store.run(view["run_id"])["task"]
-    assert [s["node_id"] for s in task["sites"]] == [10, 11, 12] and task["min_sites"] == 3
+    task = manager.store.run(view["run_id"]).task
+    assert [s.node_id for s in task.sites] == [10, 11, 12] and task.min_sites == 3
 
 
 def test_server_loop_events_drive_the_run_status(manager: RunManager) -> None:
@@ -70,7 +70,7 @@ def test_server_loop_events_drive_the_run_status(manager: RunManager) -> None:
 
 def test_flower_run_that_ends_without_a_result_fails_the_run_with_the_log(manager: RunManager) -> None:
     run_id = manager.create_run(ALICE, spec(manager))["run_id"]
-    flower_id = manager.store.run(run_id)["flower_run_id"]
+    flower_id = manager.store.run(run_id).flower_run_id
     manager.control.statuses[flower_id] = FakeFlowerStatus("finished", "failed")  # type: ignore[attr-defined]
     assert wait_until(lambda: manager.view(run_id)["status"] == "failed", 10)
     assert "boom" in manager.view(run_id)["reason"]
@@ -85,7 +85,7 @@ def test_unreachable_superlink_is_a_clear_refusal(manager: RunManager) -> None:
 def test_stop_stops_the_flower_run(manager: RunManager) -> None:
     run_id = manager.create_run(ALICE, spec(manager))["run_id"]
     assert manager.stop(run_id)["status"] == "stopped"
-    assert manager.control.stopped == [manager.store.run(run_id)["flower_run_id"]]  # type: ignore[attr-defined]
+    assert manager.control.stopped == [manager.store.run(run_id).flower_run_id]  # type: ignore[attr-defined]
     assert manager.store.events(run_id)[-1]["status"] == "stopped"
 
 

@@ -6,11 +6,15 @@ import copy
 from typing import Any
 
 from flip_core.records import compare
+from flip_core.runs import RunRecord
 
 
-def record(run_id: str = "aaa", **over: Any) -> dict[str, Any]:
+def raw(run_id: str = "aaa", **over: Any) -> dict[str, Any]:
+    """A completed run's record as JSON has it."""
     base: dict[str, Any] = {
         "run_id": run_id,
+        "name": "quickstart",
+        "created": 1_700_000_000.0,
         "status": "completed",
         "seed": 42,
         "source_hash": "sha256:" + "1" * 64,
@@ -22,7 +26,10 @@ def record(run_id: str = "aaa", **over: Any) -> dict[str, Any]:
         "notebook": {"path": "/nb.ipynb", "sha256": "f" * 64, "parameters": {"rounds": 2}},
         "hub_packages": {"flip": "0.1.0", "torch": "2.13.0"},
         "hub_environment": "sha256:" + "2" * 64,
-        "site_datasets": {"Cleveland": {"fingerprint": "sha256:c1"}, "VA": {"fingerprint": "sha256:v1"}},
+        "site_datasets": {
+            "Cleveland": {"name": "heart-disease", "fingerprint": "sha256:c1"},
+            "VA": {"name": "heart-disease", "fingerprint": "sha256:v1"},
+        },
         "site_info": {
             "Cleveland": {"fingerprint": "sha256:c1", "train_rows": 200, "test_rows": 103, "device": "cpu"},
             "VA": {"fingerprint": "sha256:v1", "train_rows": 130, "test_rows": 70, "device": "cpu"},
@@ -42,6 +49,10 @@ def record(run_id: str = "aaa", **over: Any) -> dict[str, Any]:
     return base
 
 
+def record(run_id: str = "aaa", **over: Any) -> RunRecord:
+    return RunRecord.model_validate(raw(run_id, **over))
+
+
 def test_the_same_inputs_and_metrics_are_identical_with_nothing_changed() -> None:
     comparison = compare(record("aaa"), record("bbb"))
     assert comparison.identical and comparison.changes == [] and comparison.notes == []
@@ -51,9 +62,9 @@ def test_the_same_inputs_and_metrics_are_identical_with_nothing_changed() -> Non
 
 
 def test_a_changed_seed_is_named_and_the_differing_metrics_are_counted() -> None:
-    b = record("bbb", seed=7)
+    b = raw("bbb", seed=7)
     b["history"][-1] = {**b["history"][-1], "value": 0.71}
-    comparison = compare(record("aaa"), b)
+    comparison = compare(record("aaa"), RunRecord.model_validate(b))
     assert not comparison.identical
     assert comparison.changes == ["the seed changed (42 → 7)"]
     (row,) = comparison.differing
@@ -62,15 +73,15 @@ def test_a_changed_seed_is_named_and_the_differing_metrics_are_counted() -> None
 
 
 def test_a_sites_changed_dataset_fingerprint_names_that_site() -> None:
-    b = record("bbb")
+    b = raw("bbb")
     b["site_info"] = copy.deepcopy(b["site_info"])
     b["site_info"]["VA"].update(fingerprint="sha256:v2", train_rows=129)
-    changes = compare(record("aaa"), b).changes
+    changes = compare(record("aaa"), RunRecord.model_validate(b)).changes
     assert changes == ["site VA's dataset fingerprint changed (sha256:v1 → sha256:v2)"]
 
 
 def test_packages_code_parameters_and_missing_sites_are_each_named() -> None:
-    b = record(
+    b = raw(
         "bbb",
         source_hash="sha256:" + "9" * 64,
         sites=["Cleveland"],
@@ -78,7 +89,7 @@ def test_packages_code_parameters_and_missing_sites_are_each_named() -> None:
         hub_packages={"flip": "0.1.0", "torch": "2.14.0"},
     )
     b["site_packages"] = {"Cleveland": {"packages": {"torch": "2.14.0"}, "hash": "sha256:" + "4" * 64}}
-    changes = compare(record("aaa"), b).changes
+    changes = compare(record("aaa"), RunRecord.model_validate(b)).changes
     assert any(c.startswith("the cell's code hash changed") for c in changes)
     assert "the notebook parameter lr changed (absent → 0.01)" in changes
     assert any(c.startswith("the notebook file changed") for c in changes)
@@ -89,18 +100,18 @@ def test_packages_code_parameters_and_missing_sites_are_each_named() -> None:
 
 
 def test_a_metric_missing_from_one_run_is_not_equal() -> None:
-    b = record("bbb")
+    b = raw("bbb")
     b["history"] = b["history"][:-1]
-    comparison = compare(record("aaa"), b)
+    comparison = compare(record("aaa"), RunRecord.model_validate(b))
     (row,) = comparison.differing
     assert row["b"] is None and row["difference"] is None and not comparison.identical
 
 
 def test_notes_say_what_breaks_bit_identity_although_no_input_changed() -> None:
-    gpu = record("bbb", config={"lr": 0.001, "dp_epsilon": 2.0}, aggregation_ordered=False)
+    gpu = raw("bbb", config={"lr": 0.001, "dp_epsilon": 2.0}, aggregation_ordered=False)
     gpu["site_info"] = copy.deepcopy(gpu["site_info"])
     gpu["site_info"]["VA"]["device"] = "cuda:0"
-    notes = " ".join(compare(record("aaa"), gpu).notes)
+    notes = " ".join(compare(record("aaa"), RunRecord.model_validate(gpu)).notes)
     assert "differentially private" in notes and "site VA trained on a GPU (cuda:0)" in notes
     assert "as they arrived" in notes
 

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from flip_core.runs import RunRecord
 from flip_local.cli import _parser
 from flip_local.notebook_runs import NotebookFailed, parse_value, rerun
 from flip_local.record_text import describe
+
+from fakes import FakeRecordClient
 
 
 def test_parameters_are_read_as_papermill_reads_them() -> None:
@@ -32,22 +35,24 @@ def test_the_commands_parse_their_options() -> None:
     assert _parser().parse_args(["export", "abc", "dir"]).dir == Path("dir")
 
 
-class FakeClient:
-    """A fake of FlipClient.run: one stored record (no coordinator)."""
-
-    def __init__(self, record: dict[str, object]) -> None:
-        self.record = record
-
-    def run(self, run_id: str) -> dict[str, object]:
-        return {"record": self.record}
+BARE = {  # the keys every run record has; a record names no notebook unless `flip run` made its run
+    "run_id": "abc",
+    "name": "run",
+    "dataset": "heart-disease",
+    "rounds": 1,
+    "seed": 0,
+    "source_hash": "",
+    "sites": [],
+    "created": 0.0,
+}
 
 
 def test_a_run_not_made_by_flip_run_cannot_be_rerun_and_says_why(tmp_path: Path) -> None:
     with pytest.raises(NotebookFailed, match="run abc was not made by `flip run`"):
-        rerun("abc", {}, tmp_path, client=FakeClient({"run_id": "abc"}))  # type: ignore[arg-type]
-    gone = {"run_id": "abc", "notebook": {"path": str(tmp_path / "gone.ipynb"), "parameters": {}}}
+        rerun("abc", {}, tmp_path, client=FakeRecordClient(BARE))  # type: ignore[arg-type]
+    gone = {**BARE, "notebook": {"path": str(tmp_path / "gone.ipynb"), "parameters": {}}}
     with pytest.raises(NotebookFailed, match="gone.ipynb is not there any more"):
-        rerun("abc", {}, tmp_path, client=FakeClient(gone))  # type: ignore[arg-type]
+        rerun("abc", {}, tmp_path, client=FakeRecordClient(gone))  # type: ignore[arg-type]
 
 
 def test_flip_show_prints_what_ran_on_what_and_what_came_out() -> None:
@@ -61,17 +66,19 @@ def test_flip_show_prints_what_ran_on_what_and_what_came_out() -> None:
         "rounds": 2,
         "strategy": "fedavg",
         "seed": 42,
+        "source_hash": "sha256:" + "1" * 64,
+        "created": 1_700_000_000.0,
         "sites": ["VA"],
         "notebook": {"path": "/q.ipynb", "sha256": "ab" * 32, "parameters": {"rounds": 2}},
         "site_info": {"VA": {"train_rows": 130, "test_rows": 70, "device": "cpu", "fingerprint": "sha256:0123"}},
         "site_packages": {"VA": {"packages": {"torch": "2.13.0"}, "hash": "sha256:" + "9" * 64}},
-        "traffic": {"VA": [{"received_bytes": 1_000_000, "sent_bytes": 500_000}]},
+        "traffic": {"VA": [{"round": 1, "phase": "fit", "received_bytes": 1_000_000, "sent_bytes": 500_000}]},
         "history": [
             {"round": 1, "site": "VA", "phase": "evaluate", "metric": "accuracy", "value": 0.5},
             {"round": 2, "site": "VA", "phase": "evaluate", "metric": "accuracy", "value": 0.75},
         ],
     }
-    text = describe(record)
+    text = describe(RunRecord.model_validate(record))
     assert "run abc 'quickstart': completed" in text and "seed 42" in text and "/q.ipynb" in text
     assert "VA" in text and "train 130, test 70, cpu" in text and "torch 2.13.0" in text and "1.5 MB moved" in text
     assert "evaluate accuracy 0.75" in text

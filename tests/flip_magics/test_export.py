@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flip_core.cell import normalise_source, source_hash
+from flip_core.runs import MetricRow, RunRecord
 from flip_magics.export import LOAD_PY, ExportFailed, export_model, final_metrics, verify_export
 
 SOURCE = """\
@@ -77,8 +78,13 @@ def _history() -> list[dict[str, Any]]:
     return rows[::-1]  # the order of rows does not decide which round is the last
 
 
-def _record(source: str = SOURCE, **extra: Any) -> dict[str, Any]:
-    return {
+def _bare(run_id: str = "") -> RunRecord:
+    """A record that says nothing of the run beyond what every record has."""
+    return RunRecord(run_id=run_id, name="", dataset="", rounds=0, seed=0, source_hash="", sites=[], created=0.0)
+
+
+def _record(source: str = SOURCE, **extra: Any) -> RunRecord:
+    raw = {
         "run_id": "r-0042",
         "name": "heart-linear",
         "project": "cardio",
@@ -108,6 +114,7 @@ def _record(source: str = SOURCE, **extra: Any) -> dict[str, Any]:
         "hub_packages": {"python": "3.11.9", "flip": "0.1.0", "flwr": "1.42.0", "torch": "2.13.0"},
         **extra,
     }
+    return RunRecord.model_validate(raw)
 
 
 def _build(source: str) -> torch.nn.Module:
@@ -227,12 +234,12 @@ def test_without_differential_privacy_the_card_says_so(tmp_path: Path) -> None:
 def test_a_conv_model_gets_a_seeded_image_probe_and_keeps_its_training_mode(tmp_path: Path) -> None:
     model = _build(CONV_SOURCE)
     model.train()
-    first = export_model(tmp_path / "a", model=model, source=CONV_SOURCE, record={"run_id": "c1"})
+    first = export_model(tmp_path / "a", model=model, source=CONV_SOURCE, record=_bare("c1"))
     assert all(m.training for m in model.modules())  # dropout is back on
     probe = load_file(str(first / "models" / "probe.safetensors"))
     assert probe["input"].shape == (2, 3, 32, 32) and probe["output"].shape == (2, 2)
     assert torch.equal(probe["input"], torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
-    second = export_model(tmp_path / "b", model=model, source=CONV_SOURCE, record={"run_id": "c1"})
+    second = export_model(tmp_path / "b", model=model, source=CONV_SOURCE, record=_bare("c1"))
     assert torch.equal(load_file(str(second / "models" / "probe.safetensors"))["output"], probe["output"])
     image = json.loads((first / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["input"]
     assert (image["type"], image["num_channels"], image["spatial_shape"]) == ("image", 3, [32, 32])
@@ -242,11 +249,11 @@ def test_a_conv_model_gets_a_seeded_image_probe_and_keeps_its_training_mode(tmp_
 def test_a_model_whose_input_cannot_be_inferred_needs_an_example(tmp_path: Path) -> None:
     model = _build(EMBEDDING_SOURCE)
     with pytest.raises(ExportFailed, match=r"give example=<an input tensor>"):
-        export_model(tmp_path / "e", model=model, source=EMBEDDING_SOURCE, record={})
+        export_model(tmp_path / "e", model=model, source=EMBEDDING_SOURCE, record=_bare())
     assert not (tmp_path / "e" / "models").exists()  # nothing written
 
     example = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    folder = export_model(tmp_path / "e", model=model, source=EMBEDDING_SOURCE, record={}, example=example)
+    folder = export_model(tmp_path / "e", model=model, source=EMBEDDING_SOURCE, record=_bare(), example=example)
     probe = load_file(str(folder / "models" / "probe.safetensors"))
     assert torch.equal(probe["input"], example) and probe["output"].shape == (2, 3, 4)
     assert verify_export(folder)["ok"] is True
@@ -254,7 +261,7 @@ def test_a_model_whose_input_cannot_be_inferred_needs_an_example(tmp_path: Path)
 
 def test_an_example_the_model_cannot_take_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExportFailed, match=r"shape \[2, 5\].*give example="):
-        export_model(tmp_path / "e", model=_linear(), source=SOURCE, record={}, example=torch.zeros(2, 5))
+        export_model(tmp_path / "e", model=_linear(), source=SOURCE, record=_bare(), example=torch.zeros(2, 5))
 
 
 def test_weights_that_changed_fail_the_check(tmp_path: Path) -> None:
@@ -287,8 +294,8 @@ def test_an_export_needs_an_empty_folder_and_the_runs_own_cell(tmp_path: Path) -
 
 def test_final_metrics_take_each_series_last_round() -> None:
     rows = [
-        {"round": 2, "site": "a", "phase": "fit", "metric": "loss", "value": 0.2},
-        {"round": 1, "site": "a", "phase": "fit", "metric": "loss", "value": 0.9},
-        {"round": 1, "site": "global", "phase": "evaluate", "metric": "auc", "value": 0.7},
+        MetricRow(round=2, site="a", phase="fit", metric="loss", value=0.2),
+        MetricRow(round=1, site="a", phase="fit", metric="loss", value=0.9),
+        MetricRow(round=1, site="global", phase="evaluate", metric="auc", value=0.7),
     ]
     assert final_metrics(rows) == {"a": {"fit loss": 0.2}, "global": {"evaluate auc": 0.7}}
