@@ -1,4 +1,5 @@
-"""Plain helpers for the tests: paths, and a tiny real torch cell over the heart-disease table."""
+"""Plain helpers for the tests (no fakes: those are in tests/fakes): paths, the coordinator's config, a local
+federation, and tiny real torch cells over the heart-disease table, one of them held at a gate the test opens."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coordinator.config import CoordinatorConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +26,21 @@ HEART = {
     "fingerprint": "sha256:x",
     "format": "uci-heart",
 }
+
+
+def coordinator_config(state_dir: Path, **overrides: Any) -> CoordinatorConfig:
+    """A coordinator's config for a test that starts no SuperLink: state under ``state_dir``, internal token
+    ``internal``, no shared site token, no API tokens; ``overrides`` set any other field."""
+    from coordinator.config import CoordinatorConfig
+
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "superlink_control": "unused",
+        "internal_token": "internal",
+        "site_token": "",
+    }
+    return CoordinatorConfig(state_dir=state_dir, **{**settings, **overrides})
 
 
 def model_bytes() -> bytes:
@@ -70,7 +89,7 @@ def heart_tables(names: tuple[str, ...] = ("cleveland", "hungarian", "switzerlan
     """The real UCI heart-disease tables as pandas reads them at the sites, by file name."""
     import pytest
 
-    from site_agent.catalog import read_table
+    from site_agent.data.formats import read_table
 
     paths = {name: shared_data() / "heart-disease" / f"processed.{name}.data" for name in names}
     if absent := [str(p) for p in paths.values() if not p.is_file()]:
@@ -138,3 +157,45 @@ def train(model, data, config):
     return _train(model, data, config)
 """
 )
+
+# TINY_CELL whose train() waits at a gate the test holds (Gate below): from round config "hold_from" (1 unless
+# set), at the site config "hold_at" names (every site unless set). That is the workload of a held site, which
+# keeps a run provably unfinished while the test looks at it, not synchronisation of the test.
+GATED_CELL = (
+    TINY_CELL
+    + """
+import os
+import time
+
+_train_ungated = train
+
+def train(model, data, config):
+    if data.round >= config.get("hold_from", 1) and config.get("hold_at", data.site) == data.site:
+        deadline = time.monotonic() + 300
+        while not os.path.exists("gate-open"):  # in its working folder: the run's scratch at this site
+            if time.monotonic() > deadline:
+                raise TimeoutError("the gate was never opened")
+            time.sleep(0.05)
+    return _train_ungated(model, data, config)
+"""
+)
+
+
+class Gate:
+    """Where GATED_CELL's train() waits: a file the test puts in a site's scratch folder for the run (the one
+    place of the host a task process sees). Not a fake: the real sites run the real cell."""
+
+    def __init__(self, sites: Path) -> None:
+        self.sites = sites  # the federation's site folders
+
+    def open(self, run_id: str, *names: str, seconds: float = 180) -> None:
+        """Open the gate of run ``run_id`` at the sites ``names`` (every site if none), once each holds the run."""
+        from flip_core.util import wait_until
+
+        chosen = names or tuple(sorted(p.name for p in self.sites.iterdir()))
+        folders = [self.sites / name / "scratch" / f"run-{run_id}" for name in chosen]
+        assert folders and wait_until(lambda: all(f.is_dir() for f in folders), seconds, 0.1), (
+            f"after {seconds:.0f} s not every site holds the run's scratch: {[f for f in folders if not f.is_dir()]}"
+        )
+        for folder in folders:
+            (folder / "gate-open").write_text("go")

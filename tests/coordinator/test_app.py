@@ -7,12 +7,12 @@ import pytest
 from starlette.testclient import TestClient
 
 from coordinator.app import Notifier, build_app
-from coordinator.config import CoordinatorConfig, TokenGrant
+from coordinator.config import TokenGrant
 from coordinator.service import RunManager
 from coordinator.store import Store
 
 from fakes import FakeControl
-from helpers import HEART, model_bytes
+from helpers import HEART, coordinator_config, model_bytes
 
 TOKEN, OTHER = "researcher-token", "other-project-token"
 MODEL = model_bytes()
@@ -20,14 +20,8 @@ MODEL = model_bytes()
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[TestClient, RunManager]:
-    config = CoordinatorConfig(
-        state_dir=tmp_path,
-        host="127.0.0.1",
-        port=0,
-        superlink_control="unused",
-        internal_token="internal",
-        site_token="site",
-        tokens={TOKEN: TokenGrant("alice", "heart"), OTHER: TokenGrant("bob", "lungs")},
+    config = coordinator_config(
+        tmp_path, site_token="site", tokens={TOKEN: TokenGrant("alice", "heart"), OTHER: TokenGrant("bob", "lungs")}
     )
     notifier = Notifier()
     manager = RunManager(Store(tmp_path), FakeControl(), notifier.notify, presence_grace=0)

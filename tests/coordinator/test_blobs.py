@@ -14,27 +14,19 @@ from starlette.testclient import TestClient
 
 from coordinator.app import Notifier, build_app
 from coordinator.blobs import HUB, MAX_AGE_SECONDS, SITE_QUOTA, BlobStore
-from coordinator.config import CoordinatorConfig
 from coordinator.registry import SiteRegistry
 from coordinator.service import RunManager
 from coordinator.store import Store
 
 from fakes import FakeControl
+from helpers import coordinator_config
 
 INTERNAL = {"Authorization": "Bearer internal"}
 
 
 @pytest.fixture
 def hub(tmp_path: Path) -> tuple[TestClient, dict[str, dict[str, str]]]:
-    config = CoordinatorConfig(
-        state_dir=tmp_path,
-        host="127.0.0.1",
-        port=0,
-        superlink_control="unused",
-        internal_token="internal",
-        site_token="",
-        max_model_bytes=1 << 20,
-    )
+    config = coordinator_config(tmp_path, max_model_bytes=1 << 20)
     registry = SiteRegistry(config.registry_path)
     tokens = {name: registry.register(name, i, f"sha256:{i}") for i, name in enumerate(("VA", "Hungary"), 1)}
     notifier = Notifier()

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.config import CoordinatorConfig
 from coordinator.hubside import HubSide
+
+from helpers import coordinator_config
 
 
 def hub(tmp_path: Path, pki: Path | None) -> HubSide:
-    config = CoordinatorConfig(
-        state_dir=tmp_path / "coordinator",
-        host="127.0.0.1",
-        port=8900,
-        superlink_control="127.0.0.1:9100",
-        internal_token="internal",
-        site_token="",
-    )
+    config = coordinator_config(tmp_path / "coordinator", port=8900, superlink_control="127.0.0.1:9100")
     return HubSide(
         tmp_path,
         tmp_path / "coordinator.json",

@@ -8,12 +8,13 @@ import pytest
 from starlette.testclient import TestClient
 
 from coordinator.app import Notifier, build_app
-from coordinator.config import CoordinatorConfig, TokenGrant
+from coordinator.config import TokenGrant
 from coordinator.identity import Caller, HubIdentity, Refused, choose_project, project_of, static_caller
 from coordinator.service import RunManager
 from coordinator.store import Store
 
 from fakes import FakeControl, FakeHubIdentity
+from helpers import coordinator_config
 
 
 def test_hub_groups_project_dash_name_are_projects() -> None:
@@ -71,15 +72,7 @@ def test_hub_settings_come_from_the_service_environment() -> None:
 
 @pytest.fixture
 def hub_app(tmp_path: Path) -> TestClient:
-    config = CoordinatorConfig(
-        state_dir=tmp_path,
-        host="127.0.0.1",
-        port=0,
-        superlink_control="unused",
-        internal_token="internal",
-        site_token="",
-        tokens={"ci": TokenGrant("ci", "heart")},
-    )
+    config = coordinator_config(tmp_path, tokens={"ci": TokenGrant("ci", "heart")})
     notifier = Notifier()
     manager = RunManager(Store(tmp_path), FakeControl(), notifier.notify, presence_grace=0)
     identity = FakeHubIdentity(

@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from coordinator.app import Notifier, build_app
-from coordinator.config import CoordinatorConfig, TokenGrant
+from coordinator.config import TokenGrant
 from coordinator.service import RunManager
 from coordinator.store import Store
 from flip_core.api import MAX_JSON_BYTES, MAX_SOURCE_CHARS
 
 from fakes import FakeControl
-from helpers import HEART, model_bytes
+from helpers import HEART, coordinator_config, model_bytes
 
 RESEARCHER, SITE, INTERNAL = "researcher-token", "site-token", "internal-token"
 MODEL_LIMIT = 1 << 16
@@ -35,11 +35,8 @@ MODEL_LIMIT = 1 << 16
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, RunManager, str, str]]:
     """The app with one online site holding heart-disease, an uploaded model and one run."""
     root = tmp_path_factory.mktemp("coordinator")
-    config = CoordinatorConfig(
-        state_dir=root,
-        host="127.0.0.1",
-        port=0,
-        superlink_control="unused",
+    config = coordinator_config(
+        root,
         internal_token=INTERNAL,
         site_token=SITE,
         tokens={RESEARCHER: TokenGrant("alice", "heart")},

@@ -12,7 +12,7 @@ import pytest
 
 from coordinator.pooling import PoolingError, pool
 from flip_core.query import MISSING_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind, QueryRequest
-from site_agent.statistics import answer
+from site_agent.queries.statistics import answer
 
 from helpers import heart_tables
 

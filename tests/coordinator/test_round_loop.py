@@ -1,133 +1,21 @@
 """The server loop's round logic over a fake Flower grid: round timeouts, stragglers, quorum, rejoining.
 
-``FakeGrid`` and ``FakeHub`` are fakes (named so) standing in for Flower's Grid and the coordinator
-link; the real path is covered by tests/integration/test_faults.py.
+``FakeGrid`` and ``FakeHub`` (tests/fakes) stand in for Flower's Grid and the coordinator link; the real path
+is covered by tests/integration/test_faults.py.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 import numpy as np
 import pytest
-from flwr.app import Message, Metadata
-from flwr.app.message import make_message
 from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.flower_server import OFFLINE, RoundLoop, RunAborted
-from flip_core.codec import frame_header as header
-from flip_core.protocol import StepResult, decode_request
-from flip_core.status import Phase
-from flip_core.wire import content_to_blob, result_to_content
+from flip_core.runs import AnnouncedDataset, Task, TaskSite
 
-SITES = {"A": 1, "B": 2, "C": 3, "D": 4}
+from fakes import GRID_NODES, FakeGrid, FakeHub
 
-
-class FakeGrid:
-    """Answers every message at once, except fit steps for the sites in ``silent`` (stragglers)."""
-
-    def __init__(
-        self,
-        silent: set[str],
-        pending: dict[str, int] | None = None,
-        refusing: dict[str, str] | None = None,
-        hub: FakeHub | None = None,
-    ) -> None:
-        self.silent = silent
-        self.hub = hub  # where large payloads go (its fake store), for steps and replies above the inline limit
-        self.pending = dict(pending or {})  # site: how many prepare asks it answers "pending" (awaiting approval)
-        self.refusing = dict(refusing or {})  # site: its policy's refusal
-        self.outbox: dict[str, Message] = {}
-        self.count = 0
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            site = next(s for s, node in SITES.items() if node == msg.metadata.dst_node_id)
-            self.count += 1
-            mid = f"m{self.count}"
-            ids.append(mid)
-            step = content_to_blob(msg.content, None if self.hub is None else self.hub.fetch)
-            phase = header(step)["phase"]
-            width = int(decode_request(step).params["w"].size)
-            if phase != Phase.PREPARE and site in self.silent:
-                continue
-            if phase == Phase.PREPARE and self.pending.get(site, 0) > 0:
-                self.pending[site] -= 1
-                self._answer(
-                    site,
-                    mid,
-                    msg,
-                    StepResult(site=site, status="pending", error_where=f"waiting for approval at {site}"),
-                )
-                continue
-            if site in self.refusing:
-                self._answer(site, mid, msg, StepResult(site=site, status="refused", error_where=self.refusing[site]))
-                continue
-            result = StepResult(
-                site=site,
-                status="ok",
-                params={"w": np.ones(width)} if phase == "fit" else {},
-                train_metrics={"loss": 0.5} if phase == "fit" else {},
-                eval_metrics={"accuracy": 0.75},
-                num_train=10,
-                num_test=5,
-            )
-            self._answer(site, mid, msg, result)
-        return ids
-
-    def _answer(self, site: str, mid: str, msg: Message, result: StepResult) -> None:
-        meta = Metadata(
-            run_id=1,
-            message_id="",
-            src_node_id=SITES[site],
-            dst_node_id=0,
-            reply_to_message_id=mid,
-            group_id="",
-            created_at=time.time(),
-            ttl=60,
-            message_type=msg.metadata.message_type,
-        )
-        publish = None if self.hub is None else (lambda blob, sha: self.hub.uploaded.__setitem__((site, sha), blob))  # type: ignore[union-attr]
-        self.outbox[mid] = make_message(meta, result_to_content(result, publish))
-
-    def pull_messages(self, ids: list[str]) -> list[Message]:
-        return [self.outbox.pop(mid) for mid in ids if mid in self.outbox]
-
-
-class FakeHub:
-    def __init__(self, nodes: dict[str, int]) -> None:
-        self.nodes = dict(nodes)
-        self.log: list[dict[str, Any]] = []
-        self.published: dict[str, bytes] = {}  # a fake payload store: what the round loop published ...
-        self.uploaded: dict[tuple[str, str], bytes] = {}  # ... and what each site uploaded
-        self.tamper: set[str] = set()  # sites whose uploaded payload changes on the way
-
-    def publish(self, blob: bytes, sha: str, readers: list[str]) -> None:
-        self.published[sha] = bytes(blob)
-
-    def unpublish(self, sha: str) -> None:
-        self.published.pop(sha, None)
-
-    def fetch(self, sha: str, size: int) -> bytes:
-        return self.published[sha]
-
-    def take(self, site: str, sha: str, size: int) -> bytes:
-        blob = self.uploaded.pop((site, sha))
-        return blob[:-1] + bytes([blob[-1] ^ 1]) if site in self.tamper else blob
-
-    def sites(self) -> dict[str, dict[str, Any]]:
-        return {
-            s: {"site": s, "status": "online", "node_id": n, "datasets": [{"name": "heart"}]}
-            for s, n in self.nodes.items()
-        }
-
-    def events(self, run_id: str, events: list[dict[str, Any]]) -> None:
-        self.log.extend(events)
-
-    def ring(self, sites: list[str]) -> None:
-        self.log.append({"type": "ring", "sites": sites})
+SITES = GRID_NODES  # the fake grid's sites and their Flower node ids
 
 
 @pytest.fixture(autouse=True)
@@ -139,20 +27,22 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def loop(grid: FakeGrid, hub: FakeHub, *, min_sites: int, rounds: int = 2) -> RoundLoop:
-    task = {
-        "run_id": "r",
-        "sites": [{"site": s, "node_id": n} for s, n in SITES.items()],
-        "strategy": "fedavg",
-        "min_sites": min_sites,
-        "rounds": rounds,
-        "round_timeout": 0.05,
-        "dataset": "heart",
-        "source": "x",
-        "source_hash": "sha256:x",
-        "project": "p",
-        "researcher": "r",
-        "seed": 0,
-    }
+    heart = AnnouncedDataset(name="heart")
+    task = Task(
+        run_id="r",
+        name="run",
+        sites=[TaskSite(site=s, node_id=n, dataset=heart) for s, n in SITES.items()],
+        strategy="fedavg",
+        min_sites=min_sites,
+        rounds=rounds,
+        round_timeout=0.05,
+        dataset="heart",
+        source="x",
+        source_hash="sha256:x",
+        project="p",
+        researcher="r",
+        seed=0,
+    )
     return RoundLoop(grid, hub, task)  # type: ignore[arg-type]
 
 

@@ -15,6 +15,8 @@ from flip_core.codec import frame_header as header
 from flip_core.protocol import StepRequest, StepResult, encode_request
 from flip_core.status import Phase
 
+from fakes import FakeBulkStore
+
 
 def request(params: dict[str, np.ndarray]) -> StepRequest:
     return StepRequest(
@@ -39,19 +41,6 @@ def test_a_small_step_is_one_config_record_and_comes_back_whole() -> None:
     blob = wire.content_to_blob(content)
     assert header(blob)["run_id"] == "r1" and header(blob)["round"] == 2
     assert blob == encode_request(request(params))
-
-
-class FakeBulkStore:
-    """A fake of the hub's payload store (a dict): what was published, and what a fetch hands back."""
-
-    def __init__(self) -> None:
-        self.held: dict[str, bytes] = {}
-
-    def publish(self, blob: bytes | bytearray, sha: str) -> None:
-        self.held[sha] = bytes(blob)
-
-    def fetch(self, sha: str, size: int) -> bytes:
-        return self.held[sha]
 
 
 def test_a_large_result_travels_beside_its_message_named_by_its_hash_and_comes_back_whole() -> None:

@@ -8,13 +8,13 @@ import pytest
 from starlette.testclient import TestClient
 
 from coordinator.app import Notifier, build_app
-from coordinator.config import CoordinatorConfig
 from coordinator.identity import HeadlessTokens
 from coordinator.service import RunManager
 from coordinator.store import Store
 from flip_local.cli import main
 
 from fakes import FakeControl
+from helpers import coordinator_config
 
 
 def who(app: TestClient, token: str | None, path: str = "/api/whoami") -> tuple[int, dict[str, str]]:
@@ -27,14 +27,7 @@ def test_headless_tokens_are_added_and_revoked_without_a_restart(
 ) -> None:
 
     path = tmp_path / "coordinator.json"
-    config = CoordinatorConfig(
-        state_dir=tmp_path,
-        host="127.0.0.1",
-        port=0,
-        superlink_control="unused",
-        internal_token="internal",
-        site_token="",
-    )
+    config = coordinator_config(tmp_path)
     config.dump(path)
     assert path.stat().st_mode & 0o777 == 0o600
     notifier = Notifier()

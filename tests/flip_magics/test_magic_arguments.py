@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from IPython.testing.globalipapp import get_ipython, start_ipython
 
 from flip_magics.magics import FlipMagics
 
+from fakes import FakeQueryClient, FakeTrainClient
+
 SHELL = start_ipython() or get_ipython()  # the test shell, started once for the module
-
-
-class RecordingClient:
-    """A fake of FlipClient: records train()'s arguments instead of submitting."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-
-    def train(self, source: str, **options: Any) -> str:
-        self.calls.append({"source": source, **options})
-        return "handle"
 
 
 def test_privacy_options_reach_the_client(monkeypatch) -> None:
     shell = SHELL
     magics = FlipMagics(shell)
-    magics.client = RecordingClient()  # type: ignore[assignment]
+    magics.client = FakeTrainClient()  # type: ignore[assignment]
     monkeypatch.setattr("flip_magics.magics.show_run", lambda handle: None)
     magics.flip_train("--dataset heart-disease --rounds 3 --dp-epsilon 2.5 --dp-clip 0.5 --out r", "def f(): pass\n")
     call = magics.client.calls[-1]  # type: ignore[attr-defined]
@@ -35,25 +24,10 @@ def test_privacy_options_reach_the_client(monkeypatch) -> None:
     assert (magics.client.calls[-1]["dp_epsilon"], magics.client.calls[-1]["dp_clip"]) == (None, None)  # type: ignore[attr-defined]
 
 
-class RecordingQueries:
-    """A fake of FlipClient's query side: records query() and cohort() instead of asking any site."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-
-    def query(self, *args: Any, **options: Any) -> str:
-        self.calls.append(("query", args, options))
-        return "result"
-
-    def cohort(self, *args: Any, **options: Any) -> str:
-        self.calls.append(("cohort", args, options))
-        return "cohort"
-
-
 def test_quoted_options_reach_the_client_without_their_quotes() -> None:
     shell = SHELL
     magics = FlipMagics(shell)
-    magics.client = RecordingQueries()  # type: ignore[assignment]
+    magics.client = FakeQueryClient()  # type: ignore[assignment]
     magics.flip_query('heart-disease count by sex, cp --where "age > 50 and sex = 1" --out q')
     kind, args, options = magics.client.calls[-1]  # type: ignore[attr-defined]
     assert args == ("heart-disease", "count", ["sex", "cp"], "age > 50 and sex = 1")

@@ -10,6 +10,8 @@ import ipywidgets
 from flip_magics.chart import render_chart, render_header, render_site_table, render_summary
 from flip_magics.widgets import RunWidget
 
+from fakes import FakeHTMLWidget
+
 POINTS: list[tuple[str, str, float, float]] = [
     ("fit loss", "a", 1, 0.9),
     ("fit loss", "a", 2, 0.5),
@@ -20,21 +22,6 @@ POINTS: list[tuple[str, str, float, float]] = [
 SITES: list[dict[str, object]] = [
     {"site": "a", "status": "training", "samples": 10, "round": 2, "detail": ""},
 ]
-
-
-class _Recorder:
-    """Stand-in for an HTML widget that counts ``.value`` assignments."""
-
-    def __init__(self) -> None:
-        self.assignments: list[str] = []
-
-    @property
-    def value(self) -> str:
-        return self.assignments[-1] if self.assignments else ""
-
-    @value.setter
-    def value(self, v: str) -> None:
-        self.assignments.append(v)
 
 
 def test_run_widget_builds_vbox_of_three_html_widgets() -> None:
@@ -59,7 +46,7 @@ def test_run_widget_update_sets_values() -> None:
 
 def test_run_widget_update_skips_unchanged_assignments() -> None:
     w = RunWidget("fedavg", "abc123", 15)
-    header, chart, table = _Recorder(), _Recorder(), _Recorder()
+    header, chart, table = FakeHTMLWidget(), FakeHTMLWidget(), FakeHTMLWidget()
     w.header, w.chart, w.table = header, chart, table  # type: ignore[assignment]
     w.update(status="running", round_=2, points=POINTS, sites=SITES)
     w.update(status="running", round_=2, points=POINTS, sites=SITES)
@@ -70,7 +57,7 @@ def test_run_widget_update_skips_unchanged_assignments() -> None:
 
 def test_run_widget_initial_state_not_reassigned() -> None:
     w = RunWidget("fedavg", "abc123", 15)
-    chart = _Recorder()
+    chart = FakeHTMLWidget()
     w.chart = chart  # type: ignore[assignment]
     w.update(status="pending", round_=0, points=[], sites=SITES)
     assert chart.assignments == []

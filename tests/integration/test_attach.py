@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -26,38 +25,13 @@ from test_notebook_train import Kernel
 from flip_core.util import wait_until
 from flip_magics.client import TERMINAL
 
-from helpers import TINY_CELL
+from helpers import GATED_CELL, Gate
 
 pytestmark = pytest.mark.integration
 
 ROUNDS = 4
 HOLD_FROM = 3  # train() of this round waits for the gate: rounds 1 and 2 finish before it opens
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
-
-GATED_CELL = TINY_CELL.replace(
-    "def train(model, data, config):\n",
-    "def train(model, data, config):\n"
-    "    if data.round >= config['hold_from']:\n"
-    "        import os, time\n"
-    "        deadline = time.monotonic() + 300\n"
-    "        while not os.path.exists('gate-open'):  # in its working folder: the run's scratch at this site\n"
-    "            if time.monotonic() > deadline:\n"
-    "                raise TimeoutError('the gate was never opened')\n"
-    "            time.sleep(0.05)\n",
-)
-
-
-class Gate:
-    """A file in each site's scratch folder for the run: the sites' train() wait until ``open()`` puts it there."""
-
-    def __init__(self, sites: Path) -> None:
-        self.sites = sites
-
-    def open(self, run_id: str) -> None:
-        folders = [site / "scratch" / f"run-{run_id}" for site in sorted(self.sites.iterdir())]
-        assert folders and all(f.is_dir() for f in folders), f"not every site holds the run's scratch: {folders}"
-        for folder in folders:
-            (folder / "gate-open").write_text("go")
 
 
 @pytest.fixture
@@ -110,16 +84,18 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
     kernel = Kernel()
     with kernel.client.setup_kernel():
         # -- kernel A: start the run -----------------------------------------------------------
-        text, _ = kernel.text("%load_ext flip_magics\n%flip_connect")
+        text = kernel.text("%load_ext flip_magics\n%flip_connect")
         assert "connected to http://127.0.0.1:" in text, text
-        outputs, seconds = kernel.run(
+        outputs = kernel.run(
             f"%%flip_train --dataset heart-disease --rounds {ROUNDS} --seed 3 --out run "
             f"--config hold_from={HOLD_FROM}\n" + GATED_CELL
         )
-        assert seconds < 30, "the training cell must return at once"
         assert any(WIDGET_MIME in o.get("data", {}) for o in outputs), outputs
-        before = kernel.json("import json, os\nprint(json.dumps({'run_id': run.run_id, 'pid': os.getpid()}))")
+        before = kernel.json(
+            "import json, os\nprint(json.dumps({'run_id': run.run_id, 'pid': os.getpid(), 'done': run.done}))"
+        )
         run_id = before["run_id"]
+        assert not before["done"], "the training cell must return at once, not wait for the run (held at the gate)"
 
         # -- the coordinator shows rounds 1 and 2 done, round 3 held ---------------------------
         def two_rounds_done() -> bool:
@@ -140,11 +116,11 @@ def test_attach_after_a_kernel_restart_resumes_the_live_view_from_the_last_round
         assert view["status"] == "running", f"the run must outlive the kernel: {view['status']}: {view['reason']}"
 
         # -- the restarted kernel attaches ------------------------------------------------------
-        text, _ = kernel.text("%load_ext flip_magics\n%flip_connect")
+        text = kernel.text("%load_ext flip_magics\n%flip_connect")
         assert "connected to http://127.0.0.1:" in text, text
-        outputs, seconds = kernel.run(f"%flip_attach {run_id} --out again")
-        assert seconds < 30, "%flip_attach must return at once"
+        outputs = kernel.run(f"%flip_attach {run_id} --out again")
         assert not [o for o in outputs if o.get("output_type") == "error"], outputs
+        assert kernel.json("print(json.dumps(again.done))") is False, "%flip_attach must return at once (run held)"
         model_id = widget_model_id(outputs)
 
         # The attached view replays the past and stands at round 2 of 4, still running.

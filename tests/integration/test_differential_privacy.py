@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,16 +39,26 @@ POLICY = {
 }
 
 
+@dataclass(frozen=True)
+class PrivateFederation:
+    """A local federation of SITES whose policy demands differential privacy: a researcher's client, and the
+    folder of the site agents' folders (their privacy ledgers)."""
+
+    client: FlipClient
+    sites: Path
+
+
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FlipClient, Path]]:
+def private_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateFederation]:
     with local_federation(
         tmp_path_factory.mktemp("flip-dp"), policy=POLICY, warm=False, sites=len(SITES)
     ) as connection:
-        yield FlipClient(connection["coordinator_url"], connection["token"]), Path(connection["federation"]) / "sites"
+        client = FlipClient(connection["coordinator_url"], connection["token"])
+        yield PrivateFederation(client, Path(connection["federation"]) / "sites")
 
 
-def test_sites_that_demand_privacy_refuse_a_run_without_it(federation) -> None:
-    client, _ = federation
+def test_sites_that_demand_privacy_refuse_a_run_without_it(private_federation: PrivateFederation) -> None:
+    client = private_federation.client
     with pytest.raises(RunFailed) as failed:
         client.train(TINY_CELL, dataset="heart-disease", rounds=1, name="no-dp").wait(120)
     for site in SITES:
@@ -57,8 +68,10 @@ def test_sites_that_demand_privacy_refuse_a_run_without_it(federation) -> None:
         )
 
 
-def test_a_private_run_shows_its_epsilon_per_round_and_the_budget_runs_out(federation) -> None:
-    client, sites = federation
+def test_a_private_run_shows_its_epsilon_per_round_and_the_budget_runs_out(
+    private_federation: PrivateFederation,
+) -> None:
+    client, sites = private_federation.client, private_federation.sites
     handle = client.train(TINY_CELL, dataset="heart-disease", rounds=2, name="dp", dp_epsilon=2.0, dp_clip=0.5)
     handle.wait(180)
     history = handle.history
@@ -99,8 +112,8 @@ def test_a_private_run_shows_its_epsilon_per_round_and_the_budget_runs_out(feder
         ) in failed.value.reason
 
 
-def test_privacy_settings_are_checked_before_the_run_starts(federation) -> None:
-    client, _ = federation
+def test_privacy_settings_are_checked_before_the_run_starts(private_federation: PrivateFederation) -> None:
+    client = private_federation.client
     for options, message in [
         ({"dp_epsilon": -1.0}, "--dp-epsilon must be above 0"),
         ({"dp_clip": 1.0}, "--dp-clip needs --dp-epsilon"),

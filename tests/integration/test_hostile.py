@@ -20,8 +20,8 @@ from flip_core.util import wait_until
 from flip_local.federation import status
 from flip_local.sites import DEFAULT_PROJECT
 from flip_magics.client import FlipClient, RunHandle
-from site_agent.audit import read_records, verify
-from site_agent.catalog import load_site
+from site_agent.data.catalog import load_site
+from site_agent.governance.audit import read_records, verify
 
 from helpers import TINY_CELL, local_federation
 

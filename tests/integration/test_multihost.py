@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from flip_local.sites import local_policy
-from site_agent.catalog import add_dataset, init_site, write_policy
+from site_agent.data.catalog import init_site, write_policy
+from site_agent.data.formats import add_dataset
 
 from helpers import TINY_CELL, shared_data
 

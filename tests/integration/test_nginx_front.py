@@ -40,7 +40,8 @@ def evaluate(model, data, config):
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def nginx_connection(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The connection (as ``flip up`` writes it) of a two-site federation whose sites reach it through nginx."""
     with local_federation(tmp_path_factory.mktemp("flip-nginx"), sites=2, warm=False, front="nginx") as connection:
         yield connection
 
@@ -59,22 +60,24 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         ("POST", "/v1/fleet%2F..%2Fcontrol/list-runs"),
     ],
 )
-def test_only_the_fleet_api_and_site_routes_pass(federation: dict[str, Any], method: str, path: str) -> None:
-    answer = requests.request(method, f"https://{federation['superlink']}{path}", verify=federation["ca"], timeout=10)
+def test_only_the_fleet_api_and_site_routes_pass(nginx_connection: dict[str, Any], method: str, path: str) -> None:
+    answer = requests.request(
+        method, f"https://{nginx_connection['superlink']}{path}", verify=nginx_connection["ca"], timeout=10
+    )
     assert answer.status_code == 403 and FRONT in answer.text
 
 
-def test_health_answers_and_a_site_route_reaches_the_coordinator(federation: dict[str, Any]) -> None:
-    base = f"https://{federation['superlink']}"
-    assert requests.get(f"{base}/health", verify=federation["ca"], timeout=10).text == "ok"
+def test_health_answers_and_a_site_route_reaches_the_coordinator(nginx_connection: dict[str, Any]) -> None:
+    base = f"https://{nginx_connection['superlink']}"
+    assert requests.get(f"{base}/health", verify=nginx_connection["ca"], timeout=10).text == "ok"
     unknown = requests.get(
-        f"{base}/site/presence/VA", headers={"Authorization": "Bearer nope"}, verify=federation["ca"], timeout=10
+        f"{base}/site/presence/VA", headers={"Authorization": "Bearer nope"}, verify=nginx_connection["ca"], timeout=10
     )
     assert unknown.status_code == 401 and "not registered" in unknown.json()["error"]
 
 
-def test_a_large_model_trains_behind_nginx_bit_for_bit(federation: dict[str, Any]) -> None:
-    client = FlipClient(federation["coordinator_url"], federation["token"], timeout=120)
+def test_a_large_model_trains_behind_nginx_bit_for_bit(nginx_connection: dict[str, Any]) -> None:
+    client = FlipClient(nginx_connection["coordinator_url"], nginx_connection["token"], timeout=120)
     handle = client.train(CELL, dataset="heart-disease", rounds=2, seed=0)
     handle.wait(180)
     assert handle.status == "completed", handle.reason

@@ -33,7 +33,8 @@ from flip_core.errors import RunFailed
 from flip_core.util import wait_until
 from flip_local.sites import DEFAULT_PROJECT
 from flip_magics.client import FlipClient, RunHandle
-from site_agent.catalog import add_dataset, init_site, read_table, write_policy
+from site_agent.data.catalog import init_site, write_policy
+from site_agent.data.formats import add_dataset, read_table
 
 from helpers import TINY_CELL, local_federation, shared_data
 

@@ -20,7 +20,8 @@ from flip_core.errors import Rejected
 from flip_core.util import wait_until
 from flip_local.federation import restart
 from flip_local.sites import HEART_SITES, HEART_SPLIT
-from site_agent.catalog import add_dataset, load_site, read_table
+from site_agent.data.catalog import load_site
+from site_agent.data.formats import add_dataset, read_table
 
 from helpers import TINY_CELL, flip_run, shared_data, static_figures
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,29 @@ BIN = Path(sys.executable).parent
 FRONT = "this address serves only Flower's fleet API and FLIP's site routes"
 
 
+@dataclass(frozen=True)
+class TlsFederation:
+    """A local federation with ``flip up``'s default transport: where it lives, its connection (as ``flip up``
+    writes it) and each site's registered token (as its agent was started with)."""
+
+    home: Path
+    connection: dict[str, Any]
+    site_tokens: dict[str, str]
+
+    @property
+    def fleet(self) -> str:
+        """The sites' one address (the fleet front), host:port."""
+        return str(self.connection["superlink"])
+
+    def front(self, method: str, path: str, **options: Any) -> requests.Response:
+        """``method path`` at the fleet front, over TLS with the consortium's CA."""
+        return requests.request(
+            method, f"https://{self.fleet}{path}", verify=self.connection["ca"], timeout=10, **options
+        )
+
+
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def tls_federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsFederation]:
     home = tmp_path_factory.mktemp("flip-tls")
     with local_federation(home, warm=False) as connection:
         state = Federation(home).state()
@@ -36,17 +58,12 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             for p in state["processes"]
             if p["name"].startswith("site-")
         }
-        yield {**connection, "home": home, "site_tokens": tokens}
+        yield TlsFederation(home, connection, tokens)
 
 
-def front(federation: dict[str, Any], method: str, path: str, **options: Any) -> requests.Response:
-    return requests.request(
-        method, f"https://{federation['superlink']}{path}", verify=federation["ca"], timeout=10, **options
-    )
-
-
-def test_only_the_fleet_api_and_site_routes_face_the_sites(federation) -> None:
-    assert federation["secure"] and federation["superlink"] != federation["coordinator_url"]
+def test_only_the_fleet_api_and_site_routes_face_the_sites(tls_federation: TlsFederation) -> None:
+    connection = tls_federation.connection
+    assert connection["secure"] and tls_federation.fleet != connection["coordinator_url"]
     for method, path in [
         ("POST", "/v1/control/list-runs"),
         ("POST", "/v1/control/register-node"),
@@ -57,21 +74,20 @@ def test_only_the_fleet_api_and_site_routes_face_the_sites(federation) -> None:
         ("GET", "/internal/sites"),
         ("GET", "/v1/fleet/pull-messages"),
     ]:
-        refused = front(federation, method, path)
+        refused = tls_federation.front(method, path)
         assert (refused.status_code, refused.text.strip()) == (403, FRONT), (method, path)
-    fleet = front(
-        federation, "POST", "/v1/fleet/pull-messages", data=b"", headers={"Content-Type": "application/protobuf"}
+    fleet = tls_federation.front(
+        "POST", "/v1/fleet/pull-messages", data=b"", headers={"Content-Type": "application/protobuf"}
     )
     assert fleet.status_code == 401 and "authentication" in fleet.text  # the SuperLink itself: no node signature
     with pytest.raises(requests.exceptions.SSLError):  # the hub's certificate is the consortium's, not a public CA's
-        requests.get(f"https://{federation['superlink']}/health", timeout=10, verify=True)
+        requests.get(f"https://{tls_federation.fleet}/health", timeout=10, verify=True)
     with pytest.raises(requests.exceptions.ConnectionError):  # and there is no plain HTTP
-        requests.get(f"http://{federation['superlink']}/health", timeout=10)
+        requests.get(f"http://{tls_federation.fleet}/health", timeout=10)
 
 
-def test_an_unregistered_token_is_refused_by_the_coordinator(federation) -> None:
-    announce = front(
-        federation,
+def test_an_unregistered_token_is_refused_by_the_coordinator(tls_federation: TlsFederation) -> None:
+    announce = tls_federation.front(
         "POST",
         "/site/announce",
         json={"site": "Rogue", "node_id": None, "info": {}},
@@ -80,20 +96,18 @@ def test_an_unregistered_token_is_refused_by_the_coordinator(federation) -> None
     assert announce.status_code == 401 and "not registered" in announce.text
 
 
-def test_a_site_speaks_only_for_itself(federation) -> None:
-    va = {"Authorization": f"Bearer {federation['site_tokens']['VA']}"}
-    posing = front(
-        federation,
+def test_a_site_speaks_only_for_itself(tls_federation: TlsFederation) -> None:
+    va = {"Authorization": f"Bearer {tls_federation.site_tokens['VA']}"}
+    posing = tls_federation.front(
         "POST",
         "/site/announce",
         headers=va,
         json={"site": "Cleveland", "node_id": None, "info": {}, "state": "offline"},
     )
     assert posing.status_code == 403 and "belongs to site 'VA'" in posing.text
-    listening = front(federation, "GET", "/site/presence/Hungary", headers=va)
+    listening = tls_federation.front("GET", "/site/presence/Hungary", headers=va)
     assert listening.status_code == 403
-    other_node = front(
-        federation,
+    other_node = tls_federation.front(
         "POST",
         "/site/announce",
         headers=va,
@@ -102,8 +116,10 @@ def test_a_site_speaks_only_for_itself(federation) -> None:
     assert other_node.status_code == 403 and "is not the node registered for site 'VA'" in other_node.text
 
 
-def test_a_site_with_an_unregistered_key_says_so_in_its_log(federation, tmp_path: Path, heart_dir: Path) -> None:
-    env = {**os.environ, "FLIP_HOME": str(federation["home"])}
+def test_a_site_with_an_unregistered_key_says_so_in_its_log(
+    tls_federation: TlsFederation, tmp_path: Path, heart_dir: Path
+) -> None:
+    env = {**os.environ, "FLIP_HOME": str(tls_federation.home)}
     site_dir = tmp_path / "rogue"
     subprocess.run([BIN / "flip-site", "init", site_dir, "--name", "Rogue"], check=True, env=env)
     subprocess.run(
@@ -128,9 +144,9 @@ def test_a_site_with_an_unregistered_key_says_so_in_its_log(federation, tmp_path
             "join",
             site_dir,
             "--fleet",
-            federation["superlink"],
+            tls_federation.fleet,
             "--ca",
-            federation["ca"],
+            tls_federation.connection["ca"],
             "--token=unregistered",
         ],
         check=True,
@@ -152,13 +168,13 @@ def test_a_site_with_an_unregistered_key_says_so_in_its_log(federation, tmp_path
         if agent.poll() is None:
             agent.kill()
     said = log.read_text()
-    assert "the SuperLink at " + federation["superlink"] + " refused this site" in said, said[-3000:]
+    assert "the SuperLink at " + tls_federation.fleet + " refused this site" in said, said[-3000:]
     assert "the hub operator runs `flip site register Rogue KEY.pub`" in said
     assert "Rogue" not in {
         s["site"]
         for s in requests.get(
-            f"{federation['coordinator_url']}/api/sites",
-            headers={"Authorization": f"Bearer {federation['token']}"},
+            f"{tls_federation.connection['coordinator_url']}/api/sites",
+            headers={"Authorization": f"Bearer {tls_federation.connection['token']}"},
             timeout=10,
         ).json()
     }
@@ -209,13 +225,13 @@ def checksum(params: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def test_models_of_three_sizes_in_a_row_come_back_bit_for_bit(federation) -> None:
+def test_models_of_three_sizes_in_a_row_come_back_bit_for_bit(tls_federation: TlsFederation) -> None:
     """1M, 25M and 100M parameters (the largest 400 MB), one after the other in one federation: each crosses
     to all four sites and back beside its Flower messages, and the final model is exactly what the sites made.
     (An earlier three-size benchmark failed on its 400 MB model after the smaller ones.)"""
     from flip_magics.client import FlipClient
 
-    client = FlipClient(federation["coordinator_url"], federation["token"], timeout=300)
+    client = FlipClient(tls_federation.connection["coordinator_url"], tls_federation.connection["token"], timeout=300)
     for n in (1000, 5000, 10000):
         handle = client.train(LARGE_CELL.replace("__N__", str(n)), dataset="heart-disease", rounds=1, seed=0)
         handle.wait(300)
