@@ -1,6 +1,6 @@
 """The hub's book of named cohorts: per project, which dataset and filter, and what each site froze.
 
-The rows themselves stay at the sites (``site_agent.cohorts``); the hub keeps what they released
+The rows themselves stay at the sites (``site_agent.queries.cohorts``); the hub keeps what they released
 when the cohort was made (its count there, under disclosure control, and its keyed hash) so that a
 run naming the cohort is sent to the sites that hold it and its record says which rows it trained
 on. One JSON file in the coordinator's state folder, written whole.

@@ -85,7 +85,7 @@ class FlowerControl:
         return bool(self._client.StopRun(StopRunRequest(run_id=flower_run_id)).success)
 
     def register_node(self, public_key: bytes, name: str) -> int:
-        """Let the SuperNode holding ``public_key`` (PEM, as ``site_agent.certs.public_key_bytes`` reads it)
+        """Let the SuperNode holding ``public_key`` (PEM, as ``flip_core.certs.public_key_bytes`` reads it)
         join: what ``flwr supernode register`` does. Returns the node id the SuperLink gives it."""
         response = self._client.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name))
         if not response.node_id:

@@ -348,7 +348,7 @@ def encode_frame(head: dict[str, Any], arrays: dict[str, np.ndarray], reserve: i
 def archive_is_canonical(frame: bytes | bytearray, arrays: dict[str, np.ndarray]) -> bool:
     """Whether the archive in ``frame`` (after its header) is byte for byte what this codec writes for
     ``arrays`` and nothing else: no byte hidden in padding, extra fields, a comment or after the end. A site
-    checks this before it lets a task process's own bytes leave (``site_agent.governance``)."""
+    checks this before it lets a task process's own bytes leave (``site_agent.governance.gate``)."""
     view = _byte_view(frame)
     (size,) = _LENGTH.unpack_from(view)
     start = _LENGTH.size + size

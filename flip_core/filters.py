@@ -2,7 +2,7 @@
 
 A filter such as ``age > 50 and sex = 1 and chol is not null`` travels to each site as text;
 the site parses it here and turns the tree into a row mask over its own table
-(``site_agent.filtering``). The text is read by sqlglot's parser only: its expression tree is
+(``site_agent.queries.filtering``). The text is read by sqlglot's parser only: its expression tree is
 converted into FLIP's own frozen dataclasses, node by node, from an allowlist (comparisons of a
 column with a literal, ``and``/``or``/``not``, ``in``, ``between``, ``is [not] null``). Anything
 else, such as a function call, a subquery, arithmetic or ``like``, is refused with a sentence

@@ -2,7 +2,7 @@
 
 A query asks every chosen site for one statistic over the rows of a dataset that match a filter
 (``flip_core.filters``). Each site computes it on its own rows and applies its disclosure
-control before anything leaves (``site_agent.statistics``); the coordinator pools what the
+control before anything leaves (``site_agent.queries.statistics``); the coordinator pools what the
 sites released (``coordinator.pooling``). Nothing here computes: it only says what travels.
 
 What a site releases is one of two shapes:
@@ -20,7 +20,7 @@ What a site releases is one of two shapes:
   ``missing`` anyway), so a small count of missing values can leave here, unlike in ``missing``.
 
 A ``mock`` answer is a synthetic table instead: ``columns``, ``dtypes`` and ``rows`` (lists, ``None``
-for a missing value), made at the site from coarse per-column marginals (``site_agent.mock``).
+for a missing value), made at the site from coarse per-column marginals (``site_agent.queries.mock``).
 """
 
 from __future__ import annotations
