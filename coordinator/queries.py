@@ -27,7 +27,7 @@ from coordinator.service import Principal, RunManager, TaskRejected
 from flip_core.api import CohortSpec, QuerySpec
 from flip_core.filters import parse as parse_filter
 from flip_core.query import QueryKind, QueryRequest
-from flip_core.status import Presence, StepStatus
+from flip_core.status import StepStatus
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +93,7 @@ class QueryDesk:
 
     def _targets(self, spec: QuerySpec) -> tuple[list[dict[str, Any]], list[str], list[str]]:
         """The online sites to ask (node ids), the dataset's columns, and the holders that are offline."""
-        known = self.manager.sites()
-        holders = [s for s in known if any(d["name"] == spec.dataset for d in s["datasets"])]
-        if not holders:
-            names = sorted({d["name"] for s in known for d in s["datasets"]})
-            raise TaskRejected(
-                f"unknown dataset {spec.dataset!r}: the datasets that exist are {', '.join(names) or 'none'}", 404
-            )
-        if spec.sites is not None:
-            if strangers := sorted(set(spec.sites) - {s["site"] for s in holders}):
-                held_by = ", ".join(sorted(s["site"] for s in holders))
-                raise TaskRejected(f"no site {strangers[0]!r} holds {spec.dataset!r} (it is held by {held_by})", 404)
-            holders = [s for s in holders if s["site"] in spec.sites]
-        online = [s for s in holders if s["status"] == Presence.ONLINE and s["node_id"] is not None]
-        offline = sorted(s["site"] for s in holders if s not in online)
+        online, offline = self.manager.holders(spec.dataset, None if spec.sites is None else list(spec.sites))
         if not online:
             raise TaskRejected(f"no site holding {spec.dataset!r} is online ({', '.join(offline)} offline)", 409)
         columns: list[str] = []

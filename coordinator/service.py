@@ -162,20 +162,26 @@ class RunManager:
         task = self._validate(who, spec, model_uploaded=False)
         return {"ok": True, "sites": [s.site for s in task.sites], "min_sites": task.min_sites}
 
-    def _holders(self, dataset: str) -> tuple[list[dict[str, Any]], list[str]]:
-        """The online sites holding ``dataset`` and the offline ones; refused when none holds it."""
+    def holders(self, dataset: str, only: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+        """The online sites holding ``dataset`` (all, or those of ``only``) and the offline ones: what a run and a
+        query both ask. Refused when no site holds it, or when ``only`` names a site that does not."""
         known = self.sites()
         holders = [s for s in known if any(d["name"] == dataset for d in s["datasets"])]
         if not holders:
             names = sorted({d["name"] for s in known for d in s["datasets"]})
             listing = ", ".join(names) if names else "none (no site has registered a dataset)"
             raise TaskRejected(f"unknown dataset {dataset!r}: the datasets that exist are {listing}", 404)
+        if only is not None:
+            if strangers := sorted(set(only) - {s["site"] for s in holders}):
+                held_by = ", ".join(sorted(s["site"] for s in holders))
+                raise TaskRejected(f"no site {strangers[0]!r} holds {dataset!r} (it is held by {held_by})", 404)
+            holders = [s for s in holders if s["site"] in only]
         online = [s for s in holders if s["status"] == Presence.ONLINE and s["node_id"] is not None]
         return online, sorted(s["site"] for s in holders if s not in online)
 
     def _validate(self, who: Principal, spec: TaskSpec, model_uploaded: bool = True) -> Task:
         """What the federation says of a well-formed task (``flip_core.api.TaskSpec`` checked its form)."""
-        online, offline = self._holders(spec.dataset)
+        online, offline = self.holders(spec.dataset)
         cohort = self._cohort(who, spec)
         if cohort is not None:  # only the sites that froze it take part
             offline = sorted({*offline, *(s for s in cohort.sites if s not in {o["site"] for o in online})})

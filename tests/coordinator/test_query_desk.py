@@ -11,7 +11,7 @@ import pytest
 from coordinator.queries import LineRetired, QueryDesk
 from coordinator.service import Principal, RunManager, TaskRejected
 from coordinator.store import Store
-from flip_core.api import QuerySpec, parse
+from flip_core.api import QuerySpec, TaskSpec, parse
 from flip_core.errors import Rejected
 
 from fakes import FakeControl, FakeFlowerStatus
@@ -108,3 +108,13 @@ def test_unknown_dataset_site_or_column_is_refused_before_anything_is_queued(tmp
             queries.ask(WHO, wrong)
         assert says in str(e.value)
     assert control.started == []
+
+
+def test_a_query_and_a_run_refuse_an_unknown_dataset_in_the_same_sentence(tmp_path) -> None:
+    queries, _ = desk(tmp_path)
+    with pytest.raises(TaskRejected) as asked:
+        queries.ask(WHO, spec(dataset="heart"))
+    with pytest.raises(TaskRejected) as run:
+        queries.manager.check(WHO, parse(TaskSpec, {"dataset": "heart", "source": "x = 1"}, "the task"))
+    assert str(asked.value) == str(run.value) == "unknown dataset 'heart': the datasets that exist are heart-disease"
+    assert asked.value.status == run.value.status == 404
