@@ -23,7 +23,7 @@ from bench.common import REPO, machine, median
 from bench.hubuser import HubUser
 from flip_local.federation import HubOptions, down, up
 
-CELL = (REPO / "tests" / "helpers.py").read_text().split("TINY_CELL = '''")[1].split("'''")[0]
+CELL = (REPO / "tests" / "helpers.py").read_text().split('TINY_CELL = """')[1].split('"""')[0]
 WAIT_FIRST_METRIC = """
 import time
 while not any(e["type"] == "metrics" for e in result.events):
