@@ -42,7 +42,7 @@ static: $(STAMP)
 	$(BIN)/lint-imports
 
 check: static system-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/integration
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests --ignore=tests/integration --ignore=tests/redteam
 
 test: $(STAMP) system-deps static
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15 tests

@@ -1,0 +1,22 @@
+"""The red team's federation, shared by every attack in this folder (``kit`` says what an attack asserts)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from flip_core.util import wait_until
+
+from helpers import local_federation
+from kit import SITES, RedTeam
+
+
+@pytest.fixture(scope="session")
+def redteam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedTeam]:
+    home = tmp_path_factory.mktemp("flip-redteam")
+    with local_federation(home, sites=len(SITES)) as connection:
+        team = RedTeam(home, connection)
+        client = team.client()
+        assert wait_until(lambda: len([s for s in client.sites() if s["status"] == "online"]) == len(SITES), 60)
+        yield team
