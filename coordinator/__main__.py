@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from coordinator.app import Notifier, build_app
     from coordinator.config import CoordinatorConfig
+    from coordinator.doors import COORDINATOR
     from coordinator.flower_control import FlowerControl
     from coordinator.identity import HeadlessTokens, HubIdentity
     from coordinator.service import RunManager
@@ -39,8 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("JUPYTERHUB_SERVICE_PREFIX", ""),
         HeadlessTokens(args.config).grants,
     )
-    # notebooks' event streams and sites' presence streams never end by themselves: on SIGTERM, 2 s for them
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=2)
+    # notebooks' event streams and sites' presence streams never end by themselves: on SIGTERM, 2 s for them;
+    # every connection keeps the coordinator's limits (coordinator.doors: head and body timeouts, connections)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+        **COORDINATOR.uvicorn_options(),
+    )
     return 0
 
 

@@ -85,26 +85,13 @@ class BlobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         if owner != HUB and len(list(path.parent.glob("*.json"))) >= SITE_QUOTA:
             raise Refused(f"site {owner!r} already holds {SITE_QUOTA} payloads on the hub; none was fetched", 429)
-        temp = path.with_name(f".{sha256}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}")
-        hasher = hashlib.sha256()
-        got = 0
+        temp = spool_path(path.parent, sha256)
         try:
-            with open(temp, "wb") as out:
-                pending: list[bytes] = []
-                held = 0
-                async for chunk in chunks:
-                    got += len(chunk)
-                    if got > length:
-                        raise Refused(f"the payload sent more than the {length} bytes its Content-Length says", 400)
-                    pending.append(chunk)
-                    held += len(chunk)
-                    if held >= WRITE_BATCH:
-                        await asyncio.to_thread(_write, out, hasher, pending)
-                        pending, held = [], 0
-                await asyncio.to_thread(_write, out, hasher, pending)
+            over = Refused(f"the payload sent more than the {length} bytes its Content-Length says", 400)
+            digest, got = await spool(chunks, temp, length, over)
             if got != length:
                 raise Refused(f"the payload ended after {got} of the {length} bytes its Content-Length says", 400)
-            if hasher.hexdigest() != sha256:
+            if digest != sha256:
                 raise Refused("the payload's SHA-256 is not the one its address names: refused, not stored", 400)
             os.replace(temp, path)
         finally:
@@ -151,10 +138,47 @@ class BlobStore:
         return sum(p.stat().st_size for p in self.root.glob("*/*") if p.suffix != ".json" and p.is_file())
 
 
+def spool_path(folder: Path, name: str) -> Path:
+    """A fresh temporary file name in ``folder`` for an upload of ``name`` (hidden: a leading dot)."""
+    return folder / f".{name}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}"
+
+
+async def spool(chunks: AsyncIterator[bytes], path: Path, limit: int, over: Exception) -> tuple[str, int]:
+    """Write what ``chunks`` yields to ``path``, hashed as it goes, in batches written off the event loop (never
+    whole in memory); ``over`` is raised as soon as it passes ``limit`` bytes. Its SHA-256 and size."""
+    hasher = hashlib.sha256()
+    got = 0
+    with open(path, "wb") as out:
+        pending: list[bytes] = []
+        held = 0
+        async for chunk in chunks:
+            got += len(chunk)
+            if got > limit:
+                raise over
+            pending.append(chunk)
+            held += len(chunk)
+            if held >= WRITE_BATCH:
+                await asyncio.to_thread(_write, out, hasher, pending)
+                pending, held = [], 0
+        await asyncio.to_thread(_write, out, hasher, pending)
+    return hasher.hexdigest(), got
+
+
 def _write(out: object, hasher: object, chunks: list[bytes]) -> None:
     for chunk in chunks:
         hasher.update(chunk)  # type: ignore[attr-defined]
         out.write(chunk)  # type: ignore[attr-defined]
 
 
-__all__ = ["ACCEL_HEADER", "ACCEL_PREFIX", "BLOB_HEADROOM", "FOLDER", "HUB", "SITE_QUOTA", "Blob", "BlobStore"]
+__all__ = [
+    "ACCEL_HEADER",
+    "ACCEL_PREFIX",
+    "BLOB_HEADROOM",
+    "FOLDER",
+    "HUB",
+    "SITE_QUOTA",
+    "Blob",
+    "BlobStore",
+    "spool",
+    "spool_path",
+]

@@ -17,6 +17,12 @@ What it does. It is a small reverse proxy (an ASGI app run by uvicorn) with a fi
 - anything else (control, runtime, ``/docs``, ``/api``, ``/internal``, another method on a
   fleet path, a path with dot segments or an encoded slash) gets 403 and a plain sentence.
 
+Before a byte is forwarded, ``coordinator.fleet_gate`` checks the caller's credential (a fleet call's signed
+SuperNode headers, of a registered site's key; a site route's bearer token: 401 otherwise) and the body's size
+against its route's limit (413 by the Content-Length, or as soon as a body without one passes it; a fleet body,
+small, is read whole first). Every connection keeps ``coordinator.doors.FRONT``'s limits: the head within 10 s,
+no silence of 30 s in a body, at most 1000 connections, 64 from one address.
+
 Requests are forwarded unchanged: method, path and query bytes, body bytes, and every header
 except the hop-by-hop ones (``connection`` and the headers it names, ``keep-alive``,
 ``transfer-encoding``, ``te``, ``trailer``, ``upgrade``, ``proxy-*``), ``host`` and ``expect``
@@ -33,7 +39,7 @@ retries on 502. Each upstream has one long-lived ``httpx.AsyncClient`` (an HTTP/
 pool), made when the app starts and closed when it stops.
 
 Run it with ``python -m coordinator.fleet_front --host H --port P --superlink URL
---coordinator URL [--certfile F --keyfile F] [--superlink-ca F]``.
+--coordinator URL [--certfile F --keyfile F] [--superlink-ca F] [--registry SITES_JSON] [--max-payload-bytes N]``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import logging
 import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from urllib.parse import quote
 
 import httpcore._async.http11
@@ -54,6 +61,11 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount
 from starlette.types import Message, Receive, Scope, Send
+
+from coordinator.blobs import BLOB_HEADROOM
+from coordinator.config import DEFAULT_MAX_MODEL_BYTES
+from coordinator.doors import FRONT, Doors
+from coordinator.fleet_gate import Gate
 
 __all__ = ["FORBIDDEN", "build_front", "main", "serve"]
 
@@ -81,6 +93,9 @@ _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepa
 UPSTREAM_READ_BYTES = 1 << 20
 httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES = UPSTREAM_READ_BYTES
 
+# The largest payload upload let through by default: the coordinator's default largest model and a step's header.
+MAX_PAYLOAD_BYTES = DEFAULT_MAX_MODEL_BYTES + BLOB_HEADROOM
+
 # Answers up to this size with a Content-Length are relayed whole; longer ones, and those without
 # a length (the presence stream), are streamed chunk by chunk as they arrive.
 _WHOLE_BODY_LIMIT = 256 * 1024
@@ -88,6 +103,10 @@ _WHOLE_BODY_LIMIT = 256 * 1024
 
 class _SiteGone(Exception):
     """The site disconnected while its request body was being relayed."""
+
+
+class _TooLarge(Exception):
+    """A body sent without a Content-Length passed its route's limit."""
 
 
 class _UpstreamBroke(Exception):
@@ -174,7 +193,10 @@ def _clean_path(path: str, raw: bytes, prefix: str) -> bool:
     return True
 
 
-async def _body_after(first: bytes, receive: Receive) -> AsyncIterator[bytes]:
+async def _body_after(first: bytes, receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    size = len(first)
+    if size > limit:
+        raise _TooLarge()
     if first:
         yield first
     while True:
@@ -182,10 +204,18 @@ async def _body_after(first: bytes, receive: Receive) -> AsyncIterator[bytes]:
         if message["type"] == "http.disconnect":
             raise _SiteGone()
         chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge()
         if chunk:
             yield chunk
         if not message.get("more_body", False):
             return
+
+
+async def _whole_body(first: bytes, receive: Receive, limit: int) -> bytes:
+    """The rest of a body read here, up to ``limit`` bytes (:class:`_TooLarge` past it), before a byte is forwarded."""
+    return b"".join([chunk async for chunk in _body_after(first, receive, limit)])
 
 
 async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
@@ -199,9 +229,10 @@ async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:
 class _Front:
     """The ASGI app behind ``build_front``: route, check, forward, stream back."""
 
-    def __init__(self, superlink: _Upstream, coordinator: _Upstream) -> None:
+    def __init__(self, superlink: _Upstream, coordinator: _Upstream, gate: Gate) -> None:
         self.superlink = superlink
         self.coordinator = coordinator
+        self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # websockets: nothing here speaks them
@@ -228,28 +259,46 @@ class _Front:
         if not _clean_path(path, raw_path, prefix):
             await PlainTextResponse(FORBIDDEN, status_code=403)(scope, receive, send)
             return
-        await self._forward(upstream, raw_path, scope, receive, send)
+        refusal = self.gate.refusal(method, path, scope["headers"])
+        if refusal is not None:  # answered without reading the body: the connection closes after the answer
+            await _fail(scope, receive, send, refusal.status, refusal.sentence, refusal.media_type)
+            return
+        try:
+            await self._forward(upstream, raw_path, scope, receive, send, self.gate.body_limit(method, path))
+        except _TooLarge:
+            limit = self.gate.body_limit(method, path)
+            sentence = f"this route takes a body of at most {limit} bytes; it was not forwarded whole\n"
+            await _fail(scope, receive, send, 413, sentence)
 
-    async def _forward(self, upstream: _Upstream, raw_path: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _content(
+        self, upstream: _Upstream, headers: list[tuple[bytes, bytes]], receive: Receive, limit: int
+    ) -> bytes | AsyncIterator[bytes] | None:
+        """The body to forward: None when there is none; bytes when it came whole (a small body arrives in one
+        message, and a fleet body, small, is read whole first); else a stream, counted against ``limit``
+        (:class:`_TooLarge` past it). :class:`_SiteGone` when the site left first."""
+        if not any(key in (b"content-length", b"transfer-encoding") for key, _ in headers):
+            return None
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _SiteGone()
+        first, more = message.get("body", b""), message.get("more_body", False)
+        if len(first) > limit:
+            raise _TooLarge()
+        if more and upstream is self.superlink:
+            first, more = await _whole_body(first, receive, limit), False
+        return _body_after(first, receive, limit) if more else first
+
+    async def _forward(
+        self, upstream: _Upstream, raw_path: bytes, scope: Scope, receive: Receive, send: Send, limit: int
+    ) -> None:
         client = upstream.client
         if client is None:
             raise RuntimeError("the fleet front's upstream clients are made in its lifespan; run it under uvicorn")
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        has_body = False
-        for key, _ in headers:
-            if key == b"content-length" or key == b"transfer-encoding":
-                has_body = True
-                break
-
-        content: bytes | AsyncIterator[bytes] | None = None
-        if has_body:
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            first = message.get("body", b"")
-            # A small body arrives in one message: send it as bytes (one write upstream).
-            content = _body_after(first, receive) if message.get("more_body", False) else first
-
+        try:
+            content = await self._content(upstream, headers, receive, limit)
+        except _SiteGone:
+            return
         query: bytes = scope.get("query_string", b"")
         target = raw_path + b"?" + query if query else raw_path
         try:
@@ -308,8 +357,12 @@ class _Front:
             await response.aclose()
 
 
-async def _fail(scope: Scope, receive: Receive, send: Send, status: int, sentence: str) -> None:
-    response: Response = PlainTextResponse(sentence, status_code=status)
+async def _fail(
+    scope: Scope, receive: Receive, send: Send, status: int, sentence: str, media_type: str = "text/plain"
+) -> None:
+    response: Response = PlainTextResponse(sentence, status_code=status, media_type=media_type)
+    if status in (400, 401, 411, 412, 413):  # the body may not be read: the connection cannot carry another request
+        response.headers["connection"] = "close"
     await response(scope, receive, send)
 
 
@@ -322,18 +375,28 @@ def _note_sniffio_absent() -> None:
         sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
-def build_front(superlink: str, coordinator: str, *, superlink_ca: str | None = None) -> Starlette:
+def build_front(
+    superlink: str,
+    coordinator: str,
+    *,
+    superlink_ca: str | None = None,
+    registry: Path | None = None,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+) -> Starlette:
     """The fleet front as an ASGI app.
 
     ``superlink`` and ``coordinator`` are base URLs such as ``https://127.0.0.1:9092`` and
     ``http://127.0.0.1:9093``; ``superlink_ca`` is a PEM file trusted for the SuperLink's TLS
-    certificate (which must then name the host in ``superlink``). The upstream clients are made
+    certificate (which must then name the host in ``superlink``); ``registry``, the coordinator's site
+    register (only registered sites' keys are let through); ``max_payload_bytes``, the largest payload
+    upload the coordinator takes (``coordinator.fleet_gate``). The upstream clients are made
     in the app's lifespan, so run it under an ASGI server that runs lifespans (uvicorn does).
     """
     _note_sniffio_absent()
     front = _Front(
         _Upstream("the SuperLink", superlink, _SUPERLINK_TIMEOUT, superlink_ca),
         _Upstream("the coordinator", coordinator, _COORDINATOR_TIMEOUT, None),
+        Gate(registry, max_payload_bytes),
     )
 
     @contextlib.asynccontextmanager
@@ -354,15 +417,22 @@ def serve(
     certfile: str | None,
     keyfile: str | None,
     superlink_ca: str | None,
+    registry: Path | None = None,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    doors: Doors = FRONT,
 ) -> None:
-    """Run the fleet front on ``listen_host:listen_port`` until interrupted (TLS with ``certfile``/``keyfile``)."""
+    """Run the fleet front on ``listen_host:listen_port`` until interrupted (TLS with ``certfile``/``keyfile``),
+    with ``doors``' limits on every connection (``coordinator.doors``)."""
     import uvicorn
 
     if (certfile is None) != (keyfile is None):
         raise ValueError("give both certfile and keyfile for TLS, or neither")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # httpx logs every request at INFO
+    front = build_front(
+        superlink, coordinator, superlink_ca=superlink_ca, registry=registry, max_payload_bytes=max_payload_bytes
+    )
     uvicorn.run(
-        build_front(superlink, coordinator, superlink_ca=superlink_ca),
+        front,
         host=listen_host,
         port=listen_port,
         ssl_certfile=certfile,
@@ -374,10 +444,9 @@ def serve(
         # The upstream's own Date and Server headers pass through; don't add a second pair.
         server_header=False,
         date_header=False,
-        # Longer than a SuperNode's 5 s idle expiry, so the site, not the front, drops idle connections.
-        timeout_keep_alive=15,
         # a site's presence stream never ends by itself: on SIGTERM, stop waiting for it after 2 s
         timeout_graceful_shutdown=2,
+        **doors.uvicorn_options(),
     )
 
 
@@ -393,6 +462,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--certfile", help="TLS certificate (PEM) presented to sites")
     parser.add_argument("--keyfile", help="its private key (PEM)")
     parser.add_argument("--superlink-ca", help="CA (PEM) trusted for the SuperLink's certificate")
+    parser.add_argument(
+        "--registry", type=Path, help="the coordinator's site register (sites.json): only its sites' keys pass"
+    )
+    parser.add_argument(
+        "--max-payload-bytes",
+        type=int,
+        default=MAX_PAYLOAD_BYTES,
+        help="the largest payload upload (PUT /site/blobs/SHA) let through to the coordinator",
+    )
     args = parser.parse_args(argv)
     if (args.certfile is None) != (args.keyfile is None):
         parser.error("give both --certfile and --keyfile, or neither")
@@ -404,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         certfile=args.certfile,
         keyfile=args.keyfile,
         superlink_ca=args.superlink_ca,
+        registry=args.registry,
+        max_payload_bytes=args.max_payload_bytes,
     )
     return 0
 

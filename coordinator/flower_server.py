@@ -135,6 +135,7 @@ class RoundLoop:
             config=self.config,
             params=params,
             cohort=t.cohort.name if t.cohort else "",
+            metrics=None if t.metrics is None else list(t.metrics),
         )
 
     # -- one exchange --------------------------------------------------------------

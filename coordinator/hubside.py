@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.blobs import BLOB_HEADROOM
 from coordinator.blobs import FOLDER as BLOBS
 from coordinator.config import CoordinatorConfig
 from coordinator.hublink import ENV_TOKEN, ENV_URL
@@ -106,6 +107,11 @@ class HubSide:
         }
 
     @property
+    def max_payload_bytes(self) -> int:
+        """The largest payload upload the front lets through: what the coordinator's payload store takes."""
+        return self.config.max_model_bytes + BLOB_HEADROOM
+
+    @property
     def socket(self) -> Path:
         return self.root / "serverapp.sock"
 
@@ -180,6 +186,10 @@ class HubSide:
                     str(self.pki / "superlink.pem"),
                     "--keyfile",
                     str(self.pki / "superlink.key"),
+                    "--registry",
+                    str(self.config.registry_path),
+                    "--max-payload-bytes",
+                    str(self.max_payload_bytes),
                 ],
                 self.base_env(),
             )
@@ -196,6 +206,7 @@ class HubSide:
             superlink_ca=str(self.pki / "ca.pem"),
             state=str(self.root / "nginx"),
             payloads=str(self.config.state_dir / BLOBS),
+            max_payload=self.max_payload_bytes,
             user="root" if os.geteuid() == 0 else None,
         ).write(self.root / "nginx.conf")
         errors = str(self.root / "nginx" / "nginx-error.log")  # -e: not the system log (another user cannot open it)

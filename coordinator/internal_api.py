@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Route
 
 from coordinator.blobs import HUB
 from coordinator.identity import Refused
-from coordinator.web import error, holds, model_body, payload_response, query_int, receive_payload, state, typed_body
+from coordinator.web import error, holds, payload_response, query_int, receive_model, receive_payload, state, typed_body
 from flip_core.api import Event, Events, QueryReplies, Ring
 from flip_core.errors import RequestInvalid
 
@@ -46,7 +46,7 @@ async def model(request: Request) -> Response:
 
 async def put_model(request: Request) -> Response:
     _internal(request)
-    sha = state(request).manager.store.put_model(await model_body(request))
+    sha = await receive_model(request)
     return JSONResponse({"sha256": sha})
 
 

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 
 from coordinator.identity import Caller, Refused, choose_project, static_caller
 from coordinator.service import Principal, TaskRejected
-from coordinator.web import bearer, error, model_body, query_int, state, typed_body
+from coordinator.web import bearer, error, query_int, receive_model, state, typed_body
 from flip_core.api import PROJECT_HEADER, CohortSpec, QuerySpec, TaskSpec
 from flip_core.errors import RequestInvalid
 from flip_core.runs import record_of
@@ -54,12 +54,14 @@ async def caller(request: Request) -> Principal:
 
 
 def own_run(request: Request, who: Principal) -> dict[str, Any]:
-    """The run named in the path, if it is in the caller's project (404 otherwise: others' runs don't exist)."""
-    run_id = request.path_params["run_id"]
-    view = state(request).manager.view(run_id)
-    if view["project"] != who.project:
-        raise TaskRejected(f"no run {run_id!r} in project {who.project!r}", 404)
-    return view
+    """The run named in the path, if it is in the caller's project. Another project's run is answered exactly as
+    one that does not exist: the same 404 and sentence, after the same one lookup that finds no row (the store
+    looks for the id in the caller's project), so neither the answer nor its time tells one from the other."""
+    run_id: str = request.path_params["run_id"]
+    manager = state(request).manager
+    if manager.store.run(run_id, project=who.project) is None:
+        raise TaskRejected(f"no run {run_id[:70]!r} in project {who.project!r}", 404)
+    return manager.view(run_id)
 
 
 async def health(request: Request) -> Response:
@@ -72,13 +74,14 @@ async def whoami(request: Request) -> Response:
 
 
 async def sites(request: Request) -> Response:
-    await caller(request)
-    return JSONResponse(state(request).manager.sites())
+    """Every site, with the datasets it admits the caller's project to (and no others, by name or count)."""
+    who = await caller(request)
+    return JSONResponse(state(request).manager.sites(who.project))
 
 
 async def upload_model(request: Request) -> Response:
     await caller(request)
-    sha = state(request).manager.store.put_model(await model_body(request))
+    sha = await receive_model(request)
     return JSONResponse({"sha256": sha}, status_code=201)
 
 

@@ -20,7 +20,7 @@ from coordinator.cohorts import CohortBook
 from coordinator.store import Store, StoredRun
 from flip_core.aggregation import strategy_for
 from flip_core.api import TaskSpec
-from flip_core.cell import source_hash
+from flip_core.cell import metrics_of, source_hash
 from flip_core.errors import Rejected
 from flip_core.runs import AnnouncedDataset, CohortRef, Task, TaskSite
 from flip_core.status import DISPATCHED, TERMINAL, EventType, Presence, RunStatus
@@ -33,6 +33,12 @@ FOLLOW_SECONDS = 1.0
 # After a coordinator (re)start, sites need a moment to reopen their presence streams: until
 # then a site whose last word was "online" counts as online.
 PRESENCE_GRACE_SECONDS = 5.0
+
+
+def visible(info: dict[str, Any], project: str) -> list[dict[str, Any]]:
+    """The datasets of a site's announcement that ``project`` may see: those whose site lists it (default: none)."""
+    shown = [d for d in info.get("datasets", []) if project in (d.get("projects") or ())]
+    return [{k: v for k, v in d.items() if k != "projects"} for d in shown]
 
 
 class TaskRejected(Rejected):
@@ -113,7 +119,9 @@ class RunManager:
         self._followers: dict[str, threading.Thread] = {}
 
     # -- sites ----------------------------------------------------------------------
-    def sites(self) -> list[dict[str, Any]]:
+    def sites(self, project: str | None = None) -> list[dict[str, Any]]:
+        """Every site as it announced itself; to ``project`` (a researcher's), only the datasets whose site lists
+        that project for them (``DatasetAnnouncement.projects``), without the list (None: the hub's own view)."""
         out = []
         for row in self.store.sites():
             settling = time.monotonic() < self.settle_until
@@ -125,7 +133,7 @@ class RunManager:
                     "status": Presence.ONLINE if online else Presence.OFFLINE,
                     "node_id": row["node_id"],
                     "version": info.get("version", ""),
-                    "datasets": info.get("datasets", []),
+                    "datasets": info.get("datasets", []) if project is None else visible(info, project),
                     "last_seen": row["last_seen"],
                     "warm": bool(info.get("warm", False)) and online,
                     "device": info.get("device", ""),
@@ -162,14 +170,16 @@ class RunManager:
         task = self._validate(who, spec, model_uploaded=False)
         return {"ok": True, "sites": [s.site for s in task.sites], "min_sites": task.min_sites}
 
-    def holders(self, dataset: str, only: list[str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    def holders(
+        self, dataset: str, only: list[str] | None = None, project: str | None = None
+    ) -> tuple[list[dict[str, Any]], list[str]]:
         """The online sites holding ``dataset`` (all, or those of ``only``) and the offline ones: what a run and a
         query both ask. Refused when no site holds it, or when ``only`` names a site that does not."""
-        known = self.sites()
+        known = self.sites(project)  # a project knows of no dataset it was not admitted to: not even its name
         holders = [s for s in known if any(d["name"] == dataset for d in s["datasets"])]
         if not holders:
             names = sorted({d["name"] for s in known for d in s["datasets"]})
-            listing = ", ".join(names) if names else "none (no site has registered a dataset)"
+            listing = ", ".join(names) if names else "none (no site has admitted this project to a dataset)"
             raise TaskRejected(f"unknown dataset {dataset!r}: the datasets that exist are {listing}", 404)
         if only is not None:
             if strangers := sorted(set(only) - {s["site"] for s in holders}):
@@ -181,7 +191,7 @@ class RunManager:
 
     def _validate(self, who: Principal, spec: TaskSpec, model_uploaded: bool = True) -> Task:
         """What the federation says of a well-formed task (``flip_core.api.TaskSpec`` checked its form)."""
-        online, offline = self.holders(spec.dataset)
+        online, offline = self.holders(spec.dataset, project=who.project)
         cohort = self._cohort(who, spec)
         if cohort is not None:  # only the sites that froze it take part
             offline = sorted({*offline, *(s for s in cohort.sites if s not in {o["site"] for o in online})})
@@ -213,6 +223,7 @@ class RunManager:
             initial_model=initial,
             round_timeout=spec.round_timeout,
             cohort=cohort,
+            metrics=list(metrics_of(spec.source)) if spec.metrics is None else spec.metrics,
             sites=[
                 TaskSite(
                     site=s["site"],

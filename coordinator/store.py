@@ -91,6 +91,20 @@ class Store:
             tmp.replace(path)
         return sha
 
+    @property
+    def uploads(self) -> Path:
+        """Where an uploaded model is written while it arrives (beside the models: one rename stores it)."""
+        return self.root / "models"
+
+    def adopt_model(self, upload: Path, sha: str) -> str:
+        """Keep the file ``upload`` (in :attr:`uploads`, its SHA-256 ``sha`` checked by the caller) as that model."""
+        path = self.model_path(sha)
+        if path.exists():
+            upload.unlink(missing_ok=True)
+        else:
+            upload.replace(path)
+        return sha
+
     def model_path(self, sha: str) -> Path:
         if not (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
             raise KeyError(sha)
@@ -142,8 +156,12 @@ class Store:
             self._db.execute("UPDATE runs SET record = ? WHERE run_id = ?", (json.dumps(record.as_dict()), run_id))
             self._db.commit()
 
-    def run(self, run_id: str) -> StoredRun | None:
-        row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    def run(self, run_id: str, project: str | None = None) -> StoredRun | None:
+        """The run ``run_id`` (only if it is ``project``'s, when one is named: one lookup either way)."""
+        if project is None:
+            row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        else:
+            row = self._db.execute("SELECT * FROM runs WHERE run_id = ? AND project = ?", (run_id, project)).fetchone()
         return None if row is None else self._stored(row)
 
     def runs(self, project: str | None = None) -> list[StoredRun]:

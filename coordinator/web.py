@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from coordinator.blobs import ACCEL_HEADER, ACCEL_PREFIX, Blob, BlobStore
+from coordinator.blobs import ACCEL_HEADER, ACCEL_PREFIX, Blob, BlobStore, spool, spool_path
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.identity import HubIdentity, Refused
 from coordinator.queries import QueryDesk
@@ -114,17 +114,24 @@ def holds(request: Request, secret: str) -> bool:
     return bool(token) and bool(secret) and hmac.compare_digest(token, secret)
 
 
-async def read_body(request: Request, limit: int, what: str) -> bytes:
-    """The request's body, refused (413) once it passes ``limit`` bytes, before it is all read."""
+def _declared(request: Request, limit: int, what: str) -> None:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestInvalid(f"{what} is {declared} bytes, more than the {limit} this route takes", status=413)
+
+
+async def read_body(request: Request, limit: int, what: str) -> bytes:
+    """The request's body, refused (413) once it passes ``limit`` bytes, before it is all read."""
+    _declared(request, limit, what)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestInvalid(f"{what} is more than the {limit} bytes this route takes", status=413)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestInvalid(f"{what} is more than the {limit} bytes this route takes", status=413)
+            chunks.append(chunk)
+    except ClientDisconnect:  # the caller went away (or was dropped for its silence): nobody is left to answer
+        raise RequestInvalid(f"{what} broke off before its last byte", status=400) from None
     return b"".join(chunks)
 
 
@@ -136,15 +143,26 @@ async def typed_body(request: Request, model: Any, what: str) -> Any:
     return parse(model, body, what)
 
 
-async def model_body(request: Request) -> bytes:
-    """An uploaded model: bounded, and checked to be an ``.npz`` of numeric arrays before it is stored."""
-    limit = state(request).config.max_model_bytes
-    blob = await read_body(request, limit, "the model")
+async def receive_model(request: Request) -> str:
+    """Store an uploaded model; its SHA-256. The body is written to a file as it arrives (never whole in memory),
+    refused (413) once it passes the coordinator's largest model, and checked to be an ``.npz`` of numeric arrays
+    (``flip_core.codec.check_model``, reading the file record by record) before it is kept: any other bytes are a
+    400 sentence."""
+    flip = state(request)
+    limit, store = flip.config.max_model_bytes, flip.manager.store
+    _declared(request, limit, "the model")
+    upload = spool_path(store.uploads, "model")
     try:
-        check_model(blob, limit)
+        over = RequestInvalid(f"the model is more than the {limit} bytes this route takes", status=413)
+        sha, _ = await spool(request.stream(), upload, limit, over)
+        await asyncio.to_thread(check_model, upload, limit)
+        return store.adopt_model(upload, sha)
     except ModelInvalid as exc:
         raise RequestInvalid(str(exc), field="body") from None
-    return blob
+    except ClientDisconnect:
+        raise RequestInvalid("the model broke off before its last byte: nothing was stored", status=400) from None
+    finally:
+        upload.unlink(missing_ok=True)
 
 
 def query_int(request: Request, name: str, default: int) -> int:

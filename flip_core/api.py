@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 from flip_core.parsing import parse, sentence
 from flip_core.query import MAX_BINS, MAX_COLUMNS, MAX_QUERY_CHARS, QueryKind
 from flip_core.status import MetricPhase, Phase, Presence, RunStatus, SiteState, StepStatus
+from flip_core.vocabulary import MAX_METRICS, METRIC_RULE, is_metric_name
 
 PROJECT_HEADER = "X-FLIP-Project"  # a researcher in several projects names the one a request is for
 
@@ -73,7 +74,22 @@ def _cohort_name(name: str) -> str:
     return name
 
 
+def _metric_name(name: str) -> str:
+    if not is_metric_name(name):
+        raise _refuse(f"--metrics: {name[:70]!r} is not a metric name ({METRIC_RULE})")
+    return name
+
+
+def _metric_names(names: list[str]) -> list[str]:
+    if len(set(names)) != len(names):
+        raise _refuse("--metrics names a metric twice")
+    return names
+
+
 Name = Annotated[str, StringConstraints(min_length=1, max_length=NAME_CHARS)]
+MetricName = Annotated[str, AfterValidator(_metric_name)]
+# the metric names a task declares before it runs: no other leaves a site (flip_core.vocabulary)
+MetricNames = Annotated[list[MetricName], Field(max_length=MAX_METRICS), AfterValidator(_metric_names)]
 CohortName = Annotated[str, AfterValidator(_cohort_name)]
 Text = Annotated[str, StringConstraints(max_length=TEXT_CHARS)]
 SiteName = Annotated[str, AfterValidator(_site_name)]
@@ -128,6 +144,9 @@ class TaskSpec(Body):
     client_packages: Annotated[dict[Name, Name], Field(max_length=100)] = Field(default_factory=dict)
     client_environment: EnvironmentHash | None = None  # the notebook kernel's installed package set, hashed
     notebook: NotebookInfo | None = None  # set when the cell ran under `flip run`
+    # the metric names train() and evaluate() return (--metrics, or the kernel's reading of the cell); None: the hub
+    # reads them from the source (flip_core.cell.declared_metrics). No other name leaves a site.
+    metrics: MetricNames | None = None
 
     @field_validator("source")
     @classmethod
@@ -298,6 +317,8 @@ class DatasetAnnouncement(Body):
     dtypes: Annotated[list[Name], Field(max_length=10_000)] = Field(default_factory=list)
     fingerprint: Annotated[str, StringConstraints(max_length=100)] = ""
     inclusion: InclusionReport | None = None  # an imaging dataset's
+    # the projects the site's policy admits to it; the hub shows the dataset to those alone (none: to nobody)
+    projects: Annotated[list[Name], Field(max_length=1000)] = Field(default_factory=list)
 
 
 class SiteInfo(Body):
@@ -411,6 +432,7 @@ __all__ = [
     "DatasetAnnouncement",
     "Event",
     "Events",
+    "MetricNames",
     "MetricsEvent",
     "Ring",
     "RoundEvent",

@@ -1,15 +1,20 @@
 """The rules of a ``%%flip_train`` cell, shared by the notebook (which checks a cell before it is
 submitted, or runs it on the sites' mocks) and the site (which runs it): the functions it defines,
-the source as hashed for approval, how a failure is traced to a line of the cell and told without
-revealing its message, the seeds of a step, and FedProx's proximal term.
+the source as hashed for approval, the metric names it declares (read from its source, never run), how a failure
+is traced to a line of the cell and told without revealing its message (in the words of ``flip_core.vocabulary``),
+the seeds of a step, and FedProx's proximal term.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+from flip_core.vocabulary import MAX_METRICS, WEIGHT_KEY, is_metric_name
 
 CELL_FILENAME = "<flip-cell>"  # the cell is compiled under this name, so its frames can be found
 REQUIRED_FUNCTIONS = ("build_model", "train", "evaluate")
@@ -45,6 +50,66 @@ def failed_step(error_type: str, line: int, where: str) -> str:
     at_line = f" at cell line {line}" if line else ""
     in_where = f" in {where}" if where else ""
     return f"{error_type}{at_line}{in_where}"
+
+
+def declared_metrics(source: str) -> tuple[str, ...]:
+    """The metric names a cell's ``train()`` and ``evaluate()`` return, read from its source without running it
+    (``ast``): the string keys of the dict literals (and ``dict(name=...)``) in what they return, and of a variable
+    they return, where it is assigned a dict literal or a key (``out["auc"] = ...``). In the order found, each once,
+    ``num_examples`` (the update's weight) left out; () when the source does not parse. A name found here may still
+    break the rules of a metric's name (``flip_core.vocabulary.METRIC_NAME``): the caller says so."""
+    return _declared_metrics(source)
+
+
+def metrics_of(source: str) -> tuple[str, ...]:
+    """The metric names a task declares when none were given with it (the hub, a site): those
+    :func:`declared_metrics` reads that are metric names, the first ``MAX_METRICS`` of them."""
+    return tuple(n for n in declared_metrics(source) if is_metric_name(n))[:MAX_METRICS]
+
+
+@functools.lru_cache(maxsize=32)  # a site reads a run's source at each of its steps
+def _declared_metrics(source: str) -> tuple[str, ...]:
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return ()
+    found: dict[str, None] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in ("train", "evaluate"):
+            found.update(dict.fromkeys(_returned_keys(node)))
+    found.pop(WEIGHT_KEY, None)
+    return tuple(found)
+
+
+def _returned_keys(function: ast.FunctionDef | ast.AsyncFunctionDef) -> Iterator[str]:
+    returned: set[str] = set()
+    for node in ast.walk(function):
+        if isinstance(node, ast.Return) and node.value is not None:
+            yield from _literal_keys(node.value)
+            if isinstance(node.value, ast.Name):
+                returned.add(node.value.id)
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id in returned:
+                    yield from _literal_keys(node.value)
+                elif (
+                    isinstance(target, ast.Subscript)
+                    and isinstance(target.value, ast.Name)
+                    and target.value.id in returned
+                    and isinstance(target.slice, ast.Constant)
+                    and isinstance(target.slice.value, str)
+                ):
+                    yield target.slice.value
+
+
+def _literal_keys(expression: ast.expr) -> Iterator[str]:
+    for node in ast.walk(expression):
+        if isinstance(node, ast.Dict):
+            yield from (k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+            yield from (k.arg for k in node.keywords if k.arg is not None)
 
 
 def missing_functions(namespace: dict[str, object]) -> list[str]:
@@ -90,7 +155,9 @@ __all__ = [
     "REQUIRED_FUNCTIONS",
     "SIGNATURES",
     "cell_line",
+    "declared_metrics",
     "failed_step",
+    "metrics_of",
     "missing_functions",
     "normalise_source",
     "proximal_term",

@@ -26,6 +26,7 @@ import math
 import struct
 import zipfile
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -304,13 +305,40 @@ def _member_problem(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
     return ""
 
 
-def check_model(blob: bytes, max_bytes: int | None = None) -> int:
-    """Raise :class:`ModelInvalid` with a sentence unless ``blob`` is a model; its number of arrays."""
-    if max_bytes is not None and len(blob) > max_bytes:
-        raise ModelInvalid(f"the model is {len(blob)} bytes, more than the {max_bytes} this coordinator takes")
+# What reading a hostile archive's records and members can raise, besides ModelInvalid: a damaged or crafted
+# archive (zipfile, zlib), a header numpy cannot read (ValueError, SyntaxError, RecursionError from its literal
+# parser), a record pointing outside the file (a negative seek is a ValueError), an encryption or a version
+# zipfile refuses (RuntimeError, NotImplementedError), a name that is not UTF-8 (UnicodeDecodeError, a ValueError).
+_UNREADABLE = (
+    zipfile.BadZipFile,
+    zlib.error,
+    struct.error,
+    ValueError,
+    OSError,
+    EOFError,
+    NotImplementedError,
+    RuntimeError,
+    SyntaxError,
+    OverflowError,
+    TypeError,
+    KeyError,
+)
+# the ways a model's members may be kept: stored (what pack_arrays and np.savez write) or deflated
+# (np.savez_compressed); what they unpack to is bounded as a stored model is
+_MODEL_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+
+
+def check_model(blob: bytes | bytearray | Path, max_bytes: int | None = None) -> int:
+    """Raise :class:`ModelInvalid` with a sentence unless ``blob`` (the bytes, or a file holding them: read record
+    by record, never whole) is a model; its number of arrays. Whatever the bytes, the answer is the number or a
+    :class:`ModelInvalid`: a crafted archive (encrypted, another compression, damaged records, a header numpy
+    cannot read, a declared shape its bytes do not fill, a zip bomb) is refused in a sentence."""
+    size = blob.stat().st_size if isinstance(blob, Path) else len(blob)
+    if max_bytes is not None and size > max_bytes:
+        raise ModelInvalid(f"the model is {size} bytes, more than the {max_bytes} this coordinator takes")
     try:
-        archive = zipfile.ZipFile(io.BytesIO(blob))
-    except (zipfile.BadZipFile, ValueError, OSError):
+        archive = zipfile.ZipFile(blob if isinstance(blob, Path) else io.BytesIO(blob))
+    except _UNREADABLE:
         raise ModelInvalid(
             "the body is not a model: a model is an .npz archive of numeric arrays (numpy.savez of the state dict)"
         ) from None
@@ -324,13 +352,25 @@ def check_model(blob: bytes, max_bytes: int | None = None) -> int:
         if max_bytes is not None and unpacked > max_bytes:
             raise ModelInvalid(f"the model unpacks to {unpacked} bytes, more than the {max_bytes} allowed")
         for info in infos:
-            try:
-                problem = _member_problem(archive, info)
-            except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as exc:
-                problem = f"{info.filename!r} cannot be read ({type(exc).__name__})"
+            problem = _kept_problem(info)
+            if not problem:
+                try:
+                    problem = _member_problem(archive, info)
+                except _UNREADABLE as exc:
+                    problem = f"{info.filename!r} cannot be read ({type(exc).__name__})"
             if problem:
                 raise ModelInvalid(f"the body is not a model: {problem}")
     return len(infos)
+
+
+def _kept_problem(info: zipfile.ZipInfo) -> str:
+    """Why a member is kept in a way no model is ("" when it is stored or deflated, unencrypted)."""
+    if info.flag_bits & _ENCRYPTED:
+        return f"{info.filename!r} is encrypted"
+    if info.compress_type not in _MODEL_METHODS:
+        method = info.compress_type
+        return f"{info.filename!r} is compressed with method {method} (a model's arrays are stored or deflated)"
+    return ""
 
 
 def encode_frame(head: dict[str, Any], arrays: dict[str, np.ndarray], reserve: int = 0) -> bytes:

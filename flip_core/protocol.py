@@ -8,6 +8,8 @@ nothing executable travels.
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -16,6 +18,8 @@ import numpy as np
 from flip_core import VERSION
 from flip_core.codec import decode_frame, encode_frame, rewrite_header
 from flip_core.status import Phase, StepStatus
+
+_ROOM = struct.Struct("<Q")  # a frame's first bytes: its header's length (flip_core.codec)
 
 
 @dataclass(frozen=True)
@@ -34,11 +38,16 @@ class StepRequest:
     config: dict[str, Any]
     params: dict[str, np.ndarray]
     cohort: str = ""  # train on the rows frozen at each site under this name (``%flip_cohort``), not the whole table
+    # the metric names the task declared when it was submitted: a site lets no other leave (None: a site reads them
+    # from the source, as the kernel does: ``flip_core.cell.declared_metrics``)
+    metrics: list[str] | None = None
 
 
 @dataclass
 class StepResult:
-    """What a step produced, as the site's output guard lets it leave."""
+    """What a step produced. As a task process sends it, every field is a claim; as a site sends it, the site agent
+    built it field by field (``site_agent.disclosure.guard``): from the words of ``flip_core.vocabulary``, the
+    declared model and metric names, and what the agent itself knows or measured."""
 
     site: str
     status: StepStatus
@@ -74,10 +83,23 @@ def decode_request(blob: bytes | bytearray) -> StepRequest:
     return StepRequest(params=arrays, **head)
 
 
+RESULT_ROOM = 8192  # the bytes a result's header takes, padded, in a frame with room: see encode_result
+
+
 def encode_result(result: StepResult, reserve: int = 0) -> bytes:
     """``reserve``: room after the header for :func:`reheader_result` (the task process leaves it, so that the
-    site's output guard can set its fields without copying the parameters)."""
-    return encode_frame(_result_head(result), result.params, reserve)
+    site's output guard can set its fields without copying the parameters). A frame with room has its header padded
+    to :data:`RESULT_ROOM` bytes (or more, if ``reserve`` asks it): two such frames of the same parameters are the
+    same size, so the size of what leaves a site says nothing of the task's header (:func:`header_room`)."""
+    head = _result_head(result)
+    if reserve > 0:
+        reserve = max(reserve, RESULT_ROOM - len(json.dumps(head).encode()))
+    return encode_frame(head, result.params, reserve)
+
+
+def header_room(frame: bytes | bytearray) -> int:
+    """The bytes ``frame``'s header takes, padding included."""
+    return int(_ROOM.unpack_from(frame)[0])
 
 
 def reheader_result(frame: bytearray, result: StepResult) -> bool:
@@ -98,11 +120,13 @@ def decode_result(blob: bytes | bytearray) -> StepResult:
 
 
 __all__ = [
+    "RESULT_ROOM",
     "StepRequest",
     "StepResult",
     "decode_request",
     "decode_result",
     "encode_request",
     "encode_result",
+    "header_room",
     "reheader_result",
 ]

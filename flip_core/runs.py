@@ -27,6 +27,7 @@ from flip_core.api import (
     ConfigValue,
     DatasetAnnouncement,
     InclusionReport,
+    MetricNames,
     Name,
     NodeId,
     NotebookInfo,
@@ -55,6 +56,7 @@ class AnnouncedDataset(DatasetAnnouncement):
 
     model_config = ConfigDict(strict=False, extra="allow")
     inclusion: AnnouncedInclusion | None = None
+    projects: list[str] = Field(default_factory=list, exclude=True)  # which projects the site admits: never recorded
 
 
 class CohortSite(Recorded):
@@ -110,6 +112,9 @@ class Task(Body):
     cohort: CohortRef | None = Field(default=None, description="the cohort it trains on (None: the whole table)")
     sites: Annotated[list[TaskSite], Field(min_length=1, max_length=MAX_SITES)] = Field(
         description="the taking sites, by name"
+    )
+    metrics: MetricNames | None = Field(
+        default=None, description="the metric names it declared: no other leaves a site (None: each reads the cell's)"
     )
 
 

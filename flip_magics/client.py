@@ -28,7 +28,7 @@ from flip_magics.provenance import log_run, task_provenance
 from flip_magics.queries import QueryResult, result_from
 from flip_magics.run_handle import TERMINAL, RunHandle
 from flip_magics.site_tables import inclusion_table, site_table
-from flip_magics.task import prepare
+from flip_magics.task import metrics_to_declare, prepare
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +218,16 @@ class FlipClient:
         dp_clip: float | None = None,
         cohort: str | None = None,
         mock: bool = False,
+        metrics: list[str] | None = None,
     ) -> RunHandle:
         """Check the cell locally, submit it, and return a handle that follows the run.
 
         ``dp_epsilon``: the run is differentially private at every site, spending at most this epsilon
         of the project's budget there (each site adds the noise itself, clipping updates to ``dp_clip``).
         ``cohort``: train on the rows that cohort froze at each site (:meth:`cohort`), not the whole table.
-        ``mock``: run the cell here, in this kernel, against every site's mock (:meth:`mock`), nothing submitted."""
+        ``mock``: run the cell here, in this kernel, against every site's mock (:meth:`mock`), nothing submitted.
+        ``metrics``: the metric names train() and evaluate() return; by default those read from the dict literals
+        they return. No other name leaves a site (a site says when it withheld some)."""
         spec: TaskSpec = parse(
             TaskSpec,
             {
@@ -240,6 +243,7 @@ class FlipClient:
                 "dp_epsilon": dp_epsilon,
                 "dp_clip": dp_clip,
                 "cohort": cohort,
+                "metrics": None if metrics is None else list(metrics),
             },
             "the task",
         )  # a wrong option: told here, before anything is sent
@@ -248,10 +252,12 @@ class FlipClient:
         body = spec.model_dump(mode="json")
         self.connection.call("POST", "/api/runs/check", json=body)  # a wrong dataset: before local work
         task = prepare(source, seed=seed)
+        declared = metrics_to_declare(task, spec.metrics)
         sha = self.connection.call(
             "POST", "/api/models", data=pack_arrays(task.initial), headers={"Content-Type": "application/octet-stream"}
         ).json()["sha256"]
-        spec = parse(TaskSpec, {**spec.model_dump(mode="json"), "initial_model": sha, **task_provenance()}, "the task")
+        more = {"initial_model": sha, "metrics": declared, **task_provenance()}
+        spec = parse(TaskSpec, {**spec.model_dump(mode="json"), **more}, "the task")
         view = self.connection.call("POST", "/api/runs", json=spec.model_dump(mode="json")).json()
         log_run(view["run_id"])
         return RunHandle(self.connection, view, task)
@@ -261,6 +267,7 @@ class FlipClient:
         strategy or option is told before anything else)."""
         strategy = strategy_for(spec.strategy, spec.config)
         task = prepare(spec.source, seed=spec.seed)
+        declared = metrics_to_declare(task, spec.metrics)  # the hub's rule, here too
         holders = [d for s in self.sites() for d in s["datasets"] if d["name"] == spec.dataset]
         if any(d.get("format") == "images" for d in holders):
             raise Rejected(
@@ -279,6 +286,7 @@ class FlipClient:
             config={**spec.config},
             strategy=strategy,
             train_fraction=float(np.median(fractions)) if fractions else 0.8,
+            metrics=tuple(declared),
         )
 
     def attach(self, run_id: str) -> RunHandle:

@@ -183,6 +183,12 @@ class FlipMagics(Magics):
     @argument("--name", default=None, help="a name for the run")
     @argument("--out", default=DEFAULT_OUT, help=f"variable that receives the run (default: {DEFAULT_OUT})")
     @argument("--config", nargs="*", default=[], help="key=value pairs passed to train and evaluate")
+    @argument(
+        "--metrics",
+        default=None,
+        help="the metric names train and evaluate return, comma-separated (default: read from the dicts they "
+        "return); no other name leaves a site",
+    )
     @_friendly
     def flip_train(self, line: str, cell: str) -> None:
         """Train the cell's model across the sites holding --dataset; returns at once."""
@@ -201,6 +207,7 @@ class FlipMagics(Magics):
             dp_clip=args.dp_clip,
             cohort=args.cohort,
             mock=args.mock,
+            metrics=None if args.metrics is None else [n.strip() for n in args.metrics.split(",") if n.strip()],
         )
         self._user_ns()[args.out] = handle
         show_run(handle)

@@ -6,7 +6,8 @@ the cell's rounds here, site by site, as the sites would (the same seeds per ste
 train fraction, the run's strategy with its options and FedProx's proximal term, each update weighted
 by its rows), aggregates and weighs metrics with the hub's own functions (``flip_core.aggregation``),
 and feeds the same events to the same widget and result object as a federated run: so a cell that
-fails on the mock fails here in seconds, before any site is asked. Every name, title and record says
+fails on the mock fails here in seconds, before any site is asked. As at a site, only the metric names the task
+declares leave a step (the others are dropped, and the site's row says so). Every name, title and record says
 MOCK; its numbers say nothing about the real data. No IPython here.
 """
 
@@ -26,6 +27,7 @@ from flip_core.cell import cell_line, failed_step, proximal_term, seed_everythin
 from flip_core.errors import Rejected
 from flip_core.runs import RunRecord
 from flip_core.status import EventType, MetricPhase, RunStatus, SiteState
+from flip_core.vocabulary import WEIGHT_KEY, undeclared
 from flip_magics.connection import Connection
 from flip_magics.run_handle import RunHandle
 from flip_magics.task import PreparedTask, load_weights
@@ -91,8 +93,12 @@ class MockRun(RunHandle):
         config: dict[str, Any],
         strategy: Strategy,
         train_fraction: float,
+        metrics: tuple[str, ...] | None = None,
     ) -> None:
+        """``metrics``: the names the task declares (None: any)."""
         self._mocks, self._seed, self._fraction = mocks, seed, train_fraction
+        self._declared = metrics
+        self._withheld: dict[str, set[str]] = {}  # each site's kinds of metrics withheld, said in its next row
         self.strategy = strategy
         self._config = {**config, **strategy.client_config()}  # as the hub sends it to the sites
         self._params: dict[str, np.ndarray] = dict(task.initial)
@@ -176,7 +182,10 @@ class MockRun(RunHandle):
             updates.append((params, n))
             trains.append((metrics, n))
             self._apply(_metrics(round_, site, MetricPhase.TRAIN, metrics, n))
-            self._apply({"type": EventType.SITE, "site": site, "status": SiteState.DONE, "round": round_, "samples": n})
+            done = {"type": EventType.SITE, "site": site, "status": SiteState.DONE, "round": round_, "samples": n}
+            if kinds := self._withheld.pop(site, set()):
+                done["detail"] = "; ".join(undeclared(kind) for kind in sorted(kinds, reverse=True))
+            self._apply(done)
         self._params = self.strategy.aggregate(self._params, updates)  # in the sites' order, as the hub folds them
         self._global(round_, MetricPhase.TRAIN, trains)
         seconds = time.monotonic() - started
@@ -201,8 +210,11 @@ class MockRun(RunHandle):
         seed_everything(step_seed(self._seed, data.round, data.site))
         model = load_weights(self._task, params)
         self._step = (data.site, f"{function}()")
-        metrics = self._task.namespace[function](model, data, dict(self._config))
-        return model, _scalars(metrics, f"{function}()")
+        metrics = _scalars(self._task.namespace[function](model, data, dict(self._config)), f"{function}()")
+        if self._declared is not None and (dropped := set(metrics) - set(self._declared) - {WEIGHT_KEY}):
+            self._withheld.setdefault(data.site, set()).add("train" if function == "train" else "eval")
+            metrics = {k: v for k, v in metrics.items() if k not in dropped}
+        return model, metrics
 
     def _evaluate(self, site: str, round_: int, params: dict[str, np.ndarray]) -> tuple[dict[str, float], int]:
         data = self._data(site, round_, params)

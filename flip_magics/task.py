@@ -3,7 +3,9 @@
 The cell is compiled and executed in a scratch namespace (never the user's), its three
 functions are checked, and ``build_model()`` gives the initial weights (seeded). A syntax
 error, a missing function or a failing ``build_model()`` is reported here, so nothing
-broken is ever submitted.
+broken is ever submitted. The metric names ``train()`` and ``evaluate()`` return are read from the
+dict literals they return (``flip_core.cell.declared_metrics``, never run): declared with the task,
+they are the only names a site lets leave.
 """
 
 from __future__ import annotations
@@ -13,8 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from flip_core.cell import CELL_FILENAME, SIGNATURES, cell_line, failed_step, missing_functions, source_hash
+from flip_core.cell import (
+    CELL_FILENAME,
+    SIGNATURES,
+    cell_line,
+    declared_metrics,
+    failed_step,
+    missing_functions,
+    source_hash,
+)
 from flip_core.errors import TaskInvalid
+from flip_core.vocabulary import MAX_METRICS, METRIC_RULE, is_metric_name
 
 
 @dataclass
@@ -23,6 +34,7 @@ class PreparedTask:
     source_hash: str
     namespace: dict[str, Any]
     initial: dict[str, np.ndarray]
+    metrics: tuple[str, ...] = ()  # the names read from its train() and evaluate() dict literals (not yet checked)
 
     def build_model(self) -> Any:
         return self.namespace["build_model"]()
@@ -56,7 +68,33 @@ def prepare(source: str, seed: int = 0) -> PreparedTask:
     if not isinstance(model, torch.nn.Module):
         raise TaskInvalid(f"build_model() must return a torch.nn.Module, not {type(model).__name__}")
     initial = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
-    return PreparedTask(source, source_hash(source), namespace, initial)
+    return PreparedTask(source, source_hash(source), namespace, initial, declared_metrics(source))
+
+
+def metrics_to_declare(task: PreparedTask, given: list[str] | None) -> list[str]:
+    """The metric names a task declares: ``given`` (``--metrics``) when given, else those read from the cell; a name
+    read that is not a metric's, too many, or none at all is refused in a sentence (:class:`TaskInvalid`): a site
+    lets no undeclared name leave."""
+    if given is not None:
+        return list(given)
+    names = task.metrics
+    if bad := [n for n in names if not is_metric_name(n)]:
+        raise TaskInvalid(
+            f"train() or evaluate() returns a metric named {bad[0][:70]!r}: a metric's name is {METRIC_RULE}. "
+            "Nothing was submitted."
+        )
+    if len(names) > MAX_METRICS:
+        raise TaskInvalid(
+            f"train() and evaluate() return {len(names)} metric names: at most {MAX_METRICS} may leave a site. "
+            "Nothing was submitted."
+        )
+    if not names:
+        raise TaskInvalid(
+            "FLIP reads the metric names a cell sends from the dict literals its train() and evaluate() return "
+            '(return {"loss": ...}) and found none: name them with --metrics, e.g. --metrics loss,accuracy '
+            '(FlipClient.train(..., metrics=["loss", "accuracy"])). Nothing was submitted.'
+        )
+    return list(names)
 
 
 def load_weights(task: PreparedTask, params: dict[str, np.ndarray]) -> Any:

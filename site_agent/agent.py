@@ -18,9 +18,11 @@ control (``site_agent.queries.service``): no researcher code runs for it.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,14 +37,17 @@ from flip_core.status import Presence, StepStatus
 from flip_core.trace import stage
 from flip_core.versions import RECORDED_PACKAGES, environment_hash, package_versions
 from flip_core.wire import blob_to_content, content_to_blob
-from site_agent.data.catalog import CatalogError, SiteConfig
+from site_agent.data import formats
+from site_agent.data.catalog import CatalogError, Handed, SiteConfig
 from site_agent.disclosure.guard import announced
 from site_agent.exits import SiteExit
 from site_agent.fleet import FleetRefused, connect, release_session
 from site_agent.governance.gate import Governance
 from site_agent.queries.cohorts import CohortRefused, CohortStore
-from site_agent.sandbox import isolation
+from site_agent.sandbox import cgroups, isolation
+from site_agent.tasks.adoption import Adoption
 from site_agent.tasks.service import TaskService
+from site_agent.tasks.worker import ENV_THREADS
 
 if TYPE_CHECKING:
     from flwr.app import Message, RecordDict
@@ -56,6 +61,14 @@ RESTART_SECONDS = 1.0
 REFUSED_SECONDS = 5.0  # a refusal that persists this long (its key is not registered) ends the agent
 IDLE_POLL_SECONDS = 5.0
 WARM_SECONDS = 900.0  # keep a spare task process this long after start or the last step
+AGENT_FAILED = "SiteAgentError"  # a step the agent itself could not answer (its log says why)
+
+
+def task_threads() -> int:
+    """torch's threads in the site's task processes, as the site sets them (``FLIP_TASK_THREADS``; 0: torch's
+    default), for every result: the task process's own count is its to change."""
+    value = os.environ.get(ENV_THREADS, "")
+    return int(value) if value.isdigit() else 0
 
 
 class SiteAgent:
@@ -91,7 +104,8 @@ class SiteAgent:
         self.exit_code: int = SiteExit.OK
         self.node_ready = threading.Event()
         self.doorbell = threading.Event()
-        self.governance = Governance(site)  # the site's policy, read once
+        # the site's policy, read once; what it knows of every step whatever a task process says of it
+        self.governance = Governance(site, device=device, threads=task_threads())
         self.cohorts = CohortStore(site.root)
         self._query_service: QueryService | None = None
         self._queries_lock = threading.Lock()
@@ -101,7 +115,9 @@ class SiteAgent:
             warm_seconds,
             on_change=lambda: self._safe_announce(Presence.ONLINE),
             keep_scratch=keep_scratch,
+            limits=self.governance.policy.limits,
         )
+        self.governance.failures.update(self.tasks.failures)  # the sentences of the limits it holds tasks to
 
     # -- coordinator ----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -112,7 +128,10 @@ class SiteAgent:
             "device": self.device,
             "packages": package_versions(*RECORDED_PACKAGES),  # for run records: what a rerun must match
             "environment": environment_hash(),
-            "datasets": [announced(d.summary(), threshold) for d in self.site.datasets.values()],
+            "datasets": [
+                announced(d.summary(), threshold, self.governance.policy.admitted(name))
+                for name, d in self.site.datasets.items()
+            ],
         }
 
     def announce(self, state: str = Presence.ONLINE) -> None:
@@ -223,13 +242,12 @@ class SiteAgent:
         except Exception as exc:  # noqa: BLE001 - the hub gets a type, the site log the details
             log.exception("could not answer a message of Flower run %s", message.metadata.run_id)
             where = "the site agent"
+            # a step's: one fixed type (bytes a task process wrote could choose which exception the agent met)
             result = (
                 encode_reply(QueryReply(self.site.name, StepStatus.ERROR, f"{where} failed ({type(exc).__name__})"))
                 if query
                 else encode_result(
-                    StepResult(
-                        site=self.site.name, status=StepStatus.ERROR, error_type=type(exc).__name__, error_where=where
-                    )
+                    StepResult(site=self.site.name, status=StepStatus.ERROR, error_type=AGENT_FAILED, error_where=where)
                 )
             )
         try:
@@ -286,9 +304,31 @@ class SiteAgent:
                 )
                 return encode_result(refused)
         with stage("site task step"):
-            produced = self.tasks.step(blob, seconds, memory_mb, cohort=rows)  # isolated, killed at its time limit
-        with stage("site release"):
-            return self.governance.release(request, produced)  # the output guard, audited
+            started = time.monotonic()
+            adoption = self._adoption(request.dataset, request.cohort, rows)  # made when the run adopts a process
+            produced = self.tasks.step(blob, seconds, memory_mb, adoption)  # isolated, killed at its time limit
+            took = time.monotonic() - started  # the agent's clock, never the task process's
+        with stage("site release"):  # the output guard rebuilds what leaves from the agent's own facts, audited
+            released = self.governance.release(
+                request,
+                produced,
+                seconds=took,
+                cohort_rows=None if rows is None else len(rows),
+                notes=self.tasks.notes(request.run_id),
+            )
+        self.tasks.settle(request.run_id, released)  # a step the guard failed ends the run's process here too
+        return released
+
+    def _adoption(self, dataset: str, cohort: str, rows: list[int] | None) -> Callable[[], Adoption]:
+        """What a run's task process is handed when the run adopts it: the run's rows only (``rows``, the cohort's;
+        None: the whole dataset), read and cut here, outside any sandbox (``site_agent.data.formats.handed``)."""
+
+        def adoption() -> Adoption:
+            entry = self.site.datasets.get(dataset)
+            handed = Handed(b"") if entry is None else formats.handed(self.site, dataset, rows)
+            return Adoption(self.site.name, entry, cohort, handed)
+
+        return adoption
 
     def _queries(self) -> QueryService:
         """The query service, made at the first query (it loads pandas, which training steps never need here)."""
@@ -307,6 +347,8 @@ class SiteAgent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop)
         log.info("task processes at this site: %s", isolation.describe(isolation.protections()))
+        self.tasks.groups = cgroups.TaskGroups.open()  # a cgroup per task process, where the host delegates them
+        log.info("a run's memory and processes: %s", cgroups.describe(self.tasks.groups))
         threading.Thread(target=self.tasks.reap_forever, name="reaper", daemon=True).start()
         threading.Thread(target=self._presence, name="presence", daemon=True).start()
         fleet = threading.Thread(target=self._serve, name="fleet", daemon=True)

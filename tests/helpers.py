@@ -25,6 +25,7 @@ HEART = {
     "dtypes": [],
     "fingerprint": "sha256:x",
     "format": "uci-heart",
+    "projects": ["heart"],  # the projects its site admits: only they see it
 }
 
 
@@ -183,7 +184,9 @@ def train(model, data, config):
 
 class Gate:
     """Where GATED_CELL's train() waits: a file the test puts in a site's scratch folder for the run (the one
-    place of the host a task process sees). Not a fake: the real sites run the real cell."""
+    place a task process writes), as the task process sees it: a sandboxed one's scratch is a tmpfs of its own,
+    reached from outside through ``/proc/PID/root`` (the tests run as root). Not a fake: the real sites run the
+    real cell."""
 
     def __init__(self, sites: Path) -> None:
         self.sites = sites  # the federation's site folders
@@ -194,8 +197,25 @@ class Gate:
 
         chosen = names or tuple(sorted(p.name for p in self.sites.iterdir()))
         folders = [self.sites / name / "scratch" / f"run-{run_id}" for name in chosen]
-        assert folders and wait_until(lambda: all(f.is_dir() for f in folders), seconds, 0.1), (
-            f"after {seconds:.0f} s not every site holds the run's scratch: {[f for f in folders if not f.is_dir()]}"
+        assert folders and wait_until(lambda: all(self._seen(f) for f in folders), seconds, 0.1), (
+            f"after {seconds:.0f} s not every site holds the run's scratch: {[f for f in folders if not self._seen(f)]}"
         )
         for folder in folders:
-            (folder / "gate-open").write_text("go")
+            for seen in self._seen(folder):
+                (seen / "gate-open").write_text("go")
+
+    @staticmethod
+    def _seen(folder: Path) -> list[Path]:
+        """``folder`` as the task processes of its site see it (each through its own root)."""
+        site = b"\0" + str(folder.parents[1]).encode() + b"\0"
+        seen = []
+        for entry in Path("/proc").iterdir():
+            try:
+                command = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+            except OSError:
+                continue
+            if b"site_agent.tasks.worker" in command and site in command:
+                view = entry / "root" / str(folder).lstrip("/")
+                if view.is_dir():
+                    seen.append(view)
+        return seen

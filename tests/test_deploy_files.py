@@ -313,6 +313,8 @@ def test_the_nginx_fleet_front_example_is_what_flip_serve_renders() -> None:
     assert [loc.strip() for loc in locations] == [
         "= /health",
         "/v1/fleet/",
+        "= /site/announce",
+        "/site/blobs/",
         "/site/",
         "/_flip_payloads/",
         "/",

@@ -4,8 +4,9 @@ dataset format does.
 A site directory holds ``site.toml`` (the site's name and its datasets) and ``splits/``
 (one JSON file per dataset recording the seeded train/test split). Each dataset is of a format
 (:class:`DatasetFormat`), registered by name in ``site_agent.data.formats``, which says how it is
-registered, read for queries and handed to a task. Nothing here talks to the network; the agent
-and the task runner read it.
+registered, read for queries and handed to a run's task process (:class:`Handed`: made by the agent, the run's
+rows only). Nothing here talks to the network; the agent reads it, and a task process reads none of it: what it
+gets of the site is what it was handed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 SITE_FILE = "site.toml"
 SPLITS = "splits"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-Opener = Callable[[Path], IO[bytes]]  # reads one of the site's files (a task process: through a handed descriptor)
+Opener = Callable[[Path], IO[bytes]]  # reads one of the site's files (the agent's user; a test's own reader)
 Part: TypeAlias = "pd.DataFrame | list[dict[str, Any]]"  # what a task gets of a dataset: a table, or its cases
 
 
@@ -281,7 +282,7 @@ def write_split(root: Path, name: str, split: dict[str, Any]) -> None:
 
 
 def read_split(root: Path, name: str, read: Opener) -> dict[str, Any]:
-    """The dataset's recorded split, read with ``read`` (a task process: through its handed descriptor)."""
+    """The dataset's recorded split, read with ``read``."""
     with read(split_path(root, name)) as fh:
         split: dict[str, Any] = json.loads(fh.read())
     return split
@@ -292,11 +293,6 @@ def open_file(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
-def recorded_files(config: SiteConfig, entry: DatasetEntry) -> list[Path]:
-    """A dataset held in one file: the file (its table, or its index) and its recorded split."""
-    return [Path(entry.path), split_path(config.root, entry.name)]
-
-
 def format_options(fmt: str, given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """A format's registration settings: ``defaults`` updated with ``given``; refused when one is not the format's."""
     if unknown := sorted(set(given) - set(defaults)):
@@ -305,6 +301,17 @@ def format_options(fmt: str, given: dict[str, Any], defaults: dict[str, Any]) ->
             f"(its options: {', '.join(defaults)})"
         )
     return {**defaults, **given}
+
+
+@dataclass(frozen=True)
+class Handed:
+    """What a run's task process is handed of its dataset, made by the agent (outside the sandbox) when the run adopts
+    the process: ``payload``, the run's rows (or cases) only, already split as the cell gets them, in the format's own
+    bytes; ``files``, what the cell reads by its own path (an imaging run's cases' image files), bound into the
+    process's sandbox, and nothing else of the site."""
+
+    payload: bytes
+    files: tuple[Path, ...] = ()
 
 
 class DatasetFormat(ABC):
@@ -327,18 +334,13 @@ class DatasetFormat(ABC):
         """The table a query sees, its rows in the dataset's order (the positions cohorts and filters name)."""
 
     @abstractmethod
-    def task_data(
-        self, config: SiteConfig, entry: DatasetEntry, read: Opener, rows: list[int] | None = None
-    ) -> tuple[Part, Part]:
-        """What a task's cell gets as ``data.train`` and ``data.test``: the recorded split, or with ``rows`` (a
-        cohort's positions) those rows split as the dataset was. ``read`` reads the site's files."""
+    def handed(self, config: SiteConfig, entry: DatasetEntry, rows: list[int] | None = None) -> Handed:
+        """What a run's task process is handed (the agent makes it, reading and checking the site's files): the
+        recorded split, or with ``rows`` (a cohort's positions) those rows split as the dataset was; nothing of any
+        other row, and no descriptor or path of a file beyond the run's own (its table, index or split, another
+        case's image). CatalogError when the data is not what was registered."""
 
     @abstractmethod
-    def handed_files(self, config: SiteConfig, entry: DatasetEntry) -> list[Path]:
-        """The site's files a task process is handed open, by the agent's user before its sandbox (a format whose
-        data is not in files hands none)."""
-
-    def bound_files(self, config: SiteConfig, entry: DatasetEntry) -> list[Path]:
-        """Files a task's cell opens by their own path, bound read-only into its sandbox (none, unless the format
-        says so)."""
-        return []
+    def task_data(self, config: SiteConfig, entry: DatasetEntry, payload: bytes) -> tuple[Part, Part]:
+        """In the task process: what the cell gets as ``data.train`` and ``data.test``, from the ``payload`` the
+        agent handed it (:meth:`handed`)."""

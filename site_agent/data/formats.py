@@ -2,8 +2,9 @@
 
 Each format (:class:`~site_agent.data.catalog.DatasetFormat`) registers under its name: ``csv`` and ``uci-heart``
 (``site_agent.data.tables``), ``images`` (``site_agent.data.image_datasets``). Registering a dataset, the table a
-query reads, the split a task gets and the files a task process is handed are all asked of the dataset's format;
-an unknown name is refused in a sentence listing the known ones. ``flip-site dataset add --format`` offers
+query reads, what a run's task process is handed (:func:`handed`, made by the agent: the run's rows only) and the
+split its cell gets of that (:func:`task_data`) are all asked of the dataset's format; an unknown name is refused in
+a sentence listing the known ones. ``flip-site dataset add --format`` offers
 :data:`FORMATS`' names.
 
 To add a format: a module in this package with a ``DatasetFormat`` of its own, registered here beside the others.
@@ -11,7 +12,6 @@ To add a format: a module in this package with a ``DatasetFormat`` of its own, r
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -19,12 +19,11 @@ from site_agent.data.catalog import (
     CatalogError,
     DatasetEntry,
     DatasetFormat,
-    Opener,
+    Handed,
     Part,
     SiteConfig,
     add_entry,
     check_name,
-    open_file,
 )
 from site_agent.data.image_datasets import IMAGES
 from site_agent.data.registry import Registry
@@ -79,37 +78,23 @@ def load_table(config: SiteConfig, name: str) -> pd.DataFrame:
     return format_of(entry).table(config, entry)
 
 
-def load_split(
-    config: SiteConfig, name: str, opener: Opener | None = None, rows: list[int] | None = None
-) -> tuple[Part, Part]:
-    """The dataset's recorded train and test parts, as a task's cell gets them (a table's rows, an imaging
-    dataset's cases); refused when the data changed since registration.
-
-    ``opener`` reads a file (default: by its path); a sandboxed task process reads the files the agent's
-    user opened for it (``site_agent.sandbox.HandedFiles``). ``rows``: a cohort's row positions, split as
-    the dataset was."""
+def handed(config: SiteConfig, name: str, rows: list[int] | None = None) -> Handed:
+    """What a run's task process is handed of dataset ``name``, made by the agent (its user, outside the sandbox)
+    when the run adopts the process: the run's rows only, ``rows`` a cohort's positions (None: the whole dataset),
+    split as the dataset was, and the files its cell reads by path (an imaging run's cases'); refused (CatalogError)
+    when the data changed since registration, or its format is unknown here."""
     entry = config.dataset(name)
-    return format_of(entry).task_data(config, entry, opener or open_file, rows)
+    return format_of(entry).handed(config, entry, rows)
 
 
-def handed_files(site: SiteConfig) -> list[Path]:
-    """What a task process is handed of the site, opened by the agent's user before its sandbox: each dataset's
-    files its format names (a table and its recorded split; an imaging dataset's index and split)."""
-    return [path for entry in site.datasets.values() for path in _files(site, entry, bound=False)]
+def task_data(config: SiteConfig, name: str, payload: bytes) -> tuple[Part, Part]:
+    """In the task process: the cell's train and test parts of dataset ``name`` from the payload it was handed."""
+    entry = config.dataset(name)
+    return format_of(entry).task_data(config, entry, payload)
 
 
-def bound_files(site: SiteConfig) -> list[Path]:
-    """The files a task reads by their own path (an imaging dataset's registered images and DICOM series
-    folders), bound read-only into its sandbox and allowed by Landlock: the only ones of the site's there."""
-    return sorted({path for entry in site.datasets.values() for path in _files(site, entry, bound=True)})
-
-
-def _files(site: SiteConfig, entry: DatasetEntry, *, bound: bool) -> list[Path]:
-    """A dataset's handed or bound files; none for a format nobody registered (a step on it is refused, naming
-    the format, when it reads the dataset)."""
-    if entry.format not in FORMATS:
-        if not bound:  # said once
-            print(f"WARNING: dataset {entry.name!r} has the unknown format {entry.format!r}", file=sys.stderr)
-        return []
-    fmt = format_of(entry)
-    return fmt.bound_files(site, entry) if bound else fmt.handed_files(site, entry)
+def load_split(config: SiteConfig, name: str, rows: list[int] | None = None) -> tuple[Part, Part]:
+    """The dataset's train and test parts exactly as a run's cell gets them (a table's rows, an imaging dataset's
+    cases), handed and read in this one process (tests, benchmarks, a session without a task process); refused when
+    the data changed since registration. ``rows``: a cohort's row positions, split as the dataset was."""
+    return task_data(config, name, handed(config, name, rows).payload)

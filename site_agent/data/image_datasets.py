@@ -8,15 +8,16 @@ fingerprint, each excluded row with its reason, and the inclusion report. The da
 the index's. The seeded split (``splits/NAME.json``) keeps every case of a patient on one side, so
 no patient is in both the train and the test part.
 
-A task reads the index, never the manifest, and checks every image's fingerprint before its first
-use in a run (:func:`verify_cases`): a file changed since registration is refused by name.
+A run's task process is handed its own cases only (:func:`hand_cases`, by the agent, from the index, never the
+manifest: a cohort's cases, or the recorded split) and only their files are bound into its sandbox; it checks every
+image's fingerprint before its first use in the run (:func:`verify_cases`): a file changed since registration is
+refused by name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +25,9 @@ from site_agent.data.catalog import (
     CatalogError,
     DatasetEntry,
     DatasetFormat,
+    Handed,
     ImagesChanged,
     ImagesUnreadable,
-    Opener,
     Part,
     SiteConfig,
     add_entry,
@@ -34,7 +35,6 @@ from site_agent.data.catalog import (
     format_options,
     open_file,
     read_split,
-    recorded_files,
     seeded_split,
     verified_bytes,
     write_split,
@@ -174,12 +174,6 @@ def verify_cases(index: dict[str, Any], positions: list[int]) -> None:
             verify_fingerprint(Path(case["mask"]), case["mask_info"]["fingerprint"])
 
 
-def read_index(path: Path, read: Opener | None = None) -> dict[str, Any]:
-    with (read or open_file)(path) as fh:
-        index: dict[str, Any] = json.loads(fh.read())
-    return index
-
-
 def as_table(index: dict[str, Any]) -> pd.DataFrame:
     """The included cases as a table for queries and cohorts (never paths): patient id, label (a class or
     value; a mask is not a column), the clinical columns, and each image's dimensions, spacing and intensities
@@ -295,29 +289,34 @@ def _reasons(report: dict[str, Any]) -> str:
     return ", ".join(f"{count} {reason}" for reason, count in sorted(excluded.items())) or "no rows"
 
 
-def load_cases(
-    config: SiteConfig,
-    name: str,
-    opener: Opener | None = None,
-    rows: list[int] | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """An imaging dataset's recorded train and test cases, as the cell's ``data.train`` and ``data.test`` hold
-    them (dictionaries for MONAI's dictionary transforms), after checking that every one of their files is what
-    was registered. ``rows``: a cohort's case positions, split again as the dataset was (by patient)."""
-
+def hand_cases(config: SiteConfig, name: str, rows: list[int] | None = None) -> Handed:
+    """What a run's task process is handed of an imaging dataset (made by the agent): its train and test cases only,
+    with the index's columns a case needs (JSON), and the files of those cases, to bind into its sandbox. ``rows``:
+    a cohort's case positions, split again as the dataset was (by patient); None: the recorded split."""
     entry = config.dataset(name)
-    read = opener or open_file
-    index = json.loads(verified_bytes(config, name, read))
+    index = json.loads(verified_bytes(config, name, open_file))
     if rows is not None:
         if rows and not 0 <= min(rows) <= max(rows) < len(index["cases"]):
             raise CatalogError(f"the cohort names cases that dataset {name!r} at site {config.name!r} does not have")
         index = {**index, "cases": [index["cases"][i] for i in sorted(rows)]}
         train, test = patient_split(index, entry.train_fraction, entry.split_seed)
     else:
-        split = read_split(config.root, name, read)
+        split = read_split(config.root, name, open_file)
         train, test = split["train"], split["test"]
+    cases = index["cases"]
+    handed = {key: index[key] for key in ("label_column", "mask_column", "columns")}
+    handed.update(train=[cases[i] for i in train], test=[cases[i] for i in test])
+    files = case_files({"cases": handed["train"] + handed["test"]})
+    return Handed(json.dumps(handed).encode(), tuple(Path(path) for path, _ in files))
+
+
+def task_cases(config: SiteConfig, name: str, payload: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """In the task process: the handed cases as the cell's ``data.train`` and ``data.test`` hold them (dictionaries
+    for MONAI's dictionary transforms), after checking that every one of their files is what was registered."""
+    handed = json.loads(payload)
+    cases = handed["train"] + handed["test"]
     try:
-        verify_cases(index, train + test)
+        verify_cases({"cases": cases}, list(range(len(cases))))
     except ImageError as exc:
         raise ImagesChanged(
             f"dataset {name!r} at site {config.name!r}: {exc}; register it again with `flip-site dataset add`"
@@ -327,7 +326,15 @@ def load_cases(
             f"dataset {name!r} at site {config.name!r}: the task cannot read {exc.filename} "
             "(the task user needs read access to the image files)"
         ) from None
-    return [task_case(index["cases"][i], index) for i in train], [task_case(index["cases"][i], index) for i in test]
+    return [task_case(c, handed) for c in handed["train"]], [task_case(c, handed) for c in handed["test"]]
+
+
+def load_cases(
+    config: SiteConfig, name: str, rows: list[int] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """An imaging dataset's train and test cases as a run's cell gets them, read in this process (tests, benchmarks):
+    handed (:func:`hand_cases`), then checked and made into the cell's dictionaries (:func:`task_cases`)."""
+    return task_cases(config, name, hand_cases(config, name, rows).payload)
 
 
 IMAGE_OPTIONS: dict[str, Any] = {
@@ -353,23 +360,11 @@ class ImagesFormat(DatasetFormat):
     def table(self, config: SiteConfig, entry: DatasetEntry) -> pd.DataFrame:
         return as_table(json.loads(verified_bytes(config, entry.name, open_file)))
 
-    def task_data(
-        self, config: SiteConfig, entry: DatasetEntry, read: Opener, rows: list[int] | None = None
-    ) -> tuple[Part, Part]:
-        return load_cases(config, entry.name, read, rows=rows)
+    def handed(self, config: SiteConfig, entry: DatasetEntry, rows: list[int] | None = None) -> Handed:
+        return hand_cases(config, entry.name, rows)
 
-    def handed_files(self, config: SiteConfig, entry: DatasetEntry) -> list[Path]:
-        return recorded_files(config, entry)  # the index and the split: the task reads the index, never the manifest
-
-    def bound_files(self, config: SiteConfig, entry: DatasetEntry) -> list[Path]:
-        """The files (and DICOM series folders) of the registered cases: bound read-only into the sandbox at their
-        own paths, the only ones of the site's images there (a cell's MONAI readers open them by path). Read from
-        the index, as the agent's user, before the sandbox."""
-        try:
-            return [Path(path) for path, _ in case_files(read_index(Path(entry.path)))]
-        except (OSError, ValueError) as exc:  # the task says so when a run uses it (its fingerprint check)
-            print(f"WARNING: the index of dataset {entry.name!r} cannot be read ({exc})", file=sys.stderr)
-            return []
+    def task_data(self, config: SiteConfig, entry: DatasetEntry, payload: bytes) -> tuple[Part, Part]:
+        return task_cases(config, entry.name, payload)
 
 
 IMAGES = ImagesFormat()

@@ -2,12 +2,14 @@
 
 Registration reads the whole table, records its schema, row count and fingerprint, and a seeded
 train/test split of its rows (stratified when asked; the UCI heart table on its target, disease
-present). A query and a task read the file again, refused when its bytes are not those registered.
+present). A query, and the agent for a run's task process, read the file again, refused when its bytes are not
+those registered; a task process is handed the run's two parts only, never the file.
 """
 
 from __future__ import annotations
 
 import io
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -16,14 +18,13 @@ from site_agent.data.catalog import (
     CatalogError,
     DatasetEntry,
     DatasetFormat,
-    Opener,
+    Handed,
     Part,
     SiteConfig,
     fingerprint_file,
     format_options,
     open_file,
     read_split,
-    recorded_files,
     seeded_split,
     verified_bytes,
     write_split,
@@ -131,14 +132,21 @@ class TableFormat(DatasetFormat):
         """The whole registered table (rows in file order); refuses a file that changed."""
         return self.read(io.BytesIO(verified_bytes(config, entry.name, open_file)))
 
-    def task_data(
-        self, config: SiteConfig, entry: DatasetEntry, read: Opener, rows: list[int] | None = None
-    ) -> tuple[Part, Part]:
-        """The recorded train and test parts; ``rows``: a cohort's row positions, split as the dataset was (its
-        fraction, seed and stratification, applied to the cohort's rows in file order), so that training on a
-        cohort is training on a copy of the table holding only those rows."""
+    def handed(self, config: SiteConfig, entry: DatasetEntry, rows: list[int] | None = None) -> Handed:
+        """The run's two parts, read and checked here by the agent, pickled: the task process gets these rows and
+        never the file. ``rows``: a cohort's row positions, split as the dataset was (its fraction, seed and
+        stratification, applied to the cohort's rows in file order), so that training on a cohort is training on a
+        copy of the table holding only those rows."""
+        return Handed(pickle.dumps(self._parts(config, entry, rows), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def task_data(self, config: SiteConfig, entry: DatasetEntry, payload: bytes) -> tuple[Part, Part]:
+        """The parts as the agent handed them (its own pickle: only the agent's bytes are ever unpickled here)."""
+        train, test = pickle.loads(payload)  # made by the site agent, never by a task
+        return train, test
+
+    def _parts(self, config: SiteConfig, entry: DatasetEntry, rows: list[int] | None) -> tuple[Part, Part]:
         name = entry.name
-        table = self.read(io.BytesIO(verified_bytes(config, name, read)))
+        table = self.read(io.BytesIO(verified_bytes(config, name, open_file)))
         if rows is not None:
             if rows and not 0 <= min(rows) <= max(rows) < len(table):
                 raise CatalogError(f"the cohort names rows that dataset {name!r} at site {config.name!r} does not have")
@@ -152,13 +160,10 @@ class TableFormat(DatasetFormat):
                 )
             )
         else:
-            split = read_split(config.root, name, read)
+            split = read_split(config.root, name, open_file)
         train = table.iloc[split["train"]].reset_index(drop=True)
         test = table.iloc[split["test"]].reset_index(drop=True)
         return train, test
-
-    def handed_files(self, config: SiteConfig, entry: DatasetEntry) -> list[Path]:
-        return recorded_files(config, entry)
 
 
 CSV = TableFormat("csv", _read_csv)

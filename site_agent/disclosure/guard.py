@@ -1,9 +1,12 @@
-"""The output guard: what a site's task process produced, reduced to what may leave the site.
+"""The output guard: what a site's task process produced, rebuilt by the site agent as what may leave the site.
 
-Applied by the site agent (trusted FLIP code) before anything leaves. What leaves a site is only
-parameter arrays matching the declared model and finite scalar metrics with plain names. Counts
-below the disclosure threshold are suppressed, and so is any metric computed on fewer rows than the
-threshold. Error messages never leave: only the exception's type, the cell line and a fixed place.
+The task process runs the researcher's code, which can rewrite anything in it: every field of the result it sends
+is a claim. :func:`guard` builds a new result field by field and copies no free-text or free-form field: a failure
+is a phase, an exception type and a line in the words of ``flip_core.vocabulary`` (or one of FLIP's own failures in
+its fixed sentence), never a message; the parameters are those of the declared model; metrics are finite numbers
+under the names the task declared before the run and the project's policy allows here; the site's name, the device,
+the dataset's fingerprint, the time and the rows are what the agent knows itself (:class:`Known`). Counts below the
+disclosure threshold are suppressed, and so is any metric computed on fewer rows than the threshold.
 
 A pure function: the input is never mutated, and the sentences in ``Guarded.stripped`` name what was
 removed and why, never a value from the data.
@@ -13,39 +16,76 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from flip_core.protocol import StepResult
+from flip_core.cell import metrics_of
+from flip_core.protocol import StepRequest, StepResult
 from flip_core.status import StepStatus
-from site_agent.data.catalog import PUBLIC_DATASET_ERRORS
+from flip_core.vocabulary import (
+    CELL_FAILURES,
+    MAX_METRICS,
+    is_metric_name,
+    told_exception,
+    told_line,
+    told_phase,
+    undeclared,
+)
+from site_agent.data.catalog import ImagesChanged, ImagesUnreadable
 
-MAX_METRICS = 20
 ANY_METRIC = "*"
-METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
 COUNT_NAME = re.compile(r"(^|_)(n|num|count|counts|total|size|rows|cases|patients)(_|$)", re.I)
-ERROR_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,79}$")
-ERROR_PLACES = ("the cell", "build_model()", "train()", "evaluate()", "the site agent", "the task process")
 BAD_PARAMETERS_WHERE = "train() (the returned parameters do not match the declared model)"
-SUPPRESSED_WHERE = re.compile(r"^fewer than \d+ training rows at this site$")
+DATASET_UNREADABLE = "the site's dataset (it could not be read: the site's log says why)"
+MIB = 1 << 20
+MAX_GPU_BYTES = 1 << 50  # more than any GPU holds: a claimed peak above it is told as this
 
 
 @dataclass(frozen=True)
 class Declared:
-    """The model a task declared: parameter names with their shapes and dtypes."""
+    """What a task declared before it ran: its model's parameter names with their shapes and dtypes, and its
+    metric names (None: any metric name, as in a test of the guard alone)."""
 
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
+    metrics: tuple[str, ...] | None = None
 
     @classmethod
-    def from_params(cls, params: dict[str, np.ndarray]) -> Declared:
+    def from_params(cls, params: dict[str, np.ndarray], metrics: tuple[str, ...] | None = None) -> Declared:
         """The global model the hub sent in the request is the model the task declared."""
         return cls(
             shapes={k: tuple(np.shape(v)) for k, v in params.items()},
             dtypes={k: str(np.asarray(v).dtype) for k, v in params.items()},
+            metrics=metrics,
         )
+
+    @classmethod
+    def from_request(cls, request: StepRequest) -> Declared:
+        """The request's model and metric names (read from its source when the hub sent none, as the hub would)."""
+        given = request.metrics if isinstance(request.metrics, list) else None
+        names = metrics_of(request.source) if given is None else tuple(n for n in given if is_metric_name(n))
+        return cls.from_params(request.params, names[:MAX_METRICS])
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the site agent knows of a step itself, whatever its task process says."""
+
+    site: str  # this site's name
+    device: str = "cpu"  # the site's choice (``flip-site start --device``)
+    fingerprint: str = ""  # the catalog's fingerprint of the step's dataset
+    seconds: float = 0.0  # the step, by the agent's clock
+    threads: int = 0  # torch's threads as the site set them for its task processes (0: torch's default)
+    train_rows: int = 0  # the rows of the step's training split (most: a cohort's rows, when not exact)
+    test_rows: int = 0  # the rows of its test split (most, when not exact)
+    exact: bool = True  # the rows are the split's own (a whole dataset's), not only a bound (a cohort's)
+    lines: int = 0  # the cell's lines: a failure's line is one of them or none
+    time_limit: float = 0.0  # the step's time limit here (its TimeLimit sentence)
+    holds_dataset: bool = True  # the site holds the step's dataset
+    failures: dict[str, tuple[str, ...]] = field(default_factory=dict)  # more of the agent's own (name: sentences)
 
 
 @dataclass
@@ -54,8 +94,42 @@ class Guarded:
     stripped: list[str]  # one sentence per thing removed, no data values in them
 
 
+def failure_sentences(known: Known) -> dict[str, tuple[str, ...]]:
+    """FLIP's own failures a result may name, each with the only sentences its "where" may be (the first when the
+    claimed one is not among them), filled with what the agent knows: the cell's (``flip_core.vocabulary``), the
+    site's and the agent's. A task process can claim any of them: each is one fixed sentence, never a number of the
+    task's choosing."""
+    return {
+        **CELL_FAILURES,
+        "DeviceUnavailable": (
+            f"the task process (the site's device {known.device} cannot be used there: the site's log says why)",
+        ),
+        "DatasetChanged": (ImagesChanged.public,),
+        "DatasetUnavailable": (DATASET_UNREADABLE, ImagesUnreadable.public),
+        "TimeLimit": (f"the task process (stopped at its time limit of {known.time_limit:g} s)",),
+        "TaskProcessDied": ("the task process (it ended during the step: the site's log says how)",),
+        "TaskIsolation": ("the task process (it could not be isolated: see the site's logs/task-processes.log)",),
+        "BadRequest": ("the site agent (the run id is not one)",),
+        "BadResult": ("the task process (its result could not be read)",),
+        **known.failures,
+    }
+
+
+def _failure(claimed: StepResult, known: Known) -> tuple[str, int, str]:
+    """A failed step's (type, line, where), in the vocabulary only: a fixed sentence for one of FLIP's own, else a
+    standard exception type, a phase and a line of the cell."""
+    fixed = failure_sentences(known)
+    name = claimed.error_type
+    if isinstance(name, str) and name in fixed:
+        sentences = fixed[name]
+        return name, 0, claimed.error_where if claimed.error_where in sentences else sentences[0]
+    return told_exception(name), told_line(claimed.error_line, known.lines), told_phase(claimed.error_where)
+
+
 def _param_problem(params: dict[str, np.ndarray], declared: Declared) -> str | None:
     """Why ``params`` do not match the declared model, or None when they do."""
+    if not isinstance(params, dict):
+        return "not a set of named arrays"
     names, wanted = set(params), set(declared.shapes)
     if names != wanted:
         missing = ", ".join(repr(n) for n in sorted(wanted - names))
@@ -75,19 +149,6 @@ def _param_problem(params: dict[str, np.ndarray], declared: Declared) -> str | N
     return None
 
 
-def _matches(pattern: re.Pattern[str], text: object) -> bool:
-    return isinstance(text, str) and pattern.fullmatch(text) is not None
-
-
-def _fixed_place(where: object) -> bool:
-    """Whether ``where`` is one of the runner's fixed places (or this guard's own suppression note)."""
-    if _matches(SUPPRESSED_WHERE, where):
-        return True
-    if where in PUBLIC_DATASET_ERRORS:
-        return True
-    return isinstance(where, str) and any(where == p or where.startswith(p + " (") for p in ERROR_PLACES)
-
-
 def _finite(value: object) -> float | None:
     """``value`` as a float when it is a finite real number (bools are not), else None."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -96,94 +157,130 @@ def _finite(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _metrics(
-    metrics: dict[str, float],
-    kind: str,
-    threshold: int,
-    max_metrics: int,
-    stripped: list[str],
-    allowed: tuple[str, ...] = (ANY_METRIC,),
-    public: list[str] | None = None,
-) -> dict[str, float]:
+@dataclass
+class _Names:
+    """The names a step's metrics may leave under: the project's here, and the task's declared ones."""
+
+    allowed: tuple[str, ...]
+    declared: tuple[str, ...] | None
+    threshold: int
+    max_metrics: int
+
+
+def _metrics(metrics: object, kind: str, names: _Names, stripped: list[str], public: list[str]) -> dict[str, float]:
+    if not isinstance(metrics, dict):
+        metrics = {}
     kept: dict[str, float] = {}
-    bad_names = unlisted = 0
+    bad_names = unlisted = unsaid = 0
     for name, value in metrics.items():
-        if not _matches(METRIC_NAME, name):
+        if not is_metric_name(name):
             bad_names += 1
-            continue
-        if ANY_METRIC not in allowed and name not in allowed:
+        elif ANY_METRIC not in names.allowed and name not in names.allowed:
             unlisted += 1
-            continue
-        number = _finite(value)
-        if number is None:
+        elif names.declared is not None and name not in names.declared:
+            unsaid += 1
+        elif (number := _finite(value)) is None:
             stripped.append(f"{kind} metric {name!r} removed: not a finite number")
-        elif COUNT_NAME.search(name) and number.is_integer() and 0 < number < threshold:
-            stripped.append(f"{kind} metric {name!r} suppressed: a count below the threshold of {threshold}")
+        elif COUNT_NAME.search(name) and number.is_integer() and 0 < number < names.threshold:
+            stripped.append(f"{kind} metric {name!r} suppressed: a count below the threshold of {names.threshold}")
         else:
             kept[name] = number
     if bad_names:
         stripped.append(f"{bad_names} {kind} metric(s) with a disallowed name removed")
-    if unlisted:  # the names are the task's choice (they could carry data): counted, never echoed
-        sentence = f"{unlisted} {kind} metric(s) withheld: not among the project's metrics here ({', '.join(allowed)})"
-        stripped.append(sentence)
-        if public is not None:
-            public.append(sentence)
-    names = sorted(kept)
-    if len(names) > max_metrics:
-        stripped.append(f"{len(names) - max_metrics} {kind} metrics over the limit of {max_metrics} removed")
-    return {name: kept[name] for name in names[:max_metrics]}
+    # the names are the task's choice (they could carry data), and so is how many: neither is said
+    if unlisted:
+        stripped.append(f"{unlisted} {kind} metric(s) withheld: not among the project's metrics here")
+        public.append(f"{kind} metrics withheld: not among the project's metrics here ({', '.join(names.allowed)})")
+    if unsaid or bad_names:
+        stripped.append(f"{unsaid + bad_names} {kind} metric(s) withheld: not declared")
+        public.append(undeclared(kind))
+    ordered = sorted(kept)
+    if len(ordered) > names.max_metrics:
+        stripped.append(
+            f"{len(ordered) - names.max_metrics} {kind} metrics over the limit of {names.max_metrics} removed"
+        )
+    return {name: kept[name] for name in ordered[: names.max_metrics]}
 
 
-def _count(value: object, kind: str, stripped: list[str]) -> int:
-    """A row count as a non-negative int; anything else becomes 0."""
+def _count(value: object) -> int | None:
+    """A claimed row count as a non-negative int, else None."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0:
         return int(value)
-    stripped.append(f"{kind} count removed: not a non-negative whole number")
-    return 0
+    return None
+
+
+def _rows(claimed: StepResult, known: Known, trained: bool, stripped: list[str]) -> tuple[int, int]:
+    """(train, test) rows: the agent's own, but the weight a training step claims for its update (``num_examples``)
+    is kept when it lies between 1 and the split's rows; where the agent knows only a bound (a cohort's rows), the
+    claims within it."""
+    train, test = _count(claimed.num_train), _count(claimed.num_test)
+    for kind, value in (("train", train), ("test", test)):
+        if value is None:
+            stripped.append(f"{kind} count removed: not a non-negative whole number")
+    weight = train if train is not None and 1 <= train <= known.train_rows else known.train_rows
+    if known.exact:
+        return (weight if trained else known.train_rows), known.test_rows
+    return weight, min(test or 0, known.test_rows)
+
+
+def _gpu(claimed: StepResult, known: Known, private: bool) -> tuple[int, float]:
+    """The GPU figures the task process measured, coarsened (none on a CPU, or in a private run): the peak memory to
+    a power of two of at least 1 MiB, the GPU's seconds to whole seconds, at most the step's own."""
+    if private or not known.device.startswith("cuda"):
+        return 0, 0.0
+    peak = _count(claimed.gpu_peak_bytes) or 0
+    coarse = 0 if peak <= 0 else max(MIB, 1 << (min(peak, MAX_GPU_BYTES) - 1).bit_length())
+    seconds = _finite(claimed.gpu_seconds) or 0.0
+    return coarse, float(round(min(max(seconds, 0.0), known.seconds)))
 
 
 def guard(
     result: StepResult,
     declared: Declared,
     threshold: int,
+    known: Known,
     *,
     max_metrics: int = MAX_METRICS,
     metrics: tuple[str, ...] = ("*",),
 ) -> Guarded:
-    """What of ``result`` may leave the site, and a sentence for each thing removed.
+    """What of ``result`` (the task process's claim) may leave the site, built afresh, and a sentence for each thing
+    removed.
 
-    ``metrics``: the metric names the project may send from this site (``"*"``: any plain name); the
-    researcher is told how many others were withheld (``StepResult.withheld``)."""
+    ``metrics``: the metric names the project may send from this site (``"*"``: any the task declared); the
+    researcher is told that others were withheld (``StepResult.withheld``), never which or how many."""
     stripped: list[str] = []
-    # the privacy figures are the site agent's to set (site_agent.disclosure.privacy), never the task process's
-    out = replace(
-        result, params=dict(result.params), private=False, dp_epsilon=0.0, dp_project_epsilon=0.0, withheld=""
-    )
     public: list[str] = []  # sentences of fixed text that the researcher may read
-
-    if (out.status == StepStatus.ERROR or out.error_where) and not _fixed_place(out.error_where):
-        out.error_where = "the task"  # free text (an exception's message, say) must not leave
-    if (out.status == StepStatus.ERROR or out.error_type) and not _matches(ERROR_TYPE, out.error_type):
-        out.error_type = "Error"
-    if not isinstance(out.error_line, int) or isinstance(out.error_line, bool):
-        out.error_line = 0
-
-    if out.params and (problem := _param_problem(out.params, declared)):
-        out.params = {}
-        out.status, out.error_type, out.error_line, out.error_where = (
-            StepStatus.ERROR,
-            "BadParameters",
-            0,
-            BAD_PARAMETERS_WHERE,
-        )
+    out = StepResult(
+        site=known.site,
+        status=StepStatus.OK,
+        fingerprint=known.fingerprint,
+        seconds=known.seconds,
+        device=known.device,
+        threads=known.threads,
+    )
+    if result.status == StepStatus.NO_DATASET and not known.holds_dataset:
+        out.status = StepStatus.NO_DATASET
+        return Guarded(out, stripped)
+    if result.status != StepStatus.OK:
+        out.status = StepStatus.ERROR
+        out.error_type, out.error_line, out.error_where = _failure(result, known)
+    elif result.params and (problem := _param_problem(result.params, declared)):
+        out.status, out.error_type, out.error_where = StepStatus.ERROR, "BadParameters", BAD_PARAMETERS_WHERE
         stripped.append(f"parameters removed: {problem}")
-
-    out.train_metrics = _metrics(result.train_metrics, "train", threshold, max_metrics, stripped, metrics, public)
-    out.eval_metrics = _metrics(result.eval_metrics, "eval", threshold, max_metrics, stripped, metrics, public)
+    elif result.params:
+        out.params = dict(result.params)
+    names = _Names(metrics, declared.metrics, threshold, max_metrics)
+    if out.status == StepStatus.OK:
+        out.train_metrics = _metrics(result.train_metrics, "train", names, stripped, public)
+        out.eval_metrics = _metrics(result.eval_metrics, "eval", names, stripped, public)
     out.withheld = "; ".join(public)
-    out.num_train = _count(result.num_train, "train", stripped)
-    out.num_test = _count(result.num_test, "test", stripped)
+    out.num_train, out.num_test = _rows(result, known, bool(out.params), stripped)
+    out.gpu_peak_bytes, out.gpu_seconds = _gpu(result, known, private=False)
+    _suppress_small(out, threshold, stripped)
+    return Guarded(result=out, stripped=stripped)
 
+
+def _suppress_small(out: StepResult, threshold: int, stripped: list[str]) -> None:
     if 0 < out.num_train < threshold:
         out.train_metrics, out.params, out.num_train = {}, {}, 0
         if out.status == StepStatus.OK:
@@ -192,7 +289,24 @@ def guard(
     if 0 < out.num_test < threshold:
         out.eval_metrics, out.num_test = {}, 0
         stripped.append(f"eval metrics and counts suppressed: evaluated on fewer than {threshold} rows")
-    return Guarded(result=out, stripped=stripped)
+
+
+def private_result(out: StepResult) -> StepResult:
+    """``out`` as a differential-privacy run may release it, before its noise: no metrics, counts or withheld
+    sentence, the time in whole seconds, no GPU figures."""
+    return StepResult(
+        site=out.site,
+        status=out.status,
+        params=out.params,
+        error_type=out.error_type,
+        error_line=out.error_line,
+        error_where=out.error_where,
+        fingerprint=out.fingerprint,
+        seconds=float(round(out.seconds)),
+        device=out.device,
+        threads=out.threads,
+        private=True,
+    )
 
 
 def describe_outgoing(result: StepResult) -> dict[str, Any]:
@@ -208,15 +322,19 @@ def describe_outgoing(result: StepResult) -> dict[str, Any]:
     }
 
 
-def announced(summary: dict[str, Any], threshold: int) -> dict[str, Any]:
-    """A dataset's summary as the site announces it: row counts under the threshold withheld (None), and an
-    imaging dataset's inclusion report under the same control (:func:`announced_inclusion`)."""
+def announced(summary: dict[str, Any], threshold: int, projects: Iterable[str] = ()) -> dict[str, Any]:
+    """A dataset's summary as the site announces it: row counts under the threshold withheld (None), an imaging
+    dataset's inclusion report under the same control (:func:`announced_inclusion`), and the ``projects`` the
+    site's policy admits to it (the hub shows the dataset to those projects alone; to no project when none). The
+    names tell the hub which projects this site approved for the dataset: the hub, which defines the projects and
+    routes their tasks, learns it anyway from the tasks it sends; researchers are never shown the list."""
     out = {
         k: (None if k in ("rows", "train_rows", "test_rows") and isinstance(v, int) and 0 < v < threshold else v)
         for k, v in summary.items()
     }
     if isinstance(summary.get("inclusion"), dict):
         out["inclusion"] = announced_inclusion(summary["inclusion"], threshold)
+    out["projects"] = sorted(set(projects))
     return out
 
 

@@ -18,10 +18,18 @@ import numpy as np
 
 from flip_core.cell import source_hash
 from flip_core.codec import archive_is_canonical
-from flip_core.protocol import StepRequest, StepResult, decode_result, encode_result, reheader_result
+from flip_core.protocol import (
+    RESULT_ROOM,
+    StepRequest,
+    StepResult,
+    decode_result,
+    encode_result,
+    header_room,
+    reheader_result,
+)
 from flip_core.status import Phase, StepStatus
 from site_agent.data.catalog import SiteConfig, read_site_toml
-from site_agent.disclosure.guard import Declared, describe_outgoing, guard
+from site_agent.disclosure.guard import Declared, Known, describe_outgoing, guard, private_result
 from site_agent.disclosure.privacy import DEFAULT_DELTA, PrivacyLedger, noise_multiplier, privatise
 from site_agent.governance.approvals import ApprovalStore
 from site_agent.governance.audit import AuditLog
@@ -71,12 +79,20 @@ def private_run(config: dict[str, Any], delta: float) -> PrivateRun | None:
 
 
 class Governance:
-    def __init__(self, site: SiteConfig, policy: SitePolicy | None = None) -> None:
+    def __init__(
+        self, site: SiteConfig, policy: SitePolicy | None = None, *, device: str = "cpu", threads: int = 0
+    ) -> None:
+        """``device`` and ``threads``: where the site's task processes run and how many threads it gave them, what
+        every result says of them whatever its task process says (``site_agent.disclosure.guard.Known``)."""
         self.site = site
+        self.device = device
+        self.threads = threads
         self.policy = policy or parse_policy(site.name, read_site_toml(site.root))
         self.approvals = ApprovalStore(site.root)
         self.audit = AuditLog(site.root)
         self.ledger = PrivacyLedger(site.root)
+        # the site's limits that stop a step, each with its one sentence (the agent's task service says them)
+        self.failures: dict[str, tuple[str, ...]] = {}
         self._decided: set[tuple[str, str]] = set()  # (run, verdict) already in the audit log
         self._lock = threading.Lock()
 
@@ -148,19 +164,57 @@ class Governance:
         assert project is not None, "admit() refuses a project the site does not know"
         return project.time_limit_seconds, project.memory_limit_mb
 
-    def release(self, request: StepRequest, produced: bytes | bytearray) -> bytes | bytearray:
-        """What may leave the site of ``produced`` (the task process's result), audited.
+    def known(self, request: StepRequest, seconds: float = 0.0, cohort_rows: int | None = None) -> Known:
+        """What this site knows of ``request``'s step itself: its catalog's dataset (fingerprint, split rows; a
+        cohort's ``cohort_rows`` bound them), the cell's lines, the project's time limit, the agent's ``seconds``."""
+        entry = self.site.datasets.get(request.dataset)
+        project = self.policy.project(request.project)
+        known = Known(
+            site=self.site.name,
+            device=self.device,
+            threads=self.threads,
+            seconds=max(0.0, seconds),
+            lines=request.source.count("\n") + 1,
+            time_limit=project.time_limit_seconds if project else 0.0,
+            holds_dataset=entry is not None,
+            failures=self.failures,
+        )
+        if entry is None:
+            return known
+        rows = (entry.train_rows, entry.test_rows) if cohort_rows is None else (cohort_rows, cohort_rows)
+        return replace(
+            known, fingerprint=entry.fingerprint, train_rows=rows[0], test_rows=rows[1], exact=cohort_rows is None
+        )
 
+    def release(
+        self,
+        request: StepRequest,
+        produced: bytes | bytearray,
+        *,
+        seconds: float = 0.0,
+        cohort_rows: int | None = None,
+        notes: tuple[str, ...] = (),
+    ) -> bytes | bytearray:
+        """What may leave the site of ``produced`` (the task process's result, a claim), rebuilt and audited.
+
+        ``seconds``: the step by the agent's clock; ``cohort_rows``: the rows of the run's cohort, if it has one;
+        ``notes``: the agent's own sentences of a limit the step reached without failing (its output cut in the log),
+        told with what the guard withheld (not in a private run, which tells none).
         When the guard let the parameters through as they came and no noise is added, the guarded fields
         are written into ``produced``'s header in place and the parameters are not encoded again."""
-        decoded = decode_result(produced)
+        try:
+            decoded = decode_result(produced)
+        except Exception:  # noqa: BLE001 - the task process's bytes: how they fail to decode is its choice
+            decoded = StepResult(site=self.site.name, status=StepStatus.ERROR, error_type="BadResult")
         guarded = guard(
             decoded,
-            Declared.from_params(request.params),
+            Declared.from_request(request),
             self.policy.threshold(request.project),
+            self.known(request, seconds, cohort_rows),
             metrics=self.policy.metrics(request.project),
         )
         result, privacy = guarded.result, dict[str, Any]()
+        result.withheld = "; ".join(filter(None, (result.withheld, *notes)))
         run = private_run(request.config, self._delta(request.project))  # admit() has checked it
         if run is not None:
             result, privacy = self._private(request, result, run)
@@ -174,23 +228,11 @@ class Governance:
             stripped=guarded.stripped,
             **privacy,
         )
-        same = result.params.keys() == decoded.params.keys() and all(
-            result.params[k] is decoded.params[k] for k in result.params
-        )
-        # the task process wrote these bytes: they leave only if they are exactly the canonical encoding of the
-        # parameters the guard passed (nothing hidden beside them), else the result is encoded afresh here
-        if (
-            same
-            and isinstance(produced, bytearray)
-            and archive_is_canonical(produced, result.params)
-            and reheader_result(produced, result)
-        ):
-            return produced
-        return encode_result(result)
+        return _leaving(produced, decoded, result)
 
     def _private(self, request: StepRequest, result: StepResult, run: PrivateRun) -> tuple[StepResult, dict[str, Any]]:
         """``result`` as a differential-privacy run may release it, charged to the project's ledger first."""
-        out = replace(result, train_metrics={}, eval_metrics={}, num_train=0, num_test=0, private=True)
+        out = private_result(result)
         privacy: dict[str, Any] = {}
         if out.params:
             z = run.noise_multiplier
@@ -204,3 +246,23 @@ class Governance:
         if privacy:
             privacy["dp"].update(run_epsilon=out.dp_epsilon, project_epsilon=out.dp_project_epsilon)
         return out, privacy
+
+
+def _leaving(produced: bytes | bytearray, decoded: StepResult, result: StepResult) -> bytes | bytearray:
+    """The bytes of ``result``: the task process's own frame with the header rewritten in place when they are
+    exactly the canonical encoding of the parameters the guard passed (nothing hidden beside them) in a header room
+    of the standard size (so that its size says nothing of the task's header), else encoded afresh here."""
+    same = (
+        bool(result.params)
+        and result.params.keys() == decoded.params.keys()
+        and all(result.params[k] is decoded.params[k] for k in result.params)
+    )
+    if (
+        same
+        and isinstance(produced, bytearray)
+        and header_room(produced) == RESULT_ROOM
+        and archive_is_canonical(produced, result.params)
+        and reheader_result(produced, result)
+    ):
+        return produced
+    return encode_result(result, reserve=1)  # the header padded to the standard room, as the task process's is

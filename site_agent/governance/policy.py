@@ -10,6 +10,12 @@ the network or looks at data: the agent gathers the facts, this module decides.
 
     [policy]
     disclosure_threshold = 10        # the least any project may use
+    # what every run's task process is held to here (site_agent.tasks.service, site_agent.sandbox):
+    result_limit_mb = 64             # a step's result (default: none set, the step's own size plus 1 MiB)
+    log_limit_mb = 8                 # a step's output kept in the site's log (then cut, with a note)
+    log_limit_lines = 100000
+    scratch_limit_mb = 1024          # the run's scratch folder (a tmpfs of this size, in memory)
+    file_limit_mb = 512              # any one file the task process writes (RLIMIT_FSIZE)
 
     [projects.heart]
     approved = true
@@ -17,7 +23,7 @@ the network or looks at data: the agent gathers the facts, this module decides.
     datasets = ["heart-disease"]     # or ["*"]: any dataset registered here
     tasks = ["train", "query"]        # "query": federated statistics (%flip_query), no code runs
     query_columns = ["*"]            # the columns a query of this project may name or filter on
-    metrics = ["loss", "accuracy"]   # the metric names that may leave (default ["*"]: any plain name, at most 20)
+    metrics = ["loss", "accuracy"]   # the metric names that may leave (default ["*"]: any the task declared)
     auto_approve = false             # true: code runs without an admin's approval (development)
     disclosure_threshold = 10
     dp_required = false
@@ -69,16 +75,34 @@ class ProjectPolicy:
 
 
 @dataclass(frozen=True)
+class TaskLimits:
+    """What this site holds every run's task process to, whatever the project (``[policy]``): the bytes of a step's
+    result (None: the step's own size plus room, ``site_agent.tasks.messages.result_cap``), the output of a step
+    kept in the site's log, the run's scratch folder and any one file it writes. Processes and threads per run:
+    ``FLIP_TASK_NPROC`` (``site_agent.sandbox``); time and memory: per project."""
+
+    result_limit_mb: float | None = None
+    log_limit_mb: float = 8.0
+    log_limit_lines: int = 100_000
+    scratch_limit_mb: int = 1024
+    file_limit_mb: int = 512
+
+
+LIMIT_KEYS = tuple(TaskLimits.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class SitePolicy:
     site: str
     projects: dict[str, ProjectPolicy] = field(default_factory=dict)
     disclosure_threshold: int = DEFAULT_THRESHOLD
+    limits: TaskLimits = field(default_factory=TaskLimits)
 
     def project(self, name: str) -> ProjectPolicy | None:
         return self.projects.get(name)
 
     def metrics(self, project: str) -> tuple[str, ...]:
-        """The metric names ``project`` may send from this site (``("*",)``: any plain name)."""
+        """The metric names ``project`` may send from this site (``("*",)``: any its task declared before it ran)."""
         found = self.projects.get(project)
         return found.metrics if found else ()
 
@@ -86,6 +110,10 @@ class SitePolicy:
         """The disclosure threshold for ``project`` (the site's, for a project it does not know)."""
         found = self.projects.get(project)
         return max(self.disclosure_threshold, found.disclosure_threshold if found else 0)
+
+    def admitted(self, dataset: str) -> tuple[str, ...]:
+        """The approved projects that may use ``dataset`` here (what the site announces of it: only they see it)."""
+        return tuple(sorted(p.name for p in self.projects.values() if p.approved and p.allows(p.datasets, dataset)))
 
 
 @dataclass(frozen=True)
@@ -161,7 +189,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
     section = raw.get("policy", {})
     if not isinstance(section, dict):
         raise PolicyError("[policy] must be a table")
-    unknown = set(section) - {"disclosure_threshold"}
+    unknown = set(section) - {"disclosure_threshold", *LIMIT_KEYS}
     if unknown:
         raise PolicyError(f"[policy] has unknown setting(s): {', '.join(sorted(unknown))}")
     floor = int(
@@ -207,7 +235,33 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
                 _number(f"{where} memory_limit_mb", body.get("memory_limit_mb", 4096), integer=True, least=64)
             ),
         )
-    return SitePolicy(site=site, projects=projects, disclosure_threshold=floor)
+    return SitePolicy(site=site, projects=projects, disclosure_threshold=floor, limits=_limits(section))
+
+
+def _limits(section: dict[str, Any]) -> TaskLimits:
+    """``[policy]``'s limits on every task process (:class:`TaskLimits`), each checked."""
+    default = TaskLimits()
+    result = section.get("result_limit_mb")
+    return TaskLimits(
+        result_limit_mb=None if result is None else _number("[policy] result_limit_mb", result, least=1),
+        log_limit_mb=_number("[policy] log_limit_mb", section.get("log_limit_mb", default.log_limit_mb), least=0.01),
+        log_limit_lines=int(
+            _number("[policy] log_limit_lines", section.get("log_limit_lines", default.log_limit_lines), integer=True)
+        ),
+        scratch_limit_mb=int(
+            _number(
+                "[policy] scratch_limit_mb",
+                section.get("scratch_limit_mb", default.scratch_limit_mb),
+                integer=True,
+                least=1,
+            )
+        ),
+        file_limit_mb=int(
+            _number(
+                "[policy] file_limit_mb", section.get("file_limit_mb", default.file_limit_mb), integer=True, least=1
+            )
+        ),
+    )
 
 
 def query_columns_refused(policy: SitePolicy, project: str, names: tuple[str, ...]) -> str:

@@ -1,43 +1,62 @@
-"""The site's files, handed in: opened before the sandbox (by the agent's user), read through their descriptors
-inside it, so their modes need not let the task user read them. Which files a task process is handed is the
-data's to say (``site_agent.data.formats.handed_files``); this is the mechanism.
+"""What the site agent hands a task process, by descriptor: a sealed in-memory file.
+
+The agent (trusted, outside the sandbox) writes what a run was approved for into an in-memory file (``memfd``),
+seals it against any change (writing, growing, shrinking, new seals) and passes its descriptor to the run's task
+process: over their connection when the run adopts the process (:func:`send`, :func:`receive`), or when a process is
+started for one run (the files it binds). The process reads it once and closes it (:func:`take`): no descriptor or
+path of the site's own files ever reaches it, and what it can read of the site is what was in that file. Which bytes
+is the data's to say (``site_agent.data.formats.handed``); this is the mechanism.
 """
 
 from __future__ import annotations
 
-import errno
-import io
+import fcntl
 import os
-import sys
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO
+from multiprocessing.reduction import recv_handle, send_handle
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+CHUNK = 1 << 24
 
 
-@dataclass
-class HandedFiles:
-    """Files opened before the sandbox (by the agent's user), read through their descriptors inside it."""
+def sealed(data: bytes | bytearray, name: str = "flip-handed") -> int:
+    """A read-only in-memory file holding ``data``: its descriptor (close-on-exec; the caller closes it)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:CHUNK]) :]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
-    fds: dict[str, int] = field(default_factory=dict)
 
-    @classmethod
-    def open(cls, paths: Iterable[Path]) -> HandedFiles:
-        handed = cls()
-        for path in paths:
-            try:
-                handed.fds[str(path)] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                print(f"WARNING: {path} cannot be opened for tasks ({exc.strerror})", file=sys.stderr, flush=True)
-        return handed
-
-    def opener(self, path: Path) -> IO[bytes]:
-        """A fresh reader of ``path`` from its descriptor (FileNotFoundError: it was not handed in)."""
-        fd = self.fds.get(str(path))
-        if fd is None:
-            raise FileNotFoundError(errno.ENOENT, "not handed to the task", str(path))
+def take(fd: int) -> bytes:
+    """Everything in a handed file, read from its start; the descriptor is closed, nothing of it stays open."""
+    try:
         chunks, offset = [], 0
-        while chunk := os.pread(fd, 1 << 20, offset):
+        while chunk := os.pread(fd, CHUNK, offset):
             chunks.append(chunk)
             offset += len(chunk)
-        return io.BytesIO(b"".join(chunks))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def send(conn: Connection, data: bytes | bytearray, pid: int, name: str = "flip-handed") -> None:
+    """Hand ``data`` to the process ``pid`` at the other end of ``conn``, as a sealed file (:func:`receive`)."""
+    fd = sealed(data, name)
+    try:
+        send_handle(conn, fd, pid)
+    finally:
+        os.close(fd)
+
+
+def receive(conn: Connection) -> bytes:
+    """What the other end handed with :func:`send`, read, its descriptor closed."""
+    return take(recv_handle(conn))

@@ -6,7 +6,9 @@ privileges; then ``site_agent.sandbox.seccomp``): it confines its file access wi
 (Python and its libraries, the system files of :data:`SYSTEM_READ`, the site's scratch folder writable; nothing
 else, not even inside its own root), and where the kernel has them, no TCP and no signal or abstract Unix
 socket outside itself; when a run adopts it, a second layer narrows writing to that run's own scratch
-folder; and it caps its data memory with a hard ``RLIMIT_DATA`` that task code cannot raise again.
+folder; and it caps its data memory with a hard ``RLIMIT_DATA`` that task code cannot raise again (the fallback
+where the host gives the agent no cgroup v2 of its own, ``site_agent.sandbox.cgroups``: it counts each process's
+private memory, not its shared mappings, tmpfs pages or children together).
 The site agent kills a task process at its time limit from outside. :func:`protections` says which
 of these a host gives (``flip-site doctor``).
 
@@ -34,6 +36,8 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP = 0x10000000, 0x20000000, 0x40000000, 0x02000000
 ENV_ALLOW_SANDBOX = "FLIP_TASK_SANDBOX"
 ENV_ALLOW_FILES = "FLIP_TASK_FILES"
+ENV_NPROC = "FLIP_TASK_NPROC"
+DEFAULT_NPROC = 1024  # processes and threads of a run (torch starts a few threads per core and loader)
 
 # Landlock (linux/landlock.h); the syscall numbers are the same on x86_64 and aarch64
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
@@ -50,7 +54,7 @@ SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6: nothing outs
 # time zones, locale data, OpenSSL's configuration, the CPU topology torch sizes its thread pools by.
 # The sandbox (site_agent.sandbox.namespaces) binds these read-only into the task's own root; Landlock allows them
 # (and the few /proc files of its own) and nothing else. Besides these: Python's prefixes and import
-# path and FLIP's packages (python_paths). The site's data is never among them: it is handed in open.
+# path and FLIP's packages (python_paths). The site's data is never among them: a run's rows are handed to it.
 SYSTEM_READ = (
     "/usr",
     "/lib",
@@ -64,8 +68,7 @@ SYSTEM_READ = (
     "/etc/ssl",
     "/etc/alternatives",
     "/sys/devices/system/cpu",
-    "/sys/fs/cgroup",
-)
+)  # not /sys/fs/cgroup: the host's cgroup tree (its services, their limits and use) is none of a task's business
 # read only through Landlock: the sandbox writes its own passwd and group, and mounts its own /proc
 LANDLOCK_READ = ("/etc/passwd", "/etc/group", "/proc/self", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat")
 SYSTEM_WRITE = ("/dev", "/tmp")  # the device nodes; /tmp is a private tmpfs in the sandbox (a spare's only)
@@ -178,7 +181,7 @@ def site_paths(site_root: Path, datasets: list[Path], scratch: Path | None = Non
     """What a task process at this site may read, and write: Python, its libraries, the host's system
     files, its own process in /proc (read); its run's scratch folder and /dev (write) — a spare process,
     not yet a run's: the site's scratch folder and its private /tmp. ``datasets``: files it reads by path
-    (tables are handed in open; a cell's image readers open the registered image files by path). Never the site's
+    (a run's rows are handed to it; a cell's image readers open its own cases' image files by path). Never the site's
     logs: the agent writes them."""
     read = [*python_paths(), *map(Path, SYSTEM_READ), *map(Path, LANDLOCK_READ), *datasets]
     if scratch is not None:
@@ -206,7 +209,7 @@ def limit_memory(megabytes: int) -> None:
 
 
 _PROBE = """
-import sys, tempfile
+import ctypes, os, socket, sys, tempfile
 from pathlib import Path
 from site_agent import sandbox
 from site_agent.sandbox import isolation
@@ -215,7 +218,7 @@ scratch.chmod(0o777)
 steps = (
     ("sandbox", lambda: sandbox.enter(sandbox.Sandbox(
         read=tuple(map(Path, isolation.SYSTEM_READ)) + tuple(isolation.python_paths()), write=(scratch,),
-        user=sandbox.task_user()))),
+        user=sandbox.task_user(), scratch_mb=1, file_mb=2))),
     ("files", lambda: isolation.confine_files(*isolation.site_paths(scratch.parent, [], scratch))),
     ("seccomp", sandbox.install_seccomp),
 )
@@ -227,7 +230,29 @@ for name, step in steps:
         print(name, str(exc).replace(chr(10), " "), flush=True)
 (scratch / "written").write_text("ok")
 print("writes", "ok", flush=True)
+def refused(call):
+    try:
+        call()
+    except OSError as exc:
+        return exc.errno
+    return 0
+def shown(path):
+    try:
+        return bool(os.listdir(path) if os.path.isdir(path) else open(path).read(1))
+    except OSError:
+        return False
+print("quota", "ok" if refused(lambda: (scratch / "fill").write_bytes(bytes(3 << 19))) == 28 else "no scratch quota")
+print("file_size", "ok" if refused(lambda: Path("/dev/shm/big").write_bytes(bytes(3 << 20))) == 27 else "no file limit")
+own = Path("/proc/self/uid_map").read_text().split() != ["0", "0", "4294967295"]
+print("processes", "ok" if own else "its user's process limit is shared with every task process of this host")
+views = [path for path in ("/sys/fs/cgroup", "/proc/cmdline", "/proc/sys/kernel", "/proc/pressure") if shown(path)]
+print("views", "ok" if not views else "the host's " + ", ".join(views) + " in view")
+libc = ctypes.CDLL(None, use_errno=True)
+ring = libc.syscall(425, 1, None) == -1 and ctypes.get_errno() == 1  # io_uring_setup: EPERM
+print("doors", "ok" if ring and refused(lambda: socket.socket(socket.AF_VSOCK)) else "io_uring or vsock open")
 """
+REQUIRED = ("sandbox", "files", "seccomp", "writes")  # without which a task process refuses to start
+LIMITED = ("quota", "file_size", "processes", "views", "doors")  # what the sandbox's limits give, where it holds
 
 
 def probe_steps() -> dict[str, str]:
@@ -237,16 +262,13 @@ def probe_steps() -> dict[str, str]:
     done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=60)
     said = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
     failure = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-    return {
-        step: "" if said.get(step) == "ok" else said.get(step, failure)
-        for step in ("sandbox", "files", "seccomp", "writes")
-    }
+    return {step: "" if said.get(step) == "ok" else said.get(step, failure) for step in (*REQUIRED, *LIMITED)}
 
 
 def probe() -> str:
     """Why task processes on this host cannot be isolated ("" when they can)."""
     steps = probe_steps()
-    return next((f"{step}: {why}" for step, why in steps.items() if why), "")
+    return next((f"{step}: {why}" for step, why in steps.items() if why and step in REQUIRED), "")
 
 
 @dataclass(frozen=True)
@@ -271,28 +293,20 @@ def protections(steps: dict[str, str] | None = None) -> list[Protection]:
             "its own mount, PID, network, IPC and UTS namespaces and a root of its own: "
             "Python and the system libraries read-only, nothing else of the host (no host sockets)",
         ),
-        Protection(
-            "user", boxed, f"runs as {user}, with no capabilities and no_new_privs, at most 512 processes and threads"
-        ),
+        Protection("user", boxed, f"runs as {user}, with no capabilities and no_new_privs"),
         Protection("network", boxed, "no route to the hospital or the internet"),
         Protection(
             "files",
             confined,
             f"Landlock (ABI {abi}) inside that root as well: only Python, the system "
-            "files and its scratch folder; the site's data is handed to it open",
+            "files and its scratch folder; a run is handed its own rows only, sealed in memory",
         ),
-        Protection(
-            "scratch",
-            confined,
-            "a scratch folder of its own per run, the one place it writes, removed when the run ends",
-        ),
-        Protection(
-            "logs", True, "its output reaches the site's log through the agent; the log folder is out of its view"
-        ),
+        *_limits(found, boxed, confined),
         Protection(
             "seccomp",
             filtered,
-            "refuses ptrace, mount, bpf, keyctl, kexec, reboot, module loading, new namespaces and the like",
+            "refuses ptrace, mount, bpf, keyctl, kexec, reboot, module loading, new namespaces, io_uring and "
+            "every socket but its own Unix ones (no netlink, vsock, packet or IP socket)",
         ),
         Protection("tcp", confined and abi >= 4, "no TCP connection or listening socket at all (Landlock ABI 4)"),
         Protection(
@@ -300,9 +314,67 @@ def protections(steps: dict[str, str] | None = None) -> list[Protection]:
             confined and abi >= 6,
             "no signal to, and no abstract Unix socket of, any process outside the task (Landlock ABI 6)",
         ),
-        Protection("memory", True, "a hard data-memory limit per project (memory_limit_mb)"),
-        Protection("time", True, "killed at its time limit per step (time_limit_seconds)"),
+        Protection(
+            "time", True, "killed at its time limit per step (time_limit_seconds); idle ones only between steps"
+        ),
     ]
+
+
+def _limits(found: dict[str, str], boxed: bool, confined: bool) -> list[Protection]:
+    """The rows of the limits that hold per run and per site (``[policy]``'s, and the process limit)."""
+    from site_agent.sandbox import cgroups
+
+    grouped = cgroups.available()
+    memory = (
+        "a cgroup v2 group per task process where the agent's own group is delegated to it: memory.max counts the "
+        "run's shared mappings, tmpfs pages and children together (memory_limit_mb), pids.max its processes"
+        if grouped
+        else "fallback (no cgroup v2 with memory and pids here): a hard data-memory limit per process "
+        "(RLIMIT_DATA, memory_limit_mb), which counts neither shared mappings, tmpfs pages nor children together"
+    )
+    processes = (
+        "in a user namespace of its own: its processes and threads counted apart from every other run's and site's"
+        if not found["processes"]
+        else "fallback: " + found["processes"]
+    )
+    return [
+        Protection(
+            "processes",
+            boxed and not found["processes"],
+            f"at most {process_limit()} processes and threads a run, {processes} (FLIP_TASK_NPROC)",
+        ),  # fmt: skip
+        Protection(
+            "scratch",
+            confined and not found["quota"],
+            "a scratch folder of its own per run, the one place it writes: a tmpfs of scratch_limit_mb "
+            "(default 1024 MiB, in memory), gone when the run ends (without the sandbox: the host's disk)",
+        ),
+        Protection("filesize", not found["file_size"], "no file larger than file_limit_mb (RLIMIT_FSIZE, 512 MiB)"),
+        Protection(
+            "views",
+            boxed and not found["views"],
+            "no /sys/fs/cgroup; /proc shows its own process and the CPUs, memory and CPU times only",
+        ),  # fmt: skip
+        Protection(
+            "result",
+            True,
+            "its result read in bounded chunks under a cap (the step's size and 1 MiB, or result_limit_mb) "
+            "and by the step's time limit: an announced size past it is refused before it is allocated",
+        ),
+        Protection(
+            "logs",
+            True,
+            "its output reaches the site's log through the agent, at most log_limit_lines (100000) and "
+            "log_limit_mb (8 MiB) a step; the log folder is out of its view",
+        ),
+        Protection("memory", True, memory),
+        Protection("cgroup", grouped, "cgroup v2 with the memory and pids controllers on this host"),
+    ]
+
+
+def process_limit() -> int:
+    """The processes and threads a task process may have (``FLIP_TASK_NPROC``, else :data:`DEFAULT_NPROC`)."""
+    return int(os.environ.get(ENV_NPROC) or DEFAULT_NPROC)
 
 
 def describe(found: list[Protection]) -> str:

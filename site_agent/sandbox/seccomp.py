@@ -7,6 +7,7 @@ installed after it and Landlock, by the task process itself (``site_agent.tasks.
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Any
 
 from site_agent.sandbox.isolation import (
@@ -23,7 +24,7 @@ from site_agent.sandbox.isolation import (
 # The system calls a training task never needs, refused with EPERM (one place; one test per class in
 # tests/site_agent/sandbox/test_sandbox.py). New namespaces: unshare, setns, and clone/clone3 with a CLONE_NEW*
 # flag (clone3's flags lie in a struct seccomp cannot read, so clone3 answers ENOSYS and the C library
-# falls back to clone).
+# falls back to clone). io_uring: a second way to every system call, which seccomp cannot see through.
 REFUSED = {
     "tracing": ("ptrace", "process_vm_readv", "process_vm_writev", "kcmp"),
     "mounts": (
@@ -63,7 +64,13 @@ REFUSED = {
     "keys": ("keyctl", "add_key", "request_key"),
     "clock": ("settimeofday", "clock_settime", "clock_adjtime", "adjtimex"),
     "handles": ("open_by_handle_at", "name_to_handle_at", "fanotify_init"),
+    "io_uring": ("io_uring_setup", "io_uring_enter", "io_uring_register"),
 }
+# The one socket family a task needs: Unix sockets of its own (multiprocessing and torch's data loaders pass
+# descriptors over them; Landlock keeps them inside the task where the kernel scopes them). Every other family
+# (IP, which it has no route for anyway; netlink, the kernel's own interfaces; packet, vsock to the hypervisor,
+# bluetooth, the kernel's crypto API, ...) is refused at socket() and socketpair() as missing: EAFNOSUPPORT.
+SOCKET_FAMILIES = (socket.AF_UNIX,)
 NEW_NAMESPACE_FLAGS = (
     CLONE_NEWNS,
     CLONE_NEWUSER,
@@ -97,5 +104,8 @@ def install_seccomp() -> None:
                 continue
     for flag in NEW_NAMESPACE_FLAGS:
         rules.add_rule(refuse, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+    (family,) = SOCKET_FAMILIES  # one family: the rule is "any other" (libseccomp ANDs the tests of one rule)
+    for call in ("socket", "socketpair"):
+        rules.add_rule(seccomp.ERRNO(errno.EAFNOSUPPORT), call, seccomp.Arg(0, seccomp.NE, family))
     rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
     rules.load()

@@ -3,20 +3,25 @@
 The cell source defines ``build_model()``, ``train(model, data, config) -> dict`` and
 ``evaluate(model, data, config) -> dict``. This module executes it on the site's own split,
 loads the global parameters, runs evaluate and/or train, and returns parameters and scalar
-metrics. No Flower imports here: the Flower ClientApp (``flower_client``) only translates
-messages to and from :class:`StepRequest` / :class:`StepResult`.
+metrics, and a failure in the words of ``flip_core.vocabulary`` (a phase, a standard exception type, a line).
+
+It runs in the task process, beside the researcher's code, which can rewrite any of it: what it returns is a claim.
+The site agent builds what leaves from it field by field (``site_agent.disclosure.guard``), from the vocabulary and
+from what the agent knows itself (the device, the dataset's fingerprint, the rows, the time).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -32,8 +37,9 @@ from flip_core.cell import (
 from flip_core.errors import FlipError
 from flip_core.protocol import StepRequest, StepResult
 from flip_core.status import Phase, StepStatus
+from flip_core.vocabulary import CELL_FAILURES, MEMORY_LIMIT, exception_name
 from site_agent.data.catalog import CatalogError, ImagesChanged, Part, SiteConfig
-from site_agent.data.formats import load_split
+from site_agent.data.formats import load_split, task_data
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +104,21 @@ class StepFailed(FlipError):
         return (self.error_type, self.line, self.where)
 
 
+# the site's limits as a task process meets them (the agent tells each in its own sentence naming the site and the
+# limit: site_agent.tasks.service.TaskService.failures): its scratch full, a file past RLIMIT_FSIZE
+LIMIT_ERRNOS = {errno.ENOSPC: "ScratchLimit", errno.EDQUOT: "ScratchLimit", errno.EFBIG: "FileSizeLimit"}
+
+
 def _error_type(exc: BaseException) -> str:
-    """The exception's type as the researcher sees it; running out of the site's memory limit says so."""
+    """The exception's type in the vocabulary (a standard name, ``flip_core.vocabulary.exception_name``); running out
+    of one of the site's limits (memory, scratch, file size, threads) says so."""
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
-        return "MemoryLimit"
-    return type(exc).__name__
+        return MEMORY_LIMIT
+    if isinstance(exc, OSError) and exc.errno in LIMIT_ERRNOS:
+        return LIMIT_ERRNOS[exc.errno]
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):  # RLIMIT_NPROC, in its namespace
+        return "ProcessLimit"
+    return exception_name(exc)
 
 
 @contextlib.contextmanager
@@ -133,13 +149,13 @@ def _scalar_metrics(value: Any, where: str) -> dict[str, float]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise StepFailed("BadReturn", 0, f"{where} (must return a dict of numbers)")
+        raise StepFailed("BadReturn", 0, CELL_FAILURES["BadReturn"][where == "evaluate()"])
     out: dict[str, float] = {}
     for key, raw in value.items():
         try:
             number = float(raw.item() if hasattr(raw, "item") else raw)
         except (TypeError, ValueError):
-            raise StepFailed("BadMetric", 0, f"{where} (a metric is not a number)") from None  # its name stays here
+            raise StepFailed("BadMetric", 0, CELL_FAILURES["BadMetric"][where == "evaluate()"]) from None  # name stays
         if math.isfinite(number):
             out[str(key)] = number
     return out
@@ -155,13 +171,23 @@ def _load_params(model: Any, params: dict[str, np.ndarray]) -> None:
 
     own = model.state_dict()
     if set(own) != set(params):
-        raise StepFailed("ModelMismatch", 0, "build_model() (parameter names differ from the global model)")
+        raise StepFailed("ModelMismatch", 0, CELL_FAILURES["ModelMismatch"][0])
     for name, array in params.items():
         if tuple(own[name].shape) != tuple(array.shape):
-            raise StepFailed("ModelMismatch", 0, f"build_model() (shape of {name!r} differs)")
+            raise StepFailed("ModelMismatch", 0, CELL_FAILURES["ModelMismatch"][1])
     # the step's arrays are writable views of the buffer it came in (site_agent.tasks.messages.STEP): no copy
     # before load_state_dict's own; a read-only array (a step decoded from bytes) is copied first
     model.load_state_dict({k: torch.from_numpy(v if v.flags.writeable else np.array(v)) for k, v in params.items()})
+
+
+@dataclass
+class HandedRun:
+    """What the agent handed a task process when its run adopted it: the run's dataset, its cohort ("": none), and
+    the payload of the run's rows only (``site_agent.data.formats.handed``)."""
+
+    dataset: str
+    cohort: str
+    payload: bytes
 
 
 class TaskSession:
@@ -173,21 +199,21 @@ class TaskSession:
         log_dir: Path | None = None,
         *,
         sink: TextIO | None = None,
-        opener: Callable[[Path], IO[bytes]] | None = None,
+        handed: HandedRun | None = None,
         device: str = "cpu",
         unusable: str = "",
     ) -> None:
         """``sink``: where the task's output goes (the task process's stdout, a pipe to the site agent,
-        which keeps the run's log); without one, each run's log is a file in ``log_dir``. ``opener``: how the
-        site's files are read (a sandboxed task process reads those handed to it)."""
+        which keeps the run's log); without one, each run's log is a file in ``log_dir``. ``handed``: what the
+        agent handed this task process for its run, the only data it reads; without it (a session in the agent's
+        own process: tests, :func:`run_step`) the session reads a whole dataset itself, as the agent would hand it."""
         self.site = site
-        self.opener = opener
+        self.handed = handed
         self.log_dir = log_dir or site.root / "logs"
         self.sink = sink
         self._namespaces: dict[str, dict[str, Any]] = {}
         self._splits: dict[str, tuple[Part, Part]] = {}
         self._datasets: dict[str, tuple[Any, Any]] = {}  # (transform, CacheDataset) per dataset, cohort and part
-        self.cohort: list[int] | None = None  # the run's cohort (its rows), handed over when the run adopts us
         self.device = device
         self.unusable = unusable  # why this process cannot use the site's device (every step fails saying so)
 
@@ -206,10 +232,8 @@ class TaskSession:
         if request.dataset not in self.site.datasets:
             return StepResult(site=self.site.name, status=StepStatus.NO_DATASET)
         entry = self.site.datasets[request.dataset]
-        if self.unusable:
-            return StepResult(
-                site=self.site.name, status=StepStatus.ERROR, error_type="DeviceUnavailable", error_where=self.unusable
-            )
+        if self.unusable:  # why is in the site's log; the agent tells it in its own sentence
+            return StepResult(site=self.site.name, status=StepStatus.ERROR, error_type="DeviceUnavailable")
         result = StepResult(site=self.site.name, status=StepStatus.OK, fingerprint=entry.fingerprint)
         with self._output(request.run_id) as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             print(f"--- round {request.round} phase {request.phase} ---", flush=True)
@@ -224,7 +248,7 @@ class TaskSession:
                 print(f"catalog error: {exc}", file=sink)
                 result.status = StepStatus.ERROR
                 result.error_type = "DatasetChanged" if isinstance(exc, ImagesChanged) else "DatasetUnavailable"
-                result.error_where = exc.public or str(exc)
+                result.error_where = exc.public  # fixed text, or none: the agent's sentence
             sink.flush()
         result.seconds = time.monotonic() - started
         return result
@@ -232,11 +256,23 @@ class TaskSession:
     def _split(self, dataset: str, cohort: str) -> tuple[Part, Part]:
         key = f"{dataset}\0{cohort}"
         if key not in self._splits:
-            if cohort and self.cohort is None:
-                raise CatalogError(f"the rows of cohort {cohort!r} did not reach this task process")
-            rows = self.cohort if cohort else None
-            self._splits[key] = load_split(self.site, dataset, self.opener, rows=rows)  # as the dataset's format says
+            self._splits[key] = self._read(dataset, cohort)
         return self._splits[key]
+
+    def _read(self, dataset: str, cohort: str) -> tuple[Part, Part]:
+        """The run's parts, from what the agent handed this process (its dataset and cohort, nothing else), read
+        once: its bytes are dropped after."""
+        handed = self.handed
+        if handed is None:
+            if cohort:
+                raise CatalogError(f"the rows of cohort {cohort!r} did not reach this task process")
+            return load_split(self.site, dataset)
+        if (dataset, cohort) != (handed.dataset, handed.cohort):
+            asked = f"{dataset!r}" + (f" in cohort {cohort!r}" if cohort else "")
+            raise CatalogError(f"this task process was handed its own run's rows only, not those of {asked}")
+        parts = task_data(self.site, dataset, handed.payload)  # as the dataset's format says
+        handed.payload = b""
+        return parts
 
     def _cached(self, dataset: str, cohort: str) -> Callable[[str, Any], Any]:
         """``TaskData.cached`` for this dataset and cohort: one CacheDataset per part, kept while the
@@ -281,7 +317,7 @@ class TaskSession:
             cache=self._cached(request.dataset, request.cohort) if isinstance(train_df, list) else None,
         )
         config = {**request.config, "device": self.device}  # the site's choice, over the researcher's
-        result.device, result.threads = self.device, _torch_threads()
+        result.device = self.device
         with gpu_use(self.device) as gpu:
             self._cell_calls(request, result, namespace, data, config, len(train_df))
         result.gpu_peak_bytes, result.gpu_seconds = gpu.peak_bytes, gpu.seconds
@@ -312,12 +348,6 @@ class TaskSession:
         result.num_train = reported if 1 <= reported <= train_rows else train_rows
         result.train_metrics = metrics
         result.params = _state_arrays(model)
-
-
-def _torch_threads() -> int:
-    import torch  # loaded by the step's cell calls anyway
-
-    return int(torch.get_num_threads())
 
 
 def _copy(part: Part) -> Part:

@@ -16,6 +16,14 @@ its task process, the one place it may write, and removed when the run ends at t
 the site admin asks, ``flip-site start --keep-scratch``). A task process's stdout and stderr come to
 the agent through a pipe: the agent appends them to ``logs/task-processes.log`` until a run adopts
 the process, then to ``logs/run-ID.log``; the task itself never sees the log folder.
+
+Every run is held to the site's limits (``[policy]``, ``site_agent.governance.policy.TaskLimits``): its result is
+read under a cap, in bounded chunks, by the step's deadline (``site_agent.tasks.messages``); a step's output kept in
+the log is capped (``site_agent.tasks.output``); its scratch is a tmpfs of a fixed size, any file it writes is capped,
+and its processes and threads are counted apart from every other run's (``site_agent.sandbox``). A limit reached is
+one fixed sentence for the researcher, naming the site and the limit (:meth:`TaskService.failures`), and a record in
+the site's audit log; the site serves the next run. A step runs up to its time limit (the project's); a task process
+is closed for idleness only when no step is running in it (:func:`idle_too_long`).
 """
 
 from __future__ import annotations
@@ -34,20 +42,37 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 from flip_core.codec import frame_header
 from flip_core.errors import FlipError
 from flip_core.protocol import StepResult, encode_result
 from flip_core.status import Phase, StepStatus
-from site_agent.sandbox import task_user
-from site_agent.tasks.messages import ADOPT, ISOLATION_REFUSED, READY, STEP, receive_sized, send_sized
+from site_agent.data.catalog import CatalogError, Handed
+from site_agent.governance.policy import TaskLimits
+from site_agent.sandbox import handed, process_limit, task_user
+from site_agent.sandbox.cgroups import TaskGroup, TaskGroups
+from site_agent.tasks.adoption import Adoption, binding
+from site_agent.tasks.limits import LIMITS, SiteLimits, idle_too_long
+from site_agent.tasks.messages import (
+    ADOPT,
+    ISOLATION_REFUSED,
+    READY,
+    STEP,
+    Overdue,
+    Oversized,
+    receive_message,
+    receive_sized,
+    result_cap,
+    send_sized,
+)
+from site_agent.tasks.output import LogLimit, TaskOutput
 
 log = logging.getLogger(__name__)
 
-IDLE_SECONDS = 600.0
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what a run id must look like to name a folder here
 REAP_SECONDS = 30.0
+DEFAULT_LIMITS = TaskLimits()
 
 
 class TimeLimit(FlipError):
@@ -66,38 +91,40 @@ def task_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in TASK_ENV_NAMES or k.startswith(TASK_ENV_PREFIXES)}
 
 
-class TaskOutput:
-    """Copies a task process's output (a pipe) to the site's log: the spares' log, then its run's."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        path.touch()
-
-    def switch(self, path: Path) -> None:
-        with self._lock:
-            self.path = path
-            path.touch()
-
-    def copy(self, stream: IO[bytes]) -> None:
-        """Until the process closes its end (call in a thread of its own)."""
-        with stream:
-            for chunk in iter(lambda: stream.read1(1 << 16), b""):  # type: ignore[attr-defined]
-                with self._lock, open(self.path, "ab") as sink:
-                    sink.write(chunk)
+def worker_arguments(
+    site_root: Path, fd: int, limits: TaskLimits, keep_scratch: bool, group: TaskGroup | None = None
+) -> list[str]:
+    """The command line of a task process: its site, its channel, the sizes of its scratch (a tmpfs; none where the
+    admin keeps runs' scratch folders to read them) and of any file it writes, its cgroup where it has one."""
+    scratch = [] if keep_scratch else ["--scratch-mb", str(limits.scratch_limit_mb)]
+    cgroup = [] if group is None else ["--cgroup", str(group.path)]
+    return [sys.executable, "-m", "site_agent.tasks.worker", str(site_root), "--fd", str(fd), *scratch,
+            "--file-mb", str(limits.file_limit_mb), *cgroup]  # fmt: skip
 
 
 class Worker:
     """One warm task process and the connection to it."""
 
-    def __init__(self, site_root: Path) -> None:
+    def __init__(
+        self,
+        site_root: Path,
+        limits: TaskLimits = DEFAULT_LIMITS,
+        on_cut: Callable[[str], None] | None = None,
+        *,
+        keep_scratch: bool = False,
+        bind: tuple[Path, ...] = (),
+        group: TaskGroup | None = None,
+    ) -> None:
+        """``group``: its own cgroup (it moves itself in first), where the host gives the agent cgroups."""
         ours, theirs = socket.socketpair()
+        self.group = group
+        bound, listed = binding(bind)  # the files of the one run it is started for (an imaging run's); a spare: none
         for folder in ("logs", "scratch"):
             (site_root / folder).mkdir(parents=True, exist_ok=True)
         self.logs = site_root / "logs"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "site_agent.tasks.worker", str(site_root), "--fd", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
+            worker_arguments(site_root, theirs.fileno(), limits, keep_scratch, group) + bound,
+            pass_fds=[theirs.fileno(), *listed],
             env=task_environment(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -105,12 +132,16 @@ class Worker:
             cwd=site_root / "scratch",  # also its sys.path[0]: nothing else of the agent's folder
         )  # no PDEATHSIG here: it fires when the spawning *thread* ends; the worker watches its parent
         theirs.close()
-        self.output = TaskOutput(self.logs / "task-processes.log")
+        for fd in listed:  # the list of its files, read by the process before its sandbox
+            os.close(fd)
+        log_limit = LogLimit(limits.log_limit_lines, int(limits.log_limit_mb * 2**20))
+        self.output = TaskOutput(self.logs / "task-processes.log", log_limit, on_cut)
         assert self.process.stdout is not None
         threading.Thread(target=self.output.copy, args=(self.process.stdout,), name="task-output", daemon=True).start()
         self.conn = Connection(ours.detach())
         self.lock = threading.Lock()
-        self.last_used = time.monotonic()
+        self.last_used = time.monotonic()  # when a step last started or ended here
+        self.steps_running = 0  # counted by the service, under its lock (the reaper reads it there)
         self.ready = False
 
     def _await_ready(self) -> None:
@@ -124,30 +155,38 @@ class Worker:
         with self.lock:
             self._await_ready()
 
-    def adopt(self, run_id: str, scratch: Path, memory_mb: int | None, cohort: list[int] | None = None) -> None:
-        """Make this the task process of ``run_id``: its log, its scratch folder, its memory limit, the rows of
-        its cohort if it trains on one (before its first step)."""
+    def adopt(self, run_id: str, scratch: Path, memory_mb: int | None, run: Adoption) -> None:
+        """Make this the task process of ``run_id``, once, before its first step: its log, its scratch folder, its
+        memory limit, and what the run was approved for (``run``: its rows only, handed sealed in memory)."""
         with self.lock:
             self._await_ready()
-            self.output.switch(self.logs / f"run-{run_id}.log")
-            settings = {"run_id": run_id, "scratch": str(scratch), "memory_mb": memory_mb, "cohort": cohort}
+            self.output.switch(self.logs / f"run-{run_id}.log", run_id)
+            settings = {"run_id": run_id, "scratch": str(scratch), "memory_mb": memory_mb, **run.settings()}
             self.conn.send_bytes(ADOPT + json.dumps(settings).encode())
+            handed.send(self.conn, run.handed.payload, self.process.pid, f"flip-run-{run_id}")
             if self.conn.recv_bytes() != READY:
                 raise OSError("the task process did not take its run")
 
-    def call(self, blob: bytes | bytearray, seconds: float | None = None) -> bytes | bytearray:
-        """Run one step; at ``seconds`` the task process is killed and :class:`TimeLimit` raised."""
+    def call(self, blob: bytes | bytearray, seconds: float | None = None, cap: int | None = None) -> bytearray:
+        """Run one step; its result read under ``cap`` bytes (else the task process is killed and :class:`Oversized`
+        raised, before anything is allocated) by ``seconds`` (else killed and :class:`TimeLimit` raised)."""
         with self.lock:
             self._await_ready()
-            self.last_used = time.monotonic()
-            send_sized(self.conn, blob)
-            if seconds is not None and not self.conn.poll(seconds):
+            self.output.begin_step()
+            deadline = None if seconds is None else time.monotonic() + seconds
+            limit = result_cap(blob) if cap is None else cap
+            try:
+                send_sized(self.conn, blob, deadline)
+                told = receive_message(self.conn, limit, deadline)
+                if not told.startswith(STEP):  # not the worker's framing (task code writing to the channel itself):
+                    return told  # handed on as the result, which the output guard refuses unless it is one
+                return receive_sized(self.conn, told, limit, deadline)
+            except Overdue:
                 self.kill()
-                raise TimeLimit(seconds)
-            told = self.conn.recv_bytes()
-            if not told.startswith(STEP):  # not the worker's framing (task code writing to the channel itself):
-                return told  # handed on as the result, which the output guard refuses unless it is one
-            return receive_sized(self.conn, told)
+                raise TimeLimit(seconds or 0.0) from None
+            except Oversized:
+                self.kill()
+                raise
 
     def kill(self) -> None:
         """SIGKILL the task process and whatever it started (its own session; the sandboxed child dies with it)."""
@@ -156,6 +195,7 @@ class Worker:
         except ProcessLookupError:
             pass
         self.process.wait()
+        self._ungroup()
 
     def close(self) -> None:
         self.conn.close()
@@ -164,6 +204,20 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._ungroup()
+
+    def _ungroup(self) -> None:
+        if self.group is not None:
+            self.group.remove()
+
+
+def _said(reply: bytes | bytearray) -> tuple[str, str]:
+    """A reply's status and error type as its header claims them (("", "") when it has none)."""
+    try:
+        head = frame_header(reply)
+    except Exception:  # noqa: BLE001 - the task process's bytes: how they fail to parse is its choice
+        return "", ""
+    return str(head.get("status", "")), str(head.get("error_type", ""))
 
 
 class TaskService:
@@ -177,12 +231,20 @@ class TaskService:
         on_change: Callable[[], None] = lambda: None,
         *,
         keep_scratch: bool = False,
+        limits: TaskLimits = DEFAULT_LIMITS,
+        groups: TaskGroups | None = None,
     ) -> None:
+        """``limits``: the site's on every run (``[policy]``); ``groups``: the agent's cgroups, where the host gives
+        them (``site_agent.sandbox.cgroups.TaskGroups.open``): a run's memory and processes counted all together."""
         self.site_name = site_name
         self.site_root = site_root
         self.warm_seconds = warm_seconds
         self.on_change = on_change  # told when the site becomes warm or stops being warm
         self.keep_scratch = keep_scratch  # the site admin's choice, for debugging a task
+        self.limits = limits
+        self.site_limits = SiteLimits(site_name, site_root, limits)  # what is said and audited of each
+        self.groups = groups
+        self._stopped: dict[str, bytes] = {}  # per run: the failure of a step whose task process had to go
         self.workers: dict[str, Worker] = {}
         self.spare: Worker | None = None
         self.last_step = time.monotonic()
@@ -202,7 +264,7 @@ class TaskService:
                 return
             if time.monotonic() - self.last_step > self.warm_seconds:
                 return
-            spare = self.spare = Worker(self.site_root)
+            spare = self.spare = self._worker()
         try:
             spare.wait_ready()
         except (EOFError, OSError):
@@ -217,59 +279,148 @@ class TaskService:
         spare = self.spare
         return spare is not None and spare.ready and spare.process.poll() is None
 
-    def _adopt(self) -> Worker:
-        """The spare task process if one is alive, else a new one (called with the lock held)."""
+    def _adopt(self, files: tuple[Path, ...] = ()) -> Worker:
+        """The run's task process (called with the lock held): the spare if one is alive, else a new one; a new one
+        too, with ``files`` bound, where the run's cell reads files by path (``site_agent.tasks.adoption``)."""
+        if files:
+            return self._worker(files)
         spare, self.spare = self.spare, None
         if spare is not None and spare.process.poll() is None:
             threading.Thread(target=self.on_change, daemon=True).start()
             return spare
-        return Worker(self.site_root)
+        return self._worker()
+
+    def _worker(self, bind: tuple[Path, ...] = ()) -> Worker:
+        group = None
+        if self.groups is not None:
+            try:
+                group = self.groups.new(process_limit())
+            except OSError as exc:
+                log.warning("no cgroup for a task process (%s): its limits are the fallback's", exc)
+        return Worker(
+            self.site_root,
+            self.limits,
+            self.site_limits.log_cut,
+            keep_scratch=self.keep_scratch,
+            bind=bind,
+            group=group,
+        )
+
+    @property
+    def failures(self) -> dict[str, tuple[str, ...]]:
+        """The sentence the researcher gets for each of this site's limits that stops a step (fixed text)."""
+        return self.site_limits.failures
+
+    def notes(self, run_id: str) -> tuple[str, ...]:
+        """What the researcher is told of a limit ``run_id``'s last step reached here without failing, once."""
+        return self.site_limits.notes(run_id)
 
     def step(
         self,
         blob: bytes | bytearray,
         seconds: float | None = None,
         memory_mb: int | None = None,
-        cohort: list[int] | None = None,
+        adoption: Callable[[], Adoption] | None = None,
     ) -> bytes | bytearray:
-        """Run one encoded step in its run's task process, within ``seconds`` (killed after) and
-        ``memory_mb`` (set when the run adopts its process, with ``cohort``: the rows it trains on);
-        the encoded result."""
+        """Run one encoded step in its run's task process, within ``seconds`` (killed after) and ``memory_mb`` (set
+        when the run adopts its process, with what ``adoption`` makes then: the run's own rows); the encoded result."""
         head = frame_header(blob)
         run_id, phase = str(head["run_id"]), str(head["phase"])
         if not RUN_ID.match(run_id):
             return self._failure("BadRequest", "the site agent (the run id is not one)")
+        worker, run = self.workers.get(run_id), None
+        if worker is None or worker.process.poll() is not None:  # adopted now: what the run was approved for, first
+            try:
+                run = adoption() if adoption is not None else Adoption(self.site_name, None, "", Handed(b""))
+            except CatalogError as exc:
+                log.warning("run %s: its data cannot be handed to a task process: %s", run_id, exc)
+                return self._failure("DatasetUnavailable", exc.public)
         with self._lock:
             self.last_step = time.monotonic()
-            worker = self.workers.get(run_id)
-            adopted = worker is None or worker.process.poll() is not None
-            if adopted:
-                worker = self.workers[run_id] = self._adopt()
+            if run is not None:
+                worker = self.workers[run_id] = self._adopt(run.handed.files)
                 log.info("run %s: task process %s", run_id, worker.process.pid)
-        assert worker is not None
+            assert worker is not None
+            worker.steps_running += 1  # the reaper leaves it alone until the step is over
+            worker.last_used = time.monotonic()
         try:
-            if adopted:
-                self._make_scratch(run_id)
-                worker.adopt(run_id, self.scratch(run_id), memory_mb, cohort)
-            reply = worker.call(blob, seconds)
-        except TimeLimit as stopped:
-            self._drop(run_id)
-            log.warning("run %s: the task process was %s", run_id, stopped)
-            return self._failure("TimeLimit", f"the task process ({stopped})")
-        except (EOFError, OSError):
-            code = worker.process.wait()
-            self._drop(run_id)
-            why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            log.warning("the task process of run %s died (%s)", run_id, why)
-            if code == ISOLATION_REFUSED:
-                where = "the task process (it could not be isolated: see the site's logs/task-processes.log)"
-                return self._failure("TaskIsolation", where)
-            return self._failure("TaskProcessDied", f"the task process ({why})")
-        if phase == Phase.EVALUATE or frame_header(reply)["status"] != StepStatus.OK:
+            reply = self._call(worker, run_id, run, blob, seconds, memory_mb)
+        finally:
+            with self._lock:
+                worker.steps_running -= 1
+                worker.last_used = time.monotonic()
+        if reply is None:  # the process is gone, and the failure said why
+            return self._stopped.pop(run_id)
+        status, error_type = _said(reply)
+        if error_type in LIMITS:  # the task process met a limit (its own sentence: LIMITS's, in the guard)
+            self.site_limits.reached(run_id, LIMITS[error_type], None, phase, head.get("round"))
+        if phase == Phase.EVALUATE or status != StepStatus.OK:
             # the run's final step here (its last round, or this site is out of the run after an error):
             # close its process and make a spare ready, off the reply path
             threading.Thread(target=self._retire, args=(run_id,), daemon=True).start()
         return reply
+
+    def _call(
+        self,
+        worker: Worker,
+        run_id: str,
+        run: Adoption | None,
+        blob: bytes | bytearray,
+        seconds: float | None,
+        memory_mb: int | None,
+    ) -> bytes | bytearray | None:
+        """The step's reply from its task process; None when the process had to go (the failure is in
+        ``_stopped``): its time limit, its result's cap, or it died."""
+        head = frame_header(blob)
+        phase, round_ = str(head["phase"]), head.get("round")
+        try:
+            if run is not None:  # adopted by this run now: handed what it was approved for
+                self._limit_memory(worker, memory_mb)
+                self._make_scratch(run_id)
+                worker.adopt(run_id, self.scratch(run_id), memory_mb, run)
+            return worker.call(blob, seconds, self.site_limits.cap(blob))
+        except TimeLimit as stopped:
+            self._drop(run_id)
+            log.warning("run %s: the task process was %s", run_id, stopped)
+            self.site_limits.reached(run_id, "time", stopped.seconds, phase, round_)
+            failure = self._failure("TimeLimit", f"the task process ({stopped})")
+        except Oversized as refused:
+            self._drop(run_id)
+            log.warning("run %s: the task process's result passed the site's cap (%s): stopped", run_id, refused)
+            self.site_limits.reached(run_id, "result", refused.cap, phase, round_)
+            failure = self._failure("ResultLimit", self.failures["ResultLimit"][0])
+        except (EOFError, OSError):
+            failure = self._died(worker, run_id, phase, round_)
+        self._stopped[run_id] = failure
+        return None
+
+    @staticmethod
+    def _limit_memory(worker: Worker, memory_mb: int | None) -> None:
+        """The run's memory on its task process's cgroup, where it has one (else RLIMIT_DATA alone holds it)."""
+        if worker.group is not None and memory_mb is not None:
+            try:
+                worker.group.limit_memory(memory_mb)
+            except OSError as exc:
+                log.warning("cannot set the memory of a task process's cgroup (%s): RLIMIT_DATA holds", exc)
+
+    def _died(self, worker: Worker, run_id: str, phase: str, round_: Any) -> bytes:
+        """The failure of a step whose task process ended during it (killed for a file too large, say)."""
+        code = worker.process.wait()
+        out_of_memory = worker.group is not None and worker.group.out_of_memory()
+        worker.close()  # its connection and cgroup
+        self._drop(run_id)
+        why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        log.warning("the task process of run %s died (%s)", run_id, why)
+        if code == ISOLATION_REFUSED:
+            where = "the task process (it could not be isolated: see the site's logs/task-processes.log)"
+            return self._failure("TaskIsolation", where)
+        if code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ):  # a file past RLIMIT_FSIZE, the task let the signal kill it
+            self.site_limits.reached(run_id, "file_size", self.limits.file_limit_mb, phase, round_)
+            return self._failure("FileSizeLimit", self.failures["FileSizeLimit"][0])
+        if out_of_memory:  # the cgroup's memory.max (the sandbox's waiting process ends with 128 + SIGKILL)
+            self.site_limits.reached(run_id, "memory", None, phase, round_)
+            return self._failure("MemoryLimit", "")
+        return self._failure("TaskProcessDied", f"the task process ({why})")
 
     def _make_scratch(self, run_id: str) -> None:
         """The run's scratch folder, empty, the task's own (the task user's, where the agent is root)."""
@@ -294,6 +445,12 @@ class TaskService:
         if not self.keep_scratch:
             shutil.rmtree(self.scratch(run_id), ignore_errors=True)
 
+    def settle(self, run_id: str, released: bytes | bytearray) -> None:
+        """The site's verdict on a step (what the output guard released, not what its task process claimed): a step
+        that did not succeed ends the run here, so its process is closed and a spare made ready, off the reply path."""
+        if _said(released)[0] != StepStatus.OK and run_id in self.workers:
+            threading.Thread(target=self._retire, args=(run_id,), daemon=True).start()
+
     def _retire(self, run_id: str) -> None:
         with self._lock:
             worker = self.workers.pop(run_id, None)
@@ -303,20 +460,30 @@ class TaskService:
         self.warm_up()  # the next run finds a spare ready
 
     def reap_forever(self) -> None:
-        """Close task processes idle for ``IDLE_SECONDS`` (a run whose hub went away)."""
+        """Close task processes idle for ``IDLE_SECONDS`` (a run whose hub went away; never one in a step)."""
         while not self._closed.wait(REAP_SECONDS):
-            idle = [r for r, w in list(self.workers.items()) if time.monotonic() - w.last_used > IDLE_SECONDS]
+            self.reap(time.monotonic())
+
+    def reap(self, now: float) -> None:
+        """Close what is idle at ``now``: task processes no step is running in (:func:`idle_too_long`), the spare
+        of a site that has cooled."""
+        with self._lock:
+            idle = {r: w for r, w in self.workers.items() if idle_too_long(now, w.last_used, w.steps_running)}
             for run_id in idle:
-                log.info("closing the idle task process of run %s", run_id)
-                self._retire(run_id)
-            with self._lock:
-                cooled = self.spare if time.monotonic() - self.last_step > self.warm_seconds else None
-                if cooled is not None:
-                    self.spare = None
+                del self.workers[run_id]
+            cooled = self.spare if now - self.last_step > self.warm_seconds else None
             if cooled is not None:
-                log.info("the site has been idle for %.0f s: closing its spare task process", self.warm_seconds)
-                cooled.close()
-                self.on_change()
+                self.spare = None
+        for run_id, worker in idle.items():
+            log.info("closing the idle task process of run %s", run_id)
+            worker.close()
+            self._clear_scratch(run_id)
+        if idle:
+            self.warm_up()  # the next run finds a spare ready, if the site is still warm
+        if cooled is not None:
+            log.info("the site has been idle for %.0f s: closing its spare task process", self.warm_seconds)
+            cooled.close()
+            self.on_change()
 
     def close(self) -> None:
         self._closed.set()

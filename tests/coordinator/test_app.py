@@ -116,3 +116,60 @@ def test_a_task_is_checked_before_the_notebook_builds_its_model(setup: tuple[Tes
     good = client.post("/api/runs/check", headers=auth(TOKEN), json={"source": "x", "dataset": "heart-disease"})
     assert good.status_code == 200 and good.json() == {"ok": True, "sites": ["VA"], "min_sites": 1}
     assert manager.store.runs() == []  # nothing was created
+
+
+RUN_ROUTES = [
+    ("GET", "{}"),
+    ("GET", "{}/events"),
+    ("GET", "{}/events?stream=0"),
+    ("GET", "{}/model"),
+    ("POST", "{}/stop"),
+]
+
+
+@pytest.mark.parametrize(("method", "route"), RUN_ROUTES)
+def test_another_projects_run_is_answered_exactly_as_an_unknown_one(
+    setup: tuple[TestClient, RunManager], method: str, route: str
+) -> None:
+    client, manager = setup
+    run_id, _ = start_run(client, manager)
+    unknown = "0" * len(run_id)
+    theirs = client.request(method, "/api/runs/" + route.format(run_id), headers=auth(OTHER))
+    none = client.request(method, "/api/runs/" + route.format(unknown), headers=auth(OTHER))
+    assert theirs.status_code == none.status_code == 404
+    assert theirs.json()["error"].replace(run_id, unknown) == none.json()["error"]
+    assert {k: v for k, v in theirs.headers.items() if k != "content-length"} == {
+        k: v for k, v in none.headers.items() if k != "content-length"
+    }
+    assert manager.view(run_id)["status"] != "stopped"  # nothing was done to it
+
+
+def test_a_project_sees_only_the_datasets_its_sites_admitted_it_to(setup: tuple[TestClient, RunManager]) -> None:
+    client, manager = setup
+    lungs = {**HEART, "name": "lung-ct", "projects": ["lungs", "heart"]}
+    secret = {**HEART, "name": "secret-cohort", "projects": []}
+    manager.announce("VA", 1, {"datasets": [HEART, lungs, secret]}, "online")
+    manager.presence.hold("VA")
+    for token, seen in ((TOKEN, ["heart-disease", "lung-ct"]), (OTHER, ["lung-ct"])):
+        [site] = client.get("/api/sites", headers=auth(token)).json()
+        assert [d["name"] for d in site["datasets"]] == seen
+        assert all("projects" not in d for d in site["datasets"])  # nor which other projects a site admits
+    refused = client.post("/api/runs/check", headers=auth(OTHER), json={"source": "x", "dataset": "heart-disease"})
+    assert refused.status_code == 404
+    assert refused.json()["error"] == "unknown dataset 'heart-disease': the datasets that exist are lung-ct"
+    query = client.post("/api/queries", headers=auth(OTHER), json={"dataset": "secret-cohort", "kind": "count"})
+    assert query.status_code == 404 and "secret-cohort" not in query.json()["error"].split(":", 1)[1]
+
+
+def test_a_model_over_the_limit_is_refused_as_it_streams_and_nothing_is_kept(tmp_path: Path) -> None:
+    config = coordinator_config(tmp_path, tokens={TOKEN: TokenGrant("alice", "heart")}, max_model_bytes=1 << 16)
+    manager = RunManager(Store(tmp_path), FakeControl(), lambda: None, presence_grace=0)
+    client = TestClient(build_app(config, manager, Notifier()))
+    declared = client.post("/api/models", headers=auth(TOKEN), content=b"\0" * (1 << 17))
+    streamed = client.post("/api/models", headers=auth(TOKEN), content=iter([b"\0" * 4096] * 40))  # no length
+    assert declared.status_code == streamed.status_code == 413
+    assert "65536" in streamed.json()["error"]
+    assert list((tmp_path / "models").iterdir()) == []  # no upload left behind, whole or partial
+    kept = client.post("/api/models", headers=auth(TOKEN), content=iter([MODEL[:10], MODEL[10:]]))
+    assert kept.status_code == 201
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [kept.json()["sha256"] + ".npz"]

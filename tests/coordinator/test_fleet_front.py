@@ -3,6 +3,7 @@ small ASGI apps, each under uvicorn) and the front itself under uvicorn, all on 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import ipaddress
@@ -19,8 +20,11 @@ import httpx
 import pytest
 import requests
 import uvicorn
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator.fleet_front import FORBIDDEN, build_front
+from coordinator.fleet_front import FORBIDDEN, MAX_PAYLOAD_BYTES, build_front
+from coordinator.fleet_gate import ANNOUNCE_BODY_LIMIT, FLEET_BODY_LIMIT
 
 from fakes import FakeCoordinator, FakeSuperLink
 
@@ -136,6 +140,7 @@ def superlink(fakes: tuple[FakeSuperLink, FakeCoordinator, Served, Served]) -> F
 @pytest.fixture
 def coordinator(fakes: tuple[FakeSuperLink, FakeCoordinator, Served, Served]) -> FakeCoordinator:
     fakes[1].calls.clear()
+    fakes[1].received.clear()
     return fakes[1]
 
 
@@ -145,15 +150,34 @@ def client() -> Iterator[httpx.Client]:
         yield c
 
 
-AUTH_HEADERS = [
-    (b"content-type", b"application/protobuf"),
-    (b"accept", b"application/protobuf"),
-    (b"flwr-public-key", b"BFcXq+/lm0T0mSBnKy3l/A9OaQ=="),
-    (b"flwr-signature", b"MEUCIQD+/x0== sig with spaces"),
-    (b"flwr-timestamp", b"2026-05-04T10:11:12.131415+00:00"),
-    (b"x-signature", b"first"),
-    (b"x-signature", b"second"),
-]
+SITE_KEY = ec.generate_private_key(ec.SECP384R1())
+
+
+def signed(
+    key: ec.EllipticCurvePrivateKey = SITE_KEY, at: datetime.datetime | None = None
+) -> list[tuple[bytes, bytes]]:
+    """A SuperNode's credential headers, as Flower's NodeAuthHttpInterceptor signs them."""
+    stamp = (at or datetime.datetime.now(datetime.UTC)).isoformat()
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    signature = key.sign(stamp.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+    return [
+        (b"flwr-public-key", base64.b64encode(pem)),
+        (b"flwr-timestamp", stamp.encode()),
+        (b"flwr-signature", base64.b64encode(signature)),
+    ]
+
+
+SITE_TOKEN = {"authorization": "Bearer site-token"}
+
+
+def auth_headers() -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", b"application/protobuf"),
+        (b"accept", b"application/protobuf"),
+        *signed(),
+        (b"x-signature", b"first"),
+        (b"x-signature", b"second"),
+    ]
 
 
 # -- the tests ----------------------------------------------------------------------------------------
@@ -167,7 +191,8 @@ def test_fleet_post_is_forwarded_byte_exact(front: str, superlink: FakeSuperLink
         (b"keep-alive", b"timeout=5"),
         (b"proxy-authorization", b"Basic eA=="),
     ]
-    response = client.post(front + "/v1/fleet/push-messages?run=7&tag=a%2Fb", content=body, headers=AUTH_HEADERS + hop)
+    credential = auth_headers()
+    response = client.post(front + "/v1/fleet/push-messages?run=7&tag=a%2Fb", content=body, headers=credential + hop)
 
     assert response.status_code == 201
     assert response.content == b"\x00echo:" + body
@@ -181,7 +206,7 @@ def test_fleet_post_is_forwarded_byte_exact(front: str, superlink: FakeSuperLink
     assert call["query"] == b"run=7&tag=a%2Fb"
     assert call["body"] == body
     seen = call["headers"]
-    for header in AUTH_HEADERS:
+    for header in credential:
         assert header in seen, header
     assert [v for k, v in seen if k == b"x-signature"] == [b"first", b"second"]  # order and duplicates kept
     assert not {k for k, _ in seen} & {b"connection", b"x-hop", b"keep-alive", b"proxy-authorization"}
@@ -195,7 +220,7 @@ def test_fleet_post_is_forwarded_byte_exact(front: str, superlink: FakeSuperLink
 def test_a_large_chunked_upload_streams_through(front: str, superlink: FakeSuperLink, client: httpx.Client) -> None:
     chunk = bytes(range(256)) * 256  # 64 KiB
     chunks = [chunk] * 48  # 3 MiB, sent chunked (no content-length)
-    response = client.post(front + "/v1/fleet/push-object", content=iter(chunks), headers=AUTH_HEADERS)
+    response = client.post(front + "/v1/fleet/push-object", content=iter(chunks), headers=auth_headers())
     assert response.status_code == 201
     assert response.content == b"\x00echo:" + b"".join(chunks)
     assert superlink.calls[0]["body"] == b"".join(chunks)
@@ -281,9 +306,7 @@ def test_health_is_answered_by_the_front(front: str, superlink: FakeSuperLink, c
 
 
 def test_site_announce_is_forwarded(front: str, coordinator: FakeCoordinator, client: httpx.Client) -> None:
-    response = client.post(
-        front + "/site/announce", json={"site": "VA", "node_id": 3}, headers={"authorization": "Bearer site-token"}
-    )
+    response = client.post(front + "/site/announce", json={"site": "VA", "node_id": 3}, headers=SITE_TOKEN)
     assert response.status_code == 200
     assert response.json() == {"ok": True}
     assert coordinator.announced[-1] == {"site": "VA", "node_id": 3}
@@ -292,7 +315,7 @@ def test_site_announce_is_forwarded(front: str, coordinator: FakeCoordinator, cl
 
 def test_presence_lines_arrive_one_at_a_time(front: str, coordinator: FakeCoordinator) -> None:
     with httpx.Client(timeout=httpx.Timeout(5.0)) as client:
-        with client.stream("GET", front + "/site/presence/VA") as response:
+        with client.stream("GET", front + "/site/presence/VA", headers=SITE_TOKEN) as response:
             assert response.status_code == 200
             assert coordinator.streaming.wait(5)
             raw = response.iter_raw()
@@ -307,24 +330,36 @@ def test_presence_lines_arrive_one_at_a_time(front: str, coordinator: FakeCoordi
 
 def test_an_upstream_answer_broken_off_is_not_passed_on_as_whole(front: str, client: httpx.Client) -> None:
     with _tracebacks_logged() as tracebacks:
-        short = client.get(front + "/site/broken")  # nothing had reached the site yet: a 502
+        short = client.get(front + "/site/broken", headers=SITE_TOKEN)  # nothing had reached the site yet: a 502
         assert short.status_code == 502
         assert "the coordinator" in short.text
         with pytest.raises(httpx.RemoteProtocolError):  # mid-stream: the site's stream breaks off too
-            client.get(front + "/site/broken-stream")
+            client.get(front + "/site/broken-stream", headers=SITE_TOKEN)
     assert tracebacks == []
 
 
-def test_a_site_leaving_mid_upload_is_let_go(front: str, superlink: FakeSuperLink, client: httpx.Client) -> None:
+def _head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    lines = [method + b" " + target + b" HTTP/1.1", b"Host: x", *(k + b": " + v for k, v in headers)]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def test_a_site_leaving_mid_upload_is_let_go(
+    front: str, superlink: FakeSuperLink, coordinator: FakeCoordinator, client: httpx.Client
+) -> None:
     host, port = front.removeprefix("http://").split(":")
+    payload = b"/site/blobs/" + b"a" * 64
     with _tracebacks_logged() as tracebacks:
-        with socket.create_connection((host, int(port)), timeout=5) as sock:
-            sock.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:  # a payload streams through ...
+            sock.sendall(_head(b"PUT", payload, [(b"Authorization", b"Bearer t"), (b"Content-Length", b"10000000")]))
             sock.sendall(b"\x00" * 200_000)
-        # the front drops its upstream request too: the fake SuperLink sees a body cut short
-        assert superlink.wait_calls(1)
-        assert 0 < len(superlink.calls[0]["body"]) < 10_000_000
-        assert client.post(front + "/v1/fleet/get-run", content=b"\x01").status_code == 201
+        # ... so the front drops its upstream request too: the fake coordinator sees a body cut short
+        _until(lambda: bool(coordinator.received), 5, "the cut-short payload at the coordinator")
+        assert 0 < coordinator.received[0] < 10_000_000
+        with socket.create_connection((host, int(port)), timeout=5) as sock:  # a fleet body is read whole first ...
+            sock.sendall(_head(b"POST", b"/v1/fleet/push-object", [*signed(), (b"Content-Length", b"3000000")]))
+            sock.sendall(b"\x00" * 200_000)
+        assert client.post(front + "/v1/fleet/get-run", content=b"\x01", headers=signed()).status_code == 201
+        assert superlink.paths() == ["/v1/fleet/get-run"]  # ... so nothing of one cut short reached the SuperLink
     assert tracebacks == []
 
 
@@ -332,8 +367,8 @@ def test_unreachable_upstreams_give_502_naming_them() -> None:
     served = Served(build_front(_dead_url(), _dead_url()))
     try:
         with _tracebacks_logged() as tracebacks, httpx.Client(timeout=5) as client:
-            fleet = client.post(served.url + "/v1/fleet/pull-messages", content=b"\x00")
-            site = client.get(served.url + "/site/presence/VA")
+            fleet = client.post(served.url + "/v1/fleet/pull-messages", content=b"\x00", headers=signed())
+            site = client.get(served.url + "/site/presence/VA", headers=SITE_TOKEN)
         assert tracebacks == []
         assert fleet.status_code == 502
         assert "the SuperLink" in fleet.text and "unreachable" in fleet.text
@@ -342,6 +377,68 @@ def test_unreachable_upstreams_give_502_naming_them() -> None:
         assert "the coordinator" in site.text and "unreachable" in site.text
     finally:
         served.stop()
+
+
+# -- what is refused before a byte is forwarded ----------------------------------------------------------
+
+
+def _answer_to(url: str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send ``head`` and ``body`` on a raw connection and read the answer to its end (the front closes it)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head)
+        try:
+            sock.sendall(body)
+        except OSError:  # the front answered and closed before reading it all: what the test wants
+            pass
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    status, _, rest = data.partition(b"\r\n\r\n")
+    return int(status.split(b" ", 2)[1]), rest
+
+
+def test_a_fleet_call_without_a_valid_credential_is_refused_before_forwarding(
+    front: str, superlink: FakeSuperLink, client: httpx.Client
+) -> None:
+    stale = signed(at=datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=10))
+    for headers in ([], [(b"flwr-public-key", b"cGs="), (b"flwr-signature", b"c2ln")], stale):
+        response = client.post(front + "/v1/fleet/push-object", content=b"\x00" * 1000, headers=headers)
+        assert response.status_code == 401 and "SuperNode" in response.text
+        assert response.headers["connection"] == "close"
+    assert superlink.calls == []
+
+
+def test_an_oversize_fleet_body_is_refused_without_forwarding_a_byte(front: str, superlink: FakeSuperLink) -> None:
+    declared = _head(
+        b"POST", b"/v1/fleet/push-object", [*signed(), (b"Content-Length", str(FLEET_BODY_LIMIT + 1).encode())]
+    )
+    status, body = _answer_to(front, declared, b"\x00" * 65536)
+    assert status == 413 and str(FLEET_BODY_LIMIT).encode() in body
+    chunk = b"\x00" * 65536
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(FLEET_BODY_LIMIT // len(chunk) + 1))
+    status, _ = _answer_to(
+        front, _head(b"POST", b"/v1/fleet/push-object", [*signed(), (b"Transfer-Encoding", b"chunked")]), chunked
+    )
+    assert status == 413
+    assert superlink.calls == []
+
+
+def test_site_routes_are_refused_without_a_token_or_over_their_limit(
+    front: str, coordinator: FakeCoordinator, client: httpx.Client
+) -> None:
+    payload = front + "/site/blobs/" + "a" * 64
+    assert client.get(front + "/site/presence/VA").status_code == 401
+    assert client.put(payload, content=iter([b"x"]), headers=SITE_TOKEN).status_code == 411  # chunked: no length
+    over = {**SITE_TOKEN, "content-length": str(MAX_PAYLOAD_BYTES + 1)}
+    status, _ = _answer_to(
+        front, _head(b"PUT", payload[len(front) :].encode(), [(k.encode(), v.encode()) for k, v in over.items()])
+    )
+    assert status == 413
+    big = client.post(front + "/site/announce", content=b"{" * (ANNOUNCE_BODY_LIMIT + 1), headers=SITE_TOKEN)
+    assert big.status_code == 413
+    assert coordinator.calls == []
 
 
 # -- TLS on both sides ----------------------------------------------------------------------------------
@@ -409,13 +506,14 @@ def test_tls_front_and_tls_superlink(
             served.url + "/v1/fleet/get-run",
             data=b"\x00\x01tls",
             verify=certfile,
-            headers={"flwr-signature": "c2ln", "flwr-public-key": "cGs=", **close},
+            headers={k.decode(): v.decode() for k, v in signed()} | close,
             timeout=5,
         )
         assert response.status_code == 201
         assert response.content == b"\x00echo:\x00\x01tls"
         [call] = tls_superlink.calls
-        assert (b"flwr-signature", b"c2ln") in call["headers"]
+        assert dict(call["headers"])[b"flwr-signature"] == dict(signed_by_site := call["headers"])[b"flwr-signature"]
+        assert b"flwr-public-key" in dict(signed_by_site)
         refused = requests.post(served.url + "/v1/control/start-run", verify=certfile, headers=close, timeout=5)
         assert refused.status_code == 403
         assert tls_superlink.paths() == ["/v1/fleet/get-run"]

@@ -105,6 +105,7 @@ BAD_TASK_FIELDS: dict[str, list[Any]] = {
     "initial_model": [1, True, [], "abc", "Z" * 64, "a" * 63],
     "client_packages": [[], "x", {"torch": 1}, {"": "1"}],
     "cohort": [1, True, [], "", "a b", "none-such"],
+    "metrics": [1, "loss", {}, [1], ["val-loss"], ["_x"], ["m" * 33], ["loss", "loss"], [f"m{i}" for i in range(21)]],
     "surplus": [1, "rounds"],  # a field the task does not have
 }
 FLAGS = {
@@ -117,6 +118,7 @@ FLAGS = {
     "config": "--config",
     "strategy": "strategy",
     "source": "source",
+    "metrics": "metrics",
 }
 BAD_BODIES = [b"", b"   ", b"{", b"[]", b"null", b"1", b'"task"', b"\xff\xfe\x00", b"NaN", b'{"source": "x",}']
 
@@ -134,6 +136,10 @@ BAD_ANNOUNCE_FIELDS: dict[str, list[Any]] = {
         {"datasets": [{"name": "d", "rows": -1}]},
         {"datasets": [{"name": "d", "rows": "300"}]},
         {"datasets": [{"name": "d", "extra": 1}]},
+        {"datasets": [{"name": "d", "projects": "heart"}]},
+        {"datasets": [{"name": "d", "projects": [1]}]},
+        {"datasets": [{"name": "d", "projects": [""]}]},
+        {"datasets": [{"name": "d", "projects": ["p"] * 1001}]},
         {"warm": "yes"},
         {"version": 1},
         {"surplus": 1},
@@ -167,8 +173,68 @@ BAD_EVENTS: list[Any] = [
 ]
 BAD_RINGS: list[Any] = [{}, [], {"sites": "VA"}, {"sites": [1]}, {"sites": ["a b"]}, {"sites": ["VA"], "x": 1}]
 
+
+def npy_member(header: str, data: bytes = b"\0" * 8) -> bytes:
+    """An .npy of format 1.0 with this header text (numpy's dict literal, or anything else) and these bytes."""
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + data
+
+
+def compressed(method: int) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=method) as archive:
+        archive.writestr("w.npy", npy_member("{'descr': '<f8', 'fortran_order': False, 'shape': (1,), }"))
+    return buffer.getvalue()
+
+
+def flipped(blob: bytes, at: int, mask: int) -> bytes:
+    data = bytearray(blob)
+    data[at] |= mask
+    return bytes(data)
+
+
+def garbled(blob: bytes) -> bytes:
+    """The archive with its member's compressed bytes turned to garbage (its records intact)."""
+    data = bytearray(blob)
+    start = data.index(b"w.npy") + len(b"w.npy")
+    data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
+    return bytes(data)
+
+
+def bomb() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(
+            "w.npy", npy_member("{'descr': '<f8', 'fortran_order': False, 'shape': (1000000,), }", bytes(8_000_000))
+        )
+    return buffer.getvalue()
+
+
+STORED = npz(w=np.zeros(4))
+CENTRAL = STORED.rindex(b"PK\x01\x02")
+
 BAD_MODELS = {
     "empty": b"",
+    "wrong magic": b"PK\x05\x07" + STORED[4:],
+    "encrypted": flipped(STORED, CENTRAL + 8, 1),
+    "bzip2": compressed(zipfile.ZIP_BZIP2),
+    "lzma": compressed(zipfile.ZIP_LZMA),
+    "garbled deflate": garbled(compressed(zipfile.ZIP_DEFLATED)),
+    "zip bomb": bomb(),
+    "huge shape": zipped(
+        "w.npy",
+        npy_member("{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4611686018427387904), }"),
+    ),
+    "negative shape": zipped("w.npy", npy_member("{'descr': '<f4', 'fortran_order': False, 'shape': (-1,), }")),
+    "code in header": zipped("w.npy", npy_member("__import__('os').system('true')")),
+    "object dtype": zipped("w.npy", npy_member("{'descr': '|O', 'fortran_order': False, 'shape': (1,), }")),
+    "record dtype": zipped("w.npy", npy_member("{'descr': [('a', '<f8')], 'fortran_order': False, 'shape': (1,), }")),
+    "datetimes": zipped("w.npy", npy_member("{'descr': '<M8[s]', 'fortran_order': False, 'shape': (1,), }")),
+    "format 9": zipped("w.npy", b"\x93NUMPY\x09\x00" + b"\0" * 64),
+    "nested archive": zipped("w.npy", npz(w=np.zeros(2))),
+    "outside path": zipped("../w.npy", npy_member("{'descr': '<f8', 'fortran_order': False, 'shape': (1,), }")),
+    "end record only": STORED[-22:],
     "text": b"weights",
     "pickle": b"\x80\x04K\x01.",
     "npy": np.lib.format.magic(1, 0) + b"{}",

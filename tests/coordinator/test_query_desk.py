@@ -17,7 +17,13 @@ from flip_core.errors import Rejected
 from fakes import FakeControl, FakeFlowerStatus
 
 WHO = Principal("alice", "heart")
-DATASET = {"name": "heart-disease", "rows": 100, "columns": ["age", "sex"], "dtypes": ["float64", "float64"]}
+DATASET = {
+    "name": "heart-disease",
+    "rows": 100,
+    "columns": ["age", "sex"],
+    "dtypes": ["float64", "float64"],
+    "projects": ["heart"],
+}
 
 
 def desk(tmp_path) -> tuple[QueryDesk, FakeControl]:

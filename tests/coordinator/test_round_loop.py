@@ -12,6 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from coordinator.flower_server import OFFLINE, RoundLoop, RunAborted
 from flip_core.runs import AnnouncedDataset, Task, TaskSite
+from flip_core.status import Phase
 
 from fakes import GRID_NODES, FakeGrid, FakeHub
 
@@ -123,3 +124,10 @@ def test_large_models_travel_beside_their_messages_and_a_tampered_reply_fails_on
     assert not hub.uploaded and len(hub.published) == 1  # every reply taken; only the last step's payload is out
     rounds.unpublish()  # what the ServerApp does when the run ends
     assert not hub.published
+
+
+def test_each_step_carries_the_metric_names_the_task_declared() -> None:
+    rounds = loop(FakeGrid(silent=set()), FakeHub(SITES), min_sites=3)
+    assert rounds.request(1, Phase.FIT, {}).metrics is None  # none declared: each site reads the cell's
+    rounds.task = rounds.task.model_copy(update={"metrics": ["loss", "auc"]})
+    assert rounds.request(1, Phase.FIT, {}).metrics == ["loss", "auc"]

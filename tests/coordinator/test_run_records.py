@@ -105,14 +105,15 @@ def test_a_records_json_has_the_keys_the_previous_version_wrote_at_each_stage(tm
 
 def test_a_run_the_previous_version_stored_is_read_and_viewed_as_it_was(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    site = {"site": "VA", "node_id": 10, "dataset": HEART, "packages": {}, "environment": ""}
+    announced = {k: v for k, v in HEART.items() if k != "projects"}  # the previous version's announcement
+    site = {"site": "VA", "node_id": 10, "dataset": announced, "packages": {}, "environment": ""}
     task = {"name": "q", "project": "heart", "researcher": "alice", "source": "x", "source_hash": "sha256:1",
             "dataset": "heart-disease", "rounds": 2, "strategy": "fedavg", "strategy_options": {}, "min_sites": 1,
             "seed": 0, "config": {"lr": 0.1}, "initial_model": "a" * 64, "round_timeout": None, "cohort": None,
             "sites": [site], "run_id": "old"}  # fmt: skip
     record = {key: task[key] for key in ("name", "project", "researcher", "dataset", "rounds", "strategy", "seed")}
     record |= {"run_id": "old", "config": {"lr": 0.1}, "source_hash": "sha256:1", "sites": ["VA"], "created": 1.0}
-    record |= {"site_datasets": {"VA": HEART}, "model_sha256": "c" * 64, "site_info": {"VA": {"train_rows": 9}}}
+    record |= {"site_datasets": {"VA": announced}, "model_sha256": "c" * 64, "site_info": {"VA": {"train_rows": 9}}}
     with sqlite3.connect(tmp_path / "coordinator.sqlite") as db:
         db.execute(
             "INSERT INTO runs (run_id, name, project, researcher, dataset, status, created, finished, task, record)"

@@ -123,3 +123,13 @@ def test_round_timeout_must_be_positive(manager: RunManager) -> None:
         manager.create_run(ALICE, spec(manager, round_timeout=-1))
     view = manager.create_run(ALICE, spec(manager, round_timeout=2.5))
     assert view["record"]["round_timeout"] == 2.5
+
+
+def test_a_task_declares_the_metric_names_given_or_else_those_its_cell_returns(manager: RunManager) -> None:
+    source = (
+        'def build_model(): pass\ndef train(m, d, c):\n    return {"loss": 0.1}\ndef evaluate(m, d, c):\n    pass\n'
+    )
+    read = manager.create_run(ALICE, spec(manager, source=source))
+    given = manager.create_run(ALICE, spec(manager, source=source, metrics=["auc"]))
+    assert manager.store.run(read["run_id"]).task.metrics == ["loss"]
+    assert manager.store.run(given["run_id"]).task.metrics == ["auc"]

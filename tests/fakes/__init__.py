@@ -5,14 +5,14 @@ Fakes stand in for a part in unit tests of pure logic; integration tests use the
 - ``fakes.flower``: Flower's control API and Grid, as the coordinator and its server loop use them
 - ``fakes.hub``: the coordinator as its parts see it (hub link, payload store and client, hub identity)
 - ``fakes.upstreams``: the fleet front's upstreams (a SuperLink and a coordinator), as ASGI apps
-- ``fakes.site``: what a site agent reads, without the files (an image loader)
+- ``fakes.site``: what a site agent reads, without the files (an image loader), and a task process, without one
 - ``fakes.notebook``: FlipClient as the magics and the ``flip`` commands call it, and an HTML widget
 """
 
 from fakes.flower import GRID_NODES, FakeControl, FakeFlowerStatus, FakeGrid
 from fakes.hub import FakeBulkStore, FakeFlakyBulk, FakeHub, FakeHubIdentity
 from fakes.notebook import FakeHTMLWidget, FakeQueryClient, FakeRecordClient, FakeTrainClient
-from fakes.site import fake_images
+from fakes.site import FakeTaskProcess, fake_images
 from fakes.upstreams import FakeCoordinator, FakeSuperLink
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "FakeQueryClient",
     "FakeRecordClient",
     "FakeSuperLink",
+    "FakeTaskProcess",
     "FakeTrainClient",
     "fake_images",
 ]

@@ -90,6 +90,7 @@ class FakeCoordinator:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.received: list[int] = []  # each call's body length, as it reached this fake
         self.announced: list[Any] = []
         self.produced = 0
         self.streaming = threading.Event()
@@ -110,6 +111,7 @@ class FakeCoordinator:
             await _answer(send, 200, b"ok")
             return
         self.calls.append(path)
+        self.received.append(len(body))
         if path == "/site/announce" and scope["method"] == "POST":
             self.announced.append(json.loads(body))
             await _answer(send, 200, b'{"ok": true}', [(b"content-type", b"application/json")])

@@ -7,7 +7,9 @@ import pytest
 from flip_core.cell import (
     CELL_FILENAME,
     cell_line,
+    declared_metrics,
     failed_step,
+    metrics_of,
     missing_functions,
     normalise_source,
     proximal_term,
@@ -64,3 +66,30 @@ def test_the_proximal_term_is_half_mu_times_the_squared_distance_to_the_global_m
     term.backward()  # it is part of the loss: its gradient reaches the parameters
     assert model.weight.grad is not None and model.weight.grad[0].tolist() == pytest.approx([0.2, 0.4])
     assert proximal_term(model, global_params, 0.0).item() == 0.0
+
+
+def test_the_declared_metrics_are_the_keys_train_and_evaluate_return_read_without_running() -> None:
+    source = """
+import torch
+def helper():
+    return {"not_a_metric": 1}
+
+def train(model, data, config):
+    out = {"loss": 1.0}
+    out["dice"] = 2.0
+    if config.get("x"):
+        return {**out, "num_examples": 3, **({"alpha_only": 1} if data.site == "A" else {})}
+    return out
+
+def evaluate(model, data, config):
+    raise SystemExit("never run")
+    return dict(auc=0.5, accuracy=1.0)
+"""
+    names = declared_metrics(source)
+    assert sorted(names) == ["accuracy", "alpha_only", "auc", "dice", "loss"] and len(set(names)) == len(names)
+    assert declared_metrics("def train(:\n") == () and declared_metrics("x = 1\n") == ()
+
+
+def test_the_names_taken_as_declared_are_the_valid_ones_and_at_most_twenty() -> None:
+    many = "def train(m, d, c):\n    return {" + ", ".join(f'"m{i}": 0' for i in range(25)) + ', "bad-name": 1}\n'
+    assert metrics_of(many) == tuple(f"m{i}" for i in range(20))

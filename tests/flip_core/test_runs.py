@@ -101,6 +101,7 @@ def _task(**over: Any) -> dict[str, Any]:
         "round_timeout": None,
         "cohort": None,
         "sites": [{"site": "VA", "node_id": 10, "dataset": HEART, "packages": {"torch": "2.13.0"}, "environment": ENV}],
+        "metrics": ["loss", "accuracy"],
     }
     return {**body, **over}
 

@@ -130,3 +130,24 @@ def test_a_cell_that_fails_on_a_mock_is_told_as_the_hub_tells_a_failed_step() ->
     said = f"ZeroDivisionError at cell line {line} in train() on the MOCK of Beta"
     assert failed.value.reason == f"MOCK run failed: {said}"
     assert run.sites["Beta"]["status"] == "failed" and run.sites["Alpha"]["status"] == "done"
+
+
+def test_a_mock_run_lets_only_the_declared_metric_names_through_and_says_so_as_a_site_would() -> None:
+    run = MockRun(
+        NOWHERE,
+        prepare(TINY_CELL, seed=4),
+        dict(MOCKS),
+        dataset="heart-disease",
+        name="declared",
+        rounds=1,
+        seed=4,
+        config={},
+        strategy=FedAvg(),
+        train_fraction=0.8,
+        metrics=("loss", "accuracy"),
+    )
+    run.wait(timeout=120)
+    assert set(run.history.metric) == {"loss", "accuracy"}  # evaluate()'s "rows" was never declared
+    said = {e["site"]: e.get("detail") for e in list(run.events) if e.get("status") == "done"}
+    expected = "eval metrics withheld: not declared when the run was submitted (declare them with --metrics)"
+    assert said == {"Alpha": expected, "Beta": expected}

@@ -5,7 +5,7 @@ import pytest
 
 from flip_core.errors import TaskInvalid
 from flip_magics.magics import parse_config
-from flip_magics.task import load_weights, prepare
+from flip_magics.task import load_weights, metrics_to_declare, prepare
 
 from helpers import TINY_CELL
 
@@ -57,3 +57,28 @@ def test_parse_config_reads_numbers_booleans_and_text() -> None:
         "flag": True,
         "name": "abc",
     }
+
+
+def test_the_declared_metric_names_are_the_options_or_those_the_cell_returns() -> None:
+    task = prepare(TINY_CELL)
+    assert task.metrics == ("loss", "accuracy", "rows")
+    assert metrics_to_declare(task, None) == ["loss", "accuracy", "rows"]
+    assert metrics_to_declare(task, ["auc"]) == ["auc"]  # --metrics: the researcher's word
+
+
+@pytest.mark.parametrize(
+    ("returned", "said"),
+    [
+        ("return {}", "found none: name them with --metrics"),
+        ("return dict(zip(NAMES, VALUES))", "found none: name them with --metrics"),
+        ('return {"val-loss": 1.0}', "returns a metric named 'val-loss'"),
+        ("return {" + ", ".join(f'"m{i}": 0' for i in range(21)) + "}", "return 21 metric names: at most 20"),
+    ],
+)
+def test_a_cell_whose_metric_names_cannot_be_declared_is_refused_before_submission(returned: str, said: str) -> None:
+    source = TINY_CELL.replace('return {"loss": loss.item()}', returned).replace(
+        'return {"accuracy": acc, "rows": len(y)}', "return None"
+    )
+    with pytest.raises(TaskInvalid, match=said):
+        metrics_to_declare(prepare(source), None)
+    assert metrics_to_declare(prepare(source), ["loss"]) == ["loss"]

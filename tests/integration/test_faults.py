@@ -16,7 +16,9 @@ import pytest
 from flip_core.errors import RunFailed
 from flip_core.util import wait_until
 from flip_local.federation import restart
+from flip_local.sites import local_policy
 from flip_magics.client import RunHandle
+from site_agent.data.catalog import load_site, write_policy
 
 from helpers import GATED_CELL, PAUSING_CELL, TINY_CELL, Gate
 
@@ -136,6 +138,8 @@ def test_a_new_site_joins_the_running_federation(federation: Any, tmp_path: Path
         text=True,
     )
     assert "dataset 'heart-extra': 303 rows" in added.stdout
+    # its admin admits the federation's project (a new site admits none: no project would see its dataset)
+    write_policy(load_site(site_dir), local_policy())
     # as a hospital joins: its admin makes a key pair, the hub operator registers the public key and sends
     # back a token with the consortium's CA certificate, the admin records them and starts the agent
     made = subprocess.run([BIN / "flip-site", "keygen", site_dir], check=True, env=env, capture_output=True, text=True)

@@ -152,7 +152,7 @@ def test_rows_disguised_as_metrics_are_withheld(guarded) -> None:
         e["site"]: e["detail"] for e in list(handle.events) if e.get("type") == "site" and e.get("detail")
     }  # the site's row says it when its training step is done
     assert said == {
-        s: "14 train metric(s) withheld: not among the project's metrics here (loss, accuracy, rows)" for s in SITES
+        s: "train metrics withheld: not among the project's metrics here (loss, accuracy, rows)" for s in SITES
     }
     outcome = [r for r in read_records(sites / "Hungary") if r["kind"] == "outcome" and r["phase"] == "fit"][-1]
     assert outcome["outgoing"]["train_metrics"] == ["loss"] and outcome["stripped"]

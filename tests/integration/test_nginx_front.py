@@ -86,3 +86,31 @@ def test_a_large_model_trains_behind_nginx_bit_for_bit(nginx_connection: dict[st
     expected = weight.astype(np.float32) * np.float32(4.0)  # doubled at every site, twice
     assert hashlib.sha256(got["weight"].tobytes()).digest() == hashlib.sha256(expected.tobytes()).digest()
     assert not got["bias"].any()
+
+
+def _answer_from_nginx(connection: dict[str, Any], request_head: bytes) -> int:
+    """Send a request head (its body never follows) through nginx; the answer's status."""
+    import socket
+    import ssl
+
+    host, port = connection["superlink"].rsplit(":", 1)
+    context = ssl.create_default_context(cafile=connection["ca"])
+    with context.wrap_socket(socket.create_connection((host, int(port)), timeout=30), server_hostname=host) as sock:
+        sock.sendall(request_head)
+        data = sock.recv(65536)
+    return int(data.split(b" ", 2)[1])
+
+
+def test_unsigned_and_oversize_fleet_calls_are_refused_by_nginx(nginx_connection: dict[str, Any]) -> None:
+    """The nginx front's doors (coordinator.nginx_front): a fleet call without a well-formed SuperNode credential
+    gets 401, one declaring more than a fleet body may be gets 413, before a byte reaches the SuperLink."""
+    unsigned = b"POST /v1/fleet/push-messages HTTP/1.1\r\nHost: hub\r\nContent-Length: 10\r\n\r\n"
+    assert _answer_from_nginx(nginx_connection, unsigned) == 401
+    unsigned_oversize = unsigned.replace(b"Length: 10", b"Length: 300000000")
+    assert _answer_from_nginx(nginx_connection, unsigned_oversize) in (401, 413)  # nginx checks the size first
+    stamp = b"2026-12-07T12:00:00.000000+00:00"
+    shaped = b"flwr-public-key: QUJD\r\nflwr-signature: QUJD\r\nflwr-timestamp: " + stamp + b"\r\n"
+    oversize = b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: hub\r\n" + shaped + b"Content-Length: 300000000\r\n\r\n"
+    assert _answer_from_nginx(nginx_connection, oversize) == 413
+    tokenless = b"PUT /site/blobs/" + b"a" * 64 + b" HTTP/1.1\r\nHost: hub\r\nContent-Length: 10\r\n\r\n"
+    assert _answer_from_nginx(nginx_connection, tokenless) == 401

@@ -4,7 +4,8 @@ folder to keep the suite's time down.
 
 Every attack asserts two things: that nothing it was after reached the researcher (the notebook's events, the run's
 record and view, the sentences it was told, what the hub stored), and that the site still serves the next run
-(:func:`still_serves`). Attacks are named for what they try; each module is one class of channel.
+(:func:`still_serves`; and at the end of each module, :func:`still_trains`: an honest run trains at every site).
+Attacks are named for what they try; each module is one class of channel.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flip_core.errors import FlipError
+from flip_core.util import wait_until
 from flip_magics.client import FlipClient, RunHandle
 
 from helpers import TINY_CELL
@@ -96,8 +98,21 @@ class Outcome:
 
 
 def still_serves(team: RedTeam) -> None:
-    """After an attack: every site takes part in an honest run again, to the end."""
-    outcome = team.train(TINY_CELL, "honest-after-attack")
+    """After an attack: every site's agent is online again with a task process ready for the next run (its spare,
+    torch loaded). That the next run then trains is shown by the next attack's run and, at the end of each module,
+    by :func:`still_trains` (an honest run after each attack would double the suite's time)."""
+    client = team.client()
+
+    def ready() -> bool:
+        sites = {s["site"]: s for s in client.sites()}
+        return all(name in sites and sites[name]["status"] == "online" and sites[name]["warm"] for name in SITES)
+
+    assert wait_until(ready, 120), client.sites()
+
+
+def still_trains(team: RedTeam) -> None:
+    """After a module's attacks: every site takes part in an honest run again, to the end."""
+    outcome = team.train(TINY_CELL, "honest-after-attacks")
     assert outcome.status == "completed", outcome.said
     assert outcome.handle is not None
     trained = set(outcome.handle.history.query("phase == 'train' and site != 'global'").site)

@@ -1,5 +1,6 @@
 """The dataset formats a site knows, by name (``site_agent.data.formats``): an unknown name refused with the known
-ones, a name registered once, each format's own options, the files a task process is handed, ``--format``."""
+ones, a name registered once, each format's own options, what a run's task process is handed (its rows only, and
+the files its cell reads by path: its own cases'), ``--format``."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from site_agent.cli import main
-from site_agent.data.catalog import CatalogError, DatasetEntry, SiteConfig, init_site, split_path
-from site_agent.data.formats import FORMATS, add_dataset, bound_files, handed_files, load_split, load_table
+from site_agent.data.catalog import CatalogError, DatasetEntry, SiteConfig, init_site
+from site_agent.data.formats import FORMATS, add_dataset, handed, load_split, load_table, task_data
 from site_agent.data.image_datasets import add_image_dataset
 from site_agent.data.registry import Registry
 from site_agent.data.tables import CSV
@@ -37,19 +38,10 @@ def test_a_dataset_recorded_with_an_unknown_format_is_refused_when_read(tmp_path
     site = add_dataset(init_site(tmp_path / "site", "A"), "table", write_table(tmp_path / "t.csv"), "csv")
     entry = site.datasets["table"]
     odd = SiteConfig(site.root, site.name, {"table": DatasetEntry(**{**entry.__dict__, "format": "parquet"})})
-    for read in (lambda: load_table(odd, "table"), lambda: load_split(odd, "table")):
+    reads = (lambda: load_table(odd, "table"), lambda: load_split(odd, "table"), lambda: handed(odd, "table"))
+    for read in reads:  # a run's task process is handed nothing of it: the agent refuses it, naming the format
         with pytest.raises(CatalogError, match="unknown dataset format 'parquet': the known ones are csv"):
             read()
-
-
-def test_a_dataset_of_an_unknown_format_hands_the_task_no_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    site = add_dataset(init_site(tmp_path / "site", "A"), "table", write_table(tmp_path / "t.csv"), "csv")
-    entry = site.datasets["table"]
-    odd = SiteConfig(site.root, site.name, {"table": DatasetEntry(**{**entry.__dict__, "format": "parquet"})})
-    assert handed_files(odd) == [] and bound_files(odd) == []
-    assert "dataset 'table' has the unknown format 'parquet'" in capsys.readouterr().err
 
 
 def test_a_format_name_is_registered_once() -> None:
@@ -69,30 +61,50 @@ def test_a_format_refuses_an_option_that_is_not_its_own(tmp_path: Path) -> None:
         add_dataset(site, "table", write_table(tmp_path / "t.csv"), "csv", image_column="scan")
 
 
-def test_a_table_is_handed_to_the_task_with_its_split_and_binds_nothing(tmp_path: Path) -> None:
+def test_a_table_is_handed_to_the_task_as_its_split_rows_and_binds_nothing(tmp_path: Path) -> None:
     table = write_table(tmp_path / "t.csv")
     site = add_dataset(init_site(tmp_path / "site", "A"), "table", table, "csv", train_fraction=0.5, stratify="sex")
-    assert handed_files(site) == [table.resolve(), split_path(site.root, "table")]
-    assert bound_files(site) == []
-    train, test = load_split(site, "table")
+    given = handed(site, "table")
+    assert given.files == ()  # nothing of the site bound into its sandbox
+    assert str(table.resolve()).encode() not in given.payload  # nor the table's path
+    train, test = task_data(site, "table", given.payload)
     assert len(train) == len(test) == 2 and sorted(train["sex"]) == [0, 1]  # stratified on sex
+    assert sorted([*train["age"], *test["age"]]) == [45, 52, 61, 70]
 
 
-def test_an_imaging_datasets_images_are_bound_and_its_index_handed(tmp_path: Path) -> None:
+def test_a_cohorts_task_is_handed_its_rows_alone_split_as_the_dataset_was(tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("age,marker\n" + "".join(f"{40 + i},{7000 + i}\n" for i in range(20)))
+    site = add_dataset(init_site(tmp_path / "site", "A"), "table", table, "csv", train_fraction=0.75)
+    rows = [1, 3, 5, 7, 9, 11, 13, 15]
+    given = handed(site, "table", rows)
+    train, test = task_data(site, "table", given.payload)
+    assert sorted([*train["marker"], *test["marker"]]) == [7000 + i for i in rows]  # those rows, no other
+    assert (len(train), len(test)) == (6, 2)  # its own split, by the dataset's fraction
+    again = load_split(site, "table", rows)  # in one process: the same parts, to the bit
+    assert train.equals(again[0]) and test.equals(again[1])
+
+
+def test_an_imaging_runs_task_is_handed_its_cases_and_binds_their_images_only(tmp_path: Path) -> None:
     import numpy as np
 
     folder = tmp_path / "data"
     folder.mkdir()
-    for name in ("a", "b"):
+    names = [f"c{i}" for i in range(6)]
+    for name in names:
         np.savez(folder / f"{name}.npz", image=np.arange(16, dtype=np.float32).reshape(4, 4))
-    (folder / "manifest.csv").write_text("image,patient_id\na.npz,p1\nb.npz,p2\n")
+    (folder / "manifest.csv").write_text("image,patient_id\n" + "".join(f"{n}.npz,p{n}\n" for n in names))
     site = add_image_dataset(init_site(tmp_path / "site", "A"), "scans", folder / "manifest.csv")
-    entry = site.datasets["scans"]
-    assert handed_files(site) == [Path(entry.path), split_path(site.root, "scans")]  # the index, never the manifest
-    assert bound_files(site) == [(folder / "a.npz").resolve(), (folder / "b.npz").resolve()]
+    whole = handed(site, "scans")
+    assert whole.files == tuple((folder / f"{n}.npz").resolve() for n in names)  # every case of the split
+    assert str(folder / "manifest.csv").encode() not in whole.payload  # the index's cases, never the manifest
+    cohort = handed(site, "scans", [1, 4])
+    assert cohort.files == ((folder / "c1.npz").resolve(), (folder / "c4.npz").resolve())  # its cases' files alone
+    assert b"c0.npz" not in cohort.payload and b"pc2" not in cohort.payload
+    train, test = task_data(site, "scans", cohort.payload)
+    assert sorted(c["patient_id"] for c in train + test) == ["pc1", "pc4"]
     again = add_dataset(site, "again", folder / "manifest.csv", "images", split_seed=1)  # the same, by its name
-    assert (again.datasets["again"].format, again.datasets["again"].rows) == ("images", 2)
-    assert bound_files(again) == bound_files(site)  # each image bound once, whichever datasets name it
+    assert (again.datasets["again"].format, again.datasets["again"].rows) == ("images", 6)
 
 
 def test_flip_site_offers_the_registered_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -217,3 +217,56 @@ def test_guarded_fields_are_written_in_place_when_the_parameters_leave_as_they_c
     hiding = bytearray(encode_result(forged, reserve=RESULT_RESERVE)) + b"a patient's name"  # bytes after the archive
     leaving = gate.release(request(), hiding)
     assert leaving is not hiding and b"patient" not in leaving  # encoded afresh: what is hidden stays
+
+
+def test_what_leaves_is_built_from_what_the_site_knows_not_what_the_task_process_says(site) -> None:
+    gate = Governance(site, device="cuda:0", threads=3)
+    entry = site.datasets["heart-disease"]
+    forged = StepResult(
+        site="LEAK1",
+        status="ok",
+        params={"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)},
+        train_metrics={"loss": 0.5, "LEAK1": 1.0},
+        num_train=entry.train_rows + 5,
+        num_test=17,
+        fingerprint="LEAK1",
+        device="LEAK1",
+        threads=11,
+        version="LEAK1",
+        seconds=987.0,
+        gpu_peak_bytes=3 * 2**20,
+    )
+    out = decode_result(gate.release(request(), encode_result(forged), seconds=2.25))
+    assert (out.site, out.fingerprint, out.device, out.threads, out.seconds) == (
+        "VA",
+        entry.fingerprint,
+        "cuda:0",
+        3,
+        2.25,
+    )
+    assert (out.num_train, out.num_test, out.gpu_peak_bytes) == (entry.train_rows, entry.test_rows, 4 * 2**20)
+    assert out.train_metrics == {"loss": 0.5} and "LEAK1" not in repr(out)  # CELL declares loss and accuracy
+    assert (
+        out.withheld == "train metrics withheld: not declared when the run was submitted (declare them with --metrics)"
+    )
+    cohort = decode_result(gate.release(request(), encode_result(forged), cohort_rows=30))
+    assert (cohort.num_train, cohort.num_test) == (30, 17)  # a cohort's rows bound the claims
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x00" * 8, b"not a frame at all", encode_result(StepResult("VA", "ok"))[:20]])
+def test_bytes_that_are_not_a_result_leave_as_one_fixed_failure(site, blob: bytes) -> None:
+    out = decode_result(Governance(site).release(request(), bytearray(blob)))
+    assert (out.status, out.error_type, out.error_where) == (
+        "error",
+        "BadResult",
+        "the task process (its result could not be read)",
+    )
+
+
+def test_the_size_of_what_leaves_does_not_depend_on_the_room_the_task_process_left(site) -> None:
+    gate = Governance(site)
+    produced = StepResult(
+        site="VA", status="ok", params={"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)}
+    )
+    sizes = {len(gate.release(request(), bytearray(encode_result(produced, reserve=r)))) for r in (0, 10, 9000, 20000)}
+    assert len(sizes) == 1, sizes

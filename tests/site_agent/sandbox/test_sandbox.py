@@ -26,7 +26,8 @@ from site_agent.sandbox import isolation
 scratch = Path({scratch!r})
 box = sandbox.Sandbox(read=tuple(map(Path, isolation.SYSTEM_READ)) + tuple(isolation.python_paths()),
                       write=(scratch,), user={user}, nproc={nproc})
-handed = sandbox.HandedFiles.open([Path(p) for p in {handed!r}])
+from site_agent.sandbox.handed import sealed, take
+handed = {{p: sealed(Path(p).read_bytes()) for p in {handed!r}}}  # as the agent hands a run its rows
 sandbox.enter(box)
 """
 
@@ -134,25 +135,35 @@ print(json.dumps({{"seen": seen, "reached": reached, "writes": writes}}))
     assert said["writes"] == {"/": False, "/usr/lib": False, "/etc": False, str(tmp_path / "scratch"): True}
 
 
-def test_the_sites_files_are_read_through_descriptors_whatever_their_modes(tmp_path: Path) -> None:
+def test_what_the_agent_hands_is_read_from_a_sealed_file_whatever_the_sites_modes(tmp_path: Path) -> None:
     table = tmp_path / "table.csv"
     table.write_text("age\n63\n")
     table.chmod(0o600)  # readable by the agent's user only
     said = sandboxed(
         tmp_path,
         f"""
-with handed.opener(Path({str(table)!r})) as fh:
-    content = fh.read().decode()
+fd = handed[{str(table)!r}]
+try:
+    os.pwrite(fd, b"70", 4)
+    changed = True
+except OSError:
+    changed = False
+content = take(fd).decode()
+try:
+    os.fstat(fd)
+    still_open = True
+except OSError:
+    still_open = False
 try:
     open({str(table)!r}).read()
     direct = True
 except OSError:
     direct = False
-print(json.dumps({{"content": content, "direct": direct}}))
+print(json.dumps({{"content": content, "changed": changed, "still_open": still_open, "direct": direct}}))
 """,
         handed=(str(table),),
     )
-    assert said == {"content": "age\n63\n", "direct": False}
+    assert said == {"content": "age\n63\n", "changed": False, "still_open": False, "direct": False}
 
 
 def test_a_fork_bomb_stops_at_the_process_limit(tmp_path: Path) -> None:
@@ -184,10 +195,10 @@ from site_agent import sandbox
 libc = ctypes.CDLL(None, use_errno=True)
 NR = {{"x86_64": {{"ptrace": 101, "mount": 165, "unshare": 272, "bpf": 321, "kexec_load": 246, "reboot": 169,
                   "init_module": 175, "keyctl": 250, "adjtimex": 159, "open_by_handle_at": 304, "clone": 56,
-                  "clone3": 435, "swapon": 167, "perf_event_open": 298}},
+                  "clone3": 435, "swapon": 167, "perf_event_open": 298, "io_uring_setup": 425}},
       "aarch64": {{"ptrace": 117, "mount": 40, "unshare": 97, "bpf": 280, "kexec_load": 104, "reboot": 142,
                    "init_module": 105, "keyctl": 219, "adjtimex": 171, "open_by_handle_at": 265, "clone": 220,
-                   "clone3": 435, "swapon": 224, "perf_event_open": 241}}}}[platform.machine()]
+                   "clone3": 435, "swapon": 224, "perf_event_open": 241, "io_uring_setup": 425}}}}[platform.machine()]
 tries = {{  # each harmless where it is allowed: a query, a bad argument or a missing file
     "tracing": ("ptrace", 0x4206, 0, 0, 0),  # PTRACE_INTERRUPT on pid 0: ESRCH where allowed
     "mounts": ("mount", b"none", b"/nonexistent", b"tmpfs", 0, 0),
@@ -196,6 +207,7 @@ tries = {{  # each harmless where it is allowed: a query, a bad argument or a mi
     "keys": ("keyctl", 0, 0, 0, 0),  # KEYCTL_GET_KEYRING_ID of keyring 0: an error where allowed
     "clock": ("adjtimex", None),
     "handles": ("open_by_handle_at", -1, 0, 0),
+    "io_uring": ("io_uring_setup", 1, 0),  # no parameters: EFAULT where allowed
 }}
 {setup}
 out = {{}}
@@ -227,7 +239,7 @@ def test_each_refused_call_class_is_refused_by_the_filter_and_not_before() -> No
         return last_json(python("import json, os\n" + REFUSED_CALLS.format(setup=setup)))
 
     free, filtered = run(""), run("sandbox.install_seccomp()")
-    assert set(REFUSED) == {"tracing", "mounts", "namespaces", "kernel", "keys", "clock", "handles"}
+    assert set(REFUSED) == {"tracing", "mounts", "namespaces", "kernel", "keys", "clock", "handles", "io_uring"}
     assert all(free[kind] != "EPERM" for kind in (*REFUSED, "clone")), free  # root may: the filter decides
     assert {kind: filtered[kind] for kind in (*REFUSED, "clone")} == dict.fromkeys((*REFUSED, "clone"), "EPERM")
     assert filtered["clone3"] == "ENOSYS"  # the C library then falls back to clone, which the filter reads

@@ -111,3 +111,24 @@ def test_task_output_goes_to_the_site_log_only(site: SiteConfig, capsys: pytest.
     TaskSession(site).step(request(source))
     assert "ROW" not in capsys.readouterr().out
     assert "ROW" in (site.root / "logs" / "run-r1.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("raised", "told"),
+    [
+        ("type('LEAK' + str(len(data.train)), (Exception,), {})()", "Exception"),
+        ("type('Oops', (KeyError,), {'__module__': 'LEAK1', '__qualname__': 'LEAK1'})()", "KeyError"),
+        ("type('ValueError', (ArithmeticError,), {})()", "ArithmeticError"),
+    ],
+)
+def test_a_failure_is_named_by_its_standard_type_whatever_the_cell_called_it(
+    site: SiteConfig, raised: str, told: str
+) -> None:
+    source = TINY_CELL.replace("    X, y = _xy(data.train)\n", f"    X, y = _xy(data.train)\n    raise {raised}\n")
+    result = TaskSession(site).step(request(source))
+    assert (result.status, result.error_type, result.error_where) == ("error", told, "train()")
+
+
+def test_an_unusable_device_says_nothing_of_its_own(site: SiteConfig) -> None:
+    result = TaskSession(site, unusable="torch sees 0 devices, LEAK1").step(request(TINY_CELL))
+    assert (result.status, result.error_type, result.error_where) == ("error", "DeviceUnavailable", "")
