@@ -27,6 +27,7 @@ from flip_core.protocol import StepRequest, StepResult
 from flip_core.status import StepStatus
 from flip_core.vocabulary import (
     CELL_FAILURES,
+    EXCEPTION_NAMES,
     MAX_METRICS,
     is_metric_name,
     told_exception,
@@ -122,7 +123,10 @@ def _failure(claimed: StepResult, known: Known) -> tuple[str, int, str]:
     name = claimed.error_type
     if isinstance(name, str) and name in fixed:
         sentences = fixed[name]
-        return name, 0, claimed.error_where if claimed.error_where in sentences else sentences[0]
+        if claimed.error_where in sentences:
+            return name, 0, claimed.error_where
+        if name not in EXCEPTION_NAMES:  # MemoryLimit is both: the agent's sentence, or a phase and a line
+            return name, 0, sentences[0]
     return told_exception(name), told_line(claimed.error_line, known.lines), told_phase(claimed.error_where)
 
 

@@ -7,7 +7,7 @@ privileges; then ``site_agent.sandbox.seccomp``): it confines its file access wi
 else, not even inside its own root), and where the kernel has them, no TCP and no signal or abstract Unix
 socket outside itself; when a run adopts it, a second layer narrows writing to that run's own scratch
 folder; and it caps its data memory with a hard ``RLIMIT_DATA`` that task code cannot raise again (the fallback
-where the host gives the agent no cgroup v2 of its own, ``site_agent.sandbox.cgroups``: it counts each process's
+where the host gives the agent no cgroups to make, ``site_agent.sandbox.cgroups``: it counts each process's
 private memory, not its shared mappings, tmpfs pages or children together).
 The site agent kills a task process at its time limit from outside. :func:`protections` says which
 of these a host gives (``flip-site doctor``).
@@ -324,12 +324,12 @@ def _limits(found: dict[str, str], boxed: bool, confined: bool) -> list[Protecti
     """The rows of the limits that hold per run and per site (``[policy]``'s, and the process limit)."""
     from site_agent.sandbox import cgroups
 
-    grouped = cgroups.available()
+    grouped = cgroups.usable()
     memory = (
-        "a cgroup v2 group per task process where the agent's own group is delegated to it: memory.max counts the "
-        "run's shared mappings, tmpfs pages and children together (memory_limit_mb), pids.max its processes"
+        f"a {grouped} group per task process: its memory limit counts the run's shared mappings, tmpfs pages (its "
+        "scratch too) and children together (memory_limit_mb), its pids limit its processes"
         if grouped
-        else "fallback (no cgroup v2 with memory and pids here): a hard data-memory limit per process "
+        else "fallback (no cgroup this agent may make here): a hard data-memory limit per process "
         "(RLIMIT_DATA, memory_limit_mb), which counts neither shared mappings, tmpfs pages nor children together"
     )
     processes = (
@@ -368,7 +368,11 @@ def _limits(found: dict[str, str], boxed: bool, confined: bool) -> list[Protecti
             "log_limit_mb (8 MiB) a step; the log folder is out of its view",
         ),
         Protection("memory", True, memory),
-        Protection("cgroup", grouped, "cgroup v2 with the memory and pids controllers on this host"),
+        Protection(
+            "cgroup",
+            bool(grouped),
+            "cgroups the agent may make, with the memory and pids controllers (cgroup v2 delegated to it, or v1)",
+        ),
     ]
 
 

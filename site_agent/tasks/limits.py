@@ -67,6 +67,8 @@ class SiteLimits:
             "ProcessLimit": (
                 f"the task process (it reached {site}'s limit of {process_limit()} processes and threads a run)",
             ),
+            # where the run's processes have a cgroup: the kernel ended one at the run's memory, all counted together
+            "MemoryLimit": (f"the task process (its processes together passed {site}'s memory limit for a run)",),
         }
 
     def cap(self, step: bytes | bytearray) -> int:

@@ -97,7 +97,7 @@ def worker_arguments(
     """The command line of a task process: its site, its channel, the sizes of its scratch (a tmpfs; none where the
     admin keeps runs' scratch folders to read them) and of any file it writes, its cgroup where it has one."""
     scratch = [] if keep_scratch else ["--scratch-mb", str(limits.scratch_limit_mb)]
-    cgroup = [] if group is None else ["--cgroup", str(group.path)]
+    cgroup = [] if group is None else [arg for path in group.paths for arg in ("--cgroup", str(path))]
     return [sys.executable, "-m", "site_agent.tasks.worker", str(site_root), "--fd", str(fd), *scratch,
             "--file-mb", str(limits.file_limit_mb), *cgroup]  # fmt: skip
 
@@ -419,7 +419,7 @@ class TaskService:
             return self._failure("FileSizeLimit", self.failures["FileSizeLimit"][0])
         if out_of_memory:  # the cgroup's memory.max (the sandbox's waiting process ends with 128 + SIGKILL)
             self.site_limits.reached(run_id, "memory", None, phase, round_)
-            return self._failure("MemoryLimit", "")
+            return self._failure("MemoryLimit", self.failures["MemoryLimit"][0])
         return self._failure("TaskProcessDied", f"the task process ({why})")
 
     def _make_scratch(self, run_id: str) -> None:

@@ -156,10 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind-fd", type=int, default=None, help="the files of one run to bind (a sealed list)")
     parser.add_argument("--scratch-mb", type=int, default=None, help="its scratch: a tmpfs of this size (MiB)")
     parser.add_argument("--file-mb", type=int, default=None, help="the largest file it may write (MiB)")
-    parser.add_argument("--cgroup", type=Path, default=None, help="its own cgroup, joined first (cgroup v2)")
+    parser.add_argument(
+        "--cgroup", type=Path, action="append", default=[], help="its own cgroup, joined first (v2: one; v1: two)"
+    )
     args = parser.parse_args(argv)
-    if args.cgroup is not None and (why := join(args.cgroup)):  # its memory and processes counted together
-        print(f"WARNING: the task process is not in its cgroup ({why}): RLIMIT_DATA holds", file=sys.stderr, flush=True)
+    for group in args.cgroup:  # its memory and processes counted together
+        if why := join(group):
+            print(f"WARNING: the task process is not in its cgroup {group} ({why}): RLIMIT_DATA holds",
+                  file=sys.stderr, flush=True)  # fmt: skip
     parent = os.getppid()
     site = SiteConfig(root=args.site_dir.resolve(), name="")  # its folder only: the catalog stays with the agent
     images = bound_files(args.bind_fd)  # one run's case files, read by path: bound into the sandbox (a spare: none)

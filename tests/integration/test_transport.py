@@ -225,14 +225,14 @@ def checksum(params: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def test_models_of_three_sizes_in_a_row_come_back_bit_for_bit(tls_federation: TlsFederation) -> None:
-    """1M, 25M and 100M parameters (the largest 400 MB), one after the other in one federation: each crosses
+def test_a_small_then_a_large_model_in_a_row_come_back_bit_for_bit(tls_federation: TlsFederation) -> None:
+    """1M and then 100M parameters (400 MB), one after the other in one federation: each crosses
     to all four sites and back beside its Flower messages, and the final model is exactly what the sites made.
     (An earlier three-size benchmark failed on its 400 MB model after the smaller ones.)"""
     from flip_magics.client import FlipClient
 
     client = FlipClient(tls_federation.connection["coordinator_url"], tls_federation.connection["token"], timeout=300)
-    for n in (1000, 5000, 10000):
+    for n in (1000, 10000):  # (25M between them as well added half a minute to the suite and nothing new)
         handle = client.train(LARGE_CELL.replace("__N__", str(n)), dataset="heart-disease", rounds=1, seed=0)
         handle.wait(300)
         assert handle.status == "completed", handle.reason

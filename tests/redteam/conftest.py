@@ -7,15 +7,18 @@ from collections.abc import Iterator
 import pytest
 
 from flip_core.util import wait_until
+from flip_local.sites import local_policy
 
 from helpers import local_federation
-from kit import SITES, RedTeam
+from kit import MEMORY_LIMIT_MB, SITES, RedTeam
 
 
 @pytest.fixture(scope="session")
 def redteam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedTeam]:
     home = tmp_path_factory.mktemp("flip-redteam")
-    with local_federation(home, sites=len(SITES)) as connection:
+    policy = local_policy()  # the development policy, with a run's memory at 2 GiB (an attack passes it cheaply)
+    policy["projects"]["default"]["memory_limit_mb"] = MEMORY_LIMIT_MB
+    with local_federation(home, sites=len(SITES), policy=policy) as connection:
         team = RedTeam(home, connection)
         client = team.client()
         assert wait_until(lambda: len([s for s in client.sites() if s["status"] == "online"]) == len(SITES), 60)

@@ -1,12 +1,13 @@
 """Limits that hold per run and per site: the red team's attacks on a site's resources and on the kernel's doors.
 
 Each cell tries to stop its site (a result announced too large for the agent to allocate, a log flood, a full disk,
-a huge file, the processes every site's tasks share) or to reach past its sandbox (io_uring, socket families, the
-host's cgroup tree). Each asserts what the researcher was told (a fixed sentence naming the site and the limit),
-that nothing the cell wrapped left, that the site's audit log records it, and that the sites serve the next run.
+a huge file, the processes every site's tasks share, memory held as shared memory or by children) or to reach past
+its sandbox (io_uring, socket families, the host's cgroup tree). Each asserts what the researcher was told (a fixed
+sentence naming the site and the limit), that nothing the cell wrapped left, that the site's audit log records it,
+and that the sites serve the next run.
 
-The federation's sites run with the default policy and limits (``site_agent.governance.policy.TaskLimits``): every
-limit here is reached in a second or two at its real default.
+The federation's sites run with the default policy and limits (``site_agent.governance.policy.TaskLimits``), but a
+run's memory at 2 GiB (``kit.MEMORY_LIMIT_MB``): every limit here is reached in a second or two.
 """
 
 from __future__ import annotations
@@ -245,6 +246,75 @@ def test_the_hosts_cgroup_tree_and_other_host_views_are_absent(redteam) -> None:
     source = hostile(HOST_VIEWS)
     outcome = redteam.train(source, "host-views")
     assert_refused(redteam, outcome, source, "FileNotFoundError", "no view of the host")
+
+
+# each holds 3 GiB, past the run's 2 GiB at the red team's sites (kit.MEMORY_LIMIT_MB), in ways a limit per process
+# does not count: shared memory, and children that each stay under it
+SHARED_MEMORY = """
+import mmap
+chunk = b'\\x01' * (16 << 20)
+held = []
+for _ in range(6):  # 6 x 512 MiB of shared anonymous memory, which RLIMIT_DATA does not count: 3 GiB in all
+    block = mmap.mmap(-1, 512 << 20)  # MAP_SHARED | MAP_ANONYMOUS: no file, so no file size limit either
+    for _ in range(32):
+        block.write(chunk)
+    held.append(block)
+raise ValueError('LEAK3072 held past the limit')
+"""
+
+CHILDREN = """
+import os, select
+go_read, go_write = os.pipe()
+ready_read, ready_write = os.pipe()
+watched = {}
+for _ in range(4):  # 4 x 768 MiB, each under a per-process limit, 3 GiB together: past the run's 2 GiB
+    pid = os.fork()
+    if pid == 0:
+        try:
+            held = b'\\x01' * (768 << 20)
+            os.write(ready_write, b'1')
+            os.read(go_read, 1)  # held until the parent lets go
+        finally:
+            os._exit(0)
+    watched[os.pidfd_open(pid)] = pid
+poller = select.poll()
+poller.register(ready_read, select.POLLIN)
+for fd in watched:
+    poller.register(fd, select.POLLIN)  # a pidfd is readable once its child has ended
+ready = 0
+while ready < 4:
+    events = dict(poller.poll())
+    if any(fd in watched for fd in events):
+        raise MemoryError('a child was stopped at the limit')
+    ready += len(os.read(ready_read, 4))
+raise ValueError('LEAK3072 held together past the limit')
+"""
+
+
+def assert_held(team: RedTeam, outcome: Outcome, source: str) -> None:
+    """Every site stopped the run at its memory: the cgroup killed a process (the agent's sentence) or the cell met
+    the limit and raised MemoryError (a line, told as MemoryLimit); nothing leaked; audited; the sites serve."""
+    lines = [1 + i for i, text in enumerate(source.splitlines()) if "stopped at the limit" in text]
+    details = failed_details(outcome)
+    for site in SITES:
+        assert details.get(site) in (
+            f"MemoryLimit in the task process (its processes together passed {site}'s memory limit for a run)",
+            *(f"MemoryLimit at cell line {line} in train()" for line in lines),
+        ), details
+    assert outcome.leaked() == []
+    for site in SITES:
+        assert limit_records(team, site, outcome, "memory"), f"{site}'s audit log has no memory limit"
+    still_serves(team)
+
+
+def test_shared_memory_past_the_runs_limit_is_stopped_at_it(redteam) -> None:
+    source = hostile(SHARED_MEMORY)
+    assert_held(redteam, redteam.train(source, "shared-memory"), source)
+
+
+def test_children_that_each_stay_under_a_process_limit_are_stopped_together_at_the_runs(redteam) -> None:
+    source = hostile(CHILDREN)
+    assert_held(redteam, redteam.train(source, "children"), source)
 
 
 def test_after_these_attacks_every_site_still_trains(redteam) -> None:

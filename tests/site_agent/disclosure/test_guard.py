@@ -251,6 +251,20 @@ def test_a_failure_is_told_in_the_vocabulary_only(claimed: tuple[object, object]
     assert out.error_line == (3 if told[1] in ("train()", "evaluate()", "build_model()", "the cell", "the task") else 0)
 
 
+def test_a_memory_limit_is_the_agents_sentence_or_a_phase_and_a_line_never_a_message() -> None:
+    sentence = "the task process (its processes together passed A's memory limit for a run)"
+    known = Known(site="A", lines=40, failures={"MemoryLimit": (sentence,)})
+
+    def told(where: str) -> tuple[str, str, int]:
+        result = _honest(status="error", params={}, error_type="MemoryLimit", error_where=where, error_line=3)
+        out = guard(result, DECLARED, THRESHOLD, known).result
+        return (out.error_type, out.error_where, out.error_line)
+
+    assert told(sentence) == ("MemoryLimit", sentence, 0)  # the cgroup ended a process: the agent says so
+    assert told("train()") == ("MemoryLimit", "train()", 3)  # the cell met the limit: where it did
+    assert told("train() (held 1536 MiB)") == ("MemoryLimit", "the task", 3)
+
+
 @pytest.mark.parametrize("status", ["suppressed", "refused", "pending", "no-dataset"])
 def test_a_status_only_the_agent_may_set_is_an_error_when_a_task_process_claims_it(status: str) -> None:
     out = check(_honest(status=status, error_where="fewer than 10 training rows at this site")).result
