@@ -16,6 +16,7 @@ the network or looks at data: the agent gathers the facts, this module decides.
     log_limit_lines = 100000
     scratch_limit_mb = 1024          # the run's scratch folder (a tmpfs of this size, in memory)
     file_limit_mb = 512              # any one file the task process writes (RLIMIT_FSIZE)
+    runs_limit = 8                   # runs with a task process here at once (a run past it is refused)
 
     [projects.heart]
     approved = true
@@ -78,7 +79,8 @@ class ProjectPolicy:
 class TaskLimits:
     """What this site holds every run's task process to, whatever the project (``[policy]``): the bytes of a step's
     result (None: the step's own size plus room, ``site_agent.tasks.messages.result_cap``), the output of a step
-    kept in the site's log, the run's scratch folder and any one file it writes. Processes and threads per run:
+    kept in the site's log, the run's scratch folder and any one file it writes, and how many runs hold a task
+    process here at once (a run past it is refused at its first step here). Processes and threads per run:
     ``FLIP_TASK_NPROC`` (``site_agent.sandbox``); time and memory: per project."""
 
     result_limit_mb: float | None = None
@@ -86,6 +88,7 @@ class TaskLimits:
     log_limit_lines: int = 100_000
     scratch_limit_mb: int = 1024
     file_limit_mb: int = 512
+    runs_limit: int = 8  # runs with a task process here at once (each may use its project's memory)
 
 
 LIMIT_KEYS = tuple(TaskLimits.__dataclass_fields__)
@@ -260,6 +263,9 @@ def _limits(section: dict[str, Any]) -> TaskLimits:
             _number(
                 "[policy] file_limit_mb", section.get("file_limit_mb", default.file_limit_mb), integer=True, least=1
             )
+        ),
+        runs_limit=int(
+            _number("[policy] runs_limit", section.get("runs_limit", default.runs_limit), integer=True, least=1)
         ),
     )
 

@@ -350,6 +350,7 @@ def _limits(found: dict[str, str], boxed: bool, confined: bool) -> list[Protecti
             "(default 1024 MiB, in memory), gone when the run ends (without the sandbox: the host's disk)",
         ),
         Protection("filesize", not found["file_size"], "no file larger than file_limit_mb (RLIMIT_FSIZE, 512 MiB)"),
+        Protection("runs", True, "at most runs_limit runs (8) with a task process here at once; one more is refused"),
         Protection(
             "views",
             boxed and not found["views"],

@@ -29,6 +29,7 @@ LIMITS = {
     "ProcessLimit": "processes",
     "MemoryLimit": "memory",
     "TimeLimit": "time",
+    "RunLimit": "runs",
 }
 
 
@@ -69,6 +70,7 @@ class SiteLimits:
             ),
             # where the run's processes have a cgroup: the kernel ended one at the run's memory, all counted together
             "MemoryLimit": (f"the task process (its processes together passed {site}'s memory limit for a run)",),
+            "RunLimit": (f"the site agent ({site} runs at most {limits.runs_limit} runs at once: not this one now)",),
         }
 
     def cap(self, step: bytes | bytearray) -> int:

@@ -246,6 +246,7 @@ class TaskService:
         self.groups = groups
         self._stopped: dict[str, bytes] = {}  # per run: the failure of a step whose task process had to go
         self.workers: dict[str, Worker] = {}
+        self._adopting: set[str] = set()  # runs being handed their task process now (counted as holding one)
         self.spare: Worker | None = None
         self.last_step = time.monotonic()
         self._lock = threading.Lock()
@@ -330,15 +331,22 @@ class TaskService:
             return self._failure("BadRequest", "the site agent (the run id is not one)")
         worker, run = self.workers.get(run_id), None
         if worker is None or worker.process.poll() is not None:  # adopted now: what the run was approved for, first
+            if not self._take_slot(run_id):
+                self.site_limits.reached(run_id, "runs", self.limits.runs_limit, phase, head.get("round"))
+                return self._failure("RunLimit", self.failures["RunLimit"][0])
             try:
                 run = adoption() if adoption is not None else Adoption(self.site_name, None, "", Handed(b""))
             except CatalogError as exc:
+                self._adopting.discard(run_id)
                 log.warning("run %s: its data cannot be handed to a task process: %s", run_id, exc)
                 return self._failure("DatasetUnavailable", exc.public)
         with self._lock:
             self.last_step = time.monotonic()
             if run is not None:
-                worker = self.workers[run_id] = self._adopt(run.handed.files)
+                try:
+                    worker = self.workers[run_id] = self._adopt(run.handed.files)
+                finally:
+                    self._adopting.discard(run_id)
                 log.info("run %s: task process %s", run_id, worker.process.pid)
             assert worker is not None
             worker.steps_running += 1  # the reaper leaves it alone until the step is over
@@ -359,6 +367,17 @@ class TaskService:
             # close its process and make a spare ready, off the reply path
             threading.Thread(target=self._retire, args=(run_id,), daemon=True).start()
         return reply
+
+    def _take_slot(self, run_id: str) -> bool:
+        """Count ``run_id`` among the runs holding a task process here, unless as many as the site's ``runs_limit``
+        already do (each may use its project's memory: a researcher's many runs at once must not stop the site)."""
+        with self._lock:
+            holding = (set(self.workers) | self._adopting) - {run_id}
+            if len(holding) >= self.limits.runs_limit:
+                log.warning("run %s refused: %d runs hold a task process here already", run_id, len(holding))
+                return False
+            self._adopting.add(run_id)
+            return True
 
     def _call(
         self,

@@ -12,7 +12,7 @@ def test_a_site_that_sets_none_has_the_defaults() -> None:
     limits = parse_policy("Leeds", {}).limits
     assert limits == TaskLimits()
     assert (limits.result_limit_mb, limits.log_limit_mb, limits.log_limit_lines) == (None, 8.0, 100_000)
-    assert (limits.scratch_limit_mb, limits.file_limit_mb) == (1024, 512)
+    assert (limits.scratch_limit_mb, limits.file_limit_mb, limits.runs_limit) == (1024, 512, 8)
 
 
 def test_a_site_sets_its_own_in_policy() -> None:
@@ -23,9 +23,10 @@ def test_a_site_sets_its_own_in_policy() -> None:
             "log_limit_lines": 500,
             "scratch_limit_mb": 4096,
             "file_limit_mb": 2048,
+            "runs_limit": 3,
         }
     }
-    assert parse_policy("Leeds", raw).limits == TaskLimits(64, 1.5, 500, 4096, 2048)
+    assert parse_policy("Leeds", raw).limits == TaskLimits(64, 1.5, 500, 4096, 2048, 3)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +37,7 @@ def test_a_site_sets_its_own_in_policy() -> None:
         ("file_limit_mb", "big", "[policy] file_limit_mb must be a whole number"),
         ("log_limit_lines", -1, "[policy] log_limit_lines must be at least 0"),
         ("result_limit_mb", 0.5, "[policy] result_limit_mb must be at least 1"),
+        ("runs_limit", 0, "[policy] runs_limit must be at least 1"),
         ("result_limit", 5, "[policy] has unknown setting(s): result_limit"),
     ],
 )

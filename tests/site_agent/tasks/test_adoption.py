@@ -15,6 +15,7 @@ from flip_core.protocol import StepRequest, decode_result, encode_request
 from flip_core.status import Phase, StepStatus
 from site_agent.data.catalog import CatalogError, Handed, SiteConfig, init_site
 from site_agent.data.formats import add_dataset, handed
+from site_agent.governance.audit import read_records
 from site_agent.tasks import service
 from site_agent.tasks.adoption import Adoption, binding, bound_files, run_site, untold
 from site_agent.tasks.runner import HandedRun, TaskSession
@@ -126,6 +127,28 @@ def test_a_spare_goes_to_one_run_only_and_a_run_that_binds_files_gets_a_process_
     tasks.step(encode_request(request(run_id="r3")), adoption=lambda: adoption(scans))
     own = tasks.workers["r3"]
     assert own is not ready and own.bind == scans and tasks.spare is ready
+
+
+def test_a_run_past_the_sites_runs_limit_is_refused_in_its_sentence_and_audited(
+    site: SiteConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "Worker", FakeTaskProcess)
+    tasks = service.TaskService("A", site.root, warm_seconds=60, limits=replace(service.DEFAULT_LIMITS, runs_limit=2))
+
+    def adoption() -> Adoption:
+        return Adoption("A", site.datasets["marked"], "", Handed(b"rows"))
+
+    for run_id in ("r1", "r2"):  # two runs hold a task process each, between their rounds
+        assert decode_result(tasks.step(encode_request(request(run_id=run_id)), adoption=adoption)).status == "ok"
+    refused = decode_result(tasks.step(encode_request(request(run_id="r3")), adoption=adoption))
+    sentence = "the site agent (A runs at most 2 runs at once: not this one now)"
+    assert (refused.status, refused.error_type, refused.error_where) == (StepStatus.ERROR, "RunLimit", sentence)
+    assert set(tasks.workers) == {"r1", "r2"}  # no process was started or adopted for it
+    assert decode_result(tasks.step(encode_request(request(run_id="r1", round_=2)))).status == "ok"  # theirs go on
+    limits = [r for r in read_records(site.root) if r["kind"] == "limit"]
+    assert [(r["run"], r["limit"], r["setting"]) for r in limits] == [("r3", "runs", 2)]
+    tasks._retire("r1")  # a run ends here: its place is free
+    assert decode_result(tasks.step(encode_request(request(run_id="r3")), adoption=adoption)).status == "ok"
 
 
 def test_data_that_cannot_be_handed_fails_the_step_before_any_process_is_chosen(

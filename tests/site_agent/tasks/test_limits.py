@@ -37,7 +37,8 @@ def test_a_step_longer_than_the_idle_time_is_not_reaped_at_any_moment_of_it() ->
 def test_each_limit_that_stops_a_step_has_one_sentence_naming_the_site_and_the_limit(tmp_path: Path) -> None:
     limits = SiteLimits("Leeds", tmp_path, TaskLimits(scratch_limit_mb=256, file_limit_mb=64))
     said = limits.failures
-    assert set(said) == {"ResultLimit", "ScratchLimit", "FileSizeLimit", "ProcessLimit", "MemoryLimit"} <= set(LIMITS)
+    stopping = {"ResultLimit", "ScratchLimit", "FileSizeLimit", "ProcessLimit", "MemoryLimit", "RunLimit"}
+    assert set(said) == stopping <= set(LIMITS)
     assert all(len(sentences) == 1 and "Leeds" in sentences[0] for sentences in said.values())
     assert "256 MiB" in said["ScratchLimit"][0] and "64 MiB" in said["FileSizeLimit"][0]
     assert "the step's own size and 1 MiB" in said["ResultLimit"][0]
