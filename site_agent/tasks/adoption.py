@@ -1,5 +1,5 @@
 """What a run's task process is given when the run adopts it, and nothing before: made by the agent, sent by the
-task service (``service.Worker.adopt``), taken by the process (``worker``).
+task service (``process.Worker.adopt``), taken by the process (``worker``).
 
 A warm spare has imported torch and holds nothing of the site: not its catalog, no descriptor, no path of its data.
 When a run adopts it, it is given the run's own: the site's name, the run's dataset entry (its paths and the whole

@@ -22,7 +22,7 @@ def fake_images(arrays: dict[str, np.ndarray]) -> tuple[list[Path], Callable[[Pa
 
 
 class FakeTaskProcess:
-    """Stands in for ``site_agent.tasks.service.Worker`` (a task process and its connection): what it was started to
+    """Stands in for ``site_agent.tasks.process.Worker`` (a task process and its connection): what it was started to
     bind, each adoption it was given, and an OK result for every step; no process."""
 
     pids = itertools.count(1000)
