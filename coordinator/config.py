@@ -31,6 +31,12 @@ class CoordinatorConfig:
     tokens: dict[str, TokenGrant] = field(default_factory=dict)
     superlink_ca: str | None = None  # the consortium's CA certificate: the SuperLink speaks TLS
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES  # the largest model a notebook or the ServerApp may upload
+    # what one researcher may upload as models in a day (None: twice the largest model): the hub's disk is shared
+    upload_quota_bytes: int | None = None
+
+    @property
+    def upload_quota(self) -> int:
+        return 2 * self.max_model_bytes if self.upload_quota_bytes is None else self.upload_quota_bytes
 
     @property
     def registry_path(self) -> Path:
@@ -49,6 +55,7 @@ class CoordinatorConfig:
             superlink_ca=raw.get("superlink_ca"),
             tokens={t: TokenGrant(**g) for t, g in raw.get("tokens", {}).items()},
             max_model_bytes=int(raw.get("max_model_bytes", DEFAULT_MAX_MODEL_BYTES)),
+            upload_quota_bytes=None if raw.get("upload_quota_bytes") is None else int(raw["upload_quota_bytes"]),
         )
 
     def dump(self, path: Path) -> None:
@@ -61,6 +68,7 @@ class CoordinatorConfig:
             "site_token": self.site_token,
             "superlink_ca": self.superlink_ca,
             "max_model_bytes": self.max_model_bytes,
+            "upload_quota_bytes": self.upload_quota_bytes,
             "tokens": {t: {"researcher": g.researcher, "project": g.project} for t, g in self.tokens.items()},
         }
         tmp = path.with_suffix(".tmp")  # the running coordinator reads it again when it changes: never half-written

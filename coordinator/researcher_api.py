@@ -80,8 +80,8 @@ async def sites(request: Request) -> Response:
 
 
 async def upload_model(request: Request) -> Response:
-    await caller(request)
-    sha = await receive_model(request)
+    who = await caller(request)
+    sha = await receive_model(request, owner=f"{who.project}/{who.researcher}")
     return JSONResponse({"sha256": sha}, status_code=201)
 
 

@@ -40,6 +40,13 @@ CREATE TABLE IF NOT EXISTS events (
     payload TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, seq);
+CREATE TABLE IF NOT EXISTS uploads (
+    owner TEXT NOT NULL,
+    sha TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS uploads_by_owner ON uploads (owner, at);
 CREATE TABLE IF NOT EXISTS sites (
     site TEXT PRIMARY KEY,
     node_id TEXT,
@@ -104,6 +111,19 @@ class Store:
         else:
             upload.replace(path)
         return sha
+
+    def uploaded_since(self, owner: str, since: float) -> int:
+        """The bytes of models ``owner`` uploaded from ``since`` on (the quota counts every upload)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(bytes), 0) FROM uploads WHERE owner = ? AND at >= ?", (owner, since)
+            ).fetchone()
+        return int(row[0])
+
+    def record_upload(self, owner: str, sha: str, size: int, at: float) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO uploads (owner, sha, bytes, at) VALUES (?, ?, ?, ?)", (owner, sha, size, at))
+            self._db.commit()
 
     def model_path(self, sha: str) -> Path:
         if not (len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -143,26 +144,55 @@ async def typed_body(request: Request, model: Any, what: str) -> Any:
     return parse(model, body, what)
 
 
-async def receive_model(request: Request) -> str:
+UPLOAD_WINDOW = 24 * 3600.0  # the seconds a researcher's upload quota counts back
+_uploading: set[str] = set()  # the researchers with an upload in flight (one at a time each: the event loop's own)
+
+
+async def receive_model(request: Request, owner: str | None = None) -> str:
     """Store an uploaded model; its SHA-256. The body is written to a file as it arrives (never whole in memory),
     refused (413) once it passes the coordinator's largest model, and checked to be an ``.npz`` of numeric arrays
     (``flip_core.codec.check_model``, reading the file record by record) before it is kept: any other bytes are a
-    400 sentence."""
+    400 sentence. A researcher's (``owner``) uploads of new models count against a quota a day and go one at a time,
+    so that no researcher fills the hub's disk (the ServerApp's, ``owner`` None, are the run's own)."""
     flip = state(request)
     limit, store = flip.config.max_model_bytes, flip.manager.store
     _declared(request, limit, "the model")
+    if owner is not None:
+        if owner in _uploading:
+            raise RequestInvalid("one model upload at a time: another of yours is still arriving", status=429)
+        quota, now = flip.config.upload_quota, time.time()
+        left = quota - await asyncio.to_thread(store.uploaded_since, owner, now - UPLOAD_WINDOW)
+        if left < limit:  # the quota is the nearer bound: its sentence, before a byte is read where it can be
+            over = RequestInvalid(
+                f"the model passes what is left of your upload quota ({max(left, 0)} of {quota} bytes a day): "
+                "nothing was stored",
+                status=413,
+            )
+            declared = request.headers.get("content-length", "")
+            if left <= 0 or (declared.isdigit() and int(declared) > left):
+                raise over
+            limit = left
     upload = spool_path(store.uploads, "model")
+    if owner is not None:
+        _uploading.add(owner)
     try:
-        over = RequestInvalid(f"the model is more than the {limit} bytes this route takes", status=413)
-        sha, _ = await spool(request.stream(), upload, limit, over)
+        if owner is None or limit == flip.config.max_model_bytes:
+            over = RequestInvalid(f"the model is more than the {limit} bytes this route takes", status=413)
+        sha, size = await spool(request.stream(), upload, limit, over)
         await asyncio.to_thread(check_model, upload, limit)
-        return store.adopt_model(upload, sha)
+        stored = store.model_path(sha).exists()  # the same bytes again take no more of the disk: not counted
+        kept = store.adopt_model(upload, sha)
+        if owner is not None and not stored:
+            await asyncio.to_thread(store.record_upload, owner, sha, size, time.time())
+        return kept
     except ModelInvalid as exc:
         raise RequestInvalid(str(exc), field="body") from None
     except ClientDisconnect:
         raise RequestInvalid("the model broke off before its last byte: nothing was stored", status=400) from None
     finally:
         upload.unlink(missing_ok=True)
+        if owner is not None:
+            _uploading.discard(owner)
 
 
 def query_int(request: Request, name: str, default: int) -> int:

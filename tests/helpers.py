@@ -44,13 +44,13 @@ def coordinator_config(state_dir: Path, **overrides: Any) -> CoordinatorConfig:
     return CoordinatorConfig(state_dir=state_dir, **{**settings, **overrides})
 
 
-def model_bytes() -> bytes:
-    """A real (tiny) model as the notebook uploads it: an .npz of its state dict."""
+def model_bytes(bias: float = 0.0) -> bytes:
+    """A real (tiny) model as the notebook uploads it: an .npz of its state dict (``bias``: another of one size)."""
     import numpy as np
 
     from flip_core.codec import pack_arrays
 
-    return pack_arrays({"weight": np.zeros((1, 3), dtype=np.float32), "bias": np.zeros(1, dtype=np.float32)})
+    return pack_arrays({"weight": np.zeros((1, 3), dtype=np.float32), "bias": np.full(1, bias, dtype=np.float32)})
 
 
 def flip(*args: Any, timeout: float = 600) -> Any:
