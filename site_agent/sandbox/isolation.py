@@ -322,9 +322,9 @@ def protections(steps: dict[str, str] | None = None) -> list[Protection]:
 
 def _limits(found: dict[str, str], boxed: bool, confined: bool) -> list[Protection]:
     """The rows of the limits that hold per run and per site (``[policy]``'s, and the process limit)."""
-    from site_agent.sandbox import cgroups
+    from site_agent.sandbox.cgroups import usable
 
-    grouped = cgroups.usable()
+    grouped = usable()
     memory = (
         f"a {grouped} group per task process: its memory limit counts the run's shared mappings, tmpfs pages (its "
         "scratch too) and children together (memory_limit_mb), its pids limit its processes"

@@ -27,13 +27,15 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from starlette.testclient import TestClient
 
 from coordinator.config import CoordinatorConfig, add_token
 from flip_core.certs import SITE_KEYS, load_site_keys
 from flip_core.codec import pack_arrays
 from flip_local.federation import status
 
-from helpers import TINY_CELL
+from fakes import FakeControl
+from helpers import TINY_CELL, coordinator_config, model_bytes
 from kit import SITES, RedTeam, still_serves, still_trains
 
 pytestmark = pytest.mark.integration
@@ -335,6 +337,57 @@ def test_a_second_projects_researcher_sees_none_of_the_first_projects_datasets(r
     ours = redteam.client().sites()  # the first project still sees its own, without the list of who else may
     assert all("heart-disease" in {d["name"] for d in s["datasets"]} for s in ours)
     assert all("projects" not in d for s in ours for d in s["datasets"])
+
+
+# the hub's disk, attacked through the coordinator's real app and store (a quota small enough to reach in a test)
+TOKEN, OTHER = "researcher-token", "other-project-token"
+MODEL = model_bytes()
+
+
+def hub_app(state: Path, **config: Any) -> TestClient:
+    from coordinator.app import Notifier, build_app
+    from coordinator.config import TokenGrant
+    from coordinator.service import RunManager
+    from coordinator.store import Store
+
+    tokens = {TOKEN: TokenGrant("alice", "heart"), OTHER: TokenGrant("bob", "lungs")}
+    manager = RunManager(Store(state), FakeControl(), lambda: None, presence_grace=0)
+    return TestClient(build_app(coordinator_config(state, tokens=tokens, **config), manager, Notifier()))
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_researcher_cannot_fill_the_hubs_disk_with_uploads(tmp_path: Path) -> None:
+    # the attack: upload model after model (each under the largest model) until the hub's disk is full
+    models = [model_bytes(seed) for seed in range(4)]  # four different models of one size
+    size = len(models[0])
+    client = hub_app(tmp_path, upload_quota_bytes=2 * size + size // 2)
+    kept = [client.post("/api/models", headers=auth(TOKEN), content=m) for m in (models[0], models[0], models[1])]
+    assert [r.status_code for r in kept] == [201, 201, 201]  # the same model again takes no more room: not counted
+    declared = client.post("/api/models", headers=auth(TOKEN), content=models[2])
+    streamed = client.post("/api/models", headers=auth(TOKEN), content=iter([models[2][:10], models[2][10:]]))
+    assert declared.status_code == streamed.status_code == 413
+    left = 2 * size + size // 2 - 2 * size
+    sentence = f"the model passes what is left of your upload quota ({left} of {2 * size + size // 2} bytes a day)"
+    assert sentence in declared.json()["error"] and sentence in streamed.json()["error"]
+    assert len(list((tmp_path / "models").iterdir())) == 2  # the two models; nothing partial left
+    assert client.post("/api/models", headers=auth(OTHER), content=models[3]).status_code == 201  # another's quota
+
+
+def test_a_researchers_second_upload_while_the_first_arrives_is_refused(tmp_path: Path) -> None:
+    from coordinator import web
+
+    client = hub_app(tmp_path)
+    web._uploading.add("heart/alice")  # as while alice's first upload is still arriving
+    try:
+        second = client.post("/api/models", headers=auth(TOKEN), content=MODEL)
+        assert second.status_code == 429 and "one model upload at a time" in second.json()["error"]
+        assert client.post("/api/models", headers=auth(OTHER), content=MODEL).status_code == 201  # bob's is his own
+    finally:
+        web._uploading.discard("heart/alice")
+    assert client.post("/api/models", headers=auth(TOKEN), content=MODEL).status_code == 201
 
 
 def test_after_these_attacks_every_site_still_trains(redteam) -> None:
