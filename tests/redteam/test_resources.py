@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 
+from flip_core.util import wait_until
 from site_agent.governance.audit import read_records, verify
 from site_agent.governance.policy import TaskLimits
 
-from kit import SITES, Outcome, RedTeam, hostile, still_serves, still_trains
+from helpers import GATED_CELL, Gate
+from kit import RUNS_LIMIT, SITES, Outcome, RedTeam, hostile, still_serves, still_trains
 
 pytestmark = pytest.mark.integration
 
@@ -315,6 +317,32 @@ def test_shared_memory_past_the_runs_limit_is_stopped_at_it(redteam) -> None:
 def test_children_that_each_stay_under_a_process_limit_are_stopped_together_at_the_runs(redteam) -> None:
     source = hostile(CHILDREN)
     assert_held(redteam, redteam.train(source, "children"), source)
+
+
+def test_runs_past_the_sites_runs_limit_are_refused_while_the_others_go_on(redteam) -> None:
+    # each run holds a task process at every site, which may use the run's memory: a researcher starts as many as
+    # a site takes at once, holds them in train(), and starts one more
+    client = redteam.client()
+    held = [
+        client.train(GATED_CELL, dataset="heart-disease", rounds=1, seed=0, name=f"held-{i}") for i in range(RUNS_LIMIT)
+    ]
+
+    def holding(run_id: str) -> bool:  # every site's task process of the run has its scratch: it is in train()
+        return all(Gate._seen(redteam.sites_dir / site / "scratch" / f"run-{run_id}") for site in SITES)
+
+    assert wait_until(lambda: all(holding(h.run_id) for h in held), 120)
+    outcome = redteam.train(hostile("raise ValueError('LEAK1 one run too many')"), "one-more")
+    for handle in held:
+        Gate(redteam.sites_dir).open(handle.run_id)
+    for handle in held:  # the runs it held go on to the end
+        handle.wait(180)
+        assert handle.status == "completed", handle.reason
+    sentence = "RunLimit in the site agent ({site} runs at most {limit} runs at once: not this one now)"
+    assert failed_details(outcome) == {s: sentence.format(site=s, limit=RUNS_LIMIT) for s in SITES}
+    assert outcome.leaked() == []
+    for site in SITES:
+        assert limit_records(redteam, site, outcome, "runs"), f"{site}'s audit log has no runs limit"
+    still_serves(redteam)
 
 
 def test_after_these_attacks_every_site_still_trains(redteam) -> None:
