@@ -206,25 +206,25 @@ class Gate:
 
     @staticmethod
     def _seen(folder: Path) -> list[Path]:
-        """``folder`` as the task processes of its site see it (each through its own root). A sandboxed task
-        process is PID 1 of a PID namespace of its own; the process that waits for it (the same command line) stays
-        in the host's, where the agent makes the run's folder before the task process makes its own in its tmpfs:
-        where the site sandboxes, only the sandboxed processes' views count (a gate opened in the host's folder
-        would never be seen by the task)."""
-        site = b"\0" + str(folder.parents[1]).encode() + b"\0"
-        views: list[tuple[Path, bool]] = []
-        sandboxed = False
+        """``folder`` as the task processes of its site see it. A sandboxed task process is PID 1 of a PID namespace
+        of its own, with the site's scratch folder a tmpfs of its own, reached through its root; the agent makes the
+        run's folder on the host before the task process makes its own there, so where the site sandboxes, only the
+        sandboxed processes' views count (a gate opened in the host's folder would never be seen by the task);
+        where it does not, the host's folder is the task's."""
+        scratch = str(folder.parent).lstrip("/")
+        views, sandboxed = [], False
         for entry in Path("/proc").iterdir():
             try:
-                command = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
-                if b"site_agent.tasks.worker" not in command or site not in command:
+                nested = entry.name.isdigit() and any(
+                    line.startswith("NSpid:") and len(line.split()) > 2
+                    for line in (entry / "status").read_text().splitlines()
+                )
+                if not nested or not (entry / "root" / scratch).is_dir():
                     continue
-                status = (entry / "status").read_text()
             except OSError:
                 continue
-            inner = any(line.startswith("NSpid:") and len(line.split()) > 2 for line in status.splitlines())
-            sandboxed = sandboxed or inner
+            sandboxed = True  # a task process of this site, in its sandbox
             view = entry / "root" / str(folder).lstrip("/")
             if view.is_dir():
-                views.append((view, inner))
-        return [view for view, inner in views if inner or not sandboxed]
+                views.append(view)
+        return views if sandboxed or not folder.is_dir() else [folder]

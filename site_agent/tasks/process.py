@@ -8,6 +8,7 @@ with whatever it started. The task service (``site_agent.tasks.service``) decide
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -36,6 +37,9 @@ from site_agent.tasks.messages import (
     send_sized,
 )
 from site_agent.tasks.output import LogLimit, TaskOutput
+from site_agent.tasks.zygote import Forked, Zygote
+
+log = logging.getLogger("flip.site.tasks")
 
 DEFAULT_LIMITS = TaskLimits()
 
@@ -79,23 +83,19 @@ class Worker:
         keep_scratch: bool = False,
         bind: tuple[Path, ...] = (),
         group: TaskGroup | None = None,
+        zygote: Zygote | None = None,
     ) -> None:
-        """``group``: its own cgroup (it moves itself in first), where the host gives the agent cgroups."""
+        """``group``: its own cgroup (it moves itself in first), where the host gives the agent cgroups; ``zygote``:
+        the site's loaded process to fork it from, where it runs (else it starts as a new Python)."""
         ours, theirs = socket.socketpair()
         self.group = group
         bound, listed = binding(bind)  # the files of the one run it is started for (an imaging run's); a spare: none
         for folder in ("logs", "scratch"):
             (site_root / folder).mkdir(parents=True, exist_ok=True)
         self.logs = site_root / "logs"
-        self.process = subprocess.Popen(
-            worker_arguments(site_root, theirs.fileno(), limits, keep_scratch, group) + bound,
-            pass_fds=[theirs.fileno(), *listed],
-            env=task_environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=site_root / "scratch",  # also its sys.path[0]: nothing else of the agent's folder
-        )  # no PDEATHSIG here: it fires when the spawning *thread* ends; the worker watches its parent
+        argv = worker_arguments(site_root, theirs.fileno(), limits, keep_scratch, group) + bound
+        self.process: subprocess.Popen[bytes] | Forked
+        self.process = self._start(argv, [theirs.fileno(), *listed], site_root, zygote)
         theirs.close()
         for fd in listed:  # the list of its files, read by the process before its sandbox
             os.close(fd)
@@ -108,6 +108,25 @@ class Worker:
         self.last_used = time.monotonic()  # when a step last started or ended here
         self.steps_running = 0  # counted by the service, under its lock (the reaper reads it there)
         self.ready = False
+
+    @staticmethod
+    def _start(
+        argv: list[str], fds: list[int], site_root: Path, zygote: Zygote | None
+    ) -> subprocess.Popen[bytes] | Forked:
+        if zygote is not None and zygote.alive():
+            try:
+                return zygote.spawn(argv, fds, site_root / "scratch")
+            except OSError as exc:
+                log.warning("the zygote could not fork a task process (%s): starting one anew", exc)
+        return subprocess.Popen(
+            argv,
+            pass_fds=fds,
+            env=task_environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=site_root / "scratch",  # also its sys.path[0]: nothing else of the agent's folder
+        )  # no PDEATHSIG here: it fires when the spawning *thread* ends; the worker watches its parent
 
     def _await_ready(self) -> None:
         """The process says "ready" once torch is loaded (called with the lock held)."""
@@ -155,10 +174,13 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the task process and whatever it started (its own session; the sandboxed child dies with it)."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if isinstance(self.process, Forked):
+            self.process.kill_group()
+        else:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.process.wait()
         self._ungroup()
 

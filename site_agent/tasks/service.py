@@ -52,7 +52,8 @@ from site_agent.tasks.messages import (
     ISOLATION_REFUSED,
     Oversized,
 )
-from site_agent.tasks.process import DEFAULT_LIMITS, TimeLimit, Worker
+from site_agent.tasks.process import DEFAULT_LIMITS, TimeLimit, Worker, task_environment
+from site_agent.tasks.zygote import Zygote
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class TaskService:
         self.workers: dict[str, Worker] = {}
         self._adopting: set[str] = set()  # runs being handed their task process now (counted as holding one)
         self.spare: Worker | None = None
+        self.zygote: Zygote | None = None  # while the site is warm: its task processes are forked from it
         self.last_step = time.monotonic()
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -109,6 +111,7 @@ class TaskService:
 
     def warm_up(self) -> None:
         """Start a spare task process if the site is warm and has none (call off the reply path)."""
+        self._start_zygote()
         with self._lock:
             if self._closed.is_set() or self.warm_seconds <= 0 or (self.spare and self.spare.process.poll() is None):
                 return
@@ -122,6 +125,20 @@ class TaskService:
             return
         log.info("a spare task process is ready (pid %s)", spare.process.pid)
         self.on_change()
+
+    def _start_zygote(self) -> None:
+        """The site's zygote (``site_agent.tasks.zygote``), started if the site is warm and has none, or lost the one
+        it had; not again where one could not load (task processes then start anew: the log says why)."""
+        with self._lock:
+            zygote = self.zygote
+            if self._closed.is_set() or self.warm_seconds <= 0 or time.monotonic() - self.last_step > self.warm_seconds:
+                return
+            if zygote is not None and (not zygote.gone.is_set() or not zygote.ready.is_set()):
+                pass  # loading, loaded, or never could
+            else:
+                zygote = self.zygote = Zygote(self.site_root, task_environment())
+        if not zygote.wait_ready() and not zygote.ready.is_set():
+            log.warning("task processes start anew: their zygote could not load (see logs/task-processes.log)")
 
     @property
     def warm(self) -> bool:
@@ -154,6 +171,7 @@ class TaskService:
             keep_scratch=self.keep_scratch,
             bind=bind,
             group=group,
+            zygote=self.zygote,
         )
 
     @property
@@ -342,6 +360,10 @@ class TaskService:
             cooled = self.spare if now - self.last_step > self.warm_seconds else None
             if cooled is not None:
                 self.spare = None
+            # its zygote too, once no task process forked from it is left (they end with it)
+            zygote = self.zygote if now - self.last_step > self.warm_seconds and not self.workers else None
+            if zygote is not None:
+                self.zygote = None
         for run_id, worker in idle.items():
             log.info("closing the idle task process of run %s", run_id)
             worker.close()
@@ -352,6 +374,8 @@ class TaskService:
             log.info("the site has been idle for %.0f s: closing its spare task process", self.warm_seconds)
             cooled.close()
             self.on_change()
+        if zygote is not None:
+            zygote.close()
 
     def close(self) -> None:
         self._closed.set()
@@ -361,3 +385,7 @@ class TaskService:
             spare.close()
         for run_id in list(self.workers):
             self._retire(run_id)
+        with self._lock:
+            zygote, self.zygote = self.zygote, None
+        if zygote is not None:
+            zygote.close()

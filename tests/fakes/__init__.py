@@ -12,7 +12,7 @@ Fakes stand in for a part in unit tests of pure logic; integration tests use the
 from fakes.flower import GRID_NODES, FakeControl, FakeFlowerStatus, FakeGrid
 from fakes.hub import FakeBulkStore, FakeFlakyBulk, FakeHub, FakeHubIdentity
 from fakes.notebook import FakeHTMLWidget, FakeQueryClient, FakeRecordClient, FakeTrainClient
-from fakes.site import FakeTaskProcess, fake_images
+from fakes.site import FakeTaskProcess, FakeZygote, fake_images
 from fakes.upstreams import FakeCoordinator, FakeSuperLink
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "FakeRecordClient",
     "FakeSuperLink",
     "FakeTaskProcess",
+    "FakeZygote",
     "FakeTrainClient",
     "fake_images",
 ]

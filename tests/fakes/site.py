@@ -4,6 +4,7 @@ no process."""
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,3 +53,22 @@ class FakeTaskProcess:
 
     def kill(self) -> None:
         pass
+
+
+class FakeZygote:
+    """Stands in for ``site_agent.tasks.zygote.Zygote`` where the task processes are fakes too: loaded at once,
+    never forking (a worker given it is a FakeTaskProcess)."""
+
+    def __init__(self, *args: Any) -> None:
+        self.ready, self.gone = threading.Event(), threading.Event()
+        self.ready.set()
+        self.closed = False
+
+    def alive(self) -> bool:
+        return not self.closed
+
+    def wait_ready(self, timeout: float = 0.0) -> bool:
+        return self.alive()
+
+    def close(self) -> None:
+        self.closed = True

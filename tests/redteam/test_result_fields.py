@@ -35,11 +35,14 @@ if not getattr(runner, 'forged', False):
         return result
     runner.TaskSession.step = forged_step"""
 
-# patches the worker's sending (the worker is the task process's __main__): every later result leaves as RESEND
-# makes it, from ``blob`` (the honest encoding), ``result`` (decoded) and ``n``
+# patches the worker's sending (the worker module: the task process's __main__ where it was started as one, the module
+# site_agent.tasks.worker where the site's zygote forked it): every later result leaves as RESEND makes it, from
+# ``blob`` (the honest encoding), ``result`` (decoded) and ``n``
 SEND = """import sys
 from flip_core.protocol import decode_result, encode_result
 worker = sys.modules['__main__']
+if not hasattr(worker, '_serve'):
+    worker = sys.modules['site_agent.tasks.worker']
 if not getattr(worker, 'forged', False):
     worker.forged = True
     honest_send = worker.send_sized

@@ -21,7 +21,7 @@ from site_agent.tasks.adoption import Adoption, binding, bound_files, run_site, 
 from site_agent.tasks.runner import HandedRun, TaskSession
 from site_agent.tasks.worker import ONE_RUN
 
-from fakes import FakeTaskProcess
+from fakes import FakeTaskProcess, FakeZygote
 
 COUNTING_CELL = """
 import torch
@@ -104,6 +104,7 @@ def test_a_spare_goes_to_one_run_only_and_a_run_that_binds_files_gets_a_process_
     site: SiteConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(service, "Worker", FakeTaskProcess)
+    monkeypatch.setattr(service, "Zygote", FakeZygote)
     tasks = service.TaskService("A", site.root, warm_seconds=60)
     tasks.warm_up()
     spare = tasks.spare
@@ -133,6 +134,7 @@ def test_a_run_past_the_sites_runs_limit_is_refused_in_its_sentence_and_audited(
     site: SiteConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(service, "Worker", FakeTaskProcess)
+    monkeypatch.setattr(service, "Zygote", FakeZygote)
     tasks = service.TaskService("A", site.root, warm_seconds=60, limits=replace(service.DEFAULT_LIMITS, runs_limit=2))
 
     def adoption() -> Adoption:
@@ -155,6 +157,7 @@ def test_data_that_cannot_be_handed_fails_the_step_before_any_process_is_chosen(
     site: SiteConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(service, "Worker", FakeTaskProcess)
+    monkeypatch.setattr(service, "Zygote", FakeZygote)
     tasks = service.TaskService("A", site.root, warm_seconds=60)
     tasks.warm_up()
 
