@@ -479,5 +479,43 @@ def test_a_second_run_finds_nothing_a_first_run_left_in_its_process(redteam, rea
     still_serves(redteam)
 
 
+# A warm site forks its task processes from its zygote (site_agent.tasks.zygote), over a connection with the agent:
+# its end in a task's hands would read the agent's requests (each with the descriptors of a new task process's
+# channel) and answer as the zygote. The cell looks for a socket of its kind among all it holds and asks each one
+# for a process of its own, the zygote's way.
+ASK_FOR_A_PROCESS = """
+import json as _json
+import socket as _socket
+request = _json.dumps({"spawn": {"argv": ["python", "-m", "site_agent.tasks.worker", "/", "--fd", "0"],
+                                  "fds": [0], "env": {}, "cwd": "/"}}).encode()
+found = answered = 0
+for fd in range(4096):
+    try:
+        sock = _socket.socket(fileno=_os.dup(fd))
+    except OSError:
+        continue
+    try:
+        if sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_TYPE) != _socket.SOCK_SEQPACKET:
+            continue
+        found += 1
+        sock.settimeout(2)
+        _socket.send_fds(sock, [request], [0, 1])
+        if b"pid" in sock.recv(65536):
+            answered += 1
+    except OSError:
+        pass
+    finally:
+        sock.close()
+return {"loss": float(found + 1000 * answered)}
+"""
+
+
+def test_a_task_asks_every_socket_it_holds_for_a_process_outside_its_sandbox(redteam, reach) -> None:
+    """No socket of the zygote's reaches a task: none of its kind, none that answers a request to fork."""
+    values = losses(redteam.train(attack(ASK_FOR_A_PROCESS), "reach-zygote"))
+    assert values == {site: 0.0 for site in SITES}, values
+    still_serves(redteam)
+
+
 def test_after_these_attacks_every_site_still_trains(redteam) -> None:
     still_trains(redteam)
