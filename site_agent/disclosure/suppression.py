@@ -57,10 +57,14 @@ def line_is_safe(counts: np.ndarray, withheld: np.ndarray, line: np.ndarray, thr
     return hidden.size >= 2 and int(counts[hidden].sum()) >= threshold
 
 
-def protect(counts: np.ndarray, lines: Sequence[np.ndarray], threshold: int) -> np.ndarray:
+def protect(
+    counts: np.ndarray, lines: Sequence[np.ndarray], threshold: int, forced: np.ndarray | None = None
+) -> np.ndarray:
     """Which cells of the flat table ``counts`` (true, integer counts) to withhold, as a bool array.
 
-    ``lines`` are index arrays of cells whose sums the researcher may know (see :func:`line_sets`).
+    ``lines`` are index arrays of cells whose sums the researcher may know (see :func:`line_sets`); ``forced``
+    (bool per cell) marks cells withheld whatever their count (the site's ledger found their rows too close to rows
+    it released before), whose lines are then made safe like those of small cells.
     A line that has no released cell left and is still not safe stays so: nothing in it can help
     (where that line is the whole table, the caller withholds the total). After the greedy pass,
     :func:`determined` looks for withheld cells that the safe lines give away together; each one found
@@ -68,6 +72,8 @@ def protect(counts: np.ndarray, lines: Sequence[np.ndarray], threshold: int) -> 
     """
     counts = np.asarray(counts, dtype=np.int64).ravel()
     withheld = counts < threshold
+    if forced is not None:
+        withheld |= np.asarray(forced, dtype=bool).ravel()
     lines = [np.asarray(line, dtype=np.intp).ravel() for line in lines]
     # the lines each cell is in, so that withholding a cell looks again only at the lines it can change
     lines_of: list[list[int]] = [[] for _ in range(counts.size)]

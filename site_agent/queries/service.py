@@ -36,7 +36,7 @@ from site_agent.governance.policy import TaskFacts, decide, query_columns_refuse
 from site_agent.queries.cohorts import CohortRefused, CohortStore
 from site_agent.queries.filtering import mask
 from site_agent.queries.image_statistics import voxel_histogram
-from site_agent.queries.ledger import QueryLedger
+from site_agent.queries.ledger import Pending, QueryLedger, Scope
 from site_agent.queries.mock import make_mock
 from site_agent.queries.statistics import QueryRefused, answer
 
@@ -56,7 +56,7 @@ class QueryService:
         self.governance = governance
         self.cohorts = cohorts
         self.ledger = QueryLedger(site.root)
-        self._tables: dict[str, tuple[tuple[int, int], pd.DataFrame]] = {}
+        self._tables: dict[str, tuple[tuple[int, int], pd.DataFrame, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     def answer(self, blob: bytes | bytearray) -> bytes:
@@ -92,34 +92,34 @@ class QueryService:
             return QueryReply(name, StepStatus.NO_DATASET, f"{name} does not hold {request.dataset!r}")
         threshold = max(policy.threshold(request.project), request.threshold)
         try:
-            table = self._table(request.dataset)
-            if request.kind == QueryKind.MOCK:
-                return QueryReply(name, StepStatus.OK, threshold=threshold, table=self._mock(request, table, threshold))
+            table, keys = self._table(request.dataset)
+            if request.kind == QueryKind.MOCK:  # the site's threshold for the project: one mock, whatever is asked
+                own = policy.threshold(request.project)
+                return QueryReply(name, StepStatus.OK, threshold=own, table=self._mock(request, table, own))
             cohort = parse_filter(request.where, [str(c) for c in table.columns])
             named = tuple(sorted(set(request.columns) | set(cohort.columns())))
             if barred := query_columns_refused(policy, request.project, named):
                 return QueryReply(name, StepStatus.REFUSED, barred, threshold)
             rows = mask(cohort, table)
-            fingerprint = self.ledger.cohort(np.flatnonzero(rows), len(table), request.text or request.where)
-            released = fingerprint.size >= threshold
-            near = released and self.ledger.too_close(
-                request.project, request.dataset, fingerprint, len(table), threshold
-            )
+            pending = self.ledger.pending(Scope(request.project, request.researcher, request.dataset), keys, threshold)
+            chosen = np.flatnonzero(rows)
+            near = chosen.size >= threshold and pending.why(chosen, f"{request.text or request.where}: its rows")
             if near:
-                return QueryReply(name, StepStatus.REFUSED, _too_close(name, threshold, near.text), threshold)
+                return QueryReply(name, StepStatus.REFUSED, _too_close(name, threshold, near), threshold)
             if request.kind == QueryKind.COHORT:
-                table_out = self._freeze(request, table, rows, threshold)
+                table_out = self._freeze(request, table, rows, threshold, pending)
             elif request.kind == QueryKind.HIST and request.columns == (INTENSITY,) and self._is_images(request):
                 table_out = voxel_histogram(self._images(request.dataset, rows), request.edges, threshold)
             else:
-                table_out = answer(request, table, rows, threshold)
+                table_out = answer(request, table, rows, threshold, pending)
         except FlipError as exc:
             return QueryReply(name, StepStatus.REFUSED, f"{name}: {exc}", threshold)
-        if released:
-            self.ledger.record(request.project, request.dataset, fingerprint)
+        pending.commit()
         return QueryReply(name, StepStatus.OK, threshold=threshold, table=table_out)
 
-    def _freeze(self, request: QueryRequest, table: pd.DataFrame, rows: np.ndarray, threshold: int) -> dict[str, Any]:
+    def _freeze(
+        self, request: QueryRequest, table: pd.DataFrame, rows: np.ndarray, threshold: int, pending: Pending
+    ) -> dict[str, Any]:
         """Freeze the cohort's rows here under its name; what leaves is their count and the cohort's hash."""
         size = int(rows.sum())
         if size < threshold:
@@ -135,7 +135,7 @@ class QueryService:
             entry.fingerprint,
             np.flatnonzero(rows).tolist(),
         )
-        counted = answer(replace(request, kind=QueryKind.COUNT, columns=()), table, rows, threshold)
+        counted = answer(replace(request, kind=QueryKind.COUNT, columns=()), table, rows, threshold, pending)
         return {**counted, "cohort": cohort.name, "hash": cohort.hash}
 
     def _mock(self, request: QueryRequest, table: pd.DataFrame, threshold: int) -> dict[str, Any]:
@@ -159,24 +159,27 @@ class QueryService:
             raise QueryRefused(f"an image of dataset {dataset!r} changed since it was registered ({exc})") from None
         return [Path(index["cases"][i]["image"]) for i in positions]
 
-    def _table(self, dataset: str) -> pd.DataFrame:
-        """The dataset's whole table, read once, and again (checked against its fingerprint) when its file changes."""
+    def _table(self, dataset: str) -> tuple[pd.DataFrame, np.ndarray]:
+        """The dataset's whole table, read once, and again (checked against its fingerprint) when its file changes,
+        with its rows' keys for the ledger."""
         stat = Path(self.site.dataset(dataset).path).stat()
         key = (stat.st_mtime_ns, stat.st_size)
         with self._lock:
             cached = self._tables.get(dataset)
             if cached is not None and cached[0] == key:
-                return cached[1]
+                return cached[1], cached[2]
         table = load_table(self.site, dataset)
+        keys = self.ledger.keys(table)
         with self._lock:
-            self._tables[dataset] = (key, table)
-        return table
+            self._tables[dataset] = (key, table, keys)
+        return table, keys
 
 
 def _too_close(site: str, threshold: int, earlier: str) -> str:
     return (
-        f"{site} refused this query: its cohort differs by fewer than {threshold} rows from one already "
-        f"answered for this project ({earlier[:120]!r}); two answers that close could reveal single patients"
+        f"{site} refused this query: its cohort differs by fewer than {threshold} rows from rows whose count it "
+        f"already released to this project or researcher ({earlier[:200]}); two answers that close could reveal "
+        "single patients"
     )
 
 

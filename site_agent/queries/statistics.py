@@ -9,7 +9,19 @@ threshold before anything leaves:
 - a count table's cells go through :func:`site_agent.disclosure.suppression.protect` (small cells, a true zero
   included, and the cells that would give them away through a margin or the total);
 - column statistics are released only over at least the threshold's number of values: no raw
-  minimum or maximum ever leaves, only quantiles and means of at least ``threshold`` values.
+  minimum or maximum ever leaves, only quantiles and means of at least ``threshold`` values; a quantile only
+  where at least the threshold's number of values lie on each side of it (p95 of 100 values would be the
+  site's fifth largest); a column's mean, std, quantiles and sketch only where they say no small count:
+  where the column takes at most three values in the cohort, every value must be held by at least the
+  threshold's number of rows (a mean of 0/1 values is a count of ones; a mean and std of three known values
+  give each one's count), and the same for the sketch up to ``FEW_VALUES`` values (its chunks of sorted values
+  give each value's count); otherwise at least the threshold's number of values must differ from the most
+  common one (a cohort padded with rows of one known value gives the one other value away);
+- every set of rows whose count would leave (each cell, a total, a column's values) is first shown to the
+  site's ledger of what it released before (``releases``, :class:`Releases`: ``site_agent.queries.ledger``
+  at the site), which withholds it when it is within the threshold of a released set, or of a sum or
+  difference of two; a withheld cell's lines are then made safe like a small cell's, and what leaves is
+  entered in the ledger.
 
 Level labels are text, the same at every site for the same value: a whole number is written
 without a decimal point (``1.0`` → ``"1"``), any other float as Python's shortest round-trip
@@ -23,7 +35,7 @@ Pure: pandas and numpy, no I/O. The site agent imports this module when its firs
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -43,6 +55,7 @@ from site_agent.disclosure.suppression import line_is_safe, line_sets, protect
 
 MAX_LEVELS = 40  # distinct values a column may have to be counted by
 MAX_CENTROIDS = 100  # the most chunks a column's sketch is cut into
+FEW_VALUES = 10  # a column taking at most this many values in a cohort has each value's count checked
 # how many columns each kind takes: (fewest, most); MISSING with none means every column
 COLUMN_LIMITS = {
     QueryKind.COUNT: (0, 3),
@@ -57,11 +70,43 @@ class QueryRefused(FlipError):
     """The site will not answer this query as asked; the sentence says why and what to ask instead."""
 
 
-def answer(request: QueryRequest, table: pd.DataFrame, mask: np.ndarray, threshold: int) -> dict[str, Any]:
+class Releases(Protocol):
+    """The site's ledger of released sets of rows, as :func:`answer` asks it (row positions of the site table)."""
+
+    def blocked(self, sets: list[tuple[np.ndarray, str]]) -> list[bool]:
+        """For each candidate set (its rows, in words), whether it is too close to what was released before; the
+        candidates of one call may be released together."""
+        ...
+
+    def release(self, rows: np.ndarray, text: str) -> None:
+        """``rows``' count is leaving: enter the set."""
+        ...
+
+
+class Unchecked:
+    """No ledger: nothing blocked, nothing entered (a mock's summaries, the unit tests of the rules alone)."""
+
+    def blocked(self, sets: list[tuple[np.ndarray, str]]) -> list[bool]:
+        return [False] * len(sets)
+
+    def release(self, rows: np.ndarray, text: str) -> None:
+        pass
+
+
+UNCHECKED = Unchecked()
+
+
+def answer(
+    request: QueryRequest,
+    table: pd.DataFrame,
+    mask: np.ndarray,
+    threshold: int,
+    releases: Releases = UNCHECKED,
+) -> dict[str, Any]:
     """The released ``table`` of this site's reply to ``request``: see the module's docstring.
 
     ``mask`` selects the cohort's rows of ``table``; ``threshold`` is the site's own, raised (never
-    lowered) by the project's ``request.threshold``. Raises :class:`QueryRefused`.
+    lowered) by the project's ``request.threshold``; ``releases`` the site's ledger. Raises :class:`QueryRefused`.
     """
     threshold = max(int(threshold), int(request.threshold))
     rows = np.asarray(mask, dtype=bool)
@@ -73,14 +118,16 @@ def answer(request: QueryRequest, table: pd.DataFrame, mask: np.ndarray, thresho
     if not all(isinstance(c, str) for c in table.columns):
         table = table.rename(columns=str)  # queries name columns as text
     columns = _check_columns(request, table)
+    said = request.text or f"{request.kind.value} where {request.where or 'every row'}"
     if request.kind in (QueryKind.COUNT, QueryKind.CROSSTAB):
-        return _count_table(columns, table, rows, threshold)
+        return _count_table(columns, table, rows, threshold, _Ledger(releases, said))
     if request.kind is QueryKind.HIST:
-        return _histogram(columns[0], request.edges, table, rows, threshold)
+        return _histogram(columns[0], request.edges, table, rows, threshold, _Ledger(releases, said))
     if request.kind is QueryKind.MISSING:
-        return _missing_table(columns or [str(c) for c in table.columns], table, rows, threshold)
+        every = columns or [str(c) for c in table.columns]
+        return _missing_table(every, table, rows, threshold, _Ledger(releases, said))
     if request.kind is QueryKind.STATS:
-        return _column_statistics(columns, table, rows, threshold)
+        return _column_statistics(columns, table, rows, threshold, _Ledger(releases, said))
     raise QueryRefused(
         f"this site does not answer {request.kind!r} queries; ask count, stats, hist, crosstab or missing"
     )
@@ -152,7 +199,41 @@ def _levels(column: pd.Series, name: str) -> tuple[list[str], np.ndarray]:
     return labels, of_unique[codes]  # code -1 (missing) picks the last entry
 
 
-def _count_table(columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int) -> dict[str, Any]:
+class _Ledger:
+    """The ledger as one query's answer uses it: candidate sets in words, released sets entered."""
+
+    def __init__(self, releases: Releases, said: str) -> None:
+        self.releases = releases
+        self.said = said[:200]
+
+    def blocked(self, sets: list[tuple[np.ndarray, str]]) -> list[bool]:
+        return self.releases.blocked([(rows, f"{self.said}: {what}") for rows, what in sets]) if sets else []
+
+    def release(self, rows: np.ndarray, what: str) -> None:
+        self.releases.release(rows, f"{self.said}: {what}")
+
+
+def _cell_rows(cohort: np.ndarray, codes: np.ndarray, size: int) -> list[np.ndarray]:
+    """The site-table rows of each of ``size`` cells: the ``cohort``'s positions grouped by their cell ``codes``."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(size + 1))
+    return [cohort[order[bounds[c] : bounds[c + 1]]] for c in range(size)]
+
+
+def _cell_names(dims: list[str], levels: list[list[str]]) -> list[str]:
+    """Each flat cell in words (``sex=1, cp=2``)."""
+    shape = tuple(len(labels) for labels in levels)
+    if not dims:
+        return ["count"]
+    return [
+        ", ".join(f"{d}={levels[k][i]}" for k, (d, i) in enumerate(zip(dims, index, strict=True)))
+        for index in zip(*np.unravel_index(np.arange(math.prod(shape)), shape), strict=True)
+    ]
+
+
+def _count_table(
+    columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
+) -> dict[str, Any]:
     """Count (or crosstab): the cohort counted by every combination of the columns' levels."""
     levels: list[list[str]] = []
     codes: list[np.ndarray] = []
@@ -166,21 +247,44 @@ def _count_table(columns: list[str], table: pd.DataFrame, rows: np.ndarray, thre
         flat = np.ravel_multi_index(tuple(codes), shape) if n else np.zeros(0, dtype=np.intp)
         counts = np.bincount(flat, minlength=math.prod(shape))
     else:
+        flat = np.zeros(n, dtype=np.intp)
         counts = np.array([n])
-    return _released(columns, levels, counts, line_sets(shape), n, threshold)
+    cohort = np.flatnonzero(rows)
+    cells = _cell_rows(cohort, flat, counts.size)
+    return _released(columns, levels, counts, line_sets(shape), n, threshold, (cells, cohort, ledger))
 
 
 def _released(
-    dims: list[str], levels: list[list[str]], counts: np.ndarray, lines: list[np.ndarray], n: int, threshold: int
+    dims: list[str],
+    levels: list[list[str]],
+    counts: np.ndarray,
+    lines: list[np.ndarray],
+    n: int,
+    threshold: int,
+    sets: tuple[list[np.ndarray], np.ndarray, _Ledger],
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
     """A count table as it leaves: withheld cells as None; the total withheld with a small cohort (or where
-    the whole table's line cannot be made safe)."""
+    the whole table's line cannot be made safe). ``sets``: each cell's rows, the cohort's and the ledger, which
+    withholds a cell (or the total) whose rows are too close to rows released before, and enters what leaves."""
+    cells, cohort, ledger = sets
+    names = names or _cell_names(dims, levels)
+    total_blocked = True
     if n < threshold:
         withheld = np.ones(counts.size, dtype=bool)
-    else:
-        withheld = protect(counts, lines, threshold)
+    else:  # the cells the table's own rules release, shown to the ledger together; what it blocks, withheld too
+        candidates = np.flatnonzero(~protect(counts, lines, threshold))
+        blocked = ledger.blocked([(cells[c], names[c]) for c in candidates.tolist()] + [(cohort, "total")])
+        forced = np.zeros(counts.size, dtype=bool)
+        forced[candidates] = blocked[:-1]
+        total_blocked = blocked[-1]
+        withheld = protect(counts, lines, threshold, forced)
     whole = np.arange(counts.size, dtype=np.intp)
-    total_safe = n >= threshold and line_is_safe(counts, withheld, whole, threshold)
+    total_safe = n >= threshold and not total_blocked and line_is_safe(counts, withheld, whole, threshold)
+    for c in np.flatnonzero(~withheld).tolist():
+        ledger.release(cells[c], names[c])
+    if total_safe:
+        ledger.release(cohort, "total")
     return {
         "dims": list(dims),
         "levels": [list(labels) for labels in levels],
@@ -216,43 +320,64 @@ def bin_labels(bounds: np.ndarray) -> list[str]:
 
 
 def _histogram(
-    name: str, edges: tuple[float, ...], table: pd.DataFrame, rows: np.ndarray, threshold: int
+    name: str, edges: tuple[float, ...], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
 ) -> dict[str, Any]:
     """A histogram over shared edges: below the first edge, each bin, above the last edge, missing."""
     n = int(rows.sum())
     bounds = hist_edges(edges, n, threshold, "rows")
     values = _floats(table[name])[rows]
-    missing = np.isnan(values)
-    present = values[~missing]
-    inside = present[(present >= bounds[0]) & (present <= bounds[-1])]
-    in_bins, _ = np.histogram(inside, bins=bounds)  # [e_i, e_i+1), the last bin closed
-    counts = np.concatenate(
-        [[(present < bounds[0]).sum()], in_bins, [(present > bounds[-1]).sum(), missing.sum()]]
-    ).astype(np.int64)
+    bins = bounds.size - 1
+    # each cohort row's cell: 0 below, 1..bins in a bin ([e_i, e_i+1), the last one closed), bins+1 above, missing
+    codes = np.searchsorted(bounds, values, side="right").astype(np.intp)
+    codes[values == bounds[-1]] = bins
+    codes[np.isnan(values)] = bins + 2
+    counts = np.bincount(codes, minlength=bins + 3).astype(np.int64)
     labels = [*bin_labels(bounds), MISSING_LEVEL]
     whole = np.arange(counts.size, dtype=np.intp)
-    released = _released([name], [labels], counts, [whole], n, threshold)
+    cohort = np.flatnonzero(rows)
+    cells = _cell_rows(cohort, codes, counts.size)
+    names = [f"{name} {label}" for label in labels]
+    released = _released([name], [labels], counts, [whole], n, threshold, (cells, cohort, ledger), names)
     released["edges"] = [float(e) for e in bounds]
     return released
 
 
-def _missing_table(columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int) -> dict[str, Any]:
+def _missing_table(
+    columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
+) -> dict[str, Any]:
     """For each column, how many cohort rows lack a value and how many have one."""
-    cohort = table[rows]
-    n = len(cohort)
-    counts = []
+    cohort = np.flatnonzero(rows)
+    n = cohort.size
+    counts, cells, names = [], [], []
     for name in columns:
-        lacking = int(cohort[name].isna().sum())
-        counts += [lacking, n - lacking]
+        lacking = table[name].isna().to_numpy()[cohort]
+        counts += [int(lacking.sum()), int(n - lacking.sum())]
+        cells += [cohort[lacking], cohort[~lacking]]
+        names += [f"{name} missing", f"{name} present"]
     # each column's pair adds up to the (released) total; nothing else is known
     lines = [np.array([2 * i, 2 * i + 1], dtype=np.intp) for i in range(len(columns))]
-    return _released(["column", "state"], [columns, ["missing", "present"]], np.array(counts), lines, n, threshold)
+    levels = [columns, ["missing", "present"]]
+    return _released(["column", "state"], levels, np.array(counts), lines, n, threshold, (cells, cohort, ledger), names)
 
 
-def _column_statistics(columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int) -> dict[str, Any]:
-    n = int(rows.sum())
-    stats = {name: _one_column(_floats(table[name])[rows], n, threshold) for name in columns}
-    return {"columns": stats, "total": n if n >= threshold else None}
+def _column_statistics(
+    columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
+) -> dict[str, Any]:
+    """Each column's statistics; the cohort's size and each column's ``n`` entered in the ledger as released.
+    (The ledger checks the cohort only: a column's ``n`` differs from the cohort's size by its missing values,
+    released with it by design, see :func:`_one_column`.)"""
+    cohort = np.flatnonzero(rows)
+    n = cohort.size
+    stats = {}
+    for name in columns:
+        values = _floats(table[name])[cohort]
+        stats[name] = _one_column(values, n, threshold)
+        if stats[name]["n"] is not None:
+            ledger.release(cohort[np.isfinite(values)], f"{name} values")
+    total = n if n >= threshold and not ledger.blocked([(cohort, "total")])[0] else None
+    if total is not None:
+        ledger.release(cohort, "total")
+    return {"columns": stats, "total": total}
 
 
 def _one_column(values: np.ndarray, n_rows: int, threshold: int) -> dict[str, Any]:
@@ -260,7 +385,9 @@ def _one_column(values: np.ndarray, n_rows: int, threshold: int) -> dict[str, An
 
     ``n`` is released when it reaches the threshold, and ``missing`` (the total minus ``n``) with it: the
     sketch's weights add up to ``n`` and exact pooling needs it, so withholding ``missing`` would hide
-    nothing. Below the threshold all of them are withheld, ``missing`` too (it would give ``n`` back).
+    nothing. Below the threshold all of them are withheld, ``missing`` too (it would give ``n`` back). The
+    magnitudes (mean, std, quantiles, sketch) only where :func:`_magnitudes` says so; each quantile only with at
+    least the threshold's number of values on either side of it.
     """
     present = np.sort(values[np.isfinite(values)])
     n = int(present.size)
@@ -269,17 +396,39 @@ def _one_column(values: np.ndarray, n_rows: int, threshold: int) -> dict[str, An
         return {"n": None, "missing": None, **withheld}
     if n == 0:  # only with a threshold of 0: nothing to describe
         return {"n": 0, "missing": n_rows, **withheld}
+    moments, sketched = _magnitudes(present, threshold)
+    if not moments:
+        return {"n": n, "missing": n_rows - n, **withheld}
     chunks = np.array_split(present, min(MAX_CENTROIDS, max(1, n // max(threshold, 1))))
-    sketch = [[_number(chunk.mean()), int(chunk.size)] for chunk in chunks]
-    quantiles = dict(zip(QUANTILE_NAMES, (_number(q) for q in np.quantile(present, QUANTILES)), strict=True))
+    sketch = [[_number(chunk.mean()), int(chunk.size)] for chunk in chunks] if sketched else None
+    quantiles: dict[str, float | None] = {
+        name: _number(q) if min(level, 1 - level) * n >= threshold else None
+        for name, level, q in zip(QUANTILE_NAMES, QUANTILES, np.quantile(present, QUANTILES), strict=True)
+    }
     return {
         "n": n,
         "missing": n_rows - n,
         "mean": _number(present.mean()),
         "std": _number(present.std(ddof=1)) if n >= 2 else None,
-        "quantiles": None if None in quantiles.values() else quantiles,
-        "sketch": None if any(c[0] is None for c in sketch) else sketch,
+        "quantiles": None if all(q is None for q in quantiles.values()) else quantiles,
+        "sketch": None if sketch is None or any(c[0] is None for c in sketch) else sketch,
     }
+
+
+def _magnitudes(present: np.ndarray, threshold: int) -> tuple[bool, bool]:
+    """Whether a column's mean, std and quantiles, and whether its sketch, can leave without giving a small count
+    away. With at most three values, ``n``, the mean and the std are three equations in their three counts: each
+    value must be held by at least ``threshold`` rows. With at most ``FEW_VALUES``, the sketch's consecutive chunks
+    of sorted values give each value's count away: the same, for the sketch. With more, at least ``threshold``
+    values must differ from the most common one (a cohort padded with rows of one known value and one patient)."""
+    _, counts = np.unique(present, return_counts=True)
+    rare = bool(counts.min() < threshold)
+    if counts.size <= 3:
+        return not rare, not rare
+    if counts.size <= FEW_VALUES:
+        return True, not rare
+    spread = bool(present.size - counts.max() >= threshold)
+    return spread, spread
 
 
 def _number(value: Any) -> float | None:
@@ -288,4 +437,15 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-__all__ = ["COLUMN_LIMITS", "MAX_CENTROIDS", "MAX_LEVELS", "QueryRefused", "answer", "level_key", "level_label"]
+__all__ = [
+    "COLUMN_LIMITS",
+    "FEW_VALUES",
+    "MAX_CENTROIDS",
+    "MAX_LEVELS",
+    "UNCHECKED",
+    "QueryRefused",
+    "Releases",
+    "answer",
+    "level_key",
+    "level_label",
+]
