@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flip.site.ledger")
 
 BUCKETS = 4096
+PEEL_SUPERSETS = 20  # released sets holding a new one that are peeled, the smallest first
 FOLDED = 64  # buckets of the coarse sketches that pick the candidate pairs (BUCKETS is a multiple of it)
 LEDGER_DIR = "queries"
 LEDGER_FILE = "released.jsonl"  # (``ledger.jsonl``, a ledger of row positions before this one, is not read)
@@ -156,7 +157,7 @@ class Check:
         for i in near.tolist():
             if np.abs(new.sketch - self.pool[i].sketch).sum() < self.threshold:
                 return repr(self.pool[i].text[:120])
-        return self._combination(new, same)
+        return self._combination(new, same) or self._peeled(new, same)
 
     def _combination(self, new: RowSet, same: np.ndarray) -> str | None:
         """A sum ``A + B`` or a difference ``A - B`` of two sets that ``new`` is within the threshold of, one of
@@ -187,6 +188,48 @@ class Check:
                     if distance < t and not exact:  # exactly A + B (or A - B): its count is known already
                         how = "together with" if sign == 1 else "less"
                         return f"{pool[a].text[:80]!r} {how} {pool[b].text[:80]!r}"
+        return None
+
+    def _peeled(self, new: RowSet, same: np.ndarray) -> str | None:
+        """``new`` as a union of released sets but a few rows (or one of the smallest released sets holding it,
+        less such a union): found by taking out, largest first, each released set that fits in what is left. A
+        heuristic past three sets (a greedy cover, as far as the sketches tell): pairs and triples are exact."""
+        sizes = self.sizes[: self.answered]
+        candidates = ~same[: self.answered]
+        found = self._peel(new.sketch, new.size, candidates)
+        if found:
+            return "the sum of " + found
+        sketches = [p.sketch for p in self.pool[: self.answered]]
+        holding = np.flatnonzero(candidates & (sizes > new.size) & (self.folded[: self.answered] >= new.folded).all(1))
+        for i in holding[np.argsort(sizes[holding], kind="stable")][:PEEL_SUPERSETS].tolist():
+            rest = sketches[i] - new.sketch
+            if (rest >= 0).all():
+                found = self._peel(rest, int(sizes[i] - new.size), candidates & (np.arange(self.answered) != i))
+                if found:
+                    return f"{self.pool[i].text[:80]!r} less the sum of {found}"
+        return None
+
+    def _peel(self, sketch: np.ndarray, size: int, candidates: np.ndarray) -> str | None:
+        """The released sets (in words) whose union ``sketch`` is but for 1 to threshold - 1 rows, if greedy
+        peeling finds them (two at least: one alone is the pair check's)."""
+        rest, left, used = sketch.copy(), size, []
+        folded = rest.reshape(FOLDED, -1).sum(axis=1)
+        while left >= self.threshold:
+            fits = candidates & (self.sizes[: self.answered] <= left) & (self.folded[: self.answered] <= folded).all(1)
+            fits[used] = False
+            chosen = None
+            for i in np.flatnonzero(fits)[np.argsort(-self.sizes[: self.answered][fits], kind="stable")].tolist():
+                if (self.pool[i].sketch <= rest).all():
+                    chosen = i
+                    break
+            if chosen is None:
+                return None
+            used.append(chosen)
+            rest -= self.pool[chosen].sketch
+            folded -= self.folded[chosen]
+            left -= int(self.sizes[chosen])
+        if left > 0 and len(used) >= 2:
+            return " and ".join(repr(self.pool[i].text[:60]) for i in used[:4]) + (" and more" if len(used) > 4 else "")
         return None
 
 

@@ -109,3 +109,12 @@ def test_the_whole_table_counts_as_released(tmp_path) -> None:
     assert pending.why(np.arange(303), "") is None
     assert pending.blocked([(np.arange(1, 303), "all but one"), (np.arange(0, 150), "half")]) == [True, False]
     assert row_set(ROWS, np.arange(10), KEY).sketch.size == BUCKETS
+
+
+def test_a_union_of_three_released_sets_and_one_more_row_is_caught_and_its_complement_too() -> None:
+    a, b, c = entry(range(0, 100), "A"), entry(range(100, 250), "B"), entry(range(250, 400), "C")
+    assert Check([a, b, c], 10).why(entry([*range(0, 400), 4000])) == "the sum of 'B' and 'C' and 'A'"
+    assert Check([a, b, c], 10).why(entry(range(0, 400))) is None  # exactly the three: their counts are known
+    assert Check([a, b, c], 10).why(entry(range(0, 420))) is None  # 20 rows more: far enough
+    whole = entry(range(0, 5000), "W")
+    assert Check([whole, a, b, c], 10).why(entry(range(401, 5000))) == "'W' less the sum of 'B' and 'C' and 'A'"
