@@ -100,6 +100,12 @@ def _admin_commands(sub: Any) -> None:
     show.add_argument("--last", type=int, default=None, help="only the last N records")
     verify = audit.add_parser("verify", help="check the audit log's hash chain (edited, deleted, reordered records)")
     verify.add_argument("dir", type=Path)
+    disclosure = sub.add_parser("disclosure", help="what the site's queries released").add_subparsers(
+        dest="action", required=True
+    )
+    told = disclosure.add_parser("report", help="per project and dataset: what was told, refused and withheld")
+    told.add_argument("dir", type=Path)
+    told.add_argument("--project", default=None, help="only this project")
 
 
 def _federation_commands(sub: Any) -> None:
@@ -295,6 +301,16 @@ def _audit(args: argparse.Namespace) -> int:
     return SiteExit.OK if not problems else SiteExit.PROBLEMS
 
 
+def _disclosure(args: argparse.Namespace) -> int:
+    """``flip-site disclosure report``: what the site's queries told each project (``site_agent.queries.report``)."""
+    from site_agent.queries.report import lines, report
+
+    site = load_site(args.dir)
+    for line in lines(site.name, report(read_records(site.root), args.project)):
+        print(line)
+    return SiteExit.OK
+
+
 def _join(args: argparse.Namespace) -> int:
     site = load_site(args.dir)
     keys = args.dir / KEYS
@@ -384,6 +400,7 @@ _COMMANDS = {
     "approve": _answer,
     "reject": _answer,
     "audit": _audit,
+    "disclosure": _disclosure,
     "keygen": _keygen,
     "join": _join,
     "start": _start,

@@ -212,7 +212,7 @@ class Check:
     def _peel(self, sketch: np.ndarray, size: int, candidates: np.ndarray) -> str | None:
         """The released sets (in words) whose union ``sketch`` is but for 1 to threshold - 1 rows, if greedy
         peeling finds them (two at least: one alone is the pair check's)."""
-        rest, left, used = sketch.copy(), size, []
+        rest, left, used = sketch.copy(), size, list[int]()
         folded = rest.reshape(FOLDED, -1).sum(axis=1)
         while left >= self.threshold:
             fits = candidates & (self.sizes[: self.answered] <= left) & (self.folded[: self.answered] <= folded).all(1)
@@ -329,6 +329,7 @@ class Pending:
         self.ledger, self.scope, self.keys, self.threshold = ledger, scope, keys, threshold
         self.answered = ledger.answered(scope, keys)
         self.released: list[RowSet] = []
+        self.withheld: list[dict[str, str]] = []  # what the ledger withheld, and why (for the audit log)
 
     def why(self, rows: np.ndarray, text: str) -> str | None:
         """Why the set ``rows`` may not be released (in words), or None."""
@@ -340,7 +341,8 @@ class Pending:
         verdicts = []
         for candidate in candidates:
             why = check.why(candidate)
-            if why is not None:  # the site's log says which; the researcher sees a withheld cell
+            if why is not None:  # the site's log and audit record say which; the researcher sees a withheld cell
+                self.withheld.append({"set": candidate.text[:300], "near": why})
                 log.info("withheld %r for project %s: within %d rows of %s", candidate.text[:200], self.scope.project,
                          self.threshold, why)  # fmt: skip
             verdicts.append(why is not None)

@@ -62,7 +62,8 @@ class QueryService:
     def answer(self, blob: bytes | bytearray) -> bytes:
         started = time.monotonic()
         request = decode_query(blob)
-        reply = self.reply(request)
+        withheld: list[dict[str, str]] = []
+        reply = self.reply(request, withheld)
         reply.seconds = time.monotonic() - started
         self.governance.audit.append(
             "query",
@@ -78,11 +79,13 @@ class QueryService:
             reason=reply.reason,
             threshold=reply.threshold,
             released=_released(request, reply.table),
+            ledger_withheld=withheld,
         )
         return encode_reply(reply)
 
-    def reply(self, request: QueryRequest) -> QueryReply:
-        """What this site releases for ``request``: its answer, or a refusal in a sentence."""
+    def reply(self, request: QueryRequest, withheld: list[dict[str, str]] | None = None) -> QueryReply:
+        """What this site releases for ``request``: its answer, or a refusal in a sentence; ``withheld`` is given
+        the sets its ledger withheld (each with the released set it came too close to)."""
         name, policy = self.site.name, self.governance.policy
         facts = TaskFacts(request.project, request.researcher, request.dataset, source_hash="", kind="query")
         decision = decide(policy, facts)
@@ -102,6 +105,8 @@ class QueryService:
                 return QueryReply(name, StepStatus.REFUSED, barred, threshold)
             rows = mask(cohort, table)
             pending = self.ledger.pending(Scope(request.project, request.researcher, request.dataset), keys, threshold)
+            if withheld is not None:
+                pending.withheld = withheld
             chosen = np.flatnonzero(rows)
             near = chosen.size >= threshold and pending.why(chosen, f"{request.text or request.where}: its rows")
             if near:

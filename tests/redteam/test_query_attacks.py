@@ -286,3 +286,14 @@ def test_the_honest_questions_still_come_back(redteam, truth) -> None:
     by_restecg = ask(client, "count", ("restecg",))
     released = [c for c in by_restecg["cells"] if c is not None]
     assert released and sum(released) <= len(truth)
+
+
+def test_the_sites_disclosure_report_lists_what_the_attacks_were_refused_and_withheld(redteam, capsys) -> None:
+    """What the site's information governance lead reads after these attacks (``flip-site disclosure report``)."""
+    from site_agent.cli import main
+
+    assert main(["disclosure", "report", str(Path(redteam.sites_dir) / SITE)]) == 0
+    out = capsys.readouterr().out
+    assert f"Disclosure report of {SITE}" in out and "dataset heart-disease" in out
+    withheld = int(out.split(" of them by the ledger")[0].rsplit("(", 1)[1])
+    assert withheld > 0 and "refused " in out and "within the threshold of" in out

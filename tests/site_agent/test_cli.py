@@ -46,3 +46,28 @@ def test_a_check_that_finds_an_edit_exits_with_the_problems_status(tmp_path: Pat
     assert main(["audit", "verify", str(site)]) == SiteExit.OK
     log.path.write_text(log.path.read_text().replace("allowed", "refused"))
     assert main(["audit", "verify", str(site)]) == SiteExit.PROBLEMS
+
+
+def test_the_disclosure_report_says_per_project_what_was_told_refused_and_withheld(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = tmp_path / "leeds"
+    main(["init", str(site), "--name", "Leeds"])
+    log = AuditLog(site)
+    counted = {"dims": ["sex"], "levels": [["0", "1"]], "cells": [None, 120], "total": None}
+    common = {"researcher": "alice", "dataset": "heart", "statistic": "count", "threshold": 10}
+    log.append("query", project="cardio", text="count by sex", verdict="ok", released=counted, **common,
+               ledger_withheld=[{"set": "count by sex: sex=0", "near": "'age > 50: total'"}])  # fmt: skip
+    log.append("query", project="cardio", text="count where age > 50 and not (...)", verdict="refused",
+               reason="Leeds refused this query: its cohort differs by fewer than 10 rows", **common)  # fmt: skip
+    log.append("query", project="other", text="count", verdict="ok", released={"cells": [300], "total": 300},
+               **{**common, "researcher": "bob"})  # fmt: skip
+    assert main(["disclosure", "report", str(site), "--project", "cardio"]) == SiteExit.OK
+    out = capsys.readouterr().out
+    assert "project cardio, dataset heart: asked by alice" in out
+    assert "1 queries answered, 1 refused; 1 values left, 2 withheld (1 of them by the ledger" in out
+    assert "refused 'count where age > 50 and not (...)': Leeds refused this query" in out
+    assert "withheld 'count by sex: sex=0': within the threshold of 'age > 50: total'" in out
+    assert "project other" not in out and "bob" not in out
+    assert main(["disclosure", "report", str(site)]) == SiteExit.OK
+    assert "project other, dataset heart: asked by bob" in capsys.readouterr().out
