@@ -173,7 +173,11 @@ def test_data_that_cannot_be_handed_fails_the_step_before_any_process_is_chosen(
 def test_a_task_process_trains_on_the_rows_it_was_handed_and_refuses_a_second_run(site: SiteConfig) -> None:
     """A real task process (sandboxed, torch loaded): adopted, it trains on the rows handed to it, sealed in memory;
     asked to take a second run, it refuses and ends."""
-    worker = service.Worker(site.root)
+    trains_on_its_rows_then_refuses_a_second_run(service.Worker(site.root), site)
+
+
+def trains_on_its_rows_then_refuses_a_second_run(worker: service.Worker, site: SiteConfig) -> None:
+    """What a real task process does once adopted, however it was started (anew, or forked from the zygote)."""
     try:
         worker.wait_ready()
         run = Adoption("A", site.datasets["marked"], "older", handed(site, "marked", COHORT))

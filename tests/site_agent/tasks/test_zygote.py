@@ -12,17 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_adoption import COHORT, request, site  # noqa: F401 - the fixture
+from test_adoption import site, trains_on_its_rows_then_refuses_a_second_run  # noqa: F401 - the fixture
 
-from flip_core.protocol import decode_result, encode_request
-from flip_core.status import StepStatus
 from flip_core.util import wait_until
 from site_agent.data.catalog import SiteConfig
-from site_agent.data.formats import handed
 from site_agent.tasks import service
-from site_agent.tasks.adoption import Adoption
 from site_agent.tasks.process import Worker, task_environment
-from site_agent.tasks.worker import ONE_RUN
 from site_agent.tasks.zygote import Forked, Zygote
 
 pytestmark = pytest.mark.integration
@@ -71,21 +66,8 @@ def test_a_forked_task_process_trains_on_its_handed_rows_and_ends_with_its_own_c
     site: SiteConfig,  # noqa: F811
 ) -> None:
     worker = Worker(site.root, zygote=zygote)
-    try:
-        assert isinstance(worker.process, Forked)
-        worker.wait_ready()
-        run = Adoption("A", site.datasets["marked"], "older", handed(site, "marked", COHORT))
-        scratch = site.root / "scratch" / "run-r1"
-        scratch.mkdir(parents=True)
-        worker.adopt("r1", scratch, None, run)
-        result = decode_result(worker.call(encode_request(request(cohort="older")), 120))
-        assert result.status == StepStatus.OK, result
-        assert result.train_metrics["loss"] == sum(i + 1 for i in COHORT)
-        with pytest.raises((EOFError, OSError)):
-            worker.adopt("r2", scratch, None, run)
-        assert worker.process.wait(30) == ONE_RUN
-    finally:
-        worker.kill()
+    assert isinstance(worker.process, Forked)
+    trains_on_its_rows_then_refuses_a_second_run(worker, site)
 
 
 def test_a_forked_task_process_holds_nothing_of_the_zygotes(zygote: Zygote, tmp_path: Path) -> None:
