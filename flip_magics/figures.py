@@ -40,6 +40,7 @@ WITHHELD_COLOUR = "#b0b0b0"
 POOLED_COLOUR = "#404040"
 MAX_SITE_PANELS = 8  # heat maps by site: small multiples beyond this are unreadable
 FIGSIZE = (7.0, 4.0)
+WITHHELD_BAND = 0.06  # a withheld histogram bin's band: this fraction of the plot's height, on its baseline
 ROTATE_ABOVE = 6  # more level labels than this are rotated
 CAPTION_SIZE = 8.0
 STATS_PANEL_COLUMNS = 3
@@ -227,12 +228,15 @@ def _ticks(ax: Axes, labels: Sequence[str], axis: str = "x") -> None:
         ax.set_xticks(positions, list(labels), fontsize=size)
 
 
-def _legend(ax: Axes, withheld: bool, extra: Sequence[Any] = ()) -> None:
+def _legend(ax: Axes, withheld: bool, extra: Sequence[Any] = (), below: bool = False) -> None:
+    """The legend beside the plot, or ``below`` it (long labels there leave the plot its width)."""
     handles, _ = ax.get_legend_handles_labels()
     handles = [*handles, *extra]
     if withheld:
         handles.append(_withheld_handle())
-    if handles:
+    if handles and below:
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False, ncol=2)
+    elif handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
@@ -252,22 +256,26 @@ def _hist(result: Answer, pooled: bool, dims: list[str], levels: list[list[str]]
     ax = fig.add_subplot()
     labels = levels[0]
     series = _series(result, pooled, dims, levels)
-    bands = False
+    withheld: list[tuple[float, float, str]] = []  # (from, to, colour) of each withheld bin
+    top = 0.0
     for one in series:
         edges = np.array(_hist_edges(result, None if pooled else one.name), dtype=np.float64)
         interior = one.values[1:-2]
         outer = {labels[0]: one.values[0], labels[-2]: one.values[-2], "missing": one.values[-1]}
         label = f"{one.name} ({'; '.join(f'{k}: {_shown(v)}' for k, v in outer.items())})"
         ax.stairs(interior, edges, color=one.colour, linewidth=1.8, label=label)
-        for i in np.flatnonzero(np.isnan(interior)):
-            band = ax.axvspan(edges[i], edges[i + 1], facecolor="none", edgecolor=one.colour, hatch="///")
-            band.set(alpha=0.35, linewidth=0, gid=WITHHELD_LABEL)
-            bands = True
-    ax.set_ylim(bottom=0)
+        withheld += [(edges[i], edges[i + 1], one.colour) for i in np.flatnonzero(np.isnan(interior))]
+        top = max(top, float(np.nanmax(interior, initial=0.0)))
+    top = top * 1.08 or 1.0
+    ax.set_ylim(0, top)
+    for start, end, colour in withheld:  # a low hatched band on the baseline: the released bins stay in view
+        band = Rectangle((start, 0.0), end - start, WITHHELD_BAND * top, facecolor="none", edgecolor=colour)
+        band.set(hatch="///", alpha=0.6, linewidth=0, gid=WITHHELD_LABEL, clip_on=False)
+        ax.add_patch(band)
     ax.set_xlabel(dims[0])
     ax.set_ylabel("rows")
     band_handle = Patch(facecolor="none", edgecolor=POOLED_COLOUR, hatch="///", alpha=0.5, label="withheld bin")
-    _legend(ax, withheld=False, extra=[band_handle] if bands else [])
+    _legend(ax, withheld=False, extra=[band_handle] if withheld else [], below=True)
     captions = [f"{labels[0]}, {labels[-2]} and {MISSING_LEVEL}: counts in the legend (not drawn as bins)"]
     return fig, captions + _withheld(series)
 

@@ -251,6 +251,17 @@ def test_hist_lists_below_above_and_missing_in_the_legend_not_as_bins() -> None:
     assert all(len(heights(p)) == len(EDGES) - 1 for p in steps(ax).values())
 
 
+def test_hist_keeps_its_width_and_marks_a_withheld_bin_low_on_its_baseline() -> None:
+    """The legend's long labels go under the plot, and a withheld bin's band stays low: the released bins stay in
+    view (the cohort notebook's histogram was once a narrow strip beside its legend, hatched over its range)."""
+    fig = figures.plot(hist_result())
+    figures.png(fig, dpi=50)  # laid out as shown
+    ax = only_axes(fig)
+    assert ax.get_position().width > 0.7
+    (band,) = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_gid() == figures.WITHHELD_LABEL]
+    assert band.get_y() == 0.0 and band.get_height() <= 0.1 * ax.get_ylim()[1]
+
+
 def test_hist_pooled_is_one_step_with_the_withheld_bin_left_out() -> None:
     drawn = steps(only_axes(figures.plot(hist_result(), pooled=True)))
     assert list(drawn) == ["pooled"]

@@ -10,7 +10,7 @@ from flip_core.util import wait_until
 from flip_local.sites import local_policy
 
 from helpers import local_federation
-from kit import MEMORY_LIMIT_MB, RUNS_LIMIT, SITES, RedTeam
+from kit import MEMORY_LIMIT_MB, RUNS_LIMIT, SECOND_PROJECT, SITES, RedTeam
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,7 @@ def redteam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedTeam]:
     policy = local_policy()  # the development policy, with a run's memory at 2 GiB
     policy["projects"]["default"]["memory_limit_mb"] = MEMORY_LIMIT_MB
     policy["policy"]["runs_limit"] = RUNS_LIMIT  # and two runs at once (an attack passes it with three)
+    policy["projects"][SECOND_PROJECT] = dict(policy["projects"]["default"])  # where a researcher is in two
     with local_federation(home, sites=len(SITES), policy=policy) as connection:
         team = RedTeam(home, connection)
         client = team.client()

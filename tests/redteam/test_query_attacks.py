@@ -13,6 +13,7 @@ so the attacks run after each other, as a hostile researcher's would.
 
 from __future__ import annotations
 
+import getpass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from coordinator.config import add_token
 from flip_magics.client import FlipClient
 from site_agent.data.catalog import load_site
 from site_agent.data.formats import load_table
 
-from kit import SITES, RedTeam
+from kit import SECOND_PROJECT, SITES, RedTeam
 
 pytestmark = pytest.mark.integration
 
@@ -276,6 +278,20 @@ def test_missing_values_counted_apart_from_one_patient(redteam) -> None:
         client, "count", (), f"chol is null and not (age = {row.age:g} and trestbps = {row.trestbps:g})", site=other
     )
     assert minus(missing["cells"][0], cell(rest)) is None
+
+
+def test_a_count_in_one_project_less_a_count_in_another_of_the_same_researcher(redteam, truth) -> None:
+    """Differencing across projects: the researcher asks one count in their first project, and the same rows but
+    one patient in a second project they are also in."""
+    client = redteam.client()
+    target = one_patient(truth, truth.age > 57)
+    token = add_token(Path(redteam.connection["federation"]) / "coordinator.json", getpass.getuser(), SECOND_PROJECT)
+    elsewhere = FlipClient(redteam.connection["coordinator_url"], token)
+    first = ask(client, "count", (), "age > 57")
+    second = ask(elsewhere, "count", (), f"age > 57 and not ({target})")
+    assert cell(first) == int((truth.age > 57).sum())
+    assert elsewhere.query(DATASET, "count").raw["sites"][SITE]["table"]["total"] == len(truth)  # it may ask
+    assert minus(cell(first), cell(second)) is None
 
 
 def test_the_honest_questions_still_come_back(redteam, truth) -> None:
