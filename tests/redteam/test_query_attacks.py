@@ -243,6 +243,23 @@ def test_two_known_values_padding_with_their_counts(redteam, truth) -> None:
     assert estimate is None, f"patient's trestbps {patient.trestbps} came back as {estimate}"
 
 
+def test_a_median_between_as_many_known_low_as_high_values(redteam, truth) -> None:
+    """The k lowest and the k highest values of a column (each counted) and one patient between them: the
+    median of the 2k + 1 is the patient's value."""
+    client = redteam.client()
+    values = np.sort(truth.thalach.dropna().to_numpy())
+    k = next(k for k in range(15, 60) if (values < values[k]).sum() == k and (values > values[-k - 1]).sum() == k)
+    low, high = values[k], values[-k - 1]  # thalach < low: the k lowest; thalach > high: the k highest
+    where, patient = picked(truth, (truth.thalach > low) & (truth.thalach < high))
+    below = ask(client, "count", (), f"thalach < {low:g}")
+    above = ask(client, "count", (), f"thalach > {high:g}")
+    assert cell(below) == cell(above) == k  # as many below as above the patient
+    stats = ask(client, "stats", ("thalach",), f"thalach < {low:g} or thalach > {high:g} or ({where})")
+    got = {} if stats is None else stats["columns"]["thalach"]
+    median = (got.get("quantiles") or {}).get("p50")
+    assert median is None or median != patient.thalach, f"patient's thalach {patient.thalach} came back"
+
+
 def test_a_crosstab_cell_from_a_margin_and_the_rest_of_its_row(redteam, truth) -> None:
     """A withheld crosstab cell: its row's margin (``count by sex``) less the rest of the row asked for at once."""
     client = redteam.client()
