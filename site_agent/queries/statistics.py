@@ -16,7 +16,9 @@ threshold before anything leaves:
   threshold's number of rows (a mean of 0/1 values is a count of ones; a mean and std of three known values
   give each one's count), and the same for the sketch up to ``FEW_VALUES`` values (its chunks of sorted values
   give each value's count); otherwise at least the threshold's number of values must differ from the most
-  common one (a cohort padded with rows of one known value gives the one other value away);
+  common one (a cohort padded with rows of one known value gives the one other value away); and, for a column
+  of values none below zero, the p% rule of magnitude tables: no mean (nor std, quantiles, sketch) where all but
+  the two largest values add up to less than ``DOMINANCE_P`` percent of the largest (the sum would say it);
 - every set of rows whose count would leave (each cell, a total, a column's values) is first shown to the
   site's ledger of what it released before (``releases``, :class:`Releases`: ``site_agent.queries.ledger``
   at the site), which withholds it when it is within the threshold of a released set, or of a sum or
@@ -56,6 +58,7 @@ from site_agent.disclosure.suppression import line_is_safe, line_sets, protect
 MAX_LEVELS = 40  # distinct values a column may have to be counted by
 MAX_CENTROIDS = 100  # the most chunks a column's sketch is cut into
 FEW_VALUES = 10  # a column taking at most this many values in a cohort has each value's count checked
+DOMINANCE_P = 10  # the p% rule: a sum whose rest is under p% of its largest value is not released
 # how many columns each kind takes: (fewest, most); MISSING with none means every column
 COLUMN_LIMITS = {
     QueryKind.COUNT: (0, 3),
@@ -421,6 +424,8 @@ def _magnitudes(present: np.ndarray, threshold: int) -> tuple[bool, bool]:
     value must be held by at least ``threshold`` rows. With at most ``FEW_VALUES``, the sketch's consecutive chunks
     of sorted values give each value's count away: the same, for the sketch. With more, at least ``threshold``
     values must differ from the most common one (a cohort padded with rows of one known value and one patient)."""
+    if _dominated(present):
+        return False, False
     _, counts = np.unique(present, return_counts=True)
     rare = bool(counts.min() < threshold)
     if counts.size <= 3:
@@ -431,6 +436,18 @@ def _magnitudes(present: np.ndarray, threshold: int) -> tuple[bool, bool]:
     return spread, spread
 
 
+def _dominated(present: np.ndarray) -> bool:
+    """The p% rule of magnitude tables (tau-ARGUS, sdcMicro), for a column of values none below zero: its sum
+    (``n`` times the mean) is sensitive where all but its two largest values add up to less than ``DOMINANCE_P``
+    percent of the largest, so that the sum says the largest value to within that (the second largest's holder
+    could say it closer still)."""
+    if present.size < 2 or present.min() < 0:
+        return False
+    largest, second = np.sort(present)[-2:][::-1]
+    rest = float(present.sum()) - float(largest) - float(second)
+    return rest < DOMINANCE_P / 100 * float(largest)
+
+
 def _number(value: Any) -> float | None:
     """A plain float for JSON, None where it overflowed."""
     number = float(value)
@@ -439,6 +456,7 @@ def _number(value: Any) -> float | None:
 
 __all__ = [
     "COLUMN_LIMITS",
+    "DOMINANCE_P",
     "FEW_VALUES",
     "MAX_CENTROIDS",
     "MAX_LEVELS",

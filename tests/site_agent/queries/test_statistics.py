@@ -15,7 +15,7 @@ import pytest
 
 from flip_core.query import MAX_BINS, MISSING_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind, QueryRequest
 from site_agent.disclosure.suppression import line_is_safe, line_sets
-from site_agent.queries.statistics import FEW_VALUES, QueryRefused, answer
+from site_agent.queries.statistics import DOMINANCE_P, FEW_VALUES, QueryRefused, answer
 
 from helpers import heart_tables
 
@@ -453,3 +453,18 @@ def test_a_high_quantile_of_a_small_cohort_is_withheld() -> None:
     quantiles = answer(ask(QueryKind.STATS, ("chol",)), table, every(table), T)["columns"]["chol"]["quantiles"]
     assert quantiles["p95"] is None and quantiles["p5"] is None
     assert quantiles["p25"] == pytest.approx(np.quantile(table.chol, 0.25))
+
+
+def test_a_sum_dominated_by_its_largest_value_is_withheld_by_the_p_percent_rule() -> None:
+    """Values none below zero whose sum is almost all one patient's (days in hospital, a cost): the mean times n
+    would say that value to within 10%; with a real spread below it, the mean leaves."""
+    dominated = pd.DataFrame({"days": [0.0] * 30 + [0.1 * i for i in range(1, 13)] + [95.0]})
+    got = answer(ask(QueryKind.STATS, ("days",)), dominated, every(dominated), T)["columns"]["days"]
+    rest = dominated.days.sum() - 95.0 - 1.2
+    assert rest < DOMINANCE_P / 100 * 95.0 and got["mean"] is None and got["std"] is None and got["n"] == 43
+    spread = pd.DataFrame({"days": [float(i % 17) for i in range(60)] + [95.0]})
+    assert answer(ask(QueryKind.STATS, ("days",)), spread, every(spread), T)["columns"]["days"]["mean"] == (
+        pytest.approx(spread.days.mean())
+    )
+    negative = pd.DataFrame({"change": [-50.0] + [0.01 * i for i in range(40)] + [95.0]})  # not a magnitude
+    assert answer(ask(QueryKind.STATS, ("change",)), negative, every(negative), T)["columns"]["change"]["mean"]
