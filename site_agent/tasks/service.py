@@ -130,14 +130,13 @@ class TaskService:
         """The site's zygote (``site_agent.tasks.zygote``), started if the site is warm and has none, or lost the one
         it had; not again where one could not load (task processes then start anew: the log says why)."""
         with self._lock:
-            zygote = self.zygote
             if self._closed.is_set() or self.warm_seconds <= 0 or time.monotonic() - self.last_step > self.warm_seconds:
                 return
-            if zygote is not None and (not zygote.gone.is_set() or not zygote.ready.is_set()):
-                pass  # loading, loaded, or never could
-            else:
+            zygote = self.zygote
+            started = zygote is None or (zygote.gone.is_set() and zygote.ready.is_set())
+            if zygote is None or started:  # none yet, or the one it had ended after loading (not one that never could)
                 zygote = self.zygote = Zygote(self.site_root, task_environment())
-        if not zygote.wait_ready() and not zygote.ready.is_set():
+        if not zygote.wait_ready() and started:  # said once, by the call that started it
             log.warning("task processes start anew: their zygote could not load (see logs/task-processes.log)")
 
     @property
