@@ -9,12 +9,15 @@ returns one table of the same shape, plus ``sites`` (who is in it):
   table), so it adds 0 there. A pooled cell is withheld when *any* site that lists it withheld its
   own cell: the pooled value minus the other sites' released cells would give that site's cell
   back. ``withheld_by`` (parallel to ``cells``) names those sites; ``total`` is the sum of the sites'
-  totals, withheld if any site's is.
-- **column statistics**: ``n`` and ``missing`` are sums; ``mean`` and ``std`` are exact, pooled from
-  each site's n, mean and std with Chan, Golub and LeVeque's parallel update of n, mean and
-  M2 = std²·(n−1); the quantiles are read off the sites' merged sketches and marked
-  ``approximate``. Anything a site withheld makes the pooled value withheld (``withheld_by`` per
-  field says whose).
+  totals, withheld if any site's is. ``noise`` (parallel to ``cells``) is the most a pooled cell can be off:
+  the sum of the ``noise`` of the sites whose released counts are in it (each site moves its counts by at most
+  its own, ``site_agent.queries.perturbation``); ``total_noise`` the same of the total.
+- **column statistics**: ``n`` and ``missing`` are sums (``noise``: the most each can be off);
+  ``mean`` and ``std`` are pooled from each site's n, mean and std with Chan, Golub and LeVeque's
+  parallel update of n, mean and M2 = std²·(n−1), exact where every site's counts are, and marked
+  ``approximate`` where any site moved its counts (and with them its mean and std, a little); the
+  quantiles are read off the sites' merged sketches and marked ``approximate``. Anything a site
+  withheld makes the pooled value withheld (``withheld_by`` per field says whose).
 
 Pure: numpy, no I/O.
 """
@@ -88,12 +91,14 @@ def _pool_counts(kind: QueryKind, tables: dict[str, dict[str, Any]]) -> dict[str
     shape = tuple(len(labels) for labels in levels)
     sums = np.zeros(math.prod(shape), dtype=np.int64)
     withheld_by: list[list[str]] = [[] for _ in range(sums.size)]
+    noise = np.zeros(sums.size, dtype=np.int64)
     for site, table in tables.items():
         for target, cell in zip(_targets(site, table, levels, shape).tolist(), table["cells"], strict=True):
             if cell is None:
                 withheld_by[target].append(site)
             else:
                 sums[target] += int(cell)
+                noise[target] += _noise(table)
     totals = [table.get("total") for table in tables.values()]
     pooled: dict[str, Any] = {
         "dims": dims,
@@ -101,6 +106,8 @@ def _pool_counts(kind: QueryKind, tables: dict[str, dict[str, Any]]) -> dict[str
         "cells": [None if who else int(s) for s, who in zip(sums.tolist(), withheld_by, strict=True)],
         "total": _sum(totals),
         "withheld_by": withheld_by,
+        "noise": [0 if who else int(d) for d, who in zip(noise.tolist(), withheld_by, strict=True)],
+        "total_noise": sum(_noise(table) for table in tables.values()),
         "sites": list(tables),
     }
     if edges is not None:
@@ -124,18 +131,30 @@ def _targets(site: str, table: dict[str, Any], levels: list[list[str]], shape: t
 def _pool_statistics(tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
     names = list(dict.fromkeys(name for table in tables.values() for name in table.get("columns", {})))
     columns = {
-        name: _pool_column({site: t.get("columns", {}).get(name) for site, t in tables.items()}) for name in names
+        name: _pool_column({site: t.get("columns", {}).get(name) for site, t in tables.items()}, _noises(tables))
+        for name in names
     }
     totals = [table.get("total") for table in tables.values()]
     return {
         "columns": columns,
         "total": _sum(totals),
+        "total_noise": sum(_noise(table) for table in tables.values()),
         "sites": list(tables),
     }
 
 
-def _pool_column(parts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
-    """One column's statistics over the sites (a site without the column counts as having withheld it)."""
+def _noise(table: dict[str, Any]) -> int:
+    """The most a site's released counts are off (``noise`` in its table; none from a site before it existed)."""
+    return int(table.get("noise") or 0)
+
+
+def _noises(tables: dict[str, dict[str, Any]]) -> dict[str, int]:
+    return {site: _noise(table) for site, table in tables.items()}
+
+
+def _pool_column(parts: dict[str, dict[str, Any] | None], noises: dict[str, int] | None = None) -> dict[str, Any]:
+    """One column's statistics over the sites (a site without the column counts as having withheld it);
+    ``noises``: the most each site's counts are off."""
     entries = {site: entry or {} for site, entry in parts.items()}
     withheld_by: dict[str, list[str]] = {}
     for field in STAT_FIELDS:
@@ -146,6 +165,7 @@ def _pool_column(parts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     ns = [e.get("n") for e in entries.values()]
     missing = [e.get("missing") for e in entries.values()]
     described = [e for e in entries.values() if e.get("n") != 0]  # sites with values (or a withheld n)
+    moved = sum((noises or {}).get(site, 0) for site in entries)
     mean, std = _pooled_moments(described)
     sketch = _merged_sketch(described)
     quantiles = _sketch_quantiles(sketch) if sketch is not None else None
@@ -156,7 +176,8 @@ def _pool_column(parts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
         "std": std,
         "quantiles": quantiles,
         "sketch": sketch,
-        "approximate": ["quantiles"],
+        "approximate": (["mean", "std"] if moved else []) + ["quantiles"],
+        "noise": {"n": moved, "missing": moved},
         "withheld_by": withheld_by,
     }
 
@@ -190,7 +211,7 @@ def _merged_sketch(entries: list[dict[str, Any]]) -> list[list[Any]] | None:
         sketch = entry.get("sketch")
         if sketch is None:
             return None
-        centroids += [[float(m), int(w)] for m, w in sketch]
+        centroids += [[float(m), float(w)] for m, w in sketch]
     return sorted(centroids, key=lambda c: c[0]) if centroids else None
 
 

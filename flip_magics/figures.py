@@ -5,6 +5,8 @@ Pure plotting, no IPython: :func:`plot` builds a fresh :class:`matplotlib.figure
 pyplot's global state), so nothing leaks between calls and it renders headless (Agg, papermill).
 A withheld value is never drawn as zero: nothing is drawn there, a mark says it was withheld
 (an "×" at the baseline, a hatched band, a grey cell) and the caption says what withheld means.
+A perturbed count (``noise`` in the answer) has an error bar of its most possible move where it is a
+bar, and the caption says by how much the sites move their counts.
 A mock answer's figure carries "MOCK" in its title and as a watermark across it.
 """
 
@@ -30,12 +32,13 @@ from matplotlib.patches import Patch, Rectangle
 
 from flip_core.query import MISSING_LEVEL, QUANTILE_NAMES, QueryKind
 
-__all__ = ["MAX_SITE_PANELS", "WITHHELD_CAPTION", "WITHHELD_LABEL", "Answer", "plot", "png"]
+__all__ = ["MAX_SITE_PANELS", "PERTURBED_LABEL", "WITHHELD_CAPTION", "WITHHELD_LABEL", "Answer", "plot", "png"]
 
 Floats = npt.NDArray[np.float64]
 
 WITHHELD_CAPTION = "withheld: value under a site's disclosure threshold (or its complement)"
 WITHHELD_LABEL = "withheld"
+PERTURBED_LABEL = "_perturbed"  # (a leading underscore keeps it out of the legend)
 WITHHELD_COLOUR = "#b0b0b0"
 POOLED_COLOUR = "#404040"
 MAX_SITE_PANELS = 8  # heat maps by site: small multiples beyond this are unreadable
@@ -80,6 +83,7 @@ class _Series:
     name: str
     colour: str
     values: Floats
+    noise: Floats | None = None  # the most each value may be off (cell-key perturbation); None: exact
 
 
 def plot(result: Answer, pooled: bool | None = None) -> Figure:
@@ -132,7 +136,7 @@ def _layout(result: Answer) -> tuple[list[str], list[list[str]]]:
         if table and "dims" in table:
             return [str(d) for d in table["dims"]], [[str(x) for x in labels] for labels in table["levels"]]
     frame = result.pooled if not result.pooled.empty else result.sites
-    dims = [str(c) for c in frame.columns if c not in ("site", "count", "hash")]
+    dims = [str(c) for c in frame.columns if c not in ("site", "count", "hash", "noise")]
     return dims, [list(dict.fromkeys(str(x) for x in frame[d])) for d in dims]
 
 
@@ -141,22 +145,29 @@ def _floats(values: Iterable[Any]) -> Floats:
     return np.array([math.nan if v is None or pd.isna(v) else float(v) for v in values], dtype=np.float64)
 
 
-def _grid(frame: pd.DataFrame, dims: list[str], levels: list[list[str]]) -> Floats:
-    """A count frame as an array over ``levels`` (a level a site does not list counts 0 there, as pooled)."""
+def _grid(frame: pd.DataFrame, dims: list[str], levels: list[list[str]], column: str = "count") -> Floats:
+    """A count frame's ``column`` as an array over ``levels`` (a level a site does not list counts 0 there, as
+    pooled)."""
     grid = np.zeros(tuple(len(labels) for labels in levels), dtype=np.float64)
     where = [{label: i for i, label in enumerate(labels)} for labels in levels]
     keys = zip(*(frame[d].astype(str) for d in dims), strict=True) if dims else [()] * len(frame)
-    for key, value in zip(keys, _floats(frame["count"]), strict=True):
+    for key, value in zip(keys, _floats(frame[column]), strict=True):
         grid[tuple(w[k] for w, k in zip(where, key, strict=True))] = value
     return grid
 
 
+def _one_series(name: str, colour: str, frame: pd.DataFrame, dims: list[str], levels: list[list[str]]) -> _Series:
+    noise = _grid(frame, dims, levels, "noise") if "noise" in frame.columns else None
+    moved = noise is not None and np.nanmax(noise, initial=0) > 0
+    return _Series(name, colour, _grid(frame, dims, levels), noise if moved else None)
+
+
 def _series(result: Answer, pooled: bool, dims: list[str], levels: list[list[str]]) -> list[_Series]:
     if pooled:
-        return [_Series("pooled", POOLED_COLOUR, _grid(result.pooled, dims, levels))]
+        return [_one_series("pooled", POOLED_COLOUR, result.pooled, dims, levels)]
     sites = result.sites
     return [
-        _Series(name, _colour(i), _grid(sites[sites["site"] == name], dims, levels))
+        _one_series(name, _colour(i), sites[sites["site"] == name], dims, levels)
         for i, name in enumerate(_sites(result))
     ]
 
@@ -183,7 +194,10 @@ def _bars(
     if kind is QueryKind.MISSING and dims == ["column", "state"]:
         state = levels[1].index("missing") if "missing" in levels[1] else 0
         labels, xlabel, ylabel = levels[0], "column", "rows missing"
-        series = [_Series(s.name, s.colour, s.values[:, state]) for s in series]
+        series = [
+            _Series(s.name, s.colour, s.values[:, state], None if s.noise is None else s.noise[:, state])
+            for s in series
+        ]
     elif not dims:
         labels, xlabel = ["cohort" if kind is QueryKind.COHORT else "all rows"], ""
     else:
@@ -194,6 +208,10 @@ def _bars(
         xs = np.arange(len(labels), dtype=np.float64) + (i - (len(series) - 1) / 2) * width
         shown = ~np.isnan(values)
         ax.bar(xs[shown], values[shown], width=width * 0.95, color=one.colour, label=one.name)
+        if one.noise is not None:  # how far each count may be from the truth
+            noise = one.noise.ravel()[shown]
+            bars = ax.errorbar(xs[shown], values[shown], yerr=noise, fmt="none", ecolor="black", capsize=2)
+            bars.set_label(PERTURBED_LABEL)
         if not shown.all():
             _withheld_marks(ax, xs[~shown], one.colour)
     _ticks(ax, labels)
@@ -355,7 +373,11 @@ def _stats(result: Answer, pooled: bool) -> tuple[Figure, list[str]]:
         handles.append(_withheld_handle())
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
     captions = ["box p25–p75, line median, whiskers p5–p95 (no minimum or maximum is released)"]
-    captions.append("pooled quantiles are approximate (merged sketches); pooled n and mean are exact")
+    if _most_noise(result):
+        captions.append("pooled n, mean and std are approximate (the sites' counts are perturbed), and so are the "
+                        "pooled quantiles (merged sketches)")  # fmt: skip
+    else:
+        captions.append("pooled quantiles are approximate (merged sketches); pooled n and mean are exact")
     return fig, captions + ([WITHHELD_CAPTION] if withheld else [])
 
 
@@ -423,6 +445,16 @@ def _figure(size: tuple[float, float] = FIGSIZE) -> Figure:
     return Figure(figsize=size)
 
 
+def _most_noise(result: Answer) -> int:
+    """The most any site moved its released counts (0: every count is exact)."""
+    sites = (result.raw or {}).get("sites", {})
+    return max((int((one.get("table") or {}).get("noise") or 0) for one in sites.values()), default=0)
+
+
+def _has_error_bars(fig: Figure) -> bool:
+    return any(c.get_label() == PERTURBED_LABEL for ax in fig.axes for c in ax.containers)
+
+
 def _nothing_caption(pooled: bool) -> str:
     return "no pooled table: no site released an answer" if pooled else "no site released an answer"
 
@@ -431,6 +463,11 @@ def _finish(fig: Figure, result: Answer, captions: list[str]) -> Figure:
     """The title, the caption lines under the plot, the mock watermark; the layout leaves room for them."""
     fig.suptitle(result.title(), fontsize=11)
     lines = list(captions)
+    if most := _most_noise(result):
+        lines.append(
+            f"counts are perturbed: each site's by at most ±{most} (the same rows always give the same count), "
+            "pooled ones by at most the sum over the sites in them" + (" (error bars)" if _has_error_bars(fig) else "")
+        )
     if result.refused:
         lines.append("not shown (did not answer): " + ", ".join(sorted(result.refused)))
     if not fig.axes:

@@ -2,8 +2,11 @@
 
 No IPython here. The coordinator answers ``POST /api/queries`` with each site's released table
 and the pooled one (``flip_core.query`` says their shapes); this module turns them into tidy
-frames. A withheld value is ``<NA>`` (counts) or ``NaN`` (statistics), never a number, and the
-sentences in ``notes`` say what was withheld, by whom, and what is approximate.
+frames. A withheld value is ``<NA>`` (counts) or ``NaN`` (statistics), never a number; beside each
+count, ``noise`` says the most it may be off (0: exact; a site moves its released counts by at most
+its own, the same rows always by the same amount; a pooled count by at most the sum over the sites in
+it); in ``stats``, ``noise`` is that of ``n`` and ``missing``. The sentences in ``notes`` say what was
+withheld, by whom, what is perturbed and what is approximate.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class QueryResult:
     def wide(self, pooled: bool = True) -> pd.DataFrame:
         """A crosstab (or a count by two columns) as a grid: the first column down, the second across."""
         frame = self.pooled if pooled else self.sites
-        dims = [c for c in frame.columns if c not in ("site", "count")]
+        dims = [c for c in frame.columns if c not in ("site", "count", "noise")]
         if len(dims) != 2:
             raise ValueError("wide() needs a count by exactly two columns")
         index = [*(["site"] if not pooled else []), dims[0]]
@@ -105,6 +108,11 @@ def _count_frame(table: dict[str, Any]) -> pd.DataFrame:
     rows = [dict(zip(dims, combo, strict=True)) for combo in product(*levels)] if dims else [{}]
     frame = pd.DataFrame(rows, columns=dims)
     frame["count"] = pd.array(table["cells"], dtype="Int64")
+    noise = table.get("noise") or 0
+    most = noise if isinstance(noise, list) else [noise] * len(table["cells"])  # pooled: per cell; a site: one
+    frame["noise"] = pd.array(
+        [None if c is None else int(d) for c, d in zip(table["cells"], most, strict=True)], dtype="Int64"
+    )
     return frame
 
 
@@ -114,9 +122,10 @@ def _stats_frame(table: dict[str, Any]) -> pd.DataFrame:
         row: dict[str, Any] = {"column": column, **{k: stats.get(k) for k in STAT_FIELDS}}
         quantiles = stats.get("quantiles") or {}
         row.update({q: quantiles.get(q) for q in QUANTILE_NAMES})
+        row["noise"] = int((stats.get("noise") or {}).get("n", table.get("noise") or 0))  # pooled: per column
         rows.append(row)
-    frame = pd.DataFrame(rows, columns=["column", *STAT_FIELDS, *QUANTILE_NAMES])
-    for name in ("n", "missing"):
+    frame = pd.DataFrame(rows, columns=["column", *STAT_FIELDS, *QUANTILE_NAMES, "noise"])
+    for name in ("n", "missing", "noise"):
         frame[name] = pd.array(frame[name].tolist(), dtype="Int64")
     for name in ("mean", "std", *QUANTILE_NAMES):
         frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(float)
@@ -177,6 +186,19 @@ def notes(kind: QueryKind, answer: dict[str, Any]) -> list[str]:
         lists = list(pooled.get("withheld_by") or [])
     if sites := sorted({s for names in lists for s in names}):
         out.append(f"pooled values are withheld where a site withheld its own ({', '.join(sites)})")
-    if kind == QueryKind.STATS:
+    moved = {site: int((s.get("table") or {}).get("noise") or 0) for site, s in answer["sites"].items()}
+    if any(moved.values()):
+        out.append(
+            "counts are perturbed by at most ± their noise ("
+            + ", ".join(f"{site} {d}" for site, d in moved.items())
+            + "; pooled: the sum over the sites in a cell): the same rows always give the same count, and no "
+            "difference of two counts is exact"
+        )
+    if kind == QueryKind.STATS and any(moved.values()):
+        out.append(
+            "pooled n, mean and std are approximate (each site's n is perturbed, and its mean and std by at most "
+            "std/n); pooled quantiles are approximate (merged sketches)"
+        )
+    elif kind == QueryKind.STATS:
         out.append("pooled n, mean and std are exact; pooled quantiles are approximate (merged sketches)")
     return out

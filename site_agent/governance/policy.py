@@ -10,6 +10,7 @@ the network or looks at data: the agent gathers the facts, this module decides.
 
     [policy]
     disclosure_threshold = 10        # the least any project may use
+    count_noise = 2                  # every released count moves by at most this (cell-key perturbation; 0: exact)
     # what every run's task process is held to here (site_agent.tasks.service, site_agent.sandbox):
     result_limit_mb = 64             # a step's result (default: none set, the step's own size plus 1 MiB)
     log_limit_mb = 8                 # a step's output kept in the site's log (then cut, with a note)
@@ -27,6 +28,7 @@ the network or looks at data: the agent gathers the facts, this module decides.
     metrics = ["loss", "accuracy"]   # the metric names that may leave (default ["*"]: any the task declared)
     auto_approve = false             # true: code runs without an admin's approval (development)
     disclosure_threshold = 10
+    count_noise = 2                  # at least the site's
     dp_required = false
     max_epsilon = 8.0                # privacy budget of this project at this site (all its runs together)
     dp_delta = 1e-5                  # the delta at which this site accounts epsilon
@@ -43,6 +45,8 @@ from typing import Any
 from flip_core.errors import ConfigError
 
 DEFAULT_THRESHOLD = 10
+DEFAULT_COUNT_NOISE = 2  # the most a released count moves (site_agent.queries.perturbation)
+MAX_COUNT_NOISE = 50
 TASK_KINDS = ("train", "query")
 DEFAULT_TASKS = ("train",)
 ANY = "*"
@@ -65,6 +69,7 @@ class ProjectPolicy:
     metrics: tuple[str, ...] = (ANY,)
     auto_approve: bool = False
     disclosure_threshold: int = DEFAULT_THRESHOLD
+    count_noise: int = DEFAULT_COUNT_NOISE
     dp_required: bool = False
     max_epsilon: float | None = None
     dp_delta: float = 1e-5
@@ -100,6 +105,7 @@ class SitePolicy:
     projects: dict[str, ProjectPolicy] = field(default_factory=dict)
     disclosure_threshold: int = DEFAULT_THRESHOLD
     limits: TaskLimits = field(default_factory=TaskLimits)
+    count_noise: int = DEFAULT_COUNT_NOISE
 
     def project(self, name: str) -> ProjectPolicy | None:
         return self.projects.get(name)
@@ -113,6 +119,12 @@ class SitePolicy:
         """The disclosure threshold for ``project`` (the site's, for a project it does not know)."""
         found = self.projects.get(project)
         return max(self.disclosure_threshold, found.disclosure_threshold if found else 0)
+
+    def noise(self, project: str) -> int:
+        """The most a count released to ``project`` moves from the truth (the site's, for a project it does not
+        know): the same rows always move by the same amount (``site_agent.queries.perturbation``)."""
+        found = self.projects.get(project)
+        return max(self.count_noise, found.count_noise if found else 0)
 
     def admitted(self, dataset: str) -> tuple[str, ...]:
         """The approved projects that may use ``dataset`` here (what the site announces of it: only they see it)."""
@@ -192,7 +204,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
     section = raw.get("policy", {})
     if not isinstance(section, dict):
         raise PolicyError("[policy] must be a table")
-    unknown = set(section) - {"disclosure_threshold", *LIMIT_KEYS}
+    unknown = set(section) - {"disclosure_threshold", "count_noise", *LIMIT_KEYS}
     if unknown:
         raise PolicyError(f"[policy] has unknown setting(s): {', '.join(sorted(unknown))}")
     floor = int(
@@ -203,6 +215,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
             least=1,
         )
     )
+    noise = _count_noise("[policy] count_noise", section.get("count_noise", DEFAULT_COUNT_NOISE))
     projects: dict[str, ProjectPolicy] = {}
     for name, body in (raw.get("projects") or {}).items():
         where = f"[projects.{name}]"
@@ -219,6 +232,9 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
         )
         if threshold < floor:
             raise PolicyError(f"{where} disclosure_threshold {threshold} is below the site's {floor}")
+        own_noise = _count_noise(f"{where} count_noise", body.get("count_noise", noise))
+        if own_noise < noise:
+            raise PolicyError(f"{where} count_noise {own_noise} is below the site's {noise}")
         epsilon = body.get("max_epsilon")
         projects[name] = ProjectPolicy(
             name=name,
@@ -230,6 +246,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
             query_columns=_names(f"{where} query_columns", body.get("query_columns", [ANY])),
             auto_approve=_flag(f"{where} auto_approve", body.get("auto_approve", False)),
             disclosure_threshold=threshold,
+            count_noise=own_noise,
             dp_required=_flag(f"{where} dp_required", body.get("dp_required", False)),
             max_epsilon=None if epsilon is None else _number(f"{where} max_epsilon", epsilon),
             dp_delta=_delta(f"{where} dp_delta", body.get("dp_delta", 1e-5)),
@@ -238,7 +255,16 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
                 _number(f"{where} memory_limit_mb", body.get("memory_limit_mb", 4096), integer=True, least=64)
             ),
         )
-    return SitePolicy(site=site, projects=projects, disclosure_threshold=floor, limits=_limits(section))
+    return SitePolicy(
+        site=site, projects=projects, disclosure_threshold=floor, limits=_limits(section), count_noise=noise
+    )
+
+
+def _count_noise(where: str, value: Any) -> int:
+    number = int(_number(where, value, integer=True))
+    if number > MAX_COUNT_NOISE:
+        raise PolicyError(f"{where} must be at most {MAX_COUNT_NOISE}")
+    return number
 
 
 def _limits(section: dict[str, Any]) -> TaskLimits:

@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from site_agent.queries.perturbation import cell_key, jitter, perturbed
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -68,6 +70,7 @@ class RowSet:
     size: int
     text: str = ""
     mass: int = 0  # the sum of its rows' keys, modulo 2**64: sets that add up exactly have masses that do
+    tag: str = ""  # "": its count left; "values of COLUMN": magnitudes of that column over it left (and its count)
     folded: np.ndarray = field(init=False, repr=False, compare=False)  # int64[FOLDED]: the sketch, coarser
 
     def __post_init__(self) -> None:
@@ -117,13 +120,13 @@ def row_keys(table: pd.DataFrame, key: bytes) -> np.ndarray:
         return np.asarray(x ^ words[3], dtype=np.uint64)
 
 
-def row_set(keys: np.ndarray, rows: np.ndarray, key: bytes, text: str = "") -> RowSet:
+def row_set(keys: np.ndarray, rows: np.ndarray, key: bytes, text: str = "", tag: str = "") -> RowSet:
     """The entry of the rows at positions ``rows`` of a table whose row keys are ``keys``."""
     chosen = np.sort(np.asarray(keys, dtype=np.uint64)[np.asarray(rows, dtype=np.intp)])
     sketch = np.bincount((chosen % np.uint64(BUCKETS)).astype(np.intp), minlength=BUCKETS).astype(np.int64)
     digest = hashlib.blake2b(chosen.tobytes(), key=key, digest_size=16).hexdigest()
     mass = int(chosen.sum(dtype=np.uint64)) if chosen.size else 0
-    return RowSet(sketch, digest, int(chosen.size), text, mass)
+    return RowSet(sketch, digest, int(chosen.size), text, mass, tag)
 
 
 class Check:
@@ -249,7 +252,7 @@ class QueryLedger:
         self.key = site_key(site_dir)
         self._lock = threading.Lock()
         self._entries: dict[str, list[tuple[str, str, RowSet]]] = {}  # dataset → (project, researcher, set)
-        self._digests: set[tuple[str, str, str, str]] = set()
+        self._digests: set[tuple[str, str, str, str, str]] = set()
         self._load()
 
     def _load(self) -> None:
@@ -260,12 +263,17 @@ class QueryLedger:
             if line.strip():
                 row = json.loads(line)
                 entry = RowSet(
-                    _decode(row["sketch"]), row["digest"], int(row["size"]), row.get("text", ""), int(row["mass"])
+                    _decode(row["sketch"]),
+                    row["digest"],
+                    int(row["size"]),
+                    row.get("text", ""),
+                    int(row["mass"]),
+                    row.get("tag", ""),
                 )
                 self._add(row["project"], row["researcher"], row["dataset"], entry)
 
     def _add(self, project: str, researcher: str, dataset: str, entry: RowSet) -> bool:
-        seen = (project, researcher, dataset, entry.digest)
+        seen = (project, researcher, dataset, entry.digest, entry.tag)
         if seen in self._digests:
             return False
         self._digests.add(seen)
@@ -275,8 +283,8 @@ class QueryLedger:
     def keys(self, table: pd.DataFrame) -> np.ndarray:
         return row_keys(table, self.key)
 
-    def row_set(self, keys: np.ndarray, rows: np.ndarray, text: str = "") -> RowSet:
-        return row_set(keys, rows, self.key, text)
+    def row_set(self, keys: np.ndarray, rows: np.ndarray, text: str = "", tag: str = "") -> RowSet:
+        return row_set(keys, rows, self.key, text, tag)
 
     def answered(self, scope: Scope, keys: np.ndarray) -> list[RowSet]:
         """The sets a new one in ``scope`` is checked against: the whole table, then those released in scope."""
@@ -289,9 +297,10 @@ class QueryLedger:
             if project == scope.project or researcher == scope.researcher
         ]
 
-    def pending(self, scope: Scope, keys: np.ndarray, threshold: int) -> Pending:
-        """One query's use of the ledger (``keys``: the dataset's row keys, :meth:`keys`)."""
-        return Pending(self, scope, keys, threshold)
+    def pending(self, scope: Scope, keys: np.ndarray, threshold: int, noise: int = 0) -> Pending:
+        """One query's use of the ledger (``keys``: the dataset's row keys, :meth:`keys`; ``noise``: the most a
+        released count moves, ``site_agent.queries.perturbation``)."""
+        return Pending(self, scope, keys, threshold, noise)
 
     def record(self, scope: Scope, released: Sequence[RowSet]) -> None:
         """Enter ``released`` (each set once per project and researcher: the same set again adds nothing)."""
@@ -308,6 +317,7 @@ class QueryLedger:
                                 "digest": entry.digest,
                                 "size": entry.size,
                                 "mass": entry.mass,
+                                "tag": entry.tag,
                                 "sketch": _encode(entry.sketch),
                                 "text": entry.text[:300],
                                 "time": time.time(),
@@ -323,21 +333,29 @@ class QueryLedger:
 class Pending:
     """One query's use of the ledger, as ``site_agent.queries.statistics.Releases``: candidate sets checked against
     what was released in scope (and earlier in this query), the sets that leave collected and entered at
-    :meth:`commit`, once the reply is sure to leave."""
+    :meth:`commit`, once the reply is sure to leave, and each count that leaves moved by its cell key.
 
-    def __init__(self, ledger: QueryLedger, scope: Scope, keys: np.ndarray, threshold: int) -> None:
-        self.ledger, self.scope, self.keys, self.threshold = ledger, scope, keys, threshold
+    Sets are checked by what left of them (their ``tag``): a count (``""``) against every set whose count left, the
+    values of a column (their mean, std, quantiles) against the sets whose values *of that column* left, since only
+    two magnitudes of the same column over nearly the same rows give a patient's value away."""
+
+    def __init__(self, ledger: QueryLedger, scope: Scope, keys: np.ndarray, threshold: int, noise: int = 0) -> None:
+        self.ledger, self.scope, self.keys, self.threshold, self.noise = ledger, scope, keys, threshold, noise
         self.answered = ledger.answered(scope, keys)
         self.released: list[RowSet] = []
         self.withheld: list[dict[str, str]] = []  # what the ledger withheld, and why (for the audit log)
 
+    def _before(self, tag: str) -> list[RowSet]:
+        every = [*self.answered, *self.released]
+        return every if not tag else [entry for entry in every if entry.tag == tag]
+
     def why(self, rows: np.ndarray, text: str) -> str | None:
         """Why the set ``rows`` may not be released (in words), or None."""
-        return Check([*self.answered, *self.released], self.threshold).why(self.ledger.row_set(self.keys, rows, text))
+        return Check(self._before(""), self.threshold).why(self.ledger.row_set(self.keys, rows, text))
 
-    def blocked(self, sets: list[tuple[np.ndarray, str]]) -> list[bool]:
-        candidates = [self.ledger.row_set(self.keys, rows, text) for rows, text in sets]
-        check = Check([*self.answered, *self.released], self.threshold, extra=candidates)
+    def blocked(self, sets: list[tuple[np.ndarray, str]], tag: str = "") -> list[bool]:
+        candidates = [self.ledger.row_set(self.keys, rows, text, tag) for rows, text in sets]
+        check = Check(self._before(tag), self.threshold, extra=candidates)
         verdicts = []
         for candidate in candidates:
             why = check.why(candidate)
@@ -348,8 +366,17 @@ class Pending:
             verdicts.append(why is not None)
         return verdicts
 
-    def release(self, rows: np.ndarray, text: str) -> None:
-        self.released.append(self.ledger.row_set(self.keys, rows, text))
+    def release(self, rows: np.ndarray, text: str, tag: str = "") -> int:
+        """Enter the set ``rows`` as leaving; the count that leaves for it (its cell key's move applied)."""
+        entry = self.ledger.row_set(self.keys, rows, text, tag)
+        self.released.append(entry)
+        return perturbed(entry.size, cell_key(entry.digest, self.ledger.key), self.noise, self.threshold)
+
+    def jitter(self, rows: np.ndarray, what: str) -> float:
+        """A fraction in [-1, 1) fixed by the set ``rows`` and ``what`` of it moves (0 where counts do not move)."""
+        if self.noise <= 0:
+            return 0.0
+        return jitter(cell_key(self.ledger.row_set(self.keys, rows).digest, self.ledger.key, what))
 
     def commit(self) -> None:
         self.ledger.record(self.scope, self.released)

@@ -104,7 +104,8 @@ class QueryService:
             if barred := query_columns_refused(policy, request.project, named):
                 return QueryReply(name, StepStatus.REFUSED, barred, threshold)
             rows = mask(cohort, table)
-            pending = self.ledger.pending(Scope(request.project, request.researcher, request.dataset), keys, threshold)
+            scope = Scope(request.project, request.researcher, request.dataset)
+            pending = self.ledger.pending(scope, keys, threshold, policy.noise(request.project))
             if withheld is not None:
                 pending.withheld = withheld
             chosen = np.flatnonzero(rows)

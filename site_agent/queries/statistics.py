@@ -76,24 +76,37 @@ class QueryRefused(FlipError):
 class Releases(Protocol):
     """The site's ledger of released sets of rows, as :func:`answer` asks it (row positions of the site table)."""
 
-    def blocked(self, sets: list[tuple[np.ndarray, str]]) -> list[bool]:
-        """For each candidate set (its rows, in words), whether it is too close to what was released before; the
-        candidates of one call may be released together."""
+    noise: int  # the most a released count moves from the truth (0: counts leave exact)
+
+    def blocked(self, sets: list[tuple[np.ndarray, str]], tag: str = "") -> list[bool]:
+        """For each candidate set (its rows, in words), whether it is too close to what was released before (of the
+        same ``tag``: ``""``, a count; ``"values of COLUMN"``, that column's magnitudes); the candidates of one call
+        may be released together."""
         ...
 
-    def release(self, rows: np.ndarray, text: str) -> None:
-        """``rows``' count is leaving: enter the set."""
+    def release(self, rows: np.ndarray, text: str, tag: str = "") -> int:
+        """``rows``' count is leaving: enter the set; the count that leaves (moved by the set's cell key)."""
+        ...
+
+    def jitter(self, rows: np.ndarray, what: str) -> float:
+        """A fraction in [-1, 1) fixed by the set and ``what`` of it (0 where counts leave exact)."""
         ...
 
 
 class Unchecked:
-    """No ledger: nothing blocked, nothing entered (a mock's summaries, the unit tests of the rules alone)."""
+    """No ledger: nothing blocked, nothing entered, nothing moved (a mock's summaries, the unit tests of the rules
+    alone)."""
 
-    def blocked(self, sets: list[tuple[np.ndarray, str]]) -> list[bool]:
+    noise = 0
+
+    def blocked(self, sets: list[tuple[np.ndarray, str]], tag: str = "") -> list[bool]:
         return [False] * len(sets)
 
-    def release(self, rows: np.ndarray, text: str) -> None:
-        pass
+    def release(self, rows: np.ndarray, text: str, tag: str = "") -> int:
+        return int(np.asarray(rows).size)
+
+    def jitter(self, rows: np.ndarray, what: str) -> float:
+        return 0.0
 
 
 UNCHECKED = Unchecked()
@@ -208,12 +221,16 @@ class _Ledger:
     def __init__(self, releases: Releases, said: str) -> None:
         self.releases = releases
         self.said = said[:200]
+        self.noise = int(getattr(releases, "noise", 0))
 
-    def blocked(self, sets: list[tuple[np.ndarray, str]]) -> list[bool]:
-        return self.releases.blocked([(rows, f"{self.said}: {what}") for rows, what in sets]) if sets else []
+    def blocked(self, sets: list[tuple[np.ndarray, str]], tag: str = "") -> list[bool]:
+        return self.releases.blocked([(rows, f"{self.said}: {what}") for rows, what in sets], tag) if sets else []
 
-    def release(self, rows: np.ndarray, what: str) -> None:
-        self.releases.release(rows, f"{self.said}: {what}")
+    def release(self, rows: np.ndarray, what: str, tag: str = "") -> int:
+        return self.releases.release(rows, f"{self.said}: {what}", tag)
+
+    def jitter(self, rows: np.ndarray, what: str) -> float:
+        return self.releases.jitter(rows, what)
 
 
 def _cell_rows(cohort: np.ndarray, codes: np.ndarray, size: int) -> list[np.ndarray]:
@@ -284,15 +301,15 @@ def _released(
         withheld = protect(counts, lines, threshold, forced)
     whole = np.arange(counts.size, dtype=np.intp)
     total_safe = n >= threshold and not total_blocked and line_is_safe(counts, withheld, whole, threshold)
+    released: list[int | None] = [None] * counts.size
     for c in np.flatnonzero(~withheld).tolist():
-        ledger.release(cells[c], names[c])
-    if total_safe:
-        ledger.release(cohort, "total")
+        released[c] = ledger.release(cells[c], names[c])
     return {
         "dims": list(dims),
         "levels": [list(labels) for labels in levels],
-        "cells": [None if hide else int(count) for count, hide in zip(counts.tolist(), withheld.tolist(), strict=True)],
-        "total": n if total_safe else None,
+        "cells": released,
+        "total": ledger.release(cohort, "total") if total_safe else None,
+        "noise": ledger.noise,
     }
 
 
@@ -366,56 +383,94 @@ def _missing_table(
 def _column_statistics(
     columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
 ) -> dict[str, Any]:
-    """Each column's statistics; the cohort's size and each column's ``n`` entered in the ledger as released.
-    (The ledger checks the cohort only: a column's ``n`` differs from the cohort's size by its missing values,
-    released with it by design, see :func:`_one_column`.)"""
+    """Each column's statistics (:func:`_one_column`) and the cohort's size, as they leave.
+
+    A column's values are a set of rows in the ledger of their own kind (``values of COLUMN``): their magnitudes are
+    withheld where they are within the threshold of values of the same column released before, or of a sum or
+    difference of two (two means over nearly the same rows give the rows between them away). Its ``n`` leaves as a
+    count of that set, moved by its cell key; its ``missing`` as the count of the rows without a value, withheld
+    under the threshold where counts move (where they leave exact, the cohort's size less ``n`` would tell it anyway,
+    so it leaves). Where counts move, so do the magnitudes (:func:`_moved`)."""
     cohort = np.flatnonzero(rows)
     n = cohort.size
     stats = {}
     for name in columns:
         values = _floats(table[name])[cohort]
-        stats[name] = _one_column(values, n, threshold)
-        if stats[name]["n"] is not None:
-            ledger.release(cohort[np.isfinite(values)], f"{name} values")
-    total = n if n >= threshold and not ledger.blocked([(cohort, "total")])[0] else None
-    if total is not None:
-        ledger.release(cohort, "total")
-    return {"columns": stats, "total": total}
+        finite = np.isfinite(values)
+        present, lacking = cohort[finite], cohort[~finite]
+        entry = _one_column(values, threshold)
+        tag = f"values of {name}"
+        if entry["n"] is not None and ledger.blocked([(present, f"{name} values")], tag)[0]:
+            entry = _one_column(values[:0], threshold)  # all withheld
+        if entry["n"] is not None:
+            entry["n"] = ledger.release(present, f"{name} values", tag)
+            if ledger.noise > 0:
+                entry = _moved(entry, values[finite], present, ledger)
+            if ledger.noise <= 0:
+                entry["missing"] = int(lacking.size)
+            elif lacking.size >= max(threshold, 1) and not ledger.blocked([(lacking, f"{name} missing")])[0]:
+                entry["missing"] = ledger.release(lacking, f"{name} missing")
+        stats[name] = entry
+    total = None
+    if n >= threshold and not ledger.blocked([(cohort, "total")])[0]:
+        total = ledger.release(cohort, "total")
+    return {"columns": stats, "total": total, "noise": ledger.noise}
 
 
-def _one_column(values: np.ndarray, n_rows: int, threshold: int) -> dict[str, Any]:
-    """n, missing, mean, std, quantiles and sketch of one column's cohort values.
+def _one_column(values: np.ndarray, threshold: int) -> dict[str, Any]:
+    """n, mean, std, quantiles and sketch of one column's cohort values, exact (``missing``: None, for the caller).
 
-    ``n`` is released when it reaches the threshold, and ``missing`` (the total minus ``n``) with it: the
-    sketch's weights add up to ``n`` and exact pooling needs it, so withholding ``missing`` would hide
-    nothing. Below the threshold all of them are withheld, ``missing`` too (it would give ``n`` back). The
-    magnitudes (mean, std, quantiles, sketch) only where :func:`_magnitudes` says so; each quantile only with at
-    least the threshold's number of values on either side of it.
+    ``n`` only where it reaches the threshold. The magnitudes (mean, std, quantiles, sketch) only where
+    :func:`_magnitudes` says so; each quantile (a value of the column: no interpolation) only with at least the
+    threshold's number of values on either side of it.
     """
     present = np.sort(values[np.isfinite(values)])
     n = int(present.size)
-    withheld: dict[str, Any] = {"mean": None, "std": None, "quantiles": None, "sketch": None}
-    if n < threshold:  # (a cohort below the threshold has fewer values still)
-        return {"n": None, "missing": None, **withheld}
-    if n == 0:  # only with a threshold of 0: nothing to describe
-        return {"n": 0, "missing": n_rows, **withheld}
+    withheld: dict[str, Any] = {"missing": None, "mean": None, "std": None, "quantiles": None, "sketch": None}
+    if n < threshold or n == 0:  # (n == 0 only with a threshold of 0: nothing to describe)
+        return {"n": None if n < threshold else 0, **withheld}
     moments, sketched = _magnitudes(present, threshold)
     if not moments:
-        return {"n": n, "missing": n_rows - n, **withheld}
+        return {"n": n, **withheld}
     chunks = np.array_split(present, min(MAX_CENTROIDS, max(1, n // max(threshold, 1))))
     sketch = [[_number(chunk.mean()), int(chunk.size)] for chunk in chunks] if sketched else None
+    levels = np.quantile(present, QUANTILES, method="inverted_cdf")
     quantiles: dict[str, float | None] = {
         name: _number(q) if min(level, 1 - level) * n >= threshold else None
-        for name, level, q in zip(QUANTILE_NAMES, QUANTILES, np.quantile(present, QUANTILES), strict=True)
+        for name, level, q in zip(QUANTILE_NAMES, QUANTILES, levels, strict=True)
     }
     return {
         "n": n,
-        "missing": n_rows - n,
+        "missing": None,
         "mean": _number(present.mean()),
         "std": _number(present.std(ddof=1)) if n >= 2 else None,
         "quantiles": None if all(q is None for q in quantiles.values()) else quantiles,
         "sketch": None if sketch is None or any(c[0] is None for c in sketch) else sketch,
     }
+
+
+def _moved(entry: dict[str, Any], values: np.ndarray, rows: np.ndarray, ledger: _Ledger) -> dict[str, Any]:
+    """A column's magnitudes as they leave where counts move (``entry["n"]`` already moved): an exact mean or std
+    would give the exact count back (a mean of whole numbers times the right count is whole; so is ``n (n - 1)``
+    times a variance), so each moves by at most ``std / n`` (a part of one patient's own effect on it), fixed by the
+    values' cell key; the sketch's centroids each weigh the same share of the released ``n`` (their sizes would
+    tell ``n``), and each one's mean moves by at most its spread over its size."""
+    exact = values.size
+    std = entry["std"]
+    if exact < 2 or std is None or entry["mean"] is None:
+        return entry
+    scale = float(std) / exact
+    moved = dict(entry)
+    moved["mean"] = _number(entry["mean"] + scale * ledger.jitter(rows, "mean"))
+    moved["std"] = _number(max(0.0, std + scale * ledger.jitter(rows, "std")))
+    if entry["sketch"]:
+        chunks = np.array_split(np.sort(values), len(entry["sketch"]))
+        share = entry["n"] / len(chunks)
+        moved["sketch"] = [
+            [_number(mean + float(np.ptp(chunk)) / chunk.size * ledger.jitter(rows, f"sketch {i}")), share]
+            for i, ((mean, _), chunk) in enumerate(zip(entry["sketch"], chunks, strict=True))
+        ]
+    return moved
 
 
 def _magnitudes(present: np.ndarray, threshold: int) -> tuple[bool, bool]:

@@ -284,3 +284,24 @@ def test_answers_that_cannot_be_pooled_are_refused_with_a_sentence() -> None:
     hist = {"dims": ["age"], "levels": [["x"]], "cells": [1], "total": 1, "edges": [1.0, 2.0]}
     with pytest.raises(PoolingError, match="different edges"):
         pool(QueryKind.HIST, {"a": hist, "b": {**hist, "edges": [1.0, 3.0]}})
+
+
+def test_a_pooled_count_says_the_most_it_may_be_off_the_sum_of_its_sites_noise() -> None:
+    levels = [["1", "2", "3"]]
+    tables = {
+        "alpha": {"dims": ["cp"], "levels": levels, "cells": [40, None, 25], "total": 80, "noise": 2},
+        "beta": {"dims": ["cp"], "levels": [["1", "3"]], "cells": [30, 18], "total": 48, "noise": 3},
+        "gamma": {"dims": ["cp"], "levels": levels, "cells": [11, 12, 13], "total": 36},  # before noise existed
+    }
+    pooled = pool(QueryKind.COUNT, tables)
+    assert pooled["cells"] == [81, None, 56]
+    assert pooled["noise"] == [5, 0, 5]  # beta lists no cp=2: it adds an exact 0 there
+    assert pooled["total"] == 164 and pooled["total_noise"] == 5
+
+
+def test_pooled_moments_of_perturbed_sites_are_marked_approximate(heart: dict[str, pd.DataFrame]) -> None:
+    released, pooled = federate(heart, ask(QueryKind.STATS, ("age",)))
+    assert pooled["columns"]["age"]["approximate"] == ["quantiles"] and pooled["columns"]["age"]["noise"]["n"] == 0
+    moved = {site: {**table, "noise": 2} for site, table in released.items()}
+    column = pool(QueryKind.STATS, moved)["columns"]["age"]
+    assert column["approximate"] == ["mean", "std", "quantiles"] and column["noise"] == {"n": 8, "missing": 8}

@@ -11,6 +11,7 @@ from io import BytesIO  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.container import BarContainer  # noqa: E402
@@ -141,6 +142,8 @@ def bars(ax: Axes) -> dict[str, dict[str, float]]:
     }
     out: dict[str, dict[str, float]] = {}
     for container in ax.containers:
+        if container.get_label() == figures.PERTURBED_LABEL:  # error bars of perturbed counts
+            continue
         assert isinstance(container, BarContainer)
         heights = out.setdefault(str(container.get_label()), {})
         for patch in container.patches:
@@ -180,6 +183,33 @@ def test_count_bars_are_the_released_counts_and_a_withheld_cell_has_only_a_mark(
     legend = ax.get_legend()
     assert legend is not None
     assert [t.get_text() for t in legend.get_texts()] == ["alpha", "beta", "withheld"]
+
+
+def perturbed_count_result() -> QueryResult:
+    """alpha moves its counts by at most 2, beta by at most 3 (cell-key perturbation)."""
+    levels = [["1", "2", "3"]]
+    cells: dict[str, list[int | None]] = {"alpha": [40, None, 25], "beta": [30, 12, 18]}
+    sites = {name: counts(["cp"], levels, c, noise=d) for (name, c), d in zip(cells.items(), (2, 3), strict=True)}
+    pooled = {**pooled_counts(["cp"], levels, cells), "noise": [5, 0, 5]}
+    return result_from(answer("count", sites, pooled, columns=["cp"]))
+
+
+def test_perturbed_counts_say_by_how_much_beside_each_value_and_in_error_bars() -> None:
+    result = perturbed_count_result()
+    assert result.sites["noise"].tolist() == [2, pd.NA, 2, 3, 3, 3]  # withheld: no noise to speak of
+    assert result.pooled["noise"].tolist() == [5, pd.NA, 5]
+    assert any("perturbed by at most" in note and "alpha 2, beta 3" in note for note in result.notes)
+    fig = figures.plot(result)
+    ax = only_axes(fig)
+    moved = [c for c in ax.containers if c.get_label() == figures.PERTURBED_LABEL]
+    assert len(moved) == 2  # one set of error bars per site, on its released bars only
+    segments = [seg for c in moved for seg in c.lines[2][0].get_segments()]
+    assert sorted(round(float(seg[1][1] - seg[0][1]), 6) for seg in segments) == [4, 4, 6, 6, 6]  # 2 × ±2, 3 × ±3
+    assert "counts are perturbed: each site's by at most ±3" in caption(fig).replace("\n", " ")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["alpha", "beta", "withheld"]
+    plain = figures.plot(count_result())
+    assert "perturbed" not in caption(plain) and not any(c.get_label() == figures.PERTURBED_LABEL for c in
+                                                         only_axes(plain).containers)  # fmt: skip
 
 
 def test_count_bars_pooled_are_one_series_and_the_withheld_pooled_cell_is_marked() -> None:
