@@ -13,7 +13,7 @@ from flip_local.errors import SitesError
 from site_agent.data.catalog import CatalogError, init_site, write_policy
 from site_agent.data.formats import add_dataset
 from site_agent.data.image_datasets import add_image_dataset
-from site_agent.governance.policy import DEFAULT_THRESHOLD
+from site_agent.governance.policy import DEFAULT_COUNT_NOISE, DEFAULT_THRESHOLD
 
 HEART_SITES = {
     "Cleveland": "processed.cleveland.data",
@@ -37,10 +37,10 @@ def heart_site_names(count: int = len(HEART_SITES)) -> list[str]:
 
 def local_policy(auto_approve: bool = True, project: str = DEFAULT_PROJECT) -> dict[str, Any]:
     """The local federation's site policy: ``project`` approved for anyone on any dataset, for
-    training and queries, the disclosure threshold at its default, and code auto-approved (development) unless
-    ``auto_approve`` is False, when each site's admin must approve it (`flip-site approve`)."""
+    training and queries, the disclosure threshold and the counts' noise at their defaults, and code auto-approved
+    (development) unless ``auto_approve`` is False, when each site's admin must approve it (`flip-site approve`)."""
     return {
-        "policy": {"disclosure_threshold": DEFAULT_THRESHOLD},
+        "policy": {"disclosure_threshold": DEFAULT_THRESHOLD, "count_noise": DEFAULT_COUNT_NOISE},
         "projects": {
             project: {
                 "approved": True,

@@ -154,7 +154,8 @@ class FlipClient:
 
     def datasets(self) -> pd.DataFrame:
         """Every dataset's schema and size at every online site holding it: one row per site and column, with
-        its type, the dataset's rows and the column's missing values (withheld, <NA>, where small)."""
+        its type, the dataset's rows and the column's missing values (withheld, <NA>, where small; a count of a
+        ``missing`` query, so moved by at most the site's noise where its counts move)."""
         rows: list[dict[str, Any]] = []
         sites = [s for s in self.sites() if s["status"] == "online"]
         for dataset in sorted({d["name"] for s in sites for d in s["datasets"]}):

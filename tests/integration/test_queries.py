@@ -28,6 +28,7 @@ from helpers import TINY_CELL, flip_run, shared_data, static_figures
 pytestmark = pytest.mark.integration
 DATASET = "heart-disease"
 THRESHOLD = 10
+NOISE = 2  # the local federation's sites move each released count by at most this (the default)
 
 
 @pytest.fixture(scope="module")
@@ -48,36 +49,45 @@ def _label(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else format(value, "g")
 
 
-def test_count_by_sex_is_exact_pooled_and_withholds_small_cells(federation, tables, pooled_truth) -> None:
+def test_count_by_sex_is_pooled_within_its_noise_and_withholds_small_cells(federation, tables, pooled_truth) -> None:
     result = federation.client().query(DATASET, "count", ["sex"])
     assert result.refused == {}
     pooled = _cells(result.pooled, ["sex"])
+    noise = _cells(result.pooled.drop(columns="count").rename(columns={"noise": "count"}), ["sex"])
     for sex, count in pooled_truth.groupby("sex").size().items():
         at_sites = result.sites[result.sites.sex == _label(sex)]["count"]
-        assert pd.isna(pooled[(_label(sex),)]) if at_sites.isna().any() else pooled[(_label(sex),)] == count
+        if at_sites.isna().any():
+            assert pd.isna(pooled[(_label(sex),)])
+        else:  # off by at most the noise of the sites in it, and says so
+            assert noise[(_label(sex),)] == NOISE * len(at_sites)
+            assert abs(pooled[(_label(sex),)] - count) <= noise[(_label(sex),)]
     for site, table in tables.items():
         mine = result.sites[result.sites.site == site]
         for sex, count in table.groupby("sex").size().items():
-            got = mine[mine.sex == _label(sex)]["count"].iloc[0]
-            assert pd.isna(got) if count < THRESHOLD or site == "VA" else got == count
-        assert result.totals[site] == len(table)
+            got = mine[mine.sex == _label(sex)]
+            if count < THRESHOLD or site == "VA":
+                assert pd.isna(got["count"].iloc[0])
+            else:
+                assert abs(got["count"].iloc[0] - count) <= NOISE and got["noise"].iloc[0] == NOISE
+        assert abs(result.totals[site] - len(table)) <= NOISE
     # VA has 6 women: withheld, and so its 194 men (its released total minus them would give the 6)
     assert result.sites[result.sites.site == "VA"]["count"].isna().all()
-    assert result.totals["pooled"] == len(pooled_truth)
+    assert abs(result.totals["pooled"] - len(pooled_truth)) <= 4 * NOISE
+    assert any("perturbed by at most" in note for note in result.notes)
 
 
-def test_stats_pooled_mean_and_std_are_exact(federation, pooled_truth) -> None:
+def test_stats_pooled_mean_and_std_are_within_one_percent(federation, pooled_truth) -> None:
     where = "age > 50"
     result = federation.client().query(DATASET, "stats", ["age", "trestbps", "thalach"], where)
     cohort = pooled_truth[pooled_truth.age > 50]
     for column in ("age", "trestbps", "thalach"):
         row = result.pooled.set_index("column").loc[column]
         values = cohort[column].dropna()
-        assert int(row["n"]) == len(values)
-        assert row["mean"] == pytest.approx(values.mean(), rel=1e-9)
-        assert row["std"] == pytest.approx(values.std(ddof=1), rel=1e-9)
+        assert abs(int(row["n"]) - len(values)) <= row["noise"] == 4 * NOISE
+        assert row["mean"] == pytest.approx(values.mean(), rel=0.01)  # each site's moved by at most std/n, and
+        assert row["std"] == pytest.approx(values.std(ddof=1), rel=0.01)  # pooled with its moved n
         assert row["p50"] == pytest.approx(values.median(), rel=0.05)  # merged sketches: approximate, and said so
-    assert any("approximate" in note for note in result.notes)
+    assert any("pooled n, mean and std are approximate" in note for note in result.notes)
 
 
 def test_crosstab_withholds_small_cells_and_their_complements(federation, tables) -> None:
@@ -161,7 +171,7 @@ def test_hist_and_missing_and_the_audit_record(federation, pooled_truth) -> None
     hist = client.query(DATASET, "hist", ["thalach"], bins=5, range=(60, 210))
     counts = dict(zip(hist.pooled["thalach"], hist.pooled["count"], strict=True))
     inside = pooled_truth.thalach[(pooled_truth.thalach >= 120) & (pooled_truth.thalach < 150)]
-    assert counts["[120, 150)"] == len(inside) or pd.isna(counts["[120, 150)"])
+    assert abs(counts["[120, 150)"] - len(inside)) <= 4 * NOISE or pd.isna(counts["[120, 150)"])
     missing = client.query(DATASET, "missing", ["chol", "ca"])
     swiss = missing.sites[(missing.sites.site == "Switzerland") & (missing.sites.column == "ca")]
     assert set(swiss.state) == {"missing", "present"}
@@ -202,7 +212,7 @@ def test_mocks_hold_no_real_row_and_a_mock_run_says_mock_and_sends_nothing(feder
 def test_the_catalog_lists_each_sites_columns_and_withholds_small_missing_counts(federation, tables) -> None:
     frame = federation.client().datasets().set_index(["site", "column"])
     assert len(frame) == 4 * 14
-    assert frame.loc[("Hungary", "chol"), "missing"] == int(tables["Hungary"].chol.isna().sum())  # 23
+    assert abs(frame.loc[("Hungary", "chol"), "missing"] - int(tables["Hungary"].chol.isna().sum())) <= NOISE  # 23
     assert pd.isna(frame.loc[("Cleveland", "ca"), "missing"])  # 4 missing: under the threshold, withheld
     assert frame.loc[("VA", "age"), "rows"] == 200
 
@@ -226,7 +236,7 @@ def test_a_cohort_trains_exactly_as_a_prefiltered_copy_of_each_table(federation,
     made = client.cohort("over50", DATASET, "age > 50")
     assert made.refused == {} and sorted(made.cohort["sites"]) == sorted(HEART_SITES)
     for site, table in tables.items():
-        assert made.totals[site] == int((table.age > 50).sum())
+        assert abs(made.totals[site] - int((table.age > 50).sum())) <= NOISE
         assert made.cohort["sites"][site]["hash"].startswith("hmac-sha256:")
     assert client.cohort("over50", DATASET, "age > 50").cohort["sites"] == made.cohort["sites"]  # made again: the same
     redefined = client.cohort("over50", DATASET, "age > 60")
@@ -266,14 +276,15 @@ def test_the_cohort_notebook_runs_headless_under_flip_run(federation, tables, po
     out = tmp_path / "00_cohort_heart.ipynb"
     assert len(execution["runs"]) == 1 and static_figures(out), "the executed notebook shows its run"
     summary = json.loads((tmp_path / "cohort_summary.json").read_text())
-    assert summary["sites_by_sex"]["Cleveland/0"] == 97 and summary["sites_by_sex"]["VA/0"] is None
+    assert abs(summary["sites_by_sex"]["Cleveland/0"] - 97) <= NOISE and summary["sites_by_sex"]["VA/0"] is None
     assert summary["pooled_by_sex"] == {"0": None, "1": None}  # VA withheld both: so is the pooled table
-    assert summary["age_pooled"]["mean"] == pytest.approx(pooled_truth.age.mean(), rel=1e-9)
-    assert summary["cohort_rows"] == {site: int((t.age > 50).sum()) for site, t in tables.items()}
+    assert summary["age_pooled"]["mean"] == pytest.approx(pooled_truth.age.mean(), rel=0.01)
+    for site, t in tables.items():
+        assert abs(summary["cohort_rows"][site] - int((t.age > 50).sum())) <= NOISE
     cohort = pooled_truth[pooled_truth.age > 50]
-    for column, (mean, std) in summary["standardisation"].items():
-        assert mean == pytest.approx(cohort[column].mean(), rel=1e-9)
-        assert std == pytest.approx(cohort[column].std(ddof=1), rel=1e-9)
+    for column, (mean, std) in summary["standardisation"].items():  # the sites' moved n, mean and std, pooled
+        assert mean == pytest.approx(cohort[column].mean(), rel=0.01)
+        assert std == pytest.approx(cohort[column].std(ddof=1), rel=0.01)
     assert summary["dry_run"] == {"status": "completed", "name": "MOCK cohort-heart", "mock": True}
     assert summary["run_cohort"] == "over50" and set(summary["site_accuracy"]) == set(HEART_SITES)
     executed = nbformat.read(out, as_version=4)

@@ -10,7 +10,7 @@ from flip_core.util import wait_until
 from flip_local.sites import local_policy
 
 from helpers import local_federation
-from kit import MEMORY_LIMIT_MB, RUNS_LIMIT, SECOND_PROJECT, SITES, RedTeam
+from kit import MEMORY_LIMIT_MB, NOISY_PROJECT, RUNS_LIMIT, SECOND_PROJECT, SITES, RedTeam
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +20,10 @@ def redteam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedTeam]:
     policy["projects"]["default"]["memory_limit_mb"] = MEMORY_LIMIT_MB
     policy["policy"]["runs_limit"] = RUNS_LIMIT  # and two runs at once (an attack passes it with three)
     policy["projects"][SECOND_PROJECT] = dict(policy["projects"]["default"])  # where a researcher is in two
+    # counts leave exact in those two, so that the ledger and the rules are attacked alone; they move (cell-key
+    # perturbation, as by default) in a third, whose attacks are on what the moves are to hide
+    policy["policy"]["count_noise"] = 0
+    policy["projects"][NOISY_PROJECT] = {**policy["projects"]["default"], "count_noise": 2}
     with local_federation(home, sites=len(SITES), policy=policy) as connection:
         team = RedTeam(home, connection)
         client = team.client()

@@ -298,6 +298,26 @@ def test_missing_values_counted_apart_from_one_patient(redteam) -> None:
     assert minus(missing["cells"][0], cell(rest)) is None
 
 
+def test_means_over_two_cohorts_far_apart_whose_values_differ_by_one_patient(redteam) -> None:
+    """The rows between two cohorts are many, but all lack the column's value but one patient's: the cohorts pass
+    the ledger, and their means of that column (times their n) give the patient's value (at the second hospital,
+    whose chol is missing for more than T patients)."""
+    client = redteam.client()
+    other = SITES[1]
+    table = load_table(load_site(Path(redteam.sites_dir) / other), DATASET)
+    young = table.age <= 50
+    assert int((young & table.chol.isna()).sum()) >= T
+    where, patient = picked(table, young)
+    first = ask(client, "stats", ("chol",), "age > 50", site=other)
+    second = ask(client, "stats", ("chol",), f"age > 50 or chol is null or ({where})", site=other)
+    sums = [
+        None if s is None or s["columns"]["chol"]["mean"] is None else s["columns"]["chol"] for s in (first, second)
+    ]
+    assert sums[0] is not None  # the first cohort's own answer leaves
+    estimate = None if sums[1] is None else sums[1]["mean"] * sums[1]["n"] - sums[0]["mean"] * sums[0]["n"]
+    assert estimate is None, f"patient's chol {patient.chol} came back as {estimate}"
+
+
 def test_a_count_in_one_project_less_a_count_in_another_of_the_same_researcher(redteam, truth) -> None:
     """Differencing across projects: the researcher asks one count in their first project, and the same rows but
     one patient in a second project they are also in."""
