@@ -11,7 +11,9 @@ returns one table of the same shape, plus ``sites`` (who is in it):
   back. ``withheld_by`` (parallel to ``cells``) names those sites; ``total`` is the sum of the sites'
   totals, withheld if any site's is. ``noise`` (parallel to ``cells``) is the most a pooled cell can be off:
   the sum of the ``noise`` of the sites whose released counts are in it (each site moves its counts by at most
-  its own, ``site_agent.queries.perturbation``); ``total_noise`` the same of the total.
+  its own, ``site_agent.queries.perturbation``); ``total_noise`` the same of the total. A site that answered
+  under differential privacy has no bound: where it is in a cell, ``noise`` is None, and ``private`` lists
+  such sites with their epsilon and the noise's scale.
 - **column statistics**: ``n`` and ``missing`` are sums (``noise``: the most each can be off);
   ``mean`` and ``std`` are pooled from each site's n, mean and std with Chan, Golub and LeVeque's
   parallel update of n, mean and M2 = std²·(n−1), exact where every site's counts are, and marked
@@ -91,14 +93,14 @@ def _pool_counts(kind: QueryKind, tables: dict[str, dict[str, Any]]) -> dict[str
     shape = tuple(len(labels) for labels in levels)
     sums = np.zeros(math.prod(shape), dtype=np.int64)
     withheld_by: list[list[str]] = [[] for _ in range(sums.size)]
-    noise = np.zeros(sums.size, dtype=np.int64)
+    noise: list[int | None] = [0] * sums.size
     for site, table in tables.items():
         for target, cell in zip(_targets(site, table, levels, shape).tolist(), table["cells"], strict=True):
             if cell is None:
                 withheld_by[target].append(site)
             else:
                 sums[target] += int(cell)
-                noise[target] += _noise(table)
+                noise[target] = _plus(noise[target], _noise(table))
     totals = [table.get("total") for table in tables.values()]
     pooled: dict[str, Any] = {
         "dims": dims,
@@ -106,8 +108,9 @@ def _pool_counts(kind: QueryKind, tables: dict[str, dict[str, Any]]) -> dict[str
         "cells": [None if who else int(s) for s, who in zip(sums.tolist(), withheld_by, strict=True)],
         "total": _sum(totals),
         "withheld_by": withheld_by,
-        "noise": [0 if who else int(d) for d, who in zip(noise.tolist(), withheld_by, strict=True)],
-        "total_noise": sum(_noise(table) for table in tables.values()),
+        "noise": [0 if who else d for d, who in zip(noise, withheld_by, strict=True)],
+        "total_noise": _total_noise(tables),
+        "private": _private(tables),
         "sites": list(tables),
     }
     if edges is not None:
@@ -138,21 +141,43 @@ def _pool_statistics(tables: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "columns": columns,
         "total": _sum(totals),
-        "total_noise": sum(_noise(table) for table in tables.values()),
+        "total_noise": _total_noise(tables),
+        "private": _private(tables),
         "sites": list(tables),
     }
 
 
-def _noise(table: dict[str, Any]) -> int:
-    """The most a site's released counts are off (``noise`` in its table; none from a site before it existed)."""
+def _noise(table: dict[str, Any]) -> int | None:
+    """The most a site's released counts are off (``noise`` in its table; none from a site before it existed);
+    None where the site answered under differential privacy (its noise has no bound: ``private`` says its scale)."""
+    if table.get("private"):
+        return None
     return int(table.get("noise") or 0)
 
 
-def _noises(tables: dict[str, dict[str, Any]]) -> dict[str, int]:
+def _plus(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+
+
+def _total_noise(tables: dict[str, dict[str, Any]]) -> int | None:
+    total: int | None = 0
+    for table in tables.values():
+        total = _plus(total, _noise(table))
+    return total
+
+
+def _private(tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The sites that answered under differential privacy, each with its figures (epsilon, the noise's scale)."""
+    return {site: dict(table["private"]) for site, table in tables.items() if table.get("private")}
+
+
+def _noises(tables: dict[str, dict[str, Any]]) -> dict[str, int | None]:
     return {site: _noise(table) for site, table in tables.items()}
 
 
-def _pool_column(parts: dict[str, dict[str, Any] | None], noises: dict[str, int] | None = None) -> dict[str, Any]:
+def _pool_column(
+    parts: dict[str, dict[str, Any] | None], noises: dict[str, int | None] | None = None
+) -> dict[str, Any]:
     """One column's statistics over the sites (a site without the column counts as having withheld it);
     ``noises``: the most each site's counts are off."""
     entries = {site: entry or {} for site, entry in parts.items()}
@@ -165,7 +190,9 @@ def _pool_column(parts: dict[str, dict[str, Any] | None], noises: dict[str, int]
     ns = [e.get("n") for e in entries.values()]
     missing = [e.get("missing") for e in entries.values()]
     described = [e for e in entries.values() if e.get("n") != 0]  # sites with values (or a withheld n)
-    moved = sum((noises or {}).get(site, 0) for site in entries)
+    moved: int | None = 0
+    for site in entries:
+        moved = _plus(moved, (noises or {}).get(site, 0))
     mean, std = _pooled_moments(described)
     sketch = _merged_sketch(described)
     quantiles = _sketch_quantiles(sketch) if sketch is not None else None
@@ -176,7 +203,7 @@ def _pool_column(parts: dict[str, dict[str, Any] | None], noises: dict[str, int]
         "std": std,
         "quantiles": quantiles,
         "sketch": sketch,
-        "approximate": (["mean", "std"] if moved else []) + ["quantiles"],
+        "approximate": (["mean", "std"] if moved != 0 else []) + ["quantiles"],
         "noise": {"n": moved, "missing": moved},
         "withheld_by": withheld_by,
     }

@@ -78,6 +78,8 @@ class QueryDesk:
                     400,
                 )
             edges = self._edges(who, spec, targets, where.text)
+        elif spec.kind == QueryKind.STATS and spec.range is not None:
+            edges = (float(spec.range[0]), float(spec.range[1]))  # the bounds a site answering under DP clamps to
         request = _request(
             who,
             spec.dataset,

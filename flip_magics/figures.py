@@ -463,6 +463,13 @@ def _finish(fig: Figure, result: Answer, captions: list[str]) -> Figure:
     """The title, the caption lines under the plot, the mock watermark; the layout leaves room for them."""
     fig.suptitle(result.title(), fontsize=11)
     lines = list(captions)
+    private = sorted(
+        name for name, one in (result.raw or {}).get("sites", {}).items() if (one.get("table") or {}).get("private")
+    )
+    if private:
+        lines.append(
+            f"answered under differential privacy (noise without a bound; see the notes): {', '.join(private)}"
+        )
     if most := _most_noise(result):
         lines.append(
             f"counts are perturbed: each site's by at most ±{most} (the same rows always give the same count), "

@@ -110,8 +110,9 @@ def _count_frame(table: dict[str, Any]) -> pd.DataFrame:
     frame["count"] = pd.array(table["cells"], dtype="Int64")
     noise = table.get("noise") or 0
     most = noise if isinstance(noise, list) else [noise] * len(table["cells"])  # pooled: per cell; a site: one
-    frame["noise"] = pd.array(
-        [None if c is None else int(d) for c, d in zip(table["cells"], most, strict=True)], dtype="Int64"
+    frame["noise"] = pd.array(  # <NA> too where a site answered under differential privacy (no bound: its scale)
+        [None if c is None or d is None else int(d) for c, d in zip(table["cells"], most, strict=True)],
+        dtype="Int64",
     )
     return frame
 
@@ -122,11 +123,11 @@ def _stats_frame(table: dict[str, Any]) -> pd.DataFrame:
         row: dict[str, Any] = {"column": column, **{k: stats.get(k) for k in STAT_FIELDS}}
         quantiles = stats.get("quantiles") or {}
         row.update({q: quantiles.get(q) for q in QUANTILE_NAMES})
-        row["noise"] = int((stats.get("noise") or {}).get("n", table.get("noise") or 0))  # pooled: per column
+        row["noise"] = (stats.get("noise") or {}).get("n", table.get("noise", 0))  # pooled: per column
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["column", *STAT_FIELDS, *QUANTILE_NAMES, "noise"])
     for name in ("n", "missing", "noise"):
-        frame[name] = pd.array(frame[name].tolist(), dtype="Int64")
+        frame[name] = pd.array([None if v is None or pd.isna(v) else int(v) for v in frame[name]], dtype="Int64")
     for name in ("mean", "std", *QUANTILE_NAMES):
         frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(float)
     return frame
@@ -186,7 +187,28 @@ def notes(kind: QueryKind, answer: dict[str, Any]) -> list[str]:
         lists = list(pooled.get("withheld_by") or [])
     if sites := sorted({s for names in lists for s in names}):
         out.append(f"pooled values are withheld where a site withheld its own ({', '.join(sites)})")
-    moved = {site: int((s.get("table") or {}).get("noise") or 0) for site, s in answer["sites"].items()}
+    private = {
+        site: s["table"]["private"] for site, s in answer["sites"].items() if (s.get("table") or {}).get("private")
+    }
+    for site, figures in private.items():
+        scale = figures.get("scale")
+        spread = (
+            f"Laplace noise of scale {scale:.3g} on each count (within ±{3 * scale:.3g} 19 times in 20)"
+            if scale
+            else (
+                "Laplace noise on each column's count, sum and sum of squares, its values clamped to "
+                f"{figures.get('bounds')}"
+            )
+        )
+        out.append(
+            f"{site} answered under differential privacy (epsilon {figures['epsilon']:g} per query): {spread}; its "
+            f"budget for this project: {figures.get('spent', 0):.3g} of {figures.get('budget', 0):g} spent"
+        )
+    moved = {
+        site: int((s.get("table") or {}).get("noise") or 0)
+        for site, s in answer["sites"].items()
+        if site not in private
+    }
     if any(moved.values()):
         out.append(
             "counts are perturbed by at most ± their noise ("
@@ -194,7 +216,7 @@ def notes(kind: QueryKind, answer: dict[str, Any]) -> list[str]:
             + "; pooled: the sum over the sites in a cell): the same rows always give the same count, and no "
             "difference of two counts is exact"
         )
-    if kind == QueryKind.STATS and any(moved.values()):
+    if kind == QueryKind.STATS and (any(moved.values()) or private):
         out.append(
             "pooled n, mean and std are approximate (each site's n is perturbed, and its mean and std by at most "
             "std/n); pooled quantiles are approximate (merged sketches)"

@@ -19,7 +19,10 @@ trusting nothing from the hub:
 
 Every release is charged to the project's ledger at the site (``privacy/<project>.json``): the
 accountant composes all of the project's releases, across runs, and the site refuses a task that
-would take the project past ``max_epsilon`` (``site_agent.governance.policy``).
+would take the project past ``max_epsilon`` (``site_agent.governance.policy``). A project whose
+queries the site answers under differential privacy (``query_epsilon``, ``site_agent.queries.private``)
+spends the same budget: each query is pure epsilon-DP and is added to the training runs' epsilon as it
+is (basic composition: (e1, delta) and (e2, 0) make (e1 + e2, delta)).
 """
 
 from __future__ import annotations
@@ -133,14 +136,23 @@ class PrivacyLedger:
         return list(json.loads(path.read_text())["releases"])
 
     def _composed(self, project: str, run: str | None = None) -> list[tuple[float, int]]:
-        return [(float(r["noise_multiplier"]), 1) for r in self.releases(project) if run in (None, r["run"])]
+        return [
+            (float(r["noise_multiplier"]), 1)
+            for r in self.releases(project)
+            if "noise_multiplier" in r and run in (None, r.get("run"))
+        ]
 
-    def spend(self, project: str, delta: float, z: float | None = None, count: int = 0) -> Spend:
-        """Epsilon spent by ``project`` here, and what it would be after ``count`` more releases at ``z``."""
-        done = self._composed(project)
-        spent = epsilon(done, delta)
-        after = epsilon(done + [(z, count)], delta) if z is not None and count > 0 else spent
-        return Spend(spent, after)
+    def _queried(self, project: str) -> float:
+        """The epsilon the project's queries spent here (each pure epsilon-DP: they add up)."""
+        return sum(float(r["epsilon"]) for r in self.releases(project) if "query" in r)
+
+    def spend(self, project: str, delta: float, z: float | None = None, count: int = 0, query: float = 0.0) -> Spend:
+        """Epsilon spent by ``project`` here, and what it would be after ``count`` more releases at ``z`` (or one
+        more query of epsilon ``query``)."""
+        done, queried = self._composed(project), self._queried(project)
+        spent = epsilon(done, delta) + queried
+        after = epsilon(done + [(z, count)], delta) + queried if z is not None and count > 0 else spent
+        return Spend(spent, after + query)
 
     def run_spent(self, project: str, run: str, delta: float) -> float:
         """Epsilon spent here by one run of ``project``."""
@@ -155,9 +167,15 @@ class PrivacyLedger:
 
     def charge(self, project: str, run: str, round_: int, z: float) -> None:
         """Record one release of ``project`` (written before anything leaves)."""
+        self._append(project, {"run": run, "round": round_, "noise_multiplier": z, "time": time.time()})
+
+    def charge_query(self, project: str, query: str, spent: float) -> None:
+        """Record one query of ``project`` answered under differential privacy (before its answer leaves)."""
+        self._append(project, {"query": query, "epsilon": float(spent), "time": time.time()})
+
+    def _append(self, project: str, release: dict[str, Any]) -> None:
         with self._locked():
-            releases = self.releases(project)
-            releases.append({"run": run, "round": round_, "noise_multiplier": z, "time": time.time()})
+            releases = [*self.releases(project), release]
             tmp = self._path(project).with_suffix(".tmp")
             tmp.write_text(json.dumps({"project": project, "releases": releases}, indent=1))
             tmp.replace(self._path(project))

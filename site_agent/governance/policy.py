@@ -31,6 +31,7 @@ the network or looks at data: the agent gathers the facts, this module decides.
     count_noise = 2                  # at least the site's
     dp_required = false
     max_epsilon = 8.0                # privacy budget of this project at this site (all its runs together)
+    query_epsilon = 0.5              # if set: each query is answered under DP and spends this of the budget
     dp_delta = 1e-5                  # the delta at which this site accounts epsilon
     time_limit_seconds = 3600        # per step
     memory_limit_mb = 4096
@@ -72,6 +73,7 @@ class ProjectPolicy:
     count_noise: int = DEFAULT_COUNT_NOISE
     dp_required: bool = False
     max_epsilon: float | None = None
+    query_epsilon: float | None = None  # queries answered under differential privacy, each spending this
     dp_delta: float = 1e-5
     time_limit_seconds: float = 3600.0
     memory_limit_mb: int = 4096
@@ -236,6 +238,14 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
         if own_noise < noise:
             raise PolicyError(f"{where} count_noise {own_noise} is below the site's {noise}")
         epsilon = body.get("max_epsilon")
+        per_query = body.get("query_epsilon")
+        if per_query is not None:
+            per_query = _number(f"{where} query_epsilon", per_query)
+            if per_query <= 0 or epsilon is None or per_query > epsilon:
+                raise PolicyError(
+                    f"{where} query_epsilon must be above 0 and at most the project's max_epsilon (its budget here, "
+                    "which the queries spend)"
+                )
         projects[name] = ProjectPolicy(
             name=name,
             approved=_flag(f"{where} approved", body.get("approved", False)),
@@ -249,6 +259,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
             count_noise=own_noise,
             dp_required=_flag(f"{where} dp_required", body.get("dp_required", False)),
             max_epsilon=None if epsilon is None else _number(f"{where} max_epsilon", epsilon),
+            query_epsilon=per_query,
             dp_delta=_delta(f"{where} dp_delta", body.get("dp_delta", 1e-5)),
             time_limit_seconds=_number(f"{where} time_limit_seconds", body.get("time_limit_seconds", 3600.0), least=1),
             memory_limit_mb=int(
@@ -335,11 +346,12 @@ def decide(policy: SitePolicy, task: TaskFacts, approval: Approval = Approval(),
         and project.max_epsilon is not None
         and budget.after > project.max_epsilon * (1 + 1e-9)
     ):
+        this = "this query" if task.kind == "query" else f"this task (--dp-epsilon {task.dp_epsilon:g})"
         return Decision(
             REFUSE,
             f"the privacy budget of project {task.project!r} at {site} is exhausted: "
-            f"epsilon {budget.spent:.3g} of {project.max_epsilon:g} spent; this task "
-            f"(--dp-epsilon {task.dp_epsilon:g}) would bring it to {budget.after:.3g}",
+            f"epsilon {budget.spent:.3g} of {project.max_epsilon:g} spent; {this} would bring it to "
+            f"{budget.after:.3g}",
         )
     if task.kind == "query":  # no code of the researcher's runs: no approval to wait for
         return Decision(ALLOW)

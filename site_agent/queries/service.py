@@ -32,12 +32,13 @@ from site_agent.data.formats import load_table
 from site_agent.data.image_datasets import IMAGES, INTENSITY, verify_cases
 from site_agent.data.readers import ImageError
 from site_agent.governance.gate import Governance
-from site_agent.governance.policy import TaskFacts, decide, query_columns_refused
+from site_agent.governance.policy import Budget, TaskFacts, decide, query_columns_refused
 from site_agent.queries.cohorts import CohortRefused, CohortStore
 from site_agent.queries.filtering import mask
 from site_agent.queries.image_statistics import voxel_histogram
 from site_agent.queries.ledger import Pending, QueryLedger, Scope
 from site_agent.queries.mock import make_mock
+from site_agent.queries.private import STATS_NEED_BOUNDS, answer_privately
 from site_agent.queries.statistics import QueryRefused, answer
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class QueryService:
         self.ledger = QueryLedger(site.root)
         self._tables: dict[str, tuple[tuple[int, int], pd.DataFrame, np.ndarray]] = {}
         self._lock = threading.Lock()
+        self._budget_lock = threading.Lock()
 
     def answer(self, blob: bytes | bytearray) -> bytes:
         started = time.monotonic()
@@ -104,6 +106,9 @@ class QueryService:
             if barred := query_columns_refused(policy, request.project, named):
                 return QueryReply(name, StepStatus.REFUSED, barred, threshold)
             rows = mask(cohort, table)
+            found = policy.project(request.project)
+            if found is not None and found.query_epsilon is not None:
+                return self._privately(request, facts, table, rows, threshold, found.query_epsilon)
             scope = Scope(request.project, request.researcher, request.dataset)
             pending = self.ledger.pending(scope, keys, threshold, policy.noise(request.project))
             if withheld is not None:
@@ -123,10 +128,43 @@ class QueryService:
         pending.commit()
         return QueryReply(name, StepStatus.OK, threshold=threshold, table=table_out)
 
+    def _privately(
+        self,
+        request: QueryRequest,
+        facts: TaskFacts,
+        table: pd.DataFrame,
+        rows: np.ndarray,
+        threshold: int,
+        per_query: float,
+    ) -> QueryReply:
+        """``request`` answered under differential privacy (``site_agent.queries.private``): the project's budget
+        checked and charged first, then the answer, whatever it is (a refusal from the data costs the same)."""
+        name, policy = self.site.name, self.governance.policy
+        project = policy.project(request.project)
+        assert project is not None and project.max_epsilon is not None, "decide() admits known projects only"
+        if request.kind == QueryKind.STATS and len(request.edges) != 2:
+            return QueryReply(name, StepStatus.REFUSED, f"{name}: {STATS_NEED_BOUNDS}", threshold)
+        with self._budget_lock:  # checked and charged together: two queries at once cannot both pass the last of it
+            spend = self.governance.ledger.spend(request.project, project.dp_delta, query=per_query)
+            decision = decide(policy, replace(facts, dp_epsilon=per_query), budget=Budget(spend.spent, spend.after))
+            if not decision.allowed:
+                return QueryReply(name, StepStatus.REFUSED, decision.reason, threshold)
+            self.governance.ledger.charge_query(request.project, request.query_id, per_query)
+        try:
+            if request.kind == QueryKind.COHORT:
+                out = self._freeze(request, table, rows, threshold, None)
+            else:
+                out = answer_privately(request, table, rows, threshold, per_query)
+        except FlipError as exc:
+            return QueryReply(name, StepStatus.REFUSED, f"{name}: {exc}", threshold)
+        out["private"].update(spent=spend.after, budget=project.max_epsilon)
+        return QueryReply(name, StepStatus.OK, threshold=threshold, table=out)
+
     def _freeze(
-        self, request: QueryRequest, table: pd.DataFrame, rows: np.ndarray, threshold: int, pending: Pending
+        self, request: QueryRequest, table: pd.DataFrame, rows: np.ndarray, threshold: int, pending: Pending | None
     ) -> dict[str, Any]:
-        """Freeze the cohort's rows here under its name; what leaves is their count and the cohort's hash."""
+        """Freeze the cohort's rows here under its name; what leaves is their count (under differential privacy
+        where ``pending`` is None) and the cohort's hash."""
         size = int(rows.sum())
         if size < threshold:
             raise CohortRefused(
@@ -141,8 +179,17 @@ class QueryService:
             entry.fingerprint,
             np.flatnonzero(rows).tolist(),
         )
-        counted = answer(replace(request, kind=QueryKind.COUNT, columns=()), table, rows, threshold, pending)
+        as_count = replace(request, kind=QueryKind.COUNT, columns=())
+        if pending is None:
+            counted = answer_privately(as_count, table, rows, threshold, self._per_query(request.project))
+        else:
+            counted = answer(as_count, table, rows, threshold, pending)
         return {**counted, "cohort": cohort.name, "hash": cohort.hash}
+
+    def _per_query(self, project: str) -> float:
+        found = self.governance.policy.project(project)
+        assert found is not None and found.query_epsilon is not None
+        return found.query_epsilon
 
     def _mock(self, request: QueryRequest, table: pd.DataFrame, threshold: int) -> dict[str, Any]:
         """The dataset's mock, made here under this threshold: the same one every time for the same file."""

@@ -47,18 +47,15 @@ from flip_core.query import (
     MAX_BINS,
     MAX_COLUMNS,
     MISSING_LEVEL,
-    QUANTILE_NAMES,
-    QUANTILES,
     QueryKind,
     QueryRequest,
     level_key,
 )
 from site_agent.disclosure.suppression import line_is_safe, line_sets, protect
+from site_agent.queries.magnitudes import DOMINANCE_P, FEW_VALUES, MAX_CENTROIDS, column_statistics
+from site_agent.queries.magnitudes import floats as _floats
 
 MAX_LEVELS = 40  # distinct values a column may have to be counted by
-MAX_CENTROIDS = 100  # the most chunks a column's sketch is cut into
-FEW_VALUES = 10  # a column taking at most this many values in a cohort has each value's count checked
-DOMINANCE_P = 10  # the p% rule: a sum whose rest is under p% of its largest value is not released
 # how many columns each kind takes: (fewest, most); MISSING with none means every column
 COLUMN_LIMITS = {
     QueryKind.COUNT: (0, 3),
@@ -133,7 +130,7 @@ def answer(
         )
     if not all(isinstance(c, str) for c in table.columns):
         table = table.rename(columns=str)  # queries name columns as text
-    columns = _check_columns(request, table)
+    columns = check_columns(request, table)
     said = request.text or f"{request.kind.value} where {request.where or 'every row'}"
     if request.kind in (QueryKind.COUNT, QueryKind.CROSSTAB):
         return _count_table(columns, table, rows, threshold, _Ledger(releases, said))
@@ -143,7 +140,7 @@ def answer(
         every = columns or [str(c) for c in table.columns]
         return _missing_table(every, table, rows, threshold, _Ledger(releases, said))
     if request.kind is QueryKind.STATS:
-        return _column_statistics(columns, table, rows, threshold, _Ledger(releases, said))
+        return column_statistics(columns, table, rows, threshold, _Ledger(releases, said))
     raise QueryRefused(
         f"this site does not answer {request.kind!r} queries; ask count, stats, hist, crosstab or missing"
     )
@@ -163,7 +160,8 @@ def level_label(value: Any) -> str:
     return str(value)
 
 
-def _check_columns(request: QueryRequest, table: pd.DataFrame) -> list[str]:
+def check_columns(request: QueryRequest, table: pd.DataFrame) -> list[str]:
+    """The columns ``request`` names, checked against the table's schema (names, how many, numeric where needed)."""
     have = [str(c) for c in table.columns]
     unknown = [c for c in request.columns if c not in have]
     if unknown:
@@ -191,11 +189,6 @@ def _check_columns(request: QueryRequest, table: pd.DataFrame) -> list[str]:
 
 def _is_numeric(column: pd.Series) -> bool:
     return bool(pd.api.types.is_numeric_dtype(column.dtype))
-
-
-def _floats(column: pd.Series) -> np.ndarray:
-    """A numeric column as float64, missing values as NaN."""
-    return np.asarray(column.astype("float64").to_numpy(), dtype=np.float64)
 
 
 def _levels(column: pd.Series, name: str) -> tuple[list[str], np.ndarray]:
@@ -251,10 +244,17 @@ def _cell_names(dims: list[str], levels: list[list[str]]) -> list[str]:
     ]
 
 
-def _count_table(
-    columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
-) -> dict[str, Any]:
-    """Count (or crosstab): the cohort counted by every combination of the columns' levels."""
+def counted(columns: list[str], table: pd.DataFrame, rows: np.ndarray) -> tuple[list[list[str]], np.ndarray]:
+    """The cohort counted by every combination of the columns' levels (levels of the whole site table): the levels,
+    and the counts flat in C order."""
+    levels, _, counts = _counting(columns, table, np.asarray(rows, dtype=bool))
+    return levels, counts
+
+
+def _counting(
+    columns: list[str], table: pd.DataFrame, rows: np.ndarray
+) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
+    """:func:`counted`, with each cohort row's flat cell."""
     levels: list[list[str]] = []
     codes: list[np.ndarray] = []
     for name in columns:
@@ -269,6 +269,16 @@ def _count_table(
     else:
         flat = np.zeros(n, dtype=np.intp)
         counts = np.array([n])
+    return levels, flat, counts
+
+
+def _count_table(
+    columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
+) -> dict[str, Any]:
+    """Count (or crosstab): the cohort counted by every combination of the columns' levels."""
+    levels, flat, counts = _counting(columns, table, rows)
+    shape = tuple(len(labels) for labels in levels)
+    n = int(rows.sum())
     cohort = np.flatnonzero(rows)
     cells = _cell_rows(cohort, flat, counts.size)
     return _released(columns, levels, counts, line_sets(shape), n, threshold, (cells, cohort, ledger))
@@ -339,12 +349,16 @@ def bin_labels(bounds: np.ndarray) -> list[str]:
     return [*labels, f"above {text[-1]}"]
 
 
-def _histogram(
-    name: str, edges: tuple[float, ...], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
-) -> dict[str, Any]:
-    """A histogram over shared edges: below the first edge, each bin, above the last edge, missing."""
-    n = int(rows.sum())
-    bounds = hist_edges(edges, n, threshold, "rows")
+def binned(name: str, bounds: np.ndarray, table: pd.DataFrame, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """A histogram's cells over ``bounds``: their labels (below, each bin, above, missing) and the cohort's counts."""
+    labels, _, counts = _binning(name, bounds, table, np.asarray(rows, dtype=bool))
+    return labels, counts
+
+
+def _binning(
+    name: str, bounds: np.ndarray, table: pd.DataFrame, rows: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """:func:`binned`, with each cohort row's cell."""
     values = _floats(table[name])[rows]
     bins = bounds.size - 1
     # each cohort row's cell: 0 below, 1..bins in a bin ([e_i, e_i+1), the last one closed), bins+1 above, missing
@@ -352,7 +366,16 @@ def _histogram(
     codes[values == bounds[-1]] = bins
     codes[np.isnan(values)] = bins + 2
     counts = np.bincount(codes, minlength=bins + 3).astype(np.int64)
-    labels = [*bin_labels(bounds), MISSING_LEVEL]
+    return [*bin_labels(bounds), MISSING_LEVEL], codes, counts
+
+
+def _histogram(
+    name: str, edges: tuple[float, ...], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
+) -> dict[str, Any]:
+    """A histogram over shared edges: below the first edge, each bin, above the last edge, missing."""
+    n = int(rows.sum())
+    bounds = hist_edges(edges, n, threshold, "rows")
+    labels, codes, counts = _binning(name, bounds, table, rows)
     whole = np.arange(counts.size, dtype=np.intp)
     cohort = np.flatnonzero(rows)
     cells = _cell_rows(cohort, codes, counts.size)
@@ -360,6 +383,12 @@ def _histogram(
     released = _released([name], [labels], counts, [whole], n, threshold, (cells, cohort, ledger), names)
     released["edges"] = [float(e) for e in bounds]
     return released
+
+
+def lacking(name: str, table: pd.DataFrame, rows: np.ndarray) -> tuple[int, int]:
+    """How many cohort rows lack a value of column ``name``, and how many have one."""
+    missing = int(table[name].isna().to_numpy()[np.asarray(rows, dtype=bool)].sum())
+    return missing, int(np.asarray(rows, dtype=bool).sum()) - missing
 
 
 def _missing_table(
@@ -370,9 +399,9 @@ def _missing_table(
     n = cohort.size
     counts, cells, names = [], [], []
     for name in columns:
-        lacking = table[name].isna().to_numpy()[cohort]
-        counts += [int(lacking.sum()), int(n - lacking.sum())]
-        cells += [cohort[lacking], cohort[~lacking]]
+        absent = table[name].isna().to_numpy()[cohort]
+        counts += [int(absent.sum()), int(n - absent.sum())]
+        cells += [cohort[absent], cohort[~absent]]
         names += [f"{name} missing", f"{name} present"]
     # each column's pair adds up to the (released) total; nothing else is known
     lines = [np.array([2 * i, 2 * i + 1], dtype=np.intp) for i in range(len(columns))]
@@ -380,137 +409,13 @@ def _missing_table(
     return _released(["column", "state"], levels, np.array(counts), lines, n, threshold, (cells, cohort, ledger), names)
 
 
-def _column_statistics(
-    columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
-) -> dict[str, Any]:
-    """Each column's statistics (:func:`_one_column`) and the cohort's size, as they leave.
-
-    A column's values are a set of rows in the ledger of their own kind (``values of COLUMN``): their magnitudes are
-    withheld where they are within the threshold of values of the same column released before, or of a sum or
-    difference of two (two means over nearly the same rows give the rows between them away). Its ``n`` leaves as a
-    count of that set, moved by its cell key; its ``missing`` as the count of the rows without a value, withheld
-    under the threshold where counts move (where they leave exact, the cohort's size less ``n`` would tell it anyway,
-    so it leaves). Where counts move, so do the magnitudes (:func:`_moved`)."""
-    cohort = np.flatnonzero(rows)
-    n = cohort.size
-    stats = {}
-    for name in columns:
-        values = _floats(table[name])[cohort]
-        finite = np.isfinite(values)
-        present, lacking = cohort[finite], cohort[~finite]
-        entry = _one_column(values, threshold)
-        tag = f"values of {name}"
-        if entry["n"] is not None and ledger.blocked([(present, f"{name} values")], tag)[0]:
-            entry = _one_column(values[:0], threshold)  # all withheld
-        if entry["n"] is not None:
-            entry["n"] = ledger.release(present, f"{name} values", tag)
-            if ledger.noise > 0:
-                entry = _moved(entry, values[finite], present, ledger)
-            if ledger.noise <= 0:
-                entry["missing"] = int(lacking.size)
-            elif lacking.size >= max(threshold, 1) and not ledger.blocked([(lacking, f"{name} missing")])[0]:
-                entry["missing"] = ledger.release(lacking, f"{name} missing")
-        stats[name] = entry
-    total = None
-    if n >= threshold and not ledger.blocked([(cohort, "total")])[0]:
-        total = ledger.release(cohort, "total")
-    return {"columns": stats, "total": total, "noise": ledger.noise}
-
-
-def _one_column(values: np.ndarray, threshold: int) -> dict[str, Any]:
-    """n, mean, std, quantiles and sketch of one column's cohort values, exact (``missing``: None, for the caller).
-
-    ``n`` only where it reaches the threshold. The magnitudes (mean, std, quantiles, sketch) only where
-    :func:`_magnitudes` says so; each quantile (a value of the column: no interpolation) only with at least the
-    threshold's number of values on either side of it.
-    """
-    present = np.sort(values[np.isfinite(values)])
-    n = int(present.size)
-    withheld: dict[str, Any] = {"missing": None, "mean": None, "std": None, "quantiles": None, "sketch": None}
-    if n < threshold or n == 0:  # (n == 0 only with a threshold of 0: nothing to describe)
-        return {"n": None if n < threshold else 0, **withheld}
-    moments, sketched = _magnitudes(present, threshold)
-    if not moments:
-        return {"n": n, **withheld}
-    chunks = np.array_split(present, min(MAX_CENTROIDS, max(1, n // max(threshold, 1))))
-    sketch = [[_number(chunk.mean()), int(chunk.size)] for chunk in chunks] if sketched else None
-    levels = np.quantile(present, QUANTILES, method="inverted_cdf")
-    quantiles: dict[str, float | None] = {
-        name: _number(q) if min(level, 1 - level) * n >= threshold else None
-        for name, level, q in zip(QUANTILE_NAMES, QUANTILES, levels, strict=True)
-    }
-    return {
-        "n": n,
-        "missing": None,
-        "mean": _number(present.mean()),
-        "std": _number(present.std(ddof=1)) if n >= 2 else None,
-        "quantiles": None if all(q is None for q in quantiles.values()) else quantiles,
-        "sketch": None if sketch is None or any(c[0] is None for c in sketch) else sketch,
-    }
-
-
-def _moved(entry: dict[str, Any], values: np.ndarray, rows: np.ndarray, ledger: _Ledger) -> dict[str, Any]:
-    """A column's magnitudes as they leave where counts move (``entry["n"]`` already moved): an exact mean or std
-    would give the exact count back (a mean of whole numbers times the right count is whole; so is ``n (n - 1)``
-    times a variance), so each moves by at most ``std / n`` (a part of one patient's own effect on it), fixed by the
-    values' cell key; the sketch's centroids each weigh the same share of the released ``n`` (their sizes would
-    tell ``n``), and each one's mean moves by at most its spread over its size."""
-    exact = values.size
-    std = entry["std"]
-    if exact < 2 or std is None or entry["mean"] is None:
-        return entry
-    scale = float(std) / exact
-    moved = dict(entry)
-    moved["mean"] = _number(entry["mean"] + scale * ledger.jitter(rows, "mean"))
-    moved["std"] = _number(max(0.0, std + scale * ledger.jitter(rows, "std")))
-    if entry["sketch"]:
-        chunks = np.array_split(np.sort(values), len(entry["sketch"]))
-        share = entry["n"] / len(chunks)
-        moved["sketch"] = [
-            [_number(mean + float(np.ptp(chunk)) / chunk.size * ledger.jitter(rows, f"sketch {i}")), share]
-            for i, ((mean, _), chunk) in enumerate(zip(entry["sketch"], chunks, strict=True))
-        ]
-    return moved
-
-
-def _magnitudes(present: np.ndarray, threshold: int) -> tuple[bool, bool]:
-    """Whether a column's mean, std and quantiles, and whether its sketch, can leave without giving a small count
-    away. With at most three values, ``n``, the mean and the std are three equations in their three counts: each
-    value must be held by at least ``threshold`` rows. With at most ``FEW_VALUES``, the sketch's consecutive chunks
-    of sorted values give each value's count away: the same, for the sketch. With more, at least ``threshold``
-    values must differ from the most common one (a cohort padded with rows of one known value and one patient)."""
-    if _dominated(present):
-        return False, False
-    _, counts = np.unique(present, return_counts=True)
-    rare = bool(counts.min() < threshold)
-    if counts.size <= 3:
-        return not rare, not rare
-    if counts.size <= FEW_VALUES:
-        return True, not rare
-    spread = bool(present.size - counts.max() >= threshold)
-    return spread, spread
-
-
-def _dominated(present: np.ndarray) -> bool:
-    """The p% rule of magnitude tables (tau-ARGUS, sdcMicro), for a column of values none below zero: its sum
-    (``n`` times the mean) is sensitive where all but its two largest values add up to less than ``DOMINANCE_P``
-    percent of the largest, so that the sum says the largest value to within that (the second largest's holder
-    could say it closer still)."""
-    if present.size < 2 or present.min() < 0:
-        return False
-    largest, second = np.sort(present)[-2:][::-1]
-    rest = float(present.sum()) - float(largest) - float(second)
-    return rest < DOMINANCE_P / 100 * float(largest)
-
-
-def _number(value: Any) -> float | None:
-    """A plain float for JSON, None where it overflowed."""
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 __all__ = [
     "COLUMN_LIMITS",
+    "binned",
+    "check_columns",
+    "counted",
+    "hist_edges",
+    "lacking",
     "DOMINANCE_P",
     "FEW_VALUES",
     "MAX_CENTROIDS",

@@ -267,16 +267,18 @@ def test_image_sizes_spacings_and_label_counts_are_queried_like_any_column(imagi
     dimensions and spacing as registration measured them (never a path), under the same disclosure rules."""
     client: FlipClient = imaging["client"]
     labels = client.query("breastmnist", "count", ["label"])
-    pooled = labels.pooled.set_index("label")["count"]
-    assert int(pooled["0"]) + int(pooled["1"]) == 624 and int(pooled["0"]) == 168  # malignant: train+val 147+21
+    pooled = labels.pooled.set_index("label")
+    most = pooled["noise"]  # each site moves its released counts by at most its noise (2 by default): their sum
+    assert abs(int(pooled.loc["0", "count"]) - 168) <= most["0"]  # malignant: train+val 147+21
+    assert abs(int(pooled.loc["1", "count"]) - 456) <= most["1"] and most["1"] > 0
     sizes = client.query("breastmnist", "stats", ["image_dim_0", "image_dim_1"])
     assert set(sizes.pooled["mean"].round(6)) == {28.0}
     # each case's mean intensity (8-bit ultrasound), as registration measured it: a histogram over the cases
     intensity = client.query("breastmnist", "hist", ["intensity_mean"], bins=4, range=(0, 256))
-    assert intensity.pooled["count"].fillna(0).sum() <= 624 and intensity.totals["pooled"] == 624
+    assert abs(intensity.totals["pooled"] - 624) <= intensity.raw["pooled"]["total_noise"]
     wait_for_dataset(client, FIRST, "scans")
     spacing = client.query("scans", "stats", ["spacing_0", "age"], sites=[FIRST])
-    assert spacing.sites.set_index("column").loc["age", "n"] == 25
+    assert abs(spacing.sites.set_index("column").loc["age", "n"] - 25) <= 2
     index = json.loads((imaging["site_dir"] / "images" / "scans.json").read_text())
     answer = json.dumps(spacing.raw)
     assert not any(case["image"] in answer for case in index["cases"])  # what left holds no file's path

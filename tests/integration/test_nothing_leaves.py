@@ -207,7 +207,7 @@ def queries_at_the_planted_site(client: FlipClient) -> list[str]:
         client.cohort("planted-over50", "heart-disease", "age > 50", **ask),
     ]
     assert "distinct values" in results[0].refused["Planted"] and "Planted" in results[1].refused
-    assert results[2].totals["Planted"] is None and results[3].totals["Planted"] == len(va)
+    assert results[2].totals["Planted"] is None and abs(results[3].totals["Planted"] - len(va)) <= 2  # its noise
     mock = client.mock("heart-disease", **ask)["Planted"]
     assert mock["token"].isna().all()  # no token reaches its threshold of rows: none is in the mock
     return [repr(r.raw) for r in results] + [mock.to_csv()]

@@ -10,7 +10,16 @@ from flip_core.util import wait_until
 from flip_local.sites import local_policy
 
 from helpers import local_federation
-from kit import MEMORY_LIMIT_MB, NOISY_PROJECT, RUNS_LIMIT, SECOND_PROJECT, SITES, RedTeam
+from kit import (
+    MEMORY_LIMIT_MB,
+    NOISY_PROJECT,
+    PRIVATE_PROJECT,
+    PRIVATE_QUERIES,
+    RUNS_LIMIT,
+    SECOND_PROJECT,
+    SITES,
+    RedTeam,
+)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +33,12 @@ def redteam(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedTeam]:
     # perturbation, as by default) in a third, whose attacks are on what the moves are to hide
     policy["policy"]["count_noise"] = 0
     policy["projects"][NOISY_PROJECT] = {**policy["projects"]["default"], "count_noise": 2}
+    # and one whose queries the sites answer under differential privacy, each spending 1 of a budget of a few
+    policy["projects"][PRIVATE_PROJECT] = {
+        **policy["projects"]["default"],
+        "query_epsilon": 1.0,
+        "max_epsilon": float(PRIVATE_QUERIES),
+    }
     with local_federation(home, sites=len(SITES), policy=policy) as connection:
         team = RedTeam(home, connection)
         client = team.client()

@@ -27,6 +27,8 @@ MEMORY_LIMIT_MB = 2048  # a run's memory at the red team's sites (the default is
 RUNS_LIMIT = 2  # runs holding a task process at once at each of the red team's sites (the default is 8)
 SECOND_PROJECT = "second"  # a project the red team's sites also admit, for a researcher who is in both
 NOISY_PROJECT = "noisy"  # one whose counts move (cell-key perturbation): the others' leave exact
+PRIVATE_PROJECT = "private"  # one whose queries are answered under differential privacy (epsilon 1 each)
+PRIVATE_QUERIES = 4  # its budget at each site: four such queries
 # What a hostile cell wraps its loot in, "LEAK" and at least one digit (a count, an age): its shape is searched for in
 # everything the researcher got. An attack's source never holds that shape itself (it builds it: "LEAK" + str(n)).
 MARKER = re.compile(r"LEAK[0-9][0-9A-Za-z_.:-]*")

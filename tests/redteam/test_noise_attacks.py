@@ -4,13 +4,13 @@ the whole-number sums behind an exact mean or std, by a column's missing values 
 weights, and by averaging many differences of nearly equal sets. Each is judged against the truth read with pandas;
 every one must come back with nothing exact to compute its target from.
 
-The project's answers are asked through the public client of a researcher who is also in the red team's exact
-projects: the ledger spans them (``test_query_attacks`` attacks it alone, where counts leave exact).
+The project's answers are asked through the public client of a researcher of its own, so that the ledger's scope
+(the project, and the researcher's other projects) holds only these attacks (``test_query_attacks`` attacks the
+ledger alone, where counts leave exact).
 """
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 DATASET = "heart-disease"
 T, D = 10, 2  # the red team's threshold; the noisy project's noise
 SITE = SITES[0]
+RESEARCHER = "mallory"  # a researcher of this module's own: the ledger keeps each researcher's answers apart
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def truth(redteam: RedTeam) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def noisy(redteam: RedTeam) -> FlipClient:
     """The researcher's client in the project whose counts move."""
-    token = add_token(Path(redteam.connection["federation"]) / "coordinator.json", getpass.getuser(), NOISY_PROJECT)
+    token = add_token(Path(redteam.connection["federation"]) / "coordinator.json", RESEARCHER, NOISY_PROJECT)
     return FlipClient(redteam.connection["coordinator_url"], token)
 
 

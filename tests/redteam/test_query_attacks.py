@@ -305,11 +305,11 @@ def test_means_over_two_cohorts_far_apart_whose_values_differ_by_one_patient(red
     client = redteam.client()
     other = SITES[1]
     table = load_table(load_site(Path(redteam.sites_dir) / other), DATASET)
-    young = table.age <= 50
+    young = table.age <= 53  # (a cut of this module's own: the red team's other modules ask for age > 50)
     assert int((young & table.chol.isna()).sum()) >= T
     where, patient = picked(table, young)
-    first = ask(client, "stats", ("chol",), "age > 50", site=other)
-    second = ask(client, "stats", ("chol",), f"age > 50 or chol is null or ({where})", site=other)
+    first = ask(client, "stats", ("chol",), "age > 53", site=other)
+    second = ask(client, "stats", ("chol",), f"age > 53 or chol is null or ({where})", site=other)
     sums = [
         None if s is None or s["columns"]["chol"]["mean"] is None else s["columns"]["chol"] for s in (first, second)
     ]

@@ -52,3 +52,17 @@ def test_the_ledger_composes_a_projects_releases_across_runs(tmp_path: Path) -> 
     assert math.isclose(ledger.spend("heart", 1e-5).spent, projected.after)
     assert [r["run"] for r in PrivacyLedger(tmp_path).releases("heart")] == ["run-1", "run-1"]  # on disk
     assert ledger.spend("oncology", 1e-5).spent == 0.0  # per project
+
+
+def test_queries_under_dp_spend_the_same_budget_as_training_runs(tmp_path: Path) -> None:
+    """Each query is pure epsilon-DP: its epsilon adds to the runs' (basic composition), and a run's check sees it."""
+    ledger = PrivacyLedger(tmp_path)
+    ledger.charge("heart", "run-1", 1, 2.0)
+    trained = ledger.spend("heart", 1e-5).spent
+    ledger.charge_query("heart", "q1", 0.5)
+    ledger.charge_query("heart", "q2", 0.5)
+    assert ledger.spend("heart", 1e-5).spent == pytest.approx(trained + 1.0)
+    assert ledger.spend("heart", 1e-5, query=0.5).after == pytest.approx(trained + 1.5)
+    assert ledger.spend("heart", 1e-5, 2.0, 1).after == pytest.approx(epsilon([(2.0, 2)], 1e-5) + 1.0)
+    assert ledger.run_spent("heart", "run-1", 1e-5) == pytest.approx(trained)  # a run's own: its releases only
+    assert ledger.spend("other", 1e-5).spent == 0.0

@@ -149,3 +149,28 @@ def test_a_site_can_restrict_the_columns_a_project_may_query() -> None:
     assert query_columns_refused(policy(), "heart", ("chol",)) == ""  # the default: any column
     with pytest.raises(PolicyError, match="query_columns"):
         policy(query_columns="age")
+
+
+def test_query_epsilon_needs_a_budget_it_fits_in() -> None:
+    base = {"approved": True, "researchers": ["*"], "datasets": ["*"], "tasks": ["query"]}
+    parsed = parse_policy("s", {"projects": {"p": {**base, "max_epsilon": 4.0, "query_epsilon": 0.5}}})
+    assert parsed.project("p").query_epsilon == 0.5
+    wrong = (
+        {"query_epsilon": 0.5},
+        {"max_epsilon": 1.0, "query_epsilon": 2.0},
+        {"max_epsilon": 1.0, "query_epsilon": 0},
+    )
+    for body in wrong:
+        with pytest.raises(PolicyError, match="query_epsilon"):
+            parse_policy("s", {"projects": {"p": {**base, **body}}})
+
+
+def test_count_noise_is_the_sites_and_a_project_may_only_raise_it() -> None:
+    base = {"approved": True, "researchers": ["*"], "datasets": ["*"]}
+    parsed = parse_policy("s", {"policy": {"count_noise": 3}, "projects": {"p": base, "q": {**base, "count_noise": 5}}})
+    assert parsed.noise("p") == 3 and parsed.noise("q") == 5 and parsed.noise("unknown") == 3
+    assert parse_policy("s", {}).noise("p") == 2  # the default
+    with pytest.raises(PolicyError, match="below the site's 3"):
+        parse_policy("s", {"policy": {"count_noise": 3}, "projects": {"p": {**base, "count_noise": 1}}})
+    with pytest.raises(PolicyError, match="at most"):
+        parse_policy("s", {"policy": {"count_noise": 500}})
