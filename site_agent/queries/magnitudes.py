@@ -139,13 +139,19 @@ def _magnitudes(present: np.ndarray, threshold: int) -> tuple[bool, bool]:
     away. With at most three values, ``n``, the mean and the std are three equations in their three counts: each
     value must be held by at least ``threshold`` rows. With at most ``FEW_VALUES``, the sketch's consecutive chunks
     of sorted values give each value's count away: the same, for the sketch. With more, at least ``threshold``
-    values must differ from the most common one (a cohort padded with rows of one known value and one patient)."""
+    values must differ from the most common one (a cohort padded with rows of one known value and one patient).
+    And whatever the number of values, the rows holding a rare value (one fewer than ``threshold`` rows hold) must
+    be none or at least ``threshold``: a cohort padded with rows of several known values, each counted on its own,
+    and one patient (whose value is rare there) gives the patient's value as n times the mean less the known sums
+    (the ledger sees that cohort as the counted sets and the patient, unless rows without the column pad it)."""
     if _dominated(present):
         return False, False
     _, counts = np.unique(present, return_counts=True)
     rare = bool(counts.min() < threshold)
     if counts.size <= 3:
         return not rare, not rare
+    if 0 < int(counts[counts < threshold].sum()) < threshold:
+        return False, False
     if counts.size <= FEW_VALUES:
         return True, not rare
     spread = bool(present.size - counts.max() >= threshold)

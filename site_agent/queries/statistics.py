@@ -16,7 +16,9 @@ threshold before anything leaves:
   threshold's number of rows (a mean of 0/1 values is a count of ones; a mean and std of three known values
   give each one's count), and the same for the sketch up to ``FEW_VALUES`` values (its chunks of sorted values
   give each value's count); otherwise at least the threshold's number of values must differ from the most
-  common one (a cohort padded with rows of one known value gives the one other value away); and, for a column
+  common one (a cohort padded with rows of one known value gives the one other value away), and the rows of its
+  rare values (each held by fewer than the threshold's rows) none or at least the threshold (several known values,
+  each counted, and one patient); and, for a column
   of values none below zero, the p% rule of magnitude tables: no mean (nor std, quantiles, sketch) where all but
   the two largest values add up to less than ``DOMINANCE_P`` percent of the largest (the sum would say it);
 - every set of rows whose count would leave (each cell, a total, a column's values) is first shown to the

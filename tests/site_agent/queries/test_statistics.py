@@ -456,6 +456,20 @@ def test_a_cohort_padded_with_one_known_value_gives_the_other_value_away_and_is_
     assert spread["mean"] == pytest.approx(padded.chol.mean())  # 21 values besides the 60: released
 
 
+@pytest.mark.parametrize("known", [3, 5, 12])
+def test_a_cohort_padded_with_several_known_values_and_one_patient_is_withheld(known: int) -> None:
+    """Rows of several known values (each counted on its own, T rows or more each) and one patient: n times the
+    mean less the known sums is the patient's value. The rows of rare values (under T rows each) must be none or at
+    least T; with T - 1 other patients' rare values beside the patient, only their sum would be told."""
+    values = [120.0 + 5 * k for k in range(known)]
+    padded = pd.DataFrame({"trestbps": [v for v in values for _ in range(T)] + [187.0]})
+    got = answer(ask(QueryKind.STATS, ("trestbps",)), padded, every(padded), T)["columns"]["trestbps"]
+    assert got["n"] == known * T + 1 and got["mean"] is None and got["sketch"] is None
+    crowd = pd.concat([padded, pd.DataFrame({"trestbps": [191.0 + k for k in range(T - 1)]})], ignore_index=True)
+    told = answer(ask(QueryKind.STATS, ("trestbps",)), crowd, every(crowd), T)["columns"]["trestbps"]
+    assert told["mean"] == pytest.approx(crowd.trestbps.mean())  # T rare values together: released
+
+
 def test_a_high_quantile_of_a_small_cohort_is_withheld() -> None:
     """p95 of 40 values is the second largest: a quantile leaves only with T values on each side of it."""
     table = pd.DataFrame({"chol": np.arange(40, dtype=float) * 7.5})
