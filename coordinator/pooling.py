@@ -5,8 +5,10 @@ returns one table of the same shape, plus ``sites`` (who is in it):
 
 - **count tables**: each dim's levels are the union over the sites (numbers numerically, then
   text, then ``MISSING_LEVEL``; a histogram's and a missing-table's levels keep the sites' order).
-  A site that does not list a level has no row with it (sites list every value of their whole
-  table), so it adds 0 there. A pooled cell is withheld when *any* site that lists it withheld its
+  A site that does not list a level has no row with it (sites name every value their whole
+  table), so it adds 0 there; but a site that lists ``OTHER_LEVEL`` in a dim (values too few of its rows
+  hold to be named) may hold rows of a level it does not list, so the pooled cells of such levels are
+  withheld by it. A pooled cell is withheld when *any* site that lists it withheld its
   own cell: the pooled value minus the other sites' released cells would give that site's cell
   back. ``withheld_by`` (parallel to ``cells``) names those sites; ``total`` is the sum of the sites'
   totals, withheld if any site's is. ``noise`` (parallel to ``cells``) is the most a pooled cell can be off:
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from flip_core.errors import FlipError
-from flip_core.query import QUANTILE_NAMES, QUANTILES, QueryKind, level_key
+from flip_core.query import OTHER_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind, level_key
 
 ORDERED_KINDS = (QueryKind.HIST, QueryKind.MISSING)  # levels kept in the sites' order, not sorted
 STAT_FIELDS = ("n", "missing", "mean", "std", "sketch")
@@ -101,6 +103,8 @@ def _pool_counts(kind: QueryKind, tables: dict[str, dict[str, Any]]) -> dict[str
             else:
                 sums[target] += int(cell)
                 noise[target] = _plus(noise[target], _noise(table))
+    if kind not in ORDERED_KINDS:
+        _unnamed(tables, levels, shape, withheld_by)
     totals = [table.get("total") for table in tables.values()]
     pooled: dict[str, Any] = {
         "dims": dims,
@@ -116,6 +120,28 @@ def _pool_counts(kind: QueryKind, tables: dict[str, dict[str, Any]]) -> dict[str
     if edges is not None:
         pooled["edges"] = list(edges)
     return pooled
+
+
+def _unnamed(
+    tables: dict[str, dict[str, Any]], levels: list[list[str]], shape: tuple[int, ...], withheld_by: list[list[str]]
+) -> None:
+    """A site that counts some of a dim's rows under ``OTHER_LEVEL`` (values too few of its rows hold to be named)
+    may hold rows of a level it does not list: each pooled cell of such a level is withheld by it (adding 0 there
+    would undercount, and the pooled other is the sites' own others)."""
+    for site, table in tables.items():
+        for d, site_levels in enumerate(table["levels"]):
+            if OTHER_LEVEL not in site_levels:
+                continue
+            unlisted = np.array([label not in site_levels for label in levels[d]])
+            if not unlisted.any():
+                continue
+            flags = np.zeros(shape, dtype=bool)
+            index: list[Any] = [slice(None)] * len(shape)
+            index[d] = unlisted
+            flags[tuple(index)] = True
+            for cell in np.flatnonzero(flags.ravel()).tolist():
+                if site not in withheld_by[cell]:
+                    withheld_by[cell].append(site)
 
 
 def _targets(site: str, table: dict[str, Any], levels: list[list[str]], shape: tuple[int, ...]) -> np.ndarray:

@@ -8,7 +8,8 @@ sites released (``coordinator.pooling``). Nothing here computes: it only says wh
 What a site releases is one of two shapes:
 
 - a **count table** (``count``, ``count by``, ``hist``, ``crosstab``, ``missing``): ``dims`` (the
-  column names it is counted by, in order), ``levels`` (for each dim, its level labels as text),
+  column names it is counted by, in order), ``levels`` (for each dim, its level labels as text; a
+  value too few rows of the site's whole table hold is not named but counted under ``OTHER_LEVEL``),
   ``cells`` (the counts, flattened in C order over the levels; ``None`` for a withheld cell, so
   that a small count and a true zero look the same) and ``total`` (the rows counted, ``None``
   when withheld);
@@ -46,8 +47,10 @@ OTHER_LEVEL = "(other)"
 
 def level_key(label: str) -> tuple[int, float, str]:
     """Where a level's label sorts, at the sites and in pooling alike: numbers numerically, then text, then
-    ``MISSING_LEVEL``."""
+    ``OTHER_LEVEL`` (the values a site does not name: too few rows hold each), then ``MISSING_LEVEL``."""
     if label == MISSING_LEVEL:
+        return (3, 0.0, "")
+    if label == OTHER_LEVEL:
         return (2, 0.0, "")
     try:
         number = float(label)

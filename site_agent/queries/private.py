@@ -73,7 +73,7 @@ def answer_privately(
     private = {"epsilon": float(epsilon)}
     if request.kind in (QueryKind.COUNT, QueryKind.CROSSTAB, QueryKind.COHORT):
         columns = list(request.columns) if request.kind != QueryKind.COHORT else []
-        levels, counts = counted(columns, table, rows)
+        levels, counts = counted(columns, table, rows, threshold)
         return _released(columns, levels, counts, threshold, 1.0 / epsilon, private)
     if request.kind is QueryKind.HIST:
         name = request.columns[0]

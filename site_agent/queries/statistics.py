@@ -49,6 +49,7 @@ from flip_core.query import (
     MAX_BINS,
     MAX_COLUMNS,
     MISSING_LEVEL,
+    OTHER_LEVEL,
     QueryKind,
     QueryRequest,
     level_key,
@@ -193,21 +194,31 @@ def _is_numeric(column: pd.Series) -> bool:
     return bool(pd.api.types.is_numeric_dtype(column.dtype))
 
 
-def _levels(column: pd.Series, name: str) -> tuple[list[str], np.ndarray]:
-    """The column's level labels over the whole site table, and each row's level number."""
+def _levels(column: pd.Series, name: str, threshold: int) -> tuple[list[str], np.ndarray]:
+    """The column's level labels over the whole site table, and each row's level number. A value held by fewer than
+    ``threshold`` rows of the whole table is not named: its rows are counted under ``OTHER_LEVEL`` (listed where the
+    table has any such rows), as are missing values fewer than ``threshold`` (naming a level would say that some
+    patient holds it, a count of at least one)."""
     codes, uniques = pd.factorize(column, use_na_sentinel=True)
     labels_of = [level_label(u) for u in uniques]
-    labels = sorted(set(labels_of), key=level_key)
-    if len(labels) > MAX_LEVELS:
+    if len(set(labels_of)) > MAX_LEVELS:
         raise QueryRefused(
-            f"column {name!r} has {len(labels)} distinct values at this site, more than the {MAX_LEVELS} a count "
-            "table may have; ask for a hist of it with bin edges instead"
+            f"column {name!r} has {len(set(labels_of))} distinct values at this site, more than the {MAX_LEVELS} a "
+            "count table may have; ask for a hist of it with bin edges instead"
         )
-    if (codes < 0).any():
+    held: dict[str, int] = {}
+    for label, rows in zip(labels_of, np.bincount(codes[codes >= 0], minlength=len(uniques)).tolist(), strict=True):
+        held[label] = held.get(label, 0) + rows
+    missing = int((codes < 0).sum())
+    labels = sorted((label for label, rows in held.items() if rows >= threshold), key=level_key)
+    if any(rows < threshold for rows in held.values()) or 0 < missing < threshold:
+        labels.append(OTHER_LEVEL)
+    if missing >= max(threshold, 1):
         labels.append(MISSING_LEVEL)
     number = {label: i for i, label in enumerate(labels)}
-    of_unique = np.array([number[label] for label in labels_of] + [number.get(MISSING_LEVEL, -1)], dtype=np.intp)
-    return labels, of_unique[codes]  # code -1 (missing) picks the last entry
+    other = number.get(OTHER_LEVEL, -1)
+    of_unique = [number.get(label, other) for label in labels_of] + [number.get(MISSING_LEVEL, other)]
+    return labels, np.array(of_unique, dtype=np.intp)[codes]  # code -1 (missing) picks the last entry
 
 
 class _Ledger:
@@ -246,21 +257,23 @@ def _cell_names(dims: list[str], levels: list[list[str]]) -> list[str]:
     ]
 
 
-def counted(columns: list[str], table: pd.DataFrame, rows: np.ndarray) -> tuple[list[list[str]], np.ndarray]:
+def counted(
+    columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int
+) -> tuple[list[list[str]], np.ndarray]:
     """The cohort counted by every combination of the columns' levels (levels of the whole site table): the levels,
     and the counts flat in C order."""
-    levels, _, counts = _counting(columns, table, np.asarray(rows, dtype=bool))
+    levels, _, counts = _counting(columns, table, np.asarray(rows, dtype=bool), threshold)
     return levels, counts
 
 
 def _counting(
-    columns: list[str], table: pd.DataFrame, rows: np.ndarray
+    columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int
 ) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
     """:func:`counted`, with each cohort row's flat cell."""
     levels: list[list[str]] = []
     codes: list[np.ndarray] = []
     for name in columns:
-        labels, numbers = _levels(table[name], name)
+        labels, numbers = _levels(table[name], name, threshold)
         levels.append(labels)
         codes.append(numbers[rows])
     shape = tuple(len(labels) for labels in levels)
@@ -278,7 +291,7 @@ def _count_table(
     columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
 ) -> dict[str, Any]:
     """Count (or crosstab): the cohort counted by every combination of the columns' levels."""
-    levels, flat, counts = _counting(columns, table, rows)
+    levels, flat, counts = _counting(columns, table, rows, threshold)
     shape = tuple(len(labels) for labels in levels)
     n = int(rows.sum())
     cohort = np.flatnonzero(rows)

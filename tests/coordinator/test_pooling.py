@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from coordinator.pooling import PoolingError, pool
-from flip_core.query import MISSING_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind, QueryRequest
+from flip_core.query import MISSING_LEVEL, OTHER_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind, QueryRequest
 from site_agent.queries.statistics import answer
 
 from helpers import heart_tables
@@ -51,15 +51,26 @@ def pooled_truth(heart: dict[str, pd.DataFrame], sites: tuple[str, ...], cohort:
     return pd.concat([heart[site][cohort(heart[site])] for site in sites], ignore_index=True)
 
 
-def count_at(frame: pd.DataFrame, dims: list[str], combo: tuple[str, ...]) -> int:
+def count_at(
+    frame: pd.DataFrame, dims: list[str], combo: tuple[str, ...], listed: list[list[str]] | None = None
+) -> int:
+    """pandas' count of ``combo``; ``OTHER_LEVEL`` is the rows of no other level ``listed`` (a site's own levels)."""
     match = pd.Series(True, index=frame.index)
-    for column, label in zip(dims, combo, strict=True):
-        match &= frame[column].isna() if label == MISSING_LEVEL else frame[column] == float(label)
+    for d, (column, label) in enumerate(zip(dims, combo, strict=True)):
+        if label == OTHER_LEVEL:
+            named = pd.Series(False, index=frame.index)
+            for other in (listed or [])[d] if listed else []:
+                if other != OTHER_LEVEL:
+                    named |= frame[column].isna() if other == MISSING_LEVEL else frame[column] == float(other)
+            match &= ~named
+        else:
+            match &= frame[column].isna() if label == MISSING_LEVEL else frame[column] == float(label)
     return int(match.sum())
 
 
-def assert_pooled_counts(pooled: dict, frame: pd.DataFrame, released: dict[str, dict]) -> int:
-    """Every released pooled cell equals pandas; every withheld one was withheld by a site that lists it."""
+def assert_pooled_counts(pooled: dict, frames: dict[str, pd.DataFrame], released: dict[str, dict]) -> int:
+    """Every released pooled cell is the sum of pandas' counts at the sites (each site's other, its own); every
+    withheld one was withheld by a site that lists it, or that counts values it does not name as other."""
     shown = 0
     for i, combo in enumerate(itertools.product(*pooled["levels"])):
         cell, who = pooled["cells"][i], pooled["withheld_by"][i]
@@ -67,9 +78,15 @@ def assert_pooled_counts(pooled: dict, frame: pd.DataFrame, released: dict[str, 
             assert who, f"cell {combo} withheld by nobody"
             for site in who:
                 site_index = _site_index(released[site], combo)
-                assert site_index is not None and released[site]["cells"][site_index] is None
+                unnamed = any(OTHER_LEVEL in levels for levels in released[site]["levels"])
+                assert (site_index is None and unnamed) or released[site]["cells"][site_index] is None
         else:
-            assert who == [] and cell == count_at(frame, pooled["dims"], combo)
+            truth = sum(
+                count_at(frames[site], pooled["dims"], combo, released[site]["levels"])
+                for site in released
+                if _site_index(released[site], combo) is not None
+            )
+            assert who == [] and cell == truth
             shown += 1
     return shown
 
@@ -82,6 +99,10 @@ def _site_index(table: dict, combo: tuple[str, ...]) -> int | None:
     return int(np.ravel_multi_index(where, shape)) if shape else 0
 
 
+def cohorts(heart: dict[str, pd.DataFrame], sites: tuple[str, ...], cohort: Cohort) -> dict[str, pd.DataFrame]:
+    return {site: heart[site][cohort(heart[site])] for site in sites}
+
+
 @pytest.mark.parametrize(
     ("columns", "sites", "at_least"),
     [
@@ -90,9 +111,9 @@ def _site_index(table: dict, combo: tuple[str, ...]) -> int | None:
         (("num",), SITES, 3),
         (("sex", "cp"), ("cleveland", "hungarian"), 2),
         (("slope", "num"), ("cleveland", "hungarian", "va"), 4),
-        (("restecg", "num"), ("cleveland", "hungarian", "va"), 3),
+        (("exang", "num"), ("cleveland", "hungarian", "va"), 3),
         (("ca",), SITES, 0),
-        (("ca",), ("cleveland", "hungarian"), 2),
+        (("thal",), ("cleveland", "hungarian"), 1),
     ],
 )
 @pytest.mark.parametrize("cohort", [everyone, over_50])
@@ -101,7 +122,7 @@ def test_pooled_counts_equal_pandas_wherever_no_site_withheld_them(
 ) -> None:
     released, pooled = federate(heart, ask(QueryKind.COUNT, columns), sites, cohort)
     frame = pooled_truth(heart, sites, cohort)
-    shown = assert_pooled_counts(pooled, frame, released)
+    shown = assert_pooled_counts(pooled, cohorts(heart, sites, cohort), released)
     if cohort is everyone:
         assert shown >= at_least  # the check is not vacuous
     assert pooled["total"] == len(frame)
@@ -109,40 +130,45 @@ def test_pooled_counts_equal_pandas_wherever_no_site_withheld_them(
     assert json.loads(json.dumps(pooled, allow_nan=False)) == pooled
 
 
-def test_a_site_that_lacks_a_level_adds_a_true_zero_there(heart: dict[str, pd.DataFrame]) -> None:
+def test_a_site_that_lacks_a_level_adds_a_true_zero_there_unless_it_names_not_all_it_holds(
+    heart: dict[str, pd.DataFrame],
+) -> None:
+    released, pooled = federate(heart, ask(QueryKind.COUNT, ("cp",)), ("cleveland", "hungarian"))
+    assert released["hungarian"]["levels"] == [["1", "2", "3", "4"]] == released["cleveland"]["levels"]
+    released, pooled = federate(heart, ask(QueryKind.COUNT, ("num",)), ("cleveland", "hungarian"))
+    assert released["hungarian"]["levels"] == [["0", "1"]]  # no patient there has num 2, 3 or 4
+    assert pooled["cells"][2:5] == [36, 35, 13]  # Cleveland's own: Hungary adds 0, not a withheld cell
+    # Hungary's ca: 3 patients have a value (0), too few to name; the rest lack one. Its other may hold any value
+    # it does not list, so the pooled cells of those are withheld by it (a 0 there could be 3 patients short)
     released, pooled = federate(heart, ask(QueryKind.COUNT, ("ca",)), ("cleveland", "hungarian"))
-    assert released["hungarian"]["levels"] == [["0", MISSING_LEVEL]]  # no patient there has ca 1, 2 or 3
-    assert pooled["levels"] == [["0", "1", "2", "3", MISSING_LEVEL]]
-    assert pooled["cells"][1:3] == [65, 38]  # Cleveland's own: Hungary adds 0, not a withheld cell
-    assert pooled["withheld_by"] == [["hungarian"], [], [], ["cleveland"], ["cleveland", "hungarian"]]
+    assert released["hungarian"]["levels"] == [[OTHER_LEVEL, MISSING_LEVEL]]
+    assert pooled["levels"] == [["0", "1", "2", "3", OTHER_LEVEL, MISSING_LEVEL]]
+    assert all("hungarian" in who for who in pooled["withheld_by"][:4])
 
 
 def test_crosstab_pools_like_count_by_two_columns(heart: dict[str, pd.DataFrame]) -> None:
     sites = ("cleveland", "va")
     released, pooled = federate(heart, ask(QueryKind.CROSSTAB, ("exang", "num")), sites)
     assert pooled == federate(heart, ask(QueryKind.COUNT, ("exang", "num")), sites)[1]
-    assert assert_pooled_counts(pooled, pooled_truth(heart, sites, everyone), released) == 4
+    assert assert_pooled_counts(pooled, cohorts(heart, sites, everyone), released) == 4
 
 
 def test_a_pooled_cell_is_withheld_when_one_site_withheld_its_own(heart: dict[str, pd.DataFrame]) -> None:
-    released, pooled = federate(heart, ask(QueryKind.COUNT, ("num",)))
+    released, pooled = federate(heart, ask(QueryKind.COUNT, ("cp",)))
     levels = pooled["levels"][0]
     frame = pooled_truth(heart, SITES, everyone)
-    healthy = levels.index("0")
-    assert [released[s]["cells"][healthy] for s in SITES] == [164, 188, None, 51]
-    assert pooled["cells"][healthy] is None and pooled["withheld_by"][healthy] == ["switzerland"]
-    # had it been released, the pooled count minus the others' released cells would give Switzerland's back
-    swiss = int((heart["switzerland"]["num"] == 0).sum())
-    assert 0 < swiss < T
-    assert count_at(frame, ["num"], ("0",)) - (164 + 188 + 51) == swiss
-    # a complementary cell too: Switzerland's cp 3 (17 patients) covers its cp 1 and 2 (4 + 4)
-    released, pooled = federate(heart, ask(QueryKind.COUNT, ("cp",)))
-    assert released["switzerland"]["cells"] == [None, None, None, 98]
-    assert pooled["cells"][2] is None and pooled["withheld_by"][2] == ["switzerland"]
-    frame_cp3 = count_at(frame, ["cp"], ("3",))
-    others = sum(released[s]["cells"][2] for s in ("cleveland", "hungarian", "va"))
-    assert frame_cp3 - others == 17  # which, with Switzerland's total 123 and its 98, would give 4 + 4 away
-    assert pooled["cells"][3] == count_at(frame, ["cp"], ("4",))
+    # Switzerland's cp 1 and 2 (4 + 4 patients) are too few to name: its other; its cp 3 (17) covers them
+    assert released["switzerland"]["levels"] == [["3", "4", OTHER_LEVEL]]
+    assert released["switzerland"]["cells"] == [None, 98, None]
+    three = levels.index("3")
+    assert pooled["cells"][three] is None and "switzerland" in pooled["withheld_by"][three]
+    # had it been released, the pooled count less the others' cells would give Switzerland's back
+    others = sum(int((heart[s].cp == 3).sum()) for s in ("cleveland", "hungarian", "va"))
+    assert count_at(frame, ["cp"], ("3",)) - others == 17  # which, with its total 123 and its 98, gives its 8
+    # and the pooled cells of the values it does not name are withheld by it: its other may hold them
+    assert "switzerland" in pooled["withheld_by"][levels.index("1")]  # (and VA, whose 7 of cp 1 are too few)
+    assert "switzerland" in pooled["withheld_by"][levels.index("2")]
+    assert pooled["cells"][levels.index("4")] == count_at(frame, ["cp"], ("4",))
 
 
 def test_hist_pools_over_the_shared_edges(heart: dict[str, pd.DataFrame]) -> None:

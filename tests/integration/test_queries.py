@@ -56,7 +56,9 @@ def test_count_by_sex_is_pooled_within_its_noise_and_withholds_small_cells(feder
     noise = _cells(result.pooled.drop(columns="count").rename(columns={"noise": "count"}), ["sex"])
     for sex, count in pooled_truth.groupby("sex").size().items():
         at_sites = result.sites[result.sites.sex == _label(sex)]["count"]
-        if at_sites.isna().any():
+        others = set(result.sites[result.sites.sex == "(other)"].site)  # sites whose other may hold this sex
+        unnamed = others - set(result.sites[result.sites.sex == _label(sex)].site)
+        if at_sites.isna().any() or unnamed:
             assert pd.isna(pooled[(_label(sex),)])
         else:  # off by at most the noise of the sites in it, and says so
             assert noise[(_label(sex),)] == NOISE * len(at_sites)
@@ -65,12 +67,14 @@ def test_count_by_sex_is_pooled_within_its_noise_and_withholds_small_cells(feder
         mine = result.sites[result.sites.site == site]
         for sex, count in table.groupby("sex").size().items():
             got = mine[mine.sex == _label(sex)]
-            if count < THRESHOLD or site == "VA":
+            if got.empty:  # too few in the whole table to name: counted as other
+                assert count < THRESHOLD and pd.isna(mine[mine.sex == "(other)"]["count"].iloc[0])
+            elif count < THRESHOLD or site == "VA":
                 assert pd.isna(got["count"].iloc[0])
             else:
                 assert abs(got["count"].iloc[0] - count) <= NOISE and got["noise"].iloc[0] == NOISE
         assert abs(result.totals[site] - len(table)) <= NOISE
-    # VA has 6 women: withheld, and so its 194 men (its released total minus them would give the 6)
+    # VA has 6 women: too few to name, withheld as its other, and so its 194 men (its total less them gives the 6)
     assert result.sites[result.sites.site == "VA"]["count"].isna().all()
     assert abs(result.totals["pooled"] - len(pooled_truth)) <= 4 * NOISE
     assert any("perturbed by at most" in note for note in result.notes)
@@ -96,10 +100,12 @@ def test_crosstab_withholds_small_cells_and_their_complements(federation, tables
     truth = tables["Switzerland"].groupby(["sex", "cp"]).size()
     small = [k for k, v in truth.items() if v < THRESHOLD]
     assert small, "the Switzerland table has small sex x cp cells"
-    for sex, cp in small:
-        assert pd.isna(swiss[(swiss.sex == _label(sex)) & (swiss.cp == _label(cp))]["count"].iloc[0])
+    for sex, cp in small:  # withheld, or not named at all (cp 1 and 2: under the threshold in its whole table)
+        named = swiss[(swiss.sex == _label(sex)) & (swiss.cp == _label(cp))]["count"]
+        assert named.empty or pd.isna(named.iloc[0])
+    assert set(swiss.cp) == {"3", "4", "(other)"} and swiss[swiss.cp == "(other)"]["count"].isna().all()
     grid = result.wide()
-    assert grid.shape == (2, 4)
+    assert grid.shape == tuple(len(levels) for levels in result.raw["pooled"]["levels"])
     # a pooled cell where any site withheld its own is withheld too (pooled minus the others would reveal it)
     for (sex, cp), cell in _cells(result.pooled, ["sex", "cp"]).items():
         site_cells = result.sites[(result.sites.sex == sex) & (result.sites.cp == cp)]["count"]
@@ -276,8 +282,9 @@ def test_the_cohort_notebook_runs_headless_under_flip_run(federation, tables, po
     out = tmp_path / "00_cohort_heart.ipynb"
     assert len(execution["runs"]) == 1 and static_figures(out), "the executed notebook shows its run"
     summary = json.loads((tmp_path / "cohort_summary.json").read_text())
-    assert abs(summary["sites_by_sex"]["Cleveland/0"] - 97) <= NOISE and summary["sites_by_sex"]["VA/0"] is None
-    assert summary["pooled_by_sex"] == {"0": None, "1": None}  # VA withheld both: so is the pooled table
+    assert abs(summary["sites_by_sex"]["Cleveland/0"] - 97) <= NOISE and summary["sites_by_sex"]["VA/1"] is None
+    assert "VA/0" not in summary["sites_by_sex"]  # VA's 6 women are too few to name: its other, withheld
+    assert set(summary["pooled_by_sex"].values()) == {None}  # VA withheld its men and its other: so is the pool
     assert summary["age_pooled"]["mean"] == pytest.approx(pooled_truth.age.mean(), rel=0.01)
     for site, t in tables.items():
         assert abs(summary["cohort_rows"][site] - int((t.age > 50).sum())) <= NOISE

@@ -56,6 +56,8 @@ def cell(table: dict | None, **levels: str) -> int | None:
         return None
     if not levels:
         return table["total"]
+    if any(levels[name] not in table["levels"][d] for d, name in enumerate(table["dims"])):
+        return None  # a value too few patients hold to be named: nothing told of it
     index = [table["levels"][d].index(levels[name]) for d, name in enumerate(table["dims"])]
     return table["cells"][int(np.ravel_multi_index(index, [len(lv) for lv in table["levels"]]))]
 

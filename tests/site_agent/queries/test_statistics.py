@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flip_core.query import MAX_BINS, MISSING_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind, QueryRequest
+from flip_core.query import MAX_BINS, MISSING_LEVEL, OTHER_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind, QueryRequest
 from site_agent.disclosure.suppression import line_is_safe, line_sets
 from site_agent.queries.statistics import DOMINANCE_P, FEW_VALUES, QueryRefused, answer
 
@@ -39,8 +39,15 @@ def every(table: pd.DataFrame) -> np.ndarray:
     return np.ones(len(table), dtype=bool)
 
 
-def rows_at(table: pd.DataFrame, column: str, label: str) -> pd.Series:
-    """Rows whose value has this level label (the heart tables hold whole numbers only)."""
+def rows_at(table: pd.DataFrame, column: str, label: str, listed: list[str] | None = None) -> pd.Series:
+    """Rows whose value has this level label (the heart tables hold whole numbers only); ``OTHER_LEVEL``: the rows
+    of no other ``listed`` level (values too few rows of the whole table hold, and missing ones if not listed)."""
+    if label == OTHER_LEVEL:
+        named = pd.Series(False, index=table.index)
+        for other in listed or []:
+            if other != OTHER_LEVEL:
+                named |= rows_at(table, column, other)
+        return ~named
     return table[column].isna() if label == MISSING_LEVEL else table[column] == float(label)
 
 
@@ -50,8 +57,8 @@ def true_counts(table: pd.DataFrame, mask: np.ndarray, released: dict[str, Any])
     counts = []
     for combo in itertools.product(*released["levels"]):
         match = pd.Series(True, index=cohort.index)
-        for column, label in zip(released["dims"], combo, strict=True):
-            match &= rows_at(cohort, column, label)
+        for column, label, listed in zip(released["dims"], combo, released["levels"], strict=True):
+            match &= rows_at(cohort, column, label, listed)
         counts.append(int(match.sum()))
     return counts
 
@@ -129,14 +136,16 @@ def test_the_switzerland_table_is_mostly_withheld_and_zeros_look_like_small_coun
 ) -> None:
     swiss = heart["switzerland"]
     by_cp = answer(ask(QueryKind.COUNT, ("sex", "cp")), swiss, every(swiss), T)
-    assert by_cp["levels"] == [["0", "1"], ["1", "2", "3", "4"]]
+    assert by_cp["levels"] == [["0", "1"], ["3", "4", OTHER_LEVEL]]  # cp 1 and 2: under T rows each, not named
     truth = true_counts(swiss, every(swiss), by_cp)
-    assert 0 in truth and any(0 < c < T for c in truth)  # a true zero (women with cp 2) and small counts
+    assert any(0 < c < T for c in truth)
     assert all(by_cp["cells"][i] is None for i, c in enumerate(truth) if c < T)
-    zero, small = truth.index(0), truth.index(1)  # women with cp 2 (none) and with cp 1 (one)
-    assert json.dumps(by_cp["cells"][zero]) == json.dumps(by_cp["cells"][small]) == "null"
+    women = (swiss.sex == 0).to_numpy()
+    by_sex = answer(ask(QueryKind.COUNT, ("sex",)), swiss, women, T)  # 10 women, no man: a true zero
+    small = truth.index(1)  # women with cp 3 (one)
+    assert json.dumps(by_sex["cells"][1]) == json.dumps(by_cp["cells"][small]) == "null"
     fbs = answer(ask(QueryKind.COUNT, ("fbs",)), swiss, every(swiss), T)
-    assert fbs["levels"] == [["0", "1", MISSING_LEVEL]]  # fbs is missing for 75 of 123
+    assert fbs["levels"] == [["0", OTHER_LEVEL, MISSING_LEVEL]]  # fbs is missing for 75 of 123, 1 for 5
     assert fbs["cells"] == [None, None, 75]  # 43 and 5: the 5 alone would be 123 - 43 - 75
     assert fbs["total"] == 123
 
@@ -148,8 +157,12 @@ def test_levels_come_from_the_whole_site_table_not_only_the_cohort(heart: dict[s
     assert released["levels"] == [["0", "1"]]  # men are a level though the cohort has none
     assert released["cells"] == [None, None]  # 97 women, 0 men: the zero is withheld, and 97 with it
     assert released["total"] == 97
-    # ca has missing values in the whole table, so the missing level is listed even where the cohort has none
-    assert answer(ask(QueryKind.COUNT, ("ca",)), cleveland, women, T)["levels"] == [["0", "1", "2", "3", MISSING_LEVEL]]
+    # ca lacks a value in 4 rows of the whole table: too few to name, they are counted as other, and the level is
+    # listed even where the cohort has none of them
+    assert answer(ask(QueryKind.COUNT, ("ca",)), cleveland, women, T)["levels"] == [["0", "1", "2", "3", OTHER_LEVEL]]
+    # the same with a value: fewer than T patients hold it in the whole table, so it is not named
+    tiny = cleveland.assign(ward=["A"] * 300 + ["B"] * 3)
+    assert answer(ask(QueryKind.COUNT, ("ward",)), tiny, every(tiny), T)["levels"] == [["A", OTHER_LEVEL]]
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -300,7 +313,13 @@ def test_a_cohort_below_the_threshold_withholds_everything_but_the_levels(heart:
     old = (swiss["age"] > 70).to_numpy()
     assert 0 < old.sum() < T
     by_cp = answer(ask(QueryKind.COUNT, ("cp",)), swiss, old, T)
-    assert by_cp == {"dims": ["cp"], "levels": [["1", "2", "3", "4"]], "cells": [None] * 4, "total": None, "noise": 0}
+    assert by_cp == {
+        "dims": ["cp"],
+        "levels": [["3", "4", OTHER_LEVEL]],
+        "cells": [None] * 3,
+        "total": None,
+        "noise": 0,
+    }
     hist = answer(ask(QueryKind.HIST, ("age",), (60.0, 80.0)), swiss, old, T)
     assert hist["cells"] == [None] * 4 and hist["total"] is None and len(hist["levels"][0]) == 4
     missing = answer(ask(QueryKind.MISSING, ("chol",)), swiss, old, T)
@@ -332,7 +351,8 @@ def test_the_project_threshold_raises_the_sites_never_lowers_it(heart: dict[str,
     low = answer(ask(QueryKind.COUNT, ("cp",), threshold=3), cleveland, every(cleveland), T)
     assert low["cells"] == [23, 50, 86, 144]
     high = answer(ask(QueryKind.COUNT, ("cp",), threshold=30), cleveland, every(cleveland), T)
-    assert high["cells"] == [None, None, 86, 144]  # 23 < 30, and 50 covers it
+    assert high["levels"] == [["2", "3", "4", OTHER_LEVEL]]  # cp 1: 23 patients, too few to name under 30
+    assert high["cells"] == [None, 86, 144, None]  # 23 < 30, and 50 covers it
 
 
 @pytest.mark.parametrize(
