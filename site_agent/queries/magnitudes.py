@@ -59,7 +59,7 @@ def column_statistics(
         values = floats(table[name])[cohort]
         finite = np.isfinite(values)
         present, lacking = cohort[finite], cohort[~finite]
-        entry = _one_column(values, threshold)
+        entry = _one_column(values, threshold, exact=ledger.noise <= 0)
         tag = f"values of {name}"
         if entry["n"] is not None and ledger.blocked([(present, f"{name} values")], tag)[0]:
             entry = _one_column(values[:0], threshold)  # all withheld
@@ -78,7 +78,7 @@ def column_statistics(
     return {"columns": stats, "total": total, "noise": ledger.noise}
 
 
-def _one_column(values: np.ndarray, threshold: int) -> dict[str, Any]:
+def _one_column(values: np.ndarray, threshold: int, exact: bool = True) -> dict[str, Any]:
     """n, mean, std, quantiles and sketch of one column's cohort values, exact (``missing``: None, for the caller).
 
     ``n`` only where it reaches the threshold. The magnitudes (mean, std, quantiles, sketch) only where
@@ -90,7 +90,7 @@ def _one_column(values: np.ndarray, threshold: int) -> dict[str, Any]:
     withheld: dict[str, Any] = {"missing": None, "mean": None, "std": None, "quantiles": None, "sketch": None}
     if n < threshold or n == 0:  # (n == 0 only with a threshold of 0: nothing to describe)
         return {"n": None if n < threshold else 0, **withheld}
-    moments, sketched = _magnitudes(present, threshold)
+    moments, sketched = _magnitudes(present, threshold, exact)
     if not moments:
         return {"n": n, **withheld}
     chunks = np.array_split(present, min(MAX_CENTROIDS, max(1, n // max(threshold, 1))))
@@ -134,23 +134,24 @@ def _moved(entry: dict[str, Any], values: np.ndarray, rows: np.ndarray, ledger: 
     return moved
 
 
-def _magnitudes(present: np.ndarray, threshold: int) -> tuple[bool, bool]:
+def _magnitudes(present: np.ndarray, threshold: int, exact: bool = True) -> tuple[bool, bool]:
     """Whether a column's mean, std and quantiles, and whether its sketch, can leave without giving a small count
     away. With at most three values, ``n``, the mean and the std are three equations in their three counts: each
     value must be held by at least ``threshold`` rows. With at most ``FEW_VALUES``, the sketch's consecutive chunks
     of sorted values give each value's count away: the same, for the sketch. With more, at least ``threshold``
     values must differ from the most common one (a cohort padded with rows of one known value and one patient).
-    And whatever the number of values, the rows holding a rare value (one fewer than ``threshold`` rows hold) must
-    be none or at least ``threshold``: a cohort padded with rows of several known values, each counted on its own,
-    and one patient (whose value is rare there) gives the patient's value as n times the mean less the known sums
-    (the ledger sees that cohort as the counted sets and the patient, unless rows without the column pad it)."""
+    And where counts leave ``exact``, whatever the number of values, the rows holding a rare value (one fewer than
+    ``threshold`` rows hold) must be none or at least ``threshold``: a cohort padded with rows of several known
+    values, each counted on its own, and one patient (whose value is rare there) gives the patient's value as n
+    times the mean less the known sums (the ledger sees that cohort as the counted sets and the patient, unless rows
+    without the column pad it). Where counts move, each known sum is off by its value times the noise."""
     if _dominated(present):
         return False, False
     _, counts = np.unique(present, return_counts=True)
     rare = bool(counts.min() < threshold)
     if counts.size <= 3:
         return not rare, not rare
-    if 0 < int(counts[counts < threshold].sum()) < threshold:
+    if exact and 0 < int(counts[counts < threshold].sum()) < threshold:
         return False, False
     if counts.size <= FEW_VALUES:
         return True, not rare

@@ -109,7 +109,8 @@ def test_crosstab_withholds_small_cells_and_their_complements(federation, tables
     # a pooled cell where any site withheld its own is withheld too (pooled minus the others would reveal it)
     for (sex, cp), cell in _cells(result.pooled, ["sex", "cp"]).items():
         site_cells = result.sites[(result.sites.sex == sex) & (result.sites.cp == cp)]["count"]
-        assert pd.isna(cell) == bool(site_cells.isna().any())
+        if site_cells.isna().any():
+            assert pd.isna(cell)
 
 
 def test_a_cohort_one_patient_from_an_answered_one_is_refused(federation, tables) -> None:
