@@ -6,9 +6,9 @@ returns one table of the same shape, plus ``sites`` (who is in it):
 - **count tables**: each dim's levels are the union over the sites (numbers numerically, then
   text, then ``OTHER_LEVEL``, then ``MISSING_LEVEL``; a histogram's and a missing-table's levels keep
   the sites' order). A site that does not list a level has no row with it (a site names every value
-  enough rows of its whole table hold), so it adds 0 there; but a site that lists ``OTHER_LEVEL`` in a dim (values too few of its rows
-  hold to be named) may hold rows of a level it does not list, so the pooled cells of such levels are
-  withheld by it. A pooled cell is withheld when *any* site that lists it withheld its
+  enough rows of its whole table hold), so it adds 0 there; but a site that lists ``OTHER_LEVEL`` in a
+  dim (values too few of its rows hold to be named) may hold rows of a level it does not list, so the
+  pooled cells of such levels are withheld by it. A pooled cell is withheld when *any* site that lists it withheld its
   own cell: the pooled value minus the other sites' released cells would give that site's cell
   back. ``withheld_by`` (parallel to ``cells``) names those sites; ``total`` is the sum of the sites'
   totals, withheld if any site's is. ``noise`` (parallel to ``cells``) is the most a pooled cell can be off:
