@@ -372,11 +372,13 @@ class Pending:
         self.released.append(entry)
         return perturbed(entry.size, cell_key(entry.digest, self.ledger.key), self.noise, self.threshold)
 
-    def jitter(self, rows: np.ndarray, what: str) -> float:
-        """A fraction in [-1, 1) fixed by the set ``rows`` and ``what`` of it moves (0 where counts do not move)."""
+    def jitters(self, rows: np.ndarray, whats: list[str]) -> list[float]:
+        """For each of ``whats``, a fraction in [-1, 1) fixed by the set ``rows`` and by it (0 where counts do not
+        move)."""
         if self.noise <= 0:
-            return 0.0
-        return jitter(cell_key(self.ledger.row_set(self.keys, rows).digest, self.ledger.key, what))
+            return [0.0] * len(whats)
+        digest = self.ledger.row_set(self.keys, rows).digest
+        return [jitter(cell_key(digest, self.ledger.key, what)) for what in whats]
 
     def commit(self) -> None:
         self.ledger.record(self.scope, self.released)

@@ -29,7 +29,7 @@ class Ledger(Protocol):
 
     def release(self, rows: np.ndarray, what: str, tag: str = "") -> int: ...
 
-    def jitter(self, rows: np.ndarray, what: str) -> float: ...
+    def jitters(self, rows: np.ndarray, whats: list[str]) -> list[float]: ...
 
 
 def floats(column: pd.Series) -> np.ndarray:
@@ -122,13 +122,15 @@ def _moved(entry: dict[str, Any], values: np.ndarray, rows: np.ndarray, ledger: 
         return entry
     scale = float(std) / exact
     moved = dict(entry)
-    moved["mean"] = _number(entry["mean"] + scale * ledger.jitter(rows, "mean"))
-    moved["std"] = _number(max(0.0, std + scale * ledger.jitter(rows, "std")))
+    centroids = len(entry["sketch"] or [])
+    on_mean, on_std, *on_sketch = ledger.jitters(rows, ["mean", "std", *(f"sketch {i}" for i in range(centroids))])
+    moved["mean"] = _number(entry["mean"] + scale * on_mean)
+    moved["std"] = _number(max(0.0, std + scale * on_std))
     if entry["sketch"]:
         chunks = np.array_split(np.sort(values), len(entry["sketch"]))
         share = entry["n"] / len(chunks)
         moved["sketch"] = [
-            [_number(mean + float(np.ptp(chunk)) / chunk.size * ledger.jitter(rows, f"sketch {i}")), share]
+            [_number(mean + float(np.ptp(chunk)) / chunk.size * on_sketch[i]), share]
             for i, ((mean, _), chunk) in enumerate(zip(entry["sketch"], chunks, strict=True))
         ]
     return moved

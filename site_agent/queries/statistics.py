@@ -88,8 +88,8 @@ class Releases(Protocol):
         """``rows``' count is leaving: enter the set; the count that leaves (moved by the set's cell key)."""
         ...
 
-    def jitter(self, rows: np.ndarray, what: str) -> float:
-        """A fraction in [-1, 1) fixed by the set and ``what`` of it (0 where counts leave exact)."""
+    def jitters(self, rows: np.ndarray, whats: list[str]) -> list[float]:
+        """For each of ``whats``, a fraction in [-1, 1) fixed by the set and by it (0 where counts leave exact)."""
         ...
 
 
@@ -105,8 +105,8 @@ class Unchecked:
     def release(self, rows: np.ndarray, text: str, tag: str = "") -> int:
         return int(np.asarray(rows).size)
 
-    def jitter(self, rows: np.ndarray, what: str) -> float:
-        return 0.0
+    def jitters(self, rows: np.ndarray, whats: list[str]) -> list[float]:
+        return [0.0] * len(whats)
 
 
 UNCHECKED = Unchecked()
@@ -235,8 +235,8 @@ class _Ledger:
     def release(self, rows: np.ndarray, what: str, tag: str = "") -> int:
         return self.releases.release(rows, f"{self.said}: {what}", tag)
 
-    def jitter(self, rows: np.ndarray, what: str) -> float:
-        return self.releases.jitter(rows, what)
+    def jitters(self, rows: np.ndarray, whats: list[str]) -> list[float]:
+        return self.releases.jitters(rows, whats)
 
 
 def _cell_rows(cohort: np.ndarray, codes: np.ndarray, size: int) -> list[np.ndarray]:
