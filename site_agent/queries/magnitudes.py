@@ -65,12 +65,12 @@ def column_statistics(
             entry = _one_column(values[:0], threshold)  # all withheld
         if entry["n"] is not None:
             entry["n"] = ledger.release(present, f"{name} values", tag)
-            if ledger.noise > 0:
-                entry = _moved(entry, values[finite], present, ledger)
             if ledger.noise <= 0:
                 entry["missing"] = int(lacking.size)
-            elif lacking.size >= max(threshold, 1) and not ledger.blocked([(lacking, f"{name} missing")])[0]:
-                entry["missing"] = ledger.release(lacking, f"{name} missing")
+            else:
+                entry = _moved(entry, values[finite], present, ledger)
+                if lacking.size >= max(threshold, 1) and not ledger.blocked([(lacking, f"{name} missing")])[0]:
+                    entry["missing"] = ledger.release(lacking, f"{name} missing")
         stats[name] = entry
     total = None
     if n >= threshold and not ledger.blocked([(cohort, "total")])[0]:

@@ -61,6 +61,14 @@ def noisy_number(value: float, scale: float) -> float:
     return float(mechanism(float(value)))
 
 
+def check_bounds(kind: QueryKind, edges: tuple[float, ...]) -> None:
+    """Refuse, before anything is spent, a ``stats`` query without the bounds its values are clamped to."""
+    if kind is QueryKind.STATS and (
+        len(edges) != 2 or not all(math.isfinite(e) for e in edges) or not edges[0] < edges[1]
+    ):
+        raise QueryRefused(STATS_NEED_BOUNDS)
+
+
 def answer_privately(
     request: QueryRequest, table: pd.DataFrame, rows: np.ndarray, threshold: int, epsilon: float
 ) -> dict[str, Any]:
@@ -71,8 +79,8 @@ def answer_privately(
         table = table.rename(columns=str)  # queries name columns as text
     check_columns(request, table)
     private = {"epsilon": float(epsilon)}
-    if request.kind in (QueryKind.COUNT, QueryKind.CROSSTAB, QueryKind.COHORT):
-        columns = list(request.columns) if request.kind != QueryKind.COHORT else []
+    if request.kind in (QueryKind.COUNT, QueryKind.CROSSTAB):  # (a cohort's count is asked as a count)
+        columns = list(request.columns)
         levels, counts = counted(columns, table, rows, threshold)
         return _released(columns, levels, counts, threshold, 1.0 / epsilon, private)
     if request.kind is QueryKind.HIST:
@@ -121,8 +129,7 @@ def _statistics(
     epsilon: float,
     private: dict[str, Any],
 ) -> dict[str, Any]:
-    if len(edges) != 2 or not all(math.isfinite(e) for e in edges) or not edges[0] < edges[1]:
-        raise QueryRefused(STATS_NEED_BOUNDS)
+    check_bounds(QueryKind.STATS, edges)
     low, high = float(edges[0]), float(edges[1])
     share = epsilon / (STAT_FIGURES * len(columns) + 1)  # every figure of every column, and the cohort's count
     reach = max(abs(low), abs(high))  # how far one row moves a sum of clamped values
@@ -149,4 +156,4 @@ def _statistics(
     }
 
 
-__all__ = ["STATS_NEED_BOUNDS", "answer_privately", "noisy_counts", "noisy_number"]
+__all__ = ["STATS_NEED_BOUNDS", "answer_privately", "check_bounds", "noisy_counts", "noisy_number"]

@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,9 +37,9 @@ from site_agent.governance.policy import Budget, TaskFacts, decide, query_column
 from site_agent.queries.cohorts import CohortRefused, CohortStore
 from site_agent.queries.filtering import mask
 from site_agent.queries.image_statistics import voxel_histogram
-from site_agent.queries.ledger import Pending, QueryLedger, Scope
+from site_agent.queries.ledger import QueryLedger, Scope
 from site_agent.queries.mock import make_mock
-from site_agent.queries.private import STATS_NEED_BOUNDS, answer_privately
+from site_agent.queries.private import answer_privately, check_bounds
 from site_agent.queries.statistics import QueryRefused, answer
 
 if TYPE_CHECKING:
@@ -118,7 +119,9 @@ class QueryService:
             if near:
                 return QueryReply(name, StepStatus.REFUSED, _too_close(name, threshold, near), threshold)
             if request.kind == QueryKind.COHORT:
-                table_out = self._freeze(request, table, rows, threshold, pending)
+                table_out = self._freeze(
+                    request, rows, threshold, lambda asked: answer(asked, table, rows, threshold, pending)
+                )
             elif request.kind == QueryKind.HIST and request.columns == (INTENSITY,) and self._is_images(request):
                 table_out = voxel_histogram(self._images(request.dataset, rows), request.edges, threshold)
             else:
@@ -142,8 +145,10 @@ class QueryService:
         name, policy = self.site.name, self.governance.policy
         project = policy.project(request.project)
         assert project is not None and project.max_epsilon is not None, "decide() admits known projects only"
-        if request.kind == QueryKind.STATS and len(request.edges) != 2:
-            return QueryReply(name, StepStatus.REFUSED, f"{name}: {STATS_NEED_BOUNDS}", threshold)
+        try:
+            check_bounds(request.kind, request.edges)
+        except QueryRefused as exc:
+            return QueryReply(name, StepStatus.REFUSED, f"{name}: {exc}", threshold)
         with self._budget_lock:  # checked and charged together: two queries at once cannot both pass the last of it
             spend = self.governance.ledger.spend(request.project, project.dp_delta, query=per_query)
             decision = decide(policy, replace(facts, dp_epsilon=per_query), budget=Budget(spend.spent, spend.after))
@@ -152,7 +157,9 @@ class QueryService:
             self.governance.ledger.charge_query(request.project, request.query_id, per_query)
         try:
             if request.kind == QueryKind.COHORT:
-                out = self._freeze(request, table, rows, threshold, None)
+                out = self._freeze(
+                    request, rows, threshold, lambda asked: answer_privately(asked, table, rows, threshold, per_query)
+                )
             else:
                 out = answer_privately(request, table, rows, threshold, per_query)
         except FlipError as exc:
@@ -161,10 +168,14 @@ class QueryService:
         return QueryReply(name, StepStatus.OK, threshold=threshold, table=out)
 
     def _freeze(
-        self, request: QueryRequest, table: pd.DataFrame, rows: np.ndarray, threshold: int, pending: Pending | None
+        self,
+        request: QueryRequest,
+        rows: np.ndarray,
+        threshold: int,
+        count: Callable[[QueryRequest], dict[str, Any]],
     ) -> dict[str, Any]:
-        """Freeze the cohort's rows here under its name; what leaves is their count (under differential privacy
-        where ``pending`` is None) and the cohort's hash."""
+        """Freeze the cohort's rows here under its name; what leaves is their count (``count`` answers the cohort
+        asked as a count: through the ledger, or under differential privacy) and the cohort's hash."""
         size = int(rows.sum())
         if size < threshold:
             raise CohortRefused(
@@ -179,17 +190,8 @@ class QueryService:
             entry.fingerprint,
             np.flatnonzero(rows).tolist(),
         )
-        as_count = replace(request, kind=QueryKind.COUNT, columns=())
-        if pending is None:
-            counted = answer_privately(as_count, table, rows, threshold, self._per_query(request.project))
-        else:
-            counted = answer(as_count, table, rows, threshold, pending)
+        counted = count(replace(request, kind=QueryKind.COUNT, columns=()))
         return {**counted, "cohort": cohort.name, "hash": cohort.hash}
-
-    def _per_query(self, project: str) -> float:
-        found = self.governance.policy.project(project)
-        assert found is not None and found.query_epsilon is not None
-        return found.query_epsilon
 
     def _mock(self, request: QueryRequest, table: pd.DataFrame, threshold: int) -> dict[str, Any]:
         """The dataset's mock, made here under this threshold: the same one every time for the same file."""
