@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount
 
 from coordinator import internal_api, researcher_api, site_api
+from coordinator.airlock import AirlockDesk
 from coordinator.blobs import BLOB_HEADROOM, BlobStore
 from coordinator.blobs import FOLDER as BLOBS
 from coordinator.config import CoordinatorConfig, TokenGrant
@@ -77,14 +78,16 @@ def build_app(
         lifespan=lifespan,
         exception_handlers={Rejected: _refused, json.JSONDecodeError: _broken_json, Exception: _bug},
     )
+    registry, desk = SiteRegistry(config.registry_path), QueryDesk(manager)
     app.state.flip = Coordinator(
         config,
         manager,
         notifier,
         identity,
         tokens or (lambda: config.tokens),
-        SiteRegistry(config.registry_path),
-        QueryDesk(manager),
+        registry,
+        desk,
         BlobStore(config.state_dir / BLOBS, config.max_model_bytes + BLOB_HEADROOM),
+        AirlockDesk(desk, registry, config.state_dir),
     )
     return app

@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 from coordinator.identity import Caller, Refused, choose_project, static_caller
 from coordinator.service import Principal, TaskRejected
 from coordinator.web import bearer, error, query_int, receive_model, state, typed_body
-from flip_core.api import PROJECT_HEADER, CohortSpec, QuerySpec, TaskSpec
+from flip_core.api import PROJECT_HEADER, CohortSpec, QuerySpec, ReleaseSpec, TaskSpec
 from flip_core.errors import RequestInvalid
 from flip_core.runs import record_of
 from flip_core.status import TERMINAL
@@ -110,6 +110,23 @@ async def cohort(request: Request) -> Response:
     return JSONResponse(await asyncio.to_thread(state(request).queries.freeze, who, spec))
 
 
+async def ask_release(request: Request) -> Response:
+    who = await caller(request)
+    spec: ReleaseSpec = await typed_body(request, ReleaseSpec, "the request")
+    return JSONResponse(await asyncio.to_thread(state(request).airlock.ask, who, spec), status_code=201)
+
+
+async def list_releases(request: Request) -> Response:
+    who = await caller(request)
+    return JSONResponse(await asyncio.to_thread(state(request).airlock.requests, who))
+
+
+async def get_release(request: Request) -> Response:
+    who = await caller(request)
+    request_id: str = request.path_params["request_id"]
+    return JSONResponse(await asyncio.to_thread(state(request).airlock.get, who, request_id))
+
+
 async def list_runs(request: Request) -> Response:
     who, manager = await caller(request), state(request).manager
     runs = [manager.view(r.run_id) for r in manager.store.runs(project=who.project)]
@@ -177,6 +194,9 @@ def routes() -> list[BaseRoute]:
         Route("/api/runs", list_runs, methods=["GET"]),
         Route("/api/queries", query, methods=["POST"]),
         Route("/api/cohorts", cohort, methods=["POST"]),
+        Route("/api/airlock", ask_release, methods=["POST"]),
+        Route("/api/airlock", list_releases, methods=["GET"]),
+        Route("/api/airlock/{request_id}", get_release),
         Route("/api/runs/{run_id}", get_run),
         Route("/api/runs/{run_id}/stop", stop_run, methods=["POST"]),
         Route("/api/runs/{run_id}/model", get_model),

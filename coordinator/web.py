@@ -15,6 +15,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from coordinator.airlock import AirlockDesk
 from coordinator.blobs import ACCEL_HEADER, ACCEL_PREFIX, Blob, BlobStore, spool, spool_path
 from coordinator.config import CoordinatorConfig, TokenGrant
 from coordinator.identity import HubIdentity, Refused
@@ -63,6 +64,7 @@ class Coordinator:
     registry: SiteRegistry
     queries: QueryDesk
     blobs: BlobStore
+    airlock: AirlockDesk
 
 
 def state(request: Request) -> Coordinator:

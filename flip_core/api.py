@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from flip_core.airlock import MAX_PURPOSE_CHARS, ItemKind, purpose_problem
 from flip_core.parsing import parse, sentence
 from flip_core.query import MAX_BINS, MAX_COLUMNS, MAX_QUERY_CHARS, QueryKind
 from flip_core.status import MetricPhase, Phase, Presence, RunStatus, SiteState, StepStatus
@@ -263,6 +264,8 @@ class QuerySpec(Body):
     @model_validator(mode="after")
     def _shape(self) -> QuerySpec:
         n, kind = len(self.columns), self.kind
+        if kind in (QueryKind.RELEASE, QueryKind.RELEASES):
+            raise _refuse("an item is asked of a site's airlock with %flip_request (POST /api/airlock), not as a query")
         wrong = {
             QueryKind.COUNT: (n > 3, "count by takes at most three columns"),
             QueryKind.STATS: (n < 1, "stats needs at least one column"),
@@ -289,6 +292,32 @@ class CohortSpec(Body):
     dataset: Name
     where: Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)] = ""
     sites: Annotated[list[SiteName], Field(min_length=1, max_length=MAX_SITES)] | None = None
+
+
+class ReleaseSpec(Body):
+    """``POST /api/airlock``: ask one site to release one item its rules hold back (``flip_core.airlock``): the
+    traceback of a run's failed step there, or its exact answer to a query. A person at the site decides."""
+
+    site: SiteName
+    item: Annotated[ItemKind, Lax]
+    purpose: Annotated[str, StringConstraints(max_length=MAX_PURPOSE_CHARS)]
+    run: Annotated[str, StringConstraints(max_length=NAME_CHARS)] = ""
+    query: QuerySpec | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ReleaseSpec:
+        if problem := purpose_problem(self.purpose):
+            raise _refuse(f"the request's purpose: {problem}")
+        if self.item == ItemKind.TRACEBACK and (not self.run or self.query is not None):
+            raise _refuse("a traceback is asked for by its run: give the run's id (and no query)")
+        if self.item == ItemKind.QUERY:
+            if self.query is None or self.run:
+                raise _refuse("a query result is asked for by its query: give the query (and no run)")
+            if self.query.kind in (QueryKind.COHORT, QueryKind.MOCK):
+                raise _refuse(
+                    f"a {self.query.kind} is not a result to release: ask for a count, stats, hist, crosstab or missing"
+                )
+        return self
 
 
 # -- site agents ------------------------------------------------------------------------------------
@@ -442,6 +471,7 @@ __all__ = [
     "QueryReplies",
     "QueryReplyBody",
     "QuerySpec",
+    "ReleaseSpec",
     "SiteInfo",
     "NotebookInfo",
     "TaskSpec",

@@ -70,6 +70,10 @@ class StepResult:
     gpu_peak_bytes: int = 0  # peak GPU memory torch allocated during the step (0 on a CPU)
     gpu_seconds: float = 0.0  # the step's cell calls on the GPU, wall seconds with its queue drained
     threads: int = 0  # torch's CPU threads in the step (a float reduction's bits can depend on how many)
+    # a failed step's traceback as the task process wrote it: a claim the agent keeps in the site's airlock, for a
+    # request that may come (``site_agent.governance.airlock``); what a site sends never has one (the guard builds
+    # its result without it)
+    detail: str = ""
 
 
 def encode_request(request: StepRequest) -> bytes:

@@ -67,6 +67,8 @@ class QueryKind(StrEnum):
     MISSING = "missing"  # how many rows lack a value, per column
     COHORT = "cohort"  # freeze the matching rows at each site under a name, for training (their count leaves)
     MOCK = "mock"  # the site's synthetic mock of the dataset, made there under its disclosure rules (no real row)
+    RELEASE = "release"  # hold an item for the site's airlock (``flip_core.airlock``): its admin reviews it
+    RELEASES = "releases"  # the state of the researcher's airlock requests at the site, and released items
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class QueryRequest:
     threshold: int = 0  # the project's asked threshold: raises the site's, never lowers it
     text: str = ""  # the query as the researcher wrote it (for the site's audit log)
     cohort: str = ""  # COHORT: the name the matching rows are frozen under, per project
+    # RELEASE: the ask (``flip_core.airlock.ReleaseAsk.to_dict``); RELEASES: {"requests": [ids], "content": bool}
+    airlock: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -36,7 +36,13 @@ def add_parsers(sub: Any) -> None:
     export = sub.add_parser("export", help="a run's model: safetensors weights, its cell, a model card, a probe check")
     export.add_argument("run_id")
     export.add_argument("dir", type=Path)
-    for parser in (run, rerun, runs, show, comparison, export):
+    airlock = sub.add_parser("airlock", help="your requests to the sites' airlocks, and the items they released")
+    acts = airlock.add_subparsers(dest="action", required=True)
+    listing = acts.add_parser("list", help="your requests and their states")
+    get = acts.add_parser("get", help="a released item, its site's signature checked (to stdout or --out FILE)")
+    get.add_argument("request_id")
+    get.add_argument("--out", type=Path, default=None, help="write the item's bytes here")
+    for parser in (run, rerun, runs, show, comparison, export, listing, get):
         _connection(parser)
 
 
@@ -78,11 +84,46 @@ def _run(args: argparse.Namespace) -> int:
     from flip_local.notebook_runs import parse_value, run_notebook
 
     parameters = {name: parse_value(value) for name, value in args.parameter}
-    execution = run_notebook(args.notebook, parameters, args.out, client=_client(args), progress=not args.no_progress)
+    client = _client(args)
+    execution = run_notebook(args.notebook, parameters, args.out, client=client, progress=not args.no_progress)
     print(f"executed notebook: {execution.executed}")
     for run_id in execution.runs:
         record = execution.records.get(run_id)
         print(f"run {run_id}: {record.status if record else '?'}  {execution.out / 'records' / (run_id + '.json')}")
+    _pending(client)
+    return FlipExit.OK
+
+
+def _pending(client: Any) -> None:
+    """The caller's airlock requests still waiting for a site's review, or released and not yet fetched."""
+    from flip_core.errors import FlipError
+
+    try:
+        waiting = [r for r in client.requests() if r.state in ("pending", "released")]
+    except FlipError as exc:
+        print(f"airlock: could not list your requests ({exc})")
+        return
+    for request in waiting:
+        print(f"airlock: {request.sentence()}")
+
+
+def _airlock(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "list":
+        requests = client.requests()
+        if not requests:
+            print("no airlock request of yours in this project")
+        for request in requests:
+            print(request.sentence())
+            print(f"    purpose: {request.purpose}")
+        return FlipExit.OK
+    item = client.released(args.request_id)
+    print(item.caption(), file=sys.stderr)
+    if args.out is not None:
+        args.out.write_bytes(item.content)
+        print(f"wrote {len(item.content)} bytes to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(item.content)
     return FlipExit.OK
 
 
@@ -159,6 +200,7 @@ COMMANDS = {
     "show": _show,
     "compare": _compare,
     "export": _export,
+    "airlock": _airlock,
 }
 
 __all__ = ["COMMANDS", "add_parsers"]

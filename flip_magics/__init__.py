@@ -1,7 +1,8 @@
 """FLIP's notebook side: ``%load_ext flip_magics``.
 
 The magics (``%flip_connect``, ``%flip_sites``, ``%flip_query``, ``%flip_cohort``, ``%%flip_train``,
-``%flip_runs``, ``%flip_attach``, ``%flip_stop``) are thin shells over :class:`flip_magics.client.FlipClient`,
+``%flip_runs``, ``%flip_attach``, ``%flip_stop``; the airlock's ``%flip_request``, ``%flip_requests``,
+``%flip_released``) are thin shells over :class:`flip_magics.client.FlipClient`,
 which works without IPython too. The names below are the public surface a notebook or script
 imports (``from flip_magics import FlipClient, RunFailed, data_dir``); they load on first use,
 so ``%load_ext`` stays quick.
@@ -41,9 +42,11 @@ def _figure_png(figure: Any) -> bytes:
 
 
 def load_ipython_extension(ipython: Any) -> None:
+    from flip_magics.airlock_magics import AirlockMagics
     from flip_magics.magics import FlipMagics
 
     ipython.register_magics(FlipMagics)
+    ipython.register_magics(AirlockMagics)
     # a query's figure (matplotlib's Figure, never pyplot) shows inline and stays in papermill's output,
     # whatever matplotlib backend the kernel has; matplotlib itself loads only when a figure is shown
     formatter = ipython.display_formatter.formatters["image/png"]

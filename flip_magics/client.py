@@ -17,11 +17,12 @@ import pandas as pd
 import requests
 
 from flip_core.aggregation import strategy_for
-from flip_core.api import CohortSpec, QuerySpec, TaskSpec, parse
+from flip_core.api import CohortSpec, QuerySpec, ReleaseSpec, TaskSpec, parse
 from flip_core.codec import pack_arrays
 from flip_core.errors import NotConnected, Rejected
 from flip_core.filters import parse as parse_filter
 from flip_core.paths import read_connection
+from flip_magics.airlock import AirlockRequest, ReleasedItem, released_item
 from flip_magics.connection import Connection
 from flip_magics.mock_run import MockRun
 from flip_magics.provenance import log_run, task_provenance
@@ -151,6 +152,41 @@ class FlipClient:
         parse_filter(where)
         answer = self.connection.call("POST", "/api/cohorts", json=spec.model_dump(mode="json"), timeout=120).json()
         return result_from(answer)
+
+    # -- the airlock ----------------------------------------------------------------
+    def request_release(
+        self,
+        item: str,
+        site: str,
+        purpose: str,
+        *,
+        run: str = "",
+        query: dict[str, Any] | None = None,
+    ) -> AirlockRequest:
+        """Ask ``site`` to release one item its rules hold back: ``"traceback"`` (the full traceback of ``run``'s
+        failed step there) or ``"query"`` (its exact answer to ``query``, a dict of :meth:`query`'s arguments:
+        ``dataset``, ``kind``, ``columns``, ``where``, ``range``, ...). ``purpose``: in a sentence, what it is for.
+        A person at the site reviews it; :meth:`requests` tells its state, :meth:`released` fetches it."""
+        body: dict[str, Any] = {"site": site, "item": item, "purpose": purpose, "run": run}
+        if query is not None:
+            body["query"] = {**query, "columns": list(query.get("columns", ()))}
+        spec: ReleaseSpec = parse(ReleaseSpec, body, "the request")
+        if spec.query is not None:
+            parse_filter(spec.query.where)
+        view = self.connection.call("POST", "/api/airlock", json=spec.model_dump(mode="json"), timeout=120).json()
+        return AirlockRequest.from_view(view)
+
+    def requests(self) -> list[AirlockRequest]:
+        """This researcher's airlock requests in this project, newest first, each with its state as its site tells
+        it now (a site offline: "unknown")."""
+        views = self.connection.call("GET", "/api/airlock", timeout=120).json()
+        return [AirlockRequest.from_view(v) for v in views]
+
+    def released(self, request_id: str) -> ReleasedItem:
+        """A released item, fetched from its site through the hub, its site's signature and hash checked; its
+        ``value`` is the traceback as text or the query result as a DataFrame."""
+        view = self.connection.call("GET", f"/api/airlock/{request_id}", timeout=120).json()
+        return released_item(view)
 
     def datasets(self) -> pd.DataFrame:
         """Every dataset's schema and size at every online site holding it: one row per site and column, with

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
 import shutil
 import sys
+import time
 from argparse import SUPPRESS
 from pathlib import Path
 from typing import Any
 
+from flip_core.airlock import ReleaseState
 from flip_core.certs import SITE_KEYS as KEYS
-from flip_core.certs import CertError, fingerprint, make_site_keys
+from flip_core.certs import CertError, fingerprint, load_site_keys, make_site_keys
 from flip_core.exits import help_epilog
 from site_agent.data.catalog import CatalogError, init_site, load_site
 from site_agent.data.formats import FORMATS, add_dataset
+from site_agent.disclosure.checks import Check, summary, visible
 from site_agent.exits import SiteExit
+from site_agent.governance.airlock import Airlock, AirlockError
 from site_agent.governance.approvals import APPROVED, REJECTED, ApprovalError, ApprovalStore
 from site_agent.governance.audit import AuditError, AuditLog, read_records
 from site_agent.governance.audit import show as audit_show
@@ -100,6 +105,21 @@ def _admin_commands(sub: Any) -> None:
     show.add_argument("--last", type=int, default=None, help="only the last N records")
     verify = audit.add_parser("verify", help="check the audit log's hash chain (edited, deleted, reordered records)")
     verify.add_argument("dir", type=Path)
+    airlock = sub.add_parser("airlock", help="items researchers asked to be released: review, release, refuse")
+    acts = airlock.add_subparsers(dest="action", required=True)
+    held = acts.add_parser("list", help="the requests waiting for review (--all: every one, with its decision)")
+    held.add_argument("dir", type=Path)
+    held.add_argument("--all", action="store_true")
+    look = acts.add_parser("show", help="one request: who asked, why, the automatic checks and the exact bytes")
+    look.add_argument("dir", type=Path)
+    look.add_argument("id")
+    look.add_argument("--raw", action="store_true", help="only the item's exact bytes (to a file or a viewer)")
+    for verb, said in (("release", "release it: signed with the site's key"), ("refuse", "refuse it (say why)")):
+        act = acts.add_parser(verb, help=said)
+        act.add_argument("dir", type=Path)
+        act.add_argument("id")
+        act.add_argument("--reason", required=verb == "refuse", default="", help="told to the researcher")
+        act.add_argument("--as", dest="checker", default=None, help="who decides (default: your login)")
     disclosure = sub.add_parser("disclosure", help="what the site's queries released").add_subparsers(
         dest="action", required=True
     )
@@ -164,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (CatalogError, PolicyError, ApprovalError, AuditError, CertError) as exc:
+    except (CatalogError, PolicyError, ApprovalError, AuditError, CertError, AirlockError) as exc:
         print(f"flip-site: {exc}", file=sys.stderr)
         return SiteExit.REFUSED
 
@@ -284,6 +304,47 @@ def _answer(args: argparse.Namespace) -> int:
     return SiteExit.OK
 
 
+def _airlock(args: argparse.Namespace) -> int:
+    site = load_site(args.dir)
+    airlock = Airlock(site.root, site.name, AuditLog(site.root))
+    if args.action == "list":
+        held = airlock.held(None if args.all else ReleaseState.PENDING)
+        if not held:
+            print(f"no request is waiting for review at {site.name}" if not args.all else "no request yet")
+        for h in held:
+            failed = h.failed_checks()
+            print(
+                f"{h.request_id}  {h.state:<8}  {h.item:<9}  {h.researcher} ({h.project}), {_when(h.asked_at)}, "
+                f"{h.size} bytes, " + (f"checks failed: {', '.join(failed)}" if failed else "all checks passed")
+            )
+            print(f"    purpose: {visible(h.purpose)}")
+        return SiteExit.OK
+    if args.action == "show":
+        h = airlock.get(args.id)
+        content = airlock.content(args.id) if h.state != ReleaseState.REFUSED else b""
+        if args.raw:
+            sys.stdout.buffer.write(content)
+            return SiteExit.OK
+        print(f"request {h.request_id} at {site.name}: {h.state}" + (f" ({h.reason})" if h.reason else ""))
+        print(f"  asked by {h.researcher}, project {h.project}, {_when(h.asked_at)}: a {h.item} ({h.media_type})")
+        print(f"  purpose: {visible(h.purpose)}\n  of: {json.dumps(h.about)}\n  {h.sha256}, {h.size} bytes")
+        print("\nautomatic checks:\n  " + summary([Check(**c) for c in h.checks]).replace("\n", "\n  "))
+        print(f"\n----- the exact bytes that would leave ({len(content)}) -----")
+        sys.stdout.write(visible(content.decode("utf-8", "replace")))  # control characters written out
+        print("\n----- end -----")
+        return SiteExit.OK
+    key = site.root / KEYS / f"{site.name}.key"
+    private = load_site_keys(key)[0] if args.action == "release" and key.exists() else None
+    checker = args.checker or getpass.getuser()
+    h = airlock.decide(args.id, release=args.action == "release", checker=checker, reason=args.reason, key=private)
+    print(f"{h.state} {h.request_id} ({h.item} for {h.researcher}, project {h.project}) by {checker}")
+    return SiteExit.OK
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+
 def _audit(args: argparse.Namespace) -> int:
     site = load_site(args.dir)
     if args.action == "show":
@@ -400,6 +461,7 @@ _COMMANDS = {
     "approve": _answer,
     "reject": _answer,
     "audit": _audit,
+    "airlock": _airlock,
     "disclosure": _disclosure,
     "keygen": _keygen,
     "join": _join,

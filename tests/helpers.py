@@ -63,13 +63,15 @@ def flip(*args: Any, timeout: float = 600) -> Any:
 
 
 def flip_run(notebook: str, out: Path, **parameters: Any) -> dict[str, Any]:
-    """``flip run notebooks/NOTEBOOK -p ...`` into ``out``; its execution.json (the run failing the test)."""
+    """``flip run notebooks/NOTEBOOK -p ...`` into ``out``; its execution.json and what it printed (``stdout``), the
+    run failing the test."""
     import json
 
     pairs = [str(x) for name, value in parameters.items() for x in ("-p", name, value)]
     done = flip("run", REPO / "notebooks" / notebook, *pairs, "--out", out, "--no-progress")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     execution: dict[str, Any] = json.loads((out / "execution.json").read_text())
+    execution["stdout"] = done.stdout  # what flip run printed (not in execution.json)
     return execution
 
 

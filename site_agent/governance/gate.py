@@ -31,6 +31,7 @@ from flip_core.status import Phase, StepStatus
 from site_agent.data.catalog import SiteConfig, read_site_toml
 from site_agent.disclosure.guard import Declared, Known, describe_outgoing, guard, private_result
 from site_agent.disclosure.privacy import DEFAULT_DELTA, PrivacyLedger, noise_multiplier, privatise
+from site_agent.governance.airlock import Airlock
 from site_agent.governance.approvals import ApprovalStore
 from site_agent.governance.audit import AuditLog
 from site_agent.governance.policy import (
@@ -91,6 +92,7 @@ class Governance:
         self.approvals = ApprovalStore(site.root)
         self.audit = AuditLog(site.root)
         self.ledger = PrivacyLedger(site.root)
+        self.airlock = Airlock(site.root, site.name, self.audit)
         # the site's limits that stop a step, each with its one sentence (the agent's task service says them)
         self.failures: dict[str, tuple[str, ...]] = {}
         self._decided: set[tuple[str, str]] = set()  # (run, verdict) already in the audit log
@@ -206,6 +208,8 @@ class Governance:
             decoded = decode_result(produced)
         except Exception:  # noqa: BLE001 - the task process's bytes: how they fail to decode is its choice
             decoded = StepResult(site=self.site.name, status=StepStatus.ERROR, error_type="BadResult")
+        if decoded.status != StepStatus.OK and isinstance(decoded.detail, str) and decoded.detail:
+            self.airlock.keep_failure(request.run_id, _failure_facts(request, decoded), decoded.detail)
         guarded = guard(
             decoded,
             Declared.from_request(request),
@@ -246,6 +250,19 @@ class Governance:
         if privacy:
             privacy["dp"].update(run_epsilon=out.dp_epsilon, project_epsilon=out.dp_project_epsilon)
         return out, privacy
+
+
+def _failure_facts(request: StepRequest, claimed: StepResult) -> dict[str, Any]:
+    """What the airlock keeps beside a failed step's traceback: the step, and whose run it is."""
+    return {
+        "round": request.round,
+        "phase": str(request.phase),
+        "researcher": request.researcher,
+        "project": request.project,
+        "dataset": request.dataset,
+        "error_type": str(claimed.error_type)[:100],
+        "error_line": claimed.error_line if isinstance(claimed.error_line, int) else 0,
+    }
 
 
 def _leaving(produced: bytes | bytearray, decoded: StepResult, result: StepResult) -> bytes | bytearray:

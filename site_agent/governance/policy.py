@@ -43,6 +43,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from flip_core.airlock import ItemKind
 from flip_core.errors import ConfigError
 
 DEFAULT_THRESHOLD = 10
@@ -77,6 +78,7 @@ class ProjectPolicy:
     dp_delta: float = 1e-5
     time_limit_seconds: float = 3600.0
     memory_limit_mb: int = 4096
+    airlock_refuses: tuple[str, ...] = ()  # kinds of airlock item this site refuses the project outright
 
     def allows(self, names: tuple[str, ...], name: str) -> bool:
         return ANY in names or name in names
@@ -108,6 +110,7 @@ class SitePolicy:
     disclosure_threshold: int = DEFAULT_THRESHOLD
     limits: TaskLimits = field(default_factory=TaskLimits)
     count_noise: int = DEFAULT_COUNT_NOISE
+    airlock_refuses: tuple[str, ...] = ()  # kinds of airlock item (flip_core.airlock.ItemKind) refused outright
 
     def project(self, name: str) -> ProjectPolicy | None:
         return self.projects.get(name)
@@ -127,6 +130,15 @@ class SitePolicy:
         know): the same rows always move by the same amount (``site_agent.queries.perturbation``)."""
         found = self.projects.get(project)
         return max(self.count_noise, found.count_noise if found else 0)
+
+    def refuses_release(self, project: str, item: str) -> str:
+        """Why this site refuses every airlock request for an item of kind ``item`` from ``project`` ("" if not)."""
+        found = self.projects.get(project)
+        if item in self.airlock_refuses or (found is not None and item in found.airlock_refuses):
+            return (
+                f"{self.site}'s policy refuses every request for a {item} outright; no one at the site will review it"
+            )
+        return ""
 
     def admitted(self, dataset: str) -> tuple[str, ...]:
         """The approved projects that may use ``dataset`` here (what the site announces of it: only they see it)."""
@@ -206,7 +218,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
     section = raw.get("policy", {})
     if not isinstance(section, dict):
         raise PolicyError("[policy] must be a table")
-    unknown = set(section) - {"disclosure_threshold", "count_noise", *LIMIT_KEYS}
+    unknown = set(section) - {"disclosure_threshold", "count_noise", "airlock_refuses", *LIMIT_KEYS}
     if unknown:
         raise PolicyError(f"[policy] has unknown setting(s): {', '.join(sorted(unknown))}")
     floor = int(
@@ -265,10 +277,25 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
             memory_limit_mb=int(
                 _number(f"{where} memory_limit_mb", body.get("memory_limit_mb", 4096), integer=True, least=64)
             ),
+            airlock_refuses=_items(f"{where} airlock_refuses", body.get("airlock_refuses", [])),
         )
     return SitePolicy(
-        site=site, projects=projects, disclosure_threshold=floor, limits=_limits(section), count_noise=noise
+        site=site,
+        projects=projects,
+        disclosure_threshold=floor,
+        limits=_limits(section),
+        count_noise=noise,
+        airlock_refuses=_items("[policy] airlock_refuses", section.get("airlock_refuses", [])),
     )
+
+
+def _items(where: str, value: Any) -> tuple[str, ...]:
+    """Kinds of airlock item, each one ``flip_core.airlock.ItemKind`` knows."""
+    names = _names(where, value) if value != [] else ()
+    known = [str(k) for k in ItemKind]
+    if bad := sorted(set(names) - set(known)):
+        raise PolicyError(f"{where}: unknown kind(s) {', '.join(bad)} (known: {', '.join(known)})")
+    return names
 
 
 def _count_noise(where: str, value: Any) -> int:

@@ -40,6 +40,7 @@ from site_agent.queries.image_statistics import voxel_histogram
 from site_agent.queries.ledger import QueryLedger, Scope
 from site_agent.queries.mock import make_mock
 from site_agent.queries.private import answer_privately, check_bounds
+from site_agent.queries.releases import ReleaseDesk
 from site_agent.queries.statistics import QueryRefused, answer
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class QueryService:
         self._tables: dict[str, tuple[tuple[int, int], pd.DataFrame, np.ndarray]] = {}
         self._lock = threading.Lock()
         self._budget_lock = threading.Lock()
+        self.releases = ReleaseDesk(site, governance, self._table)
 
     def answer(self, blob: bytes | bytearray) -> bytes:
         started = time.monotonic()
@@ -89,6 +91,8 @@ class QueryService:
     def reply(self, request: QueryRequest, withheld: list[dict[str, str]] | None = None) -> QueryReply:
         """What this site releases for ``request``: its answer, or a refusal in a sentence; ``withheld`` is given
         the sets its ledger withheld (each with the released set it came too close to)."""
+        if request.kind in (QueryKind.RELEASE, QueryKind.RELEASES):  # the airlock: its own policy and audit records
+            return self.releases.reply(request)
         name, policy = self.site.name, self.governance.policy
         facts = TaskFacts(request.project, request.researcher, request.dataset, source_hash="", kind="query")
         decision = decide(policy, facts)
@@ -242,4 +246,6 @@ def _released(request: QueryRequest, table: dict[str, Any]) -> dict[str, Any]:
     """What left, for the audit log: the released table itself, or a mock's shape (its rows are synthetic)."""
     if request.kind == QueryKind.MOCK and "rows" in table:
         return {"mock_rows": len(table["rows"]), "columns": table["columns"]}
+    if request.kind == QueryKind.RELEASES:  # the items themselves: the airlock's own records say what left
+        return {"states": {i: s.get("state") for i, s in table.get("requests", {}).items()}}
     return table

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from flip_core.airlock import cut_text
 from flip_core.cell import (
     CELL_FILENAME,
     cell_line,
@@ -99,6 +100,7 @@ class StepFailed(FlipError):
         self.error_type = error_type
         self.line = line
         self.where = where
+        self.detail = ""  # the traceback of the researcher's code that failed, when there is one
 
     def _args(self) -> tuple[Any, ...]:
         return (self.error_type, self.line, self.where)
@@ -130,8 +132,11 @@ def _guarded(where: str):  # type: ignore[no-untyped-def]
     except BaseException as exc:  # noqa: BLE001 - every failure of researcher code is reported
         if isinstance(exc, KeyboardInterrupt):
             raise
-        log.warning("task failed in %s:\n%s", where, "".join(traceback.format_exception(exc)))
-        raise StepFailed(_error_type(exc), cell_line(exc), where) from None
+        text = "".join(traceback.format_exception(exc))
+        log.warning("task failed in %s:\n%s", where, text)
+        failed = StepFailed(_error_type(exc), cell_line(exc), where)
+        failed.detail = text  # for the site's airlock (never in what the site sends: the guard rebuilds that)
+        raise failed from None
 
 
 def load_cell(source: str) -> dict[str, Any]:
@@ -243,6 +248,7 @@ class TaskSession:
                 traceback.print_exc(file=sink)
                 result.status = StepStatus.ERROR
                 result.error_type, result.error_line, result.error_where = failed.error_type, failed.line, failed.where
+                result.detail = cut_text(failed.detail)
                 result.params = {}
             except CatalogError as exc:
                 print(f"catalog error: {exc}", file=sink)

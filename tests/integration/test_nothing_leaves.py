@@ -14,6 +14,7 @@ token, while the site's own log does (so the search would have found one).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -32,6 +33,7 @@ from flip_core.certs import make_server_cert
 from flip_core.errors import RunFailed
 from flip_core.util import wait_until
 from flip_local.sites import DEFAULT_PROJECT
+from flip_magics.airlock import NotReleased
 from flip_magics.client import FlipClient, RunHandle
 from site_agent.data.catalog import init_site, write_policy
 from site_agent.data.formats import add_dataset, read_table
@@ -47,6 +49,12 @@ PRINTING_CELL = TINY_CELL.replace(
 RAISING_CELL = TINY_CELL.replace(
     "def train(model, data, config):\n",
     "def train(model, data, config):\n    raise ValueError('first row: ' + str(data.train.iloc[0].to_dict()))\n",
+)
+SHAPE_CELL = TINY_CELL.replace(  # evaluate() assumes 128 features where the planted site's data has 3
+    "    X, y = _xy(data.test)\n",
+    "    X, y = _xy(data.test)\n"
+    "    if data.site == 'Planted':\n"
+    "        X = torch.nn.functional.linear(X, torch.zeros(10, 128))\n",
 )
 
 
@@ -229,6 +237,14 @@ def test_no_planted_token_leaves_the_site(planted: dict[str, Any]) -> None:
         failing.wait(180)
     assert "Planted: ValueError at cell line" in str(failed.value)
     seen += [str(failed.value), repr(failing.events), repr(client.run(failing.run_id))]
+    # the researcher asks for the failed step's traceback (which holds a row): it is held at the site, unreviewed
+    asked = client.request_release(
+        "traceback", "Planted", "to see which value made train() fail at Planted", run=failing.run_id
+    )
+    assert asked.state == "pending", asked
+    with pytest.raises(NotReleased, match="pending"):
+        client.released(asked.request_id)
+    seen += [repr(asked), repr(client.requests())]
 
     rejected = client.train(
         TINY_CELL + "\n# v3\n", dataset="heart-disease", rounds=1, min_sites=SITES, seed=0, name="reject"
@@ -260,3 +276,55 @@ def test_no_planted_token_leaves_the_site(planted: dict[str, Any]) -> None:
         assert not leaked, f"{len(leaked)} planted token(s) {where}"
     site_log = b"".join(p.read_bytes() for p in (site_dir / "logs").glob("run-*.log"))
     assert sum(t in site_log for t in tokens) >= 20  # the printed rows stayed in the site's own log
+    held = (site_dir / "airlock" / "requests" / f"{asked.request_id}.item").read_bytes()
+    assert any(t in held for t in tokens)  # the held traceback had a token: the search would have found it
+
+    # the admin sees it with its checks (the token column's values are found in it) and refuses it
+    review = flip_site("airlock", "show", site_dir, asked.request_id)
+    assert "FAIL  identifiers" in review and "token" in review, review
+    flip_site("airlock", "refuse", site_dir, asked.request_id, "--reason", "it holds a patient's values")
+    told = {r.request_id: r for r in client.requests()}[asked.request_id]
+    assert (told.state, told.reason) == ("refused", "it holds a patient's values")
+
+
+def test_a_failed_steps_traceback_leaves_only_once_the_site_releases_it(planted: dict[str, Any]) -> None:
+    """A cell fails on a shape mismatch; its traceback is asked for, refused once (the reason reaches the notebook),
+    asked again and released: the notebook gets exactly the bytes the admin saw, signed, and the audit log holds
+    each request and decision."""
+    client, site_dir = planted["client"], planted["site_dir"]
+    failing = client.train(SHAPE_CELL, dataset="heart-disease", rounds=1, min_sites=SITES, seed=0, name="shape")
+    answer_when_asked(failing, site_dir, "approve")
+    with pytest.raises(RunFailed, match=r"Planted: RuntimeError at cell line \d+ in evaluate\(\)"):
+        failing.wait(180)
+    purpose = "to see why evaluate() fails at Planted"
+    first = client.request_release("traceback", "Planted", purpose, run=failing.run_id)
+    flip_site("airlock", "refuse", site_dir, first.request_id, "--reason", "say which layer you are debugging")
+    refused = {r.request_id: r for r in client.requests()}[first.request_id]
+    assert (refused.state, refused.reason) == ("refused", "say which layer you are debugging")
+
+    second = client.request_release(
+        "traceback", "Planted", purpose + ": the first linear layer's input", run=failing.run_id
+    )
+    assert "Planted" in flip_site("airlock", "list", site_dir) and second.request_id in flip_site(
+        "airlock", "list", site_dir
+    )
+    exact = subprocess.run(
+        [BIN / "flip-site", "airlock", "show", site_dir, second.request_id, "--raw"], capture_output=True, check=True
+    ).stdout
+    assert b"mat1 and mat2 shapes cannot be multiplied" in exact
+    flip_site("airlock", "release", site_dir, second.request_id, "--as", "dr-checker")
+    item = client.released(second.request_id)
+    assert item.content == exact and item.value == exact.decode()
+    assert (item.release.checker, item.release.site, item.release.purpose) == ("dr-checker", "Planted", second.purpose)
+
+    records = [json.loads(line) for line in (site_dir / "audit" / "audit.jsonl").read_text().splitlines()]
+    airlock = [
+        (r["kind"], r.get("request"), r.get("decision", r.get("state")))
+        for r in records
+        if r["kind"].startswith("airlock")
+    ]
+    assert ("airlock-request", first.request_id, "pending") in airlock
+    assert ("airlock-decision", first.request_id, "refused") in airlock
+    assert ("airlock-decision", second.request_id, "released") in airlock
+    assert any(kind == "airlock-delivered" and rid == second.request_id for kind, rid, _ in airlock)
+    assert "intact" in flip_site("audit", "verify", site_dir)

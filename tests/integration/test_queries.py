@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,9 +25,10 @@ from flip_local.sites import HEART_SITES, HEART_SPLIT
 from site_agent.data.catalog import load_site
 from site_agent.data.formats import add_dataset, read_table
 
-from helpers import TINY_CELL, flip_run, shared_data, static_figures
+from helpers import TINY_CELL, flip, flip_run, shared_data, static_figures
 
 pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
 DATASET = "heart-disease"
 THRESHOLD = 10
 NOISE = 2  # the local federation's sites move each released count by at most this (the default)
@@ -111,6 +114,34 @@ def test_crosstab_withholds_small_cells_and_their_complements(federation, tables
         site_cells = result.sites[(result.sites.sex == sex) & (result.sites.cp == cp)]["count"]
         if site_cells.isna().any():
             assert pd.isna(cell)
+
+
+def test_a_withheld_crosstab_leaves_exact_through_the_airlock_once_the_site_releases_it(federation, tables) -> None:
+    client = federation.client()
+    query = {"dataset": DATASET, "kind": "crosstab", "columns": ["sex", "cp"]}
+    purpose = "table 1 of our paper: chest pain type by sex at each hospital, small cells included"
+    asked = client.request_release("query", "Switzerland", purpose, query=query)
+    assert asked.state == "pending" and asked.site == "Switzerland"
+    site_dir = federation.home / "federation" / "sites" / "Switzerland"
+    review = subprocess.run(
+        [BIN / "flip-site", "airlock", "show", site_dir, asked.request_id], capture_output=True, text=True, check=True
+    ).stdout
+    truth = tables["Switzerland"].groupby(["sex", "cp"]).size()
+    small = {(int(sex), int(cp)): n for (sex, cp), n in truth.items() if n < THRESHOLD}
+    # the admin sees who asked and why, the checks (the small cells named), and the exact table
+    assert purpose in review and "FAIL  small cells" in review and "automatic checks" in review
+    assert "sex,cp,count" in review
+    subprocess.run([BIN / "flip-site", "airlock", "release", site_dir, asked.request_id], check=True, timeout=60)
+
+    item = client.released(asked.request_id)
+    frame = item.value
+    got = {(int(r.sex), int(r.cp)): int(r["count"]) for _, r in frame.iterrows()}
+    exact = {(int(sex), int(cp)): int(n) for (sex, cp), n in truth.items()}
+    assert {k: n for k, n in got.items() if n} == exact  # exact, small cells and all (and its zeros as cells)
+    assert small and all(got[k] == n for k, n in small.items())
+    assert item.release.site == "Switzerland" and item.release.purpose == purpose
+    fetched = flip("airlock", "get", asked.request_id)  # the same item, headless, from the site again
+    assert fetched.returncode == 0 and fetched.stdout.encode() == item.content, fetched.stderr
 
 
 def test_a_cohort_one_patient_from_an_answered_one_is_refused(federation, tables) -> None:
@@ -279,7 +310,14 @@ def test_a_cohort_trains_exactly_as_a_prefiltered_copy_of_each_table(federation,
 
 
 def test_the_cohort_notebook_runs_headless_under_flip_run(federation, tables, pooled_truth, tmp_path) -> None:
+    waiting = federation.client().request_release(  # left pending: flip run lists it at its end
+        "query",
+        "VA",
+        "the counts by sex at VA for our table 1",
+        query={"dataset": DATASET, "kind": "count", "columns": ["sex"]},
+    )
     execution = flip_run("00_cohort_heart.ipynb", tmp_path, rounds=2)
+    assert f"airlock: request {waiting.request_id} to VA for a query is pending" in execution["stdout"]
     out = tmp_path / "00_cohort_heart.ipynb"
     assert len(execution["runs"]) == 1 and static_figures(out), "the executed notebook shows its run"
     summary = json.loads((tmp_path / "cohort_summary.json").read_text())

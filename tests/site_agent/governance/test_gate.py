@@ -101,6 +101,17 @@ def test_what_leaves_is_guarded_and_the_audit_names_shapes_never_values(site) ->
     assert "123456" not in json.dumps(read_records(site.root))
 
 
+def test_a_failed_steps_traceback_stays_in_the_sites_airlock_and_never_leaves(site) -> None:
+    gate = Governance(site)
+    text = "Traceback (most recent call last):\nValueError: patient Qzx-Wvk\n"
+    produced = StepResult(site="VA", status="error", error_type="ValueError", error_line=3, detail=text)
+    leaving = gate.release(request(run="r9"), encode_result(produced))
+    assert b"Qzx-Wvk" not in bytes(leaving) and decode_result(leaving).detail == ""
+    kept = gate.airlock.failure("r9")
+    assert kept is not None and kept[1] == text.encode() and kept[0]["researcher"] == request().researcher
+    assert "Qzx-Wvk" not in json.dumps(read_records(site.root))  # nor in the audit log: it names the step only
+
+
 def test_an_honest_step_leaves_as_the_task_made_it(site) -> None:
     gate = Governance(site)
     ApprovalStore(site.root).request(
