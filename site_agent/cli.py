@@ -327,7 +327,7 @@ def _airlock(args: argparse.Namespace) -> int:
             return SiteExit.OK
         print(f"request {h.request_id} at {site.name}: {h.state}" + (f" ({h.reason})" if h.reason else ""))
         print(f"  asked by {h.researcher}, project {h.project}, {_when(h.asked_at)}: a {h.item} ({h.media_type})")
-        print(f"  purpose: {visible(h.purpose)}\n  of: {json.dumps(h.about)}\n  {h.sha256}, {h.size} bytes")
+        print(f"  purpose: {visible(h.purpose)}\n  of: {visible(json.dumps(h.about))}\n  {h.sha256}, {h.size} bytes")
         print("\nautomatic checks:\n  " + summary([Check(**c) for c in h.checks]).replace("\n", "\n  "))
         print(f"\n----- the exact bytes that would leave ({len(content)}) -----")
         sys.stdout.write(visible(content.decode("utf-8", "replace")))  # control characters written out

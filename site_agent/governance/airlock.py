@@ -168,6 +168,17 @@ class Airlock:
         )
         return held
 
+    def keep_rows(self, request_id: str, rows: list[int]) -> None:
+        """The table rows a query item counts (positions), for the query ledger once the item is delivered."""
+        _write_bytes(self._path(request_id).with_suffix(".rows"), json.dumps(rows).encode())
+
+    def rows(self, request_id: str) -> list[int] | None:
+        try:
+            rows: list[int] = json.loads(self._path(request_id).with_suffix(".rows").read_text())
+        except FileNotFoundError:
+            return None
+        return rows
+
     def get(self, request_id: str) -> Held:
         path = self._path(request_id)
         try:

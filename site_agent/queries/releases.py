@@ -32,11 +32,12 @@ from flip_core.query import MISSING_LEVEL, QUANTILE_NAMES, QUANTILES, QueryKind,
 from flip_core.status import StepStatus
 from site_agent.data.catalog import SiteConfig
 from site_agent.data.image_datasets import IMAGE_KEY, PATIENT_KEY
-from site_agent.disclosure.checks import as_records, count_checks, magnitude_checks, text_checks
+from site_agent.disclosure.checks import Check, as_records, count_checks, magnitude_checks, text_checks
 from site_agent.governance.airlock import AirlockError
 from site_agent.governance.gate import Governance
 from site_agent.governance.policy import REFUSE, TaskFacts, decide, query_columns_refused
 from site_agent.queries.filtering import mask
+from site_agent.queries.ledger import QueryLedger, Scope
 from site_agent.queries.statistics import QueryRefused, check_columns
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 Tables = Callable[[str], "tuple[pd.DataFrame, np.ndarray]"]
 IDENTIFYING_SHARE = 0.9  # a column whose values are this nearly all distinct names patients (or their files)
+_APART = "no released answer to this project or researcher counts rows this close to these"
 LONG_VALUE = 4  # values this long (or with a decimal point) are looked for in free text; shorter ones are everywhere
 
 
@@ -51,10 +53,11 @@ class ReleaseDesk:
     """Holds researchers' requests for this site's airlock and tells them their state (thread-safe: the airlock
     locks each request, the tables are the query service's)."""
 
-    def __init__(self, site: SiteConfig, governance: Governance, tables: Tables) -> None:
+    def __init__(self, site: SiteConfig, governance: Governance, tables: Tables, ledger: QueryLedger) -> None:
         self.site = site
         self.governance = governance
         self.tables = tables
+        self.ledger = ledger
 
     def reply(self, request: QueryRequest) -> QueryReply:
         try:
@@ -99,9 +102,12 @@ class ReleaseDesk:
             facts, content = kept
             about = {k: facts.get(k) for k in ("run", "round", "phase", "dataset", "error_type", "error_line")}
             checks = self._text_checks(content.decode("utf-8", "replace"), dataset)
+            rows: list[int] | None = None
         else:
-            content, about, checks = self._query_item(request, ask)
+            content, about, checks, rows = self._query_item(request, ask)
         held = airlock.hold(ask, request.researcher, request.project, content, about=about, checks=checks)
+        if rows is not None:
+            airlock.keep_rows(held.request_id, rows)
         return _state_reply(name, held.request_id, str(held.state), "")
 
     def _text_checks(self, text: str, dataset: str) -> list[dict[str, Any]]:
@@ -124,12 +130,14 @@ class ReleaseDesk:
         folders = [str(self.site.root)] + [str(d.path) for d in self.site.datasets.values()]
         return as_records(text_checks(text, identifiers=identifiers, values=values, paths=folders))
 
-    def _query_item(self, request: QueryRequest, ask: ReleaseAsk) -> tuple[bytes, dict[str, Any], list[dict[str, Any]]]:
+    def _query_item(
+        self, request: QueryRequest, ask: ReleaseAsk
+    ) -> tuple[bytes, dict[str, Any], list[dict[str, Any]], list[int]]:
         """The exact per-site answer to the request's query, as CSV, and its checks."""
         policy = self.governance.policy
         if request.dataset not in self.site.datasets:
             raise QueryRefused(f"{self.site.name} does not hold {request.dataset!r}")
-        table, _ = self.tables(request.dataset)
+        table, keys = self.tables(request.dataset)
         statistic = QueryKind(ask.statistic)
         query = QueryRequest(
             request.query_id, request.project, request.researcher, request.dataset, statistic, request.columns,
@@ -140,7 +148,8 @@ class ReleaseDesk:
         if barred := query_columns_refused(policy, request.project, named):
             raise QueryRefused(barred)
         columns = check_columns(query, table)
-        rows = table[mask(where, table)]
+        chosen = mask(where, table)
+        rows = table[chosen]
         threshold = max(policy.threshold(request.project), request.threshold)
         if statistic == QueryKind.STATS:
             frame = _stats(rows, columns)
@@ -149,11 +158,14 @@ class ReleaseDesk:
             every = [str(c) for c in table.columns] if statistic == QueryKind.MISSING and not columns else columns
             frame = _counts(statistic, rows, every, request.edges)
             checks = count_checks(frame, threshold)
+        scope = Scope(request.project, request.researcher, request.dataset)
+        near = self.ledger.pending(scope, keys, threshold).why(np.flatnonzero(chosen), f"{request.text}: its rows")
+        checks.append(Check("differencing", not near, f"within {threshold} rows of {near}" if near else _APART))
         content = frame.to_csv(index=False, lineterminator="\n").encode()
         if len(content) > MAX_ITEM_BYTES:
             raise QueryRefused(f"the result is {len(content)} bytes, more than one request may hold ({MAX_ITEM_BYTES})")
         about = {"query": request.text, "dataset": request.dataset, "statistic": str(statistic), "rows": len(rows)}
-        return content, about, as_records(checks)
+        return content, about, as_records(checks), np.flatnonzero(chosen).tolist()
 
     # -- their states -----------------------------------------------------------------------------------------------
     def _states(self, request: QueryRequest) -> QueryReply:
@@ -161,10 +173,23 @@ class ReleaseDesk:
         states = self.governance.airlock.states(
             ids, request.researcher, request.project, content=bool(request.airlock.get("content"))
         )
-        for state in states.values():
+        for request_id, state in states.items():
             if "content" in state:
                 state["content"] = base64.b64encode(state["content"]).decode()
+                self._enter(request_id, request)
         return QueryReply(self.site.name, StepStatus.OK, table={"requests": states})
+
+    def _enter(self, request_id: str, request: QueryRequest) -> None:
+        """A delivered query item's rows, into the query ledger: a later query is checked against them as against
+        any released answer (the same set again adds nothing)."""
+        rows, held = self.governance.airlock.rows(request_id), self.governance.airlock.get(request_id)
+        dataset = str(held.about.get("dataset", ""))
+        if rows is None or dataset not in self.site.datasets:
+            return
+        _, keys = self.tables(dataset)
+        if max(rows, default=-1) < keys.size:
+            row_set = self.ledger.row_set(keys, np.asarray(rows, dtype=np.int64), f"airlock {request_id}: its rows")
+            self.ledger.record(Scope(request.project, request.researcher, dataset), [row_set])
 
 
 def _state_reply(site: str, request_id: str, state: str, reason: str) -> QueryReply:

@@ -62,7 +62,7 @@ class QueryService:
         self._tables: dict[str, tuple[tuple[int, int], pd.DataFrame, np.ndarray]] = {}
         self._lock = threading.Lock()
         self._budget_lock = threading.Lock()
-        self.releases = ReleaseDesk(site, governance, self._table)
+        self.releases = ReleaseDesk(site, governance, self._table, self.ledger)
 
     def answer(self, blob: bytes | bytearray) -> bytes:
         started = time.monotonic()

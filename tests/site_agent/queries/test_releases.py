@@ -178,3 +178,36 @@ def test_a_traceback_naming_a_patient_is_flagged_for_the_admin(tmp_path) -> None
     assert "identifiers" in held.failed_checks()
     record = next(r for r in read_records(service.site.root) if r["kind"] == "airlock-request")
     assert "identifiers" in record["checks_failed"] and "pt0007x" not in json.dumps(record)  # the log names no value
+
+
+def _count(where: str) -> QueryRequest:
+    return QueryRequest("c-" + where, PROJECT, "ada", "heart", QueryKind.COUNT, where=where, text=f"count {where}")
+
+
+def test_a_delivered_query_item_joins_the_ledger_and_an_item_near_a_released_answer_is_flagged(tmp_path) -> None:
+    service = _site(tmp_path)
+    apart = _release_request(ItemKind.QUERY, dataset="heart", statistic="count", where="age < 42", text="under 42")
+    assert _send(service, apart).table["state"] == "pending"
+    assert {c["name"]: c["passed"] for c in service.governance.airlock.get("rq-0000000001").checks}["differencing"]
+    assert flip_site(["airlock", "release", str(service.site.root), "rq-0000000001"]) == 0
+    assert _send(service, _states(["rq-0000000001"], content=True)).table["requests"]["rq-0000000001"]["content"]
+    # the released exact count of age < 42 is in the ledger now: a cohort one year from it is refused
+    refused = _send(service, _count("age < 41"))
+    assert refused.status == StepStatus.REFUSED and "airlock rq-0000000001" in refused.reason
+    # and an item near it is flagged for the admin (who may still release it: the word is theirs)
+    near = _release_request(ItemKind.QUERY, "rq-0000000002", dataset="heart", statistic="count", where="age < 43")
+    assert _send(service, near).table["state"] == "pending"
+    checks = {c["name"]: c for c in service.governance.airlock.get("rq-0000000002").checks}
+    assert not checks["differencing"]["passed"] and "airlock rq-0000000001" in checks["differencing"]["detail"]
+
+
+def test_a_request_id_that_walks_out_of_the_airlock_is_refused(tmp_path) -> None:
+    service = _site(tmp_path)
+    _fail_a_step(service)
+    for forged in ("../../keys/Kings", "rq-1/../../x", "RQ-UPPER-0001", "rq"):
+        reply = _send(service, _release_request(ItemKind.TRACEBACK, forged, run="run1"))
+        assert reply.status == StepStatus.REFUSED and "is not a request id" in reply.reason
+    assert _send(service, _states(["../../keys/Kings"], content=True)).table["requests"] == {
+        "../../keys/Kings": {"state": "unknown"}
+    }
+    assert not (service.site.root / "keys" / "Kings.json").exists()
