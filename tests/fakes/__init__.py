@@ -11,12 +11,13 @@ Fakes stand in for a part in unit tests of pure logic; integration tests use the
 
 from fakes.flower import GRID_NODES, FakeControl, FakeFlowerStatus, FakeGrid
 from fakes.hub import FakeBulkStore, FakeFlakyBulk, FakeHub, FakeHubIdentity
-from fakes.notebook import FakeHTMLWidget, FakeQueryClient, FakeRecordClient, FakeTrainClient
+from fakes.notebook import FakeAirlockClient, FakeHTMLWidget, FakeQueryClient, FakeRecordClient, FakeTrainClient
 from fakes.site import FakeTaskProcess, FakeZygote, fake_images
 from fakes.upstreams import FakeCoordinator, FakeSuperLink
 
 __all__ = [
     "GRID_NODES",
+    "FakeAirlockClient",
     "FakeBulkStore",
     "FakeControl",
     "FakeCoordinator",

@@ -31,6 +31,29 @@ class FakeQueryClient:
         return "cohort"
 
 
+class FakeAirlockClient:
+    """Stands in for FlipClient's airlock side: records request_release() and answers requests() and released()
+    from what it was given, asking no site."""
+
+    def __init__(self, item: Any = None) -> None:
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.item = item
+
+    def request_release(self, *args: Any, **options: Any) -> Any:
+        from flip_magics.airlock import AirlockRequest
+
+        self.calls.append((args, options))
+        return AirlockRequest("rq-0000000001", args[1], args[0], args[2], "pending")
+
+    def requests(self) -> list[Any]:
+        from flip_magics.airlock import AirlockRequest
+
+        return [AirlockRequest("rq-0000000001", "Hungary", "traceback", "why it fails", "refused", "too much")]
+
+    def released(self, request_id: str) -> Any:
+        return self.item
+
+
 class FakeRecordClient:
     """Stands in for FlipClient.run: one stored run record (no coordinator)."""
 

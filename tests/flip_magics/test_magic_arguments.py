@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+from IPython.core.error import UsageError
 from IPython.testing.globalipapp import get_ipython, start_ipython
 
+from flip_core.airlock import ItemKind, Release
+from flip_magics.airlock import ReleasedItem
+from flip_magics.airlock_magics import AirlockMagics
 from flip_magics.magics import FlipMagics
 
-from fakes import FakeQueryClient, FakeTrainClient
+from fakes import FakeAirlockClient, FakeQueryClient, FakeTrainClient
 
 SHELL = start_ipython() or get_ipython()  # the test shell, started once for the module
 
@@ -39,3 +44,31 @@ def test_quoted_options_reach_the_client_without_their_quotes() -> None:
     assert magics.client.calls[-1][1] == ("over50", "heart-disease", "age > 50")  # type: ignore[attr-defined]
     magics.flip_query("heart-disease stats age", "age > 50\n  and sex = 1\n")  # the cell form: the cell is the filter
     assert magics.client.calls[-1][1][3] == "age > 50 and sex = 1"  # type: ignore[attr-defined]
+
+
+def test_airlock_requests_reach_the_client_and_a_released_item_is_bound_as_its_object(capsys) -> None:
+    shell = SHELL
+    flip = FlipMagics(shell)
+    shell.register_magics(flip)  # the airlock's magics use %flip_connect's client
+    fake = FakeAirlockClient(ReleasedItem(_release(), b"Traceback: mat1 and mat2\n"))
+    flip.client = fake  # type: ignore[assignment]
+    airlock = AirlockMagics(shell)
+    airlock.flip_request('traceback 9b68f1d026 --site Hungary --purpose "to see why evaluate() fails there"')
+    assert fake.calls[-1] == (("traceback", "Hungary", "to see why evaluate() fails there"), {"run": "9b68f1d026"})
+    assert "is pending" in capsys.readouterr().out and shell.user_ns["flip_request"].request_id == "rq-0000000001"
+    airlock.flip_request("query heart-disease count by sex --where 'age > 70' --site VA --purpose 'our table 1 here'")
+    args, options = fake.calls[-1]
+    assert options["query"]["columns"] == ["sex"] and options["query"]["where"] == "age > 70"
+    assert options["query"]["kind"] == "count" and args[1] == "VA"
+    with pytest.raises(UsageError, match="takes the run's id"):
+        airlock.flip_request("traceback a b --site VA --purpose 'four words of purpose'")
+    listing = airlock.flip_requests("")
+    assert list(listing["state"]) == ["refused"] and list(listing["reason"]) == ["too much"]
+    assert airlock.flip_released("rq-0000000001 --out tb") is None  # a traceback is printed and bound as text
+    assert shell.user_ns["tb"] == "Traceback: mat1 and mat2\n" and "released by Hungary" in capsys.readouterr().out
+
+
+def _release() -> Release:
+    return Release(
+        "rq-0000000001", "Hungary", ItemKind.TRACEBACK, "text/plain", "sha256:x", 25, "ada", "p", "why", 0.0, "c", "k"
+    )
