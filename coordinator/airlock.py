@@ -32,6 +32,10 @@ from flip_core.status import Presence, StepStatus
 
 BOOK_FILE = "airlock.json"
 OFFLINE = "unknown (the site is offline)"
+RUN_ITEMS = {
+    ItemKind.TRACEBACK: "the traceback of run {run}'s failed step",
+    ItemKind.EVALUATION: "the report of run {run}'s final evaluation",
+}
 
 
 class AirlockDesk:
@@ -47,15 +51,14 @@ class AirlockDesk:
         """Send ``spec`` to its site; the request as booked, with the state the site gave it."""
         request_id = "rq-" + secrets.token_hex(5)
         ask = ReleaseAsk(request_id, spec.item, spec.purpose.strip(), run=spec.run)
-        if spec.item == ItemKind.TRACEBACK:
+        if spec.item != ItemKind.QUERY:
             node = self._online(who, spec.site)
             if self.manager.store.run(spec.run, project=who.project) is None:
                 raise TaskRejected(f"no run {spec.run[:70]!r} in project {who.project!r}", 404)
+            about = RUN_ITEMS[spec.item].format(run=spec.run)
             request = QueryRequest(
-                request_id, who.project, who.researcher, "", QueryKind.RELEASE,
-                text=f"the traceback of run {spec.run}'s failed step", airlock=ask.to_dict(),
-            )  # fmt: skip
-            about = f"the traceback of run {spec.run}'s failed step"
+                request_id, who.project, who.researcher, "", QueryKind.RELEASE, text=about, airlock=ask.to_dict()
+            )
         else:
             assert spec.query is not None
             query = spec.query.model_copy(update={"sites": [spec.site]})

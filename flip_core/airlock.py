@@ -37,6 +37,7 @@ MAX_PENDING = 20  # the most requests of one researcher a site holds for review 
 class ItemKind(StrEnum):
     TRACEBACK = "traceback"  # the full traceback of a run's failed step at one site, as the task process wrote it
     QUERY = "query"  # a per-site query result, exact, with the cells the disclosure rules withheld
+    EVALUATION = "evaluation"  # the report of a run's final evaluation at one site, by the cell's own report()
 
 
 class ReleaseState(StrEnum):
@@ -45,7 +46,12 @@ class ReleaseState(StrEnum):
     REFUSED = "refused"  # by the admin (with a reason) or by the site's policy outright
 
 
-MEDIA_TYPES = {ItemKind.TRACEBACK: "text/plain; charset=utf-8", ItemKind.QUERY: "text/csv; charset=utf-8"}
+MEDIA_TYPES = {
+    ItemKind.TRACEBACK: "text/plain; charset=utf-8",
+    ItemKind.QUERY: "text/csv; charset=utf-8",
+    ItemKind.EVALUATION: "application/json",
+}
+REPORT_FUNCTION = "report"  # report(model, data, config): what a cell's final evaluation holds for the airlock
 
 
 class ReleaseInvalid(FlipError):
@@ -59,7 +65,7 @@ class ReleaseAsk:
     request_id: str
     item: ItemKind
     purpose: str
-    run: str = ""  # TRACEBACK: the run whose failed step's traceback is asked for
+    run: str = ""  # TRACEBACK, EVALUATION: the run whose failed step's traceback, or final report, is asked for
     statistic: str = ""  # QUERY: the query's kind; its dataset, columns, filter and edges are the query's own fields
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,6 +198,7 @@ __all__ = [
     "MAX_LISTED",
     "MAX_PENDING",
     "MEDIA_TYPES",
+    "REPORT_FUNCTION",
     "ItemKind",
     "Release",
     "ReleaseAsk",

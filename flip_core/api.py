@@ -296,7 +296,8 @@ class CohortSpec(Body):
 
 class ReleaseSpec(Body):
     """``POST /api/airlock``: ask one site to release one item its rules hold back (``flip_core.airlock``): the
-    traceback of a run's failed step there, or its exact answer to a query. A person at the site decides."""
+    traceback of a run's failed step there, its exact answer to a query, or the report of a run's final evaluation
+    there (the cell's ``report()``). A person at the site decides."""
 
     site: SiteName
     item: Annotated[ItemKind, Lax]
@@ -308,8 +309,8 @@ class ReleaseSpec(Body):
     def _shape(self) -> ReleaseSpec:
         if problem := purpose_problem(self.purpose):
             raise _refuse(f"the request's purpose: {problem}")
-        if self.item == ItemKind.TRACEBACK and (not self.run or self.query is not None):
-            raise _refuse("a traceback is asked for by its run: give the run's id (and no query)")
+        if self.item != ItemKind.QUERY and (not self.run or self.query is not None):
+            raise _refuse(f"a {self.item} is asked for by its run: give the run's id (and no query)")
         if self.item == ItemKind.QUERY:
             if self.query is None or self.run:
                 raise _refuse("a query result is asked for by its query: give the query (and no run)")

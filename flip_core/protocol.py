@@ -74,6 +74,9 @@ class StepResult:
     # request that may come (``site_agent.governance.airlock``); what a site sends never has one (the guard builds
     # its result without it)
     detail: str = ""
+    # the final evaluation's report (the cell's ``report()``, as JSON: site_agent.tasks.reports), likewise a claim the
+    # agent keeps in the airlock and never sends
+    report: str = ""
 
 
 def encode_request(request: StepRequest) -> bytes:

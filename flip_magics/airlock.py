@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,11 +89,14 @@ class ReleasedItem:
     content: bytes
 
     @property
-    def value(self) -> str | pd.DataFrame:
-        """The traceback as text, a query result as a DataFrame."""
+    def value(self) -> str | pd.DataFrame | EvaluationReport:
+        """The traceback as text, a query result as a DataFrame, an evaluation's report as an
+        :class:`EvaluationReport`."""
         text = self.content.decode("utf-8")
         if self.release.item == ItemKind.QUERY:
             return pd.read_csv(io.StringIO(text))
+        if self.release.item == ItemKind.EVALUATION:
+            return EvaluationReport.from_json(text)
         return text
 
     def caption(self) -> str:
@@ -101,6 +105,27 @@ class ReleasedItem:
             f"released by {r.site} ({r.checker}, {_when(r.released_at)}) for request {r.request_id}: {r.purpose}; "
             f"signed by its key, {r.sha256[:19]}..."
         )
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """A site's report of a run's final evaluation (the cell's ``report()``), as its site released it."""
+
+    metrics: dict[str, float]
+    tables: dict[str, pd.DataFrame]
+    figures: dict[str, bytes]  # PNG, as the site re-encoded them
+    error: str = ""  # a report() that failed: what the site kept instead
+
+    @classmethod
+    def from_json(cls, text: str) -> EvaluationReport:
+        raw = json.loads(text)
+        tables = {
+            name: pd.DataFrame(t["rows"], columns=t["columns"], index=t["index"])
+            for name, t in (raw.get("tables") or {}).items()
+        }
+        figures = {name: base64.b64decode(png) for name, png in (raw.get("figures") or {}).items()}
+        error = str(raw.get("error") or "") + (f"\n{raw['traceback']}" if raw.get("traceback") else "")
+        return cls(dict(raw.get("metrics") or {}), tables, figures, error)
 
 
 def released_item(view: dict[str, Any]) -> ReleasedItem:

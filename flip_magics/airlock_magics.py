@@ -9,15 +9,17 @@ import pandas as pd
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.display import Image, display
 
-from flip_magics.airlock import AirlockRequest, requests_frame
+from flip_magics.airlock import AirlockRequest, EvaluationReport, requests_frame
 from flip_magics.client import FlipClient
 from flip_magics.magics import FlipMagics, parse_args
 from flip_magics.magics import _friendly as friendly
 from flip_magics.queries import STATISTIC_HELP, parse_statistic
 
 REQUEST_HELP = (
-    "traceback RUN_ID (the full traceback of the run's failed step at the site) | "
+    "traceback RUN_ID (the full traceback of the run's failed step at the site) | evaluation RUN_ID (the report of "
+    "the run's final evaluation there, by the cell's report(model, data, config)) | "
     f"query DATASET STATISTIC (the site's exact answer; STATISTIC: {STATISTIC_HELP})"
 )
 
@@ -36,7 +38,7 @@ class AirlockMagics(Magics):
 
     @line_magic
     @magic_arguments()
-    @argument("item", choices=["traceback", "query"], help="what to ask for")
+    @argument("item", choices=["traceback", "query", "evaluation"], help="what to ask for")
     @argument("words", nargs="+", help=REQUEST_HELP)
     @argument("--site", required=True, help="the one site asked (a person there reviews the item)")
     @argument("--purpose", required=True, help='in a sentence, what it is for: "to see why evaluate() fails at ..."')
@@ -49,10 +51,10 @@ class AirlockMagics(Magics):
         """Ask one site to release an item its rules hold back; a person at the site reviews it byte for byte."""
         args = parse_args(self.flip_request, line)
         client = self._client()
-        if args.item == "traceback":
+        if args.item in ("traceback", "evaluation"):
             if len(args.words) != 1:
-                raise UsageError("%flip_request traceback takes the run's id: %flip_request traceback RUN --site ...")
-            request = client.request_release("traceback", args.site, args.purpose, run=args.words[0])
+                raise UsageError(f"%flip_request {args.item} takes the run's id: {args.item} RUN --site S --purpose P")
+            request = client.request_release(args.item, args.site, args.purpose, run=args.words[0])
         else:
             if len(args.words) < 2:
                 raise UsageError(f"%flip_request query takes a dataset and a statistic: {STATISTIC_HELP}")
@@ -86,5 +88,12 @@ class AirlockMagics(Magics):
         print(item.caption())
         if isinstance(value, str):
             print(value)
+            return None
+        if isinstance(value, EvaluationReport):
+            print(value.error or "\n".join(f"{name}: {number:g}" for name, number in value.metrics.items()))
+            for name, table in value.tables.items():
+                display(table.rename_axis(name))
+            for png in value.figures.values():
+                display(Image(png))
             return None
         return value

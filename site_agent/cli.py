@@ -14,15 +14,16 @@ from argparse import SUPPRESS
 from pathlib import Path
 from typing import Any
 
-from flip_core.airlock import ReleaseState
+from flip_core.airlock import ItemKind, ReleaseState
 from flip_core.certs import SITE_KEYS as KEYS
 from flip_core.certs import CertError, fingerprint, load_site_keys, make_site_keys
 from flip_core.exits import help_epilog
 from site_agent.data.catalog import CatalogError, init_site, load_site
 from site_agent.data.formats import FORMATS, add_dataset
 from site_agent.disclosure.checks import Check, summary, visible
+from site_agent.disclosure.report_review import figure_bytes, without_figures
 from site_agent.exits import SiteExit
-from site_agent.governance.airlock import Airlock, AirlockError
+from site_agent.governance.airlock import Airlock, AirlockError, Held
 from site_agent.governance.approvals import APPROVED, REJECTED, ApprovalError, ApprovalStore
 from site_agent.governance.audit import AuditError, AuditLog, read_records
 from site_agent.governance.audit import show as audit_show
@@ -114,6 +115,7 @@ def _admin_commands(sub: Any) -> None:
     look.add_argument("dir", type=Path)
     look.add_argument("id")
     look.add_argument("--raw", action="store_true", help="only the item's exact bytes (to a file or a viewer)")
+    look.add_argument("--out", type=Path, default=None, help="an evaluation report: write its figures here as PNG")
     for verb, said in (("release", "release it: signed with the site's key"), ("refuse", "refuse it (say why)")):
         act = acts.add_parser(verb, help=said)
         act.add_argument("dir", type=Path)
@@ -330,7 +332,7 @@ def _airlock(args: argparse.Namespace) -> int:
         print(f"  purpose: {visible(h.purpose)}\n  of: {visible(json.dumps(h.about))}\n  {h.sha256}, {h.size} bytes")
         print("\nautomatic checks:\n  " + summary([Check(**c) for c in h.checks]).replace("\n", "\n  "))
         print(f"\n----- the exact bytes that would leave ({len(content)}) -----")
-        sys.stdout.write(visible(content.decode("utf-8", "replace")))  # control characters written out
+        sys.stdout.write(visible(_readable(h, content, args.out)))  # control characters written out
         print("\n----- end -----")
         return SiteExit.OK
     key = site.root / KEYS / f"{site.name}.key"
@@ -339,6 +341,18 @@ def _airlock(args: argparse.Namespace) -> int:
     h = airlock.decide(args.id, release=args.action == "release", checker=checker, reason=args.reason, key=private)
     print(f"{h.state} {h.request_id} ({h.item} for {h.researcher}, project {h.project}) by {checker}")
     return SiteExit.OK
+
+
+def _readable(held: Held, content: bytes, out: Path | None) -> str:
+    """The item as text: an evaluation report with its figures as their sizes (written to ``out`` as PNG)."""
+    if held.item != ItemKind.EVALUATION or not content:
+        return content.decode("utf-8", "replace")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, png in figure_bytes(content).items():
+            (out / f"{held.request_id}-{''.join(c if c.isalnum() else '_' for c in name)[:60]}.png").write_bytes(png)
+    said = json.dumps(without_figures(content), indent=1, sort_keys=True)
+    return said + ("" if out is None else f"\n(its figures are in {out})")
 
 
 def _when(stamp: float) -> str:

@@ -7,8 +7,9 @@ site's key (``flip_core.airlock.sign``) and every step (held, released or refuse
 audit log. The agent holds and reports; the CLI decides; both may act at once, so a decision holds a lock on its
 request while it reads and writes it.
 
-The agent also keeps each run's last failed step's traceback here (``airlock/failures/RUN.json``), as the task
-process wrote it, for a request that may never come: it never leaves otherwise.
+The agent also keeps what a run's task process wrote for the airlock (``airlock/kept/``): each run's last failed
+step's traceback, and the report of its final evaluation where the cell defines ``report()``, for a request that may
+never come: neither leaves otherwise.
 """
 
 from __future__ import annotations
@@ -86,25 +87,25 @@ class Airlock:
         self.site = site
         self.audit = audit
         self.requests = self.root / AIRLOCK_FOLDER / "requests"
-        self.failures = self.root / AIRLOCK_FOLDER / "failures"
+        self.kept = self.root / AIRLOCK_FOLDER / "kept"
 
-    # -- failed steps, kept for a request that may come ---------------------------------------------------------
-    def keep_failure(self, run_id: str, facts: dict[str, Any], text: str) -> None:
-        """Keep ``text`` (the task process's traceback of a failed step of run ``run_id``) with ``facts`` (round,
-        phase, researcher, project, dataset): the run's last failure replaces an earlier one."""
+    # -- what a run's steps left for a request that may come ---------------------------------------------------
+    def keep(self, item: ItemKind, run_id: str, facts: dict[str, Any], text: str) -> None:
+        """Keep ``text`` (what the task process wrote for run ``run_id``: a failed step's traceback, or the final
+        evaluation's report) with ``facts`` (round, phase, researcher, project, dataset): a later one replaces it."""
         if not RUN_ID.match(run_id) or not text:
             return
         data = cut_text(text).encode("utf-8", "replace")
-        _write(self.failures / f"{run_id}.json", {**facts, "run": run_id, "at": time.time()})
-        _write_bytes(self.failures / f"{run_id}.txt", data)
+        _write(self.kept / f"{item}-{run_id}.json", {**facts, "run": run_id, "at": time.time()})
+        _write_bytes(self.kept / f"{item}-{run_id}.txt", data)
 
-    def failure(self, run_id: str) -> tuple[dict[str, Any], bytes] | None:
-        """Run ``run_id``'s last failed step here and its traceback's bytes, or None."""
+    def kept_for(self, item: ItemKind, run_id: str) -> tuple[dict[str, Any], bytes] | None:
+        """What run ``run_id`` left here of kind ``item`` (its facts and its bytes), or None."""
         if not RUN_ID.match(run_id):
             return None
         try:
-            facts = json.loads((self.failures / f"{run_id}.json").read_text())
-            return facts, (self.failures / f"{run_id}.txt").read_bytes()
+            facts = json.loads((self.kept / f"{item}-{run_id}.json").read_text())
+            return facts, (self.kept / f"{item}-{run_id}.txt").read_bytes()
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 

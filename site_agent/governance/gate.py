@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from flip_core.airlock import ItemKind
 from flip_core.cell import source_hash
 from flip_core.codec import archive_is_canonical
 from flip_core.protocol import (
@@ -209,7 +210,9 @@ class Governance:
         except Exception:  # noqa: BLE001 - the task process's bytes: how they fail to decode is its choice
             decoded = StepResult(site=self.site.name, status=StepStatus.ERROR, error_type="BadResult")
         if decoded.status != StepStatus.OK and isinstance(decoded.detail, str) and decoded.detail:
-            self.airlock.keep_failure(request.run_id, _failure_facts(request, decoded), decoded.detail)
+            self.airlock.keep(ItemKind.TRACEBACK, request.run_id, _kept_facts(request, decoded), decoded.detail)
+        if decoded.status == StepStatus.OK and request.phase == Phase.EVALUATE and isinstance(decoded.report, str):
+            self.airlock.keep(ItemKind.EVALUATION, request.run_id, _kept_facts(request, decoded), decoded.report)
         guarded = guard(
             decoded,
             Declared.from_request(request),
@@ -252,8 +255,8 @@ class Governance:
         return out, privacy
 
 
-def _failure_facts(request: StepRequest, claimed: StepResult) -> dict[str, Any]:
-    """What the airlock keeps beside a failed step's traceback: the step, and whose run it is."""
+def _kept_facts(request: StepRequest, claimed: StepResult) -> dict[str, Any]:
+    """What the airlock keeps beside a failed step's traceback or a report: the step, and whose run it is."""
     return {
         "round": request.round,
         "phase": str(request.phase),

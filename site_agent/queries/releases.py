@@ -33,6 +33,7 @@ from flip_core.status import StepStatus
 from site_agent.data.catalog import SiteConfig
 from site_agent.data.image_datasets import IMAGE_KEY, PATIENT_KEY
 from site_agent.disclosure.checks import Check, as_records, count_checks, magnitude_checks, text_checks
+from site_agent.disclosure.report_review import clean_report, report_checks
 from site_agent.governance.airlock import AirlockError
 from site_agent.governance.gate import Governance
 from site_agent.governance.policy import REFUSE, TaskFacts, decide, query_columns_refused
@@ -45,6 +46,13 @@ if TYPE_CHECKING:
 
 Tables = Callable[[str], "tuple[pd.DataFrame, np.ndarray]"]
 IDENTIFYING_SHARE = 0.9  # a column whose values are this nearly all distinct names patients (or their files)
+_NOTHING_KEPT = {
+    ItemKind.TRACEBACK: "no step of your run {run!r} failed here: there is no traceback to ask for",
+    ItemKind.EVALUATION: (
+        "your run {run!r} left no report here: a cell that defines report(model, data, config) has one kept from "
+        "its final evaluation at each site"
+    ),
+}
 _APART = "no released answer to this project or researcher counts rows this close to these"
 LONG_VALUE = 4  # values this long (or with a decimal point) are looked for in free text; shorter ones are everywhere
 
@@ -80,11 +88,11 @@ class ReleaseDesk:
                 f"{len(waiting)} of your requests wait for review here already; ask again once the site has "
                 f"decided some (at most {MAX_PENDING} wait at once)"
             )
-        if ask.item == ItemKind.TRACEBACK:
-            kept = airlock.failure(ask.run)
+        if ask.item in (ItemKind.TRACEBACK, ItemKind.EVALUATION):
+            kept = airlock.kept_for(ask.item, ask.run)
             facts = {} if kept is None else kept[0]
             if (facts.get("researcher"), facts.get("project")) != (request.researcher, request.project):
-                raise AirlockError(f"no step of your run {ask.run!r} failed here: there is no traceback to ask for")
+                raise AirlockError(_NOTHING_KEPT[ask.item].format(run=ask.run))
             dataset, kind = str(facts["dataset"]), "train"
         else:
             dataset, kind = request.dataset, "query"
@@ -97,12 +105,20 @@ class ReleaseDesk:
         if refused := policy.refuses_release(request.project, str(ask.item)):
             held = airlock.hold(ask, request.researcher, request.project, b"", about={}, checks=[], refused=refused)
             return _state_reply(name, held.request_id, str(held.state), held.reason)
+        rows: list[int] | None = None
         if ask.item == ItemKind.TRACEBACK:
             assert kept is not None
             facts, content = kept
             about = {k: facts.get(k) for k in ("run", "round", "phase", "dataset", "error_type", "error_line")}
             checks = self._text_checks(content.decode("utf-8", "replace"), dataset)
-            rows: list[int] | None = None
+        elif ask.item == ItemKind.EVALUATION:
+            assert kept is not None
+            facts, content = kept
+            about = {k: facts.get(k) for k in ("run", "round", "phase", "dataset")}
+            content, dropped = clean_report(content)
+            threshold = policy.threshold(request.project)
+            found = report_checks(content, threshold, dropped, lambda text: self._found(text, dataset))
+            checks = as_records(found)
         else:
             content, about, checks, rows = self._query_item(request, ask)
         held = airlock.hold(ask, request.researcher, request.project, content, about=about, checks=checks)
@@ -111,6 +127,9 @@ class ReleaseDesk:
         return _state_reply(name, held.request_id, str(held.state), "")
 
     def _text_checks(self, text: str, dataset: str) -> list[dict[str, Any]]:
+        return as_records(self._found(text, dataset))
+
+    def _found(self, text: str, dataset: str) -> list[Check]:
         """The free-text checks over ``text`` with what this site knows of ``dataset``: its identifying columns'
         values, its other long values, the site's own folders."""
         identifiers: dict[str, set[str]] = {}
@@ -128,7 +147,7 @@ class ReleaseDesk:
                 else:
                     values[str(column)] = {v for v in distinct if len(v) >= LONG_VALUE or "." in v}
         folders = [str(self.site.root)] + [str(d.path) for d in self.site.datasets.values()]
-        return as_records(text_checks(text, identifiers=identifiers, values=values, paths=folders))
+        return text_checks(text, identifiers=identifiers, values=values, paths=folders)
 
     def _query_item(
         self, request: QueryRequest, ask: ReleaseAsk

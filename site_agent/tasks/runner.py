@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from flip_core.airlock import cut_text
+from flip_core.airlock import REPORT_FUNCTION, cut_text
 from flip_core.cell import (
     CELL_FILENAME,
     cell_line,
@@ -41,6 +41,7 @@ from flip_core.status import Phase, StepStatus
 from flip_core.vocabulary import CELL_FAILURES, MEMORY_LIMIT, exception_name
 from site_agent.data.catalog import CatalogError, ImagesChanged, Part, SiteConfig
 from site_agent.data.formats import load_split, task_data
+from site_agent.tasks.reports import encode_report, failed_report
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,14 @@ def load_cell(source: str) -> dict[str, Any]:
     if missing := missing_functions(namespace):
         raise StepFailed("MissingFunction", 0, ", ".join(missing))
     return namespace
+
+
+def _report(report: Any, model: Any, data: Any, config: dict[str, Any]) -> str:
+    """The cell's report of its final evaluation, for the site's airlock only; never a reason for the step to fail."""
+    try:
+        return encode_report(report(model, data, config))
+    except Exception:  # noqa: BLE001 - the researcher's code: its failure is part of the report
+        return failed_report()
 
 
 def _scalar_metrics(value: Any, where: str) -> dict[str, float]:
@@ -344,6 +353,8 @@ class TaskSession:
             with _guarded("evaluate()"):
                 evaluated = namespace["evaluate"](model, data, config)
             result.eval_metrics = _scalar_metrics(evaluated, "evaluate()")
+        if request.phase == Phase.EVALUATE and callable(namespace.get(REPORT_FUNCTION)):
+            result.report = _report(namespace[REPORT_FUNCTION], model, data, config)
         if request.phase != Phase.FIT:
             return
         with _guarded("train()"):

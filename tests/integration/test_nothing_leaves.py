@@ -33,7 +33,7 @@ from flip_core.certs import make_server_cert
 from flip_core.errors import RunFailed
 from flip_core.util import wait_until
 from flip_local.sites import DEFAULT_PROJECT
-from flip_magics.airlock import NotReleased
+from flip_magics.airlock import EvaluationReport, NotReleased
 from flip_magics.client import FlipClient, RunHandle
 from site_agent.data.catalog import init_site, write_policy
 from site_agent.data.formats import add_dataset, read_table
@@ -328,3 +328,54 @@ def test_a_failed_steps_traceback_leaves_only_once_the_site_releases_it(planted:
     assert ("airlock-decision", second.request_id, "released") in airlock
     assert any(kind == "airlock-delivered" and rid == second.request_id for kind, rid, _ in airlock)
     assert "intact" in flip_site("audit", "verify", site_dir)
+
+
+REPORT_CELL = (
+    TINY_CELL
+    + """
+import pandas as pd
+from matplotlib.figure import Figure
+
+def report(model, data, config):
+    X, y = _xy(data.test)
+    with torch.no_grad():
+        p = torch.sigmoid(model(X).squeeze(1))
+    pred = (p > 0.5).float()
+    confusion = [[int(((pred == a) & (y == b)).sum()) for b in (0.0, 1.0)] for a in (0.0, 1.0)]
+    figure = Figure(figsize=(3, 3))
+    figure.subplots().plot(sorted(p.tolist()), label="calibration")
+    out = {"accuracy": float((pred == y).float().mean()), "confusion": confusion, "calibration": figure}
+    if "token" in data.test:  # a hostile line: a patient's token as a table's label
+        out["first"] = pd.DataFrame({"n": [1]}, index=[data.test["token"].iloc[0]])
+    return out
+"""
+)
+
+
+def test_a_runs_evaluation_report_is_held_checked_and_leaves_only_where_released(planted: dict[str, Any]) -> None:
+    """A cell's report() of its final evaluation (numbers, a confusion matrix, a figure) is kept at each site; the
+    admin who sees a patient's token in it (the identifiers check finds it) refuses it, another site releases its
+    own, and the notebook gets that one, signed, as an EvaluationReport."""
+    client, site_dir = planted["client"], planted["site_dir"]
+    run = client.train(REPORT_CELL, dataset="heart-disease", rounds=1, min_sites=SITES, seed=0, name="report")
+    answer_when_asked(run, site_dir, "approve")
+    run.wait(180)
+    assert run.status == "completed", run.reason
+    purpose = "the confusion matrix and calibration figure for our paper"
+    hostile = client.request_release("evaluation", "Planted", purpose, run=run.run_id)
+    review = flip_site("airlock", "show", site_dir, hostile.request_id)
+    assert "FAIL  identifiers" in review and "FAIL  figures" in review, review
+    flip_site("airlock", "refuse", site_dir, hostile.request_id, "--reason", "it names a patient")
+
+    cleveland = planted["federation"] / "sites" / "Cleveland"
+    honest = client.request_release("evaluation", "Cleveland", purpose, run=run.run_id)
+    figures = planted["federation"] / "figures"
+    shown = flip_site("airlock", "show", cleveland, honest.request_id, "--out", figures)
+    assert '"accuracy"' in shown and "<PNG," in shown and list(figures.glob("*.png"))
+    flip_site("airlock", "release", cleveland, honest.request_id)
+    report = client.released(honest.request_id).value
+    assert isinstance(report, EvaluationReport) and 0 <= report.metrics["accuracy"] <= 1
+    assert report.tables["confusion"].shape == (2, 2) and report.figures["calibration"].startswith(b"\x89PNG")
+    with planted["capture"].lock:
+        sent = bytes(planted["capture"].sent)
+    assert not [t for t in planted["tokens"] if t.encode() in sent]  # the refused report never left Planted

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flip_core.airlock import ItemKind
 from flip_core.cell import source_hash
 from flip_core.protocol import StepRequest, StepResult, decode_result, encode_result
 from flip_core.status import Phase
@@ -107,7 +108,7 @@ def test_a_failed_steps_traceback_stays_in_the_sites_airlock_and_never_leaves(si
     produced = StepResult(site="VA", status="error", error_type="ValueError", error_line=3, detail=text)
     leaving = gate.release(request(run="r9"), encode_result(produced))
     assert b"Qzx-Wvk" not in bytes(leaving) and decode_result(leaving).detail == ""
-    kept = gate.airlock.failure("r9")
+    kept = gate.airlock.kept_for(ItemKind.TRACEBACK, "r9")
     assert kept is not None and kept[1] == text.encode() and kept[0]["researcher"] == request().researcher
     assert "Qzx-Wvk" not in json.dumps(read_records(site.root))  # nor in the audit log: it names the step only
 

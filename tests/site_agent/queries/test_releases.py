@@ -78,7 +78,7 @@ def _states(request_ids: list[str], researcher: str = "ada", content: bool = Fal
 
 def _fail_a_step(service: QueryService, run: str = "run1", researcher: str = "ada") -> None:
     facts = {"round": 1, "phase": "evaluate", "researcher": researcher, "project": PROJECT, "dataset": "heart"}
-    service.governance.airlock.keep_failure(run, facts, TRACEBACK)
+    service.governance.airlock.keep(ItemKind.TRACEBACK, run, facts, TRACEBACK)
 
 
 def test_a_traceback_is_held_until_the_admin_releases_it_then_leaves_signed(tmp_path, capsys) -> None:
@@ -172,7 +172,7 @@ def test_a_query_result_is_held_exact_with_its_small_cells_and_dominance_flagged
 def test_a_traceback_naming_a_patient_is_flagged_for_the_admin(tmp_path) -> None:
     service = _site(tmp_path)
     facts = {"round": 1, "phase": "train", "researcher": "ada", "project": PROJECT, "dataset": "heart"}
-    service.governance.airlock.keep_failure("run1", facts, "ValueError: bad row pt0007x with chol 157.0\n")
+    service.governance.airlock.keep(ItemKind.TRACEBACK, "run1", facts, "ValueError: bad row pt0007x with chol 157.0\n")
     assert _send(service, _release_request(ItemKind.TRACEBACK, run="run1")).table["state"] == "pending"
     held = service.governance.airlock.get("rq-0000000001")
     assert "identifiers" in held.failed_checks()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -134,3 +135,13 @@ def test_a_failure_is_named_by_its_standard_type_whatever_the_cell_called_it(
 def test_an_unusable_device_says_nothing_of_its_own(site: SiteConfig) -> None:
     result = TaskSession(site, unusable="torch sees 0 devices, LEAK1").step(request(TINY_CELL))
     assert (result.status, result.error_type, result.error_where) == ("error", "DeviceUnavailable", "")
+
+
+def test_report_runs_at_the_final_evaluation_only_and_its_failure_does_not_fail_the_step(site: SiteConfig) -> None:
+    reporting = TINY_CELL + "\ndef report(model, data, config):\n    return {'rows': len(data.test), 'm': [[1, 2]]}\n"
+    final = TaskSession(site).step(request(reporting, phase=Phase.EVALUATE, round_=2))
+    assert final.status == "ok" and json.loads(final.report)["tables"]["m"]["rows"] == [[1, 2]]
+    assert TaskSession(site).step(request(reporting, round_=2)).report == ""  # a fit step: no report
+    failing = TINY_CELL + "\ndef report(model, data, config):\n    raise KeyError('LEAK')\n"
+    broken = TaskSession(site).step(request(failing, phase=Phase.EVALUATE, round_=2))
+    assert broken.status == "ok" and "KeyError: 'LEAK'" in json.loads(broken.report)["traceback"]
