@@ -190,6 +190,7 @@ def test_a_cell_sized_for_other_images_fails_on_the_imaging_mock_with_torchs_sen
     with pytest.raises(RunFailed) as failed:
         run.wait(timeout=120)
     line = source.splitlines().index(EVAL_LINE) + 1
-    assert failed.value.reason == f"MOCK run failed: RuntimeError at cell line {line} in evaluate() on the MOCK of Alpha"
+    said = f"RuntimeError at cell line {line} in evaluate() on the MOCK of Alpha"
+    assert failed.value.reason == f"MOCK run failed: {said}"
     assert "mat1 and mat2 shapes cannot be multiplied" in run.traceback
     assert EVAL_LINE.strip() in run.traceback and 'File "<flip-cell>"' in run.traceback.splitlines()[1]

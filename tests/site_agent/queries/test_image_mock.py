@@ -24,7 +24,9 @@ from site_agent.queries.service import QueryService
 T = 10
 
 
-def case(number: int, shape: tuple[int, ...], spacing: tuple[float, ...] | None = (0.7031, 0.7031, 2.5)) -> dict:
+def case(
+    number: int, shape: tuple[int, ...], spacing: tuple[float, ...] | None = (0.7031, 0.7031, 2.5)
+) -> dict[str, Any]:
     return {
         "image": f"/hospital/scans/{number}.nii.gz",
         "label": number % 2,
