@@ -11,7 +11,16 @@ Fakes stand in for a part in unit tests of pure logic; integration tests use the
 
 from fakes.flower import GRID_NODES, FakeControl, FakeFlowerStatus, FakeGrid
 from fakes.hub import FakeBulkStore, FakeFlakyBulk, FakeHub, FakeHubIdentity
-from fakes.notebook import FakeHTMLWidget, FakeQueryClient, FakeRecordClient, FakeTrainClient
+from fakes.notebook import (
+    FakeDisplay,
+    FakeFailedRun,
+    FakeHTMLWidget,
+    FakeQueryClient,
+    FakeRecordClient,
+    FakeResponse,
+    FakeRunConnection,
+    FakeTrainClient,
+)
 from fakes.site import FakeTaskProcess, FakeZygote, fake_images
 from fakes.upstreams import FakeCoordinator, FakeSuperLink
 
@@ -19,6 +28,8 @@ __all__ = [
     "GRID_NODES",
     "FakeBulkStore",
     "FakeControl",
+    "FakeDisplay",
+    "FakeFailedRun",
     "FakeCoordinator",
     "FakeFlakyBulk",
     "FakeFlowerStatus",
@@ -28,6 +39,8 @@ __all__ = [
     "FakeHubIdentity",
     "FakeQueryClient",
     "FakeRecordClient",
+    "FakeResponse",
+    "FakeRunConnection",
     "FakeSuperLink",
     "FakeTaskProcess",
     "FakeZygote",
