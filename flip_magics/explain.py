@@ -153,8 +153,8 @@ def explain(run_id: str, failure: SiteFailure, outcome: MockOutcome) -> Explanat
     else:
         text = (
             f"On {site}'s MOCK data, in this kernel, {failure.where} runs without failing, so the site's "
-            f"{failure.sentence} comes from what its real data holds and its mock does not: ask for the site's "
-            f"traceback with {ask}"
+            f"{failure.sentence} comes from what differs there (its real data, which the mock does not copy, or its "
+            f"packages): ask for the site's traceback with {ask}"
         )
     return Explanation(run_id, site, False, "", text)
 
