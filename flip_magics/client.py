@@ -16,15 +16,18 @@ import numpy as np
 import pandas as pd
 import requests
 
-from flip_core.aggregation import strategy_for
+from flip_core.aggregation import make_strategy, strategy_for
 from flip_core.api import CohortSpec, QuerySpec, ReleaseSpec, TaskSpec, parse
 from flip_core.codec import pack_arrays
-from flip_core.errors import NotConnected, Rejected
+from flip_core.errors import FlipError, NotConnected, Rejected
 from flip_core.filters import parse as parse_filter
 from flip_core.paths import read_connection
+from flip_core.runs import record_of
 from flip_magics.airlock import AirlockRequest, ReleasedItem, released_item
 from flip_magics.connection import Connection
-from flip_magics.mock_run import MockRun
+from flip_magics.explain import Explanation, explain, not_replayed, replay, site_failure
+from flip_magics.mock_images import mock_cases
+from flip_magics.mock_run import DEVICE, MockRun, Part
 from flip_magics.provenance import log_run, task_provenance
 from flip_magics.queries import QueryResult, result_from
 from flip_magics.run_handle import TERMINAL, RunHandle
@@ -225,6 +228,8 @@ class FlipClient:
         mocks = Mocks(dataset, answer.get("refused", {}))
         for site, reply in answer["sites"].items():
             table = reply["table"]
+            if table.get("images"):
+                mocks.images[site] = table["images"]
             frame = pd.DataFrame(table["rows"], columns=table["columns"])
             for column, dtype in zip(table["columns"], table["dtypes"], strict=True):
                 try:
@@ -306,16 +311,11 @@ class FlipClient:
         task = prepare(spec.source, seed=spec.seed)
         declared = metrics_to_declare(task, spec.metrics)  # the hub's rule, here too
         holders = [d for s in self.sites() for d in s["datasets"] if d["name"] == spec.dataset]
-        if any(d.get("format") == "images" for d in holders):
-            raise Rejected(
-                f"--mock is not available for the imaging dataset {spec.dataset!r} yet: a site's mock is a table of "
-                "its cases' synthetic values, and the cell reads image files"
-            )
         fractions = [d["train_rows"] / d["rows"] for d in holders if d.get("rows") and d.get("train_rows")]
         return MockRun(
             self.connection,
             task,
-            dict(self.mock(spec.dataset)),
+            self._mock_parts(spec.dataset),
             dataset=spec.dataset,
             name=spec.name or "run",
             rounds=spec.rounds,
@@ -334,14 +334,55 @@ class FlipClient:
         """The final model of run ``run_id`` as arrays by name."""
         return self.connection.model_params(run_id)
 
+    def explain_failure(self, handle: RunHandle, *, site: str | None = None) -> Explanation | None:
+        """Re-run, once, the phase of the cell that failed at a site (``site``, else the first that failed) on that
+        site's mock, here, with the run's own initial model, config and step seed (``flip_magics.explain``): where
+        it fails the same way (the same exception type, cell line and phase), its traceback from this kernel, else
+        a sentence saying so. None when no site's cell failed in the run."""
+        failure = site_failure(handle.events, site)
+        if failure is None:
+            return None
+        record = record_of(self.run(handle.run_id))
+        strategy = make_strategy(record.strategy or "fedavg", record.strategy_options)
+        config = {**record.config, **strategy.client_config(), "device": DEVICE}  # as the site handed it to the cell
+        announced = record.site_datasets.get(failure.site)
+        rows = (announced.train_rows or 0) + (announced.test_rows or 0) if announced else 0
+        fraction = announced.train_rows / rows if announced and announced.train_rows and rows else 0.8
+        try:
+            mock = self._mock_parts(record.dataset, sites=[failure.site])[failure.site]
+        except (FlipError, requests.RequestException) as exc:
+            return not_replayed(handle.run_id, failure, str(exc))
+        outcome = replay(
+            handle.source,
+            failure,
+            mock,
+            dataset=record.dataset,
+            seed=record.seed,
+            config=config,
+            train_fraction=fraction,
+            initial=handle.task.initial if handle.task is not None else None,
+        )
+        return explain(handle.run_id, failure, outcome)
+
+    def _mock_parts(self, dataset: str, sites: list[str] | None = None) -> dict[str, Part]:
+        """Each site's mock as a mock run's cell reads it: a table's rows, or an imaging dataset's cases with their
+        synthetic image files, written here once (:func:`flip_magics.mock_images.mock_cases`)."""
+        mocks = self.mock(dataset, sites=sites)
+        return {
+            site: mock_cases(site, dataset, frame, mocks.images[site]) if site in mocks.images else frame
+            for site, frame in mocks.items()
+        }
+
 
 class Mocks(dict[str, pd.DataFrame]):
-    """The sites' mocks of one dataset, by site; ``refused``: the sites that sent none, and why."""
+    """The sites' mocks of one dataset, by site; ``refused``: the sites that sent none, and why; ``images``: an
+    imaging dataset's image forms by site, for ``flip_magics.mock_images`` to write its cases' files from."""
 
     def __init__(self, dataset: str, refused: dict[str, str]) -> None:
         super().__init__()
         self.dataset = dataset
         self.refused = dict(refused)
+        self.images: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{site}: {len(frame)} rows" for site, frame in self.items())

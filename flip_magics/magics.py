@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import html
 import json
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -15,8 +18,10 @@ from IPython.display import Image, display
 from flip_core.errors import FlipError, NotConnected
 from flip_core.records import compare
 from flip_core.runs import record_of
+from flip_core.status import RunStatus
 from flip_magics.client import FlipClient, RunHandle
 from flip_magics.compare_view import comparison_figure, comparison_frame
+from flip_magics.explain import Explanation
 from flip_magics.figures import png
 from flip_magics.queries import STATISTIC_HELP, QueryResult, parse_statistic
 from flip_magics.widgets import RunWidget
@@ -73,12 +78,43 @@ def parse_args(magic: Any, line: str) -> Any:
     return args
 
 
-def show_run(handle: RunHandle) -> RunWidget:
+class Once:
+    """``make()``'s value, made by the first caller of :meth:`get`; a caller on another thread meanwhile waits for
+    it (a run's end is told from its follower thread and from the thread that waits for it)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._lock = threading.Lock()
+        self._made = False
+        self._value: Any = None
+
+    def get(self) -> Any:
+        with self._lock:
+            if not self._made:
+                self._value, self._made = self._make(), True
+            return self._value
+
+
+def with_explanation(bundle: dict[str, str], explanation: Explanation | None) -> dict[str, str]:
+    """A failed run's static copy with what its re-run on a site's mock said (plain text, the traceback as is)."""
+    if explanation is None:
+        return bundle
+    text = explanation.text
+    return {
+        **bundle,
+        "text/html": f'{bundle["text/html"]}<pre class="flip-mock-explanation">{html.escape(text)}</pre>',
+        "text/plain": f"{bundle['text/plain']}\n\n{text}",
+    }
+
+
+def show_run(handle: RunHandle, explain: Callable[[RunHandle], Explanation | None] | None = None) -> RunWidget:
     """The live widget; when the run ends it is replaced by a static copy of itself (an SVG chart, the final
     metrics and the sites' table), which papermill, nbconvert and a code host's viewer keep and show. The copy is
     sent from the follower thread (a live frontend) and again from the thread that waits for the run: papermill
-    keeps only what arrives from the cell it is executing."""
+    keeps only what arrives from the cell it is executing. A run that failed at a site is then re-run there on its
+    mock by ``explain`` (once), and the copy shows what that said."""
     widget = RunWidget(handle.name, handle.run_id, handle.rounds)
+    explained = Once(lambda: explain(handle)) if explain is not None else None
 
     def refresh(h: RunHandle) -> None:
         widget.update(
@@ -94,7 +130,10 @@ def show_run(handle: RunHandle) -> RunWidget:
 
     def leave_static(h: RunHandle) -> None:
         refresh(h)
-        shown.update(widget.static_bundle(), raw=True)
+        bundle = widget.static_bundle()
+        shown.update(bundle, raw=True)
+        if explained is not None and h.status == RunStatus.FAILED:
+            shown.update(with_explanation(bundle, explained.get()), raw=True)
 
     handle.when_ended(leave_static)
     return widget
@@ -210,7 +249,7 @@ class FlipMagics(Magics):
             metrics=None if args.metrics is None else [n.strip() for n in args.metrics.split(",") if n.strip()],
         )
         self._user_ns()[args.out] = handle
-        show_run(handle)
+        show_run(handle, explain=None if args.mock else self._client().explain_failure)
 
     @line_cell_magic
     @magic_arguments()

@@ -8,14 +8,20 @@ by its rows), aggregates and weighs metrics with the hub's own functions (``flip
 and feeds the same events to the same widget and result object as a federated run: so a cell that
 fails on the mock fails here in seconds, before any site is asked. As at a site, only the metric names the task
 declares leave a step (the others are dropped, and the site's row says so). Every name, title and record says
-MOCK; its numbers say nothing about the real data. No IPython here.
+MOCK; its numbers say nothing about the real data. A site's mock is a table, or for an imaging dataset the cases
+as a cell reads them, their synthetic image files written here (``flip_magics.mock_images``); ``data.cached`` and
+``data.device`` are there as at a site (the device is this kernel's CPU). No IPython here.
 """
 
 from __future__ import annotations
 
+import linecache
 import secrets
+import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from flip_core.aggregation import Strategy, Update, weighted_metrics
-from flip_core.cell import cell_line, failed_step, proximal_term, seed_everything, step_seed
+from flip_core.cell import CELL_FILENAME, cell_line, failed_step, proximal_term, seed_everything, step_seed
 from flip_core.errors import Rejected
 from flip_core.runs import RunRecord
 from flip_core.status import EventType, MetricPhase, RunStatus, SiteState
@@ -33,7 +39,10 @@ from flip_magics.run_handle import RunHandle
 from flip_magics.task import PreparedTask, load_weights
 
 GLOBAL = "global"
+DEVICE = "cpu"  # where a mock run's steps run: this kernel's CPU, told as a site tells its device
 Metrics = list[tuple[dict[str, float], int]]  # each site's metrics and the rows they were measured on
+Part = pd.DataFrame | list[dict[str, Any]]  # a mock's rows, or an imaging mock's cases
+Cache = Callable[[str, str, Any], Any]  # (site, part, transform) -> the part's MONAI dataset
 
 
 class MockData:
@@ -42,30 +51,64 @@ class MockData:
 
     def __init__(
         self,
-        train: pd.DataFrame,
-        test: pd.DataFrame,
+        train: Part,
+        test: Part,
         site: str,
         dataset: str,
         round_: int,
         *,
         global_params: dict[str, np.ndarray],
         proximal_mu: float,
+        cache: Cache | None = None,
     ) -> None:
         self.train, self.test, self.site, self.dataset, self.round = train, test, site, dataset, round_
+        self.device = DEVICE
         self._global = global_params
+        self._cache = cache
         self.proximal_mu = proximal_mu
+
+    def cached(self, part: str, transform: Any = None) -> Any:
+        """The MONAI dataset of this mock's ``"train"`` or ``"test"`` cases under ``transform``, decoded once per
+        mock run (a ``monai.data.CacheDataset``), as ``data.cached`` is at a site."""
+        if part not in ("train", "test"):
+            raise ValueError(f"part must be 'train' or 'test', not {part!r}")
+        if self._cache is None or not isinstance(self.train, list):
+            raise RuntimeError("this data has no cache (a table's rows need none)")
+        return self._cache(self.site, part, transform)
 
     def proximal_term(self, model: Any) -> Any:
         """FedProx's ``mu/2 * ||w - w_global||^2`` for ``model`` (0 unless the run uses fedprox)."""
         return proximal_term(model, self._global, self.proximal_mu)
 
 
-def mock_split(mock: pd.DataFrame, train_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def mock_split(mock: Part, train_fraction: float, seed: int) -> tuple[Part, Part]:
+    """A mock's rows (or cases) cut into a train and a test part, by the run's seed."""
     order = np.random.default_rng(seed).permutation(len(mock))
     cut = int(round(train_fraction * len(mock)))
-    return mock.iloc[np.sort(order[:cut])].reset_index(drop=True), mock.iloc[np.sort(order[cut:])].reset_index(
-        drop=True
-    )
+    train, test = np.sort(order[:cut]), np.sort(order[cut:])
+    if isinstance(mock, list):
+        return [dict(mock[i]) for i in train], [dict(mock[i]) for i in test]
+    return mock.iloc[train].reset_index(drop=True), mock.iloc[test].reset_index(drop=True)
+
+
+class MockCache:
+    """The MONAI datasets of a mock run's imaging cases, one per site and part, kept while the transform it was
+    made with is the one asked for (as a site's warm task process keeps them across a run's rounds)."""
+
+    def __init__(self, parts: Callable[[str], tuple[Part, Part]]) -> None:
+        self._parts = parts
+        self._held: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def __call__(self, site: str, part: str, transform: Any) -> Any:
+        held = self._held.get((site, part))
+        if held is None or held[0] is not transform:
+            from monai.data.dataset import CacheDataset
+
+            train, test = self._parts(site)
+            cases = [dict(c) for c in (train if part == "train" else test) if isinstance(c, dict)]
+            dataset = CacheDataset(data=cases, transform=transform, cache_rate=1.0, num_workers=0, progress=False)
+            held = self._held[(site, part)] = (transform, dataset)
+        return held[1]
 
 
 def _scalars(value: Any, where: str) -> dict[str, float]:
@@ -84,7 +127,7 @@ class MockRun(RunHandle):
         self,
         connection: Connection,
         task: PreparedTask,
-        mocks: dict[str, pd.DataFrame],
+        mocks: dict[str, Part],
         *,
         dataset: str,
         name: str,
@@ -100,7 +143,9 @@ class MockRun(RunHandle):
         self._declared = metrics
         self._withheld: dict[str, set[str]] = {}  # each site's kinds of metrics withheld, said in its next row
         self.strategy = strategy
-        self._config = {**config, **strategy.client_config()}  # as the hub sends it to the sites
+        self._config = {**config, **strategy.client_config(), "device": DEVICE}  # as a site hands it to the cell
+        self._cache = MockCache(self._split)
+        self.traceback = ""  # the cell's traceback where the mock run failed
         self._params: dict[str, np.ndarray] = dict(task.initial)
         self._step = ("", "")  # the site and the function of the cell being run, for the sentence if it fails
         self._started = time.time()
@@ -164,7 +209,8 @@ class MockRun(RunHandle):
                 metrics, n = self._evaluate(site, self.rounds + 1, self._params)
                 self._apply(_metrics(self.rounds, site, MetricPhase.EVALUATE, metrics, n))
         except Exception as exc:  # noqa: BLE001 - the researcher's cell: its failure is the run's result
-            traceback.print_exc()
+            self.traceback = cell_traceback(exc, self._task.source if self._task else "")
+            print(self.traceback, file=sys.stderr, end="")
             site, function = self._step
             failed = failed_step(type(exc).__name__, cell_line(exc), f"{function} on the MOCK of {site}")
             self._apply({"type": EventType.SITE, "site": site, "status": SiteState.FAILED, "round": self.round})
@@ -197,10 +243,15 @@ class MockRun(RunHandle):
             samples = sum(n for _, n in reported)
             self._apply(_metrics(round_, GLOBAL, phase, weighted_metrics(reported), samples))
 
+    def _split(self, site: str) -> tuple[Part, Part]:
+        return mock_split(self._mocks[site], self._fraction, self._seed)
+
     def _data(self, site: str, round_: int, params: dict[str, np.ndarray]) -> MockData:
-        train, test = mock_split(self._mocks[site], self._fraction, self._seed)
+        train, test = self._split(site)
         mu = float(self._config.get("proximal_mu", 0.0))
-        return MockData(train, test, site, self.dataset, round_, global_params=params, proximal_mu=mu)
+        return MockData(
+            train, test, site, self.dataset, round_, global_params=params, proximal_mu=mu, cache=self._cache
+        )
 
     def _cell(self, function: str, data: MockData, params: dict[str, np.ndarray]) -> tuple[Any, dict[str, float]]:
         """The cell's ``function`` on ``data``'s site, seeded as that site's step is (before its model is built
@@ -227,6 +278,29 @@ class MockRun(RunHandle):
         reported, rows = int(metrics.pop("num_examples", len(data.train))), len(data.train)
         params = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
         return params, metrics, reported if 1 <= reported <= rows else rows
+
+
+_lines_lock = threading.Lock()
+
+
+def cell_traceback(exc: BaseException, source: str) -> str:
+    """``exc``'s traceback as text from the cell's first frame on, the cell's own lines shown (``source``, compiled
+    under ``flip_core.cell.CELL_FILENAME``, which no file holds)."""
+    with _lines_lock:
+        before = linecache.cache.get(CELL_FILENAME)
+        lines = source.splitlines(keepends=True)
+        linecache.cache[CELL_FILENAME] = (len(source), None, lines, CELL_FILENAME)
+        try:
+            summary = traceback.TracebackException.from_exception(exc)
+        finally:
+            if before is None:
+                linecache.cache.pop(CELL_FILENAME, None)
+            else:
+                linecache.cache[CELL_FILENAME] = before
+    frames = list(summary.stack)
+    first = next((i for i, frame in enumerate(frames) if frame.filename == CELL_FILENAME), 0)
+    summary.stack = traceback.StackSummary.from_list(frames[first:])
+    return "".join(summary.format())
 
 
 def _metrics(round_: int, site: str, phase: str, metrics: dict[str, float], samples: int) -> dict[str, Any]:

@@ -109,6 +109,12 @@ class RunHandle:
         return folder
 
     @property
+    def task(self) -> PreparedTask | None:
+        """The cell as this kernel prepared it, with the run's initial model (None: a run attached to, not
+        submitted from here)."""
+        return self._task
+
+    @property
     def source(self) -> str:
         return self._task.source if self._task else str(self.connection.run(self.run_id)["source"])
 

@@ -146,6 +146,43 @@ def evaluate(model, data, config):
     return {"accuracy": acc, "rows": len(y)}
 """
 
+# a MONAI cell over an imaging dataset's cases (data.cached, as at a site) with a linear model over every pixel:
+# image_cell(28 * 28) fits BreastMNIST; another size fails at EVAL_LINE with torch's "mat1 and mat2 shapes cannot be
+# multiplied", in evaluate() (the first function a run calls)
+EVAL_LINE = "        scores = model(images).squeeze(1)"
+
+
+def image_cell(features: int) -> str:
+    return f"""
+import torch
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ScaleIntensityd
+
+transform = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"), ScaleIntensityd(keys="image")])
+
+def build_model():
+    return torch.nn.Linear({features}, 1)
+
+def batch(data, part):
+    cases = data.cached(part, transform)
+    images = torch.stack([torch.as_tensor(item["image"]).reshape(-1) for item in cases])
+    labels = torch.tensor([float(item["label"]) for item in cases])
+    return images.to(data.device), labels
+
+def train(model, data, config):
+    images, labels = batch(data, "train")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images).squeeze(1), labels)
+    opt.zero_grad(); loss.backward(); opt.step()
+    return {{"loss": loss.item(), "pixels": images.shape[1]}}
+
+def evaluate(model, data, config):
+    images, labels = batch(data, "test")
+    with torch.no_grad():
+{EVAL_LINE}
+    return {{"accuracy": ((scores > 0).float() == labels).float().mean().item(), "cases": len(labels)}}
+"""
+
+
 # TINY_CELL whose train() first pauses: config "pause" everywhere, "pause_<SITE>" at one site
 # (the workload of a slow site, not a synchronisation).
 PAUSING_CELL = (

@@ -36,6 +36,7 @@ from site_agent.governance.gate import Governance
 from site_agent.governance.policy import Budget, TaskFacts, decide, query_columns_refused
 from site_agent.queries.cohorts import CohortRefused, CohortStore
 from site_agent.queries.filtering import mask
+from site_agent.queries.image_mock import make_image_mock
 from site_agent.queries.image_statistics import voxel_histogram
 from site_agent.queries.ledger import QueryLedger, Scope
 from site_agent.queries.mock import make_mock
@@ -198,12 +199,19 @@ class QueryService:
         return {**counted, "cohort": cohort.name, "hash": cohort.hash}
 
     def _mock(self, request: QueryRequest, table: pd.DataFrame, threshold: int) -> dict[str, Any]:
-        """The dataset's mock, made here under this threshold: the same one every time for the same file."""
+        """The dataset's mock, made here under this threshold: the same one every time for the same file. An imaging
+        dataset's carries the forms its images take, for the kernel to write (``site_agent.queries.image_mock``)."""
         entry = self.site.dataset(request.dataset)
         seed = int.from_bytes(hashlib.sha256(f"{self.site.name}|{entry.fingerprint}|{threshold}".encode()).digest()[:8])
-        mock = make_mock(table, threshold, seed).head(MOCK_MAX_ROWS)  # rows are drawn independently: any are a sample
+        images: dict[str, Any] = {}
+        if entry.format == IMAGES.name:
+            index = json.loads(verified_bytes(self.site, request.dataset, open_file))
+            mock, images = make_image_mock(index, table, threshold, seed)
+        else:
+            mock = make_mock(table, threshold, seed).head(MOCK_MAX_ROWS)  # rows drawn independently: any are a sample
         rows = mock.astype(object).where(mock.notna(), None).to_numpy().tolist()
-        return {"columns": [str(c) for c in mock.columns], "dtypes": [str(t) for t in mock.dtypes], "rows": rows}
+        out = {"columns": [str(c) for c in mock.columns], "dtypes": [str(t) for t in mock.dtypes], "rows": rows}
+        return {**out, "images": images} if images else out
 
     def _is_images(self, request: QueryRequest) -> bool:
         return self.site.dataset(request.dataset).format == IMAGES.name
@@ -245,7 +253,8 @@ def _too_close(site: str, threshold: int, earlier: str) -> str:
 def _released(request: QueryRequest, table: dict[str, Any]) -> dict[str, Any]:
     """What left, for the audit log: the released table itself, or a mock's shape (its rows are synthetic)."""
     if request.kind == QueryKind.MOCK and "rows" in table:
-        return {"mock_rows": len(table["rows"]), "columns": table["columns"]}
+        forms = {"image_forms": table["images"]["forms"]} if "images" in table else {}  # released, not synthetic
+        return {"mock_rows": len(table["rows"]), "columns": table["columns"], **forms}
     if request.kind == QueryKind.RELEASES:  # the items themselves: the airlock's own records say what left
         return {"states": {i: s.get("state") for i, s in table.get("requests", {}).items()}}
     return table

@@ -11,7 +11,17 @@ Fakes stand in for a part in unit tests of pure logic; integration tests use the
 
 from fakes.flower import GRID_NODES, FakeControl, FakeFlowerStatus, FakeGrid
 from fakes.hub import FakeBulkStore, FakeFlakyBulk, FakeHub, FakeHubIdentity
-from fakes.notebook import FakeAirlockClient, FakeHTMLWidget, FakeQueryClient, FakeRecordClient, FakeTrainClient
+from fakes.notebook import (
+    FakeAirlockClient,
+    FakeDisplay,
+    FakeFailedRun,
+    FakeHTMLWidget,
+    FakeQueryClient,
+    FakeRecordClient,
+    FakeResponse,
+    FakeRunConnection,
+    FakeTrainClient,
+)
 from fakes.site import FakeTaskProcess, FakeZygote, fake_images
 from fakes.upstreams import FakeCoordinator, FakeSuperLink
 
@@ -20,6 +30,8 @@ __all__ = [
     "FakeAirlockClient",
     "FakeBulkStore",
     "FakeControl",
+    "FakeDisplay",
+    "FakeFailedRun",
     "FakeCoordinator",
     "FakeFlakyBulk",
     "FakeFlowerStatus",
@@ -29,6 +41,8 @@ __all__ = [
     "FakeHubIdentity",
     "FakeQueryClient",
     "FakeRecordClient",
+    "FakeResponse",
+    "FakeRunConnection",
     "FakeSuperLink",
     "FakeTaskProcess",
     "FakeZygote",

@@ -15,6 +15,9 @@ class FakeTrainClient:
         self.calls.append({"source": source, **options})
         return "handle"
 
+    def explain_failure(self, handle: Any) -> None:
+        return None
+
 
 class FakeQueryClient:
     """Stands in for FlipClient's query side: records query() and cohort() instead of asking any site."""
@@ -77,3 +80,71 @@ class FakeHTMLWidget:
     @value.setter
     def value(self, v: str) -> None:
         self.assignments.append(v)
+
+
+class FakeFailedRun:
+    """Stands in for a RunHandle whose run failed at a site: its events, its cell and the task this kernel prepared
+    (None: attached); it tells its end to each callback twice, as the follower thread and the waiting thread do."""
+
+    def __init__(self, events: list[dict[str, Any]], source: str, task: Any = None, run_id: str = "r-failed") -> None:
+        self.run_id, self.name, self.rounds, self.round = run_id, "failing", 1, 0
+        self.status, self.reason, self.connection_note = "failed", "Run stopped in round 0", ""
+        self.events, self.source, self.task = events, source, task
+
+    def chart_points(self) -> list[Any]:
+        return []
+
+    def site_rows(self) -> list[dict[str, Any]]:
+        return []
+
+    def subscribe(self, callback: Any) -> None:
+        callback(self)
+
+    def when_ended(self, callback: Any) -> None:
+        callback(self)
+        callback(self)
+
+
+class FakeResponse:
+    """Stands in for a requests.Response: its JSON body."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+
+    def json(self) -> Any:
+        return self.body
+
+
+class FakeRunConnection:
+    """Stands in for flip_magics.connection.Connection: one stored run's view, and each site's mock as the query desk
+    answers a mock query (refused where ``mocks`` has none); records the queries asked."""
+
+    def __init__(self, view: dict[str, Any], mocks: dict[str, dict[str, Any]]) -> None:
+        self.view, self.mocks = view, mocks
+        self.asked: list[dict[str, Any]] = []
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return self.view
+
+    def call(self, method: str, path: str, json: Any = None, **options: Any) -> FakeResponse:
+        assert (method, path) == ("POST", "/api/queries"), path
+        self.asked.append(json)
+        sites = json.get("sites") or sorted(self.mocks)
+        answered = {s: {"threshold": 10, "table": self.mocks[s]} for s in sites if s in self.mocks}
+        refused = {s: f"{s}: the site makes no mock of it" for s in sites if s not in self.mocks}
+        return FakeResponse({"sites": answered, "refused": refused})
+
+
+class FakeDisplay:
+    """Stands in for IPython's ``display``: records what is shown, and each update of a shown output's handle."""
+
+    def __init__(self) -> None:
+        self.shown: list[Any] = []
+        self.updates: list[dict[str, str]] = []
+
+    def __call__(self, obj: Any, **options: Any) -> FakeDisplay:
+        self.shown.append(obj)
+        return self
+
+    def update(self, bundle: dict[str, str], raw: bool = False) -> None:
+        self.updates.append(bundle)

@@ -20,7 +20,7 @@ def test_privacy_options_reach_the_client(monkeypatch) -> None:
     shell = SHELL
     magics = FlipMagics(shell)
     magics.client = FakeTrainClient()  # type: ignore[assignment]
-    monkeypatch.setattr("flip_magics.magics.show_run", lambda handle: None)
+    monkeypatch.setattr("flip_magics.magics.show_run", lambda handle, **_: None)
     magics.flip_train("--dataset heart-disease --rounds 3 --dp-epsilon 2.5 --dp-clip 0.5 --out r", "def f(): pass\n")
     call = magics.client.calls[-1]  # type: ignore[attr-defined]
     assert (call["dp_epsilon"], call["dp_clip"], call["rounds"], call["dataset"]) == (2.5, 0.5, 3, "heart-disease")

@@ -12,10 +12,11 @@ from flip_core.aggregation import FedAvg, Params, Strategy, Update, make_strateg
 from flip_core.errors import RunFailed
 from flip_core.status import MetricPhase
 from flip_magics.connection import Connection
+from flip_magics.mock_images import mock_cases
 from flip_magics.mock_run import MockRun
 from flip_magics.task import prepare
 
-from helpers import TINY_CELL
+from helpers import EVAL_LINE, TINY_CELL, image_cell
 
 NOWHERE = Connection("http://127.0.0.1:9", "unused")  # a mock run asks the coordinator nothing
 
@@ -151,3 +152,45 @@ def test_a_mock_run_lets_only_the_declared_metric_names_through_and_says_so_as_a
     said = {e["site"]: e.get("detail") for e in list(run.events) if e.get("status") == "done"}
     expected = "eval metrics withheld: not declared when the run was submitted (declare them with --metrics)"
     assert said == {"Alpha": expected, "Beta": expected}
+
+
+def imaging_run(source: str) -> MockRun:
+    """The cell over two sites' imaging mocks of 28 x 28 grey PNGs, written here as a mock run's are."""
+    form = {"kind": "png", "dtype": "uint8", "shape": [28, 28], "spacing": None, "share": 1.0}
+    cases = {}
+    for site, count in (("Alpha", 20), ("Beta", 30)):
+        frame = pd.DataFrame({"label": [i % 2 for i in range(count)], "patient_id": [f"m{i}" for i in range(count)]})
+        images = {"forms": [form], "form": [0] * count, "keys": ["label", "patient_id"], "intensity": []}
+        cases[site] = mock_cases(site, "breast-mock", frame, images)
+    return MockRun(
+        NOWHERE,
+        prepare(source, seed=1),
+        cases,
+        dataset="breast-mock",
+        name="imaging",
+        rounds=2,
+        seed=1,
+        config={},
+        strategy=FedAvg(),
+        train_fraction=0.8,
+    )
+
+
+def test_a_monai_cell_runs_on_imaging_mocks_through_data_cached_and_the_device_as_at_a_site() -> None:
+    run = imaging_run(image_cell(28 * 28))
+    run.wait(timeout=120)
+    trained = run.history[(run.history.phase == MetricPhase.TRAIN) & (run.history.metric == "pixels")]
+    assert set(trained.value) == {784.0} and len(trained) == 6  # two rounds, two sites and their global row
+    assert run.record.mock_rows == {"Alpha": 20, "Beta": 30}
+
+
+def test_a_cell_sized_for_other_images_fails_on_the_imaging_mock_with_torchs_sentence_and_its_line() -> None:
+    source = image_cell(128)
+    run = imaging_run(source)
+    with pytest.raises(RunFailed) as failed:
+        run.wait(timeout=120)
+    line = source.splitlines().index(EVAL_LINE) + 1
+    said = f"RuntimeError at cell line {line} in evaluate() on the MOCK of Alpha"
+    assert failed.value.reason == f"MOCK run failed: {said}"
+    assert "mat1 and mat2 shapes cannot be multiplied" in run.traceback
+    assert EVAL_LINE.strip() in run.traceback and 'File "<flip-cell>"' in run.traceback.splitlines()[1]

@@ -25,7 +25,7 @@ from flip_core.util import wait_until
 from flip_local.federation import Federation, restart
 from flip_magics.client import FlipClient
 
-from helpers import flip_run, local_federation, static_figures
+from helpers import EVAL_LINE, flip_run, image_cell, local_federation, static_figures
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -284,10 +284,56 @@ def test_image_sizes_spacings_and_label_counts_are_queried_like_any_column(imagi
     assert not any(case["image"] in answer for case in index["cases"])  # what left holds no file's path
 
 
-def test_a_mock_run_of_an_imaging_dataset_is_refused_in_a_sentence(imaging) -> None:
+def test_a_cell_sized_for_other_images_fails_on_the_mock_in_the_kernel_before_anything_is_submitted(imaging) -> None:
+    """Each site's imaging mock is written here as image files of its registered form (28 x 28 grey PNGs): a linear
+    layer sized for 128 features, where the images flatten to 784, fails in this kernel with torch's own sentence and
+    the cell's line, and the coordinator never hears of it."""
     client: FlipClient = imaging["client"]
-    with pytest.raises(Rejected, match="--mock is not available for the imaging dataset 'breastmnist'"):
-        client.train(CACHE_CELL, dataset="breastmnist", mock=True)
+    before = {r["run_id"] for r in client.runs()}
+    source = image_cell(128)
+    run = client.train(source, dataset="breastmnist", mock=True, name="wrong-size")
+    with pytest.raises(RunFailed):
+        run.wait(120)
+    line = source.splitlines().index(EVAL_LINE) + 1
+    assert run.reason.startswith(f"MOCK run failed: RuntimeError at cell line {line} in evaluate() on the MOCK of ")
+    assert "mat1 and mat2 shapes cannot be multiplied (" in run.traceback and "x784 and 128x1)" in run.traceback
+    assert {r["run_id"] for r in client.runs()} == before  # nothing was submitted
+
+
+def test_a_correct_imaging_cell_runs_to_completion_on_the_sites_mocks(imaging) -> None:
+    client: FlipClient = imaging["client"]
+    mocks = client.mock("breastmnist")
+    assert set(mocks) == {"Ultrasound-A", "Ultrasound-B", "Ultrasound-C"}
+    for site, frame in mocks.items():
+        assert 10 <= len(frame) <= 64 and set(frame.label.dropna()) <= {0, 1}
+        assert mocks.images[site]["forms"] == [
+            {"kind": "png", "dtype": "uint8", "shape": [28, 28], "spacing": None, "share": 1.0}
+        ]
+        assert not frame.patient_id.str.startswith("bm-").any()  # no case of the site's
+    run = client.train(image_cell(28 * 28), dataset="breastmnist", rounds=2, mock=True, name="dry")
+    run.wait(120)
+    assert run.status == "completed" and run.record.mock
+    pixels = run.history[(run.history.metric == "pixels") & (run.history.site != "global")]
+    assert set(pixels.value) == {784.0} and len(pixels) == 6  # three sites, two rounds
+
+
+def test_a_failure_at_the_sites_is_re_run_on_a_sites_mock_and_its_traceback_shown_as_the_mocks(imaging) -> None:
+    client: FlipClient = imaging["client"]
+    source = image_cell(128)
+    run = client.train(source, dataset="breastmnist", rounds=1, name="wrong-size-at-the-sites")
+    with pytest.raises(RunFailed):
+        run.wait(180)
+    line = source.splitlines().index(EVAL_LINE) + 1
+    assert f"RuntimeError at cell line {line} in evaluate()" in run.reason
+    explanation = client.explain_failure(run)
+    assert explanation is not None and explanation.same, explanation
+    site = explanation.site
+    assert explanation.text.startswith(
+        f"This is the traceback of the same failure on {site}'s MOCK data, in this kernel"
+    )
+    assert f"%flip_request traceback {run.run_id} --site {site}" in explanation.text
+    assert "mat1 and mat2 shapes cannot be multiplied" in explanation.traceback
+    assert EVAL_LINE.strip() in explanation.traceback
 
 
 def test_a_histogram_of_the_images_voxels_is_pooled_over_the_sites(imaging) -> None:
