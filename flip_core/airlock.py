@@ -73,10 +73,7 @@ class ReleaseAsk:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ReleaseAsk:
-        known = {f.name for f in fields(cls)}
-        head = {k: v for k, v in raw.items() if k in known}
-        head["item"] = ItemKind(head["item"])
-        return cls(**head)
+        return cls(**_fields_of(cls, raw))
 
 
 @dataclass(frozen=True)
@@ -102,10 +99,7 @@ class Release:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Release:
-        known = {f.name for f in fields(cls)}
-        head = {k: v for k, v in raw.items() if k in known}
-        head["item"] = ItemKind(head["item"])
-        return cls(**head)
+        return cls(**_fields_of(cls, raw))
 
 
 @dataclass
@@ -122,6 +116,13 @@ class RequestState:
     decided_at: float = 0.0
     release: dict[str, Any] = field(default_factory=dict)  # Release.to_dict() once released and fetched
     content: str = ""  # base64 of the item's bytes, once released and fetched
+
+
+def _fields_of(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw``'s entries that are fields of the dataclass ``cls`` (others are ignored), its ``item`` typed."""
+    head = {k: v for k, v in raw.items() if k in {f.name for f in fields(cls)}}
+    head["item"] = ItemKind(head["item"])
+    return head
 
 
 def signed_bytes(release: Release) -> bytes:

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from flip_core.query import QueryKind
+
 SHOWN = 10  # refusals and withholdings listed per project and dataset (the rest counted)
 
 
@@ -48,11 +50,16 @@ def _values(table: Any) -> tuple[int, int]:
     return 0, 0
 
 
+AIRLOCK_TRAFFIC = (str(QueryKind.RELEASE), str(QueryKind.RELEASES))
+
+
 def report(records: Iterable[dict[str, Any]], project: str | None = None) -> list[Told]:
     """What the query records say, per project and dataset (``project``: that one only), in order of first query."""
     told: dict[tuple[str, str], Told] = {}
     for record in records:
         if record.get("kind") != "query" or (project is not None and record.get("project") != project):
+            continue
+        if record.get("statistic") in AIRLOCK_TRAFFIC:  # requests for review, not answers: flip-site airlock lists them
             continue
         key = (str(record.get("project", "")), str(record.get("dataset", "")))
         entry = told.setdefault(key, Told(*key, first=str(record.get("time", ""))))

@@ -6,14 +6,19 @@ with a certificate from the consortium's CA and keeps every byte, both ways). It
 code. Three runs go through it:
 a training run whose cell also prints rows (to the site's log), a failing run whose cell raises with a
 row in its message, and a run the site's admin rejects; then federated queries (one counting by the token
-column, one isolating a patient), a cohort and a mock. Then neither the bytes the site sent or
-received, nor the coordinator's database and model files, nor anything the notebook was shown hold any
-token, while the site's own log does (so the search would have found one).
+column, one isolating a patient), a cohort and a mock; and the researcher asks the site's airlock for the failing
+run's traceback, which holds a row. Then neither the bytes the site sent or received, nor the coordinator's
+database and model files, nor anything the notebook was shown hold any token (raw or base64-encoded, as a released
+item travels), while the site's own log and its airlock do (so the search would have found one); the admin, shown
+the token column's values found in the traceback, refuses it. Two more tests go through the airlock: a shape
+mismatch's traceback refused, asked again and released (nothing of it at the hub before), and a run's evaluation
+report refused at the planted site and released at another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets
@@ -185,6 +190,18 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
                 capture.close()
 
 
+def holds(blob: bytes, needle: bytes) -> bool:
+    """``needle`` in ``blob`` as it is, or base64-encoded at any of the three alignments (a released item travels
+    as base64: a search for the raw bytes alone would miss it)."""
+    forms = [needle]
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + needle)
+        start = (offset * 4 + 2) // 3  # characters that depend on the bytes before it
+        end = len(encoded) - (4 if (offset + len(needle)) % 3 else 0)  # and those that depend on what follows
+        forms.append(encoded[start:end])
+    return any(form in blob for form in forms)
+
+
 def flip_site(*args: Any) -> str:
     done = subprocess.run([BIN / "flip-site", *map(str, args)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -272,7 +289,7 @@ def test_no_planted_token_leaves_the_site(planted: dict[str, Any]) -> None:
         ("stored by the coordinator", stored),
         ("shown in the notebook", shown),
     ):
-        leaked = [t for t in tokens if t in blob]
+        leaked = [t for t in tokens if holds(blob, t)]
         assert not leaked, f"{len(leaked)} planted token(s) {where}"
     site_log = b"".join(p.read_bytes() for p in (site_dir / "logs").glob("run-*.log"))
     assert sum(t in site_log for t in tokens) >= 20  # the printed rows stayed in the site's own log
@@ -312,9 +329,15 @@ def test_a_failed_steps_traceback_leaves_only_once_the_site_releases_it(planted:
         [BIN / "flip-site", "airlock", "show", site_dir, second.request_id, "--raw"], capture_output=True, check=True
     ).stdout
     assert b"mat1 and mat2 shapes cannot be multiplied" in exact
+    with planted["capture"].lock:  # before the release: nothing of it reached the hub, or anything it stores
+        sent = bytes(planted["capture"].sent)
+    stored = b"".join(p.read_bytes() for p in (planted["federation"] / "coordinator").rglob("*") if p.is_file())
+    assert not holds(sent, b"mat1 and mat2") and not holds(stored, b"mat1 and mat2")
     flip_site("airlock", "release", site_dir, second.request_id, "--as", "dr-checker")
     item = client.released(second.request_id)
     assert item.content == exact and item.value == exact.decode()
+    with planted["capture"].lock:
+        assert holds(bytes(planted["capture"].sent), b"mat1 and mat2")  # the search would have found it: now it has
     assert (item.release.checker, item.release.site, item.release.purpose) == ("dr-checker", "Planted", second.purpose)
 
     records = [json.loads(line) for line in (site_dir / "audit" / "audit.jsonl").read_text().splitlines()]
@@ -378,4 +401,4 @@ def test_a_runs_evaluation_report_is_held_checked_and_leaves_only_where_released
     assert report.tables["confusion"].shape == (2, 2) and report.figures["calibration"].startswith(b"\x89PNG")
     with planted["capture"].lock:
         sent = bytes(planted["capture"].sent)
-    assert not [t for t in planted["tokens"] if t.encode() in sent]  # the refused report never left Planted
+    assert not [t for t in planted["tokens"] if holds(sent, t.encode())]  # the refused report never left Planted

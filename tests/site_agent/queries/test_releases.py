@@ -112,6 +112,9 @@ def test_a_traceback_is_held_until_the_admin_releases_it_then_leaves_signed(tmp_
     kinds = [r["kind"] for r in read_records(service.site.root)]
     assert {"airlock-request", "airlock-decision", "airlock-delivered"} <= set(kinds)
     assert audit_verify(service.site.root) == []
+    capsys.readouterr()
+    assert flip_site(["disclosure", "report", root]) == 0  # requests for review are not answers to queries
+    assert "has answered no query yet" in capsys.readouterr().out
 
 
 def test_another_researchers_request_is_unknown_to_you_and_their_run_has_no_traceback_for_you(tmp_path) -> None:
