@@ -27,8 +27,9 @@ hub: $(STAMP)
 
 # Debian packages the tests use, installed when root (CI is): iproute2 (`ip netns`, the multi-host test),
 # chromium (the browser test drives it with Playwright), docker-compose (validates deploy/'s compose files),
-# nginx-light (the nginx fleet front, coordinator.nginx_front).
-SYSTEM_DEPS := iproute2:ip chromium:chromium docker-compose:docker-compose nginx-light:nginx
+# nginx-light (the nginx fleet front, coordinator.nginx_front), postgresql (the OMOP sites' databases,
+# flip_local.postgres: its initdb and pg_ctl, run as an unprivileged user).
+SYSTEM_DEPS := iproute2:ip chromium:chromium docker-compose:docker-compose nginx-light:nginx postgresql:pg_ctlcluster
 system-deps:
 	@missing=""; for pair in $(SYSTEM_DEPS); do command -v $${pair#*:} >/dev/null || missing="$$missing $${pair%%:*}"; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -14,16 +14,17 @@ from argparse import SUPPRESS
 from pathlib import Path
 from typing import Any
 
-from flip_core.airlock import ItemKind, ReleaseState
+from flip_core.airlock import ReleaseState
 from flip_core.certs import SITE_KEYS as KEYS
 from flip_core.certs import CertError, fingerprint, load_site_keys, make_site_keys
 from flip_core.exits import help_epilog
 from site_agent.data.catalog import CatalogError, init_site, load_site
 from site_agent.data.formats import FORMATS, add_dataset
+from site_agent.data.omop import OMOP, Source
+from site_agent.data.omop import checks as omop_checks
 from site_agent.disclosure.checks import Check, summary, visible
-from site_agent.disclosure.report_review import figure_bytes, without_figures
 from site_agent.exits import SiteExit
-from site_agent.governance.airlock import Airlock, AirlockError, Held
+from site_agent.governance.airlock import Airlock, AirlockError
 from site_agent.governance.approvals import APPROVED, REJECTED, ApprovalError, ApprovalStore
 from site_agent.governance.audit import AuditError, AuditLog, read_records
 from site_agent.governance.audit import show as audit_show
@@ -56,11 +57,13 @@ def _data_commands(sub: Any) -> None:
 
     dataset = sub.add_parser("dataset", help="register and list datasets").add_subparsers(dest="action", required=True)
     add = dataset.add_parser(
-        "add", help="register a table, or a manifest of images (--format images), held at this site"
+        "add", help="register a table, a manifest of images (--format images) or an OMOP database (--format omop)"
     )
     add.add_argument("dir", type=Path)
     add.add_argument("name")
-    add.add_argument("path", type=Path, help="the table, or the images' manifest (a CSV: one row per case)")
+    add.add_argument(
+        "path", type=Path, help="the table, the images' manifest (a CSV: one row per case) or a database source"
+    )
     add.add_argument("--format", required=True, choices=FORMATS.names())
     add.add_argument("--train-fraction", type=float, default=0.8, help="share of rows in the train split")
     add.add_argument("--split-seed", type=int, default=0, help="seed of the recorded train/test split")
@@ -263,6 +266,9 @@ def _doctor(args: argparse.Namespace) -> int:
     joined = (args.dir / JOINED).exists()
     print(f"  {'ok ' if keys.exists() else 'NO '} {'keys':<8} this site's key pair ({keys})")
     print(f"  {'ok ' if joined else 'NO '} {'joined':<8} flip-site join has recorded the federation")
+    for entry in (d for d in site.datasets.values() if d.format == OMOP.name):  # each database it reads
+        for ok, said in omop_checks(Source.read(Path(entry.path))):
+            print(f"  {'ok ' if ok else 'NO '} {entry.name[:8]:<8} {said}")
     held = {p.name: p.holds for p in found}
     refused = (not (held["sandbox"] and held["seccomp"]) and not isolation.sandbox_allowed()) or (
         not held["files"] and not isolation.files_allowed()
@@ -332,7 +338,7 @@ def _airlock(args: argparse.Namespace) -> int:
         print(f"  purpose: {visible(h.purpose)}\n  of: {visible(json.dumps(h.about))}\n  {h.sha256}, {h.size} bytes")
         print("\nautomatic checks:\n  " + summary([Check(**c) for c in h.checks]).replace("\n", "\n  "))
         print(f"\n----- the exact bytes that would leave ({len(content)}) -----")
-        sys.stdout.write(visible(_readable(h, content, args.out)))  # control characters written out
+        sys.stdout.write(visible(h.readable(content, args.out)))  # control characters written out
         print("\n----- end -----")
         return SiteExit.OK
     key = site.root / KEYS / f"{site.name}.key"
@@ -341,18 +347,6 @@ def _airlock(args: argparse.Namespace) -> int:
     h = airlock.decide(args.id, release=args.action == "release", checker=checker, reason=args.reason, key=private)
     print(f"{h.state} {h.request_id} ({h.item} for {h.researcher}, project {h.project}) by {checker}")
     return SiteExit.OK
-
-
-def _readable(held: Held, content: bytes, out: Path | None) -> str:
-    """The item as text: an evaluation report with its figures as their sizes (written to ``out`` as PNG)."""
-    if held.item != ItemKind.EVALUATION or not content:
-        return content.decode("utf-8", "replace")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, png in figure_bytes(content).items():
-            (out / f"{held.request_id}-{''.join(c if c.isalnum() else '_' for c in name)[:60]}.png").write_bytes(png)
-    said = json.dumps(without_figures(content), indent=1, sort_keys=True)
-    return said + ("" if out is None else f"\n(its figures are in {out})")
 
 
 def _when(stamp: float) -> str:

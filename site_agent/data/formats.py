@@ -26,6 +26,7 @@ from site_agent.data.catalog import (
     check_name,
 )
 from site_agent.data.image_datasets import IMAGES
+from site_agent.data.omop import OMOP
 from site_agent.data.registry import Registry
 from site_agent.data.tables import CSV, UCI_HEART, TableFormat
 
@@ -36,6 +37,7 @@ FORMATS: Registry[DatasetFormat] = Registry("dataset format", CatalogError)
 FORMATS.register(CSV.name, CSV)
 FORMATS.register(UCI_HEART.name, UCI_HEART)
 FORMATS.register(IMAGES.name, IMAGES)
+FORMATS.register(OMOP.name, OMOP)
 
 
 def format_of(entry: DatasetEntry) -> DatasetFormat:

@@ -39,6 +39,7 @@ from flip_core.airlock import (
     sign,
 )
 from flip_core.errors import ConfigError
+from site_agent.disclosure.report_review import figure_bytes, without_figures
 from site_agent.governance.audit import AuditLog
 
 AIRLOCK_FOLDER = "airlock"
@@ -77,6 +78,19 @@ class Held:
 
     def failed_checks(self) -> list[str]:
         return [str(c["name"]) for c in self.checks if not c["passed"]]
+
+    def readable(self, content: bytes, out: Path | None = None) -> str:
+        """The item as the admin reads it: text as it is; an evaluation report with its figures as their sizes
+        (written to ``out`` as PNG files to look at)."""
+        if self.item != ItemKind.EVALUATION or not content:
+            return content.decode("utf-8", "replace")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, png in figure_bytes(content).items():
+                safe = "".join(c if c.isalnum() else "_" for c in name)[:60]
+                (out / f"{self.request_id}-{safe}.png").write_bytes(png)
+        said = json.dumps(without_figures(content), indent=1, sort_keys=True)
+        return said + ("" if out is None else f"\n(its figures are in {out})")
 
 
 class Airlock:

@@ -23,12 +23,12 @@ def write_table(path: Path) -> Path:
 
 
 def test_the_formats_are_registered_by_name_in_their_order() -> None:
-    assert FORMATS.names() == ("csv", "uci-heart", "images")
+    assert FORMATS.names() == ("csv", "uci-heart", "images", "omop")
 
 
 def test_an_unknown_format_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
     site = init_site(tmp_path / "site", "A")
-    known = re.escape("unknown dataset format 'parquet': the known ones are csv, uci-heart, images")
+    known = re.escape("unknown dataset format 'parquet': the known ones are csv, uci-heart, images, omop")
     with pytest.raises(CatalogError, match=known):
         add_dataset(site, "table", write_table(tmp_path / "t.csv"), "parquet")
     assert not (tmp_path / "site" / "splits" / "table.json").exists()  # refused before anything is written

@@ -1,0 +1,163 @@
+"""OMOP CDM databases on a real PostgreSQL (Debian's, started in the test's folder as an unprivileged user on a free
+port): Eunomia's GiBleed split by person into three hospitals' databases, each read by FLIP through a read-only role
+of its own, registered and checked with the real ``flip-site`` CLI, queried under the site's disclosure rules.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from flip_core.query import QueryKind, QueryRequest, decode_reply, encode_query
+from flip_core.status import StepStatus
+from flip_local import eunomia, postgres
+from site_agent.data.catalog import CatalogError, init_site, load_site, write_policy
+from site_agent.data.omop import Source, checks
+from site_agent.governance.gate import Governance
+from site_agent.queries.cohorts import CohortStore
+from site_agent.queries.service import QueryService
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+NOISE = 2  # the default count noise: each released count moves by at most this
+
+
+@pytest.fixture(scope="module")
+def omop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    home = tmp_path_factory.mktemp("omop")
+    server = postgres.start(home / "postgres")
+    try:
+        databases = {d.site: d for d in eunomia.load(server, home / "secrets")}
+        yield {"home": home, "server": server, "databases": databases}
+    finally:
+        postgres.stop(server)
+
+
+def source_file(home: Path, server: postgres.Postgres, database: eunomia.SiteDatabase, **changes: Any) -> Path:
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": server.port,
+        "database": database.database,
+        "user": database.role,
+        "password_file": str(database.password_file),
+        "cdm_schema": "cdm",
+        "statement_timeout_ms": 10000,
+        **changes,
+    }
+    path = home / f"{database.site}-{len(changes)}.toml"
+    path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in settings.items()))
+    return path
+
+
+def flip_site(*args: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([BIN / "flip-site", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_the_three_sites_hold_every_person_once(omop: dict[str, Any]) -> None:
+    databases = omop["databases"]
+    assert sum(d.persons for d in databases.values()) == eunomia.PERSONS == 2694
+    server = omop["server"]
+    seen: set[int] = set()
+    for database in databases.values():
+        with psycopg.connect(server.admin(database.database)) as admin:
+            ids = {r[0] for r in admin.execute("select person_id from cdm.person").fetchall()}
+            outside = admin.execute(
+                "select count(*) from cdm.condition_occurrence where person_id not in "
+                "(select person_id from cdm.person)"
+            ).fetchone()
+        assert len(ids) == database.persons and not ids & seen and outside == (0,)
+        assert {eunomia.site_of(i) for i in ids} == {database.site}
+        seen |= ids
+
+
+def test_a_site_registers_its_database_and_doctor_says_what_holds(omop: dict[str, Any]) -> None:
+    home, server = omop["home"], omop["server"]
+    database = omop["databases"]["Northfield"]
+    site_dir = home / "Northfield-site"
+    init_site(site_dir, "Northfield")
+    added = flip_site("dataset", "add", site_dir, "gibleed", source_file(home, server, database), "--format", "omop")
+    assert added.returncode == 0, added.stderr
+    assert f"{database.persons} rows" in added.stdout
+    entry = load_site(site_dir).datasets["gibleed"]
+    assert entry.columns[:3] == ("gender", "year_of_birth", "age_at_start") and entry.rows == database.persons
+    assert database.password_file.read_text().strip() not in (site_dir / "site.toml").read_text()
+    doctor = flip_site("doctor", site_dir).stdout
+    for said in ("the database answers", "an OMOP CDM of version 5", f"the role {database.role} can only read"):
+        assert f"ok  gibleed  {said}" in doctor, doctor
+
+
+def test_the_read_only_role_cannot_create_change_or_delete_even_when_it_asks_to_write(omop: dict[str, Any]) -> None:
+    server, database = omop["server"], omop["databases"]["Riverside"]
+    password = database.password_file.read_text().strip()
+    dsn = f"host=127.0.0.1 port={server.port} dbname={database.database} user={database.role} password={password}"
+    for statement in (
+        "create table cdm.loot (a int)",
+        "create table public.loot (a int)",
+        "insert into cdm.person (person_id) values (-1)",
+        "update cdm.person set year_of_birth = 1900",
+        "delete from cdm.drug_exposure",
+        "truncate cdm.concept",
+        "create temp table loot (a int)",
+    ):
+        with psycopg.connect(dsn) as connection:
+            connection.execute("set default_transaction_read_only = off")  # its own choice: privileges still hold
+            connection.execute("set transaction read write")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                connection.execute(statement)
+
+
+def test_a_role_that_can_write_a_readable_secret_and_a_database_that_is_down_are_refused(
+    omop: dict[str, Any], tmp_path: Path
+) -> None:
+    home, server = omop["home"], omop["server"]
+    database = omop["databases"]["Westbrook"]
+    site = init_site(tmp_path / "W", "Westbrook")
+    admin_secret = tmp_path / "admin.pass"
+    admin_secret.write_text((server.folder / "superuser.pass").read_text())
+    admin_secret.chmod(0o600)
+    superuser = source_file(home, server, database, user=postgres.SUPERUSER, password_file=str(admin_secret))
+    said = [s for ok, s in checks(Source.read(superuser)) if not ok]
+    assert any("can write: it is a superuser" in s for s in said), said
+    refused = flip_site("dataset", "add", site.root, "gibleed", superuser, "--format", "omop")
+    assert refused.returncode != 0 and "cannot be registered" in refused.stderr and "superuser" in refused.stderr
+
+    database.password_file.chmod(0o644)
+    try:
+        with pytest.raises(CatalogError, match="can be read by others"):
+            Source.read(source_file(home, server, database)).password()
+    finally:
+        database.password_file.chmod(0o600)
+    down = Source.read(source_file(home, server, database, port=postgres.free_port()))
+    with pytest.raises(CatalogError, match=r"the database did not answer \(127.0.0.1:\d+/omop_westbrook\)"):
+        down.connect()
+
+
+def test_a_query_counts_a_sites_persons_by_gender_under_its_rules(omop: dict[str, Any], tmp_path: Path) -> None:
+    home, server = omop["home"], omop["server"]
+    database = omop["databases"]["Westbrook"]
+    site_dir = tmp_path / "Westbrook"
+    init_site(site_dir, "Westbrook")
+    added = flip_site("dataset", "add", site_dir, "gibleed", source_file(home, server, database), "--format", "omop")
+    assert added.returncode == 0, added.stderr
+    site = load_site(site_dir)
+    project = {"approved": True, "researchers": ["*"], "datasets": ["*"], "tasks": ["train", "query"]}
+    write_policy(site, {"projects": {"study": project}})
+    service = QueryService(site, Governance(site), CohortStore(site.root))
+    request = QueryRequest("q1", "study", "ada", "gibleed", QueryKind.COUNT, ("gender",), text="gibleed by gender")
+    reply = decode_reply(service.answer(encode_query(request)))
+    assert reply.status == StepStatus.OK, reply.reason
+    with psycopg.connect(server.admin(database.database)) as admin:
+        truth = dict(
+            admin.execute(
+                "select case gender_concept_id when 8507 then 'MALE' when 8532 then 'FEMALE' end, count(*) "
+                "from cdm.person group by 1"
+            ).fetchall()
+        )
+    released = dict(zip(reply.table["levels"][0], reply.table["cells"], strict=True))
+    assert set(released) == set(truth) and all(abs(released[g] - n) <= NOISE for g, n in truth.items())
