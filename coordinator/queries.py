@@ -13,6 +13,8 @@ stops answering. What each site releases is decided at the site; the pooling
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -140,14 +142,20 @@ class QueryDesk:
         as_query = QuerySpec(dataset=spec.dataset, kind=QueryKind.COHORT, where=spec.where, sites=spec.sites)
         targets, columns, offline = self._targets(who, as_query)
         where = parse_filter(spec.where, columns)
+        circe = "" if spec.circe is None else json.dumps(spec.circe, sort_keys=True)
         text = f"cohort {spec.name}: {spec.dataset}" + (f" where {where.text}" if where.text else "")
-        request = _request(who, spec.dataset, QueryKind.COHORT, where=where.text, text=text, cohort=spec.name)
+        if circe:
+            text += f" by the Circe definition sha256:{hashlib.sha256(circe.encode()).hexdigest()[:16]}"
+        request = _request(
+            who, spec.dataset, QueryKind.COHORT, where=where.text, text=text, cohort=spec.name, circe=circe
+        )
         view = answer_view(request, self.exchange(request, targets), offline)
         frozen = {
             site: {"rows": r["table"].get("total"), "hash": r["table"]["hash"]} for site, r in view["sites"].items()
         }
         if frozen:
-            view["cohort"] = self.manager.cohorts.put(who.project, spec.name, spec.dataset, where.text, frozen)
+            defined = where.text or (f"circe:{hashlib.sha256(circe.encode()).hexdigest()}" if circe else "")
+            view["cohort"] = self.manager.cohorts.put(who.project, spec.name, spec.dataset, defined, frozen)
         return view
 
     # -- the line -----------------------------------------------------------------------

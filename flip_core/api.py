@@ -10,6 +10,7 @@ FLIP's own.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -33,6 +34,7 @@ from flip_core.vocabulary import MAX_METRICS, METRIC_RULE, is_metric_name
 
 PROJECT_HEADER = "X-FLIP-Project"  # a researcher in several projects names the one a request is for
 
+MAX_CIRCE_CHARS = 200_000  # an ATLAS cohort export; the sites refuse their own way what they cannot render
 MAX_JSON_BYTES = 8 << 20  # a task (its cell source included) or a batch of events
 MAX_SOURCE_CHARS = 1 << 20
 MAX_ROUNDS = 10_000
@@ -286,12 +288,24 @@ class QuerySpec(Body):
 
 
 class CohortSpec(Body):
-    """``POST /api/cohorts``: freeze, at each site, the rows of a dataset that match a filter, under a name."""
+    """``POST /api/cohorts``: freeze, at each site, the rows of a dataset that match a filter (or, for an OMOP
+    database, an OHDSI Circe cohort definition: ``circe``, a JSON object each site renders to its own SQL), under a
+    name."""
 
     name: CohortName
     dataset: Name
     where: Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)] = ""
     sites: Annotated[list[SiteName], Field(min_length=1, max_length=MAX_SITES)] | None = None
+    circe: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_definition(self) -> CohortSpec:
+        if self.circe is not None:
+            if self.where.strip():
+                raise _refuse("a cohort is a filter or a Circe definition, not both")
+            if len(json.dumps(self.circe)) > MAX_CIRCE_CHARS:
+                raise _refuse(f"a Circe definition of at most {MAX_CIRCE_CHARS} characters, please")
+        return self
 
 
 class ReleaseSpec(Body):

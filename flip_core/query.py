@@ -86,6 +86,9 @@ class QueryRequest:
     threshold: int = 0  # the project's asked threshold: raises the site's, never lowers it
     text: str = ""  # the query as the researcher wrote it (for the site's audit log)
     cohort: str = ""  # COHORT: the name the matching rows are frozen under, per project
+    circe: str = (
+        ""  # COHORT: an OHDSI Circe cohort definition (JSON), rendered to SQL at each site, instead of a filter
+    )
     # RELEASE: the ask (``flip_core.airlock.ReleaseAsk.to_dict``); RELEASES: {"requests": [ids], "content": bool}
     airlock: dict[str, Any] = field(default_factory=dict)
 

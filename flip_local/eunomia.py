@@ -5,7 +5,8 @@ Eunomia (2,694 synthetic persons made by Synthea, with the OMOP vocabulary's con
 (``flip_local.postgres``), schema ``cdm``: every table that names a person holds that site's persons only (a person
 goes to one site, by a hash of its id), every other table (the vocabulary, the CDM source) is whole at each. Each
 site's database has a read-only role of its own, whose password is written to a file only its site reads (0600):
-the role may connect and select, never create, change or delete.
+the role may connect, select and make temporary tables of its own session, never create, change or delete anything
+that outlives it.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def load(server: Postgres, secrets_dir: Path, sites: tuple[str, ...] = SITES) ->
             with psycopg.connect(server.admin(database), autocommit=True) as target:
                 _fill(source, target, tables, persons[site])
                 target.execute(f'revoke all on database "{database}" from public')
-                target.execute(f'grant connect on database "{database}" to "{role}"')
+                # connect, and temporary tables of its session (OHDSI's cohort SQL builds its steps in them; they
+                # vanish with the session): nothing that outlives it
+                target.execute(f'grant connect, temporary on database "{database}" to "{role}"')
                 target.execute(f'grant usage on schema {SCHEMA} to "{role}"')
                 target.execute(f'grant select on all tables in schema {SCHEMA} to "{role}"')
                 target.execute(f'alter role "{role}" set default_transaction_read_only = on')

@@ -8,6 +8,7 @@ a :class:`flip_magics.mock_run.MockRun` runs the cell here instead, on the sites
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -145,12 +146,25 @@ class FlipClient:
         answer = self.connection.call("POST", "/api/queries", json=spec.model_dump(mode="json"), timeout=120).json()
         return result_from(answer)
 
-    def cohort(self, name: str, dataset: str, where: str = "", *, sites: list[str] | None = None) -> QueryResult:
+    def cohort(
+        self,
+        name: str,
+        dataset: str,
+        where: str = "",
+        *,
+        sites: list[str] | None = None,
+        circe: dict[str, Any] | str | None = None,
+    ) -> QueryResult:
         """Freeze, at each site holding ``dataset``, the rows matching ``where`` as cohort ``name`` of this
         project, for ``train(..., cohort=name)``: each site's count (withheld where small) and the cohort's
-        hash there. Made again with the same definition, it is the same cohort."""
+        hash there. Made again with the same definition, it is the same cohort. ``circe``: for an OMOP database,
+        an OHDSI Circe cohort definition instead of a filter (ATLAS's JSON export, as a dict or its text); each site
+        renders it to its own SQL, and no SQL is ever sent."""
+        definition = json.loads(circe) if isinstance(circe, str) else circe
         spec: CohortSpec = parse(
-            CohortSpec, {"name": name, "dataset": dataset, "where": where, "sites": sites}, "the cohort"
+            CohortSpec,
+            {"name": name, "dataset": dataset, "where": where, "sites": sites, "circe": definition},
+            "the cohort",
         )
         parse_filter(where)
         answer = self.connection.call("POST", "/api/cohorts", json=spec.model_dump(mode="json"), timeout=120).json()

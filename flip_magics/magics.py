@@ -7,6 +7,7 @@ import html
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -288,13 +289,15 @@ class FlipMagics(Magics):
     @argument("--dataset", required=True, help="dataset name, as %%flip_sites lists it")
     @argument("--where", default="", help='which rows: e.g. "age > 50" (in %%%%flip_cohort: the cell)')
     @argument("--sites", nargs="+", default=None, help="freeze it only at these sites (default: every online site)")
+    @argument("--circe", default=None, help="an OHDSI Circe cohort definition (ATLAS's JSON), for an OMOP database")
     @argument("--out", default="flip_cohort", help="variable that receives the result (default: flip_cohort)")
     @_friendly
     def flip_cohort(self, line: str, cell: str | None = None) -> QueryResult:
         """Freeze the rows of a dataset that match a filter, at each site, as a named cohort to train on."""
         args = parse_args(self.flip_cohort, line)
         where = " ".join(cell.split()) if cell is not None and cell.strip() else args.where
-        result = self._client().cohort(args.name, args.dataset, where, sites=args.sites)
+        circe = None if args.circe is None else Path(args.circe).read_text()
+        result = self._client().cohort(args.name, args.dataset, where, sites=args.sites, circe=circe)
         self._user_ns()[args.out] = result
         return result
 

@@ -18,6 +18,7 @@ sentence naming it, within seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import re
 import stat
@@ -279,3 +280,77 @@ def _fingerprint(table: pd.DataFrame) -> str:
 
 
 OMOP = OmopFormat()
+
+
+MAX_CIRCE_CHARS = 200_000
+COHORT_TABLE = "flip_cohort"
+
+
+def circe_problem(definition: Any) -> str:
+    """Why ``definition`` (a parsed Circe cohort expression) is not one a site renders ("" when it is): concept ids
+    must be whole numbers, and no text in it may hold a quote, a semicolon or a backslash (Circe writes its texts
+    into SQL)."""
+    if not isinstance(definition, dict):
+        return "a Circe cohort definition is a JSON object (ATLAS's export of a cohort)"
+    if "PrimaryCriteria" not in definition:
+        return "the definition has no PrimaryCriteria (the events a cohort starts from)"
+
+    def walk(value: Any, where: str) -> str:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key.upper() == "CONCEPT_ID" and (isinstance(item, bool) or not isinstance(item, int)):
+                    return f"{where}.{key} must be a whole number, not {str(item)[:40]!r}"
+                if problem := walk(item, f"{where}.{key}"):
+                    return problem
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if problem := walk(item, f"{where}[{i}]"):
+                    return problem
+        elif isinstance(value, str) and any(c in value for c in "';\\"):
+            return f"{where} holds a quote, semicolon or backslash ({value[:40]!r}): not in a cohort definition"
+        return ""
+
+    return walk(definition, "definition")
+
+
+def circe_persons(source: Source, definition: dict[str, Any]) -> list[int]:
+    """The row positions (in :data:`PERSONS_SQL`'s order) of the persons a Circe definition selects in this
+    database: its SQL rendered here (duckcdm's port of OHDSI's Circe and SqlRender, PostgreSQL dialect), run as the
+    source's role in one transaction of its own, whose temporary tables go when it is rolled back."""
+    import psycopg
+    from duckcdm.circe import CirceError, build_cohort_query  # type: ignore[import-untyped]
+    from duckcdm.sqlrender import render, split_sql, translate  # type: ignore[import-untyped]
+
+    if problem := circe_problem(definition):
+        raise CatalogError(problem)
+    cdm = source.cdm_schema
+    try:
+        rendered = build_cohort_query(
+            json.dumps(definition), cdm_schema=cdm, vocabulary_schema=cdm, result_schema=cdm,
+            target_table=COHORT_TABLE, cohort_id=1, generate_stats=False,
+        )  # fmt: skip
+        statements = [s for s in split_sql(translate(render(rendered), "postgresql")) if s.strip()]
+    except (CirceError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CatalogError(
+            f"the cohort definition cannot be rendered ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
+    try:
+        with source.connect() as connection:
+            connection.execute("set transaction read write")  # temporary tables only: the role may write nothing else
+            connection.execute(
+                f"create temp table {COHORT_TABLE} (cohort_definition_id int, subject_id bigint, "
+                "cohort_start_date date, cohort_end_date date)"
+            )
+            for statement in statements:
+                connection.execute(statement)
+            chosen = {r[0] for r in connection.execute(f"select distinct subject_id from {COHORT_TABLE}").fetchall()}
+            order = [r[0] for r in connection.execute(f"select person_id from {cdm}.person order by person_id")]
+            connection.rollback()
+    except psycopg.errors.QueryCanceled:
+        raise CatalogError(
+            f"the cohort did not finish within {source.statement_timeout_ms} ms ({source.where})"
+        ) from None
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CatalogError(f"the database refused the cohort's SQL ({source.where}): {first[:200]}") from None
+    return [i for i, person in enumerate(order) if person in chosen]

@@ -31,6 +31,7 @@ from flip_core.status import StepStatus
 from site_agent.data.catalog import SiteConfig, open_file, verified_bytes
 from site_agent.data.formats import load_table
 from site_agent.data.image_datasets import IMAGES, INTENSITY, verify_cases
+from site_agent.data.omop import OMOP, Source, circe_persons
 from site_agent.data.readers import ImageError
 from site_agent.governance.gate import Governance
 from site_agent.governance.policy import Budget, TaskFacts, decide, query_columns_refused
@@ -111,7 +112,7 @@ class QueryService:
             named = tuple(sorted(set(request.columns) | set(cohort.columns())))
             if barred := query_columns_refused(policy, request.project, named):
                 return QueryReply(name, StepStatus.REFUSED, barred, threshold)
-            rows = mask(cohort, table)
+            rows = mask(cohort, table) if not request.circe else self._circe_rows(request, len(table))
             found = policy.project(request.project)
             if found is not None and found.query_epsilon is not None:
                 return self._privately(request, facts, table, rows, threshold, found.query_epsilon)
@@ -191,12 +192,27 @@ class QueryService:
             request.project,
             request.cohort,
             request.dataset,
-            request.where,
+            request.where
+            or (f"circe:sha256:{hashlib.sha256(request.circe.encode()).hexdigest()}" if request.circe else ""),
             entry.fingerprint,
             np.flatnonzero(rows).tolist(),
         )
         counted = count(replace(request, kind=QueryKind.COUNT, columns=()))
         return {**counted, "cohort": cohort.name, "hash": cohort.hash}
+
+    def _circe_rows(self, request: QueryRequest, size: int) -> np.ndarray:
+        """The rows an OHDSI Circe definition selects: rendered and run in the dataset's own database (an OMOP CDM,
+        ``site_agent.data.omop``); a cohort only."""
+        entry = self.site.dataset(request.dataset)
+        if request.kind != QueryKind.COHORT or entry.format != OMOP.name:
+            raise QueryRefused(f"a Circe definition makes a cohort of an OMOP database; {request.dataset!r} is not one")
+        try:
+            definition = json.loads(request.circe)
+        except json.JSONDecodeError:
+            raise QueryRefused("the Circe definition is not JSON") from None
+        rows = np.zeros(size, dtype=bool)
+        rows[circe_persons(Source.read(Path(entry.path)), definition)] = True
+        return rows
 
     def _mock(self, request: QueryRequest, table: pd.DataFrame, threshold: int) -> dict[str, Any]:
         """The dataset's mock, made here under this threshold: the same one every time for the same file. An imaging
@@ -240,6 +256,11 @@ class QueryService:
         with self._lock:
             self._tables[dataset] = (key, table, keys)
         return table, keys
+
+
+def _circe_text(definition: str) -> str:
+    """What a cohort made by a Circe definition records as its definition: the definition's hash."""
+    return f"circe:sha256:{hashlib.sha256(definition.encode()).hexdigest()}" if definition else ""
 
 
 def _too_close(site: str, threshold: int, earlier: str) -> str:

@@ -5,9 +5,11 @@ of its own, registered and checked with the real ``flip-site`` CLI, queried unde
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from flip_core.query import QueryKind, QueryRequest, decode_reply, encode_query
 from flip_core.status import StepStatus
 from flip_local import eunomia, postgres
 from site_agent.data.catalog import CatalogError, init_site, load_site, write_policy
-from site_agent.data.omop import Source, checks
+from site_agent.data.omop import Source, checks, circe_persons
 from site_agent.governance.gate import Governance
 from site_agent.queries.cohorts import CohortStore
 from site_agent.queries.service import QueryService
@@ -103,7 +105,7 @@ def test_the_read_only_role_cannot_create_change_or_delete_even_when_it_asks_to_
         "update cdm.person set year_of_birth = 1900",
         "delete from cdm.drug_exposure",
         "truncate cdm.concept",
-        "create temp table loot (a int)",
+        "create schema loot",
     ):
         with psycopg.connect(dsn) as connection:
             connection.execute("set default_transaction_read_only = off")  # its own choice: privileges still hold
@@ -161,3 +163,88 @@ def test_a_query_counts_a_sites_persons_by_gender_under_its_rules(omop: dict[str
         )
     released = dict(zip(reply.table["levels"][0], reply.table["cells"], strict=True))
     assert set(released) == set(truth) and all(abs(released[g] - n) <= NOISE for g, n in truth.items())
+
+
+def _drug(concept_id: int, name: str) -> dict[str, Any]:
+    concept = {"CONCEPT_ID": concept_id, "CONCEPT_NAME": name, "STANDARD_CONCEPT": "S", "DOMAIN_ID": "Drug"}
+    return {"id": 0, "name": name, "expression": {"items": [{"concept": concept, "includeDescendants": True}]}}
+
+
+# new users of celecoxib (its first exposure, 365 days observed before it): the Eunomia study's target cohort
+CELECOXIB: dict[str, Any] = {
+    "ConceptSets": [_drug(1118084, "celecoxib")],
+    "PrimaryCriteria": {
+        "CriteriaList": [{"DrugExposure": {"CodesetId": 0, "First": True}}],
+        "ObservationWindow": {"PriorDays": 365, "PostDays": 0},
+        "PrimaryCriteriaLimit": {"Type": "First"},
+    },
+    "QualifiedLimit": {"Type": "First"},
+    "ExpressionLimit": {"Type": "First"},
+    "InclusionRules": [],
+    "CensoringCriteria": [],
+    "CollapseSettings": {"CollapseType": "ERA", "EraPad": 0},
+}
+
+
+def reference_counts(definition: dict[str, Any], tmp_path: Path) -> dict[str, int]:
+    """The definition run by the reference library (duckcdm's Circe, DuckDB dialect) on the whole Eunomia database,
+    its persons counted by the site each belongs to."""
+    import shutil
+
+    import duckdb
+    from duckcdm.circe import build_cohort_query
+    from duckcdm.sqlrender import render, split_sql, translate
+
+    copy = tmp_path / "eunomia.duckdb"
+    shutil.copy(eunomia.duckdb_file(), copy)
+    sql = build_cohort_query(
+        json.dumps(definition), cdm_schema="main", vocabulary_schema="main", result_schema="main",
+        target_table="flip_cohort", cohort_id=1, generate_stats=False,
+    )  # fmt: skip
+    connection = duckdb.connect(str(copy))
+    connection.execute("create table flip_cohort (cohort_definition_id int, subject_id bigint, "
+                       "cohort_start_date date, cohort_end_date date)")  # fmt: skip
+    for statement in split_sql(translate(render(sql), "duckdb")):
+        if statement.strip():
+            connection.execute(statement)
+    counts = {site: 0 for site in eunomia.SITES}
+    for (person,) in connection.execute("select distinct subject_id from flip_cohort").fetchall():
+        counts[eunomia.site_of(person)] += 1
+    return counts
+
+
+def test_a_circe_cohort_counts_at_each_site_as_the_reference_library_on_the_whole_database(
+    omop: dict[str, Any], tmp_path: Path
+) -> None:
+    home, server = omop["home"], omop["server"]
+    reference = reference_counts(CELECOXIB, tmp_path)
+    assert sum(reference.values()) > 100  # celecoxib's new users in Eunomia: a cohort worth the name
+    for site, database in omop["databases"].items():
+        persons = circe_persons(Source.read(source_file(home, server, database)), CELECOXIB)
+        assert len(persons) == reference[site], site  # exact, per site
+
+    site_dir = tmp_path / "Riverside"
+    init_site(site_dir, "Riverside")
+    source = source_file(home, server, omop["databases"]["Riverside"])
+    assert flip_site("dataset", "add", site_dir, "gibleed", source, "--format", "omop").returncode == 0
+    site = load_site(site_dir)
+    project = {"approved": True, "researchers": ["*"], "datasets": ["*"], "tasks": ["train", "query"]}
+    write_policy(site, {"projects": {"study": project}})
+    service = QueryService(site, Governance(site), CohortStore(site.root))
+    asked = QueryRequest(
+        "c1", "study", "ada", "gibleed", QueryKind.COHORT, cohort="celecoxib", circe=json.dumps(CELECOXIB)
+    )
+    reply = decode_reply(service.answer(encode_query(asked)))
+    assert reply.status == StepStatus.OK, reply.reason
+    assert abs(reply.table["total"] - reference["Riverside"]) <= NOISE and reply.table["cohort"] == "celecoxib"
+    frozen = CohortStore(site.root).rows_for("study", "celecoxib", "gibleed", site.datasets["gibleed"].fingerprint)
+    assert len(frozen) == reference["Riverside"]
+
+    hostile = json.loads(json.dumps(CELECOXIB))
+    hostile["ConceptSets"][0]["expression"]["items"][0]["concept"]["CONCEPT_ID"] = "1118084) or (1=1"
+    refused = decode_reply(service.answer(encode_query(replace(asked, query_id="c2", circe=json.dumps(hostile)))))
+    assert refused.status == StepStatus.REFUSED and "CONCEPT_ID must be a whole number" in refused.reason
+    textual = json.loads(json.dumps(CELECOXIB))
+    textual["ConceptSets"][0]["name"] = "x'; drop table cdm.person; --"
+    refused = decode_reply(service.answer(encode_query(replace(asked, query_id="c3", circe=json.dumps(textual)))))
+    assert refused.status == StepStatus.REFUSED and "quote, semicolon or backslash" in refused.reason
