@@ -78,6 +78,34 @@ class DatasetEntry:
     source: str = ""  # an imaging dataset's manifest (``path`` is then the site's index of it)
     inclusion: dict[str, Any] | None = None  # an imaging dataset's inclusion report (site_agent.data.manifests)
 
+    @classmethod
+    def of_table(
+        cls,
+        name: str,
+        path: Path,
+        fmt: str,
+        fingerprint: str,
+        table: pd.DataFrame,
+        split: tuple[list[int], list[int]],
+        settings: dict[str, Any],
+    ) -> DatasetEntry:
+        """The entry of a dataset that is one table (its schema and size measured from ``table``), split as
+        ``split`` by ``settings`` (``split_seed``, ``train_fraction``, ``stratify``)."""
+        return cls(
+            name=name,
+            path=str(path),
+            format=fmt,
+            fingerprint=fingerprint,
+            rows=len(table),
+            columns=tuple(str(c) for c in table.columns),
+            dtypes=tuple(str(t) for t in table.dtypes),
+            train_rows=len(split[0]),
+            test_rows=len(split[1]),
+            split_seed=settings["split_seed"],
+            train_fraction=settings["train_fraction"],
+            stratify=settings.get("stratify"),
+        )
+
     def summary(self) -> dict[str, Any]:
         """What the site announces about this dataset (metadata only, never rows)."""
         summary = {

@@ -217,20 +217,7 @@ class OmopFormat(DatasetFormat):
         table = _persons(database)
         train, test = seeded_split(None, len(table), settings["train_fraction"], settings["split_seed"])
         write_split(config.root, name, {"dataset": name, "seed": settings["split_seed"], "train": train, "test": test})
-        return DatasetEntry(
-            name=name,
-            path=str(path),
-            format=self.name,
-            fingerprint=_fingerprint(table),
-            rows=len(table),
-            columns=tuple(str(c) for c in table.columns),
-            dtypes=tuple(str(t) for t in table.dtypes),
-            train_rows=len(train),
-            test_rows=len(test),
-            split_seed=settings["split_seed"],
-            train_fraction=settings["train_fraction"],
-            stratify=None,
-        )
+        return DatasetEntry.of_table(name, path, self.name, _fingerprint(table), table, (train, test), settings)
 
     def table(self, config: SiteConfig, entry: DatasetEntry) -> pd.DataFrame:
         """The persons' table as the database holds it now; refused when it is not what was registered."""

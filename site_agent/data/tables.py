@@ -113,20 +113,8 @@ class TableFormat(DatasetFormat):
                 "test": test,
             },
         )
-        return DatasetEntry(
-            name=name,
-            path=str(path),
-            format=self.name,
-            fingerprint=fingerprint_file(path),
-            rows=len(table),
-            columns=tuple(str(c) for c in table.columns),
-            dtypes=tuple(str(t) for t in table.dtypes),
-            train_rows=len(train),
-            test_rows=len(test),
-            split_seed=split_seed,
-            train_fraction=train_fraction,
-            stratify=stratify,
-        )
+        chosen = {"split_seed": split_seed, "train_fraction": train_fraction, "stratify": stratify}
+        return DatasetEntry.of_table(name, path, self.name, fingerprint_file(path), table, (train, test), chosen)
 
     def table(self, config: SiteConfig, entry: DatasetEntry) -> pd.DataFrame:
         """The whole registered table (rows in file order); refuses a file that changed."""

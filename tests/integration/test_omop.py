@@ -57,6 +57,19 @@ def source_file(home: Path, server: postgres.Postgres, database: eunomia.SiteDat
     return path
 
 
+def answering_site(omop: dict[str, Any], name: str, folder: Path) -> QueryService:
+    """A site registering its database with the real CLI, admitting project "study" to it, and its query service."""
+    site_dir = folder / name
+    init_site(site_dir, name)
+    source = source_file(omop["home"], omop["server"], omop["databases"][name])
+    added = flip_site("dataset", "add", site_dir, "gibleed", source, "--format", "omop")
+    assert added.returncode == 0, added.stderr
+    site = load_site(site_dir)
+    project = {"approved": True, "researchers": ["*"], "datasets": ["*"], "tasks": ["train", "query"]}
+    write_policy(site, {"projects": {"study": project}})
+    return QueryService(site, Governance(site), CohortStore(site.root))
+
+
 def flip_site(*args: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([BIN / "flip-site", *map(str, args)], capture_output=True, text=True, timeout=120)
 
@@ -141,16 +154,9 @@ def test_a_role_that_can_write_a_readable_secret_and_a_database_that_is_down_are
 
 
 def test_a_query_counts_a_sites_persons_by_gender_under_its_rules(omop: dict[str, Any], tmp_path: Path) -> None:
-    home, server = omop["home"], omop["server"]
+    server = omop["server"]
     database = omop["databases"]["Westbrook"]
-    site_dir = tmp_path / "Westbrook"
-    init_site(site_dir, "Westbrook")
-    added = flip_site("dataset", "add", site_dir, "gibleed", source_file(home, server, database), "--format", "omop")
-    assert added.returncode == 0, added.stderr
-    site = load_site(site_dir)
-    project = {"approved": True, "researchers": ["*"], "datasets": ["*"], "tasks": ["train", "query"]}
-    write_policy(site, {"projects": {"study": project}})
-    service = QueryService(site, Governance(site), CohortStore(site.root))
+    service = answering_site(omop, "Westbrook", tmp_path)
     request = QueryRequest("q1", "study", "ada", "gibleed", QueryKind.COUNT, ("gender",), text="gibleed by gender")
     reply = decode_reply(service.answer(encode_query(request)))
     assert reply.status == StepStatus.OK, reply.reason
@@ -223,14 +229,8 @@ def test_a_circe_cohort_counts_at_each_site_as_the_reference_library_on_the_whol
         persons = circe_persons(Source.read(source_file(home, server, database)), CELECOXIB)
         assert len(persons) == reference[site], site  # exact, per site
 
-    site_dir = tmp_path / "Riverside"
-    init_site(site_dir, "Riverside")
-    source = source_file(home, server, omop["databases"]["Riverside"])
-    assert flip_site("dataset", "add", site_dir, "gibleed", source, "--format", "omop").returncode == 0
-    site = load_site(site_dir)
-    project = {"approved": True, "researchers": ["*"], "datasets": ["*"], "tasks": ["train", "query"]}
-    write_policy(site, {"projects": {"study": project}})
-    service = QueryService(site, Governance(site), CohortStore(site.root))
+    service = answering_site(omop, "Riverside", tmp_path)
+    site = service.site
     asked = QueryRequest(
         "c1", "study", "ada", "gibleed", QueryKind.COHORT, cohort="celecoxib", circe=json.dumps(CELECOXIB)
     )
