@@ -101,7 +101,7 @@ class AirlockDesk:
         raise TaskRejected(f"unknown site {site!r}", 404)
 
     def _query_request(self, who: Principal, spec: QuerySpec, ask: ReleaseAsk) -> tuple[QueryRequest, int]:
-        targets, columns, _ = self.desk._targets(who, spec)
+        targets, columns, _ = self.desk.targets(who, spec)
         where = parse_filter(spec.where, columns)
         if missing := sorted(set(spec.columns) - set(columns)):
             raise TaskRejected(f"unknown column {missing[0]!r} in dataset {spec.dataset!r}", 404)

@@ -65,7 +65,7 @@ class QueryDesk:
     # -- researchers ------------------------------------------------------------------
     def ask(self, who: Principal, spec: QuerySpec) -> dict[str, Any]:
         """The sites' released answers to ``spec`` and their pooled table (blocking)."""
-        targets, columns, offline = self._targets(who, spec)
+        targets, columns, offline = self.targets(who, spec)
         where = parse_filter(spec.where, columns)
         if missing := sorted(set(spec.columns) - set(columns)):
             raise TaskRejected(
@@ -95,7 +95,7 @@ class QueryDesk:
         replies = self.exchange(request, targets)
         return answer_view(request, replies, offline)
 
-    def _targets(self, who: Principal, spec: QuerySpec) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    def targets(self, who: Principal, spec: QuerySpec) -> tuple[list[dict[str, Any]], list[str], list[str]]:
         """The online sites to ask (node ids), the dataset's columns, and the holders that are offline: of the sites
         that admit ``who``'s project to the dataset (to any other, the dataset does not exist)."""
         only = None if spec.sites is None else list(spec.sites)
@@ -140,7 +140,7 @@ class QueryDesk:
     def freeze(self, who: Principal, spec: CohortSpec) -> dict[str, Any]:
         """Freeze cohort ``spec.name`` at each site holding the dataset; what they released, and the book's entry."""
         as_query = QuerySpec(dataset=spec.dataset, kind=QueryKind.COHORT, where=spec.where, sites=spec.sites)
-        targets, columns, offline = self._targets(who, as_query)
+        targets, columns, offline = self.targets(who, as_query)
         where = parse_filter(spec.where, columns)
         circe = "" if spec.circe is None else json.dumps(spec.circe, sort_keys=True)
         text = f"cohort {spec.name}: {spec.dataset}" + (f" where {where.text}" if where.text else "")

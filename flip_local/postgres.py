@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from flip_core.util import free_port
 from flip_local.errors import SitesError
 
 SUPERUSER = "flip_admin"
@@ -62,7 +62,7 @@ def start(folder: Path, port: int | None = None) -> Postgres:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
-    server = Postgres(folder, port or free_port())
+    server = Postgres(folder, port or free_port())  # below the kernel's range for outgoing ports
     server.socket_dir.mkdir(exist_ok=True)
     if not (server.data / "PG_VERSION").exists():
         _initdb(server)
@@ -80,12 +80,6 @@ def stop(server: Postgres) -> None:
     """Stop the server (fast: open sessions are ended); nothing when it is not running."""
     if (server.data / "postmaster.pid").exists():
         _run(server, "pg_ctl", "-D", str(server.data), "-m", "fast", "-w", "stop", check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _initdb(server: Postgres) -> None:
@@ -111,4 +105,4 @@ def _run(server: Postgres, tool: str, *args: str, check: bool = True) -> None:
         raise SitesError(f"PostgreSQL's {tool} failed in {server.folder}: {(done.stderr or done.stdout)[-1500:]}{tail}")
 
 
-__all__ = ["SUPERUSER", "Postgres", "bindir", "free_port", "start", "stop"]
+__all__ = ["SUPERUSER", "Postgres", "bindir", "start", "stop"]
