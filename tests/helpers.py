@@ -267,3 +267,69 @@ class Gate:
             if view.is_dir():
                 views.append(view)
         return views if sandboxed or not folder.is_dir() else [folder]
+
+
+# -- OMOP: the session's PostgreSQL with Eunomia's three hospitals (conftest.omop) --------------------------------
+def _drug(concept_id: int, name: str) -> dict[str, Any]:
+    concept = {"CONCEPT_ID": concept_id, "CONCEPT_NAME": name, "STANDARD_CONCEPT": "S", "DOMAIN_ID": "Drug"}
+    return {"id": 0, "name": name, "expression": {"items": [{"concept": concept, "includeDescendants": True}]}}
+
+
+# new users of celecoxib (its first exposure, 365 days observed before it): the Eunomia study's target cohort
+CELECOXIB: dict[str, Any] = {
+    "ConceptSets": [_drug(1118084, "celecoxib")],
+    "PrimaryCriteria": {
+        "CriteriaList": [{"DrugExposure": {"CodesetId": 0, "First": True}}],
+        "ObservationWindow": {"PriorDays": 365, "PostDays": 0},
+        "PrimaryCriteriaLimit": {"Type": "First"},
+    },
+    "QualifiedLimit": {"Type": "First"},
+    "ExpressionLimit": {"Type": "First"},
+    "InclusionRules": [],
+    "CensoringCriteria": [],
+    "CollapseSettings": {"CollapseType": "ERA", "EraPad": 0},
+}
+
+
+def omop_source(omop: dict[str, Any], site: str, **changes: Any) -> Path:
+    """A source file of ``site``'s database (``omop``: conftest's fixture), as its admin writes it, with ``changes``."""
+    server, database = omop["server"], omop["databases"][site]
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": server.port,
+        "database": database.database,
+        "user": database.role,
+        "password_file": str(database.password_file),
+        "cdm_schema": "cdm",
+        "statement_timeout_ms": 10000,
+        **changes,
+    }
+    path = omop["home"] / f"{site}-{len(changes)}.toml"
+    path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in settings.items()))
+    return path
+
+
+def omop_site(omop: dict[str, Any], name: str, folder: Path) -> Any:
+    """A site registering its database with the real CLI, admitting project "study" to it; its query service."""
+    import subprocess
+    import sys
+
+    from site_agent.data.catalog import init_site, load_site, write_policy
+    from site_agent.governance.gate import Governance
+    from site_agent.queries.cohorts import CohortStore
+    from site_agent.queries.service import QueryService
+
+    site_dir = folder / name
+    init_site(site_dir, name)
+    flip_site = Path(sys.executable).parent / "flip-site"
+    added = subprocess.run(
+        [flip_site, "dataset", "add", site_dir, "gibleed", omop_source(omop, name), "--format", "omop"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert added.returncode == 0, added.stderr
+    site = load_site(site_dir)
+    project = {"approved": True, "researchers": ["*"], "datasets": ["*"], "tasks": ["train", "query"]}
+    write_policy(site, {"projects": {"study": project}})
+    return QueryService(site, Governance(site), CohortStore(site.root))
