@@ -42,9 +42,10 @@ def _local_commands(sub: Any) -> None:
     )
     up.add_argument(
         "--demo",
-        choices=("heart", "imaging"),
+        choices=("heart", "imaging", "omop"),
         default="heart",
-        help="the sites' data: the four heart-disease hospitals, or BreastMNIST's images over three sites",
+        help="the sites' data: the four heart-disease hospitals, BreastMNIST's images over three sites, or OHDSI's "
+        "Eunomia GiBleed in three hospitals' OMOP databases on a PostgreSQL of the federation's own",
     )
     up.add_argument(
         "--sites",

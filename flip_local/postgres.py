@@ -57,8 +57,8 @@ def bindir() -> Path:
     return versions[-1].parent
 
 
-def start(folder: Path, port: int | None = None) -> Postgres:
-    """Start the server in ``folder`` (made and initialised the first time) on ``port`` (a free one)."""
+def prepare(folder: Path, port: int | None = None) -> Postgres:
+    """The server of ``folder`` (made and initialised the first time) on ``port`` (a free one), not started."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
@@ -66,6 +66,32 @@ def start(folder: Path, port: int | None = None) -> Postgres:
     server.socket_dir.mkdir(exist_ok=True)
     if not (server.data / "PG_VERSION").exists():
         _initdb(server)
+    return server
+
+
+def foreground(server: Postgres) -> list[str]:
+    """The command that runs ``server`` in the foreground (a process of the local federation, stopped with it)."""
+    return _command(
+        "postgres",
+        "-D", str(server.data), "-p", str(server.port), "-k", str(server.socket_dir),
+        "-c", "listen_addresses=127.0.0.1",
+    )  # fmt: skip
+
+
+def answers(server: Postgres) -> bool:
+    """The server takes its superuser's connection now."""
+    import psycopg
+
+    try:
+        with psycopg.connect(server.admin(), connect_timeout=2):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def start(folder: Path, port: int | None = None) -> Postgres:
+    """Start the server in ``folder`` (made and initialised the first time) on ``port`` (a free one)."""
+    server = prepare(folder, port)
     _run(
         server,
         "pg_ctl",
@@ -94,15 +120,21 @@ def _initdb(server: Postgres) -> None:
     )  # fmt: skip
 
 
-def _run(server: Postgres, tool: str, *args: str, check: bool = True) -> None:
+def _command(tool: str, *args: str) -> list[str]:
     command = [str(bindir() / tool), *args]
     if os.geteuid() == 0:  # PostgreSQL refuses root: uid 1000 in a user namespace, the caller outside
         command = ["unshare", "--user", "--map-user=1000", "--map-group=1000", "--", *command]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=START_SECONDS + 30, check=False)
+    return command
+
+
+def _run(server: Postgres, tool: str, *args: str, check: bool = True) -> None:
+    done = subprocess.run(
+        _command(tool, *args), capture_output=True, text=True, timeout=START_SECONDS + 30, check=False
+    )
     if check and done.returncode != 0:
         log = server.folder / "postgres.log"
         tail = log.read_text()[-1500:] if log.exists() else ""
         raise SitesError(f"PostgreSQL's {tool} failed in {server.folder}: {(done.stderr or done.stdout)[-1500:]}{tail}")
 
 
-__all__ = ["SUPERUSER", "Postgres", "bindir", "start", "stop"]
+__all__ = ["SUPERUSER", "Postgres", "answers", "bindir", "foreground", "prepare", "start", "stop"]

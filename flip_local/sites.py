@@ -119,4 +119,37 @@ def prepare_imaging_demo_sites(
     return dirs
 
 
+OMOP_DATASET = "gibleed"
+
+
+def prepare_omop_sites(
+    root: Path,
+    server: Any,
+    *,
+    auto_approve: bool = True,
+    policy: dict[str, Any] | None = None,
+    project: str = DEFAULT_PROJECT,
+) -> list[Path]:
+    """The OMOP demo's three hospitals: each a database of its own on ``server`` (the federation's PostgreSQL,
+    ``flip_local.postgres``) holding its share of OHDSI's Eunomia GiBleed persons (``flip_local.eunomia``), read by a
+    role that can only read, registered as the ``omop`` dataset ``gibleed`` (split by person), under the local
+    federation's policy or ``policy``."""
+    from flip_local.eunomia import load
+
+    dirs = []
+    for database in load(server, root / "omop-secrets"):
+        site_dir = root / "sites" / database.site
+        if site_dir.exists():
+            shutil.rmtree(site_dir)
+        site = init_site(site_dir, database.site)
+        source = database.write_source(server, site_dir / "omop-source.toml")
+        try:
+            site = add_dataset(site, OMOP_DATASET, source, "omop")
+        except CatalogError as exc:
+            raise SitesError(f"the OMOP demo's site {database.site} could not register its database: {exc}") from None
+        write_policy(site, policy or local_policy(auto_approve, project))
+        dirs.append(site_dir)
+    return dirs
+
+
 IMAGING_SPLIT_SEED = 7  # each demo site's 80/20 split of its cases, by patient

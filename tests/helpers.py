@@ -293,20 +293,8 @@ CELECOXIB: dict[str, Any] = {
 
 def omop_source(omop: dict[str, Any], site: str, **changes: Any) -> Path:
     """A source file of ``site``'s database (``omop``: conftest's fixture), as its admin writes it, with ``changes``."""
-    server, database = omop["server"], omop["databases"][site]
-    settings: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": server.port,
-        "database": database.database,
-        "user": database.role,
-        "password_file": str(database.password_file),
-        "cdm_schema": "cdm",
-        "statement_timeout_ms": 10000,
-        **changes,
-    }
-    path = omop["home"] / f"{site}-{len(changes)}.toml"
-    path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in settings.items()))
-    return path
+    database = omop["databases"][site]
+    return database.write_source(omop["server"], omop["home"] / f"{site}-{len(changes)}.toml", **changes)
 
 
 def omop_site(omop: dict[str, Any], name: str, folder: Path) -> Any:
