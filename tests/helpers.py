@@ -297,8 +297,9 @@ def omop_source(omop: dict[str, Any], site: str, **changes: Any) -> Path:
     return database.write_source(omop["server"], omop["home"] / f"{site}-{len(changes)}.toml", **changes)
 
 
-def omop_site(omop: dict[str, Any], name: str, folder: Path) -> Any:
-    """A site registering its database with the real CLI, admitting project "study" to it; its query service."""
+def omop_site(omop: dict[str, Any], name: str, folder: Path, **changes: Any) -> Any:
+    """A site registering its database with the real CLI, admitting project "study" to it; its query service.
+    ``changes``: to the database's source file (written in ``folder``, the site's own), e.g. its statement timeout."""
     import subprocess
     import sys
 
@@ -310,8 +311,12 @@ def omop_site(omop: dict[str, Any], name: str, folder: Path) -> Any:
     site_dir = folder / name
     init_site(site_dir, name)
     flip_site = Path(sys.executable).parent / "flip-site"
+    if changes:
+        source = omop["databases"][name].write_source(omop["server"], folder / f"{name}.source.toml", **changes)
+    else:
+        source = omop_source(omop, name)
     added = subprocess.run(
-        [flip_site, "dataset", "add", site_dir, "gibleed", omop_source(omop, name), "--format", "omop"],
+        [flip_site, "dataset", "add", site_dir, "gibleed", source, "--format", "omop"],
         capture_output=True,
         text=True,
         timeout=120,

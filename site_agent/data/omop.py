@@ -335,7 +335,8 @@ def circe_persons(source: Source, definition: dict[str, Any]) -> list[int]:
             connection.rollback()
     except psycopg.errors.QueryCanceled:
         raise CatalogError(
-            f"the cohort did not finish within {source.statement_timeout_ms} ms ({source.where})"
+            f"the database did not answer within {source.statement_timeout_ms} ms: the cohort did not finish "
+            f"({source.where})"
         ) from None
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
