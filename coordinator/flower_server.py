@@ -136,6 +136,7 @@ class RoundLoop:
             params=params,
             cohort=t.cohort.name if t.cohort else "",
             metrics=None if t.metrics is None else list(t.metrics),
+            covariates=t.covariates,
         )
 
     # -- one exchange --------------------------------------------------------------

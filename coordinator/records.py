@@ -54,6 +54,7 @@ def begun(task: Task, spec: TaskSpec, fab_sha256: str) -> RunRecord:
         site_packages=site_environments(task.sites),
         site_datasets={s.site: s.dataset for s in task.sites},
         cohort=task.cohort,
+        covariates=task.covariates,
         notebook=RecordedNotebook.model_validate(spec.notebook.model_dump(mode="json")) if spec.notebook else None,
         seed_rule=SEED_RULE,
         step_seeds=step_seeds(task.seed, task.rounds, sites),

@@ -20,7 +20,7 @@ from coordinator.cohorts import CohortBook
 from coordinator.store import Store, StoredRun
 from flip_core.aggregation import strategy_for
 from flip_core.api import TaskSpec
-from flip_core.cell import metrics_of, source_hash
+from flip_core.cell import metrics_of, task_hash
 from flip_core.errors import Rejected
 from flip_core.runs import AnnouncedDataset, CohortRef, Task, TaskSite
 from flip_core.status import DISPATCHED, TERMINAL, EventType, Presence, RunStatus
@@ -192,6 +192,12 @@ class RunManager:
     def _validate(self, who: Principal, spec: TaskSpec, model_uploaded: bool = True) -> Task:
         """What the federation says of a well-formed task (``flip_core.api.TaskSpec`` checked its form)."""
         online, offline = self.holders(spec.dataset, project=who.project)
+        others = [s["site"] for s in online if _format(s, spec.dataset) != "omop"]
+        if spec.covariates is not None and others:
+            raise TaskRejected(
+                f"a covariate specification is built from an OMOP CDM database, and {spec.dataset!r} at {others[0]} "
+                "is not one"
+            )
         cohort = self._cohort(who, spec)
         if cohort is not None:  # only the sites that froze it take part
             offline = sorted({*offline, *(s for s in cohort.sites if s not in {o["site"] for o in online})})
@@ -212,7 +218,8 @@ class RunManager:
             project=who.project,
             researcher=who.researcher,
             source=spec.source,
-            source_hash=source_hash(spec.source),
+            source_hash=task_hash(spec.source, spec.covariates),
+            covariates=spec.covariates,
             dataset=spec.dataset,
             rounds=spec.rounds,
             strategy=strategy.name,
@@ -367,3 +374,8 @@ class RunManager:
         except Exception:  # noqa: BLE001 - the log is a courtesy
             return ""
         return f" Last server log line: {lines[-1]}" if lines else ""
+
+
+def _format(site: dict[str, Any], dataset: str) -> str:
+    """The format a site announced ``dataset`` in."""
+    return str(next((d.get("format", "") for d in site["datasets"] if d["name"] == dataset), ""))

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from flip_core.airlock import MAX_PURPOSE_CHARS, ItemKind, purpose_problem
+from flip_core.covariates import CovariateSpec
 from flip_core.parsing import parse, sentence
 from flip_core.query import MAX_BINS, MAX_COLUMNS, MAX_QUERY_CHARS, QueryKind
 from flip_core.status import MetricPhase, Phase, Presence, RunStatus, SiteState, StepStatus
@@ -150,6 +151,7 @@ class TaskSpec(Body):
     # the metric names train() and evaluate() return (--metrics, or the kernel's reading of the cell); None: the hub
     # reads them from the source (flip_core.cell.declared_metrics). No other name leaves a site.
     metrics: MetricNames | None = None
+    covariates: CovariateSpec | None = None  # an OMOP dataset's per-person table, declared (flip_core.covariates)
 
     @field_validator("source")
     @classmethod

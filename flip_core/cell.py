@@ -32,6 +32,18 @@ def source_hash(source: str) -> str:
     return "sha256:" + hashlib.sha256(normalise_source(source).encode()).hexdigest()
 
 
+def task_hash(source: str, covariates: dict[str, Any] | None = None) -> str:
+    """What a site admin approves of a task: its cell's :func:`source_hash`, or, when it declares a covariate
+    specification (``flip_core.covariates``), the digest of the normalised source and the specification's canonical
+    text together (either changed is another task). ValueError when the specification is not one."""
+    if covariates is None:
+        return source_hash(source)
+    from flip_core.covariates import canonical, read_covariates
+
+    body = normalise_source(source) + "\0covariates\0" + canonical(read_covariates(covariates))
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
 def cell_line(exc: BaseException) -> int:
     """The line of the cell where ``exc`` arose: its innermost frame in the cell (0 when none is)."""
     line = 0

@@ -41,6 +41,8 @@ class StepRequest:
     # the metric names the task declared when it was submitted: a site lets no other leave (None: a site reads them
     # from the source, as the kernel does: ``flip_core.cell.declared_metrics``)
     metrics: list[str] | None = None
+    # the per-person table the task declared of an OMOP dataset (``flip_core.covariates``; part of its approved hash)
+    covariates: dict[str, Any] | None = None
 
 
 @dataclass

@@ -125,6 +125,7 @@ def changed_inputs(a: RunRecord, b: RunRecord) -> list[str]:
     out += _dict_diff("the strategy option", a.strategy_options, b.strategy_options)
     out += _dict_diff("--config", a.config, b.config)
     out += _diff("the cohort", a.cohort.where if a.cohort else None, b.cohort.where if b.cohort else None)
+    out += _dict_diff("the covariates'", a.covariates, b.covariates)
     na, nb = a.notebook, b.notebook
     out += _diff("the notebook file", na.sha256 if na else None, nb.sha256 if nb else None)
     out += _dict_diff("the notebook parameter", na.parameters if na else None, nb.parameters if nb else None)

@@ -116,6 +116,9 @@ class Task(Body):
     metrics: MetricNames | None = Field(
         default=None, description="the metric names it declared: no other leaves a site (None: each reads the cell's)"
     )
+    covariates: dict[str, Any] | None = Field(
+        default=None, description="the per-person table it asks of an OMOP dataset (flip_core.covariates), if any"
+    )
 
 
 # -- the record's own parts ---------------------------------------------------------------------------
@@ -192,6 +195,7 @@ class RunRecord(Recorded):
     site_packages: dict[str, SiteEnvironment] = Field(default_factory=dict, description="each site's environment")
     site_datasets: dict[str, AnnouncedDataset] = Field(default_factory=dict, description="each site's dataset")
     cohort: CohortRef | None = Field(default=None, description="the cohort it trained on (None: the whole table)")
+    covariates: dict[str, Any] | None = Field(default=None, description="the OMOP covariate specification it declared")
     notebook: RecordedNotebook | None = Field(default=None, description="its notebook, when `flip run` made it")
     seed_rule: str = Field(default="", description="how each step's seed derives from the run's seed")
     step_seeds: dict[str, list[int]] = Field(default_factory=dict, description="each site's seed, round by round")

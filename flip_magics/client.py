@@ -20,7 +20,7 @@ import requests
 from flip_core.aggregation import make_strategy, strategy_for
 from flip_core.api import CohortSpec, QuerySpec, ReleaseSpec, TaskSpec, parse
 from flip_core.codec import pack_arrays
-from flip_core.errors import FlipError, NotConnected, Rejected
+from flip_core.errors import FlipError, NotConnected, Rejected, RequestInvalid
 from flip_core.filters import parse as parse_filter
 from flip_core.paths import read_connection
 from flip_core.runs import record_of
@@ -275,6 +275,7 @@ class FlipClient:
         cohort: str | None = None,
         mock: bool = False,
         metrics: list[str] | None = None,
+        covariates: dict[str, Any] | str | None = None,
     ) -> RunHandle:
         """Check the cell locally, submit it, and return a handle that follows the run.
 
@@ -283,7 +284,15 @@ class FlipClient:
         ``cohort``: train on the rows that cohort froze at each site (:meth:`cohort`), not the whole table.
         ``mock``: run the cell here, in this kernel, against every site's mock (:meth:`mock`), nothing submitted.
         ``metrics``: the metric names train() and evaluate() return; by default those read from the dict literals
-        they return. No other name leaves a site (a site says when it withheld some)."""
+        they return. No other name leaves a site (a site says when it withheld some).
+        ``covariates``: on an OMOP dataset, the per-person table the cell's ``data.train`` and ``data.test`` are, as a
+        covariate specification (``flip_core.covariates``; a dict or its JSON text): each site builds it in its own
+        database, and the specification is part of the code hash its admin approves."""
+        if isinstance(covariates, str):
+            try:
+                covariates = json.loads(covariates)
+            except json.JSONDecodeError as exc:
+                raise RequestInvalid(f"the covariate specification is not JSON ({exc})") from None
         spec: TaskSpec = parse(
             TaskSpec,
             {
@@ -300,9 +309,12 @@ class FlipClient:
                 "dp_clip": dp_clip,
                 "cohort": cohort,
                 "metrics": None if metrics is None else list(metrics),
+                "covariates": covariates,
             },
             "the task",
         )  # a wrong option: told here, before anything is sent
+        if mock and spec.covariates is not None:
+            raise RequestInvalid("a dry run over the sites' mocks takes no --covariates: the mocks are of the persons")
         if mock:
             return self._mock_run(spec)
         body = spec.model_dump(mode="json")

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from flip_core import __version__
-from flip_core.cell import normalise_source, source_hash
+from flip_core.cell import normalise_source, task_hash
 from flip_core.errors import FlipError
 from flip_core.records import final_metrics
 from flip_core.runs import RunRecord
@@ -174,7 +174,7 @@ def _check_source(source: str, record: RunRecord) -> set[str]:
         raise ExportFailed(f"the cell source has a syntax error at line {exc.lineno}; pass the run's cell.") from exc
     if not any(isinstance(node, ast.FunctionDef) and node.name == "build_model" for node in tree.body):
         raise ExportFailed("the cell source defines no build_model(); pass the %%flip_train cell the run trained.")
-    if record.source_hash and record.source_hash != source_hash(source):
+    if record.source_hash and record.source_hash != task_hash(source, record.covariates):
         raise ExportFailed(f"the cell source is not the one run {record.run_id} trained (its hash differs).")
     names: set[str] = set()
     for node in ast.walk(tree):

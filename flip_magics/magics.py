@@ -43,6 +43,14 @@ def _friendly(method: Any) -> Any:
     return wrapper
 
 
+def read_text(path: str, what: str) -> str:
+    """A file an option names (a JSON definition), or a UsageError that says which and why."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the {what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def parse_config(pairs: list[str]) -> dict[str, Any]:
     """``key=value`` pairs; values read as JSON where they parse (numbers, true/false), else text."""
     out: dict[str, Any] = {}
@@ -217,6 +225,11 @@ class FlipMagics(Magics):
     )
     @argument("--cohort", default=None, help="train on the rows of this cohort (%%flip_cohort), not the whole table")
     @argument(
+        "--covariates",
+        default=None,
+        help="an OMOP dataset's per-person table, declared in a JSON file (demographics, concept features, outcome)",
+    )
+    @argument(
         "--mock", action="store_true", help="run the cell here against every site's synthetic mock (nothing is sent)"
     )
     @argument("--seed", type=int, default=0)
@@ -246,6 +259,7 @@ class FlipMagics(Magics):
             dp_epsilon=args.dp_epsilon,
             dp_clip=args.dp_clip,
             cohort=args.cohort,
+            covariates=None if args.covariates is None else read_text(args.covariates, "covariate specification"),
             mock=args.mock,
             metrics=None if args.metrics is None else [n.strip() for n in args.metrics.split(",") if n.strip()],
         )
@@ -296,7 +310,7 @@ class FlipMagics(Magics):
         """Freeze the rows of a dataset that match a filter, at each site, as a named cohort to train on."""
         args = parse_args(self.flip_cohort, line)
         where = " ".join(cell.split()) if cell is not None and cell.strip() else args.where
-        circe = None if args.circe is None else Path(args.circe).read_text()
+        circe = None if args.circe is None else read_text(args.circe, "Circe definition")
         result = self._client().cohort(args.name, args.dataset, where, sites=args.sites, circe=circe)
         self._user_ns()[args.out] = result
         return result

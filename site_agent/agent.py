@@ -293,11 +293,12 @@ class SiteAgent:
         if answer is not None:
             return encode_result(answer)
         seconds, memory_mb = self.governance.limits(request)
-        rows = None
+        rows = index = None
         if request.cohort:  # the rows frozen under that name here: the task process is handed them, not the file
             try:
                 entry = self.site.dataset(request.dataset)
                 rows = self.cohorts.rows_for(request.project, request.cohort, request.dataset, entry.fingerprint)
+                index = self.cohorts.index_for(request.project, request.cohort, request.dataset, entry.fingerprint)
             except (CohortRefused, CatalogError) as exc:
                 refused = StepResult(
                     site=self.site.name, status=StepStatus.REFUSED, error_where=f"{self.site.name}: {exc}"
@@ -305,7 +306,8 @@ class SiteAgent:
                 return encode_result(refused)
         with stage("site task step"):
             started = time.monotonic()
-            adoption = self._adoption(request.dataset, request.cohort, rows)  # made when the run adopts a process
+            # made when the run adopts a process
+            adoption = self._adoption(request.dataset, request.cohort, rows, request.covariates, index)
             produced = self.tasks.step(blob, seconds, memory_mb, adoption)  # isolated, killed at its time limit
             took = time.monotonic() - started  # the agent's clock, never the task process's
         with stage("site release"):  # the output guard rebuilds what leaves from the agent's own facts, audited
@@ -319,13 +321,21 @@ class SiteAgent:
         self.tasks.settle(request.run_id, released)  # a step the guard failed ends the run's process here too
         return released
 
-    def _adoption(self, dataset: str, cohort: str, rows: list[int] | None) -> Callable[[], Adoption]:
+    def _adoption(
+        self,
+        dataset: str,
+        cohort: str,
+        rows: list[int] | None,
+        covariates: dict[str, Any] | None = None,
+        index: list[str] | None = None,
+    ) -> Callable[[], Adoption]:
         """What a run's task process is handed when the run adopts it: the run's rows only (``rows``, the cohort's;
-        None: the whole dataset), read and cut here, outside any sandbox (``site_agent.data.formats.handed``)."""
+        None: the whole dataset), read and cut here, outside any sandbox (``site_agent.data.formats.handed``); with
+        ``covariates``, the per-person table they declare of an OMOP database (at the cohort's ``index`` dates)."""
 
         def adoption() -> Adoption:
             entry = self.site.datasets.get(dataset)
-            handed = Handed(b"") if entry is None else formats.handed(self.site, dataset, rows)
+            handed = Handed(b"") if entry is None else formats.handed(self.site, dataset, rows, covariates, index)
             return Adoption(self.site.name, entry, cohort, handed)
 
         return adoption

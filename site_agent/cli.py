@@ -294,6 +294,8 @@ def _requests(args: argparse.Namespace) -> int:
             f"dataset {request['dataset']}, first asked {request['requested']} (run {request['run_id']})"
         )
         print("  " + "\n  ".join(request["source"].rstrip("\n").split("\n")) + "\n")
+        if "covariates" in request:  # the table it asks of the database, approved with the code
+            print("  covariates " + json.dumps(request["covariates"], sort_keys=True) + "\n")
     return SiteExit.OK
 
 

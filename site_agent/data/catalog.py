@@ -56,7 +56,13 @@ class ImagesUnreadable(CatalogError):
     public = "the site's dataset (its image files cannot be read by the site's task user)"
 
 
-PUBLIC_DATASET_ERRORS = (ImagesChanged.public, ImagesUnreadable.public)
+class DatabaseUnanswered(CatalogError):
+    """A dataset's database (an OMOP CDM's) did not answer, or not within its statement timeout."""
+
+    public = "the site's dataset (its database did not answer: the site's log says why)"
+
+
+PUBLIC_DATASET_ERRORS = (ImagesChanged.public, ImagesUnreadable.public, DatabaseUnanswered.public)
 
 
 @dataclass(frozen=True)

@@ -80,13 +80,27 @@ def load_table(config: SiteConfig, name: str) -> pd.DataFrame:
     return format_of(entry).table(config, entry)
 
 
-def handed(config: SiteConfig, name: str, rows: list[int] | None = None) -> Handed:
+def handed(
+    config: SiteConfig,
+    name: str,
+    rows: list[int] | None = None,
+    covariates: dict[str, Any] | None = None,
+    index: list[str] | None = None,
+) -> Handed:
     """What a run's task process is handed of dataset ``name``, made by the agent (its user, outside the sandbox)
     when the run adopts the process: the run's rows only, ``rows`` a cohort's positions (None: the whole dataset),
-    split as the dataset was, and the files its cell reads by path (an imaging run's cases'); refused (CatalogError)
-    when the data changed since registration, or its format is unknown here."""
+    split as the dataset was, and the files its cell reads by path (an imaging run's cases'); with ``covariates``
+    (an OMOP database's), the table they declare, of the cohort's persons at their ``index`` dates; refused
+    (CatalogError) when the data changed since registration, or its format is unknown here."""
     entry = config.dataset(name)
-    return format_of(entry).handed(config, entry, rows)
+    if covariates is None:
+        return format_of(entry).handed(config, entry, rows)
+    if entry.format != OMOP.name:
+        raise CatalogError(
+            f"dataset {name!r} at site {config.name!r} is of format {entry.format}: a covariate specification is "
+            "built from an OMOP CDM database"
+        )
+    return OMOP.handed_covariates(config, entry, covariates, rows, index)
 
 
 def task_data(config: SiteConfig, name: str, payload: bytes) -> tuple[Part, Part]:

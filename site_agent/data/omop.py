@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from site_agent.data.catalog import (
     CatalogError,
+    DatabaseUnanswered,
     DatasetEntry,
     DatasetFormat,
     Handed,
@@ -133,7 +134,7 @@ class Source:
             )
         except psycopg.OperationalError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CatalogError(f"the database did not answer ({self.where}): {first[:200]}") from None
+            raise DatabaseUnanswered(f"the database did not answer ({self.where}): {first[:200]}") from None
 
 
 def checks(source: Source) -> list[tuple[bool, str]]:
@@ -240,6 +241,34 @@ class OmopFormat(DatasetFormat):
         parts = (table.iloc[train].reset_index(drop=True), table.iloc[test].reset_index(drop=True))
         return Handed(pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL))
 
+    def handed_covariates(
+        self,
+        config: SiteConfig,
+        entry: DatasetEntry,
+        covariates: dict[str, Any],
+        rows: list[int] | None = None,
+        index: list[str] | None = None,
+    ) -> Handed:
+        """The per-person table a task's covariate specification declares (``site_agent.data.omop_features``), of
+        the cohort's persons at their ``index`` dates (or every person), split by person as :meth:`handed` splits
+        the persons' table. The database must still be the one registered."""
+        from flip_core.covariates import read_covariates
+        from site_agent.data.omop_features import build
+
+        try:
+            spec = read_covariates(covariates)
+        except ValueError as exc:
+            raise CatalogError(str(exc)) from None
+        self.table(config, entry)  # refused when the database changed since registration
+        table = build(Source.read(Path(entry.path)), spec, rows, index)
+        if rows is not None:
+            train, test = seeded_split(None, len(table), entry.train_fraction, entry.split_seed)
+        else:
+            split = read_split(config.root, entry.name, open_file)
+            train, test = split["train"], split["test"]
+        parts = (table.iloc[train].reset_index(drop=True), table.iloc[test].reset_index(drop=True))
+        return Handed(pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL))
+
     def task_data(self, config: SiteConfig, entry: DatasetEntry, payload: bytes) -> tuple[Part, Part]:
         train, test = pickle.loads(payload)  # made by the site agent, never by a task
         return train, test
@@ -255,7 +284,7 @@ def _persons(source: Source) -> pd.DataFrame:
             names = [d.name for d in cursor.description or ()]
             return pd.DataFrame(cursor.fetchall(), columns=names)
     except psycopg.errors.QueryCanceled:
-        raise CatalogError(
+        raise DatabaseUnanswered(
             f"the database did not answer within {source.statement_timeout_ms} ms ({source.where})"
         ) from None
     except psycopg.Error as exc:
@@ -300,10 +329,11 @@ def circe_problem(definition: Any) -> str:
     return walk(definition, "definition")
 
 
-def circe_persons(source: Source, definition: dict[str, Any]) -> list[int]:
+def circe_persons(source: Source, definition: dict[str, Any]) -> dict[int, str]:
     """The row positions (in :data:`PERSONS_SQL`'s order) of the persons a Circe definition selects in this
-    database: its SQL rendered here (duckcdm's port of OHDSI's Circe and SqlRender, PostgreSQL dialect), run as the
-    source's role in one transaction of its own, whose temporary tables go when it is rolled back."""
+    database, each with its index date (its first cohort start, ISO): its SQL rendered here (duckcdm's port of
+    OHDSI's Circe and SqlRender, PostgreSQL dialect), run as the source's role in one transaction of its own, whose
+    temporary tables go when it is rolled back."""
     import psycopg
     from duckcdm.circe import CirceError, build_cohort_query  # type: ignore[import-untyped]
     from duckcdm.sqlrender import render, split_sql, translate  # type: ignore[import-untyped]
@@ -330,15 +360,19 @@ def circe_persons(source: Source, definition: dict[str, Any]) -> list[int]:
             )
             for statement in statements:
                 connection.execute(statement)
-            chosen = {r[0] for r in connection.execute(f"select distinct subject_id from {COHORT_TABLE}").fetchall()}
+            chosen = dict(
+                connection.execute(
+                    f"select subject_id, min(cohort_start_date) from {COHORT_TABLE} group by subject_id"
+                ).fetchall()
+            )
             order = [r[0] for r in connection.execute(f"select person_id from {cdm}.person order by person_id")]
             connection.rollback()
     except psycopg.errors.QueryCanceled:
-        raise CatalogError(
+        raise DatabaseUnanswered(
             f"the database did not answer within {source.statement_timeout_ms} ms: the cohort did not finish "
             f"({source.where})"
         ) from None
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CatalogError(f"the database refused the cohort's SQL ({source.where}): {first[:200]}") from None
-    return [i for i, person in enumerate(order) if person in chosen]
+    return {i: chosen[person].isoformat() for i, person in enumerate(order) if person in chosen}

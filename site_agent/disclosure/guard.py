@@ -35,7 +35,7 @@ from flip_core.vocabulary import (
     told_phase,
     undeclared,
 )
-from site_agent.data.catalog import ImagesChanged, ImagesUnreadable
+from site_agent.data.catalog import DatabaseUnanswered, ImagesChanged, ImagesUnreadable
 
 ANY_METRIC = "*"
 COUNT_NAME = re.compile(r"(^|_)(n|num|count|counts|total|size|rows|cases|patients)(_|$)", re.I)
@@ -106,7 +106,7 @@ def failure_sentences(known: Known) -> dict[str, tuple[str, ...]]:
             f"the task process (the site's device {known.device} cannot be used there: the site's log says why)",
         ),
         "DatasetChanged": (ImagesChanged.public,),
-        "DatasetUnavailable": (DATASET_UNREADABLE, ImagesUnreadable.public),
+        "DatasetUnavailable": (DATASET_UNREADABLE, ImagesUnreadable.public, DatabaseUnanswered.public),
         "TimeLimit": (f"the task process (stopped at its time limit of {known.time_limit:g} s)",),
         "TaskProcessDied": ("the task process (it ended during the step: the site's log says how)",),
         "TaskIsolation": ("the task process (it could not be isolated: see the site's logs/task-processes.log)",),

@@ -65,9 +65,18 @@ class ApprovalStore:
         return Approval()
 
     def request(
-        self, *, project: str, researcher: str, dataset: str, source: str, source_hash: str, run_id: str
+        self,
+        *,
+        project: str,
+        researcher: str,
+        dataset: str,
+        source: str,
+        source_hash: str,
+        run_id: str,
+        covariates: dict[str, Any] | None = None,
     ) -> bool:
-        """Record a task waiting for approval; True the first time this code asks in this project."""
+        """Record a task waiting for approval; True the first time this code asks in this project. ``covariates``:
+        the per-person table it declares of an OMOP dataset (part of its hash: the admin approves both)."""
         path = self._path(PENDING, project, source_hash)
         if path.exists():
             return False
@@ -80,6 +89,7 @@ class ApprovalStore:
                 "source": source,
                 "hash": source_hash,
                 "run_id": run_id,
+                **({"covariates": covariates} if covariates is not None else {}),
                 "requested": _now(),
             },
         )

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from flip_core.airlock import ItemKind
-from flip_core.cell import source_hash
+from flip_core.cell import task_hash
 from flip_core.codec import archive_is_canonical
 from flip_core.protocol import (
     RESULT_ROOM,
@@ -104,7 +104,10 @@ class Governance:
 
         The first decision of each kind per run is audited (a task waiting for approval asks again
         and again: one record says so)."""
-        code_hash = source_hash(request.source)  # the site hashes the source itself: a claimed hash proves nothing
+        try:  # the site hashes the source (and covariates) itself: a claimed hash proves nothing
+            code_hash = task_hash(request.source, request.covariates)
+        except ValueError as exc:
+            return StepResult(site=self.site.name, status=StepStatus.REFUSED, error_where=f"{self.site.name}: {exc}")
         epsilon_asked = request.config.get("dp_epsilon")
         facts = TaskFacts(
             project=request.project,
@@ -127,6 +130,7 @@ class Governance:
                 source=request.source,
                 source_hash=code_hash,
                 run_id=request.run_id,
+                covariates=request.covariates,
             )
         with self._lock:
             first = (request.run_id, decision.verdict) not in self._decided

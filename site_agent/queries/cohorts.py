@@ -41,10 +41,13 @@ class Cohort:
     fingerprint: str  # the dataset file's, when the cohort was frozen
     rows: tuple[int, ...]
     hash: str
+    index: tuple[str, ...] = ()  # each row's index date (ISO), where the definition gives one (a Circe cohort's)
 
 
-def cohort_hash(key: bytes, fingerprint: str, rows: tuple[int, ...]) -> str:
+def cohort_hash(key: bytes, fingerprint: str, rows: tuple[int, ...], index: tuple[str, ...] = ()) -> str:
     body = fingerprint.encode() + b"\0" + ",".join(map(str, rows)).encode()
+    if index:
+        body += b"\0" + ",".join(index).encode()
     return "hmac-sha256:" + hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
@@ -62,22 +65,41 @@ class CohortStore:
         except CatalogError as exc:
             raise CohortRefused(str(exc)) from None
 
-    def freeze(self, project: str, name: str, dataset: str, where: str, fingerprint: str, rows: list[int]) -> Cohort:
-        """The cohort ``name`` of ``project``: made now, or the one made before with the same definition."""
+    def freeze(
+        self,
+        project: str,
+        name: str,
+        dataset: str,
+        where: str,
+        fingerprint: str,
+        rows: list[int],
+        index: dict[int, str] | None = None,
+    ) -> Cohort:
+        """The cohort ``name`` of ``project``: made now, or the one made before with the same definition.
+        ``index``: each row's index date (a Circe cohort's start), frozen with it."""
         frozen = tuple(sorted(int(r) for r in rows))
-        made = Cohort(name, project, dataset, where, fingerprint, frozen, cohort_hash(self.key, fingerprint, frozen))
+        dates = tuple(index[r] for r in frozen) if index else ()
+        made = Cohort(
+            name, project, dataset, where, fingerprint, frozen, cohort_hash(self.key, fingerprint, frozen, dates), dates
+        )
         path = self._path(project, name)
         with self._lock:
             if path.exists():
                 known = self.load(project, name)
-                if (known.dataset, known.where, known.fingerprint, known.rows) != (dataset, where, fingerprint, frozen):
+                if (known.dataset, known.where, known.fingerprint, known.rows, known.index) != (
+                    dataset,
+                    where,
+                    fingerprint,
+                    frozen,
+                    dates,
+                ):
                     raise CohortRefused(
                         f"cohort {name!r} of project {project!r} already exists with another definition "
                         f"({known.dataset} where {known.where or 'every row'}); choose another name"
                     )
                 return known
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            body = {**made.__dict__, "rows": list(frozen), "created": time.time()}
+            body = {**made.__dict__, "rows": list(frozen), "index": list(dates), "created": time.time()}
             tmp = path.with_suffix(".tmp")
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
                 json.dump(body, fh)
@@ -98,6 +120,7 @@ class CohortStore:
             body["fingerprint"],
             tuple(body["rows"]),
             body["hash"],
+            tuple(body.get("index", ())),
         )
 
     def rows_for(self, project: str, name: str, dataset: str, fingerprint: str) -> list[int]:
@@ -107,6 +130,11 @@ class CohortStore:
             raise CohortRefused(f"cohort {name!r} is of dataset {cohort.dataset!r}, not {dataset!r}")
         if cohort.fingerprint != fingerprint:
             raise CohortRefused(f"the file of dataset {dataset!r} changed since cohort {name!r} was made")
-        if cohort_hash(self.key, cohort.fingerprint, cohort.rows) != cohort.hash:
+        if cohort_hash(self.key, cohort.fingerprint, cohort.rows, cohort.index) != cohort.hash:
             raise CohortRefused(f"cohort {name!r} was altered since it was made (its hash does not match)")
         return list(cohort.rows)
+
+    def index_for(self, project: str, name: str, dataset: str, fingerprint: str) -> list[str] | None:
+        """The frozen rows' index dates, checked as :meth:`rows_for` checks the rows (None: the cohort has none)."""
+        self.rows_for(project, name, dataset, fingerprint)
+        return list(self.load(project, name).index) or None

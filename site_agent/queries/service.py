@@ -112,7 +112,7 @@ class QueryService:
             named = tuple(sorted(set(request.columns) | set(cohort.columns())))
             if barred := query_columns_refused(policy, request.project, named):
                 return QueryReply(name, StepStatus.REFUSED, barred, threshold)
-            rows = mask(cohort, table) if not request.circe else self._circe_rows(request, len(table))
+            rows, index = (mask(cohort, table), None) if not request.circe else self._circe_rows(request, len(table))
             found = policy.project(request.project)
             if found is not None and found.query_epsilon is not None:
                 return self._privately(request, facts, table, rows, threshold, found.query_epsilon)
@@ -126,7 +126,7 @@ class QueryService:
                 return QueryReply(name, StepStatus.REFUSED, _too_close(name, threshold, near), threshold)
             if request.kind == QueryKind.COHORT:
                 table_out = self._freeze(
-                    request, rows, threshold, lambda asked: answer(asked, table, rows, threshold, pending)
+                    request, rows, threshold, lambda asked: answer(asked, table, rows, threshold, pending), index
                 )
             elif request.kind == QueryKind.HIST and request.columns == (INTENSITY,) and self._is_images(request):
                 table_out = voxel_histogram(self._images(request.dataset, rows), request.edges, threshold)
@@ -179,9 +179,11 @@ class QueryService:
         rows: np.ndarray,
         threshold: int,
         count: Callable[[QueryRequest], dict[str, Any]],
+        index: dict[int, str] | None = None,
     ) -> dict[str, Any]:
-        """Freeze the cohort's rows here under its name; what leaves is their count (``count`` answers the cohort
-        asked as a count: through the ledger, or under differential privacy) and the cohort's hash."""
+        """Freeze the cohort's rows here under its name (with their index dates, a Circe cohort's); what leaves is
+        their count (``count`` answers the cohort asked as a count: through the ledger, or under differential
+        privacy) and the cohort's hash."""
         size = int(rows.sum())
         if size < threshold:
             raise CohortRefused(
@@ -196,13 +198,14 @@ class QueryService:
             or (f"circe:sha256:{hashlib.sha256(request.circe.encode()).hexdigest()}" if request.circe else ""),
             entry.fingerprint,
             np.flatnonzero(rows).tolist(),
+            index,
         )
         counted = count(replace(request, kind=QueryKind.COUNT, columns=()))
         return {**counted, "cohort": cohort.name, "hash": cohort.hash}
 
-    def _circe_rows(self, request: QueryRequest, size: int) -> np.ndarray:
-        """The rows an OHDSI Circe definition selects: rendered and run in the dataset's own database (an OMOP CDM,
-        ``site_agent.data.omop``); a cohort only."""
+    def _circe_rows(self, request: QueryRequest, size: int) -> tuple[np.ndarray, dict[int, str]]:
+        """The rows an OHDSI Circe definition selects, and each one's index date: rendered and run in the dataset's
+        own database (an OMOP CDM, ``site_agent.data.omop``); a cohort only."""
         entry = self.site.dataset(request.dataset)
         if request.kind != QueryKind.COHORT or entry.format != OMOP.name:
             raise QueryRefused(f"a Circe definition makes a cohort of an OMOP database; {request.dataset!r} is not one")
@@ -210,9 +213,10 @@ class QueryService:
             definition = json.loads(request.circe)
         except json.JSONDecodeError:
             raise QueryRefused("the Circe definition is not JSON") from None
+        index = circe_persons(Source.read(Path(entry.path)), definition)
         rows = np.zeros(size, dtype=bool)
-        rows[circe_persons(Source.read(Path(entry.path)), definition)] = True
-        return rows
+        rows[list(index)] = True
+        return rows, index
 
     def _mock(self, request: QueryRequest, table: pd.DataFrame, threshold: int) -> dict[str, Any]:
         """The dataset's mock, made here under this threshold: the same one every time for the same file. An imaging

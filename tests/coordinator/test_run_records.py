@@ -78,6 +78,7 @@ CREATED = {
     "round_timeout", "seed", "config", "source_hash", "sites", "initial_model_sha256", "fab_sha256", "created",
     "hub_packages", "hub_environment", "client_packages", "client_environment", "site_packages", "site_datasets",
     "cohort", "notebook", "seed_rule", "step_seeds", "flower_run_id",
+    "covariates",  # added by issue 28 (None unless the run declared an OMOP covariate specification)
 }  # fmt: skip
 ENDED = {"history", "epsilon_spent", "started"}
 COMPLETED = {"model_sha256", "site_info", "failed_sites", "traffic", "aggregation_ordered"}

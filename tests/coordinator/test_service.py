@@ -7,6 +7,7 @@ import pytest
 from coordinator.service import Principal, RunManager, TaskRejected
 from coordinator.store import Store
 from flip_core.api import TaskSpec, parse
+from flip_core.cell import task_hash
 from flip_core.errors import RequestInvalid
 from flip_core.util import wait_until
 
@@ -55,6 +56,23 @@ def test_run_goes_to_online_holders_and_records_identity(manager: RunManager) ->
     assert view["record"]["source_hash"].startswith("sha256:")
     task = manager.store.run(view["run_id"]).task
     assert [s.node_id for s in task.sites] == [10, 11, 12] and task.min_sites == 3
+
+
+COVARIATES = {"features": [{"name": "celecoxib", "domain": "drug", "concepts": [1118084], "window": [0, 0]}]}
+
+
+def test_a_covariate_specification_is_for_an_omop_database_and_is_hashed_and_recorded_with_the_cell(
+    manager: RunManager,
+) -> None:
+    with pytest.raises(TaskRejected, match=r"built from an OMOP CDM database, and 'heart-disease' at Cleveland is not"):
+        manager.create_run(ALICE, spec(manager, covariates=COVARIATES))
+    omop = {**HEART, "name": "gibleed", "format": "omop"}
+    for i, site in enumerate(["Cleveland", "Hungary", "VA"]):
+        manager.announce(site, 10 + i, {"version": "0.1.0", "datasets": [HEART, omop]}, "online")
+    view = manager.create_run(ALICE, spec(manager, dataset="gibleed", covariates=COVARIATES))
+    task = manager.store.run(view["run_id"]).task
+    assert task.covariates == view["record"]["covariates"] and task.covariates["features"][0]["value"] == "presence"
+    assert task.source_hash == view["record"]["source_hash"] == task_hash(task.source, COVARIATES)
 
 
 def test_server_loop_events_drive_the_run_status(manager: RunManager) -> None:

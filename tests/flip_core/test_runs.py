@@ -102,6 +102,7 @@ def _task(**over: Any) -> dict[str, Any]:
         "cohort": None,
         "sites": [{"site": "VA", "node_id": 10, "dataset": HEART, "packages": {"torch": "2.13.0"}, "environment": ENV}],
         "metrics": ["loss", "accuracy"],
+        "covariates": None,
     }
     return {**body, **over}
 

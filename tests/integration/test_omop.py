@@ -156,3 +156,129 @@ def test_a_circe_cohort_counts_at_each_site_as_the_reference_library_on_the_whol
     assert abs(reply.table["total"] - reference["Riverside"]) <= NOISE and reply.table["cohort"] == "celecoxib"
     frozen = CohortStore(site.root).rows_for("study", "celecoxib", "gibleed", site.datasets["gibleed"].fingerprint)
     assert len(frozen) == reference["Riverside"]
+
+
+COVARIATES: dict[str, Any] = {
+    "features": [
+        {"name": "celecoxib", "domain": "drug", "concepts": [1118084], "window": [0, 0]},
+        {
+            "name": "prior_conditions",
+            "domain": "condition",
+            "concepts": [441840],
+            "window": [-365, -1],
+            "value": "count",
+        },
+        {
+            "name": "prior_bleed",
+            "domain": "condition",
+            "concepts": [192671],
+            "descendants": False,
+            "window": [-3650, -1],
+        },
+        {"name": "last_value", "domain": "measurement", "concepts": [3006322], "window": [-30, 0], "value": "last"},
+    ],
+    "outcome": {"name": "gi_bleed", "domain": "condition", "concepts": [192671], "window": [1, 3650]},
+}
+
+
+def expected_covariates(persons: dict[int, str]) -> Any:
+    """The table of :data:`COVARIATES` worked out here, in pandas over Eunomia's own DuckDB file (not the site's
+    SQL): for each person (by id) at its index date."""
+    import duckdb
+    import pandas as pd
+
+    source = duckdb.connect(str(eunomia.duckdb_file()), read_only=True)
+    ids = sorted(persons)
+    person = (
+        source.execute("select person_id, gender_concept_id, year_of_birth from person").df().set_index("PERSON_ID")
+    )
+
+    def descendants(concept: int) -> set[int]:
+        found = source.execute(
+            "select descendant_concept_id from concept_ancestor where ancestor_concept_id = ?", [concept]
+        ).fetchall()
+        return {int(r[0]) for r in found} | {concept}
+
+    def days(frame: Any, index: Any) -> Any:
+        return (pd.to_datetime(frame["d"]) - index).dt.days
+
+    below, bleed = descendants(441840), descendants(192671)
+    conditions = source.execute("select person_id, condition_concept_id c, condition_start_date d "
+                                "from condition_occurrence").df()  # fmt: skip
+    drugs = source.execute("select person_id, drug_concept_id c, drug_exposure_start_date d from drug_exposure").df()
+    ends = source.execute("select person_id, max(observation_period_end_date) e from observation_period "
+                          "group by person_id").df().set_index("PERSON_ID")["e"]  # fmt: skip
+    rows = []
+    for pid in ids:
+        index = pd.Timestamp(persons[pid])
+        mine, taken = conditions[conditions.PERSON_ID == pid], drugs[drugs.PERSON_ID == pid]
+        before = mine[mine.c.isin(below) & days(mine, index).between(-365, -1)]
+        earlier = mine[(mine.c == 192671) & days(mine, index).between(-3650, -1)]
+        after = days(mine[mine.c.isin(bleed)], index)
+        after = after[after.between(1, 3650)]
+        observed = (pd.Timestamp(ends[pid]) - index).days
+        rows.append({
+            "gender": {8507: "MALE", 8532: "FEMALE"}[person.loc[pid, "GENDER_CONCEPT_ID"]],
+            "age": index.year - person.loc[pid, "YEAR_OF_BIRTH"], "index_year": index.year,
+            "celecoxib": int(((taken.c == 1118084) & (days(taken, index) == 0)).any()),
+            "prior_conditions": len(before), "prior_bleed": int(len(earlier) > 0), "last_value": float("nan"),
+            "gi_bleed": int(len(after) > 0), "gi_bleed_days": int(after.min()) if len(after) else min(3650, observed),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_a_covariate_table_is_what_the_cdm_says_of_each_person_at_their_index_date(omop: dict[str, Any]) -> None:
+    """The site's SQL (``site_agent.data.omop_features``) against the same table worked out in pandas from Eunomia's
+    own file, for Riverside's celecoxib new users at their cohort's index dates: demographics, a drug at index, a
+    count of conditions below a concept in a window, a concept without its descendants, an outcome with its days to
+    event or censoring; then a cohort's positions and its order survive the split into train and test."""
+    import pandas as pd
+
+    from flip_core.covariates import read_covariates
+    from site_agent.data.omop_features import build
+
+    source = Source.read(omop_source(omop, "Riverside"))
+    index = circe_persons(source, CELECOXIB)
+    rows = sorted(index)
+    table = build(source, read_covariates(COVARIATES), rows, [index[r] for r in rows])
+    with source.connect() as connection:
+        order = [r[0] for r in connection.execute("select person_id from cdm.person order by person_id")]
+    expected = expected_covariates({order[r]: index[r] for r in rows})
+    pd.testing.assert_frame_equal(table, expected, check_dtype=False)
+    assert table["gi_bleed"].sum() > 50 and table["prior_conditions"].max() > 1 and table["celecoxib"].all()
+
+
+def test_a_measurements_last_value_in_its_window_is_the_latest_one(omop: dict[str, Any], tmp_path: Path) -> None:
+    """Eunomia's measurements carry no values: in a copy of a site's database (made here by the superuser) one person
+    gets three, two in the window and one after it; the table holds the latest in the window, and nothing for a
+    person with none."""
+    from flip_core.covariates import read_covariates
+    from site_agent.data.omop_features import build
+
+    server = omop["server"]
+    with psycopg.connect(server.admin(), autocommit=True) as admin:
+        admin.execute("drop database if exists omop_values with (force)")
+        admin.execute("create database omop_values template omop_northfield")
+    with psycopg.connect(server.admin("omop_values"), autocommit=True) as copy:
+        first = copy.execute("select min(person_id) from cdm.person").fetchone()[0]
+        start = copy.execute("select min(observation_period_start_date) from cdm.observation_period "
+                             "where person_id = %s", [first]).fetchone()[0]  # fmt: skip
+        for offset, value in ((3, 11.5), (10, 12.5), (40, 99.0)):
+            copy.execute(
+                "insert into cdm.measurement (measurement_id, person_id, measurement_concept_id, measurement_date, "
+                "value_as_number) values (%s, %s, 3006322, %s::date + %s, %s)",
+                [10**9 + offset, first, start, offset, value],
+            )
+    secret = tmp_path / "admin.pass"
+    secret.write_text((server.folder / "superuser.pass").read_text())
+    secret.chmod(0o600)
+    source = Source.read(omop_source(omop, "Northfield", database="omop_values", user=postgres.SUPERUSER,
+                                     password_file=str(secret)))  # fmt: skip
+    spec = {
+        "demographics": [],
+        "features": [
+            {"name": "value", "domain": "measurement", "concepts": [3006322], "window": [0, 30], "value": "last"}
+        ],
+    }
+    table = build(source, read_covariates(spec), [0, 1], None)  # at the start of observation
+    assert table["value"].iloc[0] == 12.5 and table["value"].isna().iloc[1]

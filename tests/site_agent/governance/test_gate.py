@@ -6,13 +6,14 @@ Real site directories over the hospitals' heart-disease data and the real task r
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flip_core.airlock import ItemKind
-from flip_core.cell import source_hash
+from flip_core.cell import source_hash, task_hash
 from flip_core.protocol import StepRequest, StepResult, decode_result, encode_result
 from flip_core.status import Phase
 from site_agent.data.catalog import init_site, write_policy
@@ -282,3 +283,22 @@ def test_the_size_of_what_leaves_does_not_depend_on_the_room_the_task_process_le
     )
     sizes = {len(gate.release(request(), bytearray(encode_result(produced, reserve=r)))) for r in (0, 10, 9000, 20000)}
     assert len(sizes) == 1, sizes
+
+
+def test_a_covariate_specification_is_approved_with_the_code_and_shown_to_the_admin(site) -> None:
+    """The table a task asks of an OMOP database is part of what the admin approves: the same cell with another
+    specification waits again, and a specification that is not one is refused before anything else."""
+    spec = {"features": [{"name": "celecoxib", "domain": "drug", "concepts": [1118084], "window": [0, 0]}]}
+    gate = Governance(site)
+    asked = replace(request(), covariates=spec)
+    assert gate.admit(asked).status == "pending"
+    (pending,) = ApprovalStore(site.root).pending()
+    assert pending["hash"] == task_hash(CELL, spec) != source_hash(CELL) and pending["covariates"] == spec
+    ApprovalStore(site.root).answer(task_hash(CELL, spec)[:20], APPROVED)
+    assert gate.admit(asked) is None
+    other = {"features": [{"name": "celecoxib", "domain": "drug", "concepts": [1124300], "window": [0, 0]}]}
+    assert gate.admit(replace(request(run="r2"), covariates=other)).status == "pending"
+    assert gate.admit(replace(request(run="r3"))).status == "pending"  # nor does the cell alone ride on it
+    hostile = {"features": [{"name": "x", "domain": "drug", "concepts": ["1) or (1=1"]}]}
+    refused = gate.admit(replace(request(run="r4"), covariates=hostile))
+    assert refused is not None and refused.status == "refused" and "must be a whole number" in refused.error_where
