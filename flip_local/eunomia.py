@@ -23,6 +23,7 @@ from flip_local.postgres import Postgres
 SITES = ("Northfield", "Riverside", "Westbrook")
 SCHEMA = "cdm"
 PERSONS = 2694
+POOLED, POOLED_SOURCE = "Pooled", "omop-pooled.toml"  # the whole of Eunomia, held by no site (flip up --demo omop)
 
 _TYPES = {  # DuckDB's column types as PostgreSQL names them
     "INTEGER": "integer",
@@ -144,4 +145,37 @@ def _fill(source: Any, target: Any, tables: list[str], persons: list[int]) -> No
             copy.write(buffer.getvalue())
 
 
-__all__ = ["PERSONS", "SCHEMA", "SITES", "SiteDatabase", "duckdb_file", "load", "site_of"]
+def pooled_table(
+    definition: dict[str, Any], covariates: dict[str, Any], home: Path | None = None, train_fraction: float = 0.8
+) -> Any:
+    """The per-person table ``covariates`` declares, of the Circe cohort ``definition``, over the whole of Eunomia:
+    made by the sites' own code (``site_agent.data.omop``) in the OMOP demo federation's pooled database (``flip up
+    --demo omop``; public data, held by no site), for a notebook's reference fit beside the federated one. Two more
+    columns say where each person is in the federation: ``site`` (:func:`site_of`) and ``train`` (in that site's
+    training split of the cohort, drawn as the site draws it: ``train_fraction``, seed 0, over its persons in order)."""
+    from flip_core.covariates import read_covariates
+    from flip_core.paths import flip_home
+    from flip_local.processes import Federation
+    from site_agent.data.catalog import seeded_split
+    from site_agent.data.omop import Source, circe_persons
+    from site_agent.data.omop_features import build
+
+    path = Federation(home or flip_home()).root / POOLED_SOURCE
+    if not path.exists():
+        raise FileNotFoundError(f"no pooled Eunomia database at {path}: start the demo with `flip up --demo omop`")
+    source = Source.read(path)
+    index = circe_persons(source, definition)
+    rows = sorted(index)
+    table = build(source, read_covariates(covariates), rows, [index[r] for r in rows])
+    with source.connect() as connection:
+        order = [r[0] for r in connection.execute(f"select person_id from {SCHEMA}.person order by person_id")]
+    table["site"] = [site_of(order[r]) for r in rows]
+    table["train"] = False
+    for site in SITES:
+        mine = table.index[table["site"] == site]
+        train, _ = seeded_split(None, len(mine), train_fraction, 0)
+        table.loc[mine[train], "train"] = True
+    return table
+
+
+__all__ = ["PERSONS", "SCHEMA", "SITES", "SiteDatabase", "duckdb_file", "load", "pooled_table", "site_of"]

@@ -134,7 +134,7 @@ def prepare_omop_sites(
     ``flip_local.postgres``) holding its share of OHDSI's Eunomia GiBleed persons (``flip_local.eunomia``), read by a
     role that can only read, registered as the ``omop`` dataset ``gibleed`` (split by person), under the local
     federation's policy or ``policy``."""
-    from flip_local.eunomia import load
+    from flip_local.eunomia import POOLED, POOLED_SOURCE, load
 
     dirs = []
     for database in load(server, root / "omop-secrets"):
@@ -149,6 +149,9 @@ def prepare_omop_sites(
             raise SitesError(f"the OMOP demo's site {database.site} could not register its database: {exc}") from None
         write_policy(site, policy or local_policy(auto_approve, project))
         dirs.append(site_dir)
+    # the whole of Eunomia in one database no site holds: public data, for a notebook's pooled reference fit
+    (pooled,) = load(server, root / "omop-secrets", sites=(POOLED,))
+    pooled.write_source(server, root / POOLED_SOURCE)
     return dirs
 
 

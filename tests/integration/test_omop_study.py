@@ -1,0 +1,59 @@
+"""The OMOP study end to end (issue 28): ``flip up --demo omop`` (a PostgreSQL of the federation's own holding three
+hospitals' OMOP CDM databases and the whole of Eunomia in a fourth, held by no site), and the Eunomia notebook under
+``flip run``: characterisation, a Circe cohort, a declared covariate specification, and a logistic regression fitted
+across the sites by Newton's method inside FedAvg, beside statsmodels' fit on the pooled persons.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flip_local.eunomia import POOLED_SOURCE, SITES
+from flip_local.processes import Federation
+from flip_magics.client import FlipClient
+
+from helpers import flip_run, local_federation
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    home = tmp_path_factory.mktemp("flip-omop")
+    with local_federation(home, demo="omop") as connection:
+        client = FlipClient(connection["coordinator_url"], connection["token"], timeout=120)
+        yield {**connection, "home": home, "client": client}
+
+
+def test_the_omop_demo_starts_three_hospitals_on_a_postgresql_of_its_own(study: dict[str, Any]) -> None:
+    sites = {s["site"]: s for s in study["client"].sites()}
+    assert sorted(sites) == sorted(SITES)
+    for name, site in sites.items():
+        (dataset,) = site["datasets"]
+        assert dataset["name"] == "gibleed" and dataset["format"] == "omop", name
+    root = Federation(study["home"]).root
+    assert (root / POOLED_SOURCE).exists()  # the pooled reference database, which no site announces
+    secrets = sorted((root / "omop-secrets").iterdir())
+    assert secrets and all(p.stat().st_mode & 0o077 == 0 for p in secrets)  # each role's password: owner-only
+
+
+def test_the_gibleed_notebook_fits_across_the_sites_what_statsmodels_fits_on_the_pooled_persons(
+    study: dict[str, Any], tmp_path: Path
+) -> None:
+    execution = flip_run("03_omop_gibleed.ipynb", tmp_path, rounds=8)
+    assert len(execution["runs"]) == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert sum(summary["persons"].values()) == summary["pooled_persons"] == 2104  # the sites' training splits
+    for name, pooled in summary["pooled"].items():  # the README's tolerance: 1e-9, measured 5e-16
+        assert abs(summary["federated"][name] - pooled) <= 1e-9 * max(1.0, abs(pooled)), name
+        assert abs(summary["federated_se"][name] - summary["pooled_se"][name]) <= 1e-9, name
+    assert abs(summary["auc_federated"] - summary["auc_pooled"]) <= 1e-9
+    assert round(summary["pooled"]["celecoxib"], 6) == 0.321262  # the README's figure
+    record = json.loads((tmp_path / "records" / f"{execution['runs'][0]}.json").read_text())
+    assert record["covariates"]["outcome"]["name"] == "gi_bleed" and record["cohort"]["name"] == "nsaid_new_users"
+    assert record["covariates"] == summary["record_covariates"]
