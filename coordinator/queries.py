@@ -25,10 +25,10 @@ from typing import Any
 
 from coordinator.flower_control import QUERY_LINE_RUN_ID
 from coordinator.pooling import PoolingError, pool
-from coordinator.service import Principal, RunManager, TaskRejected
+from coordinator.service import Principal, RunManager, TaskRejected, dataset_format
 from flip_core.api import CohortSpec, QuerySpec
 from flip_core.filters import parse as parse_filter
-from flip_core.query import QueryKind, QueryRequest
+from flip_core.query import COHORT_COLUMNS, QueryKind, QueryRequest
 from flip_core.status import StepStatus
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,17 @@ class QueryDesk:
     def ask(self, who: Principal, spec: QuerySpec) -> dict[str, Any]:
         """The sites' released answers to ``spec`` and their pooled table (blocking)."""
         targets, columns, offline = self.targets(who, spec)
+        if spec.cohort is not None:
+            targets, columns = self._within(who, spec, targets, columns)
         where = parse_filter(spec.where, columns)
-        if missing := sorted(set(spec.columns) - set(columns)):
+        if spec.kind == QueryKind.TOP:
+            online, _ = self.manager.holders(spec.dataset, project=who.project)
+            omop = {s["site"] for s in online if dataset_format(s, spec.dataset) == "omop"}
+            if others := [t["site"] for t in targets if t["site"] not in omop]:
+                raise TaskRejected(
+                    f"top counts an OMOP database's concepts; {spec.dataset!r} at {others[0]} is not one"
+                )
+        elif missing := sorted(set(spec.columns) - set(columns)):
             raise TaskRejected(
                 f"unknown column {missing[0]!r} in dataset {spec.dataset!r}: its columns are {', '.join(columns)}", 404
             )
@@ -91,9 +100,28 @@ class QueryDesk:
             edges=edges,
             threshold=spec.threshold or 0,
             text=spec.text or describe(spec),
+            cohort=spec.cohort or "",
+            limit=spec.bins if spec.kind == QueryKind.TOP else 0,
         )
         replies = self.exchange(request, targets)
         return answer_view(request, replies, offline)
+
+    def _within(
+        self, who: Principal, spec: QuerySpec, targets: list[dict[str, Any]], columns: list[str]
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """The sites that froze ``spec.cohort`` and the columns a query within it may name (a Circe cohort's index
+        date gives each person's age, age group and year at it)."""
+        cohort = self.manager.cohorts.get(who.project, str(spec.cohort))
+        if cohort is None:
+            known = ", ".join(self.manager.cohorts.names(who.project)) or "none yet"
+            raise TaskRejected(f"no cohort {spec.cohort!r} in project {who.project!r} (its cohorts: {known})", 404)
+        if cohort["dataset"] != spec.dataset:
+            raise TaskRejected(f"cohort {spec.cohort!r} is of dataset {cohort['dataset']!r}, not {spec.dataset!r}")
+        within = [t for t in targets if t["site"] in cohort["sites"]]
+        if not within:
+            raise TaskRejected(f"no site that froze cohort {spec.cohort!r} is online", 409)
+        dated = str(cohort["where"]).startswith("circe:")
+        return within, columns + [c for c in COHORT_COLUMNS if dated and c not in columns]
 
     def targets(self, who: Principal, spec: QuerySpec) -> tuple[list[dict[str, Any]], list[str], list[str]]:
         """The online sites to ask (node ids), the dataset's columns, and the holders that are offline: of the sites
@@ -132,6 +160,7 @@ class QueryDesk:
                 where=where,
                 threshold=spec.threshold or 0,
                 text=f"the range for: {spec.text or describe(spec)}",
+                cohort=spec.cohort or "",
             )
             low, high = _range_of(self.exchange(probe, targets), spec.columns[0])
         step = (high - low) / spec.bins

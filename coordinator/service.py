@@ -192,7 +192,7 @@ class RunManager:
     def _validate(self, who: Principal, spec: TaskSpec, model_uploaded: bool = True) -> Task:
         """What the federation says of a well-formed task (``flip_core.api.TaskSpec`` checked its form)."""
         online, offline = self.holders(spec.dataset, project=who.project)
-        others = [s["site"] for s in online if _format(s, spec.dataset) != "omop"]
+        others = [s["site"] for s in online if dataset_format(s, spec.dataset) != "omop"]
         if spec.covariates is not None and others:
             raise TaskRejected(
                 f"a covariate specification is built from an OMOP CDM database, and {spec.dataset!r} at {others[0]} "
@@ -376,6 +376,6 @@ class RunManager:
         return f" Last server log line: {lines[-1]}" if lines else ""
 
 
-def _format(site: dict[str, Any], dataset: str) -> str:
+def dataset_format(site: dict[str, Any], dataset: str) -> str:
     """The format a site announced ``dataset`` in."""
     return str(next((d.get("format", "") for d in site["datasets"] if d["name"] == dataset), ""))

@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from flip_core.airlock import MAX_PURPOSE_CHARS, ItemKind, purpose_problem
 from flip_core.covariates import CovariateSpec
 from flip_core.parsing import parse, sentence
-from flip_core.query import MAX_BINS, MAX_COLUMNS, MAX_QUERY_CHARS, QueryKind
+from flip_core.query import MAX_BINS, MAX_COLUMNS, MAX_QUERY_CHARS, TOP_DOMAINS, QueryKind
 from flip_core.status import MetricPhase, Phase, Presence, RunStatus, SiteState, StepStatus
 from flip_core.vocabulary import MAX_METRICS, METRIC_RULE, is_metric_name
 
@@ -243,6 +243,7 @@ class QuerySpec(Body):
     sites: Annotated[list[SiteName], Field(min_length=1, max_length=MAX_SITES)] | None = None
     threshold: int | None = None  # the project's own threshold: raises each site's, never lowers it
     text: Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)] = ""  # as the researcher wrote it
+    cohort: CohortName | None = None  # answer within this frozen cohort's rows (%flip_cohort)
 
     @field_validator("bins")
     @classmethod
@@ -277,13 +278,14 @@ class QuerySpec(Body):
             QueryKind.CROSSTAB: (n != 2, "crosstab takes exactly two columns"),
             QueryKind.MISSING: (False, ""),
             QueryKind.COHORT: (n > 0, "a cohort takes no columns"),
+            QueryKind.TOP: (n != 1 or self.columns[0] not in TOP_DOMAINS, f"top takes one of {', '.join(TOP_DOMAINS)}"),
             QueryKind.MOCK: (
                 n > 0 or bool(self.where.strip()),
                 "a mock is of the whole dataset: no columns, no filter",
             ),
         }[kind]
         if wrong[0]:
-            raise _refuse(f"{wrong[1]}, not {n}")
+            raise _refuse(f"{wrong[1]}, not {' '.join(self.columns) if kind == QueryKind.TOP else n}")
         if len(set(self.columns)) != n:
             raise _refuse("a column is named twice")
         return self

@@ -7,7 +7,7 @@ sites released (``coordinator.pooling``). Nothing here computes: it only says wh
 
 What a site releases is one of two shapes:
 
-- a **count table** (``count``, ``count by``, ``hist``, ``crosstab``, ``missing``): ``dims`` (the
+- a **count table** (``count``, ``count by``, ``hist``, ``crosstab``, ``missing``, ``top``): ``dims`` (the
   column names it is counted by, in order), ``levels`` (for each dim, its level labels as text; a
   value too few rows of the site's whole table hold is not named but counted under ``OTHER_LEVEL``),
   ``cells`` (the counts, flattened in C order over the levels; ``None`` for a withheld cell, so
@@ -38,6 +38,9 @@ from flip_core.status import StepStatus
 MESSAGE_TYPE_QUERY = "query"  # Flower's own message type for questions that are not training
 MAX_QUERY_CHARS = 4000  # the longest filter or query text anyone is asked to read
 MAX_COLUMNS = 20
+# what a query within an OMOP cohort may ask beside the dataset's columns: of each person at the cohort's index date
+COHORT_COLUMNS = ("age", "age_group", "index_year")
+TOP_DOMAINS = ("condition", "drug", "procedure", "measurement", "observation")  # ``top``'s one column
 MAX_BINS = 100
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 QUANTILE_NAMES = ("p5", "p25", "p50", "p75", "p95")
@@ -67,6 +70,7 @@ class QueryKind(StrEnum):
     MISSING = "missing"  # how many rows lack a value, per column
     COHORT = "cohort"  # freeze the matching rows at each site under a name, for training (their count leaves)
     MOCK = "mock"  # the site's synthetic mock of the dataset, made there under its disclosure rules (no real row)
+    TOP = "top"  # an OMOP database's most frequent concepts of a domain (condition, drug...): persons counted by each
     RELEASE = "release"  # hold an item for the site's airlock (``flip_core.airlock``): its admin reviews it
     RELEASES = "releases"  # the state of the researcher's airlock requests at the site, and released items
 
@@ -85,10 +89,13 @@ class QueryRequest:
     edges: tuple[float, ...] = ()  # hist: the bin edges every site uses (values outside count as below/above)
     threshold: int = 0  # the project's asked threshold: raises the site's, never lowers it
     text: str = ""  # the query as the researcher wrote it (for the site's audit log)
-    cohort: str = ""  # COHORT: the name the matching rows are frozen under, per project
+    # COHORT: the name the matching rows are frozen under, per project; any other kind: answer within that frozen
+    # cohort's rows (an OMOP cohort's with its index date's columns, ``COHORT_COLUMNS``)
+    cohort: str = ""
     circe: str = (
         ""  # COHORT: an OHDSI Circe cohort definition (JSON), rendered to SQL at each site, instead of a filter
     )
+    limit: int = 0  # TOP: how many concepts each site names at most (the most frequent)
     # RELEASE: the ask (``flip_core.airlock.ReleaseAsk.to_dict``); RELEASES: {"requests": [ids], "content": bool}
     airlock: dict[str, Any] = field(default_factory=dict)
 

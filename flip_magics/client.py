@@ -123,10 +123,13 @@ class FlipClient:
         sites: list[str] | None = None,
         threshold: int | None = None,
         text: str = "",
+        cohort: str | None = None,
     ) -> QueryResult:
-        """One federated statistic (``count``, ``stats``, ``hist``, ``crosstab``, ``missing``) over the rows of
-        ``dataset`` that match ``where``, at every online site holding it (or ``sites``): each site's
-        released table and the pooled one. What each site releases is its own policy's to decide."""
+        """One federated statistic (``count``, ``stats``, ``hist``, ``crosstab``, ``missing``; ``top`` of an OMOP
+        database's concept domain, ``bins`` concepts) over the rows of ``dataset`` that match ``where``, at every
+        online site holding it (or ``sites``): each site's released table and the pooled one. ``cohort``: within
+        that frozen cohort (an OMOP cohort's persons also have ``age``, ``age_group`` and ``index_year`` at their
+        index date). What each site releases is its own policy's to decide."""
         spec: QuerySpec = parse(
             QuerySpec,
             {
@@ -139,6 +142,7 @@ class FlipClient:
                 "sites": sites,
                 "threshold": threshold,
                 "text": text,
+                "cohort": cohort,
             },
             "the query",
         )

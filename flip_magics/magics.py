@@ -271,10 +271,11 @@ class FlipMagics(Magics):
     @argument("dataset", help="dataset name, as %%flip_sites lists it")
     @argument("statistic", nargs="+", help=STATISTIC_HELP)
     @argument("--where", default="", help='the cohort: e.g. "age > 50 and sex = 1" (in %%%%flip_query: the cell)')
-    @argument("--bins", type=int, default=10, help="hist: the number of bins")
+    @argument("--bins", type=int, default=10, help="hist: the number of bins; top: how many concepts each site names")
     @argument("--range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="hist: the bins' range")
     @argument("--sites", nargs="+", default=None, help="ask only these sites (default: every online site)")
     @argument("--threshold", type=int, default=None, help="this query's disclosure threshold (raises the sites')")
+    @argument("--cohort", default=None, help="ask within this frozen cohort (%%flip_cohort): its persons only")
     @argument("--out", default="flip_query", help="variable that receives the result (default: flip_query)")
     @_friendly
     def flip_query(self, line: str, cell: str | None = None) -> QueryResult:
@@ -283,6 +284,7 @@ class FlipMagics(Magics):
         kind, columns = parse_statistic(args.statistic)
         where = " ".join(cell.split()) if cell is not None and cell.strip() else args.where
         text = f"{args.dataset} {' '.join(args.statistic)}" + (f" where {where}" if where else "")
+        text += f" within cohort {args.cohort}" if args.cohort else ""
         result = self._client().query(
             args.dataset,
             kind,
@@ -293,6 +295,7 @@ class FlipMagics(Magics):
             sites=args.sites,
             threshold=args.threshold,
             text=text,
+            cohort=args.cohort,
         )
         self._user_ns()[args.out] = result
         return result

@@ -81,7 +81,8 @@ class QueryResult:
 
 
 STATISTIC_HELP = (
-    "count | count by COL[, COL, COL] | stats COL [COL ...] | hist COL | crosstab COL COL | missing [COL ...]"
+    "count | count by COL[, COL, COL] | stats COL [COL ...] | hist COL | crosstab COL COL | missing [COL ...] | "
+    "top condition|drug|procedure|measurement|observation"
 )
 
 
@@ -151,6 +152,9 @@ def result_from(answer: dict[str, Any], mock: bool = False) -> QueryResult:
         sites = sites[["site", *[c for c in sites.columns if c != "site"]]]
     pooled_table = answer.get("pooled")
     pooled = frame(kind, pooled_table) if pooled_table else pd.DataFrame()
+    if kind == QueryKind.TOP:  # the most frequent first (withheld ones last)
+        sites = _most_first(sites, ["site"])
+        pooled = _most_first(pooled, [])
     return QueryResult(
         kind=kind,
         dataset=answer["dataset"],
@@ -167,6 +171,13 @@ def result_from(answer: dict[str, Any], mock: bool = False) -> QueryResult:
         mock=mock,
         cohort=answer.get("cohort"),
     )
+
+
+def _most_first(frame: pd.DataFrame, groups: list[str]) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    order = frame.sort_values([*groups, "count"], ascending=[True] * len(groups) + [False], na_position="last")
+    return order.reset_index(drop=True)
 
 
 def notes(kind: QueryKind, answer: dict[str, Any]) -> list[str]:

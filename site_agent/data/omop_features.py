@@ -161,4 +161,43 @@ def _finish(table: pd.DataFrame, spec: Covariates) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-__all__ = ["DOMAINS", "build"]
+def concept_persons(
+    source: Source, domain: str, persons: list[int], index: list[str] | None, window: tuple[int, int]
+) -> pd.DataFrame:
+    """Which persons hold which concepts of ``domain``: the distinct (``person``, ``concept_id``,
+    ``concept_name``) of the persons at positions ``persons`` (``person``: the place in that list), dated within
+    ``window`` of each one's ``index`` date (None: at any time)."""
+    import pandas as pd
+    import psycopg
+
+    table, concept, date = DOMAINS[domain]
+    cdm = source.cdm_schema
+    dated = f"and x.{date} between c.index_date + %(lo)s::int and c.index_date + %(hi)s::int" if index else ""
+    sql = f"""
+with c as (select * from unnest(%(persons)s::bigint[], %(index)s::date[], %(n)s::int[]) as c(person_id, index_date, n))
+select distinct c.n as person, x.{concept} as concept_id, coalesce(k.concept_name, '') as concept_name
+from c join {cdm}.{table} x on x.person_id = c.person_id
+left join {cdm}.concept k on k.concept_id = x.{concept}
+where x.{concept} <> 0 {dated}
+order by 1, 2
+"""
+    try:
+        with source.connect() as connection:
+            order = [r[0] for r in connection.execute(f"select person_id from {cdm}.person order by person_id")]
+            chosen = [order[i] for i in persons]
+            params: dict[str, Any] = {
+                "persons": chosen, "index": index or [None] * len(chosen), "n": list(range(len(chosen))),
+                "lo": window[0], "hi": window[1],
+            }  # fmt: skip
+            found = connection.execute(sql, params).fetchall()
+    except psycopg.errors.QueryCanceled:
+        raise DatabaseUnanswered(
+            f"the database did not answer within {source.statement_timeout_ms} ms ({source.where})"
+        ) from None
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CatalogError(f"the database refused the concepts' query ({source.where}): {first[:200]}") from None
+    return pd.DataFrame(found, columns=["person", "concept_id", "concept_name"])
+
+
+__all__ = ["DOMAINS", "build", "concept_persons"]

@@ -32,9 +32,11 @@ from site_agent.data.catalog import SiteConfig, open_file, verified_bytes
 from site_agent.data.formats import load_table
 from site_agent.data.image_datasets import IMAGES, INTENSITY, verify_cases
 from site_agent.data.omop import OMOP, Source, circe_persons
+from site_agent.data.omop_features import concept_persons
 from site_agent.data.readers import ImageError
 from site_agent.governance.gate import Governance
 from site_agent.governance.policy import Budget, TaskFacts, decide, query_columns_refused
+from site_agent.queries.characterise import TOP_WINDOW, top_table, within_cohort
 from site_agent.queries.cohorts import CohortRefused, CohortStore
 from site_agent.queries.filtering import mask
 from site_agent.queries.image_mock import make_image_mock
@@ -105,6 +107,9 @@ class QueryService:
         threshold = max(policy.threshold(request.project), request.threshold)
         try:
             table, keys = self._table(request.dataset)
+            positions = dates = None
+            if request.cohort and request.kind not in (QueryKind.COHORT, QueryKind.MOCK):
+                table, keys, positions, dates = self._within(request, table, keys)
             if request.kind == QueryKind.MOCK:  # the site's threshold for the project: one mock, whatever is asked
                 own = policy.threshold(request.project)
                 return QueryReply(name, StepStatus.OK, threshold=own, table=self._mock(request, table, own))
@@ -113,6 +118,8 @@ class QueryService:
             if barred := query_columns_refused(policy, request.project, named):
                 return QueryReply(name, StepStatus.REFUSED, barred, threshold)
             rows, index = (mask(cohort, table), None) if not request.circe else self._circe_rows(request, len(table))
+            if request.kind == QueryKind.TOP:  # a row per (person, concept) of the persons asked
+                table, keys, rows = self._concepts(request, table, keys, rows, positions, dates)
             found = policy.project(request.project)
             if found is not None and found.query_epsilon is not None:
                 return self._privately(request, facts, table, rows, threshold, found.query_epsilon)
@@ -128,6 +135,8 @@ class QueryService:
                 table_out = self._freeze(
                     request, rows, threshold, lambda asked: answer(asked, table, rows, threshold, pending), index
                 )
+            elif request.kind == QueryKind.TOP:
+                table_out = top_table(table, rows, request.limit, threshold, pending, request.text or "top")
             elif request.kind == QueryKind.HIST and request.columns == (INTENSITY,) and self._is_images(request):
                 table_out = voxel_histogram(self._images(request.dataset, rows), request.edges, threshold)
             else:
@@ -202,6 +211,43 @@ class QueryService:
         )
         counted = count(replace(request, kind=QueryKind.COUNT, columns=()))
         return {**counted, "cohort": cohort.name, "hash": cohort.hash}
+
+    def _within(
+        self, request: QueryRequest, table: pd.DataFrame, keys: np.ndarray
+    ) -> tuple[pd.DataFrame, np.ndarray, list[int], list[str] | None]:
+        """The frozen cohort's rows of the table (with its index date's columns, a Circe cohort's), their keys, their
+        positions in the whole table and their index dates (``site_agent.queries.characterise``)."""
+        entry = self.site.dataset(request.dataset)
+        rows = self.cohorts.rows_for(request.project, request.cohort, request.dataset, entry.fingerprint)
+        index = self.cohorts.index_for(request.project, request.cohort, request.dataset, entry.fingerprint)
+        within, within_keys = within_cohort(table, keys, rows, index)
+        return within, within_keys, rows, index
+
+    def _concepts(
+        self,
+        request: QueryRequest,
+        table: pd.DataFrame,
+        keys: np.ndarray,
+        rows: np.ndarray,
+        positions: list[int] | None,
+        dates: list[str] | None,
+    ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+        """``top``'s rows: each (person, concept) pair of the table's persons, keyed by the person's row key and the
+        concept, selected where the person is; an OMOP database's only, never under differential privacy."""
+        import pandas as pd
+
+        entry = self.site.dataset(request.dataset)
+        if entry.format != OMOP.name:
+            raise QueryRefused(f"top counts an OMOP database's concepts; {request.dataset!r} is not one")
+        found = self.governance.policy.project(request.project)
+        if found is not None and found.query_epsilon is not None:
+            raise QueryRefused("top is not answered under differential privacy: ask count, stats or hist")
+        persons = positions if positions is not None else list(range(len(table)))
+        source = Source.read(Path(entry.path))
+        pairs = concept_persons(source, request.columns[0], persons, dates, TOP_WINDOW)
+        person = pairs["person"].to_numpy(dtype=np.intp)
+        pair_keys = self.ledger.keys(pd.DataFrame({"person": keys[person], "concept": pairs["concept_id"]}))
+        return pairs, pair_keys, np.asarray(rows, dtype=bool)[person]
 
     def _circe_rows(self, request: QueryRequest, size: int) -> tuple[np.ndarray, dict[int, str]]:
         """The rows an OHDSI Circe definition selects, and each one's index date: rendered and run in the dataset's

@@ -287,6 +287,19 @@ def _counting(
     return levels, flat, counts
 
 
+def count_levels(
+    dim: str, labels: list[str], codes: np.ndarray, rows: np.ndarray, threshold: int, releases: Releases, said: str
+) -> dict[str, Any]:
+    """A count table by one dim whose levels the caller chose (``labels``; ``codes``: each row's level number):
+    the rows ``rows`` selects counted by level, released under the same rules as :func:`answer`'s count tables."""
+    rows = np.asarray(rows, dtype=bool)
+    cohort, flat = np.flatnonzero(rows), np.asarray(codes, dtype=np.intp)[rows]
+    counts = np.bincount(flat, minlength=len(labels))
+    cells = _cell_rows(cohort, flat, len(labels))
+    ledger = (cells, cohort, _Ledger(releases, said))
+    return _released([dim], [labels], counts, line_sets((len(labels),)), int(cohort.size), threshold, ledger)
+
+
 def _count_table(
     columns: list[str], table: pd.DataFrame, rows: np.ndarray, threshold: int, ledger: _Ledger
 ) -> dict[str, Any]:

@@ -116,6 +116,29 @@ def test_unknown_dataset_site_or_column_is_refused_before_anything_is_queued(tmp
     assert control.started == []
 
 
+def test_a_query_within_a_cohort_asks_its_sites_and_names_its_index_dates_columns(tmp_path) -> None:
+    """Within a cohort the book does not hold, or of another dataset, a query is refused before anything is queued;
+    within a Circe cohort (its index dates) a query may name each person's age, age group and year at it, and goes
+    to the sites that froze the cohort only. ``top`` is for an OMOP database."""
+    queries, control = desk(tmp_path)
+    frozen = {"VA": {"rows": 40, "hash": "hmac-sha256:x"}}
+    queries.manager.cohorts.put("heart", "dated", "heart-disease", "circe:abc", frozen)
+    queries.manager.cohorts.put("heart", "filtered", "heart-disease", "age > 50", frozen)
+    for wrong, says in [
+        (spec(cohort="nowhere"), "no cohort 'nowhere' in project 'heart' (its cohorts: dated, filtered)"),
+        (spec(kind="count", columns=["age_group"], cohort="filtered"), "unknown column 'age_group'"),
+        (spec(kind="top", columns=["condition"]), "top counts an OMOP database's concepts; 'heart-disease' at Hungary"),
+    ]:
+        with pytest.raises(Rejected) as e:
+            queries.ask(WHO, wrong)
+        assert says in str(e.value)
+    assert control.started == []
+    line = threading.Thread(target=lambda: serve_once(queries, 1, {"VA": 40}).join(), daemon=True)
+    line.start()
+    answer = queries.ask(WHO, spec(columns=["age_group", "index_year"], cohort="dated"))
+    assert list(answer["sites"]) == ["VA"] and answer["pooled"]["total"] == 40
+
+
 def test_a_query_and_a_run_refuse_an_unknown_dataset_in_the_same_sentence(tmp_path) -> None:
     queries, _ = desk(tmp_path)
     with pytest.raises(TaskRejected) as asked:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from flip_local.eunomia import POOLED_SOURCE, SITES
+from flip_local.eunomia import POOLED_SOURCE, SITES, pooled_table
 from flip_local.processes import Federation
 from flip_magics.client import FlipClient
 
@@ -57,3 +57,23 @@ def test_the_gibleed_notebook_fits_across_the_sites_what_statsmodels_fits_on_the
     record = json.loads((tmp_path / "records" / f"{execution['runs'][0]}.json").read_text())
     assert record["covariates"]["outcome"]["name"] == "gi_bleed" and record["cohort"]["name"] == "nsaid_new_users"
     assert record["covariates"] == summary["record_covariates"]
+    characterised_as_the_cdm_says(study, tmp_path, summary)
+
+
+def characterised_as_the_cdm_says(study: dict[str, Any], out: Path, summary: dict[str, Any]) -> None:
+    """The notebook's characterisation of the cohort against the truth, worked out from the pooled database (the
+    same persons): each released count within its noise (each site's moves by at most 2: pooled, at most 6)."""
+    definition = json.loads((out / "nsaid_new_users.json").read_text())
+    spec = {"features": [{"name": "oa", "domain": "condition", "concepts": [80180], "descendants": False,
+                          "window": [-365, 0]}]}  # fmt: skip
+    truth = pooled_table(definition, spec, study["home"])
+    assert {s: n for s, n in truth.groupby("site").size().items()} == pytest.approx(summary["cohort"], abs=2)
+    truth["age_group"] = [f"{a // 5 * 5}-{a // 5 * 5 + 4}" for a in truth["age"]]
+    by_gender_age = truth.groupby(["gender", "age_group"]).size()
+    assert len(summary["by_gender_age"]) == len(by_gender_age) == 8
+    for (gender, group), n in by_gender_age.items():
+        assert abs(summary["by_gender_age"][f"{gender}/{group}"] - n) <= 6, (gender, group)
+    assert set(summary["top_conditions"].values()) == {"Osteoarthritis (80180)"}  # the vocabulary's name, and id
+    for site, n in truth.groupby("site")["oa"].sum().items():
+        assert abs(summary["top_condition_counts"][site] - n) <= 2, site
+    assert summary["top_drugs"][:2] == ["celecoxib (1118084)", "Diclofenac (1124300)"]  # the cohort's own drugs
