@@ -11,6 +11,7 @@ the network or looks at data: the agent gathers the facts, this module decides.
     [policy]
     disclosure_threshold = 10        # the least any project may use
     count_noise = 2                  # every released count moves by at most this (cell-key perturbation; 0: exact)
+    cohort_limit_rows = 100000       # a cohort larger than this is refused (default: no limit)
     # what every run's task process is held to here (site_agent.tasks.service, site_agent.sandbox):
     result_limit_mb = 64             # a step's result (default: none set, the step's own size plus 1 MiB)
     log_limit_mb = 8                 # a step's output kept in the site's log (then cut, with a note)
@@ -111,6 +112,7 @@ class SitePolicy:
     limits: TaskLimits = field(default_factory=TaskLimits)
     count_noise: int = DEFAULT_COUNT_NOISE
     airlock_refuses: tuple[str, ...] = ()  # kinds of airlock item (flip_core.airlock.ItemKind) refused outright
+    cohort_limit_rows: int | None = None  # the most rows a cohort may freeze here (None: no limit)
 
     def project(self, name: str) -> ProjectPolicy | None:
         return self.projects.get(name)
@@ -218,7 +220,13 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
     section = raw.get("policy", {})
     if not isinstance(section, dict):
         raise PolicyError("[policy] must be a table")
-    unknown = set(section) - {"disclosure_threshold", "count_noise", "airlock_refuses", *LIMIT_KEYS}
+    unknown = set(section) - {
+        "disclosure_threshold",
+        "count_noise",
+        "airlock_refuses",
+        "cohort_limit_rows",
+        *LIMIT_KEYS,
+    }
     if unknown:
         raise PolicyError(f"[policy] has unknown setting(s): {', '.join(sorted(unknown))}")
     floor = int(
@@ -230,6 +238,9 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
         )
     )
     noise = _count_noise("[policy] count_noise", section.get("count_noise", DEFAULT_COUNT_NOISE))
+    cohort_limit = section.get("cohort_limit_rows")
+    if cohort_limit is not None:
+        cohort_limit = _number("[policy] cohort_limit_rows", cohort_limit, integer=True, least=1)
     projects: dict[str, ProjectPolicy] = {}
     for name, body in (raw.get("projects") or {}).items():
         where = f"[projects.{name}]"
@@ -286,6 +297,7 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
         limits=_limits(section),
         count_noise=noise,
         airlock_refuses=_items("[policy] airlock_refuses", section.get("airlock_refuses", [])),
+        cohort_limit_rows=None if cohort_limit is None else int(cohort_limit),
     )
 
 

@@ -193,7 +193,12 @@ class QueryService:
         """Freeze the cohort's rows here under its name (with their index dates, a Circe cohort's); what leaves is
         their count (``count`` answers the cohort asked as a count: through the ledger, or under differential
         privacy) and the cohort's hash."""
-        size = int(rows.sum())
+        size, limit = int(rows.sum()), self.governance.policy.cohort_limit_rows
+        if limit is not None and size > limit:
+            raise CohortRefused(
+                f"cohort {request.cohort!r} would hold more rows than this site's limit for a cohort ({limit}); "
+                "narrow its definition"
+            )
         if size < threshold:
             raise CohortRefused(
                 f"cohort {request.cohort!r} would hold fewer than {threshold} rows here, too few to count or train on"

@@ -282,3 +282,49 @@ def test_a_measurements_last_value_in_its_window_is_the_latest_one(omop: dict[st
     }
     table = build(source, read_covariates(spec), [0, 1], None)  # at the start of observation
     assert table["value"].iloc[0] == 12.5 and table["value"].isna().iloc[1]
+
+
+def test_a_cohort_over_the_sites_limit_of_no_one_or_of_a_table_the_database_lacks_is_refused_in_a_sentence(
+    omop: dict[str, Any], tmp_path: Path
+) -> None:
+    from site_agent.data.catalog import write_policy
+    from site_agent.governance.gate import Governance
+    from site_agent.queries.service import QueryService
+
+    service = omop_site(omop, "Northfield", tmp_path)
+    project = {"approved": True, "researchers": ["*"], "datasets": ["*"], "tasks": ["train", "query"]}
+    write_policy(service.site, {"policy": {"cohort_limit_rows": 500}, "projects": {"study": project}})
+    site = load_site(service.site.root)
+    limited = QueryService(site, Governance(site), CohortStore(site.root))
+
+    def freeze(name: str, definition: dict[str, Any]) -> Any:
+        asked = QueryRequest(
+            name, "study", "ada", "gibleed", QueryKind.COHORT, cohort=name, circe=json.dumps(definition)
+        )
+        return decode_reply(limited.answer(encode_query(asked)))
+
+    too_big = freeze("celecoxib", CELECOXIB)  # 591 persons here
+    assert too_big.status == StepStatus.REFUSED
+    assert "would hold more rows than this site's limit for a cohort (500)" in too_big.reason
+    nobody = json.loads(json.dumps(CELECOXIB).replace("1118084", "999999999"))  # a concept the vocabulary lacks
+    empty = freeze("nobody", nobody)
+    assert empty.status == StepStatus.REFUSED and "would hold fewer than 10 rows here" in empty.reason
+    assert not (site.root / "cohorts" / "study" / "celecoxib.json").exists()
+
+    server = omop["server"]
+    with psycopg.connect(server.admin(), autocommit=True) as admin:
+        admin.execute("drop database if exists omop_lacking with (force)")
+        admin.execute("create database omop_lacking template omop_northfield")
+    with psycopg.connect(server.admin("omop_lacking"), autocommit=True) as copy:
+        copy.execute("drop table cdm.device_exposure")
+    secret = tmp_path / "admin.pass"
+    secret.write_text((server.folder / "superuser.pass").read_text())
+    secret.chmod(0o600)
+    lacking = Source.read(omop_source(omop, "Northfield", database="omop_lacking", user=postgres.SUPERUSER,
+                                      password_file=str(secret)))  # fmt: skip
+    devices = json.loads(json.dumps(CELECOXIB))
+    devices["PrimaryCriteria"]["CriteriaList"] = [{"DeviceExposure": {"CodesetId": 0}}]
+    with pytest.raises(
+        CatalogError, match=r"the database refused the cohort's SQL \(.*/omop_lacking\): .*device_exposure"
+    ):
+        circe_persons(lacking, devices)

@@ -174,3 +174,11 @@ def test_count_noise_is_the_sites_and_a_project_may_only_raise_it() -> None:
         parse_policy("s", {"policy": {"count_noise": 3}, "projects": {"p": {**base, "count_noise": 1}}})
     with pytest.raises(PolicyError, match="at most"):
         parse_policy("s", {"policy": {"count_noise": 500}})
+
+
+def test_a_sites_limit_on_a_cohorts_rows_is_a_whole_number_of_at_least_one_or_none() -> None:
+    assert parse_policy("s", {}).cohort_limit_rows is None
+    assert parse_policy("s", {"policy": {"cohort_limit_rows": 5000}}).cohort_limit_rows == 5000
+    for wrong in (0, 2.5, "many", True):
+        with pytest.raises(PolicyError, match=r"\[policy\] cohort_limit_rows must be"):
+            parse_policy("s", {"policy": {"cohort_limit_rows": wrong}})
