@@ -45,7 +45,7 @@ class _Spec(BaseModel):
 
 
 def _column(name: str) -> str:
-    if not COLUMN.match(name):
+    if not COLUMN.fullmatch(name):  # all of it: "$" alone would let a line's end through
         raise ValueError(f"{name[:70]!r} is not a column name (lower case letters, digits and _, a letter first)")
     return name
 

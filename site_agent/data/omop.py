@@ -118,8 +118,8 @@ class Source:
         return self.password_file.read_text().strip()
 
     def connect(self) -> Any:
-        """A connection as the source's role, its statement timeout set; a sentence when the database does not
-        answer (within :data:`CONNECT_SECONDS`)."""
+        """A connection as the source's role, its statement timeout set (and no JIT compilation, which that timeout
+        does not stop); a sentence when the database does not answer (within :data:`CONNECT_SECONDS`)."""
         import psycopg
 
         try:
@@ -130,7 +130,9 @@ class Source:
                 user=self.user,
                 password=self.password(),
                 connect_timeout=CONNECT_SECONDS,
-                options=f"-c statement_timeout={int(self.statement_timeout_ms)}",
+                # no JIT: PostgreSQL compiles a large plan without heeding the statement timeout (a covariate
+                # specification's 200 features held a 2 s timeout for half a minute)
+                options=f"-c statement_timeout={int(self.statement_timeout_ms)} -c jit=off",
             )
         except psycopg.OperationalError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

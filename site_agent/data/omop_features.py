@@ -2,15 +2,17 @@
 
 The SQL is the site's own: its shape comes from this module, table and column names from :data:`DOMAINS` alone,
 and everything the specification gives (concept ids, windows) travels as bound parameters, never as text in the
-statement. A concept set with ``descendants`` is expanded first through the CDM's ``concept_ancestor``. The
-persons are the run's cohort with its index dates (a Circe cohort's starts), or every person with the start of
-observation as index; the table keeps their order (by person id, as the registered persons' table), so a
-cohort's frozen row positions and the dataset's registered split by person both apply to it. The person ids stay
-in the database: the table holds the declared columns only.
+statement. The concept sets that ask for their ``descendants`` are expanded first, all in one statement, through
+the CDM's ``concept_ancestor``. The whole build is held to the source's statement timeout, whatever its statements:
+each is given what is left of it. The persons are the run's cohort with its index dates (a Circe cohort's starts), or
+every person with the start of observation as index; the table keeps their order (by person id, as the registered
+persons' table), so a cohort's frozen row positions and the dataset's registered split by person both apply to it.
+The person ids stay in the database: the table holds the declared columns only.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from flip_core.covariates import ConceptSet, Covariates, Feature, Outcome
@@ -37,11 +39,13 @@ GENDER = (
 
 def build(source: Source, spec: Covariates, rows: list[int] | None, index: list[str] | None) -> pd.DataFrame:
     """The table of ``spec`` for the persons at ``rows`` (positions among the database's persons, by id; None:
-    all of them), each at its ``index`` date (ISO, one per row; None: the start of its observation)."""
+    all of them), each at its ``index`` date (ISO, one per row; None: the start of its observation); all of it
+    within the source's statement timeout, else DatabaseUnanswered."""
     import pandas as pd
     import psycopg
 
     cdm = source.cdm_schema
+    deadline = time.monotonic() + source.statement_timeout_ms / 1000
     try:
         with source.connect() as connection:
             order = [r[0] for r in connection.execute(f"select person_id from {cdm}.person order by person_id")]
@@ -49,32 +53,49 @@ def build(source: Source, spec: Covariates, rows: list[int] | None, index: list[
             if index is not None and len(index) != len(chosen):
                 raise CatalogError("the cohort's index dates do not match its rows: the cohort is made again")
             sets = [*spec.features, *([spec.outcome] if spec.outcome else [])]
-            concepts = [_expanded(connection, cdm, s) for s in sets]
+            _within(connection, source, deadline)
+            concepts = _expanded(connection, cdm, sets)
             sql, params = _statement(cdm, spec, concepts)
             params.update(persons=chosen, index=index if index is not None else [None] * len(chosen))
+            _within(connection, source, deadline)
             cursor = connection.execute(sql, params)
             names = [d.name for d in cursor.description or ()]
             table = pd.DataFrame(cursor.fetchall(), columns=names)
     except psycopg.errors.QueryCanceled:
-        raise DatabaseUnanswered(
-            f"the database did not answer within {source.statement_timeout_ms} ms ({source.where})"
-        ) from None
+        raise _unanswered(source) from None
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CatalogError(f"the database refused the covariates' query ({source.where}): {first[:200]}") from None
     return _finish(table, spec)
 
 
-def _expanded(connection: Any, cdm: str, concept_set: ConceptSet) -> list[int]:
-    """The set's concepts, with their descendants in the vocabulary when it asks for them."""
-    wanted = sorted(set(concept_set.concepts))
-    if not concept_set.descendants:
-        return wanted
-    below = connection.execute(
-        f"select distinct descendant_concept_id from {cdm}.concept_ancestor where ancestor_concept_id = any(%s)",
-        [wanted],
-    ).fetchall()
-    return sorted({*wanted, *(int(r[0]) for r in below)})
+def _unanswered(source: Source) -> DatabaseUnanswered:
+    return DatabaseUnanswered(f"the database did not answer within {source.statement_timeout_ms} ms ({source.where})")
+
+
+def _within(connection: Any, source: Source, deadline: float) -> None:
+    """The next statement's timeout: what is left of the build's (the source's statement timeout, for all of it)."""
+    left = int((deadline - time.monotonic()) * 1000)
+    if left <= 0:
+        raise _unanswered(source)
+    connection.execute("select set_config('statement_timeout', %s, true)", [str(left)])  # this transaction's
+
+
+def _expanded(connection: Any, cdm: str, sets: list[ConceptSet]) -> list[list[int]]:
+    """Each set's concepts, with their descendants in the vocabulary where it asks for them: one statement for all
+    the sets (not one each, every one of which the statement timeout alone would allow)."""
+    wanted = [sorted(set(s.concepts)) for s in sets]
+    asked = [(i, c) for i, s in enumerate(sets) if s.descendants for c in wanted[i]]
+    below: dict[int, set[int]] = {}
+    if asked:
+        found = connection.execute(
+            "select distinct x.s, a.descendant_concept_id from unnest(%s::int[], %s::bigint[]) as x(s, c) "
+            f"join {cdm}.concept_ancestor a on a.ancestor_concept_id = x.c",
+            [[i for i, _ in asked], [c for _, c in asked]],
+        ).fetchall()
+        for i, concept in found:
+            below.setdefault(i, set()).add(int(concept))
+    return [sorted({*w, *below.get(i, ())}) for i, w in enumerate(wanted)]
 
 
 def _statement(cdm: str, spec: Covariates, concepts: list[list[int]]) -> tuple[str, dict[str, Any]]:
@@ -144,7 +165,7 @@ def _finish(table: pd.DataFrame, spec: Covariates) -> pd.DataFrame:
     import numpy as np
     import pandas as pd
 
-    out = pd.DataFrame({d: table[d] for d in spec.demographics})
+    out: dict[str, Any] = {d: table[d] for d in spec.demographics}  # made a frame once: 200 columns in one go
     for i, feature in enumerate(spec.features):
         value = table[f"f{i}"]
         if feature.value == "last":
@@ -158,7 +179,7 @@ def _finish(table: pd.DataFrame, spec: Covariates) -> pd.DataFrame:
         censored = np.minimum(table["o_hi"].astype("int64"), table["observed_days"].fillna(0).astype("int64"))
         out[spec.outcome.name] = event.astype("int64")
         out[f"{spec.outcome.name}_days"] = np.where(event, table["outcome_days"].fillna(0), censored).astype("int64")
-    return out.reset_index(drop=True)
+    return pd.DataFrame(out, index=table.index).reset_index(drop=True)
 
 
 def concept_persons(

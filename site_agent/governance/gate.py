@@ -19,6 +19,7 @@ import numpy as np
 from flip_core.airlock import ItemKind
 from flip_core.cell import task_hash
 from flip_core.codec import archive_is_canonical
+from flip_core.covariates import read_covariates
 from flip_core.protocol import (
     RESULT_ROOM,
     StepRequest,
@@ -103,11 +104,18 @@ class Governance:
         """None when the step may run; otherwise the result the hub gets instead ("refused" or "pending").
 
         The first decision of each kind per run is audited (a task waiting for approval asks again
-        and again: one record says so)."""
+        and again: one record says so), a covariate specification that is not one among them."""
+        refusal: Decision | None = None
         try:  # the site hashes the source (and covariates) itself: a claimed hash proves nothing
-            code_hash = task_hash(request.source, request.covariates)
+            # the specification as this site reads it, every default written out: what it hashes, builds and shows
+            # its admin (never the text as sent, whose second "features" key, say, a reader could miss)
+            covariates = (
+                None if request.covariates is None else read_covariates(request.covariates).model_dump(mode="json")
+            )
+            code_hash = task_hash(request.source, covariates)
         except ValueError as exc:
-            return StepResult(site=self.site.name, status=StepStatus.REFUSED, error_where=f"{self.site.name}: {exc}")
+            covariates, code_hash = None, ""
+            refusal = Decision(REFUSE, f"{self.site.name}: {exc}")
         epsilon_asked = request.config.get("dp_epsilon")
         facts = TaskFacts(
             project=request.project,
@@ -116,12 +124,15 @@ class Governance:
             source_hash=code_hash,
             dp_epsilon=None if epsilon_asked is None else float(epsilon_asked),
         )
-        try:
-            budget = self._budget(request)
-        except ValueError as exc:
-            decision = Decision(REFUSE, f"{self.site.name} cannot run this task with differential privacy: {exc}")
+        if refusal is not None:
+            decision = refusal
         else:
-            decision = decide(self.policy, facts, self.approvals.approval(facts.project, code_hash), budget)
+            try:
+                budget = self._budget(request)
+            except ValueError as exc:
+                decision = Decision(REFUSE, f"{self.site.name} cannot run this task with differential privacy: {exc}")
+            else:
+                decision = decide(self.policy, facts, self.approvals.approval(facts.project, code_hash), budget)
         if decision.verdict == PENDING:
             self.approvals.request(
                 project=facts.project,
@@ -130,7 +141,7 @@ class Governance:
                 source=request.source,
                 source_hash=code_hash,
                 run_id=request.run_id,
-                covariates=request.covariates,
+                covariates=covariates,
             )
         with self._lock:
             first = (request.run_id, decision.verdict) not in self._decided

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 from flip_core.errors import FlipError
@@ -49,6 +50,23 @@ def cohort_hash(key: bytes, fingerprint: str, rows: tuple[int, ...], index: tupl
     if index:
         body += b"\0" + ",".join(index).encode()
     return "hmac-sha256:" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def _well_formed(cohort: Cohort) -> bool:
+    """Its rows are whole numbers and its index dates ISO dates, one a row (or none): only then is the text
+    :func:`cohort_hash` keys theirs alone (a last row of text holding a NUL and the dates, and no dates, reads the
+    same to it as the rows with their dates)."""
+
+    def is_date(text: object) -> bool:
+        try:
+            return isinstance(text, str) and date.fromisoformat(text).isoformat() == text
+        except ValueError:
+            return False
+
+    rows_whole = all(type(r) is int for r in cohort.rows)
+    return rows_whole and (
+        not cohort.index or (len(cohort.index) == len(cohort.rows) and all(map(is_date, cohort.index)))
+    )
 
 
 class CohortStore:
@@ -130,7 +148,10 @@ class CohortStore:
             raise CohortRefused(f"cohort {name!r} is of dataset {cohort.dataset!r}, not {dataset!r}")
         if cohort.fingerprint != fingerprint:
             raise CohortRefused(f"the file of dataset {dataset!r} changed since cohort {name!r} was made")
-        if cohort_hash(self.key, cohort.fingerprint, cohort.rows, cohort.index) != cohort.hash:
+        if (
+            not _well_formed(cohort)
+            or cohort_hash(self.key, cohort.fingerprint, cohort.rows, cohort.index) != cohort.hash
+        ):
             raise CohortRefused(f"cohort {name!r} was altered since it was made (its hash does not match)")
         return list(cohort.rows)
 

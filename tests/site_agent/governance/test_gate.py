@@ -14,6 +14,7 @@ import pytest
 
 from flip_core.airlock import ItemKind
 from flip_core.cell import source_hash, task_hash
+from flip_core.covariates import read_covariates
 from flip_core.protocol import StepRequest, StepResult, decode_result, encode_result
 from flip_core.status import Phase
 from site_agent.data.catalog import init_site, write_policy
@@ -293,7 +294,8 @@ def test_a_covariate_specification_is_approved_with_the_code_and_shown_to_the_ad
     asked = replace(request(), covariates=spec)
     assert gate.admit(asked).status == "pending"
     (pending,) = ApprovalStore(site.root).pending()
-    assert pending["hash"] == task_hash(CELL, spec) != source_hash(CELL) and pending["covariates"] == spec
+    assert pending["hash"] == task_hash(CELL, spec) != source_hash(CELL)
+    assert pending["covariates"] == read_covariates(spec).model_dump(mode="json")  # as the site reads it, in full
     ApprovalStore(site.root).answer(task_hash(CELL, spec)[:20], APPROVED)
     assert gate.admit(asked) is None
     other = {"features": [{"name": "celecoxib", "domain": "drug", "concepts": [1124300], "window": [0, 0]}]}
