@@ -67,7 +67,7 @@ class BlobStore:
     def _path(self, owner: str, sha256: str) -> Path:
         if not SHA256.fullmatch(sha256):
             raise Refused(f"{sha256[:70]!r} is not a SHA-256 (64 lowercase hex digits)", 404)
-        if owner != HUB and not SITE_NAME.match(owner):  # never a path outside the store ("..", "a/b")
+        if owner != HUB and not SITE_NAME.fullmatch(owner):  # never a path outside the store ("..", "a/b")
             raise Refused(f"{owner[:70]!r} is not a site name", 404)
         return self.root / owner / sha256
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from flip_core.errors import ConfigError
 
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 class RegistryError(ConfigError):
@@ -62,7 +62,7 @@ class SiteRegistry:
 
     def register(self, name: str, node_id: int, key_fingerprint: str, *, replace: bool = False) -> str:
         """Record ``name`` as Flower node ``node_id``; the site's new coordinator token (shown once)."""
-        if not SITE_NAME.match(name):
+        if not SITE_NAME.fullmatch(name):
             raise RegistryError(f"{name!r} is not a site name (letters, digits, '.', '_', '-'; at most 64)")
         sites = dict(self._load())
         if name in sites and not replace:

@@ -55,7 +55,7 @@ async def presence(request: Request) -> Response:
     who = calling_site(request)
     site = request.path_params["site"]
     speaks_for(who, site)
-    if not SITE_NAME.match(site):
+    if not SITE_NAME.fullmatch(site):
         raise Refused(f"{site[:70]!r} is not a site name", 404)
     manager = state(request).manager
 
@@ -83,7 +83,7 @@ def _payload_site(request: Request, who: RegisteredSite | None) -> str:
     if who is not None:
         return who.name
     site = request.query_params.get("site", "")
-    if not SITE_NAME.match(site):
+    if not SITE_NAME.fullmatch(site):
         raise Refused("with the federation's shared token, a payload call names its site (?site=NAME)", 400)
     return site
 

@@ -47,7 +47,7 @@ MAX_EVENTS = 10_000
 MAX_CONFIG_ENTRIES = 200
 NAME_CHARS = 200
 TEXT_CHARS = 10_000
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as `flip site register` allows
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # as `flip site register` allows
 
 
 def _refuse(message: str) -> PydanticCustomError:
@@ -55,7 +55,7 @@ def _refuse(message: str) -> PydanticCustomError:
 
 
 def _site_name(name: str) -> str:
-    if not SITE_NAME.match(name):
+    if not SITE_NAME.fullmatch(name):
         raise _refuse(f"{name[:70]!r} is not a site name (letters, digits, '.', '_' and '-', at most 64)")
     return name
 
@@ -73,7 +73,7 @@ def _environment_hash(digest: str) -> str:
 
 
 def _cohort_name(name: str) -> str:
-    if not SITE_NAME.match(name):
+    if not SITE_NAME.fullmatch(name):
         raise _refuse(f"{name[:70]!r} is not a cohort name (letters, digits, '.', '_' and '-', at most 64)")
     return name
 

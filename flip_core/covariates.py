@@ -34,7 +34,7 @@ MAX_DAYS = 36_500  # a window reaches at most a hundred years either side of the
 Demographic = Literal["gender", "age", "index_year"]
 DEMOGRAPHICS: tuple[Demographic, ...] = ("gender", "age", "index_year")
 DOMAINS = ("condition", "drug", "procedure", "measurement", "observation")
-COLUMN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+COLUMN = re.compile(r"^[a-z][a-z0-9_]{0,62}\Z")
 
 Domain = Literal["condition", "drug", "procedure", "measurement", "observation"]
 ConceptId = Annotated[int, Field(ge=0, le=2**31 - 1)]

@@ -157,7 +157,8 @@ def pooled_table(
     from flip_core.paths import flip_home
     from flip_local.processes import Federation
     from site_agent.data.catalog import seeded_split
-    from site_agent.data.omop import Source, circe_persons
+    from site_agent.data.omop import circe_persons
+    from site_agent.data.omop_db import Source
     from site_agent.data.omop_features import build
 
     path = Federation(home or flip_home()).root / POOLED_SOURCE

@@ -20,8 +20,9 @@ from flip_core.certs import CertError, fingerprint, load_site_keys, make_site_ke
 from flip_core.exits import help_epilog
 from site_agent.data.catalog import CatalogError, init_site, load_site
 from site_agent.data.formats import FORMATS, add_dataset
-from site_agent.data.omop import OMOP, Source
-from site_agent.data.omop import checks as omop_checks
+from site_agent.data.omop import OMOP
+from site_agent.data.omop_db import Source
+from site_agent.data.omop_db import checks as omop_checks
 from site_agent.disclosure.checks import Check, summary, visible
 from site_agent.exits import SiteExit
 from site_agent.governance.airlock import Airlock, AirlockError

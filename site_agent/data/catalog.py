@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SITE_FILE = "site.toml"
 SPLITS = "splits"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 Opener = Callable[[Path], IO[bytes]]  # reads one of the site's files (the agent's user; a test's own reader)
 Part: TypeAlias = "pd.DataFrame | list[dict[str, Any]]"  # what a task gets of a dataset: a table, or its cases
 
@@ -146,7 +146,7 @@ class SiteConfig:
 
 
 def check_name(kind: str, name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise CatalogError(
             f"{kind} name {name!r} is not allowed: use letters, digits, '.', '_' or '-' "
             "(at most 64 characters, starting with a letter or digit)"

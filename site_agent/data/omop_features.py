@@ -12,16 +12,16 @@ The person ids stay in the database: the table holds the declared columns only.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from flip_core.covariates import ConceptSet, Covariates, Feature, Outcome
-from site_agent.data.catalog import CatalogError, DatabaseUnanswered
+from site_agent.data.catalog import CatalogError
+from site_agent.data.omop_db import Session, session
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from site_agent.data.omop import Source
+    from site_agent.data.omop_db import Source
 
 # each domain's table, its concept column and its date column (the CDM's own names)
 DOMAINS = {
@@ -42,53 +42,28 @@ def build(source: Source, spec: Covariates, rows: list[int] | None, index: list[
     all of them), each at its ``index`` date (ISO, one per row; None: the start of its observation); all of it
     within the source's statement timeout, else DatabaseUnanswered."""
     import pandas as pd
-    import psycopg
 
-    cdm = source.cdm_schema
-    deadline = time.monotonic() + source.statement_timeout_ms / 1000
-    try:
-        with source.connect() as connection:
-            order = [r[0] for r in connection.execute(f"select person_id from {cdm}.person order by person_id")]
-            chosen = order if rows is None else [order[i] for i in rows]
-            if index is not None and len(index) != len(chosen):
-                raise CatalogError("the cohort's index dates do not match its rows: the cohort is made again")
-            sets = [*spec.features, *([spec.outcome] if spec.outcome else [])]
-            _within(connection, source, deadline)
-            concepts = _expanded(connection, cdm, sets)
-            sql, params = _statement(cdm, spec, concepts)
-            params.update(persons=chosen, index=index if index is not None else [None] * len(chosen))
-            _within(connection, source, deadline)
-            cursor = connection.execute(sql, params)
-            names = [d.name for d in cursor.description or ()]
-            table = pd.DataFrame(cursor.fetchall(), columns=names)
-    except psycopg.errors.QueryCanceled:
-        raise _unanswered(source) from None
-    except psycopg.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CatalogError(f"the database refused the covariates' query ({source.where}): {first[:200]}") from None
+    with session(source, "the covariates' query") as db:
+        order = db.person_ids()
+        chosen = order if rows is None else [order[i] for i in rows]
+        if index is not None and len(index) != len(chosen):
+            raise CatalogError("the cohort's index dates do not match its rows: the cohort is made again")
+        concepts = _expanded(db, source.cdm_schema, [*spec.features, *([spec.outcome] if spec.outcome else [])])
+        sql, params = _statement(source.cdm_schema, spec, concepts)
+        params.update(persons=chosen, index=index if index is not None else [None] * len(chosen))
+        cursor = db.execute(sql, params)
+        table = pd.DataFrame(cursor.fetchall(), columns=[d.name for d in cursor.description or ()])
     return _finish(table, spec)
 
 
-def _unanswered(source: Source) -> DatabaseUnanswered:
-    return DatabaseUnanswered(f"the database did not answer within {source.statement_timeout_ms} ms ({source.where})")
-
-
-def _within(connection: Any, source: Source, deadline: float) -> None:
-    """The next statement's timeout: what is left of the build's (the source's statement timeout, for all of it)."""
-    left = int((deadline - time.monotonic()) * 1000)
-    if left <= 0:
-        raise _unanswered(source)
-    connection.execute("select set_config('statement_timeout', %s, true)", [str(left)])  # this transaction's
-
-
-def _expanded(connection: Any, cdm: str, sets: list[ConceptSet]) -> list[list[int]]:
+def _expanded(db: Session, cdm: str, sets: list[ConceptSet]) -> list[list[int]]:
     """Each set's concepts, with their descendants in the vocabulary where it asks for them: one statement for all
     the sets (not one each, every one of which the statement timeout alone would allow)."""
     wanted = [sorted(set(s.concepts)) for s in sets]
     asked = [(i, c) for i, s in enumerate(sets) if s.descendants for c in wanted[i]]
     below: dict[int, set[int]] = {}
     if asked:
-        found = connection.execute(
+        found = db.execute(
             "select distinct x.s, a.descendant_concept_id from unnest(%s::int[], %s::bigint[]) as x(s, c) "
             f"join {cdm}.concept_ancestor a on a.ancestor_concept_id = x.c",
             [[i for i, _ in asked], [c for _, c in asked]],
@@ -189,7 +164,6 @@ def concept_persons(
     ``concept_name``) of the persons at positions ``persons`` (``person``: the place in that list), dated within
     ``window`` of each one's ``index`` date (None: at any time)."""
     import pandas as pd
-    import psycopg
 
     table, concept, date = DOMAINS[domain]
     cdm = source.cdm_schema
@@ -202,22 +176,14 @@ left join {cdm}.concept k on k.concept_id = x.{concept}
 where x.{concept} <> 0 {dated}
 order by 1, 2
 """
-    try:
-        with source.connect() as connection:
-            order = [r[0] for r in connection.execute(f"select person_id from {cdm}.person order by person_id")]
-            chosen = [order[i] for i in persons]
-            params: dict[str, Any] = {
-                "persons": chosen, "index": index or [None] * len(chosen), "n": list(range(len(chosen))),
-                "lo": window[0], "hi": window[1],
-            }  # fmt: skip
-            found = connection.execute(sql, params).fetchall()
-    except psycopg.errors.QueryCanceled:
-        raise DatabaseUnanswered(
-            f"the database did not answer within {source.statement_timeout_ms} ms ({source.where})"
-        ) from None
-    except psycopg.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CatalogError(f"the database refused the concepts' query ({source.where}): {first[:200]}") from None
+    with session(source, "the concepts' query") as db:
+        order = db.person_ids()
+        chosen = [order[i] for i in persons]
+        params: dict[str, Any] = {
+            "persons": chosen, "index": index or [None] * len(chosen), "n": list(range(len(chosen))),
+            "lo": window[0], "hi": window[1],
+        }  # fmt: skip
+        found = db.execute(sql, params).fetchall()
     return pd.DataFrame(found, columns=["person", "concept_id", "concept_name"])
 
 

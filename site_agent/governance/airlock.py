@@ -43,8 +43,8 @@ from site_agent.disclosure.report_review import figure_bytes, without_figures
 from site_agent.governance.audit import AuditLog
 
 AIRLOCK_FOLDER = "airlock"
-REQUEST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{5,39}$")
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+REQUEST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{5,39}\Z")
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z")
 
 
 class AirlockError(ConfigError):

@@ -24,7 +24,7 @@ from site_agent.governance.policy import Approval
 
 DIRNAME = "approvals"
 PENDING, APPROVED, REJECTED = "pending", "approved", "rejected"
-_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HASH = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
 class ApprovalError(FlipError):

@@ -117,12 +117,19 @@ class Governance:
             covariates, code_hash = None, ""
             refusal = Decision(REFUSE, f"{self.site.name}: {exc}")
         epsilon_asked = request.config.get("dp_epsilon")
+        try:
+            epsilon = None if epsilon_asked is None else float(epsilon_asked)
+        except (TypeError, ValueError):  # a hub's step is data too: a setting that is not a number is refused
+            epsilon = None
+            refusal = refusal or Decision(
+                REFUSE, f"{self.site.name} cannot run this task with differential privacy: its epsilon is not a number"
+            )
         facts = TaskFacts(
             project=request.project,
             researcher=request.researcher,
             dataset=request.dataset,
             source_hash=code_hash,
-            dp_epsilon=None if epsilon_asked is None else float(epsilon_asked),
+            dp_epsilon=epsilon,
         )
         if refusal is not None:
             decision = refusal

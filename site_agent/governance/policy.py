@@ -229,18 +229,9 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
     }
     if unknown:
         raise PolicyError(f"[policy] has unknown setting(s): {', '.join(sorted(unknown))}")
-    floor = int(
-        _number(
-            "[policy] disclosure_threshold",
-            section.get("disclosure_threshold", DEFAULT_THRESHOLD),
-            integer=True,
-            least=1,
-        )
-    )
+    given = section.get("disclosure_threshold", DEFAULT_THRESHOLD)
+    floor = int(_number("[policy] disclosure_threshold", given, integer=True, least=1))
     noise = _count_noise("[policy] count_noise", section.get("count_noise", DEFAULT_COUNT_NOISE))
-    cohort_limit = section.get("cohort_limit_rows")
-    if cohort_limit is not None:
-        cohort_limit = _number("[policy] cohort_limit_rows", cohort_limit, integer=True, least=1)
     projects: dict[str, ProjectPolicy] = {}
     for name, body in (raw.get("projects") or {}).items():
         where = f"[projects.{name}]"
@@ -297,8 +288,13 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
         limits=_limits(section),
         count_noise=noise,
         airlock_refuses=_items("[policy] airlock_refuses", section.get("airlock_refuses", [])),
-        cohort_limit_rows=None if cohort_limit is None else int(cohort_limit),
+        cohort_limit_rows=_rows_limit("[policy] cohort_limit_rows", section.get("cohort_limit_rows")),
     )
+
+
+def _rows_limit(where: str, value: Any) -> int | None:
+    """A limit on rows: a whole number of at least one, or none."""
+    return None if value is None else int(_number(where, value, integer=True, least=1))
 
 
 def _items(where: str, value: Any) -> tuple[str, ...]:

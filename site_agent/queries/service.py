@@ -31,7 +31,8 @@ from flip_core.status import StepStatus
 from site_agent.data.catalog import SiteConfig, open_file, verified_bytes
 from site_agent.data.formats import load_table
 from site_agent.data.image_datasets import IMAGES, INTENSITY, verify_cases
-from site_agent.data.omop import OMOP, Source, circe_persons
+from site_agent.data.omop import OMOP, circe_persons
+from site_agent.data.omop_db import Source
 from site_agent.data.omop_features import concept_persons
 from site_agent.data.readers import ImageError
 from site_agent.governance.gate import Governance

@@ -16,7 +16,7 @@ from flip_core.errors import ConfigError
 
 ENV_DEVICE = "FLIP_TASK_DEVICE"  # FLIP_TASK_*: the agent's environment a task process gets
 CHOICES = "auto, cpu, cuda or cuda:N"
-_CUDA = re.compile(r"^cuda(:(\d{1,2}))?$")
+_CUDA = re.compile(r"^cuda(:(\d{1,2}))?\Z")
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one folder per GPU the driver sees
 # what a task process on a GPU needs of the host's /dev, bound into its sandbox
 NVIDIA_CONTROL = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")

@@ -57,7 +57,7 @@ from site_agent.tasks.zygote import Zygote
 
 log = logging.getLogger(__name__)
 
-RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what a run id must look like to name a folder here
+RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # what a run id must look like to name a folder here
 REAP_SECONDS = 30.0
 
 

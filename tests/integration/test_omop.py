@@ -19,7 +19,8 @@ from flip_core.status import StepStatus
 from flip_core.util import free_port
 from flip_local import eunomia, postgres
 from site_agent.data.catalog import CatalogError, init_site, load_site
-from site_agent.data.omop import Source, checks, circe_persons
+from site_agent.data.omop import circe_persons
+from site_agent.data.omop_db import Source, checks
 from site_agent.queries.cohorts import CohortStore
 
 from helpers import CELECOXIB, omop_site, omop_source

@@ -33,7 +33,7 @@ from flip_core.util import free_port
 from site_agent.agent import SiteAgent
 from site_agent.data import formats
 from site_agent.data.catalog import CatalogError, DatabaseUnanswered, init_site
-from site_agent.data.omop import Source
+from site_agent.data.omop_db import Source
 from site_agent.data.omop_features import DOMAINS, _statement, build
 from site_agent.governance.approvals import APPROVED, ApprovalStore
 from site_agent.governance.audit import read_records

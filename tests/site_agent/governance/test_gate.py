@@ -304,3 +304,14 @@ def test_a_covariate_specification_is_approved_with_the_code_and_shown_to_the_ad
     hostile = {"features": [{"name": "x", "domain": "drug", "concepts": ["1) or (1=1"]}]}
     refused = gate.admit(replace(request(run="r4"), covariates=hostile))
     assert refused is not None and refused.status == "refused" and "must be a whole number" in refused.error_where
+
+
+def test_a_step_whose_epsilon_is_not_a_number_is_refused_not_raised(site) -> None:
+    """The hub's step is data like any other: a differential-privacy setting that is not a number (a hostile or
+    broken hub) is refused in a sentence, and audited, before anything runs."""
+    for wrong in ("lots", [1.0], {"e": 1}):
+        refused = Governance(site).admit(
+            replace(request(run=f"r-{type(wrong).__name__}"), config={"dp_epsilon": wrong})
+        )
+        assert refused is not None and refused.status == "refused", wrong
+        assert refused.error_where == "VA cannot run this task with differential privacy: its epsilon is not a number"
