@@ -23,6 +23,7 @@ from typing import Any
 
 from bench.common import machine
 from flip_core.util import wait_until
+from flip_local.eunomia import new_users
 from flip_local.federation import down, up
 from flip_magics.client import FlipClient
 
@@ -30,25 +31,8 @@ GOAL_SECONDS = 1.0  # the issue's goal: a warm cohort count over three sites
 SITES = 3  # Northfield, Riverside, Westbrook
 
 
-def _drug(concept_id: int, name: str) -> dict[str, Any]:
-    concept = {"CONCEPT_ID": concept_id, "CONCEPT_NAME": name, "STANDARD_CONCEPT": "S", "DOMAIN_ID": "Drug"}
-    return {"id": 0, "name": name, "expression": {"items": [{"concept": concept, "includeDescendants": True}]}}
-
-
-# new users of celecoxib (its first exposure, 365 days observed before it): tests/helpers.py's CELECOXIB
-CELECOXIB_DEFINITION: dict[str, Any] = {
-    "ConceptSets": [_drug(1118084, "celecoxib")],
-    "PrimaryCriteria": {
-        "CriteriaList": [{"DrugExposure": {"CodesetId": 0, "First": True}}],
-        "ObservationWindow": {"PriorDays": 365, "PostDays": 0},
-        "PrimaryCriteriaLimit": {"Type": "First"},
-    },
-    "QualifiedLimit": {"Type": "First"},
-    "ExpressionLimit": {"Type": "First"},
-    "InclusionRules": [],
-    "CensoringCriteria": [],
-    "CollapseSettings": {"CollapseType": "ERA", "EraPad": 0},
-}
+# new users of celecoxib (its first exposure, 365 days observed before it): the tests' CELECOXIB
+CELECOXIB_DEFINITION: dict[str, Any] = new_users([(1118084, "celecoxib")])
 
 
 def answered(call: Callable[[], Any], sites: int) -> Callable[[], Any]:

@@ -145,6 +145,29 @@ def _fill(source: Any, target: Any, tables: list[str], persons: list[int]) -> No
             copy.write(buffer.getvalue())
 
 
+def new_users(drugs: list[tuple[int, str]], prior_days: int = 365) -> dict[str, Any]:
+    """An OHDSI Circe cohort definition (as ATLAS exports it) of new users of any of ``drugs`` (concept id, name; with
+    their descendants): each person's first exposure to one, with ``prior_days`` of observation before it."""
+    items = [
+        {"concept": {"CONCEPT_ID": c, "CONCEPT_NAME": n, "STANDARD_CONCEPT": "S", "DOMAIN_ID": "Drug"},
+         "includeDescendants": True}
+        for c, n in drugs
+    ]  # fmt: skip
+    return {
+        "ConceptSets": [{"id": 0, "name": " or ".join(n for _, n in drugs), "expression": {"items": items}}],
+        "PrimaryCriteria": {
+            "CriteriaList": [{"DrugExposure": {"CodesetId": 0, "First": True}}],
+            "ObservationWindow": {"PriorDays": prior_days, "PostDays": 0},
+            "PrimaryCriteriaLimit": {"Type": "First"},
+        },
+        "QualifiedLimit": {"Type": "First"},
+        "ExpressionLimit": {"Type": "First"},
+        "InclusionRules": [],
+        "CensoringCriteria": [],
+        "CollapseSettings": {"CollapseType": "ERA", "EraPad": 0},
+    }
+
+
 def pooled_table(
     definition: dict[str, Any], covariates: dict[str, Any], home: Path | None = None, train_fraction: float = 0.8
 ) -> Any:
@@ -179,4 +202,7 @@ def pooled_table(
     return table
 
 
-__all__ = ["PERSONS", "SCHEMA", "SITES", "SiteDatabase", "duckdb_file", "load", "pooled_table", "site_of"]
+__all__ = [
+    "PERSONS", "POOLED", "POOLED_SOURCE", "SCHEMA", "SITES", "SiteDatabase", "duckdb_file", "load", "new_users",
+    "pooled_table", "site_of",
+]  # fmt: skip

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flip_local.eunomia import new_users
+
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
 
@@ -270,25 +272,8 @@ class Gate:
 
 
 # -- OMOP: the session's PostgreSQL with Eunomia's three hospitals (conftest.omop) --------------------------------
-def _drug(concept_id: int, name: str) -> dict[str, Any]:
-    concept = {"CONCEPT_ID": concept_id, "CONCEPT_NAME": name, "STANDARD_CONCEPT": "S", "DOMAIN_ID": "Drug"}
-    return {"id": 0, "name": name, "expression": {"items": [{"concept": concept, "includeDescendants": True}]}}
-
-
 # new users of celecoxib (its first exposure, 365 days observed before it): the Eunomia study's target cohort
-CELECOXIB: dict[str, Any] = {
-    "ConceptSets": [_drug(1118084, "celecoxib")],
-    "PrimaryCriteria": {
-        "CriteriaList": [{"DrugExposure": {"CodesetId": 0, "First": True}}],
-        "ObservationWindow": {"PriorDays": 365, "PostDays": 0},
-        "PrimaryCriteriaLimit": {"Type": "First"},
-    },
-    "QualifiedLimit": {"Type": "First"},
-    "ExpressionLimit": {"Type": "First"},
-    "InclusionRules": [],
-    "CensoringCriteria": [],
-    "CollapseSettings": {"CollapseType": "ERA", "EraPad": 0},
-}
+CELECOXIB: dict[str, Any] = new_users([(1118084, "celecoxib")])
 
 
 def omop_source(omop: dict[str, Any], site: str, **changes: Any) -> Path:

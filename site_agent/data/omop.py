@@ -97,12 +97,7 @@ class OmopFormat(DatasetFormat):
         table = self.table(config, entry)
         if rows is not None:
             table = table.iloc[sorted(rows)].reset_index(drop=True)
-            train, test = seeded_split(None, len(table), entry.train_fraction, entry.split_seed)
-        else:
-            split = read_split(config.root, entry.name, open_file)
-            train, test = split["train"], split["test"]
-        parts = (table.iloc[train].reset_index(drop=True), table.iloc[test].reset_index(drop=True))
-        return Handed(pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL))
+        return _split_by_person(config, entry, table, rows is not None)
 
     def handed_covariates(
         self,
@@ -124,17 +119,23 @@ class OmopFormat(DatasetFormat):
             raise CatalogError(str(exc)) from None
         self.table(config, entry)  # refused when the database changed since registration
         table = build(Source.read(Path(entry.path)), spec, rows, index)
-        if rows is not None:
-            train, test = seeded_split(None, len(table), entry.train_fraction, entry.split_seed)
-        else:
-            split = read_split(config.root, entry.name, open_file)
-            train, test = split["train"], split["test"]
-        parts = (table.iloc[train].reset_index(drop=True), table.iloc[test].reset_index(drop=True))
-        return Handed(pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL))
+        return _split_by_person(config, entry, table, rows is not None)
 
     def task_data(self, config: SiteConfig, entry: DatasetEntry, payload: bytes) -> tuple[Part, Part]:
         train, test = pickle.loads(payload)  # made by the site agent, never by a task
         return train, test
+
+
+def _split_by_person(config: SiteConfig, entry: DatasetEntry, table: pd.DataFrame, cohort: bool) -> Handed:
+    """A table of one row per person (in person order) handed as its train and test parts: a cohort's split as the
+    dataset's is (its fraction and seed), the whole database's by its registered split."""
+    if cohort:
+        train, test = seeded_split(None, len(table), entry.train_fraction, entry.split_seed)
+    else:
+        split = read_split(config.root, entry.name, open_file)
+        train, test = split["train"], split["test"]
+    parts = (table.iloc[train].reset_index(drop=True), table.iloc[test].reset_index(drop=True))
+    return Handed(pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _persons(source: Source) -> pd.DataFrame:
