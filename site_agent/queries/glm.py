@@ -1,0 +1,134 @@
+"""A site's part in a GLM fitted across sites (``flip_core.glm``): its design over its own complete rows, what its
+rules let it release of them, and its statistics at the coefficients of one IRLS iteration.
+
+What leaves a site per iteration is ``X'WX`` (p x p), ``X'Wz`` (p), the deviance and the rows counted: sums over at
+least the threshold's number of rows, never a row. Before any of it leaves, the site refuses (a sentence, no
+number of its data in it) when:
+
+- its complete rows are fewer than its threshold, or the model's parameters are more than its
+  ``glm_parameter_fraction`` of them (DataSHIELD's ``nfilter.glm``; default 0.2): with as many parameters as rows the
+  statistics solve back to the rows;
+- a level of a categorical term (the levels agreed across sites) is held by fewer than the threshold's rows here,
+  or none: its indicator's diagonal entry of ``X'X`` would be that small count;
+- a 0/1 column or a 0/1 outcome has fewer than the threshold's rows on either side: the same for its count of ones
+  (the diagonal of ``X'X``, or the outcome's sum in ``X'Wz`` at the first iteration) and of zeros (with the rows).
+
+Pure: pandas and numpy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from flip_core.errors import FlipError
+from flip_core.glm import OPERATORS, Formula, Statistics, parameter_names
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DEFAULT_PARAMETER_FRACTION = 0.2
+
+
+class ModelRefused(FlipError):
+    """This site will not release statistics of this model; the sentence says why (no value of its data)."""
+
+
+def design(table: pd.DataFrame, formula: Formula, levels: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """The design matrix and outcome over the table's complete rows (every column of the formula present)."""
+    missing = [c for c in formula.columns() if c not in table.columns]
+    if missing:
+        raise ModelRefused(f"this site's table has no column {missing[0]!r}")
+    rows = table[list(formula.columns())].dropna()
+    parts: list[np.ndarray] = [np.ones(len(rows))] if formula.intercept else []
+    for term in formula.terms:
+        if term.startswith("C("):
+            column = term[2:-1]
+            labels = rows[column].map(_label)
+            parts += [(labels == level).to_numpy(dtype=np.float64) for level in levels[column][1:]]
+        else:
+            parts.append(_numeric(rows[term], term))
+    outcome = _numeric(rows[formula.outcome], formula.outcome)
+    if formula.threshold is not None:
+        op, number = formula.threshold
+        outcome = OPERATORS[op](outcome, number).astype(np.float64)
+    x = np.column_stack(parts) if parts else np.zeros((len(rows), 0))
+    return x, outcome
+
+
+def check(
+    table: pd.DataFrame,
+    formula: Formula,
+    levels: dict[str, list[str]],
+    family: str,
+    threshold: int,
+    fraction: float = DEFAULT_PARAMETER_FRACTION,
+) -> None:
+    """Refuse (ModelRefused) a model whose statistics here would tell a small count or solve back to rows."""
+    x, y = design(table, formula, levels)
+    n, p = x.shape
+    if n < threshold:
+        raise ModelRefused(f"fewer than {threshold} complete rows here for this model")
+    if p > fraction * n:
+        raise ModelRefused(f"the model has {p} parameters, more than {fraction:g} of this site's complete rows allows")
+    complete = table[list(formula.columns())].dropna()
+    for column in formula.categorical:
+        held = complete[column].map(_label).value_counts()
+        if any(held.get(level, 0) < threshold for level in levels[column]):
+            raise ModelRefused(f"a level of {column!r} is held by fewer than {threshold} rows here (or none)")
+        if set(held.index) - set(levels[column]):
+            raise ModelRefused(f"{column!r} has a level here that the model's levels do not name")
+    names = parameter_names(formula, levels)
+    binary = [(name, x[:, i]) for i, name in enumerate(names) if name != "Intercept"]
+    if family == "binomial" or formula.threshold is not None:
+        binary.append((formula.outcome, y))
+    for name, values in binary:
+        if np.isin(values, (0.0, 1.0)).all() and min(int(values.sum()), int(n - values.sum())) < threshold:
+            raise ModelRefused(f"{name} is 0 or 1, and one of them is held by fewer than {threshold} rows here")
+    if family == "binomial" and not np.isin(y, (0.0, 1.0)).all():
+        raise ModelRefused(f"a binomial model's outcome is 0 or 1; {formula.outcome!r} is not")
+    if family == "poisson" and ((y < 0).any() or (y != np.round(y)).any()):
+        raise ModelRefused(f"a poisson model's outcome is a count; {formula.outcome!r} is not")
+
+
+def statistics(x: np.ndarray, y: np.ndarray, beta: np.ndarray, family: str) -> Statistics:
+    """IRLS's weighted sums at ``beta`` (canonical links), the deviance and the Pearson chi-square."""
+    eta = x @ beta
+    if family == "gaussian":
+        mu, weight = eta, np.ones_like(eta)
+        deviance = float(((y - mu) ** 2).sum())
+        pearson = deviance
+    elif family == "binomial":
+        mu = 1.0 / (1.0 + np.exp(-eta))
+        weight = mu * (1.0 - mu)
+        deviance = float(-2.0 * (y * np.log(mu) + (1.0 - y) * np.log1p(-mu)).sum())
+        pearson = float(((y - mu) ** 2 / weight).sum())
+    else:
+        mu = np.exp(eta)
+        weight = mu
+        with np.errstate(divide="ignore", invalid="ignore"):
+            term = np.where(y > 0, y * np.log(y / mu), 0.0)
+        deviance = float(2.0 * (term - (y - mu)).sum())
+        pearson = float(((y - mu) ** 2 / mu).sum())
+    z = eta + (y - mu) / weight
+    xw = x * weight[:, None]
+    return Statistics(xw.T @ x, xw.T @ z, deviance, int(len(y)), pearson)
+
+
+def _numeric(column: pd.Series, name: str) -> np.ndarray:
+    import pandas as pd
+
+    if not pd.api.types.is_numeric_dtype(column.dtype):
+        raise ModelRefused(f"column {name!r} is not numeric: name it as C({name}) for a categorical term")
+    return column.to_numpy(dtype=np.float64)
+
+
+def _label(value: object) -> str:
+    """A categorical value's label, as levels are agreed: a whole number without its ``.0``."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+__all__ = ["DEFAULT_PARAMETER_FRACTION", "ModelRefused", "check", "design", "statistics"]
