@@ -297,8 +297,8 @@ class SiteAgent:
         if request.cohort:  # the rows frozen under that name here: the task process is handed them, not the file
             try:
                 entry = self.site.dataset(request.dataset)
-                rows = self.cohorts.rows_for(request.project, request.cohort, request.dataset, entry.fingerprint)
-                index = self.cohorts.index_for(request.project, request.cohort, request.dataset, entry.fingerprint)
+                cohort = self.cohorts.checked(request.project, request.cohort, request.dataset, entry.fingerprint)
+                rows, index = list(cohort.rows), list(cohort.index) or None
             except (CohortRefused, CatalogError) as exc:
                 refused = StepResult(
                     site=self.site.name, status=StepStatus.REFUSED, error_where=f"{self.site.name}: {exc}"

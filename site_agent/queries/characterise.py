@@ -64,7 +64,7 @@ def top_table(
     names = dict(zip(pairs["concept_id"].astype(int), pairs["concept_name"], strict=True))
     labels = [f"{names[concept] or 'concept'} ({concept})" for concept in ranked]
     number = {concept: i for i, concept in enumerate(ranked)}
-    codes = np.array([number.get(int(c), len(labels)) for c in pairs["concept_id"]], dtype=np.intp)
+    codes = pairs["concept_id"].astype("int64").map(number).fillna(len(labels)).to_numpy(dtype=np.intp)
     if (codes[rows] == len(labels)).any() or not labels:
         labels.append(OTHER_LEVEL)
     else:

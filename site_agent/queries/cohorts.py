@@ -141,8 +141,9 @@ class CohortStore:
             tuple(body.get("index", ())),
         )
 
-    def rows_for(self, project: str, name: str, dataset: str, fingerprint: str) -> list[int]:
-        """The frozen rows a run of ``project`` on ``dataset`` trains on; refused if they no longer fit."""
+    def checked(self, project: str, name: str, dataset: str, fingerprint: str) -> Cohort:
+        """The cohort a run or a query of ``project`` on ``dataset`` uses, read once and checked: of that dataset, of
+        its file as it is now, and its rows and index dates as they were frozen (the keyed hash); refused otherwise."""
         cohort = self.load(project, name)
         if cohort.dataset != dataset:
             raise CohortRefused(f"cohort {name!r} is of dataset {cohort.dataset!r}, not {dataset!r}")
@@ -153,9 +154,12 @@ class CohortStore:
             or cohort_hash(self.key, cohort.fingerprint, cohort.rows, cohort.index) != cohort.hash
         ):
             raise CohortRefused(f"cohort {name!r} was altered since it was made (its hash does not match)")
-        return list(cohort.rows)
+        return cohort
+
+    def rows_for(self, project: str, name: str, dataset: str, fingerprint: str) -> list[int]:
+        """The frozen rows a run of ``project`` on ``dataset`` trains on (:meth:`checked`)."""
+        return list(self.checked(project, name, dataset, fingerprint).rows)
 
     def index_for(self, project: str, name: str, dataset: str, fingerprint: str) -> list[str] | None:
-        """The frozen rows' index dates, checked as :meth:`rows_for` checks the rows (None: the cohort has none)."""
-        self.rows_for(project, name, dataset, fingerprint)
-        return list(self.load(project, name).index) or None
+        """The frozen rows' index dates (:meth:`checked`; None: the cohort has none)."""
+        return list(self.checked(project, name, dataset, fingerprint).index) or None

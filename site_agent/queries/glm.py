@@ -24,6 +24,7 @@ import numpy as np
 
 from flip_core.errors import FlipError
 from flip_core.glm import OPERATORS, Formula, Statistics, parameter_names
+from site_agent.queries.statistics import level_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,7 +46,7 @@ def design(table: pd.DataFrame, formula: Formula, levels: dict[str, list[str]]) 
     for term in formula.terms:
         if term.startswith("C("):
             column = term[2:-1]
-            labels = rows[column].map(_label)
+            labels = rows[column].map(level_label)
             parts += [(labels == level).to_numpy(dtype=np.float64) for level in levels[column][1:]]
         else:
             parts.append(_numeric(rows[term], term))
@@ -74,7 +75,7 @@ def check(
         raise ModelRefused(f"the model has {p} parameters, more than {fraction:g} of this site's complete rows allows")
     complete = table[list(formula.columns())].dropna()
     for column in formula.categorical:
-        held = complete[column].map(_label).value_counts()
+        held = complete[column].map(level_label).value_counts()
         if any(held.get(level, 0) < threshold for level in levels[column]):
             raise ModelRefused(f"a level of {column!r} is held by fewer than {threshold} rows here (or none)")
         if set(held.index) - set(levels[column]):
@@ -122,13 +123,6 @@ def _numeric(column: pd.Series, name: str) -> np.ndarray:
     if not pd.api.types.is_numeric_dtype(column.dtype):
         raise ModelRefused(f"column {name!r} is not numeric: name it as C({name}) for a categorical term")
     return column.to_numpy(dtype=np.float64)
-
-
-def _label(value: object) -> str:
-    """A categorical value's label, as levels are agreed: a whole number without its ``.0``."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 __all__ = ["DEFAULT_PARAMETER_FRACTION", "ModelRefused", "check", "design", "statistics"]

@@ -224,8 +224,8 @@ class QueryService:
         """The frozen cohort's rows of the table (with its index date's columns, a Circe cohort's), their keys, their
         positions in the whole table and their index dates (``site_agent.queries.characterise``)."""
         entry = self.site.dataset(request.dataset)
-        rows = self.cohorts.rows_for(request.project, request.cohort, request.dataset, entry.fingerprint)
-        index = self.cohorts.index_for(request.project, request.cohort, request.dataset, entry.fingerprint)
+        cohort = self.cohorts.checked(request.project, request.cohort, request.dataset, entry.fingerprint)
+        rows, index = list(cohort.rows), list(cohort.index) or None
         within, within_keys = within_cohort(table, keys, rows, index)
         return within, within_keys, rows, index
 
