@@ -133,9 +133,11 @@ def test_a_query_within_a_cohort_asks_its_sites_and_names_its_index_dates_column
             queries.ask(WHO, wrong)
         assert says in str(e.value)
     assert control.started == []
-    line = threading.Thread(target=lambda: serve_once(queries, 1, {"VA": 40}).join(), daemon=True)
-    line.start()
+    started, real_start = threading.Event(), control.start_run
+    control.start_run = lambda run_id: (real_start(run_id), started.set())[0]  # type: ignore[method-assign]
+    line = serve_once(queries, 1001, {"VA": 40}, started)  # the desk's own line, once started (no race to adopt)
     answer = queries.ask(WHO, spec(columns=["age_group", "index_year"], cohort="dated"))
+    line.join(5)
     assert list(answer["sites"]) == ["VA"] and answer["pooled"]["total"] == 40
 
 
