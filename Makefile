@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# Exactly this torch, before the project: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	# lifelines, the survival tests' reference fits, declares pandas<3 (FLIP runs pandas 3.1, on which the fitters the
+	# tests compare against work): installed without its pins; its formulaic comes with statsmodels (above).
+	$(BIN)/pip install --quiet --no-deps lifelines==0.30.3 autograd==1.9.1 autograd-gamma==0.5.0
 	$(BIN)/flip kernel install        # the "FLIP (Python 3)" kernel, in this environment
 	touch $(STAMP)
 
