@@ -67,7 +67,7 @@ class QueryDesk:
         """The sites' released answers to ``spec`` and their pooled table (blocking)."""
         targets, columns, offline = self.targets(who, spec)
         if spec.cohort is not None:
-            targets, columns = self._within(who, spec, targets, columns)
+            targets, columns = self.within(who, spec, targets, columns)
         where = parse_filter(spec.where, columns)
         if spec.kind == QueryKind.TOP:
             online, _ = self.manager.holders(spec.dataset, project=who.project)
@@ -91,7 +91,7 @@ class QueryDesk:
             edges = self._edges(who, spec, targets, where.text)
         elif spec.kind == QueryKind.STATS and spec.range is not None:
             edges = (float(spec.range[0]), float(spec.range[1]))  # the bounds a site answering under DP clamps to
-        request = _request(
+        request = request_for(
             who,
             spec.dataset,
             spec.kind,
@@ -106,7 +106,7 @@ class QueryDesk:
         replies = self.exchange(request, targets)
         return answer_view(request, replies, offline)
 
-    def _within(
+    def within(
         self, who: Principal, spec: QuerySpec, targets: list[dict[str, Any]], columns: list[str]
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """The sites that froze ``spec.cohort`` and the columns a query within it may name (a Circe cohort's index
@@ -152,7 +152,7 @@ class QueryDesk:
         if spec.range is not None:
             low, high = spec.range
         else:
-            probe = _request(
+            probe = request_for(
                 who,
                 spec.dataset,
                 QueryKind.STATS,
@@ -175,7 +175,7 @@ class QueryDesk:
         text = f"cohort {spec.name}: {spec.dataset}" + (f" where {where.text}" if where.text else "")
         if circe:
             text += f" by the Circe definition sha256:{hashlib.sha256(circe.encode()).hexdigest()[:16]}"
-        request = _request(
+        request = request_for(
             who, spec.dataset, QueryKind.COHORT, where=where.text, text=text, cohort=spec.name, circe=circe
         )
         view = answer_view(request, self.exchange(request, targets), offline)
@@ -276,7 +276,7 @@ class QueryDesk:
             pending.done.set()
 
 
-def _request(who: Principal, dataset: str, kind: QueryKind, **fields: Any) -> QueryRequest:
+def request_for(who: Principal, dataset: str, kind: QueryKind, **fields: Any) -> QueryRequest:
     """A query as every site gets it, under a fresh id, in the caller's name and project."""
     return QueryRequest(secrets.token_hex(6), who.project, who.researcher, dataset, kind, **fields)
 

@@ -17,10 +17,12 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import BaseRoute, Route
 
 from coordinator.identity import Caller, Refused, choose_project, static_caller
+from coordinator.models import fit_glm
 from coordinator.service import Principal, TaskRejected
 from coordinator.web import bearer, error, query_int, receive_model, state, typed_body
 from flip_core.api import PROJECT_HEADER, CohortSpec, QuerySpec, ReleaseSpec, TaskSpec
 from flip_core.errors import RequestInvalid
+from flip_core.models import GlmSpec
 from flip_core.runs import record_of
 from flip_core.status import TERMINAL
 
@@ -102,6 +104,12 @@ async def query(request: Request) -> Response:
     who = await caller(request)
     spec: QuerySpec = await typed_body(request, QuerySpec, "the query")
     return JSONResponse(await asyncio.to_thread(state(request).queries.ask, who, spec))
+
+
+async def glm(request: Request) -> Response:
+    who = await caller(request)
+    spec: GlmSpec = await typed_body(request, GlmSpec, "the model")
+    return JSONResponse(await asyncio.to_thread(fit_glm, state(request).queries, who, spec))
 
 
 async def cohort(request: Request) -> Response:
@@ -194,6 +202,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/runs", list_runs, methods=["GET"]),
         Route("/api/queries", query, methods=["POST"]),
         Route("/api/cohorts", cohort, methods=["POST"]),
+        Route("/api/glm", glm, methods=["POST"]),
         Route("/api/airlock", ask_release, methods=["POST"]),
         Route("/api/airlock", list_releases, methods=["GET"]),
         Route("/api/airlock/{request_id}", get_release),

@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from flip_core.airlock import MAX_PURPOSE_CHARS, ItemKind, purpose_problem
 from flip_core.covariates import CovariateSpec
 from flip_core.parsing import parse, sentence
-from flip_core.query import MAX_BINS, MAX_COLUMNS, MAX_QUERY_CHARS, TOP_DOMAINS, QueryKind
+from flip_core.query import ELSEWHERE, MAX_BINS, MAX_COLUMNS, MAX_QUERY_CHARS, TOP_DOMAINS, QueryKind
 from flip_core.status import MetricPhase, Phase, Presence, RunStatus, SiteState, StepStatus
 from flip_core.vocabulary import MAX_METRICS, METRIC_RULE, is_metric_name
 
@@ -269,8 +269,8 @@ class QuerySpec(Body):
     @model_validator(mode="after")
     def _shape(self) -> QuerySpec:
         n, kind = len(self.columns), self.kind
-        if kind in (QueryKind.RELEASE, QueryKind.RELEASES):
-            raise _refuse("an item is asked of a site's airlock with %flip_request (POST /api/airlock), not as a query")
+        if kind in ELSEWHERE:
+            raise _refuse(ELSEWHERE[kind])
         wrong = {
             QueryKind.COUNT: (n > 3, "count by takes at most three columns"),
             QueryKind.STATS: (n < 1, "stats needs at least one column"),

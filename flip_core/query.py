@@ -73,6 +73,15 @@ class QueryKind(StrEnum):
     TOP = "top"  # an OMOP database's most frequent concepts of a domain (condition, drug...): persons counted by each
     RELEASE = "release"  # hold an item for the site's airlock (``flip_core.airlock``): its admin reviews it
     RELEASES = "releases"  # the state of the researcher's airlock requests at the site, and released items
+    GLM = "glm"  # one step of a model fitted across sites (``model``: its formula, family, stage, coefficients)
+
+
+# kinds a researcher does not ask as a query (``POST /api/queries``), and where they are asked instead
+ELSEWHERE = {
+    QueryKind.RELEASE: "an item is asked of a site's airlock with %flip_request (POST /api/airlock), not as a query",
+    QueryKind.RELEASES: "an item is asked of a site's airlock with %flip_request (POST /api/airlock), not as a query",
+    QueryKind.GLM: "a model is fitted with %flip_model glm (POST /api/glm), not as a query",
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,8 @@ class QueryRequest:
     limit: int = 0  # TOP: how many concepts each site names at most (the most frequent)
     # RELEASE: the ask (``flip_core.airlock.ReleaseAsk.to_dict``); RELEASES: {"requests": [ids], "content": bool}
     airlock: dict[str, Any] = field(default_factory=dict)
+    # GLM: {"formula", "family", "stage" ("levels" | "step"), "levels" (agreed), "beta", "sites" (how many asked)}
+    model: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,6 +147,7 @@ def decode_reply(blob: bytes | bytearray) -> QueryReply:
 
 
 __all__ = [
+    "ELSEWHERE",
     "MAX_BINS",
     "MAX_COLUMNS",
     "MAX_QUERY_CHARS",

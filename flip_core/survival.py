@@ -9,7 +9,7 @@ of the pooled rows' binned times, exactly.
 
 A site releases its counts per bin only where each is none or at least its threshold: a bin in which fewer than the
 threshold's rows (but some) have an event, or are censored, is merged into the next one (its edge is dropped), the
-last into the one before, until every count is safe (:func:`coarsen`). The numbers at risk then follow from the
+last into the ones before, until every count is safe (:func:`coarsen`). The numbers at risk then follow from the
 released counts and the group's rows. A zero leaves: that nobody in a group had the event between two edges is what
 a survival curve is for, and is shown by any released curve at the resolution of its bins.
 
@@ -62,8 +62,8 @@ def binned_times(times: np.ndarray, events: np.ndarray, edges: Sequence[float]) 
 def coarsen(counts: np.ndarray, threshold: int) -> list[int]:
     """The bins kept when every count must be none or at least ``threshold``: ``counts`` is (bins, columns), each
     column a count per bin (events, censorings, of each group); a bin with a small count is merged into the next
-    kept one, the last into the one before. Returns the kept bins' indices (each the last bin of its merged run),
-    empty when even one merged bin is small: the rows are too few."""
+    kept one, a small tail into the runs before it (the last first). Returns the kept bins' indices (each the last bin of
+    its merged run), empty when even all the bins in one are small: the rows are too few."""
     counts = np.asarray(counts, dtype=np.int64)
     kept: list[int] = []
     run = np.zeros(counts.shape[1], dtype=np.int64)
@@ -72,14 +72,13 @@ def coarsen(counts: np.ndarray, threshold: int) -> list[int]:
         if _safe(run, threshold):
             kept.append(k)
             run = np.zeros_like(run)
-    if run.any():  # the tail: merge it into the last kept bin, if that is safe
-        if not kept:
-            return []
-        last_start = kept[-2] + 1 if len(kept) > 1 else 0
-        merged = counts[last_start:].sum(axis=0)
-        if not _safe(merged, threshold):
-            return []
-        kept[-1] = counts.shape[0] - 1
+    if run.any():  # a small tail: merged into the kept runs before it, the last first, until it is safe
+        while kept:
+            start = kept[-2] + 1 if len(kept) > 1 else 0
+            kept.pop()
+            if _safe(counts[start:].sum(axis=0), threshold):
+                return [*kept, counts.shape[0] - 1]
+        return []
     return kept
 
 

@@ -22,6 +22,7 @@ from flip_core.api import CohortSpec, QuerySpec, ReleaseSpec, TaskSpec, parse
 from flip_core.codec import pack_arrays
 from flip_core.errors import FlipError, NotConnected, Rejected, RequestInvalid
 from flip_core.filters import parse as parse_filter
+from flip_core.models import GlmSpec
 from flip_core.paths import read_connection
 from flip_core.runs import record_of
 from flip_magics.airlock import AirlockRequest, ReleasedItem, released_item
@@ -29,6 +30,7 @@ from flip_magics.connection import Connection
 from flip_magics.explain import Explanation, explain, not_replayed, replay, site_failure
 from flip_magics.mock_images import mock_cases
 from flip_magics.mock_run import DEVICE, MockRun, Part
+from flip_magics.models import ModelResult, model_from
 from flip_magics.provenance import log_run, task_provenance
 from flip_magics.queries import QueryResult, result_from
 from flip_magics.run_handle import TERMINAL, RunHandle
@@ -173,6 +175,29 @@ class FlipClient:
         parse_filter(where)
         answer = self.connection.call("POST", "/api/cohorts", json=spec.model_dump(mode="json"), timeout=120).json()
         return result_from(answer)
+
+    def glm(
+        self,
+        formula: str,
+        dataset: str,
+        family: str = "gaussian",
+        *,
+        where: str = "",
+        cohort: str | None = None,
+        sites: list[str] | None = None,
+        threshold: int | None = None,
+        text: str = "",
+    ) -> ModelResult:
+        """A generalised linear model (``gaussian``, ``binomial``: logistic, ``poisson``) of ``formula`` (``OUTCOME ~
+        TERM + C(COLUMN) ...``, parsed, never evaluated) over the rows of ``dataset`` that match ``where`` (or
+        within ``cohort``), fitted exactly across the sites from their summed statistics: statsmodels' coefficients,
+        standard errors, p-values and intervals, each site's rows. A site that refuses is named with its sentence."""
+        body = {"dataset": dataset, "formula": formula, "family": family, "where": where, "cohort": cohort,
+                "sites": sites, "threshold": threshold, "text": text}  # fmt: skip
+        spec: GlmSpec = parse(GlmSpec, body, "the model")
+        parse_filter(where)
+        answer = self.connection.call("POST", "/api/glm", json=spec.model_dump(mode="json"), timeout=300).json()
+        return model_from(answer)
 
     # -- the airlock ----------------------------------------------------------------
     def request_release(

@@ -318,6 +318,28 @@ class FlipMagics(Magics):
         self._user_ns()[args.out] = result
         return result
 
+    @line_cell_magic
+    @magic_arguments()
+    @argument("kind", choices=["glm"], help="glm: a generalised linear model, fitted exactly across the sites")
+    @argument("formula", nargs="*", help='e.g. "I(num > 0) ~ age + sex + C(cp)" (in %%%%flip_model: the cell)')
+    @argument("--dataset", required=True, help="dataset name, as %%flip_sites lists it")
+    @argument("--family", default="gaussian", choices=["gaussian", "binomial", "poisson"], help="default: gaussian")
+    @argument("--where", default="", help='which rows: e.g. "age > 50"')
+    @argument("--cohort", default=None, help="within this frozen cohort (%%flip_cohort)")
+    @argument("--sites", nargs="+", default=None, help="fit it over these sites only (default: every online site)")
+    @argument("--threshold", type=int, default=None, help="this model's disclosure threshold (raises the sites')")
+    @argument("--out", default="flip_model", help="variable that receives the result (default: flip_model)")
+    @_friendly
+    def flip_model(self, line: str, cell: str | None = None) -> None:
+        """A model fitted across the sites: its coefficients, each site's rows, and a forest plot."""
+        args = parse_args(self.flip_model, line)
+        formula = " ".join(cell.split()) if cell is not None and cell.strip() else unquoted(" ".join(args.formula))
+        result = self._client().glm(formula, args.dataset, args.family, where=args.where, cohort=args.cohort,
+                                    sites=args.sites, threshold=args.threshold)  # fmt: skip
+        self._user_ns()[args.out] = result
+        display(result)
+        display(Image(png(result.plot())))  # static: an executed notebook keeps it
+
     @line_magic
     @_friendly
     def flip_runs(self, line: str) -> pd.DataFrame:

@@ -36,6 +36,8 @@ the network or looks at data: the agent gathers the facts, this module decides.
     dp_delta = 1e-5                  # the delta at which this site accounts epsilon
     time_limit_seconds = 3600        # per step
     memory_limit_mb = 4096
+    model_alone = false              # true: a model fitted on this site's rows alone may leave (%flip_model)
+    model_parameter_fraction = 0.2   # a model's parameters at most this fraction of its complete rows here
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class ProjectPolicy:
     time_limit_seconds: float = 3600.0
     memory_limit_mb: int = 4096
     airlock_refuses: tuple[str, ...] = ()  # kinds of airlock item this site refuses the project outright
+    model_alone: bool = False  # a model fitted on this site's rows alone may leave (site_agent.queries.models)
+    model_parameter_fraction: float = 0.2  # a model's parameters at most this fraction of its complete rows here
 
     def allows(self, names: tuple[str, ...], name: str) -> bool:
         return ANY in names or name in names
@@ -208,6 +212,15 @@ def _flag(where: str, value: Any) -> bool:
     return value
 
 
+def _fraction(project: str, value: Any) -> float:
+    """A model's parameters as a fraction of a site's rows: above 0, at most 0.5 (default 0.2, DataSHIELD's)."""
+    where = f"{project} model_parameter_fraction"
+    number = 0.2 if value is None else _number(where, value)
+    if not 0 < number <= 0.5:
+        raise PolicyError(f"{where} must be above 0 and at most 0.5 (default 0.2)")
+    return number
+
+
 def _delta(where: str, value: Any) -> float:
     number = _number(where, value)
     if not 0 < number < 1:
@@ -280,6 +293,8 @@ def parse_policy(site: str, raw: dict[str, Any]) -> SitePolicy:
                 _number(f"{where} memory_limit_mb", body.get("memory_limit_mb", 4096), integer=True, least=64)
             ),
             airlock_refuses=_items(f"{where} airlock_refuses", body.get("airlock_refuses", [])),
+            model_alone=_flag(f"{where} model_alone", body.get("model_alone", False)),
+            model_parameter_fraction=_fraction(where, body.get("model_parameter_fraction")),
         )
     return SitePolicy(
         site=site,

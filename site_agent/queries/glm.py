@@ -11,7 +11,21 @@ number of its data in it) when:
 - a level of a categorical term (the levels agreed across sites) is held by fewer than the threshold's rows here,
   or none: its indicator's diagonal entry of ``X'X`` would be that small count;
 - a 0/1 column or a 0/1 outcome has fewer than the threshold's rows on either side: the same for its count of ones
-  (the diagonal of ``X'X``, or the outcome's sum in ``X'Wz`` at the first iteration) and of zeros (with the rows).
+  (the diagonal of ``X'X``, or the outcome's sum in ``X'Wz`` at the first iteration) and of zeros (with the rows);
+- two 0/1 columns (or one and a 0/1 outcome) cross in a cell of fewer than the threshold's rows but some: ``X'X``'s
+  entry for the two is the count of rows where both are 1 (``X'Wz``'s, of a column and the outcome), and with the
+  two columns' own counts and the rows it gives all four cells of their two-way table. Columns of one categorical
+  term never cross (a row has one level): their empty cells are the design's, not the data's.
+
+And every set of rows whose size or sums leave goes through the site's ledger first, as any query's
+(``site_agent.queries.ledger``): the complete rows, each 0/1 column's ones and each cross of two (their counts), and
+each numeric column's values over the complete rows and over each 0/1 column's ones (their sums and sums of squares
+and products, tagged ``values of COLUMN``; the complete rows' count is then that column's n, as ``stats`` releases
+it beside the column's mean: a few rows lacking a value show as a few fewer rows, as they do there). A set within
+the threshold of one released before (or of a sum or difference of two) refuses the model: an earlier answer and
+this one would tell the rows between them. Exact, never perturbed: a model's statistics are exact sums, so a project
+whose queries this site answers under differential privacy gets no model here, and a site releases a model fitted
+on its rows alone only where its policy says ``model_alone = true``.
 
 Pure: pandas and numpy.
 """
@@ -80,17 +94,60 @@ def check(
             raise ModelRefused(f"a level of {column!r} is held by fewer than {threshold} rows here (or none)")
         if set(held.index) - set(levels[column]):
             raise ModelRefused(f"{column!r} has a level here that the model's levels do not name")
-    names = parameter_names(formula, levels)
-    binary = [(name, x[:, i]) for i, name in enumerate(names) if name != "Intercept"]
-    if family == "binomial" or formula.threshold is not None:
-        binary.append((formula.outcome, y))
-    for name, values in binary:
-        if np.isin(values, (0.0, 1.0)).all() and min(int(values.sum()), int(n - values.sum())) < threshold:
+    binary = binary_columns(x, y, formula, levels, family)
+    for name, values, _ in binary:
+        if min(int(values.sum()), int(n - values.sum())) < threshold:
             raise ModelRefused(f"{name} is 0 or 1, and one of them is held by fewer than {threshold} rows here")
+    for (a, first, term_a), (b, second, term_b) in _pairs(binary):
+        if term_a != term_b and any(0 < cell < threshold for cell in _cells(first, second)):
+            raise ModelRefused(f"{a} and {b} cross in fewer than {threshold} rows here (but some)")
     if family == "binomial" and not np.isin(y, (0.0, 1.0)).all():
         raise ModelRefused(f"a binomial model's outcome is 0 or 1; {formula.outcome!r} is not")
     if family == "poisson" and ((y < 0).any() or (y != np.round(y)).any()):
         raise ModelRefused(f"a poisson model's outcome is a count; {formula.outcome!r} is not")
+
+
+def binary_columns(
+    x: np.ndarray, y: np.ndarray, formula: Formula, levels: dict[str, list[str]], family: str
+) -> list[tuple[str, np.ndarray, str]]:
+    """The design's 0/1 columns and a 0/1 outcome: (parameter or outcome name, values, the term it is of)."""
+    terms = [t for t in formula.terms for _ in (levels[t[2:-1]][1:] if t.startswith("C(") else [t])]
+    names = [n for n in parameter_names(formula, levels) if n != "Intercept"]
+    columns = x[:, 1:] if formula.intercept else x
+    out = [(name, columns[:, i], terms[i]) for i, name in enumerate(names) if np.isin(columns[:, i], (0.0, 1.0)).all()]
+    if (family == "binomial" or formula.threshold is not None) and np.isin(y, (0.0, 1.0)).all():
+        out.append((formula.outcome, y, "~"))
+    return out
+
+
+def released_sets(
+    x: np.ndarray, y: np.ndarray, formula: Formula, levels: dict[str, list[str]], family: str
+) -> dict[str, list[tuple[np.ndarray, str]]]:
+    """The sets of rows (masks over the complete rows) whose count or sums leave with this model's statistics, by
+    the ledger's tag: ``""`` for a count, ``values of COLUMN`` for a numeric column's sums over the set."""
+    binary = binary_columns(x, y, formula, levels, family)
+    every = np.ones(len(y), dtype=bool)
+    counts = [(v == 1.0, f"{name} = 1") for name, v, _ in binary]
+    counts += [((p == 1.0) & (q == 1.0), f"{m} = 1 and {n} = 1") for (m, p, a), (n, q, b) in _pairs(binary) if a != b]
+    out: dict[str, list[tuple[np.ndarray, str]]] = {"": counts}
+    numeric = [c for c in formula.numeric if not any(name == c for name, _, _ in binary)]
+    if not (family == "binomial" or formula.threshold is not None):
+        numeric.append(formula.outcome)
+    for column in numeric:
+        subsets = [(every, f"{column} values")] + [(v == 1.0, f"{column} values where {n} = 1") for n, v, _ in binary]
+        out[f"values of {column}"] = subsets
+    if not numeric:  # the rows' count is a count; with a numeric column, that column's n (as in ``stats``)
+        counts.insert(0, (every, "its rows"))
+    return out
+
+
+def _pairs(items: list[tuple[str, np.ndarray, str]]) -> list[tuple[tuple[str, np.ndarray, str], ...]]:
+    return [(items[i], items[j]) for i in range(len(items)) for j in range(i + 1, len(items))]
+
+
+def _cells(first: np.ndarray, second: np.ndarray) -> list[int]:
+    both = int((first * second).sum())
+    return [both, int(first.sum()) - both, int(second.sum()) - both, len(first) - int((first + second).sum()) + both]
 
 
 def statistics(x: np.ndarray, y: np.ndarray, beta: np.ndarray, family: str) -> Statistics:
@@ -125,4 +182,12 @@ def _numeric(column: pd.Series, name: str) -> np.ndarray:
     return column.to_numpy(dtype=np.float64)
 
 
-__all__ = ["DEFAULT_PARAMETER_FRACTION", "ModelRefused", "check", "design", "statistics"]
+__all__ = [
+    "DEFAULT_PARAMETER_FRACTION",
+    "ModelRefused",
+    "binary_columns",
+    "check",
+    "design",
+    "released_sets",
+    "statistics",
+]

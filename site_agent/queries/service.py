@@ -40,10 +40,12 @@ from site_agent.governance.policy import Budget, TaskFacts, decide, query_column
 from site_agent.queries.characterise import TOP_WINDOW, top_table, within_cohort
 from site_agent.queries.cohorts import CohortRefused, CohortStore
 from site_agent.queries.filtering import mask
+from site_agent.queries.glm import ModelRefused
 from site_agent.queries.image_mock import make_image_mock
 from site_agent.queries.image_statistics import voxel_histogram
 from site_agent.queries.ledger import QueryLedger, Scope
 from site_agent.queries.mock import make_mock
+from site_agent.queries.models import answer_model, model_columns
 from site_agent.queries.private import answer_privately, check_bounds
 from site_agent.queries.releases import ReleaseDesk
 from site_agent.queries.statistics import QueryRefused, answer
@@ -115,13 +117,17 @@ class QueryService:
                 own = policy.threshold(request.project)
                 return QueryReply(name, StepStatus.OK, threshold=own, table=self._mock(request, table, own))
             cohort = parse_filter(request.where, [str(c) for c in table.columns])
-            named = tuple(sorted(set(request.columns) | set(cohort.columns())))
+            formula = model_columns(request) if request.kind == QueryKind.GLM else ()
+            named = tuple(sorted(set(request.columns) | set(cohort.columns()) | set(formula)))
             if barred := query_columns_refused(policy, request.project, named):
                 return QueryReply(name, StepStatus.REFUSED, barred, threshold)
             rows, index = (mask(cohort, table), None) if not request.circe else self._circe_rows(request, len(table))
             if request.kind == QueryKind.TOP:  # a row per (person, concept) of the persons asked
                 table, keys, rows = self._concepts(request, table, keys, rows, positions, dates)
             found = policy.project(request.project)
+            if request.kind == QueryKind.GLM and found is not None and found.query_epsilon is not None:
+                raise ModelRefused("this project's queries are answered under differential privacy here, and a "
+                                   "model's statistics are exact: no model is fitted with this site")  # fmt: skip
             if found is not None and found.query_epsilon is not None:
                 return self._privately(request, facts, table, rows, threshold, found.query_epsilon)
             scope = Scope(request.project, request.researcher, request.dataset)
@@ -136,6 +142,9 @@ class QueryService:
                 table_out = self._freeze(
                     request, rows, threshold, lambda asked: answer(asked, table, rows, threshold, pending), index
                 )
+            elif request.kind == QueryKind.GLM:
+                alone, fraction = (found.model_alone, found.model_parameter_fraction) if found else (False, 0.2)
+                table_out = answer_model(request, table, rows, threshold, pending, fraction, alone)
             elif request.kind == QueryKind.TOP:
                 table_out = top_table(table, rows, request.limit, threshold, pending, request.text or "top")
             elif request.kind == QueryKind.HIST and request.columns == (INTENSITY,) and self._is_images(request):

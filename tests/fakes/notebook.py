@@ -33,6 +33,16 @@ class FakeQueryClient:
         self.calls.append(("cohort", args, options))
         return "cohort"
 
+    def glm(self, *args: Any, **options: Any) -> Any:
+        """A fitted model as the hub would answer one of two coefficients (numbers made up: a fake)."""
+        from flip_magics.models import model_from
+
+        self.calls.append(("glm", args, options))
+        row = {"estimate": 0.5, "se": 0.1, "z": 5.0, "p": 1e-6, "ci_low": 0.3, "ci_high": 0.7}
+        return model_from({"family": args[2], "formula": args[0], "dataset": args[1], "rows": 40, "iterations": 4,
+                           "deviance": 1.0, "scale": 1.0, "sites": {"A": {"rows": 20}, "B": {"rows": 20}},
+                           "coefficients": [{"name": "Intercept", **row}, {"name": "age", **row}]})  # fmt: skip
+
 
 class FakeAirlockClient:
     """Stands in for FlipClient's airlock side: records request_release() and answers requests() and released()

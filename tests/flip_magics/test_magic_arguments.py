@@ -46,6 +46,23 @@ def test_quoted_options_reach_the_client_without_their_quotes() -> None:
     assert magics.client.calls[-1][1][3] == "age > 50 and sex = 1"  # type: ignore[attr-defined]
 
 
+def test_a_model_formula_reaches_the_client_whole_from_the_line_or_the_cell() -> None:
+    shell = SHELL
+    magics = FlipMagics(shell)
+    magics.client = FakeQueryClient()  # type: ignore[assignment]
+    magics.flip_model(
+        "glm I(num > 0) ~ age + C(cp) --dataset heart-disease --family binomial --where 'age > 40' --out m"
+    )
+    kind, args, options = magics.client.calls[-1]  # type: ignore[attr-defined]
+    assert (kind, args) == ("glm", ("I(num > 0) ~ age + C(cp)", "heart-disease", "binomial"))
+    assert options["where"] == "age > 40" and options["sites"] is None
+    assert list(shell.user_ns["m"].coefficients["name"]) == ["Intercept", "age"]
+    assert shell.user_ns["m"].coefficients["odds_ratio"].iloc[1] == pytest.approx(1.6487, abs=1e-4)
+    magics.flip_model("glm --dataset heart-disease --sites VA Hungary", "thalach ~ age\n + sex\n")
+    assert magics.client.calls[-1][1][0] == "thalach ~ age + sex"  # type: ignore[attr-defined]
+    assert magics.client.calls[-1][2]["sites"] == ["VA", "Hungary"]  # type: ignore[attr-defined]
+
+
 def test_airlock_requests_reach_the_client_and_a_released_item_is_bound_as_its_object(capsys) -> None:
     shell = SHELL
     flip = FlipMagics(shell)

@@ -43,19 +43,23 @@ def federated(tables: dict[str, pd.DataFrame], text: str, family: str, levels: d
 
 
 def test_a_logistic_model_over_the_hospitals_is_statsmodels_fit_on_their_pooled_rows(hospitals) -> None:
-    """Heart disease on age, sex, chest pain type, maximum heart rate and exercise angina: Cleveland and Hungary (VA
-    and Switzerland refuse it: too few women, too few of some chest pain types, too few without the disease); then a
-    model without those over Cleveland, Hungary and VA."""
+    """Heart disease on age, sex, maximum heart rate, exercise angina and ST depression: Cleveland and Hungary (VA
+    and Switzerland refuse it: too few women, too few without the disease); then a model without sex over Cleveland,
+    Hungary and VA; maximum heart rate on chest pain type (a categorical term), linear, over Cleveland and Hungary
+    (with the outcome, chest pain type 2 crosses too few with disease at both: refused below)."""
     for text, sites, levels in [
-        ("I(num > 0) ~ age + sex + C(cp) + thalach + exang", ("Cleveland", "Hungary"), {"cp": ["1", "2", "3", "4"]}),
+        ("I(num > 0) ~ age + sex + thalach + exang + oldpeak", ("Cleveland", "Hungary"), {}),
         ("I(num > 0) ~ age + thalach + exang + oldpeak", ("Cleveland", "Hungary", "VA"), {}),
+        ("thalach ~ age + sex + C(cp)", ("Cleveland", "Hungary"), {"cp": ["1", "2", "3", "4"]}),
     ]:
+        family = "gaussian" if text.startswith("thalach") else "binomial"
         tables = {s: hospitals[s] for s in sites}
-        result = federated(tables, text, "binomial", levels)
+        result = federated(tables, text, family, levels)
         pooled = pd.concat(tables.values(), ignore_index=True)
         data = pooled.assign(cp=pooled["cp"].astype("Int64").astype(str), disease=(pooled["num"] > 0).astype(int))
         # (patsy reads a boolean outcome as two columns and statsmodels models the first, False: a 0/1 column here)
-        reference = smf.glm(text.replace("I(num > 0)", "disease"), data, family=sm.families.Binomial()).fit()
+        sm_family = sm.families.Gaussian() if family == "gaussian" else sm.families.Binomial()
+        reference = smf.glm(text.replace("I(num > 0)", "disease"), data, family=sm_family).fit()
         names = result.names  # statsmodels' own names (patsy puts a categorical term's first: compared by name)
         assert sorted(names) == sorted(reference.params.index)
         np.testing.assert_allclose(result.params, reference.params[names].to_numpy(), rtol=1e-6)
@@ -97,6 +101,11 @@ def test_a_site_refuses_a_model_its_rows_could_be_solved_back_from_or_a_small_le
         check(va, parse_formula("I(num > 0) ~ age + C(cp)"), levels, "binomial", THRESHOLD)  # cp 1: 4 rows at VA
     with pytest.raises(ModelRefused, match=r"^sex is 0 or 1, and one of them is held by fewer than 10 rows here$"):
         check(va, parse_formula("thalach ~ age + sex"), {}, "gaussian", THRESHOLD)  # 5 women at VA
+    for site in ("Cleveland", "Hungary"):  # chest pain type 2 with disease: fewer than 10 at each
+        with pytest.raises(
+            ModelRefused, match=r"^C\(cp\)\[T.2\] and num cross in fewer than 10 rows here \(but some\)$"
+        ):
+            check(hospitals[site], parse_formula("I(num > 0) ~ age + C(cp)"), levels, "binomial", THRESHOLD)
     with pytest.raises(ModelRefused, match="a binomial model's outcome is 0 or 1"):
         check(va, parse_formula("num ~ age"), {}, "binomial", THRESHOLD)
 

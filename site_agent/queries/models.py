@@ -1,0 +1,123 @@
+"""A site's answer to one step of a model fitted across sites (a query of kind ``glm``; ``flip_core.glm``).
+
+The hub fits; the site answers. A fit begins with the ``levels`` stage: the site's complete rows under the filter
+or cohort, its own levels of each categorical term (a level held by fewer than the threshold's rows refuses the
+model) and its count of complete rows, after its checks with those levels. Each IRLS iteration is then a ``step``
+at the coefficients the hub chose and the levels it agreed across the sites: the site checks the model again with
+those levels (``site_agent.queries.glm.check``) and releases ``X'WX``, ``X'Wz``, the deviance and its rows.
+
+Before either leaves, every set of rows whose count or sums it holds goes through the ledger
+(``released_sets``): refused when one is within the threshold of a set released before, or of a sum or difference
+of two. The same sets again (the next iteration's) are no difference. A model fitted on this site's rows alone (the
+hub asked no other site) leaves only where the project's policy here says ``model_alone = true``; a project whose
+queries this site answers under differential privacy gets no model (its statistics are exact).
+
+Pure: pandas and numpy, with the ledger's pending entries passed in.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from flip_core.glm import FAMILIES, FormulaInvalid, parameter_names, parse_formula
+from flip_core.query import QueryRequest, level_key
+from site_agent.queries.glm import ModelRefused, check, design, released_sets, statistics
+from site_agent.queries.statistics import level_label
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from site_agent.queries.ledger import Pending
+
+STAGES = ("levels", "step")
+
+
+def answer_model(
+    request: QueryRequest,
+    table: pd.DataFrame,
+    rows: np.ndarray,
+    threshold: int,
+    pending: Pending,
+    fraction: float,
+    alone: bool,
+) -> dict[str, Any]:
+    """This site's released table for one stage of a model (``request.model``), or ModelRefused in a sentence."""
+    model = request.model
+    stage, family = model.get("stage"), model.get("family")
+    if stage not in STAGES or family not in FAMILIES:
+        raise ModelRefused(f"a model's step is a stage of {', '.join(STAGES)} of a family of {', '.join(FAMILIES)}")
+    formula = parse_formula(str(model.get("formula", "")))  # model_columns read it first
+    if int(model.get("sites", 0)) < 2 and not alone:
+        raise ModelRefused(
+            "this site releases no model fitted on its rows alone (its policy for the project: model_alone = false); "
+            "fit it with other sites"
+        )
+    chosen = table[np.asarray(rows, dtype=bool)]
+    if stage == "levels":
+        levels = _own_levels(chosen, formula.categorical, formula.columns(), threshold)
+    else:
+        levels = {str(k): [str(level) for level in v] for k, v in dict(model.get("levels") or {}).items()}
+        if set(levels) != set(formula.categorical):
+            raise ModelRefused("the model's agreed levels do not name its categorical terms")
+    check(chosen, formula, levels, str(family), threshold, fraction)
+    x, y = design(chosen, formula, levels)
+    complete = np.flatnonzero(rows)[chosen[list(formula.columns())].notna().all(axis=1).to_numpy()]
+    _through_ledger(pending, complete, len(table), released_sets(x, y, formula, levels, str(family)), request.text)
+    if stage == "levels":
+        return {"rows": len(y), "levels": levels}
+    beta = np.asarray(model.get("beta") or [], dtype=np.float64)
+    if beta.shape != (len(parameter_names(formula, levels)),) or not np.isfinite(beta).all():
+        raise ModelRefused("the step's coefficients are not one finite number per parameter of the model")
+    return {"rows": len(y), "statistics": statistics(x, y, beta, str(family)).to_dict()}
+
+
+def model_columns(request: QueryRequest) -> tuple[str, ...]:
+    """The columns a model's formula names (what the project's ``query_columns`` must allow here)."""
+    try:
+        return parse_formula(str(request.model.get("formula", ""))).columns()
+    except FormulaInvalid as exc:
+        raise ModelRefused(str(exc)) from None
+
+
+def _own_levels(
+    chosen: pd.DataFrame, categorical: tuple[str, ...], columns: tuple[str, ...], threshold: int
+) -> dict[str, list[str]]:
+    """Each categorical term's levels among this site's complete rows, in the order every site sorts them."""
+    missing = [c for c in columns if c not in chosen.columns]
+    if missing:
+        raise ModelRefused(f"this site's table has no column {missing[0]!r}")
+    complete = chosen[list(columns)].dropna()
+    levels: dict[str, list[str]] = {}
+    for column in categorical:
+        held = complete[column].map(level_label).value_counts()
+        if (held < threshold).any():
+            raise ModelRefused(f"a level of {column!r} is held by fewer than {threshold} rows here")
+        levels[column] = sorted((str(label) for label in held.index), key=level_key)
+    return levels
+
+
+def _through_ledger(
+    pending: Pending, complete: np.ndarray, size: int, sets: dict[str, list[tuple[np.ndarray, str]]], text: str
+) -> None:
+    """Show each set (masks over the complete rows) to the ledger; refuse the model if any is too close to one
+    released before; else enter them all as released (committed with the reply)."""
+    for tag, masks in sets.items():
+        whole = [(_over(size, complete[mask]), f"{text}: {what}") for mask, what in masks]
+        if any(pending.blocked(whole, tag)):
+            raise ModelRefused(
+                "this model's rows (or a group of them it counts) differ by fewer than the threshold from rows this "
+                "site already released to the project or researcher; the two answers could reveal single patients"
+            )
+        for mask, what in whole:
+            pending.release(mask, what, tag)
+
+
+def _over(size: int, positions: np.ndarray) -> np.ndarray:
+    mask = np.zeros(size, dtype=bool)
+    mask[positions] = True
+    return mask
+
+
+__all__ = ["STAGES", "answer_model", "model_columns"]
