@@ -62,8 +62,8 @@ def binned_times(times: np.ndarray, events: np.ndarray, edges: Sequence[float]) 
 def coarsen(counts: np.ndarray, threshold: int) -> list[int]:
     """The bins kept when every count must be none or at least ``threshold``: ``counts`` is (bins, columns), each
     column a count per bin (events, censorings, of each group); a bin with a small count is merged into the next
-    kept one, a small tail into the runs before it (the last first). Returns the kept bins' indices (each the last bin of
-    its merged run), empty when even all the bins in one are small: the rows are too few."""
+    kept one, a small tail into the runs before it (the last first). Returns the kept bins' indices (each the last
+    bin of its merged run), empty when even all the bins in one are small: the rows are too few."""
     counts = np.asarray(counts, dtype=np.int64)
     kept: list[int] = []
     run = np.zeros(counts.shape[1], dtype=np.int64)
