@@ -5,12 +5,12 @@ query of kind ``glm`` to every site taking part, at coefficients the hub compute
 of the step before. The researcher names the model and the rows, never the coefficients: a site's statistics at
 coefficients of a researcher's choosing could be probed for its rows.
 
-First the ``levels`` stage: each site checks the model on its complete rows and names its levels of each
-categorical term; the hub agrees the levels (their union, sorted as every site sorts them: the first is the
-reference). A site that refuses then, or at any step (a level it lacks, a small cross of two terms, its ledger), is
-left out with its sentence, and the fit starts again without it from the levels stage, so that every coefficient
-is of the sites that answered every step. What the researcher gets: the coefficients with statsmodels' standard
-errors, z, p-values and 95% intervals, each site's complete rows, the iterations and the sites that said no.
+First, for a model with a categorical term, the ``levels`` stage: each site checks the model on its complete rows
+and names its levels of each categorical term; the hub agrees the levels (their union, sorted as every site sorts
+them: the first is the reference). A site that refuses then, or at any step (a level it lacks, a small cross of two
+terms, its ledger), is left out with its sentence, and the fit starts again without it, so that every coefficient is
+of the sites that answered every step. What the researcher gets: the coefficients with statsmodels' standard errors,
+z, p-values and 95% intervals, each site's complete rows, the iterations and the sites that said no.
 """
 
 from __future__ import annotations
@@ -62,11 +62,16 @@ def fit_glm(desk: QueryDesk, who: Principal, spec: GlmSpec) -> dict[str, Any]:
     asking = list(targets)
     while True:
         try:
-            levels, rows = _levels(desk, who, spec, base, asking, refused)
-            asking = [t for t in asking if t["site"] in rows]
+            rows: dict[str, int] = {}
+            levels: dict[str, list[str]] = {}
+            if formula.categorical:  # (without one, the first step says each site's rows)
+                levels, rows = _levels(desk, who, spec, base, asking, refused)
+            elif not asking:
+                _levels(desk, who, spec, base, asking, refused)  # says no site fits it
             names = parameter_names(formula, levels)
             steps: list[float] = []
-            result = fit(_asker(desk, who, spec, base, asking, levels, steps), spec.family, names)
+            ask = _asker(desk, who, spec, base, asking, levels, steps, rows)
+            result = fit(ask, spec.family, names)
             break
         except _Left as left:
             refused.update(left.refused)
@@ -125,8 +130,10 @@ def _asker(
     asking: list[dict[str, Any]],
     levels: dict[str, list[str]],
     seconds: list[float],
+    rows: dict[str, int],
 ) -> Any:
-    """``ask(beta)`` for :func:`flip_core.glm.fit`: one step at every site, their statistics summed."""
+    """``ask(beta)`` for :func:`flip_core.glm.fit`: one step at every site, their statistics summed; each site's
+    rows kept in ``rows``."""
 
     def ask(beta: np.ndarray) -> Statistics:
         started = time.monotonic()
@@ -136,6 +143,7 @@ def _asker(
         answered, left = _split(replies, asking)
         if left:
             raise _Left(left)
+        rows.update({site: int(r["table"]["rows"]) for site, r in answered.items()})
         seconds.append(time.monotonic() - started)
         return reduce(lambda a, b: a + b, (Statistics.from_dict(r["table"]["statistics"]) for r in answered.values()))
 

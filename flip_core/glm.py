@@ -193,8 +193,8 @@ def fit(ask: Callable[[np.ndarray], Statistics], family: str, names: list[str]) 
         total = ask(beta)
         if not np.isfinite(total.deviance):
             break
-        if converged(previous, total.deviance):
-            return summary(family, names, beta, total, iteration)
+        if converged(previous, total.deviance) or (family == "gaussian" and iteration == 2):  # (least squares: one
+            return summary(family, names, beta, total, iteration)  # step is the fit, the second ask its summary)
         previous = total.deviance
         try:
             beta = step(total)

@@ -1,10 +1,11 @@
 """A site's answer to one step of a model fitted across sites (a query of kind ``glm``; ``flip_core.glm``).
 
-The hub fits; the site answers. A fit begins with the ``levels`` stage: the site's complete rows under the filter
-or cohort, its own levels of each categorical term (a level held by fewer than the threshold's rows refuses the
-model) and its count of complete rows, after its checks with those levels. Each IRLS iteration is then a ``step``
-at the coefficients the hub chose and the levels it agreed across the sites: the site checks the model again with
-those levels (``site_agent.queries.glm.check``) and releases ``X'WX``, ``X'Wz``, the deviance and its rows.
+The hub fits; the site answers. A fit of a model with a categorical term begins with the ``levels`` stage: the
+site's complete rows under the filter or cohort, its own levels of each categorical term (a level held by fewer than
+the threshold's rows refuses the model) and its count of complete rows, after its checks with those levels. Each
+IRLS iteration is then a ``step`` at the coefficients the hub chose (the first at zero) and the levels it agreed
+across the sites: the site checks the model again with those levels
+(``site_agent.queries.glm.check``) and releases ``X'WX``, ``X'Wz``, the deviance and its rows.
 
 Before either leaves, every set of rows whose count or sums it holds goes through the ledger
 (``released_sets``): refused when one is within the threshold of a set released before, or of a sum or difference
@@ -49,7 +50,7 @@ def answer_model(
     if stage not in STAGES or family not in FAMILIES:
         raise ModelRefused(f"a model's step is a stage of {', '.join(STAGES)} of a family of {', '.join(FAMILIES)}")
     formula = parse_formula(str(model.get("formula", "")))  # model_columns read it first
-    if int(model.get("sites", 0)) < 2 and not alone:
+    if not isinstance(model.get("sites"), int) or (model["sites"] < 2 and not alone):
         raise ModelRefused(
             "this site releases no model fitted on its rows alone (its policy for the project: model_alone = false); "
             "fit it with other sites"
@@ -58,7 +59,10 @@ def answer_model(
     if stage == "levels":
         levels = _own_levels(chosen, formula.categorical, formula.columns(), threshold)
     else:
-        levels = {str(k): [str(level) for level in v] for k, v in dict(model.get("levels") or {}).items()}
+        agreed = model.get("levels") or {}
+        if not isinstance(agreed, dict) or not all(isinstance(v, list) for v in agreed.values()):
+            raise ModelRefused("the model's agreed levels are not a list of levels per categorical term")
+        levels = {str(k): [str(level) for level in v] for k, v in agreed.items()}
         if set(levels) != set(formula.categorical):
             raise ModelRefused("the model's agreed levels do not name its categorical terms")
     check(chosen, formula, levels, str(family), threshold, fraction)
@@ -67,7 +71,10 @@ def answer_model(
     _through_ledger(pending, complete, len(table), released_sets(x, y, formula, levels, str(family)), request.text)
     if stage == "levels":
         return {"rows": len(y), "levels": levels}
-    beta = np.asarray(model.get("beta") or [], dtype=np.float64)
+    try:
+        beta = np.asarray(model["beta"], dtype=np.float64)
+    except (TypeError, ValueError):
+        beta = np.zeros(0)
     if beta.shape != (len(parameter_names(formula, levels)),) or not np.isfinite(beta).all():
         raise ModelRefused("the step's coefficients are not one finite number per parameter of the model")
     return {"rows": len(y), "statistics": statistics(x, y, beta, str(family)).to_dict()}
