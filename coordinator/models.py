@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import reduce
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,15 +28,16 @@ from coordinator.queries import QueryDesk, request_for
 from coordinator.service import Principal, TaskRejected
 from flip_core.api import QuerySpec
 from flip_core.filters import parse as parse_filter
-from flip_core.glm import NotConverged, Statistics, fit, parameter_names, parse_formula
+from flip_core.glm import Fit, Formula, NotConverged, Statistics, fit, parameter_names, parse_formula
 from flip_core.models import GlmSpec
 from flip_core.query import QueryKind, level_key
 from flip_core.status import StepStatus
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-class _Left(Exception):
+class SitesLeft(Exception):
     """Sites that refused a step: the fit starts again without them."""
 
     def __init__(self, refused: dict[str, str]) -> None:
@@ -42,55 +45,121 @@ class _Left(Exception):
         self.refused = refused
 
 
-def fit_glm(desk: QueryDesk, who: Principal, spec: GlmSpec) -> dict[str, Any]:
-    """Fit ``spec`` across the online sites holding its dataset (or ``spec.sites``); the fit's summary (blocking)."""
-    started = time.monotonic()
-    formula = parse_formula(spec.formula)
+@dataclass
+class Asking:
+    """One analysis's exchanges with its sites: who asks, of which dataset, under which filter and text, and the
+    sites still asked (each step's replies in a sentence-keyed refusal when one says no)."""
+
+    desk: QueryDesk
+    who: Principal
+    dataset: str
+    kind: QueryKind
+    base: dict[str, Any]
+    sites: list[dict[str, Any]]
+    refused: dict[str, str]
+
+    def tables(self, model: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Each site's released table for ``model`` (its stage, with how many sites are asked); SitesLeft when any
+        site said no, TaskRejected when no site is left to ask."""
+        if not self.sites:
+            said = "; ".join(f"{site}: {why}" for site, why in sorted(self.refused.items()))
+            raise TaskRejected(f"no site fits this model ({said})", 409)
+        request = request_for(self.who, self.dataset, self.kind, model={**model, "sites": len(self.sites)}, **self.base)
+        replies = self.desk.exchange(request, self.sites)
+        answered = {r["site"]: r["table"] for r in replies if r.get("status") == StepStatus.OK}
+        left = {r["site"]: r.get("reason") or str(r.get("status")) for r in replies if r["site"] not in answered}
+        left.update({t["site"]: "no answer" for t in self.sites if t["site"] not in answered and t["site"] not in left})
+        if left:
+            raise SitesLeft(left)
+        return answered
+
+    def leave_out(self, left: SitesLeft) -> None:
+        self.refused.update(left.refused)
+        self.sites = [t for t in self.sites if t["site"] not in left.refused]
+
+
+def asking(
+    desk: QueryDesk, who: Principal, kind: QueryKind, spec: Any, columns_named: tuple[str, ...], text: str
+) -> Asking:
+    """The sites to ask for ``spec`` (its dataset, filter, cohort, sites and threshold), its columns checked against
+    what the sites announced; ``text`` the analysis in words (``{where}``: its filter's, as the sites read it)."""
     as_query = QuerySpec(dataset=spec.dataset, kind=QueryKind.COUNT, where=spec.where, sites=spec.sites,
                          cohort=spec.cohort)  # fmt: skip
     targets, columns, offline = desk.targets(who, as_query)
     if spec.cohort is not None:
         targets, columns = desk.within(who, as_query, targets, columns)
-    if missing := [c for c in formula.columns() if c not in columns]:
+    if missing := [c for c in columns_named if c not in columns]:
         raise TaskRejected(
             f"unknown column {missing[0]!r} in dataset {spec.dataset!r}: its columns are {', '.join(columns)}", 404
         )
     where = parse_filter(spec.where, columns).text
-    text = spec.text or f"glm {spec.formula} ({spec.family}) over {spec.dataset}" + (f" where {where}" if where else "")
-    base = {"where": where, "threshold": spec.threshold or 0, "text": text, "cohort": spec.cohort or ""}
-    refused = {site: "offline" for site in offline}
-    asking = list(targets)
+    words = spec.text or text + (f" where {where}" if where else "")
+    base = {"where": where, "threshold": spec.threshold or 0, "text": words, "cohort": spec.cohort or ""}
+    return Asking(desk, who, spec.dataset, kind, base, list(targets), {site: "offline" for site in offline})
+
+
+def agreed_levels(tables: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The levels every site will use: the union of theirs, sorted as every site sorts them."""
+    levels: dict[str, list[str]] = {}
+    for table in tables.values():
+        for column, held in table["levels"].items():
+            levels[column] = sorted(set(levels.get(column, [])) | set(held), key=level_key)
+    return levels
+
+
+def until_agreed(sites: Asking, attempt: Callable[[], T]) -> T:
+    """``attempt()`` again without the sites that said no, until every site left answers every step."""
     while True:
         try:
-            rows: dict[str, int] = {}
-            levels: dict[str, list[str]] = {}
-            if formula.categorical:  # (without one, the first step says each site's rows)
-                levels, rows = _levels(desk, who, spec, base, asking, refused)
-            elif not asking:
-                _levels(desk, who, spec, base, asking, refused)  # says no site fits it
-            names = parameter_names(formula, levels)
-            steps: list[float] = []
-            ask = _asker(desk, who, spec, base, asking, levels, steps, rows)
-            result = fit(ask, spec.family, names)
-            break
-        except _Left as left:
-            refused.update(left.refused)
-            asking = [t for t in asking if t["site"] not in left.refused]
-        except NotConverged as exc:
-            raise TaskRejected(f"the model did not fit: {exc}", 422) from None
+            return attempt()
+        except SitesLeft as left:
+            sites.leave_out(left)
+
+
+def _glm_once(
+    sites: Asking, spec: GlmSpec, formula: Formula
+) -> tuple[Fit, dict[str, list[str]], dict[str, int], list[float]]:
+    """One fit over the sites asked: its levels stage (a categorical term's), then IRLS, a step per round trip."""
+    model = {"formula": spec.formula, "family": spec.family}
+    rows: dict[str, int] = {}
+    steps: list[float] = []
+    levels: dict[str, list[str]] = {}
+    if formula.categorical or not sites.sites:  # (without one, the first step says each site's rows)
+        levels = agreed_levels(sites.tables({**model, "stage": "levels"}))
+
+    def ask(beta: np.ndarray) -> Statistics:
+        stepped = time.monotonic()
+        tables = sites.tables({**model, "stage": "step", "levels": levels, "beta": [float(b) for b in beta]})
+        rows.update({site: int(t["rows"]) for site, t in tables.items()})
+        steps.append(time.monotonic() - stepped)
+        return reduce(lambda a, b: a + b, (Statistics.from_dict(t["statistics"]) for t in tables.values()))
+
+    return fit(ask, spec.family, parameter_names(formula, levels)), levels, rows, steps
+
+
+def fit_glm(desk: QueryDesk, who: Principal, spec: GlmSpec) -> dict[str, Any]:
+    """Fit ``spec`` across the online sites holding its dataset (or ``spec.sites``); the fit's summary (blocking)."""
+    started = time.monotonic()
+    formula = parse_formula(spec.formula)
+    sites = asking(desk, who, QueryKind.GLM, spec, formula.columns(),
+                   f"glm {spec.formula} ({spec.family}) over {spec.dataset}")  # fmt: skip
+    try:
+        result, levels, rows, steps = until_agreed(sites, lambda: _glm_once(sites, spec, formula))
+    except NotConverged as exc:
+        raise TaskRejected(f"the model did not fit: {exc}", 422) from None
     log.info("fitted %s over %s in %d iterations", spec.formula, ", ".join(rows), result.iterations)
     return {
         "dataset": spec.dataset,
         "formula": spec.formula,
         "family": spec.family,
-        "where": where,
+        "where": sites.base["where"],
         "cohort": spec.cohort,
-        "text": text,
+        "text": sites.base["text"],
         "levels": levels,
-        "coefficients": _table(result),
+        "coefficients": coefficient_table(result),
         "rows": result.rows,
         "sites": {site: {"rows": n} for site, n in sorted(rows.items())},
-        "refused": dict(sorted(refused.items())),
+        "refused": dict(sorted(sites.refused.items())),
         "iterations": result.iterations,
         "deviance": result.deviance,
         "scale": result.scale,
@@ -98,69 +167,7 @@ def fit_glm(desk: QueryDesk, who: Principal, spec: GlmSpec) -> dict[str, Any]:
     }
 
 
-def _levels(
-    desk: QueryDesk,
-    who: Principal,
-    spec: GlmSpec,
-    base: dict[str, Any],
-    asking: list[dict[str, Any]],
-    refused: dict[str, str],
-) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """The levels stage: each answering site's complete rows, and the categorical terms' agreed levels."""
-    if not asking:
-        said = "; ".join(f"{site}: {why}" for site, why in sorted(refused.items()))
-        raise TaskRejected(f"no site fits this model ({said})", 409)
-    model = {"formula": spec.formula, "family": spec.family, "stage": "levels", "sites": len(asking)}
-    replies = desk.exchange(request_for(who, spec.dataset, QueryKind.GLM, model=model, **base), asking)
-    answered, left = _split(replies, asking)
-    if left:
-        raise _Left(left)
-    levels: dict[str, list[str]] = {}
-    for reply in answered.values():
-        for column, held in reply["table"]["levels"].items():
-            levels[column] = sorted(set(levels.get(column, [])) | set(held), key=level_key)
-    return levels, {site: int(r["table"]["rows"]) for site, r in answered.items()}
-
-
-def _asker(
-    desk: QueryDesk,
-    who: Principal,
-    spec: GlmSpec,
-    base: dict[str, Any],
-    asking: list[dict[str, Any]],
-    levels: dict[str, list[str]],
-    seconds: list[float],
-    rows: dict[str, int],
-) -> Any:
-    """``ask(beta)`` for :func:`flip_core.glm.fit`: one step at every site, their statistics summed; each site's
-    rows kept in ``rows``."""
-
-    def ask(beta: np.ndarray) -> Statistics:
-        started = time.monotonic()
-        model = {"formula": spec.formula, "family": spec.family, "stage": "step", "levels": levels,
-                 "beta": [float(b) for b in beta], "sites": len(asking)}  # fmt: skip
-        replies = desk.exchange(request_for(who, spec.dataset, QueryKind.GLM, model=model, **base), asking)
-        answered, left = _split(replies, asking)
-        if left:
-            raise _Left(left)
-        rows.update({site: int(r["table"]["rows"]) for site, r in answered.items()})
-        seconds.append(time.monotonic() - started)
-        return reduce(lambda a, b: a + b, (Statistics.from_dict(r["table"]["statistics"]) for r in answered.values()))
-
-    return ask
-
-
-def _split(
-    replies: list[dict[str, Any]], asking: list[dict[str, Any]]
-) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """The sites that answered a step, and those that did not (with their sentence; a site with no reply too)."""
-    answered = {r["site"]: r for r in replies if r.get("status") == StepStatus.OK}
-    left = {r["site"]: r.get("reason") or str(r.get("status")) for r in replies if r["site"] not in answered}
-    left.update({t["site"]: "no answer" for t in asking if t["site"] not in answered and t["site"] not in left})
-    return answered, left
-
-
-def _table(result: Any) -> list[dict[str, Any]]:
+def coefficient_table(result: Any) -> list[dict[str, Any]]:
     intervals, z, p = result.conf_int(), result.z(), result.pvalues()
     return [
         {
@@ -176,4 +183,4 @@ def _table(result: Any) -> list[dict[str, Any]]:
     ]
 
 
-__all__ = ["fit_glm"]
+__all__ = ["Asking", "SitesLeft", "agreed_levels", "asking", "coefficient_table", "fit_glm", "until_agreed"]

@@ -19,10 +19,11 @@ from starlette.routing import BaseRoute, Route
 from coordinator.identity import Caller, Refused, choose_project, static_caller
 from coordinator.models import fit_glm
 from coordinator.service import Principal, TaskRejected
+from coordinator.survival import survival
 from coordinator.web import bearer, error, query_int, receive_model, state, typed_body
 from flip_core.api import PROJECT_HEADER, CohortSpec, QuerySpec, ReleaseSpec, TaskSpec
 from flip_core.errors import RequestInvalid
-from flip_core.models import GlmSpec
+from flip_core.models import GlmSpec, SurvivalSpec
 from flip_core.runs import record_of
 from flip_core.status import TERMINAL
 
@@ -110,6 +111,12 @@ async def glm(request: Request) -> Response:
     who = await caller(request)
     spec: GlmSpec = await typed_body(request, GlmSpec, "the model")
     return JSONResponse(await asyncio.to_thread(fit_glm, state(request).queries, who, spec))
+
+
+async def survival_analysis(request: Request) -> Response:
+    who = await caller(request)
+    spec: SurvivalSpec = await typed_body(request, SurvivalSpec, "the analysis")
+    return JSONResponse(await asyncio.to_thread(survival, state(request).queries, who, spec))
 
 
 async def cohort(request: Request) -> Response:
@@ -203,6 +210,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/queries", query, methods=["POST"]),
         Route("/api/cohorts", cohort, methods=["POST"]),
         Route("/api/glm", glm, methods=["POST"]),
+        Route("/api/survival", survival_analysis, methods=["POST"]),
         Route("/api/airlock", ask_release, methods=["POST"]),
         Route("/api/airlock", list_releases, methods=["GET"]),
         Route("/api/airlock/{request_id}", get_release),

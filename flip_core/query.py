@@ -74,6 +74,7 @@ class QueryKind(StrEnum):
     RELEASE = "release"  # hold an item for the site's airlock (``flip_core.airlock``): its admin reviews it
     RELEASES = "releases"  # the state of the researcher's airlock requests at the site, and released items
     GLM = "glm"  # one step of a model fitted across sites (``model``: its formula, family, stage, coefficients)
+    SURVIVAL = "survival"  # Kaplan-Meier counts or one step of a Cox model (``model``: its kind, columns, stage...)
 
 
 # kinds a researcher does not ask as a query (``POST /api/queries``), and where they are asked instead
@@ -81,6 +82,7 @@ ELSEWHERE = {
     QueryKind.RELEASE: "an item is asked of a site's airlock with %flip_request (POST /api/airlock), not as a query",
     QueryKind.RELEASES: "an item is asked of a site's airlock with %flip_request (POST /api/airlock), not as a query",
     QueryKind.GLM: "a model is fitted with %flip_model glm (POST /api/glm), not as a query",
+    QueryKind.SURVIVAL: "survival is asked with %flip_survival (POST /api/survival), not as a query",
 }
 
 
@@ -107,7 +109,9 @@ class QueryRequest:
     limit: int = 0  # TOP: how many concepts each site names at most (the most frequent)
     # RELEASE: the ask (``flip_core.airlock.ReleaseAsk.to_dict``); RELEASES: {"requests": [ids], "content": bool}
     airlock: dict[str, Any] = field(default_factory=dict)
-    # GLM: {"formula", "family", "stage" ("levels" | "step"), "levels" (agreed), "beta", "sites" (how many asked)}
+    # GLM: {"formula", "family", "stage" ("levels" | "step"), "levels" (agreed), "beta", "sites" (how many asked)};
+    # SURVIVAL: {"kind" ("km" | "cox"), "time", "event", "edges", "group", "terms", "binned", "stage" ("levels" |
+    # "counts" | "step"), "levels", "beta", "sites"}
     model: dict[str, Any] = field(default_factory=dict)
 
 

@@ -57,7 +57,7 @@ def answer_model(
         )
     chosen = table[np.asarray(rows, dtype=bool)]
     if stage == "levels":
-        levels = _own_levels(chosen, formula.categorical, formula.columns(), threshold)
+        levels = own_levels(chosen, formula.categorical, formula.columns(), threshold)
     else:
         agreed = model.get("levels") or {}
         if not isinstance(agreed, dict) or not all(isinstance(v, list) for v in agreed.values()):
@@ -68,7 +68,7 @@ def answer_model(
     check(chosen, formula, levels, str(family), threshold, fraction)
     x, y = design(chosen, formula, levels)
     complete = np.flatnonzero(rows)[chosen[list(formula.columns())].notna().all(axis=1).to_numpy()]
-    _through_ledger(pending, complete, len(table), released_sets(x, y, formula, levels, str(family)), request.text)
+    through_ledger(pending, complete, len(table), released_sets(x, y, formula, levels, str(family)), request.text)
     if stage == "levels":
         return {"rows": len(y), "levels": levels}
     try:
@@ -88,7 +88,7 @@ def model_columns(request: QueryRequest) -> tuple[str, ...]:
         raise ModelRefused(str(exc)) from None
 
 
-def _own_levels(
+def own_levels(
     chosen: pd.DataFrame, categorical: tuple[str, ...], columns: tuple[str, ...], threshold: int
 ) -> dict[str, list[str]]:
     """Each categorical term's levels among this site's complete rows, in the order every site sorts them."""
@@ -105,7 +105,7 @@ def _own_levels(
     return levels
 
 
-def _through_ledger(
+def through_ledger(
     pending: Pending, complete: np.ndarray, size: int, sets: dict[str, list[tuple[np.ndarray, str]]], text: str
 ) -> None:
     """Show each set (masks over the complete rows) to the ledger; refuse the model if any is too close to one
@@ -127,4 +127,4 @@ def _over(size: int, positions: np.ndarray) -> np.ndarray:
     return mask
 
 
-__all__ = ["STAGES", "answer_model", "model_columns"]
+__all__ = ["STAGES", "answer_model", "model_columns", "own_levels", "through_ledger"]

@@ -49,12 +49,14 @@ from site_agent.queries.models import answer_model, model_columns
 from site_agent.queries.private import answer_privately, check_bounds
 from site_agent.queries.releases import ReleaseDesk
 from site_agent.queries.statistics import QueryRefused, answer
+from site_agent.queries.survival_steps import answer_survival, survival_columns
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
 
+MODELS = (QueryKind.GLM, QueryKind.SURVIVAL)  # exact statistics: no model under differential privacy
 MOCK_MAX_ROWS = 2000  # enough to develop a cell against; what travels stays small whatever the table's size
 
 
@@ -118,6 +120,7 @@ class QueryService:
                 return QueryReply(name, StepStatus.OK, threshold=own, table=self._mock(request, table, own))
             cohort = parse_filter(request.where, [str(c) for c in table.columns])
             formula = model_columns(request) if request.kind == QueryKind.GLM else ()
+            formula += survival_columns(request.model) if request.kind == QueryKind.SURVIVAL else ()
             named = tuple(sorted(set(request.columns) | set(cohort.columns()) | set(formula)))
             if barred := query_columns_refused(policy, request.project, named):
                 return QueryReply(name, StepStatus.REFUSED, barred, threshold)
@@ -125,7 +128,7 @@ class QueryService:
             if request.kind == QueryKind.TOP:  # a row per (person, concept) of the persons asked
                 table, keys, rows = self._concepts(request, table, keys, rows, positions, dates)
             found = policy.project(request.project)
-            if request.kind == QueryKind.GLM and found is not None and found.query_epsilon is not None:
+            if request.kind in MODELS and found is not None and found.query_epsilon is not None:
                 raise ModelRefused("this project's queries are answered under differential privacy here, and a "
                                    "model's statistics are exact: no model is fitted with this site")  # fmt: skip
             if found is not None and found.query_epsilon is not None:
@@ -145,6 +148,10 @@ class QueryService:
             elif request.kind == QueryKind.GLM:
                 alone, fraction = (found.model_alone, found.model_parameter_fraction) if found else (False, 0.2)
                 table_out = answer_model(request, table, rows, threshold, pending, fraction, alone)
+            elif request.kind == QueryKind.SURVIVAL:
+                alone, fraction = (found.model_alone, found.model_parameter_fraction) if found else (False, 0.2)
+                table_out = answer_survival(request.model, table, rows, threshold, pending, request.text, fraction,
+                                            alone)  # fmt: skip
             elif request.kind == QueryKind.TOP:
                 table_out = top_table(table, rows, request.limit, threshold, pending, request.text or "top")
             elif request.kind == QueryKind.HIST and request.columns == (INTENSITY,) and self._is_images(request):
