@@ -27,6 +27,7 @@ import numpy as np
 from coordinator.queries import QueryDesk, request_for
 from coordinator.service import Principal, TaskRejected
 from flip_core.api import QuerySpec
+from flip_core.covariates import read_covariates
 from flip_core.filters import parse as parse_filter
 from flip_core.glm import Fit, Formula, NotConverged, Statistics, fit, parameter_names, parse_formula
 from flip_core.models import GlmSpec
@@ -62,7 +63,9 @@ class Asking:
         """Each site's released table for ``model`` (its stage, with how many sites are asked); SitesLeft when any
         site said no, TaskRejected when no site is left to ask."""
         if not self.sites:
-            said = "; ".join(f"{site}: {why}" for site, why in sorted(self.refused.items()))
+            said = "; ".join(
+                why if why.startswith(f"{site}:") else f"{site}: {why}" for site, why in sorted(self.refused.items())
+            )
             raise TaskRejected(f"no site fits this model ({said})", 409)
         request = request_for(self.who, self.dataset, self.kind, model={**model, "sites": len(self.sites)}, **self.base)
         replies = self.desk.exchange(request, self.sites)
@@ -88,6 +91,8 @@ def asking(
     targets, columns, offline = desk.targets(who, as_query)
     if spec.cohort is not None:
         targets, columns = desk.within(who, as_query, targets, columns)
+    if spec.covariates is not None:
+        columns = columns + [c for c in declared(spec) if c not in columns]
     if missing := [c for c in columns_named if c not in columns]:
         raise TaskRejected(
             f"unknown column {missing[0]!r} in dataset {spec.dataset!r}: its columns are {', '.join(columns)}", 404
@@ -96,6 +101,13 @@ def asking(
     words = spec.text or text + (f" where {where}" if where else "")
     base = {"where": where, "threshold": spec.threshold or 0, "text": words, "cohort": spec.cohort or ""}
     return Asking(desk, who, spec.dataset, kind, base, list(targets), {site: "offline" for site in offline})
+
+
+def declared(spec: Any) -> list[str]:
+    """The columns a covariate specification declares (built at each site for a dated cohort's persons)."""
+    if spec.cohort is None:
+        raise TaskRejected("covariates are built at a cohort's index dates: name a Circe cohort (--cohort)", 400)
+    return read_covariates(spec.covariates).columns()
 
 
 def agreed_levels(tables: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
@@ -120,7 +132,7 @@ def _glm_once(
     sites: Asking, spec: GlmSpec, formula: Formula
 ) -> tuple[Fit, dict[str, list[str]], dict[str, int], list[float]]:
     """One fit over the sites asked: its levels stage (a categorical term's), then IRLS, a step per round trip."""
-    model = {"formula": spec.formula, "family": spec.family}
+    model = {"formula": spec.formula, "family": spec.family, "covariates": spec.covariates}
     rows: dict[str, int] = {}
     steps: list[float] = []
     levels: dict[str, list[str]] = {}

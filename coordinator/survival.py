@@ -44,8 +44,8 @@ def survival(desk: QueryDesk, who: Principal, spec: SurvivalSpec) -> dict[str, A
     what = f"Cox {spec.terms}" if spec.kind == "cox" else "Kaplan-Meier" + (f" by {spec.group}" if spec.group else "")
     sites = asking(desk, who, QueryKind.SURVIVAL, spec, columns,
                    f"{what}: {spec.time} until {spec.event} over {spec.dataset}")  # fmt: skip
-    model = {"kind": spec.kind, "time": spec.time, "event": spec.event, "edges": list(spec.edges),
-             "group": spec.group, "terms": spec.terms, "binned": spec.binned}  # fmt: skip
+    model = {"kind": spec.kind, "time": spec.time, "event": spec.event, "edges": list(spec.edges), "group": spec.group,
+             "terms": spec.terms, "binned": spec.binned, "covariates": spec.covariates}  # fmt: skip
     head = {"kind": spec.kind, "dataset": spec.dataset, "time": spec.time, "event": spec.event,
             "where": sites.base["where"], "cohort": spec.cohort, "text": sites.base["text"]}  # fmt: skip
     if spec.kind == "km":

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from flip_core.api import MAX_SITES, MAX_THRESHOLD, Body, CohortName, Name, SiteName, _refuse
+from flip_core.covariates import CovariateSpec
 from flip_core.glm import Formula, FormulaInvalid, parse_formula
 from flip_core.query import MAX_QUERY_CHARS
 from flip_core.survival import MAX_EDGES, EdgesInvalid, checked_edges
@@ -31,6 +32,7 @@ class GlmSpec(Body):
     sites: Annotated[list[SiteName], Field(min_length=1, max_length=MAX_SITES)] | None = None
     threshold: Annotated[int, Field(ge=1, le=MAX_THRESHOLD)] | None = None  # raises each site's, never lowers it
     text: Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)] = ""
+    covariates: CovariateSpec | None = None  # within an OMOP cohort: the declared per-person columns, built there
 
     @field_validator("formula")
     @classmethod
@@ -66,6 +68,7 @@ class SurvivalSpec(Body):
     sites: Annotated[list[SiteName], Field(min_length=1, max_length=MAX_SITES)] | None = None
     threshold: Annotated[int, Field(ge=1, le=MAX_THRESHOLD)] | None = None
     text: Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS)] = ""
+    covariates: CovariateSpec | None = None  # within an OMOP cohort: the declared per-person columns, built there
 
     @model_validator(mode="after")
     def _shape(self) -> SurvivalSpec:

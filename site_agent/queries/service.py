@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from flip_core.covariates import read_covariates
 from flip_core.errors import FlipError
 from flip_core.filters import parse as parse_filter
 from flip_core.query import QueryKind, QueryReply, QueryRequest, decode_query, encode_reply
@@ -33,7 +34,7 @@ from site_agent.data.formats import load_table
 from site_agent.data.image_datasets import IMAGES, INTENSITY, verify_cases
 from site_agent.data.omop import OMOP, circe_persons
 from site_agent.data.omop_db import Source
-from site_agent.data.omop_features import concept_persons
+from site_agent.data.omop_features import build, concept_persons
 from site_agent.data.readers import ImageError
 from site_agent.governance.gate import Governance
 from site_agent.governance.policy import Budget, TaskFacts, decide, query_columns_refused
@@ -115,6 +116,8 @@ class QueryService:
             positions = dates = None
             if request.cohort and request.kind not in (QueryKind.COHORT, QueryKind.MOCK):
                 table, keys, positions, dates = self._within(request, table, keys)
+            if request.kind in MODELS and request.model.get("covariates") is not None:
+                table = self._declared(request, table, positions, dates)
             if request.kind == QueryKind.MOCK:  # the site's threshold for the project: one mock, whatever is asked
                 own = policy.threshold(request.project)
                 return QueryReply(name, StepStatus.OK, threshold=own, table=self._mock(request, table, own))
@@ -244,6 +247,21 @@ class QueryService:
         rows, index = list(cohort.rows), list(cohort.index) or None
         within, within_keys = within_cohort(table, keys, rows, index)
         return within, within_keys, rows, index
+
+    def _declared(
+        self, request: QueryRequest, table: pd.DataFrame, positions: list[int] | None, dates: list[str] | None
+    ) -> pd.DataFrame:
+        """The cohort's rows with the columns a covariate specification declares, built in the OMOP database at
+        each person's index date (``site_agent.data.omop_features``), as a training task's table is."""
+        entry = self.site.dataset(request.dataset)
+        if entry.format != OMOP.name or positions is None or dates is None:
+            raise QueryRefused("covariates are built at the index dates of a Circe cohort of an OMOP database")
+        try:
+            spec = read_covariates(request.model["covariates"])
+        except ValueError as exc:
+            raise QueryRefused(str(exc)) from None
+        built = build(Source.read(Path(entry.path)), spec, positions, dates)
+        return table.assign(**{str(c): built[c].to_numpy() for c in built.columns})
 
     def _concepts(
         self,

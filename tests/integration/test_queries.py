@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+import statsmodels.api as sm
+import statsmodels.formula.api as smf
 
 from flip_core.errors import Rejected
 from flip_core.util import wait_until
@@ -333,7 +335,16 @@ def test_the_cohort_notebook_runs_headless_under_flip_run(federation, tables, po
         assert std == pytest.approx(cohort[column].std(ddof=1), rel=0.01)
     assert summary["dry_run"] == {"status": "completed", "name": "MOCK cohort-heart", "mock": True}
     assert summary["run_cohort"] == "over50" and set(summary["site_accuracy"]) == set(HEART_SITES)
+    glm = summary["glm"]  # the regression on the cohort: statsmodels' fit of the answering sites' cohort rows
+    assert list(glm["refused"]) == ["Switzerland"] and list(glm["sites"]) == ["Cleveland", "Hungary", "VA"]
+    rows = pd.concat([tables[s][tables[s].age > 50] for s in glm["sites"]], ignore_index=True)
+    reference = smf.glm("disease ~ age + exang + oldpeak", rows.assign(disease=(rows.num > 0).astype(int)),
+                        family=sm.families.Binomial()).fit()  # fmt: skip
+    for name, fitted in glm["coefficients"].items():
+        assert fitted["estimate"] == pytest.approx(reference.params[name], rel=1e-6)
+        assert fitted["se"] == pytest.approx(reference.bse[name], rel=1e-6)
+    assert sum(glm["sites"].values()) == reference.nobs
     executed = nbformat.read(out, as_version=4)
     outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the figures stay in the output
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # the figures (and the forest plot) stay
     assert any("MOCK" in str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
