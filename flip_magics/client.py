@@ -22,7 +22,7 @@ from flip_core.api import CohortSpec, QuerySpec, ReleaseSpec, TaskSpec, parse
 from flip_core.codec import pack_arrays
 from flip_core.errors import FlipError, NotConnected, Rejected, RequestInvalid
 from flip_core.filters import parse as parse_filter
-from flip_core.models import GlmSpec
+from flip_core.models import GlmSpec, SurvivalSpec
 from flip_core.paths import read_connection
 from flip_core.runs import record_of
 from flip_magics.airlock import AirlockRequest, ReleasedItem, released_item
@@ -35,6 +35,7 @@ from flip_magics.provenance import log_run, task_provenance
 from flip_magics.queries import QueryResult, result_from
 from flip_magics.run_handle import TERMINAL, RunHandle
 from flip_magics.site_tables import inclusion_table, site_table
+from flip_magics.survival import SurvivalResult, survival_from
 from flip_magics.task import metrics_to_declare, prepare
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,35 @@ class FlipClient:
         parse_filter(where)
         answer = self.connection.call("POST", "/api/glm", json=spec.model_dump(mode="json"), timeout=300).json()
         return model_from(answer)
+
+    def km(self, dataset: str, time: str, event: str, edges: list[float], *, group: str | None = None, where: str = "",
+           cohort: str | None = None, sites: list[str] | None = None, threshold: int | None = None,
+           text: str = "") -> SurvivalResult:  # fmt: skip
+        """Kaplan-Meier curves of ``time`` until ``event`` (a 0/1 column), one per level of ``group`` (or one), at the
+        bin ``edges`` (each site merges its small bins; no exact time leaves it): the curves with their 95% bands and
+        the numbers at risk, the log-rank test across the groups, each site's rows and merges."""
+        return survival_from(self._survival({"kind": "km", "dataset": dataset, "time": time, "event": event,
+            "edges": list(edges), "group": group, "where": where, "cohort": cohort, "sites": sites,
+            "threshold": threshold, "text": text}))  # fmt: skip
+
+    def cox(self, terms: str, dataset: str, time: str, event: str, *, binned: bool = False,
+            edges: list[float] | None = None, where: str = "", cohort: str | None = None,
+            sites: list[str] | None = None, threshold: int | None = None, text: str = "") -> ModelResult:  # fmt: skip
+        """A Cox proportional-hazards model of ``terms`` (``age + sex + C(arm)``, parsed, never evaluated) for ``time``
+        until ``event``: stratified by site over the exact times, or (``binned``) with one baseline hazard over the
+        times binned at ``edges``, with the proportional-hazards check. Hazard ratios with their intervals."""
+        return model_from(self._survival({"kind": "cox", "dataset": dataset, "time": time, "event": event,
+            "terms": terms, "binned": binned, "edges": list(edges or []), "where": where, "cohort": cohort,
+            "sites": sites, "threshold": threshold, "text": text}))  # fmt: skip
+
+    def _survival(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/survival`` with ``body``, checked here first (a wrong part is told before anything is sent)."""
+        spec: SurvivalSpec = parse(SurvivalSpec, body, "the analysis")
+        parse_filter(spec.where)
+        answer: dict[str, Any] = self.connection.call(
+            "POST", "/api/survival", json=spec.model_dump(mode="json"), timeout=300
+        ).json()
+        return answer
 
     # -- the airlock ----------------------------------------------------------------
     def request_release(

@@ -340,6 +340,42 @@ class FlipMagics(Magics):
         display(result)
         display(Image(png(result.plot())))  # static: an executed notebook keeps it
 
+    @line_cell_magic
+    @magic_arguments()
+    @argument("kind", choices=["km", "cox"], help="km: Kaplan-Meier curves and the log-rank test; cox: a Cox model")
+    @argument("terms", nargs="*", help='cox: the covariates, e.g. "age + C(arm)" (in %%%%flip_survival: the cell)')
+    @argument("--dataset", required=True, help="dataset name, as %%flip_sites lists it")
+    @argument("--time", required=True, help="the time column (at least zero): until the event or censoring")
+    @argument("--event", required=True, help="the event column: 1, the event; 0, censored then")
+    @argument("--edges", type=float, nargs="+", default=[], help="km, cox --binned: the time bins' edges, increasing")
+    @argument("--group", default=None, help="km: a curve per level of this column")
+    @argument("--binned", action="store_true", help="cox: one baseline hazard over binned times (default: stratified)")
+    @argument("--where", default="", help='which rows: e.g. "age > 50"')
+    @argument("--cohort", default=None, help="within this frozen cohort (%%flip_cohort)")
+    @argument("--sites", nargs="+", default=None, help="these sites only (default: every online site)")
+    @argument("--threshold", type=int, default=None, help="this analysis' disclosure threshold (raises the sites')")
+    @argument("--out", default="flip_survival", help="variable that receives the result (default: flip_survival)")
+    @_friendly
+    def flip_survival(self, line: str, cell: str | None = None) -> None:
+        """Survival across the sites, no exact time leaving one: Kaplan-Meier curves with the numbers at risk, or a
+        Cox model's hazard ratios with a forest plot."""
+        args = parse_args(self.flip_survival, line)
+        terms = " ".join(cell.split()) if cell is not None and cell.strip() else unquoted(" ".join(args.terms))
+        common = {"where": args.where, "cohort": args.cohort, "sites": args.sites, "threshold": args.threshold}
+        if args.kind == "km":
+            if terms:
+                raise UsageError("Kaplan-Meier curves take --group, not terms")
+            result: Any = self._client().km(args.dataset, args.time, args.event, args.edges, group=args.group,
+                                            **common)  # fmt: skip
+        else:
+            if args.group is not None:
+                raise UsageError("a Cox model takes terms (C(column) for a categorical one), not --group")
+            result = self._client().cox(terms, args.dataset, args.time, args.event, binned=args.binned,
+                                        edges=args.edges or None, **common)  # fmt: skip
+        self._user_ns()[args.out] = result
+        display(result)
+        display(Image(png(result.plot())))  # static: an executed notebook keeps it
+
     @line_magic
     @_friendly
     def flip_runs(self, line: str) -> pd.DataFrame:

@@ -4,7 +4,9 @@ No IPython here. The hub answers ``POST /api/glm`` with the coefficients (statsm
 p-value and 95% interval), each site's complete rows, the iterations and the sites that said no; this module makes
 them a table, a few sentences a reader needs, and a forest plot (static in an executed notebook, as every FLIP
 figure). A binomial model's coefficients are log odds ratios and a Poisson model's log rate ratios: the table and
-the plot give them exponentiated too (``odds_ratio``, ``rate_ratio``).
+the plot give them exponentiated too (``odds_ratio``, ``rate_ratio``). A Cox model (``POST /api/survival``, kind
+``cox``: ``family`` "cox") is one too: its coefficients are log hazard ratios (``hazard_ratio``), its notes say how
+it was fitted (stratified by site, or one baseline hazard over binned times) and the proportional-hazards check.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-RATIO = {"binomial": "odds_ratio", "poisson": "rate_ratio"}
+RATIO = {"binomial": "odds_ratio", "poisson": "rate_ratio", "cox": "hazard_ratio"}
 COLUMNS = ["name", "estimate", "se", "z", "p", "ci_low", "ci_high"]
 
 
@@ -40,6 +42,9 @@ class ModelResult:
     raw: dict[str, Any] = field(default_factory=dict)
 
     def title(self) -> str:
+        if self.family == "cox":
+            time, event = self.raw.get("time"), self.raw.get("event")
+            return f"Cox model {self.formula}: {time} until {event} over {self.dataset}"
         return f"{self.family} GLM {self.formula} over {self.dataset}"
 
     def _repr_html_(self) -> str:
@@ -88,6 +93,8 @@ def model_from(answer: dict[str, Any]) -> ModelResult:
 
 def notes(answer: dict[str, Any]) -> list[str]:
     """What a reader must know: the sites in the fit, those that said no, and how it was fitted."""
+    if answer["family"] == "cox":
+        return cox_notes(answer)
     sites = ", ".join(answer["sites"])
     out = [
         f"fitted exactly over {answer['rows']} complete rows at {sites} (iteratively reweighted least squares on the "
@@ -96,9 +103,56 @@ def notes(answer: dict[str, Any]) -> list[str]:
     out += [f"{site} is not in the fit: {why}" for site, why in answer.get("refused", {}).items()]
     if answer["family"] == "gaussian":
         out.append(f"standard errors use the scale (residual variance) {answer['scale']:.4g}, as statsmodels does")
-    for column, levels in (answer.get("levels") or {}).items():
-        if levels:
-            out.append(f"C({column}): each level against {levels[0]} (the first, as every site sorts them)")
+    return out + _level_notes(answer)
+
+
+def _level_notes(answer: dict[str, Any]) -> list[str]:
+    return [
+        f"C({column}): each level against {levels[0]} (the first, as every site sorts them)"
+        for column, levels in (answer.get("levels") or {}).items()
+        if levels
+    ]
+
+
+def cox_notes(answer: dict[str, Any]) -> list[str]:
+    """A Cox model's: its rows and events, how it was fitted (stratified, exact; or binned, approximate), those that
+    said no, and the proportional-hazards check, per covariate and global."""
+    sites = ", ".join(answer["sites"])
+    out = [
+        f"fitted over {answer['rows']} complete rows with {answer['events']} events at {sites} (Newton-Raphson on the "
+        f"sites' summed statistics, {answer['iterations']} iterations): hazard ratios are exp(coefficient)"
+    ]
+    out += [f"{site} is not in the fit: {why}" for site, why in answer.get("refused", {}).items()]
+    if answer.get("binned"):
+        edges = ", ".join(f"{float(e):g}" for e in answer.get("kept_edges") or answer.get("edges") or [])
+        out.append(
+            f"one baseline hazard over the times binned at the edges {edges} (each time taken as the end of its bin, "
+            "ties in a bin by Efron's method): an approximation, the binning; exact for the binned times"
+        )
+    else:
+        out.append(
+            "stratified by site (each site its own baseline hazard) over the exact times, only sums leaving a site: "
+            "the pooled stratified fit, exactly"
+        )
+    return out + _level_notes(answer) + hazards_notes(answer)
+
+
+def hazards_notes(answer: dict[str, Any]) -> list[str]:
+    """The proportional-hazards check's lines (a small p: a hazard ratio that changes over time), or why none."""
+    test = answer.get("hazards_test")
+    if not answer.get("binned"):
+        return ["no proportional-hazards check: it is made on one baseline hazard over binned times (binned)"]
+    if not test or "names" not in test:
+        return [f"no proportional-hazards check: {(test or {}).get('undefined', 'the hub made none')}"]
+    out = [
+        f"proportional hazards, {name}: chi-square {statistic:.4g} on 1 df, p = {p:.3g}"
+        for name, statistic, p in zip(test["names"], test["statistics"], test["pvalues"], strict=True)
+    ]
+    out.append(
+        f"proportional hazards, global: chi-square {test['global_statistic']:.4g} on {test['global_df']} df, "
+        f"p = {test['global_pvalue']:.3g} (Grambsch and Therneau's score test over the bins' event ranks; a small p: "
+        "a hazard ratio that changes over time)"
+    )
     return out
 
 
@@ -127,4 +181,4 @@ def forest(result: ModelResult, intercept: bool = False) -> Figure:
     return figure
 
 
-__all__ = ["ModelResult", "forest", "model_from", "notes"]
+__all__ = ["RATIO", "ModelResult", "cox_notes", "forest", "hazards_notes", "model_from", "notes"]

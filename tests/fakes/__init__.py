@@ -12,6 +12,8 @@ Fakes stand in for a part in unit tests of pure logic; integration tests use the
 from fakes.flower import GRID_NODES, FakeControl, FakeFlowerStatus, FakeGrid
 from fakes.hub import FakeBulkStore, FakeFlakyBulk, FakeHub, FakeHubIdentity
 from fakes.notebook import (
+    FAKE_COX_ANSWER,
+    FAKE_KM_ANSWER,
     FakeAirlockClient,
     FakeDisplay,
     FakeFailedRun,
@@ -20,12 +22,17 @@ from fakes.notebook import (
     FakeRecordClient,
     FakeResponse,
     FakeRunConnection,
+    FakeSurvivalConnection,
     FakeTrainClient,
+    fake_cox_answer,
+    fake_km_answer,
 )
 from fakes.site import FakeTaskProcess, FakeZygote, fake_images
 from fakes.upstreams import FakeCoordinator, FakeSuperLink
 
 __all__ = [
+    "FAKE_COX_ANSWER",
+    "FAKE_KM_ANSWER",
     "GRID_NODES",
     "FakeAirlockClient",
     "FakeBulkStore",
@@ -44,8 +51,11 @@ __all__ = [
     "FakeResponse",
     "FakeRunConnection",
     "FakeSuperLink",
+    "FakeSurvivalConnection",
     "FakeTaskProcess",
     "FakeZygote",
     "FakeTrainClient",
+    "fake_cox_answer",
     "fake_images",
+    "fake_km_answer",
 ]

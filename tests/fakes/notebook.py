@@ -2,7 +2,52 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+# A fake hub's answers to POST /api/survival (numbers made up, no patient behind them): Kaplan-Meier curves of two
+# arms at the edges 0, 60, 90 (VA merged (0, 30] and (30, 60]; Zurich refused), and a binned Cox model of two terms.
+FAKE_KM_ANSWER: dict[str, Any] = {
+    "kind": "km", "dataset": "fake-trial", "time": "days", "event": "died", "group": "arm", "where": "",
+    "cohort": None, "text": "Kaplan-Meier by arm: days until died over fake-trial",
+    "edges": [0.0, 30.0, 60.0, 90.0], "kept_edges": [0.0, 60.0, 90.0],
+    "curves": {
+        "A": {"time": [0.0, 60.0, 90.0], "at_risk": [40, 40, 28], "events": [0, 12, 10], "censored": [0, 0, 18],
+              "survival": [1.0, 0.7, 0.45], "ci_low": [1.0, 0.5326, 0.2934], "ci_high": [1.0, 0.8171, 0.5946]},
+        "B": {"time": [0.0, 60.0, 90.0], "at_risk": [30, 30, 24], "events": [0, 6, 4], "censored": [0, 0, 20],
+              "survival": [1.0, 0.8, 0.6667], "ci_low": [1.0, 0.608, 0.4692], "ci_high": [1.0, 0.9048, 0.8047]},
+    },
+    "logrank": {"statistic": 2.948, "df": 1, "p": 0.08597, "observed": {"A": 22, "B": 10},
+                "expected": {"A": 17.82, "B": 14.18}},
+    "sites": {"Hungary": {"rows": 38, "notes": []},
+              "VA": {"rows": 32, "notes": ["merged (0, 30] into (30, 60]: fewer than 10 events or censorings there"]}},
+    "refused": {"Zurich": "Zurich: the dataset fake-trial has no column 'days'"},
+    "rows": 70,
+}  # fmt: skip
+FAKE_COX_ANSWER: dict[str, Any] = {
+    "kind": "cox", "family": "cox", "binned": True, "dataset": "fake-trial", "formula": "age + C(arm)",
+    "time": "days", "event": "died", "where": "", "cohort": None, "text": "Cox age + C(arm)",
+    "coefficients": [
+        {"name": "age", "estimate": 0.03, "se": 0.01, "z": 3.0, "p": 0.0027, "ci_low": 0.0104, "ci_high": 0.0496},
+        {"name": "C(arm)[T.B]", "estimate": -0.5, "se": 0.25, "z": -2.0, "p": 0.0455, "ci_low": -0.99,
+         "ci_high": -0.01},
+    ],
+    "rows": 70, "events": 32, "iterations": 5, "log_likelihood": -120.5, "deviance": 241.0,
+    "levels": {"arm": ["A", "B"]}, "sites": {"Hungary": {"rows": 38}, "VA": {"rows": 32}}, "refused": {},
+    "hazards_test": {"names": ["age", "C(arm)[T.B]"], "statistics": [0.8, 4.1], "pvalues": [0.371, 0.0429],
+                     "global_statistic": 4.6, "global_df": 2, "global_pvalue": 0.1003},
+    "kept_edges": [0.0, 60.0, 90.0],
+}  # fmt: skip
+
+
+def fake_km_answer(**changes: Any) -> dict[str, Any]:
+    """A deep copy of :data:`FAKE_KM_ANSWER` with ``changes``."""
+    return {**copy.deepcopy(FAKE_KM_ANSWER), **changes}
+
+
+def fake_cox_answer(**changes: Any) -> dict[str, Any]:
+    """A deep copy of :data:`FAKE_COX_ANSWER` with ``changes``."""
+    return {**copy.deepcopy(FAKE_COX_ANSWER), **changes}
 
 
 class FakeTrainClient:
@@ -42,6 +87,22 @@ class FakeQueryClient:
         return model_from({"family": args[2], "formula": args[0], "dataset": args[1], "rows": 40, "iterations": 4,
                            "deviance": 1.0, "scale": 1.0, "sites": {"A": {"rows": 20}, "B": {"rows": 20}},
                            "coefficients": [{"name": "Intercept", **row}, {"name": "age", **row}]})  # fmt: skip
+
+    def km(self, *args: Any, **options: Any) -> Any:
+        """The fake hub's Kaplan-Meier curves (:data:`FAKE_KM_ANSWER`), named as asked."""
+        from flip_magics.survival import survival_from
+
+        self.calls.append(("km", args, options))
+        answer = fake_km_answer(dataset=args[0], time=args[1], event=args[2], edges=list(args[3]))
+        return survival_from(answer | {"group": options.get("group")})
+
+    def cox(self, *args: Any, **options: Any) -> Any:
+        """The fake hub's Cox model (:data:`FAKE_COX_ANSWER`), named as asked."""
+        from flip_magics.models import model_from
+
+        self.calls.append(("cox", args, options))
+        answer = fake_cox_answer(formula=args[0], dataset=args[1], time=args[2], event=args[3])
+        return model_from(answer | {"binned": options.get("binned", False)})
 
 
 class FakeAirlockClient:
@@ -143,6 +204,18 @@ class FakeRunConnection:
         answered = {s: {"threshold": 10, "table": self.mocks[s]} for s in sites if s in self.mocks}
         refused = {s: f"{s}: the site makes no mock of it" for s in sites if s not in self.mocks}
         return FakeResponse({"sites": answered, "refused": refused})
+
+
+class FakeSurvivalConnection:
+    """Stands in for flip_magics.connection.Connection at ``POST /api/survival``: records each body sent and answers
+    with the fake hub's answer for its kind."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, Any, dict[str, Any]]] = []
+
+    def call(self, method: str, path: str, json: Any = None, **options: Any) -> FakeResponse:
+        self.sent.append((method, path, json, options))
+        return FakeResponse(fake_km_answer() if json["kind"] == "km" else fake_cox_answer())
 
 
 class FakeDisplay:

@@ -9,9 +9,12 @@ from IPython.testing.globalipapp import get_ipython, start_ipython
 from flip_core.airlock import ItemKind, Release
 from flip_magics.airlock import ReleasedItem
 from flip_magics.airlock_magics import AirlockMagics
+from flip_magics.client import FlipClient
 from flip_magics.magics import FlipMagics
+from flip_magics.models import ModelResult
+from flip_magics.survival import SurvivalResult
 
-from fakes import FakeAirlockClient, FakeQueryClient, FakeTrainClient
+from fakes import FakeAirlockClient, FakeDisplay, FakeQueryClient, FakeTrainClient
 
 SHELL = start_ipython() or get_ipython()  # the test shell, started once for the module
 
@@ -61,6 +64,59 @@ def test_a_model_formula_reaches_the_client_whole_from_the_line_or_the_cell() ->
     magics.flip_model("glm --dataset heart-disease --sites VA Hungary", "thalach ~ age\n + sex\n")
     assert magics.client.calls[-1][1][0] == "thalach ~ age + sex"  # type: ignore[attr-defined]
     assert magics.client.calls[-1][2]["sites"] == ["VA", "Hungary"]  # type: ignore[attr-defined]
+
+
+def test_survival_options_reach_the_client_and_the_result_and_its_figure_are_shown(monkeypatch) -> None:
+    shell = SHELL
+    magics = FlipMagics(shell)
+    magics.client = FakeQueryClient()  # type: ignore[assignment]
+    shown = FakeDisplay()
+    monkeypatch.setattr("flip_magics.magics.display", shown)
+    magics.flip_survival(
+        "km --dataset fake-trial --time days --event died --edges 0 30 60 90 --group arm --where 'age > 50' --out s"
+    )
+    kind, args, options = magics.client.calls[-1]  # type: ignore[attr-defined]
+    assert (kind, args) == ("km", ("fake-trial", "days", "died", [0.0, 30.0, 60.0, 90.0]))
+    assert options == {"group": "arm", "where": "age > 50", "cohort": None, "sites": None, "threshold": None}
+    assert isinstance(shell.user_ns["s"], SurvivalResult) and shell.user_ns["s"].group == "arm"
+    assert shown.shown[0] is shell.user_ns["s"] and shown.shown[1].data.startswith(b"\x89PNG")  # static: a PNG
+    magics.flip_survival("km --dataset fake-trial --time days --event died --edges 0 30 --sites VA Hungary")
+    assert magics.client.calls[-1][2]["sites"] == ["VA", "Hungary"] and "flip_survival" in shell.user_ns  # type: ignore[attr-defined]
+
+
+def test_cox_terms_reach_the_client_whole_from_the_line_or_the_cell(monkeypatch) -> None:
+    shell = SHELL
+    magics = FlipMagics(shell)
+    magics.client = FakeQueryClient()  # type: ignore[assignment]
+    monkeypatch.setattr("flip_magics.magics.display", FakeDisplay())
+    magics.flip_survival("cox age + C(arm) --dataset fake-trial --time days --event died --binned --edges 0 60 90")
+    kind, args, options = magics.client.calls[-1]  # type: ignore[attr-defined]
+    assert (kind, args) == ("cox", ("age + C(arm)", "fake-trial", "days", "died"))
+    assert options["binned"] is True and options["edges"] == [0.0, 60.0, 90.0] and options["where"] == ""
+    model = shell.user_ns["flip_survival"]
+    assert isinstance(model, ModelResult) and "hazard_ratio" in model.coefficients.columns
+    magics.flip_survival("cox --dataset fake-trial --time days --event died --threshold 20", "age\n + C(arm)\n")
+    kind, args, options = magics.client.calls[-1]  # type: ignore[attr-defined]
+    assert args[0] == "age + C(arm)" and options["binned"] is False and options["edges"] is None
+    assert options["threshold"] == 20
+
+
+def test_a_wrong_survival_line_is_told_in_a_sentence_before_anything_is_asked() -> None:
+    magics = FlipMagics(SHELL)
+    fake = FakeQueryClient()
+    magics.client = fake  # type: ignore[assignment]
+    with pytest.raises(UsageError, match="Kaplan-Meier curves take --group, not terms"):
+        magics.flip_survival("km age --dataset d --time days --event died --edges 0 30")
+    with pytest.raises(UsageError, match="a Cox model takes terms"):
+        magics.flip_survival("cox age --dataset d --time days --event died --group arm")
+    with pytest.raises(UsageError, match="--time"):
+        magics.flip_survival("km --dataset d --event died --edges 0 30")
+    assert fake.calls == []
+    magics.client = FlipClient("http://127.0.0.1:1", "token")  # the client's own checks, before any request
+    with pytest.raises(UsageError, match="bin edges increase"):
+        magics.flip_survival("km --dataset d --time days --event died --edges 30 10")
+    with pytest.raises(UsageError, match="a stratified Cox model uses the exact times"):
+        magics.flip_survival("cox age --dataset d --time days --event died --edges 0 30")
 
 
 def test_airlock_requests_reach_the_client_and_a_released_item_is_bound_as_its_object(capsys) -> None:
