@@ -28,6 +28,7 @@ from coordinator.queries import QueryDesk, request_for
 from coordinator.service import Principal, TaskRejected
 from flip_core.api import QuerySpec
 from flip_core.covariates import read_covariates
+from flip_core.errors import FlipError
 from flip_core.filters import parse as parse_filter
 from flip_core.glm import Fit, Formula, NotConverged, Statistics, fit, parameter_names, parse_formula
 from flip_core.models import GlmSpec
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class SitesLeft(Exception):
+class SitesLeft(FlipError):
     """Sites that refused a step: the fit starts again without them."""
 
     def __init__(self, refused: dict[str, str]) -> None:

@@ -68,7 +68,7 @@ def answer_model(
     check(chosen, formula, levels, str(family), threshold, fraction)
     x, y = design(chosen, formula, levels)
     complete = np.flatnonzero(rows)[chosen[list(formula.columns())].notna().all(axis=1).to_numpy()]
-    through_ledger(pending, complete, len(table), released_sets(x, y, formula, levels, str(family)), request.text)
+    through_ledger(pending, complete, released_sets(x, y, formula, levels, str(family)), request.text)
     if stage == "levels":
         return {"rows": len(y), "levels": levels}
     try:
@@ -106,12 +106,13 @@ def own_levels(
 
 
 def through_ledger(
-    pending: Pending, complete: np.ndarray, size: int, sets: dict[str, list[tuple[np.ndarray, str]]], text: str
+    pending: Pending, complete: np.ndarray, sets: dict[str, list[tuple[np.ndarray, str]]], text: str
 ) -> None:
-    """Show each set (masks over the complete rows) to the ledger; refuse the model if any is too close to one
+    """Show each set (masks over the complete rows, whose positions in the table are ``complete``) to the ledger (as
+    the positions it holds); refuse the model if any is too close to one
     released before; else enter them all as released (committed with the reply)."""
     for tag, masks in sets.items():
-        whole = [(_over(size, complete[mask]), f"{text}: {what}") for mask, what in masks]
+        whole = [(complete[mask], f"{text}: {what}") for mask, what in masks]
         if any(pending.blocked(whole, tag)):
             raise ModelRefused(
                 "this model's rows (or a group of them it counts) differ by fewer than the threshold from rows this "
@@ -119,12 +120,6 @@ def through_ledger(
             )
         for mask, what in whole:
             pending.release(mask, what, tag)
-
-
-def _over(size: int, positions: np.ndarray) -> np.ndarray:
-    mask = np.zeros(size, dtype=bool)
-    mask[positions] = True
-    return mask
 
 
 __all__ = ["STAGES", "answer_model", "model_columns", "own_levels", "through_ledger"]

@@ -77,25 +77,24 @@ def answer_survival(
     sub = chosen[present]
     try:
         if model.get("kind") == "km":
-            return _kaplan_meier(model, sub, complete, len(table), threshold, pending, text)
+            return _kaplan_meier(model, sub, complete, threshold, pending, text)
         if model.get("kind") == "cox":
-            return _cox(model, sub, complete, len(table), threshold, pending, text, fraction)
+            return _cox(model, sub, complete, threshold, pending, text, fraction)
     except (EdgesInvalid, CoxInvalid) as exc:
         raise ModelRefused(str(exc)) from None
     raise ModelRefused("a survival step is of kind km or cox")
 
 
 def _kaplan_meier(
-    model: dict[str, Any], sub: pd.DataFrame, complete: np.ndarray, size: int, threshold: int, pending: Pending,
-    text: str,
-) -> dict[str, Any]:  # fmt: skip
+    model: dict[str, Any], sub: pd.DataFrame, complete: np.ndarray, threshold: int, pending: Pending, text: str
+) -> dict[str, Any]:
     time, event, group = str(model["time"]), str(model["event"]), model.get("group")
     if model.get("stage") == "levels":
         if not group:
             raise ModelRefused("a Kaplan-Meier curve without a group has no levels stage")
         levels = own_levels(sub, (str(group),), (time, event, str(group)), threshold)
         held = sub[str(group)].map(level_label).to_numpy()
-        through_ledger(pending, complete, size, {"": [(held == v, f"{group} = {v}") for v in levels[str(group)]]}, text)
+        through_ledger(pending, complete, {"": [(held == v, f"{group} = {v}") for v in levels[str(group)]]}, text)
         return {"rows": len(sub), "levels": levels}
     if model.get("stage") != "counts":
         raise ModelRefused("a Kaplan-Meier step is a stage of levels or counts")
@@ -116,13 +115,13 @@ def _kaplan_meier(
         mine = named == level
         sets[""].append((mine, f"{level}: its rows"))
         sets[""] += _bin_sets(run, happened, mine, len(kept), f"{level}: ")
-    through_ledger(pending, complete, size, sets, text)
+    through_ledger(pending, complete, sets, text)
     return {**counts, "rows": len(sub)}
 
 
 def _cox(
-    model: dict[str, Any], sub: pd.DataFrame, complete: np.ndarray, size: int, threshold: int, pending: Pending,
-    text: str, fraction: float,
+    model: dict[str, Any], sub: pd.DataFrame, complete: np.ndarray, threshold: int, pending: Pending, text: str,
+    fraction: float,
 ) -> dict[str, Any]:  # fmt: skip
     time, event = str(model["time"]), str(model["event"])
     formula = survival_formula(time, event, str(model.get("terms", "")))
@@ -150,7 +149,7 @@ def _cox(
         bins, happened = bin_index(times, events, checked_edges(edges))
         run = np.searchsorted(np.asarray(kept), bins, side="left")
         sets[""] += _bin_sets(run, happened, np.ones(len(times), dtype=bool), len(kept), "")
-    through_ledger(pending, complete, size, sets, text)
+    through_ledger(pending, complete, sets, text)
     if model.get("stage") == "levels":
         return {"rows": len(times), "levels": levels}
     try:

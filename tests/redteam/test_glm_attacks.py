@@ -134,6 +134,10 @@ def test_two_models_whose_rows_differ_by_one_patient_missing_a_value_would_give_
     assert levels.status == StepStatus.OK and levels.table == {"rows": 294, "levels": {}}
     step = _fit_step(service, "num ~ age", "step", levels={}, beta=[0.0, 0.0])
     assert step.status == StepStatus.OK and step.table["statistics"]["rows"] == 294
+    entered = {(e.tag, e.digest) for _, _, e in service.ledger._entries["heart"]}  # what the ledger now holds
+    _, keys = service._table("heart")
+    every = service.ledger.row_set(keys, np.arange(len(table))).digest  # the 294 rows themselves, by position
+    assert {("values of age", every), ("values of num", every)} <= entered
     again = _fit_step(service, "num ~ age + thalach", "levels")
     assert again.status == StepStatus.REFUSED and again.table == {}
     assert "differ by fewer than the threshold from rows this site already released" in again.reason

@@ -50,6 +50,11 @@ def ask(service: QueryService, where: str = "", **model: Any) -> Any:
     return decode_reply(service.answer(encode_query(request)))
 
 
+def reply_events(reply: Any) -> list[int]:
+    """The events of the first kept bin of the one curve."""
+    return [reply.table["groups"]["all"]["events"][0]]
+
+
 def _counts(reply: Any) -> list[int]:
     groups = reply.table["groups"].values()
     return [n for g in groups for n in (g["n"], *g["events"], *g["censored"])]
@@ -71,6 +76,9 @@ def test_edges_a_day_apart_would_difference_one_patient_out_and_the_ledger_refus
     service = _site(tmp_path, part)
     first = ask(service, edges=[391, 730, 1260])
     assert first.status == StepStatus.OK, first.reason
+    sizes = {e.text.split(": ", 1)[1]: e.size for _, _, e in service.ledger._entries["actg"]}
+    (events,) = [n for n in reply_events(first)]
+    assert sizes["all: events in kept bin 0"] == events and sizes["all: its rows"] == len(part)
     second = ask(service, edges=[392, 730, 1260])
     assert second.status == StepStatus.REFUSED and second.table == {}
     assert "differ by fewer than the threshold from rows this site already released" in second.reason
