@@ -17,10 +17,11 @@ Two models, each exact for what it is:
   edges where no site merged a bin).
 
 The hub, trusted, chooses every coefficient a site is asked at (zero first, then Newton's steps); the researcher
-sees only the fit. Newton-Raphson stops as lifelines' ``_newton_raphson_for_efron_model`` does (the step's norm or
-the Newton decrement under 1e-7, or the log-likelihood's relative change under 1e-9); where a step lowers the
-log-likelihood it is halved. The coefficients and their standard errors do not depend on centring or scaling the
-covariates (lifelines normalises them first; here they are fitted as they are).
+sees only the fit. Newton-Raphson stops when its next step is under 1e-9 of the coefficients (lifelines'
+``_newton_raphson_for_efron_model`` stops sooner, at a step or Newton decrement of 1e-7 or a log-likelihood change
+of 1e-9: up to a few 1e-6 short of the maximum, so the tests compare with lifelines run to its maximum); where a step
+lowers the log-likelihood it is halved. The coefficients and their standard errors do not depend on centring or
+scaling the covariates (lifelines normalises them first; here they are fitted as they are).
 
 The proportional-hazards check (:func:`proportional_hazards_test`) is Grambsch and Therneau's score test of ``theta``
 in ``beta(t) = beta + theta g(t)`` at ``(beta_hat, 0)``, with ``g`` the mid-rank of a bin's events among all events
@@ -47,8 +48,12 @@ from flip_core.errors import FlipError, RequestInvalid
 from flip_core.glm import NotConverged
 
 MAX_ITERATIONS = 100  # round trips to the sites (lifelines allows 500 Newton steps; it needs about 5)
-PRECISION = 1e-7  # the step's norm and the Newton decrement (lifelines' ``precision``)
-R_PRECISION = 1e-9  # the log-likelihood's relative change (lifelines' ``r_precision``, R's default)
+PRECISION = 1e-9  # the next step's norm, relative to the coefficients' (Newton converges quadratically: one step
+# more past lifelines' 1e-7 puts the coefficients at the maximum, to 1e-6 of their size and better)
+SETTLED = 1e-15  # the log-likelihood's relative change at which it cannot move further (float64's own precision)
+R_PRECISION = 1e-9  # the log-likelihood's relative change (lifelines' ``r_precision``, R's) and the Newton decrement
+DECREMENT = 1e-7  # (lifelines' ``precision``): under either with a coefficient still moving, it may be infinite
+# (R's check); lifelines stops at either, up to a few 1e-6 short of the maximum (2e-6 on Eunomia's data)
 MAX_HALVINGS = 20
 TOLERANCE_INFINITE = 10**-4.5  # R's coxph: a coefficient still moving more than this (relative) may be infinite
 Z_975 = 1.959963984540054
@@ -296,13 +301,12 @@ def fit(ask: Callable[[np.ndarray], Statistics], names: Sequence[str]) -> CoxFit
         except np.linalg.LinAlgError:
             raise NotConverged("the model's covariates are collinear over the sites' rows: drop one") from None
         change = abs(total.log_likelihood - previous) / -previous if previous else math.inf
-        if min(float(np.linalg.norm(delta)), float(total.gradient @ delta) / 2) < PRECISION or change < R_PRECISION:
-            moving = np.flatnonzero(np.abs(delta) > TOLERANCE_INFINITE * (1 + np.abs(beta)))
-            if not len(moving):
-                bse = np.sqrt(np.diag(np.linalg.inv(total.information)))
-                return CoxFit(
-                    list(names), beta, bse, total.log_likelihood, null, total.rows, total.events, asked, total
-                )
+        if float(np.linalg.norm(delta)) < PRECISION * (1.0 + float(np.linalg.norm(beta))) or change < SETTLED:
+            bse = np.sqrt(np.diag(np.linalg.inv(total.information)))
+            return CoxFit(list(names), beta, bse, total.log_likelihood, null, total.rows, total.events, asked, total)
+        moving = np.flatnonzero(np.abs(delta) > TOLERANCE_INFINITE * (1 + np.abs(beta)))
+        settled = change < R_PRECISION or float(total.gradient @ delta) / 2 < DECREMENT  # little left to gain
+        if settled and len(moving):
             if confirming:
                 raise NotConverged(f"the coefficient of {names[moving[0]]!r} may be infinite: the log-likelihood "
                                    "stopped changing while it still moved (does it separate the events?)")  # fmt: skip

@@ -188,13 +188,15 @@ class FlipClient:
         sites: list[str] | None = None,
         threshold: int | None = None,
         text: str = "",
+        covariates: dict[str, Any] | str | None = None,
     ) -> ModelResult:
         """A generalised linear model (``gaussian``, ``binomial``: logistic, ``poisson``) of ``formula`` (``OUTCOME ~
         TERM + C(COLUMN) ...``, parsed, never evaluated) over the rows of ``dataset`` that match ``where`` (or
         within ``cohort``), fitted exactly across the sites from their summed statistics: statsmodels' coefficients,
-        standard errors, p-values and intervals, each site's rows. A site that refuses is named with its sentence."""
+        standard errors, p-values and intervals, each site's rows. A site that refuses is named with its sentence.
+        ``covariates``: within an OMOP cohort, columns declared as for training (built at each person's index date)."""
         body = {"dataset": dataset, "formula": formula, "family": family, "where": where, "cohort": cohort,
-                "sites": sites, "threshold": threshold, "text": text}  # fmt: skip
+                "sites": sites, "threshold": threshold, "text": text, "covariates": _declared(covariates)}  # fmt: skip
         spec: GlmSpec = parse(GlmSpec, body, "the model")
         parse_filter(where)
         answer = self.connection.call("POST", "/api/glm", json=spec.model_dump(mode="json"), timeout=300).json()
@@ -202,23 +204,24 @@ class FlipClient:
 
     def km(self, dataset: str, time: str, event: str, edges: list[float], *, group: str | None = None, where: str = "",
            cohort: str | None = None, sites: list[str] | None = None, threshold: int | None = None,
-           text: str = "") -> SurvivalResult:  # fmt: skip
+           text: str = "", covariates: dict[str, Any] | str | None = None) -> SurvivalResult:  # fmt: skip
         """Kaplan-Meier curves of ``time`` until ``event`` (a 0/1 column), one per level of ``group`` (or one), at the
         bin ``edges`` (each site merges its small bins; no exact time leaves it): the curves with their 95% bands and
         the numbers at risk, the log-rank test across the groups, each site's rows and merges."""
         return survival_from(self._survival({"kind": "km", "dataset": dataset, "time": time, "event": event,
             "edges": list(edges), "group": group, "where": where, "cohort": cohort, "sites": sites,
-            "threshold": threshold, "text": text}))  # fmt: skip
+            "threshold": threshold, "text": text, "covariates": _declared(covariates)}))  # fmt: skip
 
     def cox(self, terms: str, dataset: str, time: str, event: str, *, binned: bool = False,
             edges: list[float] | None = None, where: str = "", cohort: str | None = None,
-            sites: list[str] | None = None, threshold: int | None = None, text: str = "") -> ModelResult:  # fmt: skip
+            sites: list[str] | None = None, threshold: int | None = None, text: str = "",
+            covariates: dict[str, Any] | str | None = None) -> ModelResult:  # fmt: skip
         """A Cox proportional-hazards model of ``terms`` (``age + sex + C(arm)``, parsed, never evaluated) for ``time``
         until ``event``: stratified by site over the exact times, or (``binned``) with one baseline hazard over the
         times binned at ``edges``, with the proportional-hazards check. Hazard ratios with their intervals."""
         return model_from(self._survival({"kind": "cox", "dataset": dataset, "time": time, "event": event,
             "terms": terms, "binned": binned, "edges": list(edges or []), "where": where, "cohort": cohort,
-            "sites": sites, "threshold": threshold, "text": text}))  # fmt: skip
+            "sites": sites, "threshold": threshold, "text": text, "covariates": _declared(covariates)}))  # fmt: skip
 
     def _survival(self, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /api/survival`` with ``body``, checked here first (a wrong part is told before anything is sent)."""
@@ -347,11 +350,7 @@ class FlipClient:
         ``covariates``: on an OMOP dataset, the per-person table the cell's ``data.train`` and ``data.test`` are, as a
         covariate specification (``flip_core.covariates``; a dict or its JSON text): each site builds it in its own
         database, and the specification is part of the code hash its admin approves."""
-        if isinstance(covariates, str):
-            try:
-                covariates = json.loads(covariates)
-            except json.JSONDecodeError as exc:
-                raise RequestInvalid(f"the covariate specification is not JSON ({exc})") from None
+        covariates = _declared(covariates)
         spec: TaskSpec = parse(
             TaskSpec,
             {
@@ -472,6 +471,17 @@ class Mocks(dict[str, pd.DataFrame]):
     def __repr__(self) -> str:
         sizes = ", ".join(f"{site}: {len(frame)} rows" for site, frame in self.items())
         return f"MOCK data of {self.dataset} (synthetic, not for results): {sizes}"
+
+
+def _declared(covariates: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """A covariate specification given as a dict or its JSON text, as a dict."""
+    if not isinstance(covariates, str):
+        return covariates
+    try:
+        spec: dict[str, Any] = json.loads(covariates)
+    except json.JSONDecodeError as exc:
+        raise RequestInvalid(f"the covariate specification is not JSON ({exc})") from None
+    return spec
 
 
 __all__ = ["ENV_API_TOKEN", "ENV_API_URL", "ENV_PROJECT", "TERMINAL", "FlipClient", "Mocks", "RunHandle"]

@@ -328,14 +328,16 @@ class FlipMagics(Magics):
     @argument("--cohort", default=None, help="within this frozen cohort (%%flip_cohort)")
     @argument("--sites", nargs="+", default=None, help="fit it over these sites only (default: every online site)")
     @argument("--threshold", type=int, default=None, help="this model's disclosure threshold (raises the sites')")
+    @argument("--covariates", default=None, help="within an OMOP cohort: a covariate specification file (JSON)")
     @argument("--out", default="flip_model", help="variable that receives the result (default: flip_model)")
     @_friendly
     def flip_model(self, line: str, cell: str | None = None) -> None:
         """A model fitted across the sites: its coefficients, each site's rows, and a forest plot."""
         args = parse_args(self.flip_model, line)
         formula = " ".join(cell.split()) if cell is not None and cell.strip() else unquoted(" ".join(args.formula))
+        covariates = None if args.covariates is None else read_text(args.covariates, "covariate specification")
         result = self._client().glm(formula, args.dataset, args.family, where=args.where, cohort=args.cohort,
-                                    sites=args.sites, threshold=args.threshold)  # fmt: skip
+                                    sites=args.sites, threshold=args.threshold, covariates=covariates)  # fmt: skip
         self._user_ns()[args.out] = result
         display(result)
         display(Image(png(result.plot())))  # static: an executed notebook keeps it
@@ -354,6 +356,7 @@ class FlipMagics(Magics):
     @argument("--cohort", default=None, help="within this frozen cohort (%%flip_cohort)")
     @argument("--sites", nargs="+", default=None, help="these sites only (default: every online site)")
     @argument("--threshold", type=int, default=None, help="this analysis' disclosure threshold (raises the sites')")
+    @argument("--covariates", default=None, help="within an OMOP cohort: a covariate specification file (JSON)")
     @argument("--out", default="flip_survival", help="variable that receives the result (default: flip_survival)")
     @_friendly
     def flip_survival(self, line: str, cell: str | None = None) -> None:
@@ -361,7 +364,13 @@ class FlipMagics(Magics):
         Cox model's hazard ratios with a forest plot."""
         args = parse_args(self.flip_survival, line)
         terms = " ".join(cell.split()) if cell is not None and cell.strip() else unquoted(" ".join(args.terms))
-        common = {"where": args.where, "cohort": args.cohort, "sites": args.sites, "threshold": args.threshold}
+        common = {
+            "where": args.where,
+            "cohort": args.cohort,
+            "sites": args.sites,
+            "threshold": args.threshold,
+            "covariates": None if args.covariates is None else read_text(args.covariates, "covariate specification"),
+        }
         if args.kind == "km":
             if terms:
                 raise UsageError("Kaplan-Meier curves take --group, not terms")

@@ -77,7 +77,14 @@ def test_survival_options_reach_the_client_and_the_result_and_its_figure_are_sho
     )
     kind, args, options = magics.client.calls[-1]  # type: ignore[attr-defined]
     assert (kind, args) == ("km", ("fake-trial", "days", "died", [0.0, 30.0, 60.0, 90.0]))
-    assert options == {"group": "arm", "where": "age > 50", "cohort": None, "sites": None, "threshold": None}
+    assert options == {
+        "group": "arm",
+        "where": "age > 50",
+        "cohort": None,
+        "sites": None,
+        "threshold": None,
+        "covariates": None,
+    }
     assert isinstance(shell.user_ns["s"], SurvivalResult) and shell.user_ns["s"].group == "arm"
     assert shown.shown[0] is shell.user_ns["s"] and shown.shown[1].data.startswith(b"\x89PNG")  # static: a PNG
     magics.flip_survival("km --dataset fake-trial --time days --event died --edges 0 30 --sites VA Hungary")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import statsmodels.api as sm
+import statsmodels.formula.api as smf
 
 from flip_local.eunomia import POOLED_SOURCE, SITES, pooled_table
 from flip_local.processes import Federation
@@ -77,3 +79,42 @@ def characterised_as_the_cdm_says(study: dict[str, Any], out: Path, summary: dic
     for site, n in truth.groupby("site")["oa"].sum().items():
         assert abs(summary["top_condition_counts"][site] - n) <= 2, site
     assert summary["top_drugs"][:2] == ["celecoxib (1118084)", "Diclofenac (1124300)"]  # the cohort's own drugs
+    survival_as_lifelines_and_statsmodels_fit_the_pooled_persons(study, out, summary)
+
+
+def survival_as_lifelines_and_statsmodels_fit_the_pooled_persons(
+    study: dict[str, Any], out: Path, summary: dict[str, Any]
+) -> None:
+    """The notebook's Kaplan-Meier curves by drug, its Cox model stratified by site and its logistic regression, all
+    within the cohort and of the declared table, against lifelines and statsmodels on the same persons' table built
+    over the whole of Eunomia (the truth: no site held it)."""
+    from lifelines import CoxPHFitter, KaplanMeierFitter
+    from lifelines.statistics import multivariate_logrank_test
+
+    from flip_core.survival import binned_times
+
+    definition = json.loads((out / "nsaid_new_users.json").read_text())
+    covariates = json.loads((out / "gibleed_covariates.json").read_text())
+    truth = pooled_table(definition, covariates, study["home"])
+    km = summary["km"]
+    times, events = binned_times(truth["gi_bleed_days"].to_numpy(), truth["gi_bleed"].to_numpy(), km["kept_edges"])
+    for level, survival in km["survival"].items():
+        rows = (truth["celecoxib"] == int(level)).to_numpy()
+        reference = KaplanMeierFitter().fit(times[rows], events[rows])
+        expected = reference.survival_function_at_times(km["kept_edges"]).to_numpy()
+        assert survival == pytest.approx(list(expected), abs=1e-9), level
+    logrank = multivariate_logrank_test(times, truth["celecoxib"], events)
+    assert km["logrank"]["statistic"] == pytest.approx(logrank.test_statistic, rel=1e-9)
+    columns = ["gi_bleed_days", "gi_bleed", "celecoxib", "age", "prior_conditions", "site"]
+    tight = {"precision": 1e-12, "r_precision": 1e-14}  # lifelines converged to its maximum (its defaults stop short)
+    cox = CoxPHFitter().fit(truth[columns], "gi_bleed_days", "gi_bleed", strata=["site"], fit_options=tight)
+    assert summary["cox"]["refused"] == {} and sum(summary["cox"]["sites"].values()) == len(truth)
+    for name, fitted in summary["cox"]["coefficients"].items():
+        assert fitted["estimate"] == pytest.approx(cox.params_[name], rel=1e-6), name
+        assert fitted["se"] == pytest.approx(cox.standard_errors_[name], rel=1e-6), name
+    glm = smf.glm("gi_bleed ~ celecoxib + age + prior_conditions", truth, family=sm.families.Binomial())
+    reference = glm.fit()
+    assert summary["glm"]["refused"] == {}
+    for name, fitted in summary["glm"]["coefficients"].items():
+        assert fitted["estimate"] == pytest.approx(reference.params[name], rel=1e-6), name
+        assert fitted["se"] == pytest.approx(reference.bse[name], rel=1e-6), name
