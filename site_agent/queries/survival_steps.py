@@ -149,6 +149,10 @@ def _cox(
         bins, happened = bin_index(times, events, checked_edges(edges))
         run = np.searchsorted(np.asarray(kept), bins, side="left")
         sets[""] += _bin_sets(run, happened, np.ones(len(times), dtype=bool), len(kept), "")
+        for j, name in enumerate(names):  # a numeric term's sums over each bin's events and rows at risk
+            if not np.isin(x[:, j], (0.0, 1.0)).all():
+                per_bin = _bin_sets(run, happened, np.ones(len(times), dtype=bool), len(kept), f"{name} values, ")
+                sets.setdefault(f"values of {name}", []).extend(m for m in per_bin if "censored" not in m[1])
     through_ledger(pending, complete, sets, text)
     if model.get("stage") == "levels":
         return {"rows": len(times), "levels": levels}
