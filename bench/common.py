@@ -7,6 +7,7 @@ import platform
 import re
 import statistics
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -109,3 +110,15 @@ def default_front() -> str:
     except FileNotFoundError:
         return "python"
     return "nginx"
+
+
+def warm_client(connection: dict[str, str]) -> Any:
+    """The notebook's plain client of a federation just started, once every site's spare task process has loaded
+    (torch), as a minute after `flip up`: a quiet federation to time."""
+    from flip_core.util import wait_until
+    from flip_magics.client import FlipClient
+
+    client = FlipClient(connection["coordinator_url"], connection["token"])
+    if not wait_until(lambda: all(s["warm"] for s in client.sites()), 180, 0.2):
+        raise RuntimeError("the sites did not warm up within 180 s")
+    return client

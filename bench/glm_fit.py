@@ -19,10 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine
-from flip_core.util import wait_until
+from bench.common import machine, warm_client
 from flip_local.federation import down, up
-from flip_magics.client import FlipClient
 
 GOAL_SECONDS = 2.0  # the goal: a fit over four sites, warm
 MODELS = {
@@ -39,9 +37,7 @@ def main() -> None:
         home = Path(tmp)
         connection = up(home)
         try:
-            client = FlipClient(connection["coordinator_url"], connection["token"])
-            if not wait_until(lambda: all(s["warm"] for s in client.sites()), 180, 0.2):
-                raise RuntimeError("the sites did not warm up within 180 s")
+            client = warm_client(connection)
             started = time.perf_counter()
             client.glm("num ~ age + oldpeak", "heart-disease", "poisson")
             print(f"machine: {machine()}")

@@ -21,10 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import count_calls, cpu_seconds, machine
-from flip_core.util import wait_until
+from bench.common import count_calls, cpu_seconds, machine, warm_client
 from flip_local.federation import down, status, up
-from flip_magics.client import FlipClient
 
 
 def timed(call: object, repeats: int) -> list[float]:
@@ -47,10 +45,7 @@ def main() -> None:
         home = Path(tmp)
         connection = up(home)
         try:
-            client = FlipClient(connection["coordinator_url"], connection["token"])
-            # a quiet federation: the sites have loaded their spare task processes (torch), as a minute after `flip up`
-            if not wait_until(lambda: all(s["warm"] for s in client.sites()), 180, 0.2):
-                raise RuntimeError("the sites did not warm up within 180 s")
+            client = warm_client(connection)
             superlink_process = next(p for p in status(home)["processes"] if p["name"] == "superlink")
             superlink, superlink_log = superlink_process["pid"], Path(superlink_process["log"])
             started = time.perf_counter()

@@ -46,6 +46,7 @@ import numpy as np
 
 from flip_core.errors import FlipError, RequestInvalid
 from flip_core.glm import NotConverged
+from flip_core.survival import chi2_sf
 
 MAX_ITERATIONS = 100  # round trips to the sites (lifelines allows 500 Newton steps; it needs about 5)
 PRECISION = 1e-9  # the next step's norm, relative to the coefficients' (Newton converges quadratically: one step
@@ -250,39 +251,6 @@ class CoxFit:
 def normal_sf2(z: float) -> float:
     """The two-sided normal p-value of ``z``."""
     return math.erfc(abs(z) / math.sqrt(2))
-
-
-def chi2_sf(x: float, df: int) -> float:
-    """``P(X > x)`` for ``X`` chi-square with ``df`` degrees of freedom: the regularised upper incomplete gamma
-    ``Q(df/2, x/2)`` (its series below ``a + 1``, Lentz's continued fraction above)."""
-    if x <= 0:
-        return 1.0
-    a, y = df / 2.0, x / 2.0
-    log_front = a * math.log(y) - y - math.lgamma(a)
-    if y < a + 1:
-        term = total = 1.0 / a
-        n = a
-        while abs(term) > abs(total) * 1e-16:
-            n += 1
-            term *= y / n
-            total += term
-        return max(0.0, 1.0 - total * math.exp(log_front))
-    tiny = 1e-300
-    b = y + 1 - a
-    c, dd = 1 / tiny, 1 / b
-    h = dd
-    for i in range(1, 1000):
-        an = -i * (i - a)
-        b += 2
-        dd = an * dd + b
-        dd = tiny if abs(dd) < tiny else dd
-        c = b + an / c
-        c = tiny if abs(c) < tiny else c
-        dd = 1 / dd
-        h *= dd * c
-        if abs(dd * c - 1) < 1e-16:
-            break
-    return math.exp(log_front) * h
 
 
 def fit(ask: Callable[[np.ndarray], Statistics], names: Sequence[str]) -> CoxFit:

@@ -15,7 +15,6 @@ Pure: numpy and the standard library.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 
 from flip_core.errors import FlipError
 from flip_core.glm import Z_975
+from flip_core.survival import chi2_sf
 
 ONE_CURVE = "all"  # the one group's name when a site is asked for one curve, not a curve per group
 
@@ -150,25 +150,6 @@ def logrank(pooled: Pooled) -> LogRank:
     statistic = float(head @ np.linalg.pinv(covariance[:-1, :-1]) @ head)
     df = groups - 1
     return LogRank(statistic, df, chi2_sf(statistic, df), pooled.levels, o_ij.sum(axis=0), expected_ij.sum(axis=0))
-
-
-def chi2_sf(x: float, df: int) -> float:
-    """P(X > x) for X chi-square on ``df`` (a whole number) degrees of freedom: the regularized upper incomplete
-    gamma function Q(df/2, x/2) in closed form (a finite sum, with ``erfc`` for odd ``df``)."""
-    if df < 1 or int(df) != df:
-        raise ValueError("chi-square degrees of freedom are a whole number, at least 1")
-    if not x > 0:
-        return 1.0
-    if math.isinf(x):
-        return 0.0
-    half = x / 2.0
-    if df % 2 == 0:
-        total = sum(math.exp(k * math.log(half) - half - math.lgamma(k + 1)) for k in range(df // 2))
-    else:
-        total = math.erfc(math.sqrt(half)) + sum(
-            math.exp((k - 0.5) * math.log(half) - half - math.lgamma(k + 0.5)) for k in range(1, df // 2 + 1)
-        )
-    return min(1.0, total)
 
 
 def _band(log_s: np.ndarray, greenwood: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -89,8 +89,36 @@ def regroup(counts: np.ndarray, kept: Sequence[int]) -> np.ndarray:
     return np.stack([counts[s : k + 1].sum(axis=0) for s, k in zip(starts, kept, strict=True)])
 
 
+def chi2_sf(x: float, df: int) -> float:
+    """P(X > x) for X chi-square on ``df`` (a whole number) degrees of freedom: the regularized upper incomplete
+    gamma function Q(df/2, x/2) in closed form (a finite sum, with ``erfc`` for odd ``df``)."""
+    if df < 1 or int(df) != df:
+        raise ValueError("chi-square degrees of freedom are a whole number, at least 1")
+    if not x > 0:
+        return 1.0
+    if math.isinf(x):
+        return 0.0
+    half = x / 2.0
+    if df % 2 == 0:
+        total = sum(math.exp(k * math.log(half) - half - math.lgamma(k + 1)) for k in range(df // 2))
+    else:
+        total = math.erfc(math.sqrt(half)) + sum(
+            math.exp((k - 0.5) * math.log(half) - half - math.lgamma(k + 0.5)) for k in range(1, df // 2 + 1)
+        )
+    return min(1.0, total)
+
+
 def _safe(counts: np.ndarray, threshold: int) -> bool:
     return bool(((counts == 0) | (counts >= threshold)).all())
 
 
-__all__ = ["MAX_EDGES", "EdgesInvalid", "bin_index", "binned_times", "checked_edges", "coarsen", "regroup"]
+__all__ = [
+    "MAX_EDGES",
+    "EdgesInvalid",
+    "bin_index",
+    "binned_times",
+    "checked_edges",
+    "chi2_sf",
+    "coarsen",
+    "regroup",
+]
