@@ -30,7 +30,7 @@ from flip_core.api import QuerySpec
 from flip_core.covariates import read_covariates
 from flip_core.errors import FlipError
 from flip_core.filters import parse as parse_filter
-from flip_core.glm import Fit, Formula, NotConverged, Statistics, fit, parameter_names, parse_formula
+from flip_core.glm import MAX_PARAMETERS, Fit, Formula, NotConverged, Statistics, fit, parameter_names, parse_formula
 from flip_core.models import GlmSpec
 from flip_core.query import QueryKind, level_key
 from flip_core.status import StepStatus
@@ -147,7 +147,10 @@ def _glm_once(
         steps.append(time.monotonic() - stepped)
         return reduce(lambda a, b: a + b, (Statistics.from_dict(t["statistics"]) for t in tables.values()))
 
-    return fit(ask, spec.family, parameter_names(formula, levels)), levels, rows, steps
+    names = parameter_names(formula, levels)
+    if len(names) > MAX_PARAMETERS:
+        raise TaskRejected(f"the model has {len(names)} parameters, more than the {MAX_PARAMETERS} a site fits", 400)
+    return fit(ask, spec.family, names), levels, rows, steps
 
 
 def fit_glm(desk: QueryDesk, who: Principal, spec: GlmSpec) -> dict[str, Any]:

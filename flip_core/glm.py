@@ -29,6 +29,8 @@ from flip_core.errors import FlipError, RequestInvalid
 
 FAMILIES = ("gaussian", "binomial", "poisson")
 MAX_TERMS = 50
+MAX_PARAMETERS = 50  # a categorical term's levels included: what a site computes per step stays bounded
+MAX_GROUPS = 20  # a Kaplan-Meier analysis's groups (each one's counts per bin leave, and pass the ledger)
 MAX_ITERATIONS = 50
 TOLERANCE = 1e-10  # on the deviance's relative change (statsmodels' GLM.fit stops at 1e-8)
 Z_975 = 1.959963984540054
@@ -205,6 +207,8 @@ def fit(ask: Callable[[np.ndarray], Statistics], family: str, names: list[str]) 
 
 __all__ = [
     "FAMILIES",
+    "MAX_GROUPS",
+    "MAX_PARAMETERS",
     "NotConverged",
     "fit",
     "Fit",

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flip_core.errors import FlipError
-from flip_core.glm import OPERATORS, Formula, Statistics, parameter_names
+from flip_core.glm import MAX_PARAMETERS, OPERATORS, Formula, Statistics, parameter_names
 from site_agent.queries.statistics import level_label
 
 if TYPE_CHECKING:
@@ -81,8 +81,12 @@ def check(
     fraction: float = DEFAULT_PARAMETER_FRACTION,
 ) -> None:
     """Refuse (ModelRefused) a model whose statistics here would tell a small count or solve back to rows."""
+    if any(len(levels.get(c, [])) > MAX_PARAMETERS for c in formula.categorical):
+        raise ModelRefused(f"a categorical term has more levels than a model's {MAX_PARAMETERS} parameters")
     x, y = design(table, formula, levels)
     n, p = x.shape
+    if p > MAX_PARAMETERS:
+        raise ModelRefused(f"the model has {p} parameters, more than the {MAX_PARAMETERS} a site fits")
     if n < threshold:
         raise ModelRefused(f"fewer than {threshold} complete rows here for this model")
     if p > fraction * n:

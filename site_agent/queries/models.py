@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flip_core.glm import FAMILIES, FormulaInvalid, parameter_names, parse_formula
+from flip_core.glm import FAMILIES, MAX_PARAMETERS, FormulaInvalid, parameter_names, parse_formula
 from flip_core.query import QueryRequest, level_key
 from site_agent.queries.glm import ModelRefused, check, design, released_sets, statistics
 from site_agent.queries.statistics import level_label
@@ -89,9 +89,14 @@ def model_columns(request: QueryRequest) -> tuple[str, ...]:
 
 
 def own_levels(
-    chosen: pd.DataFrame, categorical: tuple[str, ...], columns: tuple[str, ...], threshold: int
+    chosen: pd.DataFrame,
+    categorical: tuple[str, ...],
+    columns: tuple[str, ...],
+    threshold: int,
+    most: tuple[int, str] = (MAX_PARAMETERS, "a model has at most {n} parameters"),
 ) -> dict[str, list[str]]:
-    """Each categorical term's levels among this site's complete rows, in the order every site sorts them."""
+    """Each categorical term's levels among this site's complete rows, in the order every site sorts them (at most
+    ``most``'s number: more refuses, saying of what)."""
     missing = [c for c in columns if c not in chosen.columns]
     if missing:
         raise ModelRefused(f"this site's table has no column {missing[0]!r}")
@@ -99,6 +104,8 @@ def own_levels(
     levels: dict[str, list[str]] = {}
     for column in categorical:
         held = complete[column].map(level_label).value_counts()
+        if len(held) > most[0]:
+            raise ModelRefused(f"{column!r} has more than {most[0]} levels here: " + most[1].format(n=most[0]))
         if (held < threshold).any():
             raise ModelRefused(f"a level of {column!r} is held by fewer than {threshold} rows here")
         levels[column] = sorted((str(label) for label in held.index), key=level_key)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flip_core.cox import CoxInvalid
-from flip_core.glm import FormulaInvalid, parameter_names
+from flip_core.glm import MAX_GROUPS, FormulaInvalid, parameter_names
 from flip_core.kaplan_meier import ONE_CURVE
 from flip_core.models import survival_formula
 from flip_core.survival import EdgesInvalid, bin_index, checked_edges
@@ -92,13 +92,17 @@ def _kaplan_meier(
     if model.get("stage") == "levels":
         if not group:
             raise ModelRefused("a Kaplan-Meier curve without a group has no levels stage")
-        levels = own_levels(sub, (str(group),), (time, event, str(group)), threshold)
+        levels = own_levels(
+            sub, (str(group),), (time, event, str(group)), threshold, (MAX_GROUPS, "at most {n} curves are drawn")
+        )
         held = sub[str(group)].map(level_label).to_numpy()
         through_ledger(pending, complete, {"": [(held == v, f"{group} = {v}") for v in levels[str(group)]]}, text)
         return {"rows": len(sub), "levels": levels}
     if model.get("stage") != "counts":
         raise ModelRefused("a Kaplan-Meier step is a stage of levels or counts")
     agreed = list(model.get("levels") or []) if group else None
+    if agreed is not None and len(agreed) > MAX_GROUPS:
+        raise ModelRefused(f"Kaplan-Meier curves are drawn for at most {MAX_GROUPS} groups")
     values = [_floats(sub, time), _floats(sub, event)]
     labels = sub[str(group)].to_numpy() if group else None
     try:

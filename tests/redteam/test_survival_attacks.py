@@ -117,3 +117,34 @@ def test_a_cox_step_releases_sums_only_and_refuses_a_small_side(tmp_path, part) 
     few = part.assign(rare=(np.arange(len(part)) < 4).astype(int))  # four patients marked: too few on one side
     rare = ask(_site(tmp_path / "rare", few), kind="cox", terms="age + rare", stage="step", beta=[0.0, 0.0])
     assert rare.status == StepStatus.REFUSED and "rare is 0 or 1" in rare.reason
+
+
+def test_a_column_of_many_levels_as_a_model_term_or_a_curves_group_is_refused_before_it_costs_the_site(
+    tmp_path,
+) -> None:
+    """A column with 55 levels (each held by about 39 rows: every one above the threshold) as a categorical term
+    would make a design of 55 columns and over a thousand crosses to check and enter; as a group, 55 curves' bins."""
+    table = pd.read_csv(resources.files("lifelines") / "datasets" / "ACTG175.csv")[["days", "cens", "age"]]
+    service = _site(tmp_path, table.assign(ward=np.arange(len(table)) % 55))
+    for kind, model, says in [
+        (
+            QueryKind.GLM,
+            {"formula": "cens ~ age + C(ward)", "family": "binomial", "stage": "levels"},
+            "'ward' has more than 50 levels here: a model has at most 50 parameters",
+        ),
+        (
+            QueryKind.SURVIVAL,
+            {
+                "kind": "km",
+                "time": "days",
+                "event": "cens",
+                "group": "ward",
+                "stage": "levels",
+                "edges": [365, 730, 1260],
+            },
+            "'ward' has more than 20 levels here: at most 20 curves are drawn",
+        ),  # fmt: skip
+    ]:
+        request = QueryRequest(f"q-{kind}", "study", "mallory", "actg", kind, model={**model, "sites": 2})
+        reply = decode_reply(service.answer(encode_query(request)))
+        assert reply.status == StepStatus.REFUSED and reply.table == {} and says in reply.reason, reply.reason
