@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.models import Asking, agreed_levels, asking, coefficient_table, until_agreed
+from coordinator.models import Asking, SitesLeft, agreed_levels, asking, coefficient_table, until_agreed
 from coordinator.queries import QueryDesk
 from coordinator.service import Principal, TaskRejected
 from flip_core.cox import BinSums, CoxFit, HazardsTestUndefined, Statistics, fit, fit_binned
@@ -118,6 +118,8 @@ def _cox(sites: Asking, model: dict[str, Any], spec: SurvivalSpec) -> dict[str, 
         test = _hazards(sums, result)
     else:
         result = fit(lambda b: _summed([Statistics.from_dict(t["statistics"]) for t in tables(b).values()]), names)
+        if spec.edges:  # the hazards check: each site's binned sums at the fit, its own stratum
+            test = _stratified_hazards(sites, {**model, "binned": True, "levels": levels}, result)
     return {
         "family": "cox",
         "binned": spec.binned,
@@ -131,7 +133,7 @@ def _cox(sites: Asking, model: dict[str, Any], spec: SurvivalSpec) -> dict[str, 
         "deviance": -2.0 * result.log_likelihood,
         "hazards_test": test,
         "sites": {site: {"rows": n} for site, n in sorted(rows.items())},
-        **({"edges": list(spec.edges)} if spec.binned else {}),
+        **({"edges": list(spec.edges)} if spec.edges else {}),
     }
 
 
@@ -139,7 +141,18 @@ def _summed(parts: list[Any]) -> Any:
     return reduce(lambda a, b: a + b, parts)
 
 
-def _hazards(sums: BinSums, result: CoxFit) -> dict[str, Any]:
+def _stratified_hazards(sites: Asking, model: dict[str, Any], result: CoxFit) -> dict[str, Any]:
+    """A stratified fit's hazards check: one more question, each site's binned sums at the fitted coefficients (a
+    site that says no to it leaves the fit as it is, and the check undone, saying why)."""
+    try:
+        found = sites.tables({**model, "stage": "step", "beta": [float(b) for b in result.params]})
+    except SitesLeft as left:
+        said = "; ".join(left.refused.values())
+        return {"undefined": f"the proportional-hazards check needs every site's binned sums at the fit ({said})"}
+    return _hazards([BinSums.from_dict(t["sums"]) for t in found.values()], result)
+
+
+def _hazards(sums: BinSums | list[BinSums], result: CoxFit) -> dict[str, Any]:
     try:
         test = hazards_test(sums, result)
     except HazardsTestUndefined as exc:

@@ -327,21 +327,29 @@ def event_ranks(events: np.ndarray) -> np.ndarray:
     return np.cumsum(d) - d + (d + 1) / 2
 
 
-def proportional_hazards_test(sums: BinSums, fitted: CoxFit) -> HazardsTest:
+def proportional_hazards_test(sums: BinSums | Sequence[BinSums], fitted: CoxFit) -> HazardsTest:
     """The score test of ``theta = 0`` in ``beta(t) = beta + theta g(t)`` at the fit, from the summed sums at its
-    coefficients; ``g`` centred at its mean over events (the test does not change: the score of ``beta`` is in)."""
-    sums = sums.expanded()
-    terms = efron(sums, fitted.params)
-    if len(terms.bins) < 2:
+    coefficients, or for a model stratified by site from each site's own (its stratum's: the score and information
+    are sums over strata, ``g`` the ranks of the bins' events over all of them); ``g`` centred at its mean over
+    events (the test does not change: the score of ``beta`` is in)."""
+    strata = [s.expanded() for s in ([sums] if isinstance(sums, BinSums) else sums)]
+    if len({s.n_bins for s in strata}) != 1:
+        raise CoxInvalid("the strata's sums are for different bins")
+    every = np.sum([np.round(s.events) for s in strata], axis=0)
+    if int((every > 0).sum()) < 2:
         raise HazardsTestUndefined(
             "the proportional-hazards test needs events in more than one bin (the sites' bins merged)"
         )
-    d = np.round(sums.events[terms.bins])
-    g = event_ranks(np.round(sums.events))[terms.bins]
+    ranks = event_ranks(every)
+    terms = [efron(s, fitted.params) for s in strata]
+    g = np.concatenate([ranks[t.bins] for t in terms])
+    d = np.concatenate([np.round(s.events[t.bins]) for s, t in zip(strata, terms, strict=True)])
+    residuals = np.concatenate([t.residuals for t in terms])
+    information_per_bin = np.concatenate([t.information for t in terms])
     g = g - (g * d).sum() / d.sum()
     p = len(fitted.names)
-    score = np.concatenate([terms.residuals.sum(axis=0), g @ terms.residuals])
-    v, gv, ggv = (np.einsum("k,kab->ab", g**power, terms.information) for power in (0, 1, 2))
+    score = np.concatenate([residuals.sum(axis=0), g @ residuals])
+    v, gv, ggv = (np.einsum("k,kab->ab", g**power, information_per_bin) for power in (0, 1, 2))
     information = np.block([[v, gv], [gv, ggv]])
     statistics = np.empty(p)
     try:

@@ -53,7 +53,8 @@ class SurvivalSpec(Body):
     a Cox proportional-hazards model of ``terms`` (``age + sex + C(arm)``, parsed, never evaluated): stratified by
     site over exact times (``binned`` false: exact, each site its own baseline hazard), or with one baseline hazard
     over the times binned at ``edges`` (``binned`` true: the approximation is the binning), with the proportional
-    hazards check."""
+    hazards check over the times binned at ``edges`` (for the stratified model, when edges are given: each site's
+    sums at the fit are its stratum's)."""
 
     dataset: Name
     kind: Literal["km", "cox"]
@@ -74,13 +75,11 @@ class SurvivalSpec(Body):
     def _shape(self) -> SurvivalSpec:
         if self.time == self.event:
             raise _refuse("the time and the event are two different columns")
-        if self.kind == "km" or self.binned:
+        if self.kind == "km" or self.binned or self.edges:  # (a stratified Cox model's: its hazards check's bins)
             try:
                 checked_edges(self.edges)
             except EdgesInvalid as exc:
                 raise _refuse(f"{exc} (--edges)") from None
-        elif self.edges:
-            raise _refuse("a stratified Cox model uses the exact times: edges are for km and a binned Cox model")
         if self.kind == "km" and self.terms.strip():
             raise _refuse("Kaplan-Meier curves take a group, not terms")
         if self.kind == "cox":

@@ -140,8 +140,8 @@ def cox_notes(answer: dict[str, Any]) -> list[str]:
 def hazards_notes(answer: dict[str, Any]) -> list[str]:
     """The proportional-hazards check's lines (a small p: a hazard ratio that changes over time), or why none."""
     test = answer.get("hazards_test")
-    if not answer.get("binned"):
-        return ["no proportional-hazards check: it is made on one baseline hazard over binned times (binned)"]
+    if not answer.get("binned") and not answer.get("edges"):
+        return ["no proportional-hazards check: it is made over binned times (give edges, or fit it binned)"]
     if not test or "names" not in test:
         return [f"no proportional-hazards check: {(test or {}).get('undefined', 'the hub made none')}"]
     out = [
@@ -150,8 +150,9 @@ def hazards_notes(answer: dict[str, Any]) -> list[str]:
     ]
     out.append(
         f"proportional hazards, global: chi-square {test['global_statistic']:.4g} on {test['global_df']} df, "
-        f"p = {test['global_pvalue']:.3g} (Grambsch and Therneau's score test over the bins' event ranks; a small p: "
-        "a hazard ratio that changes over time)"
+        f"p = {test['global_pvalue']:.3g} (Grambsch and Therneau's score test over the bins' event ranks"
+        + (", each site its own stratum" if not answer.get("binned") else "")
+        + "; a small p: a hazard ratio that changes over time)"
     )
     return out
 

@@ -146,7 +146,7 @@ def test_a_stratified_cox_model_says_so_and_why_it_has_no_hazards_check() -> Non
     stratified = model_from(fake_cox_answer(binned=False, hazards_test=None, kept_edges=None))
     assert any(n.startswith("stratified by site (each site its own baseline hazard)") for n in stratified.notes)
     assert not any("binned at the edges" in n for n in stratified.notes)
-    assert stratified.notes[-1].startswith("no proportional-hazards check: it is made on one baseline hazard")
+    assert stratified.notes[-1].startswith("no proportional-hazards check: it is made over binned times (give edges")
     undefined = model_from(fake_cox_answer(hazards_test={"undefined": "too few bins with events"}))
     assert undefined.notes[-1] == "no proportional-hazards check: too few bins with events"
 
@@ -193,7 +193,7 @@ def test_the_client_sends_the_checked_analysis_and_reads_the_answer() -> None:
     [
         (lambda c: c.km("trial", "days", "died", [30, 10]), "bin edges increase"),
         (lambda c: c.km("trial", "days", "days", [0, 30]), "the time and the event are two different columns"),
-        (lambda c: c.cox("age", "trial", "days", "died", edges=[0, 30]), "a stratified Cox model uses the exact"),
+        (lambda c: c.cox("age", "trial", "days", "died", edges=[30]), "survival needs from 2 to 200 bin edges"),
         (lambda c: c.cox("", "trial", "days", "died"), "a Cox model needs terms"),
         (lambda c: c.cox("age + died", "trial", "days", "died"), "the event 'died' is a term of the model too"),
         (lambda c: c.km("trial", "days", "died", [0, 30], where="age >"), "the filter is not valid"),

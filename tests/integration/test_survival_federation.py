@@ -89,6 +89,12 @@ def test_a_stratified_and_a_binned_cox_model_are_lifelines_fits_and_bad_input_is
     np.testing.assert_allclose(mine["estimate"].to_numpy(), reference.params_.to_numpy(), rtol=1e-6)
     np.testing.assert_allclose(mine["se"].to_numpy(), reference.standard_errors_.to_numpy(), rtol=1e-6)
     assert binned.raw["hazards_test"]["global_df"] == 2 and 0 <= binned.raw["hazards_test"]["global_pvalue"] <= 1
+    # stratified, with its hazards check over the same bins (the sets the binned fit released: nothing new leaves)
+    checked = client.cox("age + treat", "actg175", "days", "cens", edges=EDGES)
+    hazards = checked.raw["hazards_test"]  # each site its own stratum, its binned times at the fit
+    assert hazards.get("names") == ["age", "treat"] and hazards["global_df"] == 2, hazards
+    assert all(0 <= p <= 1 for p in [*hazards["pvalues"], hazards["global_pvalue"]])
+    assert "each site its own stratum" in checked.notes[-1]
     with pytest.raises(Rejected, match="unknown column 'weeks'"):
         client.km("actg175", "weeks", "cens", EDGES)
     with pytest.raises(RequestInvalid, match="bin edges increase"):
