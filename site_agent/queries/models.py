@@ -116,10 +116,16 @@ def through_ledger(
     pending: Pending, complete: np.ndarray, sets: dict[str, list[tuple[np.ndarray, str]]], text: str
 ) -> None:
     """Show each set (masks over the complete rows, whose positions in the table are ``complete``) to the ledger (as
-    the positions it holds); refuse the model if any is too close to one
-    released before; else enter them all as released (committed with the reply)."""
+    the positions it holds); refuse the model if any is too close to one released before; else enter them all as
+    released (committed with the reply). An empty set tells nothing, and a set met twice (a run of bins without
+    events has the same rows at risk at each) is shown once."""
     for tag, masks in sets.items():
-        whole = [(complete[mask], f"{text}: {what}") for mask, what in masks]
+        seen: set[bytes] = set()
+        whole = []
+        for mask, what in masks:
+            if mask.any() and (shape := np.packbits(mask).tobytes()) not in seen:
+                seen.add(shape)
+                whole.append((complete[mask], f"{text}: {what}"))
         if any(pending.blocked(whole, tag)):
             raise ModelRefused(
                 "this model's rows (or a group of them it counts) differ by fewer than the threshold from rows this "
