@@ -79,9 +79,9 @@ def check_cox(
     threshold: int,
     fraction: float = DEFAULT_PARAMETER_FRACTION,
     edges: Sequence[float] | None = None,
-) -> None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Refuse (ModelRefused) a Cox model whose statistics here would tell a small count or be carried by too few
-    events; with ``edges``, the binned model (whose bins are coarsened here)."""
+    events; with ``edges``, the binned model (whose bins are coarsened here). Else its rows (:func:`cox_rows`)."""
     times, events, x = cox_rows(table, time, event, covariates)
     n, p = x.shape
     if n < threshold:
@@ -100,6 +100,7 @@ def check_cox(
             raise ModelRefused(f"{covariates[j]} is 0 or 1, and one of them has fewer than {threshold} events here")
     if edges is not None and not kept_bins(times, events, x, edges, threshold):
         raise ModelRefused(f"even in a single bin, this site's events or censorings are fewer than {threshold}")
+    return times, events, x
 
 
 def exact_statistics(time: np.ndarray, event: np.ndarray, x: np.ndarray, beta: np.ndarray) -> Statistics:

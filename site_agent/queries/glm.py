@@ -79,8 +79,9 @@ def check(
     family: str,
     threshold: int,
     fraction: float = DEFAULT_PARAMETER_FRACTION,
-) -> None:
-    """Refuse (ModelRefused) a model whose statistics here would tell a small count or solve back to rows."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Refuse (ModelRefused) a model whose statistics here would tell a small count or solve back to rows; else its
+    design and outcome (:func:`design`), for the caller's statistics."""
     if any(len(levels.get(c, [])) > MAX_PARAMETERS for c in formula.categorical):
         raise ModelRefused(f"a categorical term has more levels than a model's {MAX_PARAMETERS} parameters")
     x, y = design(table, formula, levels)
@@ -109,6 +110,7 @@ def check(
         raise ModelRefused(f"a binomial model's outcome is 0 or 1; {formula.outcome!r} is not")
     if family == "poisson" and ((y < 0).any() or (y != np.round(y)).any()):
         raise ModelRefused(f"a poisson model's outcome is a count; {formula.outcome!r} is not")
+    return x, y
 
 
 def binary_columns(

@@ -24,7 +24,7 @@ import numpy as np
 
 from flip_core.glm import FAMILIES, MAX_PARAMETERS, FormulaInvalid, parameter_names, parse_formula
 from flip_core.query import QueryRequest, level_key
-from site_agent.queries.glm import ModelRefused, check, design, released_sets, statistics
+from site_agent.queries.glm import ModelRefused, check, released_sets, statistics
 from site_agent.queries.statistics import level_label
 
 if TYPE_CHECKING:
@@ -65,8 +65,7 @@ def answer_model(
         levels = {str(k): [str(level) for level in v] for k, v in agreed.items()}
         if set(levels) != set(formula.categorical):
             raise ModelRefused("the model's agreed levels do not name its categorical terms")
-    check(chosen, formula, levels, str(family), threshold, fraction)
-    x, y = design(chosen, formula, levels)
+    x, y = check(chosen, formula, levels, str(family), threshold, fraction)
     complete = np.flatnonzero(rows)[chosen[list(formula.columns())].notna().all(axis=1).to_numpy()]
     through_ledger(pending, complete, released_sets(x, y, formula, levels, str(family)), request.text)
     if stage == "levels":

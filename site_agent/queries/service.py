@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flip_core.covariates import read_covariates
+from flip_core.covariates import canonical, read_covariates
 from flip_core.errors import FlipError
 from flip_core.filters import parse as parse_filter
 from flip_core.query import QueryKind, QueryReply, QueryRequest, decode_query, encode_reply
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODELS = (QueryKind.GLM, QueryKind.SURVIVAL)  # exact statistics: no model under differential privacy
+DECLARED_KEPT = 4  # declared covariate tables kept (a fit asks for the same one at every step)
 MOCK_MAX_ROWS = 2000  # enough to develop a cell against; what travels stays small whatever the table's size
 
 
@@ -70,6 +71,7 @@ class QueryService:
         self.cohorts = cohorts
         self.ledger = QueryLedger(site.root)
         self._tables: dict[str, tuple[tuple[int, int], pd.DataFrame, np.ndarray]] = {}
+        self._declared_tables: dict[tuple[str, int, int, str, str], pd.DataFrame] = {}  # the last few, by persons
         self._lock = threading.Lock()
         self._budget_lock = threading.Lock()
         self.releases = ReleaseDesk(site, governance, self._table, self.ledger)
@@ -260,7 +262,18 @@ class QueryService:
             spec = read_covariates(request.model["covariates"])
         except ValueError as exc:
             raise QueryRefused(str(exc)) from None
-        built = build(Source.read(Path(entry.path)), spec, positions, dates)
+        stat = Path(entry.path).stat()  # built once per fit, not at each of its steps (as the persons' table is read)
+        persons = hashlib.sha256(json.dumps([positions, dates]).encode()).hexdigest()
+        key = (request.dataset, stat.st_mtime_ns, stat.st_size, persons, canonical(spec))
+        with self._lock:
+            built = self._declared_tables.get(key)
+        if built is None:
+            built = build(Source.read(Path(entry.path)), spec, positions, dates)
+            with self._lock:
+                self._declared_tables = {
+                    **dict(list(self._declared_tables.items())[-(DECLARED_KEPT - 1) :]),
+                    key: built,
+                }
         return table.assign(**{str(c): built[c].to_numpy() for c in built.columns})
 
     def _concepts(

@@ -30,8 +30,8 @@ from flip_core.glm import MAX_GROUPS, FormulaInvalid, parameter_names
 from flip_core.kaplan_meier import ONE_CURVE
 from flip_core.models import survival_formula
 from flip_core.survival import EdgesInvalid, bin_index, checked_edges
-from site_agent.queries.cox import binned_sums, check_cox, cox_rows, exact_statistics, kept_bins
-from site_agent.queries.glm import ModelRefused, check, design, released_sets
+from site_agent.queries.cox import binned_sums, check_cox, exact_statistics, kept_bins
+from site_agent.queries.glm import ModelRefused, check, released_sets
 from site_agent.queries.models import own_levels, through_ledger
 from site_agent.queries.statistics import level_label
 from site_agent.queries.survival import SurvivalRefused, km_counts
@@ -138,13 +138,11 @@ def _cox(
         levels = {str(k): [str(v) for v in values] for k, values in agreed.items()}
     else:
         raise ModelRefused("a Cox step is a stage of levels or step")
-    check(sub, formula, levels, "gaussian", threshold, fraction)  # levels, crosses of 0/1 terms, parameters
-    x, times = design(sub, formula, levels)
+    x, times = check(sub, formula, levels, "gaussian", threshold, fraction)  # levels, crosses of 0/1 terms, p
     names = parameter_names(formula, levels)
     frame = _design_frame(x, names, times, _floats(sub, event), time, event)
     edges = list(model.get("edges") or []) if model.get("binned") else None
-    check_cox(frame, time, event, names, threshold, fraction, edges)
-    times, events, x = cox_rows(frame, time, event, names)
+    times, events, x = check_cox(frame, time, event, names, threshold, fraction, edges)
     sets = released_sets(x, times, formula, levels, "gaussian")
     sets.pop(f"values of {time}", None)  # no sum of times leaves: their order does
     _add_event_sets(sets, x, events, names, formula.numeric)
